@@ -1,0 +1,65 @@
+"""Build sparsevd.
+
+The Python package always installs. The C++ op library ``sparsevd._C`` (csrc/) is built when a C++
+compiler is available; its CUDA part only when nvcc and a CUDA build of torch are present, or when
+``FORCE_CUDA=1``. ``SPARSEVD_NO_EXT=1`` skips the native build entirely.
+
+Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+PACKAGES = find_packages(include=["sparsevd", "sparsevd.*"]) + ["sparsevd.triton_kernels"]
+PACKAGE_DIR = {"sparsevd.triton_kernels": "triton_kernels"}
+
+
+def ext_modules():
+    if os.environ.get("SPARSEVD_NO_EXT", "0") == "1":
+        return [], {}
+    cpp_sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    if not cpp_sources:
+        return [], {}
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    import torch
+
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    with_cuda = bool(cuda_sources) and (
+        os.environ.get("FORCE_CUDA", "0") == "1"
+        or (torch.version.cuda is not None and CUDA_HOME is not None)
+    )
+    openmp = ["-fopenmp"]
+    extra = {"cxx": ["-O3", "-std=c++17", *openmp]}
+    define_macros = []
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+        define_macros.append(("SPARSEVD_WITH_CUDA", None))
+        ext = CUDAExtension(
+            "sparsevd._C", cpp_sources + cuda_sources, extra_compile_args=extra,
+            extra_link_args=openmp, define_macros=define_macros,
+        )
+    else:
+        ext = CppExtension(
+            "sparsevd._C", cpp_sources, extra_compile_args=extra, extra_link_args=openmp,
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+EXT_MODULES, CMDCLASS = ext_modules()
+
+setup(
+    name="sparsevd",
+    version="0.1.0",
+    description="Fused GPU kernels and drop-in layers for Sparse Variational Dropout "
+    "(Molchanov, Ashukha, Vetrov, ICML 2017)",
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    python_requires=">=3.10",
+    install_requires=["torch", "numpy", "tqdm", "safetensors"],
+    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"]},
+    entry_points={"console_scripts": ["sparsevd=sparsevd.cli:main"]},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
+)

@@ -1,0 +1,328 @@
+"""Functional interface of sparse variational dropout, with argument checks.
+
+Every function validates its arguments (dtype, device, shape, NaN parameters) and raises an error
+that names the offending argument, then calls the ``sparsevd`` custom ops
+(:mod:`sparsevd.ops`), which run the fused kernels or the reference math depending on the device
+and ``SPARSEVD_BACKEND``.
+
+Source: Molchanov, Ashukha, Vetrov, "Variational Dropout Sparsifies Deep Neural Networks",
+ICML 2017 (arXiv:1701.05369).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import ops, reference
+
+#: Check ``log_sigma2`` and ``weight`` for NaN at every call (one reduction per parameter, and a
+#: host sync on GPU). Skipped inside ``torch.compile``. Set to False to skip it in eager mode too.
+CHECK_NAN = True
+
+_IntOrPair = Union[int, Sequence[int]]
+
+
+def draw_seed(device: Union[str, torch.device, None] = None) -> Tensor:
+    """A fresh one-element int64 seed tensor on ``device``, drawn from torch's generator there.
+
+    ``torch.manual_seed`` therefore makes the noise reproducible, and a CUDA-graph replay draws a
+    new seed (DESIGN.md, "Noise").
+    """
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def _check_float(t: Tensor, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_same_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(
+            f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got {t.device}"
+        )
+
+
+def _has_nan(t: Tensor) -> bool:
+    return CHECK_NAN and not torch.compiler.is_compiling() and bool(torch.isnan(t).any())
+
+
+def check_parameters(weight: Tensor, log_sigma2: Tensor) -> None:
+    """Validate a layer's θ and log σ²: floating, same shape, dtype and device, no NaN.
+
+    Raises:
+        TypeError: a non-tensor or non-floating argument, or mismatched dtypes.
+        ValueError: mismatched shapes or devices, or NaN values (the message names the argument).
+    """
+    _check_float(weight, "weight")
+    _check_float(log_sigma2, "log_sigma2")
+    if log_sigma2.shape != weight.shape:
+        raise ValueError(
+            f"log_sigma2: expected shape {tuple(weight.shape)} (the shape of weight), "
+            f"got {tuple(log_sigma2.shape)}"
+        )
+    if log_sigma2.dtype != weight.dtype:
+        raise TypeError(
+            f"log_sigma2: expected dtype {weight.dtype} (the dtype of weight), got {log_sigma2.dtype}"
+        )
+    _check_same_device(log_sigma2, "log_sigma2", weight, "weight")
+    if _has_nan(log_sigma2):
+        raise ValueError("log_sigma2: contains NaN values; the training has diverged")
+    if _has_nan(weight):
+        raise ValueError("weight: contains NaN values; the training has diverged")
+
+
+def _prepare_input(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    _check_float(x, "x")
+    _check_same_device(x, "x", weight, "weight")
+    if bias is not None:
+        _check_float(bias, "bias")
+        _check_same_device(bias, "bias", weight, "weight")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(
+                f"bias: expected shape ({weight.shape[0]},) (out_features), got {tuple(bias.shape)}"
+            )
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Low-precision activations, fp32 parameters and accumulation (mixed precision).
+        return x.to(torch.get_autocast_dtype(device_type))
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x: expected dtype {weight.dtype} (the dtype of weight), got {x.dtype}")
+    return x
+
+
+def _prepare_seed(seed: Optional[Tensor], x: Tensor) -> Tensor:
+    if seed is None:
+        return draw_seed(x.device)
+    if not isinstance(seed, Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError("seed: expected a one-element int64 tensor (see sparsevd.functional.draw_seed)")
+    _check_same_device(seed, "seed", x, "x")
+    return seed.reshape(1)
+
+
+def _check_linear(x: Tensor, weight: Tensor, log_sigma2: Tensor, bias: Optional[Tensor]) -> Tensor:
+    check_parameters(weight, log_sigma2)
+    if weight.dim() != 2:
+        raise ValueError(
+            f"weight: expected a 2-D (out_features, in_features) tensor, got shape {tuple(weight.shape)}"
+        )
+    x = _prepare_input(x, weight, bias)
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x: expected shape (*, in_features={weight.shape[1]}), got {tuple(x.shape)}"
+        )
+    return x
+
+
+def _check_conv2d(x, weight, log_sigma2, bias, stride, padding, dilation, groups):
+    check_parameters(weight, log_sigma2)
+    if weight.dim() != 4:
+        raise ValueError(
+            f"weight: expected a 4-D (C_out, C_in/groups, kH, kW) tensor, got {tuple(weight.shape)}"
+        )
+    x = _prepare_input(x, weight, bias)
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(
+            f"x: expected shape (N, in_channels={weight.shape[1] * groups}, H, W), got {tuple(x.shape)}"
+        )
+    pairs = [_as_pair(v, n) for v, n in ((stride, "stride"), (padding, "padding"), (dilation, "dilation"))]
+    return (x, unbatched, *pairs)
+
+
+def _as_pair(v: _IntOrPair, name: str) -> list:
+    if isinstance(v, int):
+        return [v, v]
+    v = list(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"{name}: expected an int or a pair of ints, got {v!r}")
+    return v
+
+
+def lrt_linear(
+    x: Tensor,
+    weight: Tensor,
+    log_sigma2: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    seed: Optional[Tensor] = None,
+) -> Tensor:
+    """Linear layer with the local reparameterization trick (training forward of sparse VD).
+
+    y = x θᵀ + b + sqrt((x ⊙ x)(σ²)ᵀ + 1e-8) ⊙ ξ, ξ ~ N(0, 1) drawn per output element from
+    ``seed`` (paper, sec. 4.2; DESIGN.md).
+
+    Args:
+        x: (*, in_features), floating; under ``torch.autocast`` cast to the autocast dtype.
+        weight: θ, (out_features, in_features).
+        log_sigma2: log σ², (out_features, in_features), same dtype as ``weight``.
+        bias: (out_features,) or None.
+        seed: one-element int64 tensor on x's device; None draws one from torch's generator.
+
+    Returns:
+        y, (*, out_features), dtype of ``x`` (the autocast dtype under autocast). An empty batch
+        gives an empty output.
+
+    Raises:
+        TypeError: non-floating or mismatched dtypes, a malformed ``seed``.
+        ValueError: mismatched shapes (``x``'s last dim ≠ in_features) or devices, NaN in
+            ``weight`` or ``log_sigma2``, a weight that is not 2-D.
+    """
+    x = _check_linear(x, weight, log_sigma2, bias)
+    seed = _prepare_seed(seed, x)
+    return ops.lrt_linear(x, weight, log_sigma2, bias, seed)[0]
+
+
+def lrt_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    log_sigma2: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: _IntOrPair = 1,
+    padding: _IntOrPair = 0,
+    dilation: _IntOrPair = 1,
+    groups: int = 1,
+    *,
+    seed: Optional[Tensor] = None,
+) -> Tensor:
+    """2-D convolution with the local reparameterization trick.
+
+    y = conv(x, θ) + b + sqrt(conv(x ⊙ x, σ²) + 1e-8) ⊙ ξ; the bias never enters the variance.
+
+    Args:
+        x: (N, C_in, H, W) or unbatched (C_in, H, W), floating.
+        weight: θ, (C_out, C_in / groups, kH, kW).
+        log_sigma2: log σ², same shape and dtype as ``weight``.
+        bias: (C_out,) or None.
+        stride, padding, dilation, groups: as in ``torch.nn.functional.conv2d`` (padding as ints).
+        seed: one-element int64 tensor on x's device; None draws one.
+
+    Returns:
+        y, (N, C_out, H_out, W_out) (or unbatched), dtype of ``x``.
+
+    Raises:
+        TypeError / ValueError as :func:`lrt_linear`; ValueError when the channels do not match.
+    """
+    x, unbatched, stride, padding, dilation = _check_conv2d(
+        x, weight, log_sigma2, bias, stride, padding, dilation, groups
+    )
+    seed = _prepare_seed(seed, x)
+    y = ops.lrt_conv2d(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups)[0]
+    return y.squeeze(0) if unbatched else y
+
+
+def masked_linear(
+    x: Tensor, weight: Tensor, log_sigma2: Tensor, bias: Optional[Tensor], threshold: float
+) -> Tensor:
+    """Evaluation forward of sparse VD: y = x (θ ⊙ [log α < threshold])ᵀ + b, deterministic.
+
+    Args:
+        x: (*, in_features). weight, log_sigma2: (out_features, in_features). bias: (out_features,)
+            or None. threshold: on log α (eq. 8), 3.0 by default in the layers.
+
+    Returns:
+        y, (*, out_features), dtype of ``x``.
+
+    Raises:
+        TypeError / ValueError as :func:`lrt_linear`.
+    """
+    x = _check_linear(x, weight, log_sigma2, bias)
+    w = reference.masked_weight(weight, log_sigma2, threshold)
+    return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def masked_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    log_sigma2: Tensor,
+    bias: Optional[Tensor],
+    stride: _IntOrPair = 1,
+    padding: _IntOrPair = 0,
+    dilation: _IntOrPair = 1,
+    groups: int = 1,
+    *,
+    threshold: float,
+) -> Tensor:
+    """Evaluation forward of a sparse-VD convolution: conv(x, θ ⊙ [log α < threshold]) + b.
+
+    Shapes and errors as :func:`lrt_conv2d`.
+    """
+    x, unbatched, stride, padding, dilation = _check_conv2d(
+        x, weight, log_sigma2, bias, stride, padding, dilation, groups
+    )
+    w = reference.masked_weight(weight, log_sigma2, threshold).to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    y = torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
+    return y.squeeze(0) if unbatched else y
+
+
+def kl_sparse_vd(weight: Tensor, log_sigma2: Tensor) -> Tensor:
+    """KL(q‖p) of one layer, summed over its weights (eq. 14 approximation), ≥ 0.
+
+    Args:
+        weight: θ, any shape, floating.
+        log_sigma2: log σ², same shape and dtype.
+
+    Returns:
+        0-dim tensor, fp32 (fp64 for fp64 parameters), in nats.
+
+    Raises:
+        TypeError / ValueError: see :func:`check_parameters`.
+    """
+    return kl_sparse_vd_many([weight], [log_sigma2])
+
+
+def kl_sparse_vd_many(weights: Sequence[Tensor], log_sigma2s: Sequence[Tensor]) -> Tensor:
+    """Σ over layers of :func:`kl_sparse_vd`, in as few kernel launches as the backend allows.
+
+    Args:
+        weights: θ of each layer.
+        log_sigma2s: log σ² of each layer, matching ``weights`` one to one.
+
+    Returns:
+        0-dim tensor, fp32 (fp64 for fp64 parameters); 0 when the lists are empty.
+    """
+    weights, log_sigma2s = list(weights), list(log_sigma2s)
+    if len(weights) != len(log_sigma2s):
+        raise ValueError(
+            f"log_sigma2s: expected {len(weights)} tensors (one per weight), got {len(log_sigma2s)}"
+        )
+    if not weights:
+        return torch.zeros(())
+    for w, s in zip(weights, log_sigma2s):
+        check_parameters(w, s)
+        _check_same_device(w, "weights", weights[0], "weights[0]")
+    with_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (*weights, *log_sigma2s)
+    )
+    return ops.kl_sparse_vd(weights, log_sigma2s, with_grad)[0]
+
+
+def log_alpha(weight: Tensor, log_sigma2: Tensor) -> Tensor:
+    """log α = clamp(log σ² − log(θ² + 1e-8), −10, 10), same shape and dtype as ``weight`` (eq. 8).
+
+    Raises:
+        TypeError / ValueError: see :func:`check_parameters`.
+    """
+    check_parameters(weight, log_sigma2)
+    return ops.log_alpha(weight, log_sigma2)
+
+
+__all__ = [
+    "CHECK_NAN",
+    "check_parameters",
+    "draw_seed",
+    "kl_sparse_vd",
+    "kl_sparse_vd_many",
+    "log_alpha",
+    "lrt_conv2d",
+    "lrt_linear",
+    "masked_conv2d",
+    "masked_linear",
+]

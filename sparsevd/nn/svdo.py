@@ -1,0 +1,226 @@
+"""Training layers of sparse variational dropout: drop-in replacements of nn.Linear / nn.Conv2d.
+
+Source: Molchanov, Ashukha, Vetrov, "Variational Dropout Sparsifies Deep Neural Networks",
+ICML 2017 (arXiv:1701.05369): sec. 4 (additive reparameterization, LRT), eq. 14 (KL).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as SF
+
+#: log σ² at initialisation: σ ≈ 0.0067, so a converted layer starts as its deterministic twin.
+LOG_SIGMA2_INIT = -10.0
+#: Default pruning threshold on log α (α = e³ ≈ 20, dropout rate p ≈ 0.95).
+DEFAULT_THRESHOLD = 3.0
+
+
+class _SVDOMixin:
+    """What LinearSVDO and Conv2dSVDO share: log α, the KL, the mask and the sparsity."""
+
+    weight: nn.Parameter
+    log_sigma2: nn.Parameter
+    threshold: float
+
+    def _init_svdo(self, threshold: float) -> None:
+        if not math.isfinite(threshold):
+            raise ValueError(f"threshold: expected a finite float, got {threshold!r}")
+        self.threshold = float(threshold)
+        with torch.no_grad():
+            self.log_sigma2.fill_(LOG_SIGMA2_INIT)
+
+    @property
+    def log_alpha(self) -> Tensor:
+        """log α = clamp(log σ² − log(θ² + 1e-8), −10, 10), shape of ``weight`` (eq. 8)."""
+        return SF.log_alpha(self.weight, self.log_sigma2)
+
+    def kl(self) -> Tensor:
+        """KL(q‖p) of this layer, a 0-dim fp32 tensor in nats (eq. 14)."""
+        return SF.kl_sparse_vd(self.weight, self.log_sigma2)
+
+    @torch.no_grad()
+    def mask(self) -> Tensor:
+        """Boolean mask of the weights kept at evaluation: log α < threshold."""
+        return self.log_alpha < self.threshold
+
+    @property
+    def num_weights(self) -> int:
+        """Number of weights (the bias excluded)."""
+        return self.weight.numel()
+
+    @property
+    def num_nonzero(self) -> int:
+        """Number of weights kept at ``threshold``."""
+        return int(self.mask().sum())
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of weights dropped at ``threshold``, in [0, 1]."""
+        return 1.0 - self.num_nonzero / max(self.num_weights, 1)
+
+    def _reset_weight_and_bias(self, fan_in: int) -> None:
+        # The initialisation of nn.Linear / nn.Conv2d (kaiming uniform with a = sqrt(5)).
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+        with torch.no_grad():
+            self.log_sigma2.fill_(LOG_SIGMA2_INIT)
+
+    def _svdo_repr(self) -> str:
+        return f"threshold={self.threshold}, sparsity={100.0 * self.sparsity:.1f}%"
+
+
+class LinearSVDO(_SVDOMixin, nn.Module):
+    """Linear layer with sparse variational dropout; drop-in replacement of ``nn.Linear``.
+
+    Parameters: ``weight`` θ (out_features, in_features) and ``bias`` (out_features,), initialised
+    as nn.Linear; ``log_sigma2`` log σ² (out_features, in_features), initialised to −10. An
+    nn.Linear state_dict loads into it with only ``log_sigma2`` missing.
+
+    Training mode: the LRT forward with fresh noise, y = xθᵀ + b + sqrt((x⊙x)(σ²)ᵀ + 1e-8)⊙ξ.
+    Eval mode: y = x(θ ⊙ [log α < threshold])ᵀ + b, deterministic.
+
+    Args:
+        in_features, out_features: sizes; input (*, in_features), output (*, out_features).
+        bias: learn an additive bias.
+        threshold: log α above which a weight is dropped at evaluation (3.0: α ≈ 20).
+        device, dtype: of the parameters.
+
+    Raises (at forward): TypeError / ValueError naming the argument for a wrong dtype, device or
+    shape of the input, or NaN parameters.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        threshold: float = DEFAULT_THRESHOLD,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if in_features < 0 or out_features < 0:
+            raise ValueError(
+                f"in_features, out_features: expected non-negative sizes, got {in_features}, {out_features}"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.log_sigma2 = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self._init_svdo(threshold)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise θ and b as nn.Linear does, and log σ² to −10."""
+        self._reset_weight_and_bias(self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            return SF.lrt_linear(x, self.weight, self.log_sigma2, self.bias)
+        return SF.masked_linear(x, self.weight, self.log_sigma2, self.bias, self.threshold)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {self._svdo_repr()}"
+        )
+
+
+def _pair(v: Union[int, Sequence[int]], name: str) -> tuple:
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, str):
+        raise ValueError(f"{name}: string values such as {v!r} are not supported; give ints")
+    v = tuple(v)
+    if len(v) != 2:
+        raise ValueError(f"{name}: expected an int or a pair of ints, got {v!r}")
+    return v
+
+
+class Conv2dSVDO(_SVDOMixin, nn.Module):
+    """2-D convolution with sparse variational dropout; drop-in replacement of ``nn.Conv2d``.
+
+    Parameters: ``weight`` θ (out_channels, in_channels/groups, kH, kW) and ``bias``
+    (out_channels,), initialised as nn.Conv2d; ``log_sigma2`` of θ's shape, initialised to −10.
+
+    Training mode: LRT, y = conv(x, θ) + b + sqrt(conv(x⊙x, σ²) + 1e-8)⊙ξ (the bias never enters
+    the variance). Eval mode: conv with θ ⊙ [log α < threshold], deterministic.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as in
+            nn.Conv2d (zero padding given as ints). Input (N, C_in, H, W) or (C_in, H, W).
+        threshold: log α above which a weight is dropped at evaluation.
+        device, dtype: of the parameters.
+
+    Raises: ValueError for channels not divisible by ``groups``; at forward as :class:`LinearSVDO`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Union[int, Sequence[int]],
+        stride: Union[int, Sequence[int]] = 1,
+        padding: Union[int, Sequence[int]] = 0,
+        dilation: Union[int, Sequence[int]] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        threshold: float = DEFAULT_THRESHOLD,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if groups <= 0 or in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"groups: in_channels={in_channels} and out_channels={out_channels} must be "
+                f"divisible by groups={groups}"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _pair(padding, "padding")
+        self.dilation = _pair(dilation, "dilation")
+        self.groups = groups
+        shape = (out_channels, in_channels // groups, *self.kernel_size)
+        self.weight = nn.Parameter(torch.empty(shape, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.log_sigma2 = nn.Parameter(torch.empty(shape, **factory))
+        self._init_svdo(threshold)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise θ and b as nn.Conv2d does, and log σ² to −10."""
+        self._reset_weight_and_bias(self.weight[0].numel())
+
+    def forward(self, x: Tensor) -> Tensor:
+        args = (self.stride, self.padding, self.dilation, self.groups)
+        if self.training:
+            return SF.lrt_conv2d(x, self.weight, self.log_sigma2, self.bias, *args)
+        return SF.masked_conv2d(x, self.weight, self.log_sigma2, self.bias, *args,
+                                threshold=self.threshold)
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}"
+        )
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s + f", bias={self.bias is not None}, {self._svdo_repr()}"
+
+
+SVDO_LAYERS = (LinearSVDO, Conv2dSVDO)

@@ -1,0 +1,28 @@
+"""``torch.library`` custom ops of sparsevd (namespace ``sparsevd``).
+
+Ops: ``lrt_linear``, ``lrt_linear_backward``, ``lrt_conv2d``, ``lrt_conv2d_backward``,
+``kl_sparse_vd``, ``log_alpha`` (and ``csr_linear`` from the compiled library, when built). Each has
+a fake (meta) implementation and a registered autograd, and dispatches to the backend chosen by
+``SPARSEVD_BACKEND`` (see :mod:`sparsevd.ops.backend`). The user-facing API with argument checks is
+:mod:`sparsevd.functional`.
+"""
+from . import reference_impl  # noqa: F401  registers the reference backend
+from .backend import BACKENDS, BackendUnavailableError, get_impl, register_impl, requested_backend
+from .kl import kl_sparse_vd, log_alpha
+from .lrt import lrt_conv2d, lrt_conv2d_backward, lrt_linear, lrt_linear_backward
+from .noise import lrt_noise
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "get_impl",
+    "register_impl",
+    "requested_backend",
+    "kl_sparse_vd",
+    "log_alpha",
+    "lrt_conv2d",
+    "lrt_conv2d_backward",
+    "lrt_linear",
+    "lrt_linear_backward",
+    "lrt_noise",
+]

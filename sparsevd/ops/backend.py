@@ -1,0 +1,107 @@
+"""Backend selection: which implementation runs an op.
+
+``SPARSEVD_BACKEND`` (read at each call) is one of:
+
+- ``auto`` (default): the Triton kernels for CUDA tensors, the C++/CUDA op library (``csrc/``) for
+  the ops it has, the reference math otherwise;
+- ``triton``: force the Triton kernels (on CPU tensors only under ``TRITON_INTERPRET=1``);
+- ``cuda``: force the compiled ``sparsevd._C`` kernels;
+- ``reference``: the plain-PyTorch math of :mod:`sparsevd.reference`.
+
+Implementations register themselves per (op name, backend) with :func:`register_impl`; the op
+entry points in :mod:`sparsevd.ops` look them up with :func:`get_impl`.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Dict, Tuple
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "reference")
+ENV_VAR = "SPARSEVD_BACKEND"
+
+_IMPLS: Dict[Tuple[str, str], Callable] = {}
+# Modules that register implementations when imported, per backend.
+_PROVIDERS = {
+    "triton": "sparsevd.ops.triton_impl",
+    "cuda": "sparsevd.ops.csrc_impl",
+}
+_PROVIDER_ERRORS: Dict[str, str] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when SPARSEVD_BACKEND names a backend that cannot run the requested op here."""
+
+
+def register_impl(op: str, backend: str, fn: Callable) -> Callable:
+    """Register ``fn`` as the implementation of ``op`` (e.g. "lrt_linear") for ``backend``."""
+    if backend not in BACKENDS[1:]:
+        raise ValueError(f"backend: expected one of {BACKENDS[1:]}, got {backend!r}")
+    _IMPLS[(op, backend)] = fn
+    return fn
+
+
+def requested_backend() -> str:
+    """The value of SPARSEVD_BACKEND, validated (raises ValueError on an unknown value)."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(
+            f"{ENV_VAR}={value!r} is not a backend; choose one of {', '.join(BACKENDS)}"
+        )
+    return value
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's CPU interpreter is switched on (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _load_provider(backend: str) -> bool:
+    module = _PROVIDERS.get(backend)
+    if module is None:
+        return False
+    if backend in _PROVIDER_ERRORS:
+        return False
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:  # triton or the compiled extension missing
+        _PROVIDER_ERRORS[backend] = str(exc)
+        return False
+    return True
+
+
+def _device_ok(backend: str, device: torch.device) -> bool:
+    if backend == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
+    return True
+
+
+def get_impl(op: str, device: torch.device) -> Tuple[str, Callable]:
+    """The (backend name, implementation) that runs ``op`` on tensors on ``device``.
+
+    Raises:
+        ValueError: SPARSEVD_BACKEND has an unknown value.
+        BackendUnavailableError: the forced backend cannot run ``op`` on ``device`` here.
+    """
+    want = requested_backend()
+    if want == "auto":
+        order = ("triton", "cuda") if device.type == "cuda" else ("cuda",)
+        for backend in order:
+            if _load_provider(backend) and (op, backend) in _IMPLS:
+                return backend, _IMPLS[(op, backend)]
+        return "reference", _IMPLS[(op, "reference")]
+    if want != "reference":
+        _load_provider(want)
+        if (op, want) not in _IMPLS:
+            why = _PROVIDER_ERRORS.get(want, f"it has no kernel for the op {op!r}")
+            raise BackendUnavailableError(
+                f"{ENV_VAR}={want} cannot run sparsevd.{op}: {why}"
+            )
+        if not _device_ok(want, device):
+            raise BackendUnavailableError(
+                f"{ENV_VAR}={want} cannot run sparsevd.{op} on {device.type} tensors: "
+                "the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
+            )
+    return want, _IMPLS[(op, want)]

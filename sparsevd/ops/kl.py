@@ -1,0 +1,81 @@
+"""Custom ops ``sparsevd::kl_sparse_vd`` (the sparse-VD KL of one or many layers, value and
+gradients in one pass) and ``sparsevd::log_alpha``.
+
+``kl_sparse_vd(weights, log_sigma2s, with_grad)`` returns ``(kl, grads_weight, grads_log_sigma2)``:
+the fp32 (or fp64) sum over all layers of KL(q‖p) (eq. 14), and, when ``with_grad``, ∂KL/∂θ and
+∂KL/∂log σ² per layer, computed in the same pass and scaled by the incoming gradient in backward.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import reference as R
+from .backend import get_impl
+
+
+@torch.library.custom_op("sparsevd::kl_sparse_vd", mutates_args=())
+def kl_sparse_vd(
+    weights: List[Tensor], log_sigma2s: List[Tensor], with_grad: bool
+) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+    """Σ_layers KL and, when ``with_grad``, its gradients w.r.t. every θ and log σ²."""
+    _, impl = get_impl("kl_sparse_vd", weights[0].device)
+    return impl(weights, log_sigma2s, with_grad)
+
+
+@kl_sparse_vd.register_fake
+def _(weights, log_sigma2s, with_grad):
+    dt = torch.promote_types(weights[0].dtype, torch.float32)
+    kl = weights[0].new_empty((), dtype=dt)
+    if not with_grad:
+        return kl, [], []
+    return kl, [torch.empty_like(w) for w in weights], [torch.empty_like(s) for s in log_sigma2s]
+
+
+def _kl_setup(ctx, inputs, output):
+    _, grads_w, grads_ls2 = output
+    ctx.n = len(grads_w)  # 0 when called with with_grad=False
+    ctx.save_for_backward(*grads_w, *grads_ls2)
+
+
+def _kl_bwd(ctx, grad_kl, _grads_w, _grads_ls2):
+    if ctx.n == 0:
+        raise RuntimeError(
+            "sparsevd.kl_sparse_vd was called with with_grad=False; call it with with_grad=True "
+            "to differentiate the KL"
+        )
+    saved, n, g = ctx.saved_tensors, ctx.n, grad_kl
+    grads_w = [(g * t).to(t.dtype) for t in saved[:n]]
+    grads_ls2 = [(g * t).to(t.dtype) for t in saved[n:]]
+    return grads_w, grads_ls2, None
+
+
+kl_sparse_vd.register_autograd(_kl_bwd, setup_context=_kl_setup)
+
+
+@torch.library.custom_op("sparsevd::log_alpha", mutates_args=())
+def log_alpha(weight: Tensor, log_sigma2: Tensor) -> Tensor:
+    """log α = clamp(log σ² − log(θ² + 1e-8), −10, 10), elementwise (eq. 8)."""
+    return R.log_alpha(weight, log_sigma2)
+
+
+@log_alpha.register_fake
+def _(weight, log_sigma2):
+    return torch.empty_like(weight)
+
+
+def _la_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _la_bwd(ctx, grad):
+    weight, log_sigma2 = ctx.saved_tensors
+    raw = log_sigma2 - torch.log(weight * weight + R.EPS_THETA)
+    inside = ((raw > -R.LOG_ALPHA_CLAMP) & (raw < R.LOG_ALPHA_CLAMP)).to(grad.dtype)
+    g = grad * inside
+    return g * (-2.0 * weight / (weight * weight + R.EPS_THETA)), g
+
+
+log_alpha.register_autograd(_la_bwd, setup_context=_la_setup)

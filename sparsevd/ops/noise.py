@@ -1,0 +1,97 @@
+"""The LRT noise ξ as a pure function of (seed, element index).
+
+ξ[i] = Box–Muller(Philox4x32-10(key=seed, counter=(i, 0, 0, 0))), bit for bit the generator of
+Triton's ``tl.randn(seed, i)`` (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
+SC 2011). The Triton kernels draw ξ in registers; this module computes the same numbers with
+torch integer ops, so the reference backend, the fused kernels and the tests all see the same ξ for
+the same seed (equal up to the last ulp of log/cos).
+
+The element index i of an output y of shape (*, N) or (B, C, H, W) is its offset in the contiguous
+row-major layout, taken modulo 2³².
+"""
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_N_ROUNDS = 10
+#: Largest int32 times this is < 1 in fp32 (Triton's ``uint_to_uniform_float``).
+_UNIFORM_SCALE = 4.6566127342e-10
+
+
+def _umulhi(a: int, b: torch.Tensor) -> torch.Tensor:
+    # a, b < 2^32: the int64 product wraps, but its bit pattern is the exact low 64 bits.
+    return ((b * a) >> 32) & _MASK32
+
+
+def philox_4x32(seed: int, counter: torch.Tensor):
+    """Philox4x32 with 10 rounds on counters (counter, 0, 0, 0); returns the first two words.
+
+    Args:
+        seed: a 64-bit integer key (low word k0, high word k1).
+        counter: int64 tensor of counter values in [0, 2³²).
+
+    Returns:
+        (c0, c1): int64 tensors holding uint32 values.
+    """
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    c0 = counter & _MASK32
+    c1 = torch.zeros_like(c0)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(_N_ROUNDS):
+        n0 = _umulhi(_ROUND_B, c2) ^ c1 ^ k0
+        n2 = _umulhi(_ROUND_A, c0) ^ c3 ^ k1
+        c1 = (c2 * _ROUND_B) & _MASK32
+        c3 = (c0 * _ROUND_A) & _MASK32
+        c0, c2 = n0, n2
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0, c1
+
+
+def _to_uniform(u: torch.Tensor) -> torch.Tensor:
+    signed = torch.where(u >= 2**31, u - 2**32, u)  # bitcast uint32 -> int32
+    signed = torch.where(signed < 0, -signed - 1, signed)
+    return signed.to(torch.float32) * _UNIFORM_SCALE
+
+
+def randn_like_index(seed: int, numel: int, device=None, offset: int = 0) -> torch.Tensor:
+    """ξ[i] for i in [offset, offset + numel): fp32 standard normal, 1-D, on ``device``.
+
+    Args:
+        seed: the integer seed (the value of the op's ``seed`` tensor).
+        numel: number of elements.
+        device: where to compute; the integer arithmetic runs there.
+        offset: index of the first element.
+    """
+    idx = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
+    c0, c1 = philox_4x32(int(seed), idx)
+    u1 = torch.clamp_min(_to_uniform(c0), 1.0e-7)
+    u2 = _to_uniform(c1)
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return r * torch.cos(u2 * 6.283185307179586)
+
+
+def lrt_noise(seed: torch.Tensor, shape, device=None) -> torch.Tensor:
+    """Regenerate the noise ξ that the LRT ops draw for output shape ``shape`` and this ``seed``.
+
+    Args:
+        seed: one-element int64 tensor (as passed to ``sparsevd.functional.lrt_linear``).
+        shape: the output shape, e.g. (*, out_features) or (N, C_out, H_out, W_out).
+        device: device of the result (default: the seed's device).
+
+    Returns:
+        fp32 tensor of ``shape``.
+    """
+    shape = tuple(shape)
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    device = seed.device if device is None else device
+    return randn_like_index(int(seed.reshape(-1)[0]), numel, device=device).reshape(shape)

@@ -1,0 +1,127 @@
+"""The ``reference`` backend of the ops: the math of :mod:`sparsevd.reference`, forward and an
+explicit backward (DESIGN.md, "Backward of the LRT linear"), with ξ from :mod:`sparsevd.ops.noise`.
+
+Every implementation here has the signature of its op in :mod:`sparsevd.ops.lrt` /
+:mod:`sparsevd.ops.kl` and works in any floating dtype (fp64 for gradcheck).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference as R
+from .backend import register_impl
+from .noise import lrt_noise
+
+
+def _noise(seed: torch.Tensor, shape, like: torch.Tensor) -> torch.Tensor:
+    return lrt_noise(seed, shape, device=like.device).to(like.dtype)
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    # Under autocast the op receives low-precision activations and fp32 parameters: the reference
+    # computes in the wider of the two and returns the activation dtype.
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
+def lrt_linear_fwd(x, weight, log_sigma2, bias, seed) -> Tuple[torch.Tensor, torch.Tensor]:
+    dt = _compute_dtype(x, weight)
+    xc = x.to(dt)
+    mu = F.linear(xc, weight.to(dt), None if bias is None else bias.to(dt))
+    s2 = F.linear(xc * xc, torch.exp(log_sigma2.to(dt)))
+    std = torch.sqrt(s2 + R.EPS_VAR)
+    y = mu + std * _noise(seed, mu.shape, mu)
+    return y.to(x.dtype), std
+
+
+def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed):
+    dt = std.dtype
+    g = grad.to(dt).reshape(-1, weight.shape[0])
+    x2 = x.to(dt).reshape(-1, weight.shape[1])
+    std2 = std.reshape(-1, weight.shape[0])
+    xi = _noise(seed, std2.shape, std2)
+    w = weight.to(dt)
+    sigma2 = torch.exp(log_sigma2.to(dt))
+    g_s2 = g * xi / (2.0 * std2)
+    grad_x = g @ w + 2.0 * x2 * (g_s2 @ sigma2)
+    grad_w = g.t() @ x2
+    grad_ls2 = sigma2 * (g_s2.t() @ (x2 * x2))
+    grad_b = g.sum(0)
+    return (
+        grad_x.reshape(x.shape).to(x.dtype),
+        grad_w.to(weight.dtype),
+        grad_ls2.to(log_sigma2.dtype),
+        grad_b.to(weight.dtype),
+    )
+
+
+def lrt_conv2d_fwd(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups):
+    dt = _compute_dtype(x, weight)
+    xc = x.to(dt)
+    mu = F.conv2d(xc, weight.to(dt), None if bias is None else bias.to(dt),
+                  stride, padding, dilation, groups)
+    s2 = F.conv2d(xc * xc, torch.exp(log_sigma2.to(dt)), None, stride, padding, dilation, groups)
+    std = torch.sqrt(s2 + R.EPS_VAR)
+    y = mu + std * _noise(seed, mu.shape, mu)
+    return y.to(x.dtype), std
+
+
+def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups):
+    dt = std.dtype
+    g = grad.to(dt)
+    xc = x.to(dt)
+    w = weight.to(dt)
+    sigma2 = torch.exp(log_sigma2.to(dt))
+    xi = _noise(seed, std.shape, std)
+    g_s2 = g * xi / (2.0 * std)
+    args = (stride, padding, dilation, groups)
+    grad_x = torch.nn.grad.conv2d_input(xc.shape, w, g, *args) + 2.0 * xc * torch.nn.grad.conv2d_input(
+        xc.shape, sigma2, g_s2, *args
+    )
+    grad_w = torch.nn.grad.conv2d_weight(xc, w.shape, g, *args)
+    grad_ls2 = sigma2 * torch.nn.grad.conv2d_weight(xc * xc, w.shape, g_s2, *args)
+    grad_b = g.sum((0, 2, 3))
+    return (
+        grad_x.to(x.dtype),
+        grad_w.to(weight.dtype),
+        grad_ls2.to(log_sigma2.dtype),
+        grad_b.to(weight.dtype),
+    )
+
+
+def _kl_terms(weight: torch.Tensor, log_sigma2: torch.Tensor):
+    """KL (fp32 or wider scalar) and its analytic gradients w.r.t. θ and log σ²."""
+    dt = torch.promote_types(weight.dtype, torch.float32)
+    w = weight.to(dt)
+    ls2 = log_sigma2.to(dt)
+    raw = ls2 - torch.log(w * w + R.EPS_THETA)
+    la = torch.clamp(raw, -R.LOG_ALPHA_CLAMP, R.LOG_ALPHA_CLAMP)
+    kl = -R.neg_kl_from_log_alpha(la).sum()
+    # d KL / d log α = -(k1 k3 σ'(k2 + k3 la) + ½ σ(-la)); zero where the clamp is active.
+    s = torch.sigmoid(R.K2 + R.K3 * la)
+    dla = -(R.K1 * R.K3 * s * (1.0 - s) + 0.5 * torch.sigmoid(-la))
+    dla = dla * ((raw > -R.LOG_ALPHA_CLAMP) & (raw < R.LOG_ALPHA_CLAMP)).to(dt)
+    grad_ls2 = dla
+    grad_w = dla * (-2.0 * w / (w * w + R.EPS_THETA))
+    return kl, grad_w, grad_ls2
+
+
+def kl_fwd(weights: List[torch.Tensor], log_sigma2s: List[torch.Tensor], with_grad: bool):
+    total = None
+    grads_w, grads_ls2 = [], []
+    for w, ls2 in zip(weights, log_sigma2s):
+        kl, gw, gl = _kl_terms(w, ls2)
+        total = kl if total is None else total + kl
+        if with_grad:
+            grads_w.append(gw.to(w.dtype))
+            grads_ls2.append(gl.to(ls2.dtype))
+    return total, grads_w, grads_ls2
+
+
+register_impl("lrt_linear", "reference", lrt_linear_fwd)
+register_impl("lrt_linear_backward", "reference", lrt_linear_bwd)
+register_impl("lrt_conv2d", "reference", lrt_conv2d_fwd)
+register_impl("lrt_conv2d_backward", "reference", lrt_conv2d_bwd)
+register_impl("kl_sparse_vd", "reference", kl_fwd)

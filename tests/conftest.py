@@ -1,0 +1,34 @@
+"""Test configuration: Triton's interpreter must be on before any @triton.jit runs (DESIGN.md)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    """Fresh random inputs in every test, yet reproducible from the printed seed on failure."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    yield seed
+
+
+def assert_close(actual, expected, rtol, atol, name="output"):
+    """allclose with a report of the worst element, its index and the fraction that fails."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert torch.isfinite(a).all(), f"{name}: non-finite values (unwritten or NaN elements)"
+    err = (a - e).abs()
+    bound = atol + rtol * e.abs()
+    bad = err > bound
+    if bad.any():
+        idx = int(torch.argmax(err - bound))
+        flat_idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), a.shape))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements ({100.0 * bad.float().mean():.3f}%) "
+            f"outside atol={atol}, rtol={rtol}; worst at {flat_idx}: "
+            f"{a.reshape(-1)[idx].item()} vs {e.reshape(-1)[idx].item()}"
+        )
