@@ -1,0 +1,146 @@
+"""Shared benchmark helpers: timing (GPU: CUDA events via triton.testing.do_bench, L2 flushed;
+CPU: torch.utils.benchmark), the result rows of ../shared/BENCHMARKS.md and their JSON files.
+
+Every row: benchmark, shape, dtype, mode, provider, median_ms, p20_ms, p80_ms, device, torch,
+triton, commit, plus optional sparsity, batch, gbps, tflops, threads.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: str) -> str:
+    """torch's name of the GPU, or the CPU model from /proc/cpuinfo."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def device_slug(device: str) -> str:
+    """A file-name-safe tag of the device, e.g. 'nvidia-h100-80gb-hbm3' or 'cpu-2c'."""
+    if device.startswith("cuda"):
+        name = device_name(device)
+    else:
+        name = f"cpu-{os.cpu_count()}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
+            stderr=subprocess.DEVNULL,
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: str) -> Dict[str, object]:
+    """The fields every row carries: device, torch, triton, commit, threads."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": _commit(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def time_gpu(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> List[float]:
+    """[median, p20, p80] in ms with CUDA events; do_bench flushes L2 between runs."""
+    import triton.testing
+
+    return list(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8]))
+
+
+def time_cpu(fn: Callable[[], object], min_run_time: float = 0.5) -> List[float]:
+    """[median, p20, p80] in ms with torch.utils.benchmark, using all of torch's threads."""
+    from torch.utils.benchmark import Timer
+
+    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time
+    )
+    times = sorted(m.times)
+    q = lambda p: times[min(int(p * len(times)), len(times) - 1)]  # noqa: E731
+    return [1e3 * m.median, 1e3 * q(0.2), 1e3 * q(0.8)]
+
+
+def time_fn(fn: Callable[[], object], device: str) -> List[float]:
+    """[median, p20, p80] in ms on ``device`` ('cuda...' or 'cpu')."""
+    return time_gpu(fn) if device.startswith("cuda") else time_cpu(fn)
+
+
+def make_row(
+    benchmark: str, shape: str, dtype: str, mode: str, provider: str, times_ms: List[float],
+    env: Dict[str, object], *, nbytes: Optional[float] = None, flops: Optional[float] = None,
+    **extra,
+) -> Dict[str, object]:
+    """One result row; ``nbytes`` / ``flops`` (the kernel's floor) give gbps / tflops."""
+    median, p20, p80 = times_ms
+    row = {
+        "benchmark": benchmark, "shape": shape, "dtype": dtype, "mode": mode, "provider": provider,
+        "median_ms": median, "p20_ms": p20, "p80_ms": p80, **env, **extra,
+    }
+    if nbytes is not None:
+        row["gbps"] = nbytes / (median * 1e-3) / 1e9
+    if flops is not None:
+        row["tflops"] = flops / (median * 1e-3) / 1e12
+    return row
+
+
+def results_path(device: str, day: Optional[str] = None) -> Path:
+    """benchmarks/results/<device-slug>-<YYYYMMDD>.json."""
+    day = day or datetime.date.today().strftime("%Y%m%d")
+    return RESULTS_DIR / f"{device_slug(device)}-{day}.json"
+
+
+def save_rows(rows: List[Dict[str, object]], device: str, path: Optional[Path] = None) -> Path:
+    """Append ``rows`` to the device's results file for today, replacing rows with the same
+    (benchmark, shape, dtype, mode, provider, sparsity, batch) key; returns the path."""
+    path = Path(path) if path else results_path(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text()) if path.exists() else []
+    keys = ("benchmark", "shape", "dtype", "mode", "provider", "sparsity", "batch")
+    key = lambda r: tuple(r.get(k) for k in keys)  # noqa: E731
+    new_keys = {key(r) for r in rows}
+    merged = [r for r in old if key(r) not in new_keys] + list(rows)
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+    return path
+
+
+def print_rows(rows: List[Dict[str, object]], baseline: str = "dense") -> None:
+    """A compact table with each row's ratio to ``baseline`` in the same group."""
+    groups: Dict[tuple, Dict[str, float]] = {}
+    for r in rows:
+        g = (r["benchmark"], r["shape"], r["dtype"], r["mode"], r.get("sparsity"), r.get("batch"))
+        groups.setdefault(g, {})[r["provider"]] = r["median_ms"]
+    for r in rows:
+        g = (r["benchmark"], r["shape"], r["dtype"], r["mode"], r.get("sparsity"), r.get("batch"))
+        base = groups[g].get(baseline)
+        ratio = f"{base / r['median_ms']:.2f}x vs {baseline}" if base else ""
+        extra = " ".join(f"{k}={r[k]:.1f}" for k in ("gbps", "tflops") if k in r)
+        print(f"{r['benchmark']:<14} {r['shape']:<26} {r['dtype']:<9} {r['mode']:<5} "
+              f"{r['provider']:<20} {r['median_ms']:9.4f} ms  {ratio} {extra}")
