@@ -6,6 +6,7 @@ Every implementation here has the signature of its op in :mod:`sparsevd.ops.lrt`
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -14,6 +15,19 @@ import torch.nn.functional as F
 from .. import reference as R
 from .backend import register_impl
 from .noise import lrt_noise
+
+
+def _no_autocast(fn):
+    """Run ``fn`` with autocast off: a custom op's implementation still sees the caller's autocast
+    state, which would recast the fp32 math below to the autocast dtype."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        first = args[0] if isinstance(args[0], torch.Tensor) else args[0][0]
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(*args)
+
+    return wrapper
 
 
 def _noise(seed: torch.Tensor, shape, like: torch.Tensor) -> torch.Tensor:
@@ -26,6 +40,7 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
+@_no_autocast
 def lrt_linear_fwd(x, weight, log_sigma2, bias, seed) -> Tuple[torch.Tensor, torch.Tensor]:
     dt = _compute_dtype(x, weight)
     xc = x.to(dt)
@@ -36,6 +51,7 @@ def lrt_linear_fwd(x, weight, log_sigma2, bias, seed) -> Tuple[torch.Tensor, tor
     return y.to(x.dtype), std
 
 
+@_no_autocast
 def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed):
     dt = std.dtype
     g = grad.to(dt).reshape(-1, weight.shape[0])
@@ -57,6 +73,7 @@ def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed):
     )
 
 
+@_no_autocast
 def lrt_conv2d_fwd(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups):
     dt = _compute_dtype(x, weight)
     xc = x.to(dt)
@@ -68,6 +85,7 @@ def lrt_conv2d_fwd(x, weight, log_sigma2, bias, seed, stride, padding, dilation,
     return y.to(x.dtype), std
 
 
+@_no_autocast
 def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups):
     dt = std.dtype
     g = grad.to(dt)
@@ -108,6 +126,7 @@ def _kl_terms(weight: torch.Tensor, log_sigma2: torch.Tensor):
     return kl, grad_w, grad_ls2
 
 
+@_no_autocast
 def kl_fwd(weights: List[torch.Tensor], log_sigma2s: List[torch.Tensor], with_grad: bool):
     total = None
     grads_w, grads_ls2 = [], []
