@@ -124,6 +124,13 @@ def _check_conv2d(x, weight, log_sigma2, bias, stride, padding, dilation, groups
         raise ValueError(
             f"weight: expected a 4-D (C_out, C_in/groups, kH, kW) tensor, got {tuple(weight.shape)}"
         )
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 \
+            or weight.shape[0] % groups:
+        raise ValueError(
+            f"groups: expected a positive int dividing out_channels={weight.shape[0]}, got {groups!r}"
+        )
+    pairs = [_as_pair(v, n, lo) for v, n, lo in
+             ((stride, "stride", 1), (padding, "padding", 0), (dilation, "dilation", 1))]
     x = _prepare_input(x, weight, bias)
     unbatched = x.dim() == 3
     if unbatched:
@@ -132,16 +139,17 @@ def _check_conv2d(x, weight, log_sigma2, bias, stride, padding, dilation, groups
         raise ValueError(
             f"x: expected shape (N, in_channels={weight.shape[1] * groups}, H, W), got {tuple(x.shape)}"
         )
-    pairs = [_as_pair(v, n) for v, n in ((stride, "stride"), (padding, "padding"), (dilation, "dilation"))]
     return (x, unbatched, *pairs)
 
 
-def _as_pair(v: _IntOrPair, name: str) -> list:
-    if isinstance(v, int):
-        return [v, v]
-    v = list(v)
-    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+def _as_pair(v: _IntOrPair, name: str, minimum: int) -> list:
+    if isinstance(v, str):
+        raise ValueError(f"{name}: string values such as {v!r} are not supported; give ints")
+    v = [v, v] if isinstance(v, int) else list(v)
+    if len(v) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
         raise ValueError(f"{name}: expected an int or a pair of ints, got {v!r}")
+    if min(v) < minimum:
+        raise ValueError(f"{name}: expected values ≥ {minimum}, got {v!r}")
     return v
 
 
@@ -207,7 +215,8 @@ def lrt_conv2d(
         y, (N, C_out, H_out, W_out) (or unbatched), dtype of ``x``.
 
     Raises:
-        TypeError / ValueError as :func:`lrt_linear`; ValueError when the channels do not match.
+        TypeError / ValueError as :func:`lrt_linear`; ValueError when the channels do not match,
+            or for a stride, padding, dilation or groups that is not a (pair of) int(s) in range.
     """
     x, unbatched, stride, padding, dilation = _check_conv2d(
         x, weight, log_sigma2, bias, stride, padding, dilation, groups
