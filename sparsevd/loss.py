@@ -1,6 +1,9 @@
 """The SGVLB objective of sparse variational dropout (eq. 3) with a linear KL warm-up."""
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from typing import Iterable, Tuple
 
 import torch
@@ -30,6 +33,35 @@ def kl_divergence(model: nn.Module) -> Tensor:
     return SF.kl_sparse_vd_many([m.weight for m in layers], [m.log_sigma2 for m in layers])
 
 
+def _check_train_size(train_size) -> int:
+    """``train_size`` as a positive int; integral floats such as 60000.0 are accepted."""
+    if isinstance(train_size, bool):
+        raise TypeError(f"train_size: expected a positive integer number of examples, got {train_size!r}")
+    try:
+        n = operator.index(train_size)
+    except TypeError:
+        if not isinstance(train_size, numbers.Real):
+            raise TypeError(
+                f"train_size: expected a positive integer number of examples, got {train_size!r}"
+            ) from None
+        if not (math.isfinite(train_size) and float(train_size).is_integer()):
+            raise ValueError(
+                f"train_size: expected a positive integer number of examples, got {train_size!r}"
+            ) from None
+        n = int(train_size)
+    if n <= 0:
+        raise ValueError(f"train_size: expected a positive number of examples, got {train_size}")
+    return n
+
+
+def _check_real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
 class SGVLB(nn.Module):
     """Negative SGVLB of sparse VD (eq. 3), the loss to minimise:
 
@@ -46,23 +78,26 @@ class SGVLB(nn.Module):
         beta_start: β at epoch 0 (0 by default).
 
     Raises:
-        ValueError: train_size ≤ 0, kl_warmup_epochs < 0, β outside [0, 1].
+        ValueError: train_size ≤ 0 or not a whole number, kl_warmup_epochs < 0, β outside [0, 1],
+            a non-finite value.
+        TypeError: an argument that is not a number.
     """
 
     def __init__(
         self, model: nn.Module, train_size: int, kl_warmup_epochs: float = 5, beta_start: float = 0.0
     ) -> None:
         super().__init__()
-        if train_size <= 0:
-            raise ValueError(f"train_size: expected a positive number of examples, got {train_size}")
+        train_size = _check_train_size(train_size)
+        kl_warmup_epochs = _check_real(kl_warmup_epochs, "kl_warmup_epochs")
+        beta_start = _check_real(beta_start, "beta_start")
         if kl_warmup_epochs < 0:
             raise ValueError(f"kl_warmup_epochs: expected ≥ 0, got {kl_warmup_epochs}")
         if not 0.0 <= beta_start <= 1.0:
             raise ValueError(f"beta_start: expected a value in [0, 1], got {beta_start}")
         self.model = [model]  # a list, so the model is not registered as a submodule
-        self.train_size = int(train_size)
-        self.kl_warmup_epochs = float(kl_warmup_epochs)
-        self.beta_start = float(beta_start)
+        self.train_size = train_size
+        self.kl_warmup_epochs = kl_warmup_epochs
+        self.beta_start = beta_start
         self.epoch = 0.0
 
     @property

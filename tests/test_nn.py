@@ -1,0 +1,332 @@
+"""sparsevd.nn: LinearSVDO and Conv2dSVDO as drop-in replacements of nn.Linear / nn.Conv2d
+(state_dict, initialisation), their train/eval forwards, log α, KL, sparsity, bad input, empty
+batches, and a short training run of a conv net."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+from torch import nn
+
+import sparsevd
+import sparsevd.functional as SF
+from sparsevd import reference as R
+from sparsevd.nn import Conv2dSVDO, LinearSVDO
+from sparsevd.ops.noise import lrt_noise
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: one intra-op thread (see test_ops.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def set_log_alpha(layer, la: torch.Tensor) -> None:
+    """Give ``layer`` the log α ``la`` (before the clamp) by setting its log σ²."""
+    with torch.no_grad():
+        w = layer.weight
+        layer.log_sigma2.copy_(la + torch.log(w * w + 1e-8))
+
+
+# ---------------------------------------------------------------------- drop-in replacement
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_state_dict_from_nn_linear(bias):
+    dense = nn.Linear(7, 5, bias=bias)
+    layer = LinearSVDO(7, 5, bias=bias)
+    res = layer.load_state_dict(dense.state_dict(), strict=False)
+    assert res.missing_keys == ["log_sigma2"]
+    assert res.unexpected_keys == []
+    assert torch.equal(layer.weight, dense.weight)
+    assert (layer.bias is None) == (not bias)
+    if bias:
+        assert torch.equal(layer.bias, dense.bias)
+    assert set(layer.state_dict()) == {"weight", "log_sigma2"} | ({"bias"} if bias else set())
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(stride=2, padding=1, dilation=2, groups=2, bias=False)])
+def test_conv_state_dict_from_nn_conv2d(kw):
+    dense = nn.Conv2d(4, 6, (3, 2), **kw)
+    layer = Conv2dSVDO(4, 6, (3, 2), **kw)
+    res = layer.load_state_dict(dense.state_dict(), strict=False)
+    assert res.missing_keys == ["log_sigma2"]
+    assert res.unexpected_keys == []
+    assert torch.equal(layer.weight, dense.weight)
+    if dense.bias is not None:
+        assert torch.equal(layer.bias, dense.bias)
+    else:
+        assert layer.bias is None
+
+
+def test_linear_init_matches_nn_linear():
+    seed = int(torch.randint(0, 2**31, ()))
+    torch.manual_seed(seed)
+    dense = nn.Linear(300, 200)
+    torch.manual_seed(seed)
+    layer = LinearSVDO(300, 200)
+    # Same RNG calls in the same order as nn.Linear: identical values.
+    assert torch.equal(layer.weight, dense.weight) and torch.equal(layer.bias, dense.bias)
+    assert layer.weight.shape == (200, 300) and layer.log_sigma2.shape == (200, 300)
+    assert layer.bias.shape == (200,)
+    assert (layer.log_sigma2 == -10.0).all()
+    _check_uniform(layer.weight, 1.0 / math.sqrt(300), "weight")
+    _check_uniform(layer.bias, 1.0 / math.sqrt(300), "bias")
+    assert [n for n, _ in layer.named_parameters()] == ["weight", "bias", "log_sigma2"]
+
+
+def test_conv_init_matches_nn_conv2d():
+    seed = int(torch.randint(0, 2**31, ()))
+    torch.manual_seed(seed)
+    dense = nn.Conv2d(16, 32, (3, 5), groups=2)
+    torch.manual_seed(seed)
+    layer = Conv2dSVDO(16, 32, (3, 5), groups=2)
+    assert torch.equal(layer.weight, dense.weight) and torch.equal(layer.bias, dense.bias)
+    assert layer.weight.shape == (32, 8, 3, 5) == layer.log_sigma2.shape
+    assert (layer.log_sigma2 == -10.0).all()
+    fan_in = 8 * 3 * 5
+    _check_uniform(layer.weight, 1.0 / math.sqrt(fan_in), "weight")
+    _check_uniform(layer.bias, 1.0 / math.sqrt(fan_in), "bias")
+    layer.reset_parameters()
+    assert (layer.log_sigma2 == -10.0).all()
+    _check_uniform(layer.weight, 1.0 / math.sqrt(fan_in), "weight after reset")
+
+
+def _check_uniform(t: torch.Tensor, bound: float, name: str):
+    """t ~ U(−bound, bound): inside the bounds, mean 0 and variance bound²/3 within 5 SE."""
+    v = t.detach().double().reshape(-1)
+    n = v.numel()
+    assert v.abs().max() <= bound, name
+    assert v.abs().max() > bound * (1 - 10.0 / n), f"{name}: does not fill its range"
+    var = bound ** 2 / 3
+    assert abs(v.mean().item()) < 5 * math.sqrt(var / n), f"{name}: mean"
+    # Var of the sample variance of U(−b, b): (μ4 − σ⁴)/n with μ4 = b⁴/5.
+    assert abs(v.var().item() - var) < 5 * math.sqrt((bound ** 4 / 5 - var ** 2) / n), f"{name}: var"
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="groups"):
+        Conv2dSVDO(4, 6, 3, groups=4)
+    with pytest.raises(ValueError, match="groups"):
+        Conv2dSVDO(4, 6, 3, groups=0)
+    with pytest.raises(ValueError, match="threshold"):
+        LinearSVDO(3, 2, threshold=float("nan"))
+    with pytest.raises(ValueError, match="in_features"):
+        LinearSVDO(-1, 2)
+    with pytest.raises(ValueError, match="padding"):
+        Conv2dSVDO(2, 2, 3, padding="same")
+    with pytest.raises(ValueError, match="kernel_size"):
+        Conv2dSVDO(2, 2, (3, 3, 3))
+
+
+# --------------------------------------------------------------------------------- forwards
+def test_linear_train_forward_is_the_lrt_with_a_drawn_seed():
+    layer = LinearSVDO(9, 4)
+    set_log_alpha(layer, torch.randn(4, 9) - 1)
+    x = torch.randn(3, 9)
+    s = int(torch.randint(0, 2**31, ()))
+    torch.manual_seed(s)
+    y = layer(x)
+    torch.manual_seed(s)
+    seed = SF.draw_seed()
+    expected = R.lrt_linear(x.double(), layer.weight.double(), layer.log_sigma2.double(),
+                            layer.bias.double(), lrt_noise(seed, (3, 4)).double())
+    assert_close(y, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_3d_input():
+    layer = LinearSVDO(6, 5)
+    x = torch.randn(2, 7, 6)
+    assert layer(x).shape == (2, 7, 5)
+    layer.eval()
+    y = layer(x)
+    w = R.masked_weight(layer.weight.double(), layer.log_sigma2.double(), 3.0)
+    assert_close(y, F.linear(x.double(), w, layer.bias.double()), rtol=1e-5, atol=1e-6)
+
+
+def test_init_drops_only_tiny_weights_at_eval():
+    """log σ² = −10 at init: log α ≥ 3 exactly where θ² + 1e-8 ≤ e⁻¹³ (|θ| ≲ 1.5e-3), so the eval
+    forward equals the dense layer up to the contribution of those tiny weights."""
+    layer = LinearSVDO(40, 30)
+    with torch.no_grad():
+        tiny = torch.rand(30, 40) < 0.1
+        layer.weight[tiny] = torch.empty(int(tiny.sum())).uniform_(-1.4e-3, 1.4e-3)
+        layer.weight[~tiny] = layer.weight[~tiny].sign() * layer.weight[~tiny].abs().clamp_min(1.6e-3)
+    assert torch.equal(~layer.mask(), tiny)
+    layer.eval()
+    x = torch.randn(5, 40)
+    y = layer(x)
+    dense = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    bound = (x.double().abs() @ (layer.weight.double().abs() * tiny).t())
+    assert ((y.double() - dense).abs() <= bound + 1e-5).all()
+    kept = layer.weight.double() * ~tiny
+    assert_close(y, F.linear(x.double(), kept, layer.bias.double()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make,x_shape", [
+    (lambda: LinearSVDO(8, 5), (4, 8)),
+    (lambda: Conv2dSVDO(3, 4, 3, padding=1), (2, 3, 6, 6)),
+])
+def test_eval_deterministic_train_stochastic(make, x_shape):
+    layer = make()
+    with torch.no_grad():
+        layer.log_sigma2.fill_(-2.0)
+    x = torch.randn(x_shape)
+    a, b = layer(x), layer(x)
+    assert (a != b).float().mean() > 0.99
+    layer.eval()
+    a, b = layer(x), layer(x)
+    assert torch.equal(a, b)
+
+
+def test_eval_forward_masks_weights_with_large_log_alpha():
+    layer = LinearSVDO(10, 6)
+    la = torch.randn(6, 10) * 5
+    set_log_alpha(layer, la)
+    layer.eval()
+    x = torch.randn(4, 10)
+    manual = layer.weight.detach().clone()
+    manual[la >= 3.0] = 0.0
+    assert_close(layer(x), F.linear(x.double(), manual.double(), layer.bias.double()),
+                 rtol=1e-5, atol=1e-6)
+    conv = Conv2dSVDO(2, 3, 3, stride=2, dilation=1, padding=2)
+    cla = torch.randn(3, 2, 3, 3) * 5
+    set_log_alpha(conv, cla)
+    conv.eval()
+    xc = torch.randn(2, 2, 7, 7)
+    manual = conv.weight.detach().clone()
+    manual[cla >= 3.0] = 0.0
+    assert_close(conv(xc), F.conv2d(xc.double(), manual.double(), conv.bias.double(), 2, 2),
+                 rtol=1e-5, atol=1e-6)
+
+
+def test_log_alpha_kl_mask_sparsity_and_repr():
+    layer = LinearSVDO(10, 8, threshold=3.0)
+    la = torch.empty(8, 10).uniform_(-9, 9)
+    la = torch.where((la - 3.0).abs() < 0.01, la + 0.1, la)  # fp32 and fp64 agree on the mask
+    set_log_alpha(layer, la)
+    expected_la = R.log_alpha(layer.weight.double(), layer.log_sigma2.double())
+    assert_close(layer.log_alpha, expected_la, rtol=1e-5, atol=1e-5, name="log_alpha")
+    assert_close(layer.kl(), R.kl_sparse_vd(layer.weight.double(), layer.log_sigma2.double()),
+                 rtol=1e-5, atol=1e-5, name="kl")
+    kept = int((expected_la < 3.0).sum())
+    assert torch.equal(layer.mask(), expected_la < 3.0)
+    assert layer.num_weights == 80 and layer.num_nonzero == kept
+    assert layer.sparsity == pytest.approx(1 - kept / 80)
+    rep = repr(layer)
+    assert f"sparsity={100 * (1 - kept / 80):.1f}%" in rep
+    assert "in_features=10, out_features=8" in rep and "threshold=3.0" in rep
+    conv = Conv2dSVDO(2, 4, 3, padding=1, groups=2)
+    with torch.no_grad():
+        conv.log_sigma2[:2] = 20.0  # log α clamps at 10: half the weights are dropped
+    assert conv.num_nonzero == 18 and conv.sparsity == 0.5
+    assert "sparsity=50.0%" in repr(conv) and "groups=2" in repr(conv)
+    assert "sparsity=0.0%" in repr(LinearSVDO(3, 3))  # at init nothing large is dropped
+
+
+def test_kl_is_differentiable_and_pushes_log_sigma2_up():
+    layer = LinearSVDO(5, 4)
+    layer.kl().backward()
+    assert layer.log_sigma2.grad.shape == (4, 5)
+    assert (layer.log_sigma2.grad < 0).all()  # the KL falls as log σ² (and log α) grows
+    assert layer.bias.grad is None
+
+
+def test_double_precision_module():
+    layer = LinearSVDO(4, 3, dtype=torch.float64)
+    assert layer.weight.dtype == torch.float64 and (layer.log_sigma2 == -10).all()
+    y = layer(torch.randn(2, 4, dtype=torch.float64))
+    assert y.dtype == torch.float64
+    layer.float()
+    with pytest.raises(TypeError, match=r"^x: expected dtype torch.float32"):
+        layer(torch.randn(2, 4, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("train", [True, False])
+def test_linear_bad_input(train):
+    layer = LinearSVDO(6, 3).train(train)
+    with pytest.raises(TypeError, match=r"^x: expected dtype torch.float32"):
+        layer(torch.randn(2, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^x: expected a floating-point"):
+        layer(torch.randint(0, 4, (2, 6)))
+    with pytest.raises(ValueError, match=r"^x: expected a tensor on cpu.*meta"):
+        layer(torch.randn(2, 6, device="meta"))
+    with pytest.raises(ValueError, match=r"^x: expected shape \(\*, in_features=6\)"):
+        layer(torch.randn(2, 5))
+    with torch.no_grad():
+        layer.log_sigma2[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^log_sigma2: contains NaN"):
+        layer(torch.randn(2, 6))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_conv_bad_input(train):
+    layer = Conv2dSVDO(2, 3, 3).train(train)
+    with pytest.raises(TypeError, match=r"^x: expected dtype torch.float32"):
+        layer(torch.randn(1, 2, 5, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^x: expected a floating-point"):
+        layer(torch.randint(0, 4, (1, 2, 5, 5)))
+    with pytest.raises(ValueError, match=r"^x: expected a tensor on cpu.*meta"):
+        layer(torch.randn(1, 2, 5, 5, device="meta"))
+    with pytest.raises(ValueError, match=r"^x: expected shape \(N, in_channels=2, H, W\)"):
+        layer(torch.randn(1, 3, 5, 5))
+    with torch.no_grad():
+        layer.log_sigma2[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^log_sigma2: contains NaN"):
+        layer(torch.randn(1, 2, 5, 5))
+
+
+# ---------------------------------------------------------------------------- empty batches
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("make,x_shape,y_shape", [
+    (lambda: LinearSVDO(6, 4), (0, 6), (0, 4)),
+    (lambda: LinearSVDO(6, 4, bias=False), (3, 0, 6), (3, 0, 4)),
+    (lambda: Conv2dSVDO(2, 5, 3, padding=1), (0, 2, 6, 6), (0, 5, 6, 6)),
+    (lambda: Conv2dSVDO(4, 4, 3, groups=2, bias=False), (0, 4, 5, 5), (0, 4, 3, 3)),
+])
+def test_empty_batch(make, x_shape, y_shape, train):
+    layer = make().train(train)
+    x = torch.randn(x_shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == y_shape and y.dtype == torch.float32
+    (y.sum() + layer.kl()).backward()
+    assert x.grad.shape == x_shape
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+# --------------------------------------------------------------------------------- training
+def test_conv_net_with_bias_trains_without_nan():
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    model = nn.Sequential(
+        Conv2dSVDO(1, 4, 3, padding=1, bias=True), nn.ReLU(),
+        Conv2dSVDO(4, 4, 3, stride=2, bias=True), nn.ReLU(), nn.Flatten(),
+        LinearSVDO(4 * 2 * 2, 3),
+    )
+    x = torch.randn(32, 1, 6, 6)
+    y = torch.randint(0, 3, (32,))
+    loss_fn = sparsevd.SGVLB(model, train_size=32, kl_warmup_epochs=0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    conv = model[0]
+    la0 = conv.log_alpha.detach().clone()
+    losses = []
+    for step in range(300):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        assert torch.isfinite(loss), f"step {step}: loss {loss.item()}"
+        loss.backward()
+        for name, p in model.named_parameters():
+            assert torch.isfinite(p.grad).all(), f"step {step}: grad of {name}"
+        opt.step()
+        for name, p in model.named_parameters():
+            assert torch.isfinite(p).all(), f"step {step}: {name}"
+        losses.append(loss.item())
+    la = conv.log_alpha.detach()
+    assert (la - la0).abs().mean() > 1.0, "log α of the conv layer did not move"
+    assert la.mean() > la0.mean() + 1.0  # the KL term pushes log α up
+    assert sum(losses[-10:]) < sum(losses[:10])
+    model.eval()
+    assert torch.isfinite(model(x)).all()
