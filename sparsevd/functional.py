@@ -81,6 +81,10 @@ def _prepare_input(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     _check_same_device(x, "x", weight, "weight")
     if bias is not None:
         _check_float(bias, "bias")
+        if bias.dtype != weight.dtype:
+            raise TypeError(
+                f"bias: expected dtype {weight.dtype} (the dtype of weight), got {bias.dtype}"
+            )
         _check_same_device(bias, "bias", weight, "weight")
         if bias.shape != (weight.shape[0],):
             raise ValueError(
@@ -127,7 +131,8 @@ def _check_conv2d(x, weight, log_sigma2, bias, stride, padding, dilation, groups
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 \
             or weight.shape[0] % groups:
         raise ValueError(
-            f"groups: expected a positive int dividing out_channels={weight.shape[0]}, got {groups!r}"
+            f"groups: expected a positive int dividing out_channels={weight.shape[0]}, "
+            f"got {groups!r}"
         )
     pairs = [_as_pair(v, n, lo) for v, n, lo in
              ((stride, "stride", 1), (padding, "padding", 0), (dilation, "dilation", 1))]

@@ -36,7 +36,9 @@ def kl_divergence(model: nn.Module) -> Tensor:
 def _check_train_size(train_size) -> int:
     """``train_size`` as a positive int; integral floats such as 60000.0 are accepted."""
     if isinstance(train_size, bool):
-        raise TypeError(f"train_size: expected a positive integer number of examples, got {train_size!r}")
+        raise TypeError(
+            f"train_size: expected a positive integer number of examples, got {train_size!r}"
+        )
     try:
         n = operator.index(train_size)
     except TypeError:

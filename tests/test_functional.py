@@ -1,5 +1,6 @@
-"""sparsevd.functional: argument checks (errors name the argument), seeds and reproducibility, noise
-layout of 3-D / non-contiguous / unbatched inputs, the evaluation forward, autocast, empty batches."""
+"""sparsevd.functional: argument checks (errors name the argument), seeds and reproducibility,
+noise layout of 3-D / non-contiguous / unbatched inputs, the evaluation forward, autocast, empty
+batches."""
 import math
 
 import pytest
@@ -93,6 +94,8 @@ def test_linear_bad_parameters(fn):
         f(x, w, s, torch.randn(6))
     with pytest.raises(TypeError, match=r"^bias: expected a floating-point"):
         f(x, w, s, torch.randint(0, 3, (4,)))
+    with pytest.raises(TypeError, match=r"^bias: expected dtype torch.float32.*float64"):
+        f(x, w, s, b.double())
     with pytest.raises(ValueError, match=r"^bias: expected a tensor on cpu"):
         f(x, w, s, b.to("meta"))
 
@@ -284,7 +287,8 @@ def test_autocast_bf16_linear_and_conv():
     assert y.dtype == torch.bfloat16 and ym.dtype == torch.bfloat16
     assert std.dtype == torch.float32
     expected = R.lrt_linear(x.detach().bfloat16().double(), w.detach().double(),
-                            s.detach().double(), b.detach().double(), lrt_noise(seed, (4, 5)).double())
+                            s.detach().double(), b.detach().double(),
+                            lrt_noise(seed, (4, 5)).double())
     # bf16 output: one rounding of a value computed in fp32 (2⁻⁸ relative).
     assert_close(y, expected, rtol=2 ** -8, atol=1e-3)
     y.float().sum().backward()

@@ -53,7 +53,8 @@ def kl_by_hand(model) -> float:
     total = 0.0
     for m in model.modules():
         if isinstance(m, (LinearSVDO, Conv2dSVDO)):
-            total += R.kl_sparse_vd(m.weight.detach().double(), m.log_sigma2.detach().double()).item()
+            w, s = m.weight.detach().double(), m.log_sigma2.detach().double()
+            total += R.kl_sparse_vd(w, s).item()
     return total
 
 

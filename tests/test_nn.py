@@ -47,7 +47,8 @@ def test_linear_state_dict_from_nn_linear(bias):
     assert set(layer.state_dict()) == {"weight", "log_sigma2"} | ({"bias"} if bias else set())
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(stride=2, padding=1, dilation=2, groups=2, bias=False)])
+@pytest.mark.parametrize("kw", [dict(),
+                                dict(stride=2, padding=1, dilation=2, groups=2, bias=False)])
 def test_conv_state_dict_from_nn_conv2d(kw):
     dense = nn.Conv2d(4, 6, (3, 2), **kw)
     layer = Conv2dSVDO(4, 6, (3, 2), **kw)
@@ -103,7 +104,8 @@ def _check_uniform(t: torch.Tensor, bound: float, name: str):
     var = bound ** 2 / 3
     assert abs(v.mean().item()) < 5 * math.sqrt(var / n), f"{name}: mean"
     # Var of the sample variance of U(−b, b): (μ4 − σ⁴)/n with μ4 = b⁴/5.
-    assert abs(v.var().item() - var) < 5 * math.sqrt((bound ** 4 / 5 - var ** 2) / n), f"{name}: var"
+    se_var = math.sqrt((bound ** 4 / 5 - var ** 2) / n)
+    assert abs(v.var().item() - var) < 5 * se_var, f"{name}: var"
 
 
 def test_constructor_errors():
@@ -153,7 +155,8 @@ def test_init_drops_only_tiny_weights_at_eval():
     with torch.no_grad():
         tiny = torch.rand(30, 40) < 0.1
         layer.weight[tiny] = torch.empty(int(tiny.sum())).uniform_(-1.4e-3, 1.4e-3)
-        layer.weight[~tiny] = layer.weight[~tiny].sign() * layer.weight[~tiny].abs().clamp_min(1.6e-3)
+        rest = layer.weight[~tiny]
+        layer.weight[~tiny] = torch.where(rest < 0, -1.0, 1.0) * rest.abs().clamp_min(1.6e-3)
     assert torch.equal(~layer.mask(), tiny)
     layer.eval()
     x = torch.randn(5, 40)

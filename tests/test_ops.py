@@ -1,5 +1,5 @@
-"""sparsevd.ops: the Philox noise against Triton's tl.randn, the custom ops against the reference math
-on identical noise (values and gradients), gradcheck, opcheck, and the backend selection."""
+"""sparsevd.ops: the Philox noise against Triton's tl.randn, the custom ops against the reference
+math on identical noise (values and gradients), gradcheck, opcheck, and the backend selection."""
 import math
 
 import pytest
@@ -438,7 +438,8 @@ def _lin_args():
 
 def test_backend_unknown_value_raises_value_error(monkeypatch):
     monkeypatch.setenv("SPARSEVD_BACKEND", "tritonn")
-    with pytest.raises(ValueError, match=r"SPARSEVD_BACKEND='tritonn'.*auto, triton, cuda, reference"):
+    with pytest.raises(ValueError,
+                       match=r"SPARSEVD_BACKEND='tritonn'.*auto, triton, cuda, reference"):
         SF.lrt_linear(*_lin_args())
     with pytest.raises(ValueError, match="SPARSEVD_BACKEND"):
         backend.requested_backend()

@@ -27,7 +27,8 @@ def _one_thread():
 
 
 def kl_by_hand(la: float) -> float:
-    """KL per weight at log α = la, eq. 14, with the math module: k1 − k1·σ(k2 + k3·la) + ½·log1p(e^−la)."""
+    """KL per weight at log α = la (eq. 14) with the math module:
+    k1 − k1·σ(k2 + k3·la) + ½·log1p(e^−la)."""
     sig = 1.0 / (1.0 + math.exp(-(K2 + K3 * la)))
     return K1 - K1 * sig + 0.5 * math.log1p(math.exp(-la))
 
