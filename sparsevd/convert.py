@@ -48,8 +48,10 @@ def convert(
 ) -> nn.Module:
     """Replace every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by its sparse-VD twin, in place.
 
-    θ and b are copied; log σ² starts at −10, so the converted model computes what the dense one
-    did up to noise of std ≈ e⁻⁵·|x| per weight.
+    θ and b are copied; log σ² starts at −10, so in training mode the converted model computes what
+    the dense one did up to noise of std e⁻⁵·sqrt(Σ x²) per output. In eval mode it computes the
+    dense model without its tiny weights: log α = −10 − log(θ² + 1e-8) ≥ 3 exactly where
+    θ² + 1e-8 ≤ e⁻¹³ (|θ| ≲ 1.5e-3), and those are dropped from the start.
 
     Args:
         model: any module (a bare nn.Linear / nn.Conv2d is converted and returned).

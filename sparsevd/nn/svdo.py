@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from .. import functional as SF
 
-#: log σ² at initialisation: σ ≈ 0.0067, so a converted layer starts as its deterministic twin.
+#: log σ² at initialisation: σ ≈ 0.0067, so a converted layer starts close to its deterministic
+#: twin; weights with |θ| ≲ e^-6.5 ≈ 1.5e-3 already have log α ≥ 3 and are dropped at evaluation.
 LOG_SIGMA2_INIT = -10.0
 #: Default pruning threshold on log α (α = e³ ≈ 20, dropout rate p ≈ 0.95).
 DEFAULT_THRESHOLD = 3.0
