@@ -37,6 +37,12 @@ Integrity check (SHA256 of each .gz file, as stored on disk), expected hashes ta
 3. otherwise the built-in table ``DATASETS[name]["sha256"]`` (the canonical upstream files).
 
 A mismatch raises :class:`ValueError` naming the file, the expected and the actual hash.
+
+Last fallback (``apt=True``, used by ``sparsevd train``): when the files are found nowhere and the
+download fails, and the data set has a Debian package (Fashion-MNIST: ``dataset-fashion-mnist``),
+``apt-get`` exists and the process runs as root, :func:`apt_install_dataset` runs
+``apt-get install -y <package>`` (after ``apt-get update`` when the first try fails) and the search
+is repeated; the package installs to ``/usr/share/datasets/<name>/``.
 """
 from __future__ import annotations
 
@@ -44,17 +50,20 @@ import gzip
 import hashlib
 import os
 import shutil
+import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 __all__ = [
+    "APT_PACKAGES",
     "DATASETS",
     "FILE_NAMES",
+    "apt_install_dataset",
     "SHA256SUMS_NAME",
     "find_dataset_dir",
     "load_dataset",
@@ -119,6 +128,9 @@ DATASETS: Dict[str, dict] = {
 
 #: System-wide data directories searched last (Debian's dataset-* packages install here).
 SYSTEM_DATA_DIRS: Tuple[Path, ...] = (Path("/usr/share/datasets"),)
+
+#: Debian packages that install a data set under ``/usr/share/datasets/<name>/``.
+APT_PACKAGES: Dict[str, str] = {"fashion-mnist": "dataset-fashion-mnist"}
 
 #: Environment variable naming a data directory.
 DATA_ENV = "SPARSEVD_DATA"
@@ -309,11 +321,56 @@ def _download(key: str, target: Path, sha256: Optional[Mapping[str, str]]) -> No
         os.replace(part, dest)
 
 
+def apt_install_dataset(name: str, verbose: bool = True, timeout_s: float = 900.0) -> bool:
+    """Install Debian's package of data set ``name`` with ``apt-get`` (the last data fallback).
+
+    Runs ``apt-get install -y --no-install-recommends <package>``; when that fails (package lists
+    missing or stale), runs ``apt-get update`` and tries once more. The package installs the four
+    files under ``/usr/share/datasets/<name>/``, which :func:`find_dataset_dir` searches.
+
+    Args:
+        name: data set name; only those in :data:`APT_PACKAGES` (``"fashion-mnist"``) have one.
+        verbose: print what is run (apt's own output goes to the terminal either way).
+        timeout_s: limit per apt-get call, seconds.
+
+    Returns:
+        True when the package was installed; False when there is no package for ``name``,
+        ``apt-get`` is missing, the process is not root, or apt-get failed (nothing is raised).
+
+    Raises:
+        ValueError: unknown ``name``.
+    """
+    key = _canonical_name(name)
+    package = APT_PACKAGES.get(key)
+    apt = shutil.which("apt-get")
+    geteuid = getattr(os, "geteuid", None)
+    if package is None or apt is None or geteuid is None or geteuid() != 0:
+        return False
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+
+    def run(*args: str) -> bool:
+        cmd = [apt, *args]
+        if verbose:
+            print("+ " + " ".join(cmd), flush=True)
+        try:
+            return subprocess.run(cmd, env=env, timeout=timeout_s, check=False).returncode == 0
+        except (OSError, subprocess.SubprocessError) as e:
+            if verbose:
+                print(f"  failed: {type(e).__name__}: {e}", flush=True)
+            return False
+
+    install = ("install", "-y", "--no-install-recommends", package)
+    if run(*install):
+        return True
+    return run("update") and run(*install)
+
+
 def load_dataset(
     name: str,
     data_dir: Optional[PathLike] = None,
     download: bool = True,
     sha256: Optional[Mapping[str, str]] = None,
+    apt: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Load Fashion-MNIST (Xiao et al. 2017) or MNIST (LeCun et al. 1998) into memory.
 
@@ -326,6 +383,8 @@ def load_dataset(
         sha256: optional ``{file name: hex digest}`` overriding the expected hashes (see the module
             docstring for the precedence: this, then a ``SHA256SUMS`` next to the files, then the
             built-in table).
+        apt: last fallback when the files are found nowhere and the download failed or is
+            disabled: :func:`apt_install_dataset` (Debian package, as root only), then search again.
 
     Returns:
         ``(train_images, train_labels, test_images, test_labels)``: images ``torch.float32`` of
@@ -358,6 +417,15 @@ def load_dataset(
         else:
             download_msg = "download disabled (download=False)"
             directory = None
+        if directory is None and apt and key in APT_PACKAGES:
+            if apt_install_dataset(key):
+                try:
+                    directory = find_dataset_dir(key, data_dir)
+                except FileNotFoundError:
+                    download_msg += f"\napt-get installed {APT_PACKAGES[key]}, but its files were not found"
+            else:
+                download_msg += (f"\napt-get install {APT_PACKAGES[key]} not possible or failed "
+                                 "(needs apt-get and root)")
         if directory is None:
             hint = (f"Provide the four files ({', '.join(spec['files'])}) in a directory and pass "
                     f"it as --data-dir / data_dir=..., or set {DATA_ENV}=<dir> (files in <dir> or "
@@ -402,11 +470,12 @@ def make_loaders(
     seed: int = 0,
     download: bool = True,
     test_batch_size: Optional[int] = None,
+    apt: bool = False,
 ) -> Tuple[DataLoader, DataLoader]:
     """Build ``(train_loader, test_loader)`` over :func:`load_dataset`'s tensors.
 
     Args:
-        name, data_dir, download: as for :func:`load_dataset`.
+        name, data_dir, download, apt: as for :func:`load_dataset`.
         batch_size: training batch size (images per batch).
         subset: if given, keep only the first ``subset`` training and the first ``subset`` test
             images (for quick runs); ``None`` keeps all.
@@ -426,14 +495,19 @@ def make_loaders(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if subset is not None and subset <= 0:
         raise ValueError(f"subset must be positive or None, got {subset}")
-    train_x, train_y, test_x, test_y = load_dataset(name, data_dir=data_dir, download=download)
+    train_x, train_y, test_x, test_y = load_dataset(name, data_dir=data_dir, download=download,
+                                                    apt=apt)
     if subset is not None:
         train_x, train_y = train_x[:subset], train_y[:subset]
         test_x, test_y = test_x[:subset], test_y[:subset]
     generator = torch.Generator().manual_seed(int(seed))
-    train_loader = DataLoader(TensorDataset(train_x, train_y), batch_size=batch_size,
-                              shuffle=True, generator=generator, num_workers=0)
-    test_loader = DataLoader(TensorDataset(test_x, test_y),
-                             batch_size=test_batch_size or batch_size,
-                             shuffle=False, num_workers=0)
+    train_set, test_set = TensorDataset(train_x, train_y), TensorDataset(test_x, test_y)
+    # Batches are gathered with one tensor index per batch (a BatchSampler fed to the dataset),
+    # not by collating B single images: the loader then costs microseconds per batch.
+    train_loader = DataLoader(
+        train_set, batch_size=None, num_workers=0,
+        sampler=BatchSampler(RandomSampler(train_set, generator=generator), batch_size, False))
+    test_loader = DataLoader(
+        test_set, batch_size=None, num_workers=0,
+        sampler=BatchSampler(SequentialSampler(test_set), test_batch_size or batch_size, False))
     return train_loader, test_loader

@@ -2,6 +2,7 @@
 import gzip
 import hashlib
 import os
+import types
 from pathlib import Path
 
 import numpy as np
@@ -281,3 +282,64 @@ def test_real_fashion_mnist():
         assert torch.equal(torch.bincount(y), torch.full((10,), y.numel() // 10))  # balanced
     assert 0.0 <= float(tr_x.min()) and float(tr_x.max()) <= 1.0
     assert float(tr_x.max()) == 1.0
+
+
+class FakeApt:
+    """Stands in for subprocess.run of apt-get: records commands, fails the first install."""
+
+    def __init__(self, system_dir: Path, fail_first_install: bool = True, works: bool = True):
+        self.calls = []
+        self.system_dir = system_dir
+        self.fail_first_install = fail_first_install
+        self.works = works
+
+    def __call__(self, cmd, **kwargs):
+        self.calls.append(list(cmd[1:]))
+        ok = self.works
+        if cmd[1] == "install" and self.fail_first_install and len(self.calls) == 1:
+            ok = False  # "Unable to locate package": lists not updated yet
+        elif cmd[1] == "install" and ok:
+            write_fake(self.system_dir / "fashion-mnist")
+        return types.SimpleNamespace(returncode=0 if ok else 100)
+
+
+@pytest.fixture
+def fake_root_apt(tmp_path, monkeypatch):
+    apt = FakeApt(tmp_path / "system")
+    monkeypatch.setattr(data.shutil, "which", lambda name: "/usr/bin/apt-get")
+    monkeypatch.setattr(data.os, "geteuid", lambda: 0, raising=False)
+    monkeypatch.setattr(data.subprocess, "run", apt)
+    return apt
+
+
+def test_apt_install_updates_then_retries(fake_root_apt):
+    assert data.apt_install_dataset("fashion-mnist", verbose=False)
+    install = ["install", "-y", "--no-install-recommends", "dataset-fashion-mnist"]
+    assert fake_root_apt.calls == [install, ["update"], install]
+
+
+def test_apt_install_not_possible(fake_root_apt, monkeypatch):
+    assert not data.apt_install_dataset("mnist")  # no Debian package for MNIST
+    monkeypatch.setattr(data.os, "geteuid", lambda: 1000, raising=False)
+    assert not data.apt_install_dataset("fashion-mnist")  # not root
+    monkeypatch.setattr(data.os, "geteuid", lambda: 0, raising=False)
+    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+    assert not data.apt_install_dataset("fashion-mnist")  # no apt-get
+    assert fake_root_apt.calls == []
+    with pytest.raises(ValueError, match="unknown data set"):
+        data.apt_install_dataset("cifar")
+
+
+def test_load_dataset_apt_fallback(fake_root_apt, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_dataset("fashion-mnist", download=False)  # apt=False: not tried
+    assert fake_root_apt.calls == []
+    tr_x, tr_y, te_x, te_y = load_dataset("fashion-mnist", download=False, apt=True)
+    assert tr_x.shape == (N_TRAIN, 1, 28, 28) and te_y.shape == (N_TEST,)
+    assert len(fake_root_apt.calls) == 3
+
+
+def test_load_dataset_apt_failure_message(fake_root_apt):
+    fake_root_apt.works = False
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist not possible"):
+        load_dataset("fashion-mnist", download=False, apt=True)
