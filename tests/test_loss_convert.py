@@ -288,6 +288,7 @@ def test_report_rows_and_totals():
     )
     with torch.no_grad():
         model[0].log_sigma2[:3] = 30.0   # 54 weights at log α = 10: dropped
+        model[0].log_sigma2[3:] = -20.0  # log α < −1.5 whatever θ: kept
         la = torch.full((10, 4), -5.0)
         la[0, :] = 4.0                   # 4 above the threshold 3
         la[1, 0] = 2.5                   # just below: kept

@@ -224,9 +224,11 @@ def test_log_alpha_kl_mask_sparsity_and_repr():
     conv = Conv2dSVDO(2, 4, 3, padding=1, groups=2)
     with torch.no_grad():
         conv.log_sigma2[:2] = 20.0  # log α clamps at 10: half the weights are dropped
+        conv.log_sigma2[2:] = -20.0  # log α ≤ −20 − log(θ² + 1e-8) < −1.5: kept
     assert conv.num_nonzero == 18 and conv.sparsity == 0.5
     assert "sparsity=50.0%" in repr(conv) and "groups=2" in repr(conv)
-    assert "sparsity=0.0%" in repr(LinearSVDO(3, 3))  # at init nothing large is dropped
+    conv.log_sigma2.data.fill_(-20.0)
+    assert "sparsity=0.0%" in repr(conv)
 
 
 def test_kl_is_differentiable_and_pushes_log_sigma2_up():
