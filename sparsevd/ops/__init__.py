@@ -7,6 +7,7 @@ a fake (meta) implementation and a registered autograd, and dispatches to the ba
 :mod:`sparsevd.functional`.
 """
 from . import reference_impl  # noqa: F401  registers the reference backend
+from .csr import csr_linear
 from .backend import BACKENDS, BackendUnavailableError, get_impl, register_impl, requested_backend
 from .kl import kl_sparse_vd, log_alpha
 from .lrt import lrt_conv2d, lrt_conv2d_backward, lrt_linear, lrt_linear_backward
@@ -15,6 +16,7 @@ from .noise import lrt_noise
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "csr_linear",
     "get_impl",
     "register_impl",
     "requested_backend",

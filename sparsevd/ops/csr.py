@@ -1,0 +1,255 @@
+"""``sparsevd::csr_linear``: y = x Wᵀ + b with W stored in CSR form, the deployed layers' matmul.
+
+The op is defined schema-first in C++ (``csrc/ops.cpp``, ``TORCH_LIBRARY(sparsevd, m)``) and
+implemented in ``csrc/cpu`` (OpenMP + AVX2) and ``csrc/cuda`` (subwarp-per-row kernels); this module
+loads the compiled library ``sparsevd._C``, registers the op's fake (meta) implementation, and
+provides :func:`csr_linear`, the checked entry point. Without the compiled library the package
+still imports: :func:`csr_linear` then computes the same product with ``torch.sparse`` (slower) and
+warns once, saying how to build the extension.
+
+Source: the deployment step of Molchanov, Ashukha, Vetrov, "Variational Dropout Sparsifies Deep
+Neural Networks", ICML 2017 (arXiv:1701.05369): weights with log α ≥ 3 are dropped, what remains is
+stored sparse.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:  # registers torch.ops.sparsevd.csr_linear (CPU, and CUDA when built with CUDA)
+    from .. import _C  # type: ignore[attr-defined]
+
+    EXTENSION_ERROR: Optional[str] = None
+except ImportError as _exc:  # not built, or built against another torch
+    _C = None
+    EXTENSION_ERROR = f"{type(_exc).__name__}: {_exc}"
+
+#: How to build the compiled op library, for messages.
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` from the repository root (needs a C++ "
+    "compiler; CUDA kernels also need nvcc and a CUDA build of torch, or FORCE_CUDA=1; "
+    "SPARSEVD_NO_EXT=1 skips the build)"
+)
+
+INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
+CROW_DTYPES = (torch.int32, torch.int64)
+#: Largest in_features that int16 column indices can address.
+INT16_MAX_FEATURES = 32768
+
+_warned = False
+
+__all__ = [
+    "BUILD_HINT",
+    "EXTENSION_ERROR",
+    "csr_linear",
+    "csr_linear_torch",
+    "extension_available",
+    "extension_has_cuda",
+    "validate_csr",
+]
+
+
+def extension_available() -> bool:
+    """True when the compiled op library ``sparsevd._C`` is loaded (torch.ops.sparsevd.csr_linear)."""
+    return _C is not None
+
+
+def extension_has_cuda() -> bool:
+    """True when ``sparsevd._C`` was built with its CUDA kernels."""
+    return _C is not None and bool(getattr(_C, "with_cuda", False))
+
+
+def kernel_available(device: torch.device) -> bool:
+    """True when the compiled kernel of csr_linear runs on tensors of ``device``."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return extension_available()
+    if device.type == "cuda":
+        return extension_has_cuda()
+    return False
+
+
+def warn_fallback(what: str = "sparsevd.ops.csr_linear") -> None:
+    """Warn (once per process) that ``what`` runs on torch because the extension is missing."""
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    why = EXTENSION_ERROR or "it was built without CUDA kernels"
+    warnings.warn(
+        f"{what}: the compiled sparsevd._C kernels are not available ({why}); falling back to "
+        f"torch (dense / torch.sparse) kernels, which are slower. To get them, {BUILD_HINT}.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+if _C is not None:
+
+    @torch.library.register_fake("sparsevd::csr_linear")
+    def _csr_linear_fake(x, crow_indices, col_indices, values, bias):
+        torch._check(crow_indices.dim() == 1, lambda: "crow_indices must be 1-D")
+        torch._check(x.dim() >= 1, lambda: "x must have at least 1 dimension")
+        return x.new_empty((*x.shape[:-1], crow_indices.shape[0] - 1))
+
+
+def _name_dtype(dtypes) -> str:
+    return " or ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def validate_csr(
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    values: Tensor,
+    in_features: int,
+    bias: Optional[Tensor] = None,
+    check_indices: bool = True,
+) -> int:
+    """Check a CSR weight (out_features, in_features) and its bias; return out_features.
+
+    Args:
+        crow_indices: (out_features + 1,) int32 or int64, crow[0] = 0, non-decreasing, crow[-1] = nnz.
+        col_indices: (nnz,) int16 (in_features ≤ 32768), int32 or int64, each in [0, in_features).
+        values: (nnz,) floating.
+        in_features: K, the number of columns of W.
+        bias: (out_features,) of ``values``' dtype, or None.
+        check_indices: also read the index data (crow monotone and bounds, column range); this
+            synchronizes with the GPU for CUDA tensors.
+
+    Raises:
+        TypeError: a non-tensor argument or a wrong dtype (the message names the argument).
+        ValueError: a wrong shape, length or device, or indices out of range.
+    """
+    for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices), ("values", values)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"{name}: expected a 1-D tensor, got shape {tuple(t.shape)}")
+    if not values.is_floating_point():
+        raise TypeError(f"values: expected a floating-point tensor, got dtype {values.dtype}")
+    if crow_indices.dtype not in CROW_DTYPES:
+        raise TypeError(
+            f"crow_indices: expected dtype {_name_dtype(CROW_DTYPES)}, got {crow_indices.dtype}"
+        )
+    if col_indices.dtype not in INDEX_DTYPES:
+        raise TypeError(
+            f"col_indices: expected dtype {_name_dtype(INDEX_DTYPES)}, got {col_indices.dtype}"
+        )
+    if col_indices.dtype == torch.int16 and in_features > INT16_MAX_FEATURES:
+        raise TypeError(
+            f"col_indices: int16 indices address at most {INT16_MAX_FEATURES} input features, "
+            f"got in_features={in_features}; use int32"
+        )
+    if crow_indices.numel() < 1:
+        raise ValueError("crow_indices: expected out_features + 1 >= 1 entries, got an empty tensor")
+    nnz = values.numel()
+    if col_indices.numel() != nnz:
+        raise ValueError(
+            f"col_indices: expected nnz = len(values) = {nnz} entries, got {col_indices.numel()}"
+        )
+    device = values.device
+    for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices)):
+        if t.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device} (the device of values), got {t.device}")
+    n = crow_indices.numel() - 1
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dtype != values.dtype:
+            raise TypeError(f"bias: expected dtype {values.dtype} (the dtype of values), got {bias.dtype}")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias: expected shape ({n},) (out_features), got {tuple(bias.shape)}")
+        if bias.device != device:
+            raise ValueError(f"bias: expected a tensor on {device} (the device of values), got {bias.device}")
+    if check_indices and not torch.compiler.is_compiling():
+        crow = crow_indices.long()
+        first, last = int(crow[0]), int(crow[-1])
+        if first != 0 or last != nnz:
+            raise ValueError(
+                f"crow_indices: expected crow[0] = 0 and crow[-1] = nnz = {nnz}, got {first} and {last}"
+            )
+        if n > 0 and bool((crow[1:] < crow[:-1]).any()):
+            raise ValueError("crow_indices: expected a non-decreasing sequence (row lengths >= 0)")
+        if nnz > 0:
+            lo, hi = int(col_indices.min()), int(col_indices.max())
+            if lo < 0 or hi >= in_features:
+                raise ValueError(
+                    f"col_indices: expected values in [0, in_features={in_features}), found range "
+                    f"[{lo}, {hi}]"
+                )
+    return n
+
+
+def csr_linear_torch(
+    x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, bias: Optional[Tensor] = None
+) -> Tensor:
+    """The product of :func:`csr_linear` with torch.sparse (the fallback without sparsevd._C).
+
+    Same arguments and result; computed in fp32 for fp16/bf16 on the CPU.
+    """
+    k = x.shape[-1]
+    n = crow_indices.numel() - 1
+    x2 = x.reshape(-1, k)
+    dt = values.dtype
+    cdt = torch.float32 if (x.device.type == "cpu" and dt in (torch.float16, torch.bfloat16)) else dt
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Sparse CSR tensor support is in beta state"
+        w = torch.sparse_csr_tensor(
+            crow_indices.long(), col_indices.long(), values.to(cdt), size=(n, k),
+            device=values.device, check_invariants=False,
+        )
+        y = torch.sparse.mm(w, x2.to(cdt).t()).t()
+    if bias is not None:
+        y = y + bias.to(cdt)
+    return y.to(dt).reshape(*x.shape[:-1], n)
+
+
+def csr_linear(
+    x: Tensor,
+    crow_indices: Tensor,
+    col_indices: Tensor,
+    values: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    check_indices: bool = True,
+) -> Tensor:
+    """y = x Wᵀ + b with W (out_features, in_features) in CSR form (``torch.ops.sparsevd.csr_linear``).
+
+    Args:
+        x: (*, in_features), floating (fp32, fp64; fp16/bf16 computed in fp32), any strides.
+        crow_indices: (out_features + 1,) int32 or int64 row pointers: row r of W holds the
+            nonzeros crow[r] .. crow[r+1]-1.
+        col_indices: (nnz,) int16 (in_features ≤ 32768), int32 or int64 column of each nonzero.
+        values: (nnz,) the nonzeros, dtype of x.
+        bias: (out_features,) dtype of x, or None.
+        check_indices: validate the index data too (see :func:`validate_csr`); turn off in hot
+            loops once the CSR is known to be valid (it reads the indices, a sync on GPU).
+
+    Returns:
+        y, (*, out_features), dtype of x, on x's device.
+
+    Raises:
+        TypeError: wrong dtype of any argument (named in the message).
+        ValueError: wrong shape, device, crow length or column range (named in the message).
+
+    Runs the compiled kernels of sparsevd._C (CPU: OpenMP + AVX2; CUDA when built with it); without
+    them, :func:`csr_linear_torch` with a one-time warning. Inference only: no autograd formula.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x: expected shape (*, in_features), got a 0-dim tensor")
+    if isinstance(values, Tensor) and values.is_floating_point() and values.dtype != x.dtype:
+        raise TypeError(f"values: expected dtype {x.dtype} (the dtype of x), got {values.dtype}")
+    if isinstance(values, Tensor) and values.device != x.device:
+        raise ValueError(f"values: expected a tensor on {x.device} (the device of x), got {values.device}")
+    validate_csr(crow_indices, col_indices, values, x.shape[-1], bias, check_indices)
+    if kernel_available(x.device):
+        return torch.ops.sparsevd.csr_linear(x, crow_indices, col_indices, values, bias)
+    warn_fallback()
+    return csr_linear_torch(x, crow_indices, col_indices, values, bias)

@@ -1,0 +1,255 @@
+"""sparsevd::csr_linear (csrc/ CPU kernels) and the checked wrapper sparsevd.ops.csr_linear."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsevd
+from sparsevd.nn.sparse import to_csr
+from sparsevd.ops import csr as csr_mod
+from sparsevd.ops import csr_linear
+
+from conftest import assert_close
+
+pytestmark = pytest.mark.skipif(
+    not csr_mod.extension_available(),
+    reason=f"sparsevd._C not built ({csr_mod.EXTENSION_ERROR})",
+)
+
+TOL = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-12, 1e-10)}  # (rtol, atol)
+
+
+def random_weight(n, k, density, dtype=torch.float32, empty_rows=0):
+    w = torch.randn(n, k, dtype=dtype) * (torch.rand(n, k) < density)
+    if empty_rows:
+        w[torch.randperm(n)[:empty_rows]] = 0
+    return w
+
+
+def csr_of(w, col_dtype=None, crow_dtype=torch.int32):
+    crow, col, val = to_csr(w, col_dtype)
+    return crow.to(crow_dtype), col, val
+
+
+@pytest.fixture(params=[True, False], ids=["avx2", "portable"])
+def simd(request):
+    """Run fp32 cases with the AVX2 kernels and with the portable C++ ones."""
+    C = csr_mod._C
+    if request.param and not C.cpu_simd_available():
+        pytest.skip("no AVX2+FMA on this CPU")
+    old = C.set_cpu_simd(request.param)
+    yield request.param
+    C.set_cpu_simd(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 7, 64])
+@pytest.mark.parametrize(
+    "n,k,density,empty_rows",
+    [(1, 1, 1.0, 0), (37, 123, 0.1, 5), (123, 300, 0.05, 40), (64, 257, 0.0, 0), (33, 70, 1.0, 0),
+     (300, 784, 0.3, 3)],
+    ids=["1x1", "sparse", "empty_rows", "all_zero", "fully_dense", "lenet_fc1"],
+)
+def test_matches_dense(simd, n, k, density, empty_rows, batch, dtype):
+    w = random_weight(n, k, density, dtype, empty_rows)
+    b = torch.randn(n, dtype=dtype)
+    x = torch.randn(batch, k, dtype=dtype)
+    crow, col, val = csr_of(w)
+    rtol, atol = TOL[dtype]
+    assert_close(csr_linear(x, crow, col, val, b), F.linear(x, w, b), rtol, atol)
+    assert_close(csr_linear(x, crow, col, val), F.linear(x, w), rtol, atol, name="no bias")
+
+
+@pytest.mark.parametrize("batch", [2, 9, 16, 17, 33, 100, 256])
+def test_batch_tiles(simd, batch):
+    """Batch sizes around the 8/16/32 tile widths (padding of the last tile)."""
+    w = random_weight(96, 200, 0.1)
+    b = torch.randn(96)
+    x = torch.randn(batch, 200)
+    assert_close(csr_linear(x, *csr_of(w), b), F.linear(x, w, b), *TOL[torch.float32])
+
+
+@pytest.mark.parametrize("col_dtype", [torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("crow_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("batch", [1, 12])
+def test_index_dtypes(simd, col_dtype, crow_dtype, batch):
+    w = random_weight(50, 90, 0.2)
+    x = torch.randn(batch, 90)
+    y = csr_linear(x, *csr_of(w, col_dtype, crow_dtype))
+    assert_close(y, F.linear(x, w), *TOL[torch.float32])
+
+
+def test_shapes_and_strides(simd):
+    w = random_weight(40, 64, 0.2)
+    b = torch.randn(40)
+    crow, col, val = csr_of(w)
+    x3 = torch.randn(3, 5, 64)
+    assert_close(csr_linear(x3, crow, col, val, b), F.linear(x3, w, b), *TOL[torch.float32], name="3-D")
+    x1 = torch.randn(64)
+    assert csr_linear(x1, crow, col, val, b).shape == (40,)
+    assert_close(csr_linear(x1, crow, col, val, b), F.linear(x1, w, b), *TOL[torch.float32], name="1-D")
+    xt = torch.randn(64, 20).t()  # (20, 64), column-major
+    assert_close(csr_linear(xt, crow, col, val, b), F.linear(xt, w, b), *TOL[torch.float32], name="transposed")
+    xs = torch.randn(30, 128)[::3, ::2]  # strided rows and columns
+    assert_close(csr_linear(xs, crow, col, val, b), F.linear(xs, w, b), *TOL[torch.float32], name="strided")
+    xv = torch.randn(1, 128)[:, ::2]  # batch 1, non-unit column stride
+    assert_close(csr_linear(xv, crow, col, val, b), F.linear(xv, w, b), *TOL[torch.float32], name="strided 1")
+    x0 = torch.randn(0, 64)
+    assert csr_linear(x0, crow, col, val, b).shape == (0, 40)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    """fp16/bf16 accumulate in fp32: error at most ~2x that of torch's own fp32→dtype rounding."""
+    w = random_weight(64, 128, 0.2).to(dtype)
+    b = torch.randn(64).to(dtype)
+    x = torch.randn(9, 128).to(dtype)
+    y = csr_linear(x, *csr_of(w), b)
+    assert y.dtype == dtype
+    exact = F.linear(x.double(), w.double(), b.double())
+    ref_err = (F.linear(x.float(), w.float(), b.float()).to(dtype).double() - exact).abs().max()
+    assert (y.double() - exact).abs().max() <= 2 * ref_err + 1e-6
+
+
+def test_opcheck():
+    w = random_weight(20, 30, 0.3)
+    crow, col, val = csr_of(w)
+    for x, b in [(torch.randn(4, 5, 30), torch.randn(20)), (torch.randn(1, 30), None),
+                 (torch.randn(30, 8).t(), torch.randn(20))]:
+        torch.library.opcheck(torch.ops.sparsevd.csr_linear.default, (x, crow, col, val, b))
+    crow64, col64, val64 = csr_of(w.double(), torch.int64, torch.int64)
+    torch.library.opcheck(torch.ops.sparsevd.csr_linear.default,
+                          (torch.randn(3, 30, dtype=torch.float64), crow64, col64, val64, None))
+
+
+def test_fallback_matches(monkeypatch):
+    """Without the extension the wrapper computes the same with torch.sparse and warns."""
+    w = random_weight(30, 50, 0.2)
+    b = torch.randn(30)
+    x = torch.randn(6, 50)
+    crow, col, val = csr_of(w)
+    expected = csr_linear(x, crow, col, val, b)
+    monkeypatch.setattr(csr_mod, "_C", None)
+    monkeypatch.setattr(csr_mod, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="pip install"):
+        y = csr_linear(x, crow, col, val, b)
+    assert_close(y, expected, *TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------------- errors
+def _args():
+    w = random_weight(8, 10, 0.4)
+    w[0, 0] = 1.0
+    crow, col, val = csr_of(w)
+    return torch.randn(3, 10), crow, col, val, torch.randn(8)
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (lambda a: a.update(x=a["x"].double()), TypeError, "values: expected dtype torch.float64"),
+        (lambda a: a.update(x=a["x"].int()), TypeError, "x: expected a floating-point"),
+        (lambda a: a.update(values=a["values"].double()), TypeError, "values: expected dtype"),
+        (lambda a: a.update(crow=a["crow"].float()), TypeError, "crow_indices: expected dtype int32 or int64"),
+        (lambda a: a.update(col=a["col"].float()), TypeError, "col_indices: expected dtype"),
+        (lambda a: a.update(col=a["col"][:-1]), ValueError, "col_indices: expected nnz"),
+        (lambda a: a.update(crow=a["crow"][:-1]), ValueError, r"(crow_indices|bias): expected"),
+        (lambda a: a.update(crow=a["crow"] + 1), ValueError, r"crow_indices: expected crow\[0\] = 0"),
+        (lambda a: a.update(crow=a["crow"].flip(0).contiguous()), ValueError, "crow_indices"),
+        (lambda a: a["col"].__setitem__(0, 10), ValueError, r"col_indices: expected values in \[0, in_features=10\)"),
+        (lambda a: a["col"].__setitem__(0, -1), ValueError, "col_indices: expected values in"),
+        (lambda a: a.update(bias=torch.randn(7)), ValueError, r"bias: expected shape \(8,\)"),
+        (lambda a: a.update(bias=torch.randn(8).double()), TypeError, "bias: expected dtype"),
+        (lambda a: a.update(values=a["values"].reshape(1, -1)), ValueError, "values: expected a 1-D"),
+        (lambda a: a.update(x=torch.tensor(1.0)), ValueError, "x: expected shape"),
+    ],
+)
+def test_errors_name_the_argument(change, exc, match):
+    x, crow, col, val, b = _args()
+    a = dict(x=x, crow=crow, col=col, values=val, bias=b)
+    change(a)
+    with pytest.raises(exc, match=match):
+        csr_linear(a["x"], a["crow"], a["col"], a["values"], a["bias"])
+
+
+def test_int16_needs_small_in_features():
+    x = torch.randn(1, 40000)
+    crow = torch.tensor([0, 1], dtype=torch.int32)
+    col = torch.tensor([3], dtype=torch.int16)
+    with pytest.raises(TypeError, match="col_indices: int16 indices address at most 32768"):
+        csr_linear(x, crow, col, torch.ones(1))
+
+
+def test_raw_op_checks():
+    """The C++ op checks metadata itself (RuntimeError naming the argument)."""
+    x, crow, col, val, b = _args()
+    with pytest.raises(RuntimeError, match="x has dtype Double but values has dtype Float"):
+        torch.ops.sparsevd.csr_linear(x.double(), crow, col, val, b)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        torch.ops.sparsevd.csr_linear(x, crow, col, val, b[:3])
+    with pytest.raises(RuntimeError, match="crow_indices must start at 0 and end at nnz"):
+        torch.ops.sparsevd.csr_linear(x, crow + 1, col, val, b)
+    with pytest.raises(RuntimeError, match="col_indices must be int16, int32 or int64"):
+        torch.ops.sparsevd.csr_linear(x, crow, col.to(torch.uint8), val, b)
+
+
+# ------------------------------------------------------------------------- library coexistence
+@pytest.mark.parametrize("order", ["extension_first", "package_first"])
+def test_cpp_and_python_ops_coexist(order):
+    """TORCH_LIBRARY(sparsevd) in C++ and torch.library.custom_op("sparsevd::...") in Python."""
+    so = csr_mod._C.__file__
+    first = f"torch.ops.load_library({so!r})" if order == "extension_first" else "import sparsevd"
+    code = textwrap.dedent(f"""
+        import torch
+        {first}
+        import sparsevd, sparsevd._C
+        ops = torch.ops.sparsevd
+        assert hasattr(ops, "csr_linear") and hasattr(ops, "lrt_linear") and hasattr(ops, "kl_sparse_vd")
+        w = torch.randn(4, 6)
+        y = sparsevd.ops.csr_linear(torch.randn(2, 6), *sparsevd.nn.sparse.to_csr(w))
+        assert y.shape == (2, 4)
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_package_imports_without_extension():
+    """With sparsevd._C unimportable the package imports, and deploy() warns how to build it."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["sparsevd._C"] = None  # makes `from .. import _C` raise ImportError
+        import torch, sparsevd
+        from sparsevd.ops.csr import extension_available
+        assert not extension_available()
+        layer = sparsevd.nn.LinearSVDO(6, 4).eval()
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            dep = sparsevd.deploy(layer, cost_model="csr")
+        assert any("pip install --no-build-isolation -e ." in str(r.message) for r in rec), rec
+        x = torch.randn(3, 6)
+        torch.testing.assert_close(dep(x), layer(x), rtol=1e-5, atol=1e-6)
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_large_layer_parallel_paths(simd):
+    """A layer big enough for the OpenMP paths (nnz·M above the serial threshold)."""
+    w = random_weight(1024, 1024, 0.05)
+    b = torch.randn(1024)
+    for batch in (1, 40):
+        x = torch.randn(batch, 1024)
+        assert_close(csr_linear(x, *csr_of(w), b), F.linear(x, w, b), *TOL[torch.float32])
+
+
+def test_package_exports():
+    assert sparsevd.ops.csr_linear is csr_linear
+    assert sparsevd.nn.SparseLinear is sparsevd.nn.sparse.SparseLinear
