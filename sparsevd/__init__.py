@@ -9,6 +9,8 @@ Molchanov, Ashukha, Vetrov, "Variational Dropout Sparsifies Deep Neural Networks
 """
 from . import functional, nn, ops, reference
 from .convert import Report, convert, report
+from .deploy import deploy
+from .io import load, save
 from .loss import SGVLB, kl_divergence
 
 __version__ = "0.1.0"
@@ -17,10 +19,13 @@ __all__ = [
     "SGVLB",
     "Report",
     "convert",
+    "deploy",
     "functional",
     "kl_divergence",
+    "load",
     "nn",
     "ops",
     "reference",
     "report",
+    "save",
 ]

@@ -1,0 +1,488 @@
+"""``deploy(model)``: turn a model trained with sparse VD into a sparse inference model.
+
+Steps (DESIGN.md, "Sparse deployment"):
+
+1. Every LinearSVDO / Conv2dSVDO keeps the weights with log α < threshold (its eval-mode weight).
+2. Chains. Inside an ``nn.Sequential``, consecutive SVD layers joined only by channel-wise modules
+   (elementwise activations, dropout, max/avg pooling, one ``Flatten`` between a convolution and a
+   linear layer) form a chain; between two layers of a chain, a neuron (a feature, or a channel)
+   is removed when
+   - its column in the next layer is all zero (nobody reads it), or
+   - its row in this layer is all zero (a *dead* neuron): its output is the constant act(b), which
+     is folded into the next layer's bias, b' = b + Σ W_next[:, neuron] · act(b) (summed over the
+     spatial positions for conv → flatten → linear, and over the kernel for conv → conv without
+     padding). A constant that cannot be folded exactly (conv → conv with zero padding, average
+     pooling that counts the padding) keeps its neuron unless act(b) = 0.
+   Removal repeats until nothing changes (a removed neuron can leave another one dead or unread).
+   The activations between the layers of a chain stay compact; the chain's input and output keep
+   their sizes, so the model's interface is unchanged. SVD layers outside chains are converted
+   one by one, dead rows kept as empty CSR rows (their output is the bias).
+3. What remains is stored as CSR (:class:`~sparsevd.nn.SparseLinear` / :class:`~sparsevd.nn.SparseConv2d`):
+   values in the layer's dtype, int32 row pointers, int16 column indices when a layer has at most
+   32768 input columns (else int32).
+4. A cost model picks, per layer and batch size, the CSR kernel, compacted dense or masked dense
+   (see :func:`plan_model`), so the deployed model runs no slower than the dense one.
+
+Source: Molchanov, Ashukha, Vetrov, "Variational Dropout Sparsifies Deep Neural Networks",
+ICML 2017 (arXiv:1701.05369): weights with log α > 3 are dropped at test time (sec. 5).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .nn.sparse import CONV_MODES, LINEAR_MODES, SparseConv2d, SparseLinear
+from .nn.svdo import SVDO_LAYERS, Conv2dSVDO, LinearSVDO
+from .ops.csr import BUILD_HINT, EXTENSION_ERROR, kernel_available
+
+__all__ = [
+    "BATCH_BUCKETS",
+    "deploy",
+    "plan_layer",
+    "plan_model",
+    "rule_mode",
+    "SPARSE_LAYERS",
+]
+
+SPARSE_LAYERS = (SparseLinear, SparseConv2d)
+
+#: Batch sizes the cost model measures; a batch b uses the plan of the nearest bucket on a log
+#: scale (b ≤ 2 → 1, ≤ 8 → 4, ≤ 32 → 16, ≤ 128 → 64, else 256).
+BATCH_BUCKETS: Tuple[int, ...] = (1, 4, 16, 64, 256)
+
+# Modules that act on every channel (feature) separately and map a per-channel constant to a
+# per-channel constant. Dropout is the identity at inference.
+_ELEMENTWISE = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
+)
+_IDENTITY_AT_EVAL = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
+
+
+# ------------------------------------------------------------------------------------ chains
+@dataclasses.dataclass
+class _Link:
+    """What joins layer i to layer i+1 of a chain."""
+
+    ops: List[nn.Module]  # the modules in between (elementwise, pools, flatten)
+    kind: str  # "ll" linear→linear, "cc" conv→conv, "cl" conv→(pool)→flatten→linear
+    const_ok: bool  # a dead channel's constant reaches the next layer as a uniform constant
+
+    def act(self, b: Tensor) -> Tensor:
+        """The constant output of dead channels with bias ``b`` after the elementwise modules."""
+        h = b
+        for op in self.ops:
+            if isinstance(op, _IDENTITY_AT_EVAL):
+                continue
+            if isinstance(op, _ELEMENTWISE):
+                h = op(h)
+        return h
+
+
+def _passable(m: nn.Module) -> bool:
+    return isinstance(m, _ELEMENTWISE + _POOLS + (nn.Flatten,))
+
+
+def _out_channels(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, LinearSVDO) else m.out_channels
+
+
+def _make_link(prev: nn.Module, ops: List[nn.Module], nxt: nn.Module) -> Optional[_Link]:
+    """The link prev → ops → nxt, or None when the neurons of prev cannot be compacted through it."""
+    conv_prev = isinstance(prev, Conv2dSVDO)
+    if conv_prev and prev.groups != 1:
+        return None
+    const_ok, flatten = True, False
+    for op in ops:
+        if isinstance(op, _ELEMENTWISE):
+            continue
+        if isinstance(op, _POOLS):
+            if not conv_prev or flatten:
+                return None
+            if isinstance(op, nn.AvgPool2d) and op.count_include_pad and op.padding not in (0, (0, 0)):
+                const_ok = False
+            continue
+        if isinstance(op, nn.Flatten):
+            if flatten or op.start_dim != 1 or op.end_dim != -1:
+                return None
+            flatten = True
+            continue
+        return None
+    if isinstance(prev, LinearSVDO) and isinstance(nxt, LinearSVDO):
+        return _Link(ops, "ll", const_ok) if nxt.in_features == prev.out_features else None
+    if conv_prev and isinstance(nxt, Conv2dSVDO) and not flatten:
+        if nxt.groups != 1 or nxt.in_channels != prev.out_channels:
+            return None
+        return _Link(ops, "cc", const_ok and tuple(nxt.padding) == (0, 0))
+    if conv_prev and isinstance(nxt, LinearSVDO) and flatten:
+        c = prev.out_channels
+        if c == 0 or nxt.in_features % c:
+            return None
+        return _Link(ops, "cl", const_ok)
+    return None
+
+
+def _chains(seq: nn.Sequential) -> List[Tuple[List[str], List[_Link]]]:
+    """Maximal chains (child names of the SVD layers, links between them) of a Sequential."""
+    chains: List[Tuple[List[str], List[_Link]]] = []
+    names: List[str] = []
+    links: List[_Link] = []
+    ops: List[nn.Module] = []
+    prev: Optional[nn.Module] = None
+    for name, m in seq.named_children():
+        if isinstance(m, SVDO_LAYERS):
+            link = _make_link(prev, ops, m) if prev is not None else None
+            if link is not None:
+                names.append(name)
+                links.append(link)
+            else:
+                if names:
+                    chains.append((names, links))
+                names, links = [name], []
+            prev, ops = m, []
+        elif prev is not None and _passable(m):
+            ops.append(m)
+        else:
+            if names:
+                chains.append((names, links))
+            names, links, ops, prev = [], [], [], None
+    if names:
+        chains.append((names, links))
+    return chains
+
+
+# ------------------------------------------------------------------------------- compaction
+@torch.no_grad()
+def _masked(m: nn.Module, threshold: Optional[float]) -> Tuple[Tensor, Tensor, bool]:
+    t = m.threshold if threshold is None else threshold
+    keep = m.log_alpha < t
+    w = (m.weight.detach() * keep).contiguous()  # θ ⊙ mask: the eval-mode weight, exact
+    has_bias = m.bias is not None
+    b = m.bias.detach().double() if has_bias else torch.zeros(w.shape[0], dtype=torch.float64,
+                                                              device=w.device)
+    return w, b, has_bias
+
+
+@torch.no_grad()
+def _compact_chain(layers: List[nn.Module], links: List[_Link], threshold: Optional[float]
+                   ) -> List[nn.Module]:
+    ws, bs, has_bias = [], [], []
+    for m in layers:
+        w, b, hb = _masked(m, threshold)
+        ws.append(w)
+        bs.append(b)
+        has_bias.append(hb)
+    keep = [torch.ones(_out_channels(m), dtype=torch.bool, device=ws[0].device) for m in layers[:-1]]
+
+    def consumer_view(i: int) -> Tensor:  # (out, channels of link i, positions) view of W[i+1]
+        w = ws[i + 1]
+        return w.view(w.shape[0], keep[i].numel(), -1)
+
+    changed = True
+    while changed:
+        changed = False
+        # forward: dead rows of layer i fold into the bias of layer i+1, or are dropped
+        for i, link in enumerate(links):
+            rows = ws[i].view(ws[i].shape[0], -1)
+            dead = keep[i] & ~(rows != 0).any(1)
+            if not bool(dead.any()):
+                continue
+            cv = consumer_view(i)
+            const = link.act(bs[i].to(ws[i].dtype)).double()
+            foldable = dead & ((const == 0) | ~(cv != 0).any(dim=(0, 2)) | link.const_ok)
+            if not bool(foldable.any()):
+                continue
+            idx = foldable.nonzero(as_tuple=True)[0]
+            colsum = cv[:, idx, :].double().sum(-1)  # (out, dead channels)
+            contrib = colsum * const[idx]
+            if bool((contrib != 0).any()):
+                bs[i + 1] += contrib.sum(1)
+                has_bias[i + 1] = True
+            cv[:, idx, :] = 0
+            keep[i][idx] = False
+            changed = True
+        # backward: neurons nobody reads are dropped with their rows
+        for i in reversed(range(len(links))):
+            cv = consumer_view(i)
+            unread = keep[i] & ~(cv != 0).any(dim=(0, 2))
+            if bool(unread.any()):
+                ws[i].view(ws[i].shape[0], -1)[unread] = 0
+                keep[i][unread] = False
+                changed = True
+    for k in keep:  # never leave a zero-size activation: one (zero-weight) neuron stays
+        if not bool(k.any()):
+            k[0] = True
+
+    out = []
+    for i, m in enumerate(layers):
+        w, b = ws[i], bs[i]
+        if i < len(layers) - 1:
+            w, b = w[keep[i]], b[keep[i]]
+        if i > 0:
+            c = keep[i - 1].numel()
+            w = w.view(w.shape[0], c, -1)[:, keep[i - 1]].reshape(w.shape[0], -1, *w.shape[2:])
+            if isinstance(m, LinearSVDO):
+                w = w.reshape(w.shape[0], -1)
+        out.append(_sparse_layer(m, w.contiguous(), b.to(w.dtype) if has_bias[i] else None))
+    return out
+
+
+def _sparse_layer(m: nn.Module, w: Tensor, b: Optional[Tensor]) -> nn.Module:
+    common = dict(dense_shape=tuple(m.weight.shape), num_weights=m.weight.numel())
+    if isinstance(m, LinearSVDO):
+        return SparseLinear.from_dense(w, b, **common)
+    return SparseConv2d.from_dense(w, b, m.stride, m.padding, m.dilation, m.groups, **common)
+
+
+def _replace(module: nn.Module, threshold: Optional[float], built: List[nn.Module]) -> None:
+    """Replace the SVD layers under ``module`` (in place), chains compacted."""
+    if isinstance(module, nn.Sequential):
+        for names, links in _chains(module):
+            layers = [module._modules[n] for n in names]
+            for n, new in zip(names, _compact_chain(layers, links, threshold)):
+                module._modules[n] = new
+                built.append(new)
+    for name, child in list(module.named_children()):
+        if isinstance(child, SVDO_LAYERS):
+            new = _compact_chain([child], [], threshold)[0]
+            module._modules[name] = new
+            built.append(new)
+        elif not isinstance(child, SPARSE_LAYERS):
+            _replace(child, threshold, built)
+
+
+# ---------------------------------------------------------------------------------- planning
+def _bucket_bounds(buckets: Sequence[int]) -> List[Optional[int]]:
+    bounds: List[Optional[int]] = []
+    for a, b in zip(buckets, buckets[1:]):
+        bounds.append(int((a * b) ** 0.5))
+    bounds.append(None)
+    return bounds
+
+
+def rule_mode(layer: nn.Module, batch: int, device: Union[str, torch.device] = "cpu") -> str:
+    """The documented rule used when nothing is measured (``cost_model="rule"``).
+
+    SparseLinear, with the compiled kernel for ``device``: CSR when the density
+    nnz / (out_features · used input columns) is at most 0.15 for batches ≤ 2 and at most 0.25 for
+    larger batches on the CPU (measured, one thread: dense F.linear (MKL) time / csr_linear time
+    falls to 1 at densities 0.2–0.3 for batch 1 and 0.3–0.5 for batches 4–256, on 300×784, 1024²
+    and 4096² weights; benchmarks/NOTES.md); on CUDA, until measured there, 0.10 / 0.02.
+    Layers whose dense product has at most 16384 multiply-adds at that batch never use CSR (the
+    call overheads dominate). Otherwise compacted dense ("dense") when fewer than 90 % of the
+    input columns are used, else masked dense ("masked").
+
+    SparseConv2d: always "dense" (dense conv2d on the compacted channels). The CSR path of a
+    convolution materializes the im2col patches (F.unfold), a kH·kW-fold copy of the input, and
+    measured slower than the dense convolution at every density for batches ≥ 16 (≈1.2x faster
+    only at batch 1 on LeNet-5's layers); ``cost_model="measure"`` still picks it where it wins.
+    """
+    device = torch.device(device)
+    if isinstance(layer, SparseConv2d):
+        return "dense"
+    rows, cols = layer._rows, layer._cols
+    used = int(torch.unique(layer.col_indices.long()).numel()) if layer.num_nonzero else 0
+    density = layer.num_nonzero / max(rows * max(used, 1), 1)
+    if kernel_available(device) and rows * used * batch > 16384:
+        limit = (0.15 if batch <= 2 else 0.25) if device.type == "cpu" else (0.10 if batch <= 2 else 0.02)
+        if density <= limit:
+            return "csr"
+    return "dense" if used < 0.9 * cols else "masked"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure(fns: Dict[str, Callable[[], object]], device: torch.device, budget_s: float = 0.03,
+             min_reps: int = 2, max_reps: int = 15) -> Dict[str, float]:
+    """Least seconds per call of each fn, timed round-robin (interleaved) after one warm-up call
+    (the minimum: other processes only ever add time). A candidate slower than 4x the best so
+    far stops being timed."""
+    for fn in fns.values():
+        fn()
+    _sync(device)
+    best: Dict[str, float] = {k: float("inf") for k in fns}
+    start = time.perf_counter()
+    reps = 0
+    while reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget_s):
+        lead = min(best.values())
+        for k, fn in fns.items():
+            if reps > 0 and best[k] > 4 * lead:
+                continue
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            best[k] = min(best[k], time.perf_counter() - t0)
+        reps += 1
+    return best
+
+
+@torch.no_grad()
+def plan_layer(layer: nn.Module, input_shape: Optional[Sequence[int]] = None,
+               cost_model: str = "measure", buckets: Sequence[int] = BATCH_BUCKETS) -> None:
+    """Choose the kernel per batch size of one deployed layer and set its plan.
+
+    Args:
+        layer: a SparseLinear or SparseConv2d.
+        input_shape: one sample's input shape for a SparseConv2d, (C, H, W) (needed to measure;
+            without it the rule decides); ignored for SparseLinear.
+        cost_model: ``"measure"``: time every mode at each bucket's batch size on random inputs on
+            the layer's device and keep the fastest (ties, within 3 %, go to the dense mode; a
+            mode 2x slower than the best is not timed at larger batches);
+            ``"rule"``: :func:`rule_mode`; or a mode name to force it.
+        buckets: the batch sizes to decide for.
+    """
+    modes = LINEAR_MODES if isinstance(layer, SparseLinear) else CONV_MODES
+    if cost_model in modes:
+        layer.set_plan(cost_model)
+        return
+    device, dtype = layer.values.device, layer.values.dtype
+    bounds = _bucket_bounds(buckets)
+    conv = isinstance(layer, SparseConv2d)
+    if cost_model == "rule" or (conv and input_shape is None):
+        layer.set_plan([(b, rule_mode(layer, n, device)) for b, n in zip(bounds, buckets)])
+        return
+    if cost_model != "measure":
+        raise ValueError(f"cost_model: expected 'measure', 'rule' or a mode, got {cost_model!r}")
+    candidates = list(modes)
+    if conv and layer.groups != 1:
+        candidates = ["dense"]
+    if not kernel_available(device):
+        candidates = [m for m in candidates if m != "csr"]  # torch.sparse fallback: never faster
+    if isinstance(layer, SparseLinear) and "dense" in candidates:
+        if int(torch.unique(layer.col_indices.long()).numel()) == layer.in_features:
+            candidates.remove("dense")  # nothing to gather: identical to masked
+    # build the caches of every candidate, then switch modes without rebuilding them
+    layer.set_plan([(i, m) for i, m in enumerate(candidates[:-1])] + [(None, candidates[-1])])
+    plan = []
+    live = list(candidates)
+    for bound, n in zip(bounds, buckets):
+        shape = (n, layer.in_features) if not conv else (n, *input_shape)
+        x = torch.randn(shape, device=device, dtype=dtype)
+        fns = {}
+        for m in live:
+            def run(m=m):
+                layer.plan = ((None, m),)
+                return layer(x)
+            fns[m] = run
+        t = _measure(fns, device)
+        dense_mode = "masked" if "masked" in t else "dense"
+        best = min(t, key=t.get)
+        if best != dense_mode and dense_mode in t and t[dense_mode] <= 1.03 * t[best]:
+            best = dense_mode
+        plan.append((bound, best))
+        # a mode 2x slower than the best is not timed at larger batches (costs grow with the batch)
+        live = [m for m in live if t[m] <= 2 * t[best]]
+    layer.set_plan(plan)
+
+
+@torch.no_grad()
+def plan_model(model: nn.Module, example_input: Optional[Tensor] = None, cost_model: str = "measure",
+               buckets: Sequence[int] = BATCH_BUCKETS) -> nn.Module:
+    """Set the plan of every deployed layer of ``model`` (see :func:`plan_layer`), in place.
+
+    ``example_input`` (any batch size) gives the input shapes of the convolutions; it is run once
+    through the model. Returns ``model``.
+    """
+    shapes: Dict[nn.Module, Tuple[int, ...]] = {}
+    layers = [m for m in model.modules() if isinstance(m, SPARSE_LAYERS)]
+    if example_input is not None and any(isinstance(m, SparseConv2d) for m in layers):
+        hooks = []
+        for m in layers:
+            if isinstance(m, SparseConv2d):
+                m.set_plan("dense")
+                hooks.append(m.register_forward_pre_hook(
+                    lambda mod, args: shapes.__setitem__(mod, tuple(args[0].shape[-3:]))))
+        try:
+            was_training = model.training
+            model.eval()
+            model(example_input)
+            model.train(was_training)
+        finally:
+            for h in hooks:
+                h.remove()
+    for m in layers:
+        plan_layer(m, shapes.get(m), cost_model, buckets)
+    return model
+
+
+# ------------------------------------------------------------------------------------ deploy
+@torch.no_grad()
+def deploy(
+    model: nn.Module,
+    example_input: Optional[Tensor] = None,
+    *,
+    cost_model: str = "measure",
+    threshold: Optional[float] = None,
+    buckets: Sequence[int] = BATCH_BUCKETS,
+) -> nn.Module:
+    """A new inference model in which every LinearSVDO / Conv2dSVDO becomes a SparseLinear /
+    SparseConv2d (CSR weights; dead neurons removed and folded, see the module docstring).
+
+    Args:
+        model: a module with sparse-VD layers (e.g. ``sparsevd.models.LeNet300()`` after
+            training); left unchanged. Other modules are copied as they are.
+        example_input: a batch of inputs of the model (any batch size, e.g. (1, 1, 28, 28)); used
+            to measure the convolutions at their real input size. Optional.
+        cost_model: ``"measure"`` (time the kernels of each layer on this machine, at each batch
+            bucket), ``"rule"`` (:func:`rule_mode`, no timing), or a mode ("csr", "dense",
+            "masked") forced on every layer that has it (convolutions fall back to "dense" when
+            the mode is "masked").
+        threshold: log α pruning threshold for every layer; default: each layer's own.
+        buckets: batch sizes the plan distinguishes.
+
+    Returns:
+        The deployed model, in eval mode, on the device and in the dtype of ``model``. Its outputs
+        equal the eval-mode outputs of ``model`` up to floating-point rounding.
+
+    Warns:
+        RuntimeWarning when the compiled kernels (sparsevd._C) are missing: the deployed layers
+        then use torch's dense / sparse kernels; the message says how to build them.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(model, SVDO_LAYERS):
+        new = _compact_chain([model], [], threshold)[0]
+        built = [new]
+    else:
+        new = copy.deepcopy(model)
+        built: List[nn.Module] = []
+        _replace(new, threshold, built)
+    if not built:
+        warnings.warn("deploy: the model has no LinearSVDO / Conv2dSVDO layers; nothing to deploy",
+                      RuntimeWarning, stacklevel=2)
+    devices = {m.values.device for m in built}
+    for d in devices:
+        if not kernel_available(d):
+            warnings.warn(
+                f"deploy: the compiled sparsevd._C kernels are not available for {d.type} "
+                f"({EXTENSION_ERROR or 'built without CUDA'}); the deployed layers fall back to "
+                f"torch's dense kernels. To get the sparse kernels, {BUILD_HINT}.",
+                RuntimeWarning, stacklevel=2,
+            )
+    new.eval()
+    if cost_model in ("measure", "rule"):
+        plan_model(new, example_input, cost_model, buckets)
+    else:
+        for m in built:
+            mode = cost_model
+            if isinstance(m, SparseConv2d) and mode not in CONV_MODES:
+                mode = "dense"
+            if mode not in LINEAR_MODES:
+                raise ValueError(
+                    f"cost_model: expected 'measure', 'rule' or one of {LINEAR_MODES}, got {cost_model!r}"
+                )
+            if mode == "csr" and isinstance(m, SparseConv2d) and m.groups != 1:
+                mode = "dense"
+            m.set_plan(mode)
+    return new

@@ -1,0 +1,307 @@
+"""``save(model, path)`` / ``load(path)``: deployed sparse models as one safetensors file.
+
+The file holds every tensor of the model (CSR row pointers, column indices, values, biases, the
+weights of dense layers left as they are) and, in the safetensors metadata,
+
+- ``format``: ``"sparsevd.deployed"`` and ``format_version``: ``"1"``;
+- ``config``: JSON describing the module tree (types, sizes, hyper-parameters, each sparse
+  layer's plan), so that :func:`load` rebuilds the model without pickle and without the code
+  that built it;
+- ``sha256``: a digest of all tensor names, dtypes, shapes and bytes, so that a corrupted file is
+  reported instead of silently giving other outputs.
+
+Supported modules: nn.Sequential, SparseLinear, SparseConv2d, nn.Linear, nn.Conv2d, elementwise
+activations, dropout, pooling, Flatten/Unflatten, Softmax/LogSoftmax (exact types, not
+subclasses). A loaded model gives bit-identical outputs: same tensors, same plans, same kernels.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .nn.sparse import SparseConv2d, SparseLinear
+from .nn.svdo import SVDO_LAYERS
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "load", "save", "SUPPORTED_MODULES"]
+
+FORMAT = "sparsevd.deployed"
+FORMAT_VERSION = 1
+
+PathLike = Union[str, Path]
+
+# Modules rebuilt from constructor arguments read off their attributes.
+_SIMPLE: Dict[str, tuple] = {
+    "Identity": (nn.Identity, ()),
+    "ReLU": (nn.ReLU, ("inplace",)),
+    "ReLU6": (nn.ReLU6, ("inplace",)),
+    "LeakyReLU": (nn.LeakyReLU, ("negative_slope", "inplace")),
+    "ELU": (nn.ELU, ("alpha", "inplace")),
+    "SELU": (nn.SELU, ("inplace",)),
+    "CELU": (nn.CELU, ("alpha", "inplace")),
+    "GELU": (nn.GELU, ("approximate",)),
+    "SiLU": (nn.SiLU, ("inplace",)),
+    "Mish": (nn.Mish, ("inplace",)),
+    "Tanh": (nn.Tanh, ()),
+    "Sigmoid": (nn.Sigmoid, ()),
+    "Hardtanh": (nn.Hardtanh, ("min_val", "max_val", "inplace")),
+    "Hardsigmoid": (nn.Hardsigmoid, ("inplace",)),
+    "Hardswish": (nn.Hardswish, ("inplace",)),
+    "Softplus": (nn.Softplus, ("beta", "threshold")),
+    "Softsign": (nn.Softsign, ()),
+    "Tanhshrink": (nn.Tanhshrink, ()),
+    "Dropout": (nn.Dropout, ("p", "inplace")),
+    "Dropout1d": (nn.Dropout1d, ("p", "inplace")),
+    "Dropout2d": (nn.Dropout2d, ("p", "inplace")),
+    "AlphaDropout": (nn.AlphaDropout, ("p", "inplace")),
+    "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
+    "Unflatten": (nn.Unflatten, ("dim", "unflattened_size")),
+    "MaxPool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "return_indices",
+                                 "ceil_mode")),
+    "AvgPool2d": (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode",
+                                 "count_include_pad", "divisor_override")),
+    "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
+    "AdaptiveMaxPool2d": (nn.AdaptiveMaxPool2d, ("output_size", "return_indices")),
+    "Softmax": (nn.Softmax, ("dim",)),
+    "LogSoftmax": (nn.LogSoftmax, ("dim",)),
+}
+SUPPORTED_MODULES = ("Sequential", "SparseLinear", "SparseConv2d", "Linear", "Conv2d", *_SIMPLE)
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _json_value(v):
+    if isinstance(v, (tuple, list)):
+        return [_json_value(a) for a in v]
+    if isinstance(v, torch.Size):
+        return list(v)
+    return v
+
+
+def _tuples(v):
+    return tuple(_tuples(a) for a in v) if isinstance(v, list) else v
+
+
+def _plan_json(m) -> list:
+    return [[b, mode] for b, mode in m.plan]
+
+
+def _describe(m: nn.Module, prefix: str, tensors: Dict[str, Tensor]) -> dict:
+    """The JSON spec of ``m``; its tensors go into ``tensors`` under ``prefix``."""
+    kind = type(m).__name__
+    where = prefix or "<root>"
+
+    def put(name: str, t: Optional[Tensor]) -> None:
+        if t is not None:
+            tensors[_key(prefix, name)] = t.detach().to("cpu").contiguous()
+
+    if type(m) is nn.Sequential:
+        return {"type": "Sequential",
+                "children": [[n, _describe(c, _key(prefix, n), tensors)] for n, c in m.named_children()]}
+    if type(m) in (SparseLinear, SparseConv2d):
+        for name in ("crow_indices", "col_indices", "values", "bias"):
+            put(name, getattr(m, name))
+        spec = {"type": kind, "dense_shape": list(m.dense_shape), "num_weights": m.num_weights,
+                "plan": _plan_json(m), "bias": m.bias is not None}
+        if isinstance(m, SparseLinear):
+            spec.update(in_features=m.in_features, out_features=m.out_features)
+        else:
+            spec.update(in_channels=m.in_channels, out_channels=m.out_channels,
+                        kernel_size=list(m.kernel_size), stride=list(m.stride),
+                        padding=list(m.padding), dilation=list(m.dilation), groups=m.groups)
+        return spec
+    if type(m) is nn.Linear:
+        put("weight", m.weight)
+        put("bias", m.bias)
+        return {"type": "Linear", "in_features": m.in_features, "out_features": m.out_features,
+                "bias": m.bias is not None}
+    if type(m) is nn.Conv2d:
+        if isinstance(m.padding, str) or m.padding_mode != "zeros":
+            raise ValueError(f"save: module {where} (Conv2d) uses padding={m.padding!r}, "
+                             f"padding_mode={m.padding_mode!r}; only zero padding given as ints is supported")
+        put("weight", m.weight)
+        put("bias", m.bias)
+        return {"type": "Conv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
+                "kernel_size": list(m.kernel_size), "stride": list(m.stride),
+                "padding": list(m.padding), "dilation": list(m.dilation), "groups": m.groups,
+                "bias": m.bias is not None}
+    if kind in _SIMPLE and type(m) is _SIMPLE[kind][0]:
+        return {"type": kind, "args": {a: _json_value(getattr(m, a)) for a in _SIMPLE[kind][1]}}
+    if isinstance(m, SVDO_LAYERS):
+        raise ValueError(f"save: module {where} is a {kind} (a training layer); deploy the model "
+                         "first: sparsevd.save(sparsevd.deploy(model), path)")
+    raise ValueError(f"save: cannot store module {where} of type {kind}; supported types: "
+                     f"{', '.join(SUPPORTED_MODULES)}")
+
+
+def _digest(tensors: Dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save(model: nn.Module, path: PathLike) -> Path:
+    """Write a deployed model (from :func:`sparsevd.deploy`) to ``path`` (one .safetensors file).
+
+    Args:
+        model: a SparseLinear / SparseConv2d, or an nn.Sequential tree of supported modules.
+        path: the file to write (parent directories are created).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: a module that cannot be stored (the message names it; training layers
+            LinearSVDO / Conv2dSVDO ask for ``deploy`` first).
+    """
+    from safetensors.torch import save_file
+
+    tensors: Dict[str, Tensor] = {}
+    spec = _describe(model, "", tensors)
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(spec, separators=(",", ":")),
+        "sha256": _digest(tensors),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+class _Builder:
+    def __init__(self, tensors: Dict[str, Tensor], path: Path) -> None:
+        self.tensors = tensors
+        self.used: List[str] = []
+        self.path = path
+
+    def take(self, prefix: str, name: str, required: bool = True) -> Optional[Tensor]:
+        key = _key(prefix, name)
+        if key not in self.tensors:
+            if required:
+                raise ValueError(f"{self.path}: corrupted file: tensor {key!r} is missing")
+            return None
+        self.used.append(key)
+        return self.tensors[key]
+
+    def build(self, spec: dict, prefix: str) -> nn.Module:
+        kind = spec["type"]
+        if kind == "Sequential":
+            seq = nn.Sequential()
+            for name, child in spec["children"]:
+                seq.add_module(name, self.build(child, _key(prefix, name)))
+            return seq
+        if kind in ("SparseLinear", "SparseConv2d"):
+            crow = self.take(prefix, "crow_indices")
+            col = self.take(prefix, "col_indices")
+            values = self.take(prefix, "values")
+            bias = self.take(prefix, "bias") if spec["bias"] else None
+            plan = [(b, m) for b, m in spec["plan"]]
+            common = dict(dense_shape=tuple(spec["dense_shape"]), num_weights=spec["num_weights"],
+                          plan=plan)
+            if kind == "SparseLinear":
+                return SparseLinear(spec["in_features"], spec["out_features"], crow, col, values, bias,
+                                    **common)
+            return SparseConv2d(spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]),
+                                tuple(spec["stride"]), tuple(spec["padding"]), tuple(spec["dilation"]),
+                                spec["groups"], crow, col, values, bias, **common)
+        if kind in ("Linear", "Conv2d"):
+            w = self.take(prefix, "weight")
+            b = self.take(prefix, "bias") if spec["bias"] else None
+            if kind == "Linear":
+                m = nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"],
+                              device="meta", dtype=w.dtype)
+            else:
+                m = nn.Conv2d(spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]),
+                              tuple(spec["stride"]), tuple(spec["padding"]), tuple(spec["dilation"]),
+                              spec["groups"], bias=spec["bias"], device="meta", dtype=w.dtype)
+            state = {"weight": w} if b is None else {"weight": w, "bias": b}
+            m.load_state_dict(state, strict=True, assign=True)
+            return m
+        if kind in _SIMPLE:
+            cls, names = _SIMPLE[kind]
+            args = {k: _tuples(v) for k, v in spec.get("args", {}).items()}
+            unknown = set(args) - set(names)
+            if unknown:
+                raise ValueError(f"{self.path}: corrupted config: unknown arguments {sorted(unknown)} "
+                                 f"of {kind}")
+            return cls(**args)
+        raise ValueError(f"{self.path}: corrupted or newer config: unknown module type {kind!r}")
+
+
+def load(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """Read a model written by :func:`save`.
+
+    Args:
+        path: the .safetensors file.
+        device: where to put the tensors.
+
+    Returns:
+        The deployed model, in eval mode: outputs identical to the saved model's (same device,
+        dtype and thread count).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: a file that is not a safetensors file, is corrupted (checksum, truncation,
+            invalid indices), comes from elsewhere (a training checkpoint, another library: no
+            sparsevd metadata), or has a newer format version. The message says which.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise _Foreign(meta.get("format"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except _Foreign as e:
+        raise ValueError(
+            f"{path}: not a sparsevd deployed model (safetensors metadata format={e.args[0]!r}, "
+            f"expected {FORMAT!r}); a training checkpoint loads with sparsevd.cli.load_checkpoint "
+            "and becomes a deployed model with sparsevd.deploy"
+        ) from None
+    except Exception as e:  # safetensors' own errors: bad header, truncated data, ...
+        raise ValueError(f"{path}: corrupted or not a safetensors file ({type(e).__name__}: {e})") from e
+    try:
+        version = int(meta.get("format_version", "0"))
+    except ValueError:
+        raise ValueError(f"{path}: corrupted metadata: format_version={meta.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {version} is newer than this sparsevd reads "
+                         f"({FORMAT_VERSION}); upgrade sparsevd")
+    if meta.get("sha256") != _digest(tensors):
+        raise ValueError(f"{path}: corrupted file: the checksum of the tensor data does not match")
+    try:
+        spec = json.loads(meta["config"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupted config ({type(e).__name__}: {e})") from e
+    try:
+        builder = _Builder(tensors, path)
+        model = builder.build(spec, "")
+    except ValueError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: corrupted file: {e}") from e
+    except (KeyError, TypeError, RuntimeError, AttributeError) as e:
+        raise ValueError(f"{path}: corrupted config ({type(e).__name__}: {e})") from e
+    extra = set(tensors) - set(builder.used)
+    if extra:
+        raise ValueError(f"{path}: corrupted file: tensors {sorted(extra)[:5]} are not used by the config")
+    return model.to(device).eval()
+
+
+class _Foreign(Exception):
+    pass
