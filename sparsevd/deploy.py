@@ -305,25 +305,46 @@ def _sync(device: torch.device) -> None:
 
 def _measure(fns: Dict[str, Callable[[], object]], device: torch.device, budget_s: float = 0.03,
              min_reps: int = 2, max_reps: int = 15) -> Dict[str, float]:
-    """Least seconds per call of each fn, timed round-robin (interleaved) after one warm-up call
-    (the minimum: other processes only ever add time). A candidate slower than 4x the best so
-    far stops being timed."""
-    for fn in fns.values():
-        fn()
-    _sync(device)
-    best: Dict[str, float] = {k: float("inf") for k in fns}
-    start = time.perf_counter()
-    reps = 0
-    while reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget_s):
-        lead = min(best.values())
-        for k, fn in fns.items():
-            if reps > 0 and best[k] > 4 * lead:
-                continue
-            t0 = time.perf_counter()
+    """Seconds per call of each fn: the least over interleaved (round-robin) samples, after a
+    warm-up call; a candidate slower than 4x the best so far stops being timed.
+
+    CUDA: wall time with synchronization. CPU: the calling thread's CPU time (time.thread_time)
+    with torch on one thread, each sample a loop of calls of at least 2 ms. CPU time does not
+    count the time other processes hold the core, so the ranking stays right on a shared machine
+    (wall time of a parallel region there includes waits for descheduled threads, and process
+    CPU time counts idle OpenMP workers spinning); the kernels compared (MKL GEMM/GEMV and the
+    OpenMP CSR kernels) scale alike with the thread count.
+    """
+    cpu = device.type == "cpu"
+    threads = torch.get_num_threads()
+    if cpu:
+        torch.set_num_threads(1)
+    clock = time.thread_time if cpu else time.perf_counter
+    try:
+        for fn in fns.values():
             fn()
-            _sync(device)
-            best[k] = min(best[k], time.perf_counter() - t0)
-        reps += 1
+        _sync(device)
+        best: Dict[str, float] = {k: float("inf") for k in fns}
+        start = time.perf_counter()
+        reps = 0
+        while reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget_s):
+            lead = min(best.values())
+            for k, fn in fns.items():
+                if reps > 0 and best[k] > 4 * lead:
+                    continue
+                calls, t0 = 0, clock()
+                while True:
+                    fn()
+                    calls += 1
+                    _sync(device)
+                    elapsed = clock() - t0
+                    if not cpu or elapsed >= 2e-3:
+                        break
+                best[k] = min(best[k], elapsed / calls)
+            reps += 1
+    finally:
+        if cpu:
+            torch.set_num_threads(threads)
     return best
 
 
@@ -337,7 +358,7 @@ def plan_layer(layer: nn.Module, input_shape: Optional[Sequence[int]] = None,
         input_shape: one sample's input shape for a SparseConv2d, (C, H, W) (needed to measure;
             without it the rule decides); ignored for SparseLinear.
         cost_model: ``"measure"``: time every mode at each bucket's batch size on random inputs on
-            the layer's device and keep the fastest (ties, within 3 %, go to the dense mode; a
+            the layer's device (CPU: CPU time on one thread, see ``_measure``) and keep the fastest (ties, within 3 %, go to the dense mode; a
             mode 2x slower than the best is not timed at larger batches);
             ``"rule"``: :func:`rule_mode`; or a mode name to force it.
         buckets: the batch sizes to decide for.

@@ -1,0 +1,212 @@
+"""Sparse deployment benchmarks: csr_linear and deployed layers vs dense and torch.sparse.
+
+1. ``sparse_linear``: a 4096x4096 weight with random masks at 90/95/98/99 % sparsity, batches
+   1/16/64/256, mode "infer". Providers:
+   - ``dense``: F.linear with the masked weight (MKL on CPU, cuBLAS on GPU);
+   - ``torch_csr``: torch.sparse.mm with the weight as a torch CSR tensor (MKL sparse / cuSPARSE);
+   - ``sparsevd_csr``: the kernel alone, torch.ops.sparsevd.csr_linear (int16 columns);
+   - ``sparsevd``: the deployed SparseLinear, running what its measured plan picks at that batch.
+2. ``lenet300_infer``: LeNet-300-100 end to end, dense (nn.Linear, masked weights) vs deployed
+   (sparsevd.deploy), batches 1/16/64/256. The sparse model is a trained checkpoint when
+   ``--checkpoint DIR`` is given, else a synthetic one with the layer densities of sparse VD on
+   MNIST (Molchanov et al. 2017, LeNet-300-100: 68x compression): fc1 1.1 %, fc2 3 %, fc3 20 %
+   of the weights kept, 48 % of fc1's and 35 % of fc2's neurons dead, 30 % of the pixels unused.
+
+Timing (../shared/BENCHMARKS.md): providers are timed interleaved, in several rounds, on the same
+inputs; CPU: torch.utils.benchmark blocked runs, median / p20 / p80 over all blocks of all rounds,
+with torch's thread count; GPU: triton.testing.do_bench (L2 flushed). Rows are appended to
+benchmarks/results/<device-slug>-<date>.json; each row records the 1-minute load average.
+
+Usage: python -m benchmarks.bench_sparse [--device cpu|cuda] [--dtype float32 float16]
+       [--sparsity 0.9 0.95 0.98 0.99] [--batch 1 16 64 256] [--rounds 3] [--checkpoint DIR]
+       [--skip-lenet] [--no-save]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import common
+
+import sparsevd
+import sparsevd.models
+from sparsevd.deploy import plan_layer
+from sparsevd.nn import SparseLinear
+from sparsevd.nn.sparse import to_csr
+from sparsevd.ops.csr import kernel_available
+
+K = N = 4096
+
+
+def _time_interleaved(fns: Dict[str, Callable[[], object]], device: str, rounds: int,
+                      min_run_time: float) -> Dict[str, List[float]]:
+    """[median, p20, p80] ms per provider; providers alternate within each round."""
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up (MKL/oneDNN primitives, caching allocator)
+        fn()
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            if device.startswith("cuda"):
+                samples[k].append(common.time_gpu(fn)[0])
+            else:
+                from torch.utils.benchmark import Timer
+
+                m = Timer(stmt="fn()", globals={"fn": fn},
+                          num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time)
+                samples[k].extend(1e3 * t for t in m.times)
+    out = {}
+    for k, v in samples.items():
+        v = sorted(v)
+        q = lambda p: v[min(int(p * len(v)), len(v) - 1)]  # noqa: E731
+        out[k] = [q(0.5), q(0.2), q(0.8)]
+    return out
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def bench_linear(args, env) -> List[dict]:
+    rows = []
+    device = args.device
+    for dtype_name in args.dtype:
+        dtype = getattr(torch, dtype_name)
+        for sparsity in args.sparsity:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            mask = torch.rand(N, K, generator=g) >= sparsity
+            w = (torch.randn(N, K, generator=g) * mask).to(device=device, dtype=dtype)
+            b = torch.randn(N, generator=g).to(device=device, dtype=dtype)
+            nnz = int(mask.sum())
+            crow, col, val = to_csr(w)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                w_torch_csr = w.to_sparse_csr()
+            layer = SparseLinear.from_dense(w, b)
+            plan_layer(layer, cost_model="measure", buckets=tuple(args.batch))
+            for batch in args.batch:
+                x = torch.randn(batch, K, device=device, dtype=dtype)
+                fns = {
+                    "dense": lambda: F.linear(x, w, b),
+                    "torch_csr": lambda: torch.sparse.mm(w_torch_csr, x.t()).t() + b,
+                }
+                if kernel_available(torch.device(device)):
+                    fns["sparsevd_csr"] = lambda: torch.ops.sparsevd.csr_linear(x, crow, col, val, b)
+                fns["sparsevd"] = lambda: layer(x)
+                with torch.no_grad():
+                    times = _time_interleaved(fns, device, args.rounds, args.min_run_time)
+                es = torch.finfo(dtype).bits // 8
+                io = batch * K * es + batch * N * es + N * es
+                floors = {  # bytes each provider must move at least, and its FLOPs
+                    "dense": (N * K * es + io, 2.0 * N * K * batch),
+                    "torch_csr": (nnz * (es + 8) + (N + 1) * 8 + io, 2.0 * nnz * batch),
+                    "sparsevd_csr": (nnz * (es + col.element_size()) + (N + 1) * 4 + io, 2.0 * nnz * batch),
+                }
+                floors["sparsevd"] = floors["sparsevd_csr"]
+                shape = f"M={batch},K={K},N={N}"
+                for prov, t in times.items():
+                    nbytes, flops = floors[prov]
+                    extra = {"plan": layer.mode_for(batch)} if prov == "sparsevd" else {}
+                    rows.append(common.make_row(
+                        "sparse_linear", shape, dtype_name, "infer", prov, t, env, nbytes=nbytes,
+                        flops=flops, sparsity=sparsity, batch=batch, nnz=nnz, load1=_load(), **extra))
+                common.print_rows(rows[-len(times):])
+    return rows
+
+
+@torch.no_grad()
+def synthetic_lenet300(seed: int = 0) -> torch.nn.Module:
+    """LeNet-300-100 with sparse-VD-like sparsity (see the module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    model = sparsevd.models.LeNet300().eval()
+    fc1, fc2, fc3 = model[1], model[3], model[5]
+
+    def set_density(layer, density, dead_rows=0.0, dead_cols=0.0):
+        keep = torch.rand(layer.weight.shape, generator=g) < density
+        if dead_rows:
+            keep[torch.rand(layer.weight.shape[0], generator=g) < dead_rows] = False
+        if dead_cols:
+            keep[:, torch.rand(layer.weight.shape[1], generator=g) < dead_cols] = False
+        layer.log_sigma2.fill_(-10.0)
+        layer.weight.abs_().clamp_(min=1e-2)  # kept weights stay kept (log α ≈ −10 − log θ²)
+        layer.weight.mul_(torch.randint(0, 2, layer.weight.shape, generator=g) * 2 - 1)
+        layer.log_sigma2[~keep] = 20.0
+
+    set_density(fc1, 0.011 / (1 - 0.48) / (1 - 0.30), dead_rows=0.48, dead_cols=0.30)
+    set_density(fc2, 0.03 / (1 - 0.35), dead_rows=0.35)
+    set_density(fc3, 0.20)
+    return model
+
+
+def bench_lenet(args, env) -> List[dict]:
+    from sparsevd.deploy_cli import dense_twin
+
+    if args.checkpoint:
+        from sparsevd.cli import load_checkpoint
+
+        model = load_checkpoint(args.checkpoint)
+        source = f"checkpoint {args.checkpoint}"
+    else:
+        model = synthetic_lenet300()
+        source = "synthetic"
+    device = args.device
+    model = model.to(device).eval()
+    dense = dense_twin(model)
+    deployed = sparsevd.deploy(model, torch.randn(1, 1, 28, 28, device=device), cost_model="measure",
+                               buckets=tuple(args.batch))
+    rep = sparsevd.report(model)
+    print(f"LeNet-300-100 ({source}): {rep.nonzero} of {rep.params} weights kept "
+          f"({rep.sparsity:.2f} % sparsity)")
+    print(deployed)
+    rows = []
+    for batch in args.batch:
+        x = torch.randn(batch, 1, 28, 28, device=device)
+        with torch.no_grad():
+            diff = (dense(x) - deployed(x)).abs().max().item()
+            times = _time_interleaved({"dense": lambda: dense(x), "sparsevd": lambda: deployed(x)},
+                                      device, args.rounds, args.min_run_time)
+        for prov, t in times.items():
+            rows.append(common.make_row(
+                "lenet300_infer", f"M={batch},784-300-100-10", "float32", "infer", prov, t, env,
+                sparsity=round(rep.sparsity / 100, 4), batch=batch, model=source, max_abs_diff=diff,
+                load1=_load()))
+        common.print_rows(rows[-2:])
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", nargs="+", default=None,
+                   help="default: float32 on CPU, float16 and float32 on CUDA")
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
+    p.add_argument("--min-run-time", type=float, default=0.2, help="CPU seconds per provider per round")
+    p.add_argument("--checkpoint", default=None, help="trained LeNet-300-100 (sparsevd train --out DIR)")
+    p.add_argument("--skip-linear", action="store_true")
+    p.add_argument("--skip-lenet", action="store_true")
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = ["float16", "float32"] if args.device.startswith("cuda") else ["float32"]
+    env = common.environment(args.device)
+    print(f"device: {env['device']}, threads {env['threads']}, torch {env['torch']}, "
+          f"load {os.getloadavg()}")
+    rows = []
+    if not args.skip_linear:
+        rows += bench_linear(args, env)
+    if not args.skip_lenet:
+        rows += bench_lenet(args, env)
+    if not args.no_save and rows:
+        path = common.save_rows(rows, args.device)
+        print(f"saved {len(rows)} rows to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
