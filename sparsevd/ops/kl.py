@@ -46,10 +46,10 @@ def _kl_bwd(ctx, grad_kl, _grads_w, _grads_ls2):
             "sparsevd.kl_sparse_vd was called with with_grad=False; call it with with_grad=True "
             "to differentiate the KL"
         )
-    saved, n, g = ctx.saved_tensors, ctx.n, grad_kl
-    grads_w = [(g * t).to(t.dtype) for t in saved[:n]]
-    grads_ls2 = [(g * t).to(t.dtype) for t in saved[n:]]
-    return grads_w, grads_ls2, None
+    # One multi-tensor launch (per dtype and device) instead of one multiply per tensor; a 0-dim
+    # grad_kl keeps each gradient in its parameter's dtype.
+    scaled = torch._foreach_mul(list(ctx.saved_tensors), grad_kl)
+    return scaled[: ctx.n], scaled[ctx.n:], None
 
 
 kl_sparse_vd.register_autograd(_kl_bwd, setup_context=_kl_setup)

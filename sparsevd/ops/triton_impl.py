@@ -1,0 +1,331 @@
+"""The ``triton`` backend of the ops: launchers of the fused kernels in :mod:`sparsevd.triton_kernels`.
+
+Registers ``lrt_linear``, ``lrt_linear_backward`` and ``kl_sparse_vd`` with the signatures and
+return conventions of :mod:`sparsevd.ops.reference_impl`. Imported lazily by
+:mod:`sparsevd.ops.backend` when the triton backend is requested (or, under ``auto``, for CUDA
+tensors); an ImportError here (no triton) makes the backend unavailable.
+
+Kernel launches per call (DESIGN.md):
+
+- ``lrt_linear``: 1 (μ, s², ξ, y and std in one kernel); none for an empty batch.
+- ``lrt_linear_backward``: 2 (g_s2 = g ξ / (2 std) elementwise, then ∂x and ∂θ, ∂log σ², ∂b in one
+  launch of two kinds of programs).
+- ``kl_sparse_vd``: 1 kernel for all the layers of a dtype, plus the sum of its per-block partials.
+
+Precision: fp32 inputs use IEEE fp32 dots, or TF32 when ``torch.backends.cuda.matmul.allow_tf32``
+is True; fp64 inputs compute in fp64 (for gradcheck); under autocast (bf16/fp16 x, fp32
+parameters) the mean products take x's dtype as dot input, like nn.Linear under autocast, the
+variance products bf16 for bf16 and TF32 for fp16, with fp32 accumulation and fp32 std and
+gradients of the parameters.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+
+from sparsevd.triton_kernels import kl as KK
+from sparsevd.triton_kernels import lrt_linear as K
+
+from .backend import interpreter_enabled, register_impl
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ------------------------------------------------------------------------------------ autotuning
+def matmul_configs() -> List[triton.Config]:
+    """Tile configurations of the LRT kernels: a single one under TRITON_INTERPRET=1 (the
+    interpreter's time grows with the number of programs and loop steps, hardly with the tile
+    size), a handful on GPU (two fp32 accumulators per program, so at most 128x128 tiles)."""
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4)]
+
+    def c(bm, bn, bk, warps, stages):
+        return triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+            num_warps=warps, num_stages=stages,
+        )
+
+    return [
+        c(128, 128, 32, 8, 3),
+        c(128, 128, 64, 8, 3),
+        c(128, 64, 32, 4, 4),
+        c(64, 128, 32, 4, 4),
+        c(64, 64, 64, 4, 3),
+        c(32, 64, 64, 4, 4),
+        c(16, 64, 128, 4, 3),
+    ]
+
+
+def elementwise_block(dtype: torch.dtype = torch.float32) -> Tuple[int, int]:
+    """(BLOCK, num_warps) of the elementwise kernels (g_s2, KL, noise): 8 elements per thread
+    (about 90 registers for the KL with gradients, no spill on sm_90), 4 for fp64; one big block
+    per program in the interpreter."""
+    if interpreter_enabled():
+        return 65536, 4
+    return (1024 if dtype == torch.float64 else 2048), 8
+
+
+_fwd_kernel = triton.autotune(configs=matmul_configs(), key=["M_KEY", "N", "K", "HAS_BIAS", "PRECISION"])(
+    K.lrt_linear_fwd_kernel
+)
+_bwd_kernel = triton.autotune(configs=matmul_configs(), key=["M_KEY", "N", "K", "PRECISION"])(
+    K.lrt_linear_bwd_kernel
+)
+
+
+# -------------------------------------------------------------------------------------- helpers
+def _check_tensor(t: torch.Tensor, name: str, device: torch.device, dtypes=_FLOAT) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected one of {dtypes}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
+
+
+def _check_linear(x, weight, log_sigma2, bias, seed) -> None:
+    _check_tensor(x, "x", x.device)
+    _check_tensor(weight, "weight", x.device)
+    _check_tensor(log_sigma2, "log_sigma2", x.device)
+    _check_tensor(seed, "seed", x.device, (torch.int64,))
+    if seed.numel() != 1:
+        raise ValueError(f"seed: expected a one-element int64 tensor, got shape {tuple(seed.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected (out_features, in_features), got {tuple(weight.shape)}")
+    if log_sigma2.shape != weight.shape:
+        raise ValueError(f"log_sigma2: expected shape {tuple(weight.shape)}, got {tuple(log_sigma2.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x: expected shape (*, {weight.shape[1]}), got {tuple(x.shape)}")
+    if bias is not None:
+        _check_tensor(bias, "bias", x.device)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def _acc_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
+
+
+def _precision(x: torch.Tensor) -> str:
+    if x.dtype == torch.float16:
+        return "tf32"  # the variance products of fp16 inputs run on fp32 operands
+    if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _rows(t: torch.Tensor) -> Optional[Tuple[torch.Tensor, int, int, int, int]]:
+    """(tensor, D1, stride_0, stride_1, stride_k) describing t (*, K) as M rows with at most two
+    leading dims (row m at (m // D1)·stride_0 + (m % D1)·stride_1), or None if t has more leading
+    dims that do not flatten without a copy."""
+    if t.dim() == 1:
+        return t, 1, 0, 0, t.stride(0)
+    if t.dim() == 2:
+        return t, max(t.shape[0], 1), 0, t.stride(0), t.stride(1)
+    if t.dim() == 3:
+        return t, max(t.shape[1], 1), t.stride(0), t.stride(1), t.stride(2)
+    try:
+        return _rows(t.view(-1, t.shape[-1]))
+    except RuntimeError:
+        return None
+
+
+def _m_key(m: int) -> int:
+    return triton.next_power_of_2(max(m, 1))
+
+
+# ----------------------------------------------------------------------------------- lrt_linear
+def lrt_linear_fwd(x, weight, log_sigma2, bias, seed) -> Tuple[torch.Tensor, torch.Tensor]:
+    """y = x θᵀ + b + sqrt((x⊙x)(σ²)ᵀ + 1e-8)⊙ξ in one kernel; returns (y in x's dtype, std in
+    promote(x, weight) dtype), both (*, N). An empty batch launches nothing."""
+    _check_linear(x, weight, log_sigma2, bias, seed)
+    n, k = weight.shape
+    lead = tuple(x.shape[:-1])
+    y = x.new_empty((*lead, n))
+    std = x.new_empty((*lead, n), dtype=torch.promote_types(x.dtype, weight.dtype))
+    m = y.numel() // n if n else 0
+    if m == 0 or n == 0:
+        return y, std
+    rows = _rows(x)
+    if rows is None:
+        rows = _rows(x.reshape(-1, k))
+    xr, d1, s0, s1, sk = rows
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _fwd_kernel[grid](
+        xr, weight, log_sigma2, bias if bias is not None else weight, seed, y, std,
+        m, n, k, d1, s0, s1, sk,
+        weight.stride(0), weight.stride(1), log_sigma2.stride(0), log_sigma2.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        _m_key(m),
+        HAS_BIAS=bias is not None, ACC_F64=_acc_dtype(x, weight) == torch.float64,
+        VAR_LOWP=x.dtype == torch.bfloat16, PRECISION=_precision(x),
+    )
+    return y, std
+
+
+def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed):
+    """(∂x, ∂θ, ∂log σ², ∂b) of the LRT linear layer in two kernels (see module docstring)."""
+    _check_linear(x, weight, log_sigma2, None, seed)
+    _check_tensor(grad, "grad", x.device)
+    _check_tensor(std, "std", x.device)
+    n, k = weight.shape
+    if grad.shape[-1:] != (n,) or std.shape != grad.shape:
+        raise ValueError(
+            f"grad, std: expected equal shapes (*, {n}), got {tuple(grad.shape)} and {tuple(std.shape)}"
+        )
+    acc = _acc_dtype(x, weight)
+    g = grad.reshape(-1, n).contiguous()
+    sd = std.reshape(-1, n).contiguous()
+    m = g.shape[0]
+    gx = torch.empty_like(x)
+    gw = torch.empty_like(weight)
+    gl = torch.empty_like(log_sigma2)
+    gb = weight.new_empty((n,))
+    if m == 0 or n == 0 or k == 0:  # nothing to reduce over, or nothing to write: no launch
+        gx.zero_()
+        gw.zero_()
+        gl.zero_()
+        gb.copy_(g.to(acc).sum(0))
+        return gx, gw, gl, gb
+
+    gs2 = g.new_empty((m, n), dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else acc)
+    block, warps = elementwise_block(acc)
+    K.lrt_linear_bwd_gs2_kernel[(triton.cdiv(m * n, block),)](
+        g, sd, seed, gs2, m * n, ACC_F64=acc == torch.float64, BLOCK=block, num_warps=warps,
+    )
+
+    rows = _rows(x)
+    if rows is None:
+        rows = _rows(x.reshape(-1, k))
+    xr, d1, s0, s1, sk = rows
+    gx_rows = _rows(gx)
+    gx_out = gx if gx_rows is not None else torch.empty((m, k), dtype=x.dtype, device=x.device)
+    _, _, gs0, gs1, gsk = gx_rows if gx_rows is not None else _rows(gx_out)
+    grid = lambda meta: (  # noqa: E731
+        (triton.cdiv(m, meta["BLOCK_M"]) + triton.cdiv(n, meta["BLOCK_N"])) * triton.cdiv(k, meta["BLOCK_K"]),
+    )
+    _bwd_kernel[grid](
+        g, gs2, xr, weight, log_sigma2, gx_out, gw, gl, gb,
+        m, n, k, d1, s0, s1, sk, gs0, gs1, gsk,
+        weight.stride(0), weight.stride(1), log_sigma2.stride(0), log_sigma2.stride(1),
+        gw.stride(0), gw.stride(1), gl.stride(0), gl.stride(1),
+        _m_key(m),
+        ACC_F64=acc == torch.float64, PRECISION=_precision(x),
+    )
+    if gx_out is not gx:
+        gx.copy_(gx_out.view(gx.shape))
+    return gx, gw, gl, gb
+
+
+def lrt_noise(seed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """ξ of an LRT output of ``shape`` drawn by the kernels' generator (fp32, seed's device): the
+    in-kernel twin of :func:`sparsevd.ops.noise.lrt_noise`, for tests."""
+    out = torch.empty(tuple(shape), dtype=torch.float32, device=seed.device)
+    if out.numel():
+        block, warps = elementwise_block()
+        K.lrt_noise_kernel[(triton.cdiv(out.numel(), block),)](
+            seed, out, out.numel(), BLOCK=block, num_warps=warps,
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------ KL
+_TABLES: Dict[tuple, torch.Tensor] = {}
+_TABLES_MAX = 64
+
+
+def _layer_table(key: tuple, rows: List[List[int]], device: torch.device) -> torch.Tensor:
+    """The int64 layer table on ``device``, cached by its content (the parameters of a model and
+    the gradient buffers the allocator hands out usually repeat from one step to the next)."""
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) >= _TABLES_MAX:
+            _TABLES.clear()
+        table = torch.tensor(rows, dtype=torch.int64).to(device)
+        _TABLES[key] = table
+    return table
+
+
+def _kl_group(ws, ls, with_grad: bool):
+    """KL sum (acc dtype, 0-dim) and gradients of layers that share one dtype, one launch."""
+    dtype = ws[0].dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    block, warps = elementwise_block(dtype)
+    ws_c = [w.contiguous() for w in ws]
+    ls_c = [s.contiguous() for s in ls]
+    gws = [torch.empty(w.shape, dtype=dtype, device=w.device) for w in ws_c] if with_grad else []
+    gls = [torch.empty(s.shape, dtype=dtype, device=s.device) for s in ls_c] if with_grad else []
+    base = ws_c[0]
+    esize = base.element_size()
+    rows, first, ptrs = [], 0, []
+    for i, (w, s) in enumerate(zip(ws_c, ls_c)):
+        tensors = (w, s, gws[i], gls[i]) if with_grad else (w, s, w, s)
+        offs = []
+        for t in tensors:
+            d = t.data_ptr() - base.data_ptr()
+            if d % esize:
+                raise RuntimeError("kl_sparse_vd: a parameter is not aligned to its element size")
+            offs.append(d // esize)
+            ptrs.append(t.data_ptr())
+        rows.append([w.numel(), first, *offs])
+        first += triton.cdiv(w.numel(), block)
+    kl = torch.zeros((), dtype=acc, device=base.device)
+    if first > 0:
+        align = 16 // esize
+        aligned = all(p % 16 == 0 for p in ptrs)
+        table = _layer_table((tuple(ptrs), tuple(r[0] for r in rows), block), rows, base.device)
+        partial = torch.empty(first, dtype=acc, device=base.device)
+        KK.kl_sparse_vd_kernel[(first,)](
+            base, table, partial, len(rows),
+            ACC_F64=acc == torch.float64, WITH_GRAD=with_grad, ALIGN=align if aligned else 1,
+            L_PAD=max(triton.next_power_of_2(len(rows)), 2), BLOCK=block, num_warps=warps,
+        )
+        kl = partial.sum()
+    return kl, gws, gls
+
+
+def kl_fwd(weights: List[torch.Tensor], log_sigma2s: List[torch.Tensor], with_grad: bool):
+    """(Σ_layers KL, [∂KL/∂θ], [∂KL/∂log σ²]) as the reference backend's ``kl_fwd``: the KL in
+    promote(weights[0].dtype, fp32), the gradients in each parameter's dtype and shape ([] when
+    not ``with_grad``). One kernel launch per parameter dtype (one for a usual model), plus the sum
+    of the per-block partial sums."""
+    if len(weights) != len(log_sigma2s) or not weights:
+        raise ValueError(
+            f"weights, log_sigma2s: expected equal non-empty lists, got {len(weights)} and {len(log_sigma2s)}"
+        )
+    device = weights[0].device
+    for i, (w, s) in enumerate(zip(weights, log_sigma2s)):
+        _check_tensor(w, f"weights[{i}]", device)
+        _check_tensor(s, f"log_sigma2s[{i}]", device, (w.dtype,))
+        if s.shape != w.shape:
+            raise ValueError(f"log_sigma2s[{i}]: expected shape {tuple(w.shape)}, got {tuple(s.shape)}")
+    groups: Dict[torch.dtype, List[int]] = {}
+    for i, w in enumerate(weights):
+        groups.setdefault(w.dtype, []).append(i)
+    out_dtype = torch.promote_types(weights[0].dtype, torch.float32)
+    total = torch.zeros((), dtype=out_dtype, device=device) if len(groups) > 1 else None
+    grads_w: List[Optional[torch.Tensor]] = [None] * len(weights)
+    grads_l: List[Optional[torch.Tensor]] = [None] * len(weights)
+    for idx in groups.values():
+        kl, gws, gls = _kl_group([weights[i] for i in idx], [log_sigma2s[i] for i in idx], with_grad)
+        total = kl.to(out_dtype) if total is None else total + kl.to(out_dtype)
+        for j, i in enumerate(idx if with_grad else []):
+            grads_w[i] = _like(gws[j], weights[i])
+            grads_l[i] = _like(gls[j], log_sigma2s[i])
+    if not with_grad:
+        return total, [], []
+    return total, grads_w, grads_l
+
+
+def _like(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """g (contiguous) in the layout torch.empty_like(t) would have (what the fake impl promises)."""
+    if t.is_contiguous():
+        return g
+    return torch.empty_like(t).copy_(g)
+
+
+register_impl("lrt_linear", "triton", lrt_linear_fwd)
+register_impl("lrt_linear_backward", "triton", lrt_linear_bwd)
+register_impl("kl_sparse_vd", "triton", kl_fwd)
