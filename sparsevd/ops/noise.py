@@ -61,14 +61,10 @@ def _to_uniform(u: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.float32) * _UNIFORM_SCALE
 
 
-def randn_like_index(seed: int, numel: int, device=None, offset: int = 0) -> torch.Tensor:
-    """ξ[i] for i in [offset, offset + numel): fp32 standard normal, 1-D, on ``device``.
+def randn_torch(seed: int, numel: int, device=None, offset: int = 0) -> torch.Tensor:
+    """ξ[i] for i in [offset, offset + numel) computed with torch integer ops on ``device``.
 
-    Args:
-        seed: the integer seed (the value of the op's ``seed`` tensor).
-        numel: number of elements.
-        device: where to compute; the integer arithmetic runs there.
-        offset: index of the first element.
+    The specification of the generator (and the fallback when the compiled library is missing).
     """
     idx = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
     c0, c1 = philox_4x32(int(seed), idx)
@@ -76,6 +72,36 @@ def randn_like_index(seed: int, numel: int, device=None, offset: int = 0) -> tor
     u2 = _to_uniform(c1)
     r = torch.sqrt(-2.0 * torch.log(u1))
     return r * torch.cos(u2 * 6.283185307179586)
+
+
+def _native_cpu_generator() -> bool:
+    try:
+        from .. import _C  # noqa: F401  registers torch.ops.sparsevd.philox_randn_
+    except ImportError:
+        return False
+    return hasattr(torch.ops.sparsevd, "philox_randn_")
+
+
+_NATIVE_CPU = _native_cpu_generator()
+
+def randn_like_index(seed: int, numel: int, device=None, offset: int = 0) -> torch.Tensor:
+    """ξ[i] for i in [offset, offset + numel): fp32 standard normal, 1-D, on ``device``.
+
+    On CPU the compiled ``sparsevd::philox_randn_`` (csrc/cpu/philox_cpu.cpp, ~50× faster)
+    computes it when the extension is built; elsewhere :func:`randn_torch`.
+
+    Args:
+        seed: the integer seed (the value of the op's ``seed`` tensor).
+        numel: number of elements.
+        device: where to compute.
+        offset: index of the first element.
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cpu" and _NATIVE_CPU:
+        out = torch.empty(numel, dtype=torch.float32)
+        torch.ops.sparsevd.philox_randn_(out, int(seed), int(offset))
+        return out
+    return randn_torch(seed, numel, device=device, offset=offset)
 
 
 def lrt_noise(seed: torch.Tensor, shape, device=None) -> torch.Tensor:
