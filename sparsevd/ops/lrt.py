@@ -57,6 +57,7 @@ def _(grad, x, weight, log_sigma2, std, seed):
 
 def _lrt_linear_setup(ctx, inputs, output):
     x, weight, log_sigma2, bias, seed = inputs
+    ctx.mark_non_differentiable(output[1])  # std: saved for backward, not differentiable
     ctx.save_for_backward(x, weight, log_sigma2, output[1], seed)
     ctx.has_bias = bias is not None
 
@@ -128,6 +129,7 @@ def _(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups)
 
 def _lrt_conv2d_setup(ctx, inputs, output):
     x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups = inputs
+    ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, weight, log_sigma2, output[1], seed)
     ctx.has_bias = bias is not None
     ctx.conv_args = (stride, padding, dilation, groups)
