@@ -449,3 +449,18 @@ def test_cli_wiring(lenet300, tmp_path, capsys):
     assert main(["deploy", str(ck), "--out", str(out), "--cost-model", "csr", "--min-time", "0.01",
                  "--batch", "2"]) == 0
     assert Path(out).is_file() and "deployed ms" in capsys.readouterr().out
+
+
+def test_deployed_model_copies_pickles_and_casts(lenet300, tmp_path):
+    import copy
+
+    dep = _mixed_plans(sparsevd.deploy(lenet300, cost_model="csr"))
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        y = dep(x)
+        assert torch.equal(copy.deepcopy(dep)(x), y)
+        torch.save(dep, tmp_path / "m.pt")
+        assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(x), y)
+        d64 = copy.deepcopy(dep).double()
+        assert d64[1].values.dtype == torch.float64 and d64[1].col_indices.dtype == torch.int16
+        assert_close(d64(x.double()), y, RTOL, ATOL)

@@ -173,15 +173,16 @@ class _SparseBase(nn.Module):
         raise NotImplementedError
 
     def _run_csr(self, x: Tensor) -> Tensor:
-        if self._kernel is not None:
-            return self._kernel(x, self.crow_indices, self.col_indices, self.values, self.bias)
+        if self._use_kernel:
+            return torch.ops.sparsevd.csr_linear.default(
+                x, self.crow_indices, self.col_indices, self.values, self.bias
+            )
         warn_fallback(type(self).__name__)
         return csr_linear_torch(x, self.crow_indices, self.col_indices, self.values, self.bias)
 
     def _refresh(self) -> None:
         # the compiled kernel for the buffers' device (x must be there too), and the dense caches
-        self._kernel = (torch.ops.sparsevd.csr_linear.default
-                        if kernel_available(self.values.device) else None)
+        self._use_kernel = kernel_available(self.values.device)
         self._build_caches()
 
     def _apply(self, fn, recurse=True):
