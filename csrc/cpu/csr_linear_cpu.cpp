@@ -167,6 +167,79 @@ SVD_AVX2 inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// In-register 8x8 transpose: r[i][j] -> r[j][i].
+SVD_AVX2 inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// flush_rows for fp32 with 8x8 register transposes: y[i, rr] = buf[rr, i] + b[rr].
+SVD_AVX2 inline void flush_rows_avx2(const float* buf, int nr, int tm, int64_t mt, float* y, int64_t ldy,
+                                     const float* b) {
+  if (mt != tm || nr % 8 != 0) {
+    flush_rows(buf, nr, tm, mt, y, ldy, b);
+    return;
+  }
+  for (int r0 = 0; r0 < nr; r0 += 8) {
+    const __m256 bias = b ? _mm256_loadu_ps(b + r0) : _mm256_setzero_ps();
+    for (int i0 = 0; i0 < tm; i0 += 8) {
+      __m256 r[8];
+      for (int q = 0; q < 8; ++q) r[q] = _mm256_load_ps(buf + (r0 + q) * tm + i0);
+      transpose8(r);  // r[c] = buf[r0 .. r0+8, i0 + c]
+      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(y + (i0 + c) * ldy + r0, _mm256_add_ps(r[c], bias));
+    }
+  }
+}
+
+// pack_tiles for fp32 rows with unit stride: 8x8 blocks transposed in registers.
+SVD_AVX2 void pack_tiles_avx2(const float* x, int64_t M, int64_t K, int64_t sxm, int tm, float* xp,
+                              int nthreads, bool parallel) {
+  const int64_t nt = (M + tm - 1) / tm;
+  const int64_t nkb = (K + kPackBlock - 1) / kPackBlock;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads) if (parallel)
+  for (int64_t t = 0; t < nt; ++t) {
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const int64_t k0 = kb * kPackBlock, k1 = std::min(K, k0 + kPackBlock);
+      float* dst = xp + t * K * tm;
+      for (int i0 = 0; i0 < tm; i0 += 8) {
+        const float* src[8];
+        bool full = true;
+        for (int q = 0; q < 8; ++q) {
+          const int64_t m = t * tm + i0 + q;
+          src[q] = m < M ? x + m * sxm : nullptr;
+          full = full && m < M;
+        }
+        int64_t k = k0;
+        if (full) {
+          for (; k + 8 <= k1; k += 8) {
+            __m256 r[8];
+            for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(src[q] + k);
+            transpose8(r);  // r[c] = x[m0 .. m0+8, k + c]
+            for (int c = 0; c < 8; ++c) _mm256_store_ps(dst + (k + c) * tm + i0, r[c]);
+          }
+        }
+        for (; k < k1; ++k) {
+          for (int q = 0; q < 8; ++q) dst[k * tm + i0 + q] = src[q] ? src[q][k] : 0.f;
+        }
+      }
+    }
+  }
+}
+
 template <typename I, typename C>
 SVD_AVX2 void spmv_avx2(const float* x, const C* crow, const I* col, const float* val,
                         const float* bias, float* y, int64_t r0, int64_t r1) {
@@ -235,7 +308,7 @@ SVD_AVX2 void spmm_part_avx2(const float* xpt, const C* crow, const I* col, cons
     for (int rr = 0; rr < nr; ++rr) {
       row_tile_avx2<V, U>(xpt, col, val, crow[rb + rr], crow[rb + rr + 1], buf + rr * TM);
     }
-    flush_rows(buf, nr, TM, mt, y + rb, ldy, bias ? bias + rb : nullptr);
+    flush_rows_avx2(buf, nr, TM, mt, y + rb, ldy, bias ? bias + rb : nullptr);
   }
 }
 #endif  // SPARSEVD_X86
@@ -334,7 +407,16 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
   const int64_t nt = (M + tm - 1) / tm;
   at::Tensor xp_t = at::empty({nt * K * tm}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   T* xp = xp_t.data_ptr<T>();
+#ifdef SPARSEVD_X86
+  if constexpr (kSimdTypes) {
+    if (simd && sxk == 1) pack_tiles_avx2(x, M, K, sxm, tm, xp, nthreads, parallel);
+    else pack_tiles(x, M, K, sxm, sxk, tm, xp, nthreads, parallel);
+  } else {
+    pack_tiles(x, M, K, sxm, sxk, tm, xp, nthreads, parallel);
+  }
+#else
   pack_tiles(x, M, K, sxm, sxk, tm, xp, nthreads, parallel);
+#endif
 
   const auto parts = row_parts(crow, N, parallel ? int64_t(nthreads) * 4 : 1);
   const int64_t P = static_cast<int64_t>(parts.size()) - 1;
@@ -350,7 +432,7 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
         if (simd) {
           switch (tm) {
             case 8: spmm_part_avx2<1, 8>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
-            case 16: spmm_part_avx2<2, 4>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
+            case 16: spmm_part_avx2<2, 2>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
             case 32: spmm_part_avx2<4, 2>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
             default: spmm_part_avx2<8, 1>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
           }
