@@ -39,7 +39,8 @@ def kl_sparse_vd_kernel(
     partial_ptr[pid] (the launcher sums the partials) and, when WITH_GRAD, ∂KL/∂θ and ∂KL/∂log σ².
     θ and log σ² are read once. ALIGN: every offset is a multiple of ALIGN elements (16 bytes), so
     the loads of full blocks vectorize (only a layer's last block is masked).
-    log1p(z) is Goldberg's log(u)·z/(u − 1), u = 1 + z (accurate for small z).
+    log1p(z) is Goldberg's log(u)·z/(u − 1), u = 1 + z (accurate for small z), and 1 − s is
+    e^{−z}·s, z = k2 + k3·log α (no cancellation where s → 1, log α → 10).
     Grid: Σ_layers cdiv(numel, BLOCK).
     """
     if ACC_F64:
@@ -70,17 +71,19 @@ def kl_sparse_vd_kernel(
     b_t2 = b_w * b_w + EPS_THETA
     b_raw = b_l - tl.log(b_t2)
     b_la = tl.minimum(tl.maximum(b_raw, -LOG_ALPHA_CLAMP), LOG_ALPHA_CLAMP)
-    b_s = 1.0 / (1.0 + tl.exp(-(b_la * K3 + K2)))  # sigmoid(k2 + k3 log α)
+    b_ez = tl.exp(-(b_la * K3 + K2))
+    b_s = 1.0 / (1.0 + b_ez)  # s = sigmoid(k2 + k3 log α)
+    b_1ms = b_ez * b_s  # 1 − s without the cancellation of 1 − s near s = 1
     b_e = tl.exp(-b_la)  # ≤ e^10
     b_u = 1.0 + b_e
     b_log1p = tl.where(b_u == 1.0, b_e, tl.log(b_u) * (b_e / (b_u - 1.0)))
-    b_kl = (1.0 - b_s) * K1 + 0.5 * b_log1p
+    b_kl = b_1ms * K1 + 0.5 * b_log1p
     tl.store(partial_ptr + pid, tl.sum(tl.where(m, b_kl, 0.0), axis=0))
 
     if WITH_GRAD:
         p_gw = base_ptr + tl.multiple_of(tl.load(p_row + 4), ALIGN)
         p_gl = base_ptr + tl.multiple_of(tl.load(p_row + 5), ALIGN)
-        b_dla = -(b_s * (1.0 - b_s) * (K1 * K3) + 0.5 * (b_e / b_u))
+        b_dla = -(b_s * b_1ms * (K1 * K3) + 0.5 * (b_e / b_u))
         inside = (b_raw > -LOG_ALPHA_CLAMP) & (b_raw < LOG_ALPHA_CLAMP)
         b_gl = tl.where(inside, b_dla, 0.0)
         b_gw = b_gl * (-2.0 * b_w / b_t2)

@@ -49,7 +49,7 @@ def _kl_bwd(ctx, grad_kl, _grads_w, _grads_ls2):
     # One multi-tensor launch (per dtype and device) instead of one multiply per tensor; a 0-dim
     # grad_kl keeps each gradient in its parameter's dtype.
     scaled = torch._foreach_mul(list(ctx.saved_tensors), grad_kl)
-    return scaled[: ctx.n], scaled[ctx.n:], None
+    return list(scaled[: ctx.n]), list(scaled[ctx.n:]), None
 
 
 kl_sparse_vd.register_autograd(_kl_bwd, setup_context=_kl_setup)

@@ -20,6 +20,7 @@ gradients of the parameters.
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -34,28 +35,85 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ------------------------------------------------------------------------------------ autotuning
-def matmul_configs() -> List[triton.Config]:
-    """Tile configurations of the LRT kernels: a single one under TRITON_INTERPRET=1 (the
-    interpreter's time grows with the number of programs and loop steps, hardly with the tile
-    size), a handful on GPU (two fp32 accumulators per program, so at most 128x128 tiles)."""
+#: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel and kind of dot, checked with
+#: Triton 3.9's bundled ptxas for sm_90a (no GPU needed; see benchmarks/NOTES.md): no register
+#: spill (or under 400 bytes where marked), shared memory under 227 KB. "tc": tensor-core dots
+#: (tf32, tf32x3, bf16, fp16); "ieee": fp32 FMA dots, which keep a whole K slice of both operands
+#: in registers, hence the short BLOCK_K; "fp64": gradcheck-sized tiles.
+TILES = {
+    ("fwd", "tc"): [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3), (128, 64, 64, 8, 2),
+                    (64, 64, 64, 8, 3), (32, 64, 64, 4, 2), (16, 64, 64, 4, 2)],
+    ("fwd", "tc32"): [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3), (128, 64, 64, 8, 2),
+                      (64, 64, 64, 8, 3), (32, 64, 64, 4, 2), (16, 64, 64, 4, 2)],
+    ("fwd", "ieee"): [(64, 64, 8, 8, 3), (64, 64, 16, 8, 2), (128, 64, 8, 8, 2), (32, 64, 8, 4, 2),
+                      (16, 64, 16, 4, 2)],
+    ("fwd", "fp64"): [(32, 32, 16, 4, 2), (16, 32, 32, 4, 2)],
+    # The backward allocates shared memory for both kinds of programs, and fp32 operands take twice
+    # the bf16 bytes: fewer large tiles for tf32.
+    ("bwd", "tc"): [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 2), (64, 64, 32, 8, 3),
+                    (128, 64, 64, 8, 2), (64, 64, 64, 8, 3), (32, 64, 64, 4, 2), (16, 64, 64, 4, 2)],
+    ("bwd", "tc32"): [(64, 64, 32, 8, 3), (64, 64, 64, 8, 3), (128, 64, 64, 8, 2), (32, 64, 64, 4, 2),
+                      (16, 64, 64, 4, 2)],
+    ("bwd", "ieee"): [(32, 32, 16, 4, 2), (64, 64, 8, 8, 3), (16, 64, 16, 4, 2)],  # 2nd, 3rd: < 400 B spill
+    ("bwd", "fp64"): [(32, 32, 16, 4, 2), (16, 32, 32, 4, 2)],
+}
+#: The one configuration used under TRITON_INTERPRET=1, where the time grows with the number of
+#: programs and loop steps (Python overhead per operation) and hardly with the tile size.
+INTERPRETER_TILES = (32, 256, 512, 4, 1)
+
+
+def _config(t, group_m=8) -> triton.Config:
+    bm, bn, bk, warps, stages = t
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages)
+
+
+def matmul_configs(kernel: str) -> List[triton.Config]:
+    """The autotuning candidates of the "fwd" or "bwd" LRT kernel: a single configuration when
+    interpreting (TRITON_INTERPRET=1), otherwise the union of :data:`TILES` for that kernel,
+    narrowed per call by :func:`_prune`."""
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4)]
+        return [_config(INTERPRETER_TILES)]
+    seen, out = set(), []
+    for (k, _), tiles in TILES.items():
+        for t in tiles if k == kernel else ():
+            if t not in seen:
+                seen.add(t)
+                out.append(_config(t))
+    return out
 
-    def c(bm, bn, bk, warps, stages):
-        return triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-            num_warps=warps, num_stages=stages,
-        )
 
-    return [
-        c(128, 128, 32, 8, 3),
-        c(128, 128, 64, 8, 3),
-        c(128, 64, 32, 4, 4),
-        c(64, 128, 32, 4, 4),
-        c(64, 64, 64, 4, 3),
-        c(32, 64, 64, 4, 4),
-        c(16, 64, 128, 4, 3),
-    ]
+def _dot_kind(x_dtype: torch.dtype, precision: str, acc_f64: bool) -> str:
+    if acc_f64:
+        return "fp64"
+    if x_dtype == torch.float32:
+        return "ieee" if precision == "ieee" else "tc32"
+    return "tc32" if x_dtype == torch.float16 else "tc"  # fp16: variance dots on fp32 operands
+
+
+def _pruner(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        if len(configs) <= 1:
+            return configs
+        kind = _dot_kind(named_args["x_ptr"].dtype, kwargs["PRECISION"], kwargs["ACC_F64"])
+        tiles = TILES[(kernel, kind)]
+        if named_args["M_KEY"] <= 32:  # small batches: small row tiles only
+            tiles = [t for t in tiles if t[0] <= 32] or tiles
+        want = {t for t in tiles}
+        return [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in want]
+    return prune
+
+
+def _autotuned(kernel, name: str, configs: Optional[List[triton.Config]] = None):
+    """``kernel`` wrapped in triton.autotune over :func:`matmul_configs` (or ``configs``), keyed on
+    the problem size (M rounded up to a power of two), the dot precision and the tensor dtypes;
+    tuning results are cached on disk."""
+    key = ["M_KEY", "N", "K", "PRECISION"] + (["HAS_BIAS"] if name == "fwd" else [])
+    return triton.autotune(
+        configs=configs if configs is not None else matmul_configs(name), key=key,
+        prune_configs_by={"early_config_prune": _pruner(name)}, cache_results=True,
+    )(kernel)
 
 
 def elementwise_block(dtype: torch.dtype = torch.float32) -> Tuple[int, int]:
@@ -67,12 +125,8 @@ def elementwise_block(dtype: torch.dtype = torch.float32) -> Tuple[int, int]:
     return (1024 if dtype == torch.float64 else 2048), 8
 
 
-_fwd_kernel = triton.autotune(configs=matmul_configs(), key=["M_KEY", "N", "K", "HAS_BIAS", "PRECISION"])(
-    K.lrt_linear_fwd_kernel
-)
-_bwd_kernel = triton.autotune(configs=matmul_configs(), key=["M_KEY", "N", "K", "PRECISION"])(
-    K.lrt_linear_bwd_kernel
-)
+_fwd_kernel = _autotuned(K.lrt_linear_fwd_kernel, "fwd")
+_bwd_kernel = _autotuned(K.lrt_linear_bwd_kernel, "bwd")
 
 
 # -------------------------------------------------------------------------------------- helpers
@@ -108,12 +162,22 @@ def _acc_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
 
 
+#: Overrides the fp32 dot precision ("ieee", "tf32" or "tf32x3"; three TF32 products give about
+#: fp32 accuracy on tensor cores). Unset: "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee".
+FP32_PRECISION_ENV = "SPARSEVD_FP32_PRECISION"
+
+
 def _precision(x: torch.Tensor) -> str:
     if x.dtype == torch.float16:
         return "tf32"  # the variance products of fp16 inputs run on fp32 operands
-    if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    if x.dtype != torch.float32:
+        return "ieee"  # bf16 dots ignore it; fp64 dots are exact
+    forced = os.environ.get(FP32_PRECISION_ENV, "").strip().lower()
+    if forced:
+        if forced not in ("ieee", "tf32", "tf32x3"):
+            raise ValueError(f"{FP32_PRECISION_ENV}={forced!r}: expected ieee, tf32 or tf32x3")
+        return forced
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _rows(t: torch.Tensor) -> Optional[Tuple[torch.Tensor, int, int, int, int]]:

@@ -1,0 +1,197 @@
+"""LRT linear benchmark: the fused Triton op against dense and the naive reference (BENCHMARKS.md).
+
+Shapes (M = batch rows, K = in_features, N = out_features):
+  - LeNet-300-100's layers at B=100, fp32: 100x784x300, 100x300x100, 100x100x10;
+  - 1024x1024 at B=256, fp32;
+  - 4096x4096 at M=8192 under bf16 autocast (bf16 activations, fp32 parameters).
+Modes: fwd (forward with autograd recording, as in training), bwd (the backward of that forward),
+full (forward + backward). Providers:
+  - ``dense``: F.linear (nn.Linear's forward) on x, θ, b, the same dtype / autocast;
+  - ``reference``: sparsevd.reference.lrt_linear with ξ = torch.randn_like (the authors' naive
+    formulation: two matmuls and ~10 elementwise passes forward, autograd backward);
+  - ``reference_compiled``: torch.compile of that function (default mode);
+  - ``sparsevd``: the fused op torch.ops.sparsevd.lrt_linear with a fresh seed per call (the seed
+    draw is timed too), SPARSEVD_BACKEND=triton.
+Each row carries ``tflops`` from the provider's essential FLOPs (dense: 2MNK forward, 4MNK
+backward; LRT: twice that, the mean and the variance products) and ``gbps`` from the byte floor
+of benchmarks/NOTES.md (the tensors each direction must read and write once).
+
+GPU only: timing by triton.testing.do_bench (CUDA events, L2 flushed, median / p20 / p80), leaf
+gradients set to None between runs. Without CUDA the script stops with a message, unless
+``--smoke``: tiny shapes on CPU (sparsevd then runs the kernels in Triton's interpreter), no
+result file, to check the harness.
+
+Usage: python -m benchmarks.bench_lrt_linear [--shapes lenet 1024 4096] [--modes fwd bwd full]
+       [--providers dense reference reference_compiled sparsevd] [--no-save] [--smoke]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import common
+
+SHAPES = {
+    # name: list of (M, K, N, dtype, autocast)
+    "lenet": [(100, 784, 300, torch.float32, False), (100, 300, 100, torch.float32, False),
+              (100, 100, 10, torch.float32, False)],
+    "1024": [(256, 1024, 1024, torch.float32, False)],
+    "4096": [(8192, 4096, 4096, torch.bfloat16, True)],
+}
+SMOKE_SHAPES = [(8, 24, 16, torch.float32, False)]
+PROVIDERS = ("dense", "reference", "reference_compiled", "sparsevd")
+MODES = ("fwd", "bwd", "full")
+
+
+def flops(provider: str, mode: str, m: int, k: int, n: int) -> float:
+    """Essential FLOPs: 2MNK per matmul; dense 1 forward + 2 backward, LRT 2 + 4."""
+    per = {"fwd": 1, "bwd": 2, "full": 3}[mode] * 2.0 * m * n * k
+    return per if provider == "dense" else 2.0 * per
+
+
+def byte_floor(provider: str, mode: str, m: int, k: int, n: int, act_bytes: int) -> float:
+    """Bytes each direction must move at least (benchmarks/NOTES.md, "LRT linear").
+
+    fwd: read x, θ (and log σ², b) once; write y (and the fp32 std the backward needs).
+    bwd: read g, x, θ (and log σ², std); write ∂x, ∂θ (and ∂log σ²), ∂b.
+    Parameters are fp32 (4 bytes) under autocast too; x, y, g and ∂x take ``act_bytes``.
+    """
+    p = 4
+    if provider == "dense":
+        fwd = act_bytes * (m * k + m * n) + p * (n * k + n)
+        bwd = act_bytes * (m * n + m * k + m * k) + p * (n * k + n * k + n)
+    else:
+        fwd = act_bytes * (m * k + m * n) + 4 * m * n + p * (2 * n * k + n)
+        bwd = act_bytes * (m * n + m * k + m * k) + 4 * m * n + p * (2 * n * k + 2 * n * k + n)
+    return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
+
+
+def _reference_fn(x, w, ls2, b):
+    from sparsevd import reference as R
+
+    mu_like = torch.empty((*x.shape[:-1], w.shape[0]), device=x.device, dtype=x.dtype)
+    return R.lrt_linear(x, w, ls2, b, torch.randn_like(mu_like))
+
+
+def _make_forward(provider: str, compiled: Dict[str, Callable]) -> Callable:
+    if provider == "dense":
+        return lambda x, w, ls2, b: F.linear(x, w, b)
+    if provider == "reference":
+        return _reference_fn
+    if provider == "reference_compiled":
+        if "ref" not in compiled:
+            compiled["ref"] = torch.compile(_reference_fn)
+        return compiled["ref"]
+    if provider == "sparsevd":
+        from sparsevd import ops
+        from sparsevd.functional import draw_seed
+
+        return lambda x, w, ls2, b: ops.lrt_linear(x, w, ls2, b, draw_seed(x.device))[0]
+    raise ValueError(f"provider: unknown {provider!r}")
+
+
+def _timer(device: str):
+    if device.startswith("cuda"):
+        import triton.testing
+
+        def run(fn, leaves):
+            return list(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=leaves,
+                                                quantiles=[0.5, 0.2, 0.8]))
+        return run
+
+    def run_cpu(fn, leaves):
+        def wrapped():
+            for t in leaves:
+                t.grad = None
+            fn()
+        return common.time_cpu(wrapped, min_run_time=0.2)
+    return run_cpu
+
+
+def bench_shape(m, k, n, dtype, autocast, device, providers, modes, compiled) -> List[Dict]:
+    env = common.environment(device)
+    timer = _timer(device)
+    rows = []
+    shape = f"M={m},K={k},N={n}"
+    dtype_name = ("autocast-" if autocast else "") + str(dtype).replace("torch.", "")
+    act_bytes = torch.empty((), dtype=dtype).element_size()
+    gen = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.randn(m, k, device=device, generator=gen).to(dtype)
+    w = (torch.randn(n, k, device=device, generator=gen) / k**0.5).requires_grad_()
+    ls2 = torch.empty(n, k, device=device).uniform_(-12.0, -4.0, generator=gen).requires_grad_()
+    b = torch.randn(n, device=device, generator=gen).requires_grad_()
+    g = torch.randn(m, n, device=device, generator=gen).to(dtype)
+    if not autocast:  # fp32 end to end; under autocast the parameters stay fp32
+        w.data, ls2.data, b.data = w.data.to(dtype), ls2.data.to(dtype), b.data.to(dtype)
+    x = x0.clone().requires_grad_()
+    ctx = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=dtype)) if autocast else None
+    for provider in providers:
+        fwd_fn = _make_forward(provider, compiled)
+        leaves = [x, w, b] if provider == "dense" else [x, w, ls2, b]
+
+        def forward():
+            if ctx is None:
+                return fwd_fn(x, w, ls2, b)
+            with ctx():
+                return fwd_fn(x, w, ls2, b)
+
+        for mode in modes:
+            if mode == "fwd":
+                fn = forward
+            elif mode == "bwd":
+                y = forward()
+                fn = lambda y=y: y.backward(g, retain_graph=True)  # noqa: E731
+            else:
+                fn = lambda: forward().backward(g)  # noqa: E731
+            times = timer(fn, leaves)
+            rows.append(common.make_row(
+                "lrt_linear", shape, dtype_name, mode, provider, times, env, batch=m,
+                nbytes=byte_floor(provider, mode, m, k, n, act_bytes),
+                flops=flops(provider, mode, m, k, n),
+                **({"compile_mode": "default"} if provider == "reference_compiled" else {}),
+            ))
+            common.print_rows(rows[-1:])
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes on CPU (kernels in Triton's interpreter), nothing saved")
+    args = ap.parse_args(argv)
+
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ["SPARSEVD_BACKEND"] = "triton"
+        device, shapes, save = "cpu", SMOKE_SHAPES, False
+        providers = [p for p in args.providers if p != "reference_compiled"]  # skip the C++ build
+    else:
+        if not torch.cuda.is_available():
+            print("bench_lrt_linear: needs a CUDA GPU (the fused kernels are GPU kernels; on CPU they "
+                  "only run in Triton's interpreter). Run with --smoke for a tiny CPU check of the "
+                  "harness.", file=sys.stderr)
+            return 2
+        os.environ.setdefault("SPARSEVD_BACKEND", "triton")
+        device, save, providers = "cuda", not args.no_save, args.providers
+        shapes = [s for name in args.shapes for s in SHAPES[name]]
+    rows, compiled = [], {}
+    for m, k, n, dtype, autocast in shapes:
+        rows += bench_shape(m, k, n, dtype, autocast, device, providers, args.modes, compiled)
+    print()
+    common.print_rows(rows, baseline="dense")
+    if save:
+        print("saved to", common.save_rows(rows, device))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,575 @@
+"""The fused Triton LRT linear kernels (sparsevd.triton_kernels.lrt_linear, launched by
+sparsevd.ops.triton_impl) against the reference math on identical noise.
+
+Without a GPU every kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
+the shape tests use 16x32x32 tiles (fixture small_tiles) and sit on, under and over them; one test
+crosses the interpreter's default 32x256x512 tiles. bf16/fp16 autocast and the autotuned GPU configs are tested on a GPU only.
+The oracle is sparsevd.reference.lrt_linear in fp64 with autograd, fed the noise of
+sparsevd.ops.noise (the torch twin of tl.randn).
+"""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_close
+
+import sparsevd
+import sparsevd.functional as SF
+from sparsevd import reference as R
+from sparsevd.ops import backend
+from sparsevd.ops.noise import lrt_noise
+
+triton = pytest.importorskip("triton")
+from sparsevd.ops import triton_impl as TI  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+F64 = torch.float64
+N_SE = 5.0  # statistical bounds, in standard errors (a false alarm about once in 10⁶ runs)
+OP = torch.ops.sparsevd.lrt_linear.default
+OP_BWD = torch.ops.sparsevd.lrt_linear_backward.default
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("SPARSEVD_BACKEND", "triton")
+
+
+def _numpy_blas_threads(n: int):
+    """Set the thread count of numpy's bundled OpenBLAS (what tl.dot runs on in the interpreter);
+    returns the previous count, or None when the library is not found. On a shared 2-core machine
+    a multi-threaded OpenBLAS spins against the other processes: a 32x128x128 matmul then takes
+    ~25 ms instead of ~0.02 ms."""
+    import ctypes
+    import glob
+
+    import numpy
+
+    root = os.path.dirname(os.path.dirname(numpy.__file__))
+    for path in glob.glob(os.path.join(root, "numpy.libs", "*openblas*")):
+        lib = ctypes.CDLL(path)
+        for prefix in ("scipy_openblas", "openblas"):
+            get = getattr(lib, f"{prefix}_get_num_threads64_", None) or getattr(lib, f"{prefix}_get_num_threads", None)
+            set_ = getattr(lib, f"{prefix}_set_num_threads64_", None) or getattr(lib, f"{prefix}_set_num_threads", None)
+            if get is not None and set_ is not None:
+                old = get()
+                set_(n)
+                return old
+    return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The interpreter's work is many tiny numpy/torch ops: one thread each (no spinning against
+    the other processes of a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    old_blas = _numpy_blas_threads(1)
+    yield
+    torch.set_num_threads(n)
+    if old_blas is not None:
+        _numpy_blas_threads(old_blas)
+
+
+def fresh_seed() -> torch.Tensor:
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=DEVICE)
+
+
+def make_params(n, k, bias=True, dtype=torch.float32, device=DEVICE):
+    """θ ~ N(0, 1/k), log σ² ~ U(−6, 0) (σ² well away from 0, so the variance path matters),
+    b ~ N(0, 1)."""
+    w = torch.randn(n, k, dtype=dtype, device=device) / math.sqrt(max(k, 1))
+    ls2 = torch.empty(n, k, dtype=dtype, device=device).uniform_(-6.0, 0.0)
+    b = torch.randn(n, dtype=dtype, device=device) if bias else None
+    return w, ls2, b
+
+
+def oracle(x, w, ls2, b, seed, g, noise_fn=lrt_noise):
+    """fp64 y and (∂x, ∂θ, ∂log σ², ∂b) of the reference math on the op's noise (from
+    sparsevd.ops.noise, or from the kernels' own generator with noise_fn=TI.lrt_noise)."""
+    leaves = [None if t is None else t.detach().to(F64).requires_grad_() for t in (x, w, ls2, b)]
+    noise = noise_fn(seed, (*x.shape[:-1], w.shape[0])).to(F64)
+    y = R.lrt_linear(*leaves, noise)
+    y.backward(g.to(F64))
+    return y.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def fused(x, w, ls2, b, seed, g):
+    """y, std and the gradients of the op with the triton backend."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (x, w, ls2, b)]
+    y, std = OP(*leaves, seed)
+    y.backward(g)
+    return y.detach(), std, [None if t is None else t.grad for t in leaves]
+
+
+def check(actual, expected, name, rtol=1e-4):
+    """rtol on each element, atol relative to the tensor's scale (sums that cancel to ~0)."""
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    assert_close(actual, expected, rtol=rtol, atol=rtol * 0.1 * scale + 1e-7, name=name)
+
+
+def run_and_compare(x, w, ls2, b, rtol=1e-4, noise_fn=lrt_noise):
+    seed = fresh_seed()
+    g = torch.randn(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
+    y, std, grads = fused(x, w, ls2, b, seed, g)
+    y_ref, grads_ref = oracle(x, w, ls2, b, seed, g, noise_fn)
+    assert y.dtype == x.dtype and std.dtype == torch.promote_types(x.dtype, w.dtype)
+    check(y, y_ref, "y", rtol)
+    x64 = x.detach().to(F64)
+    std_ref = torch.sqrt(torch.nn.functional.linear(x64 * x64, torch.exp(ls2.detach().to(F64))) + R.EPS_VAR)
+    check(std, std_ref, "std", rtol)
+    for name, a, e in zip(("grad_x", "grad_weight", "grad_log_sigma2", "grad_bias"), grads, grads_ref):
+        if e is None:
+            assert a is None, name
+        else:
+            assert a.shape == e.shape and a.dtype == x.dtype, name
+            check(a, e, name, rtol)
+
+
+# ------------------------------------------------------------------------------ values, fp32
+SMALL_TILES = (16, 32, 32, 4, 1)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages; GROUP_M = 2
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """16x32x32 tiles in groups of 2 row tiles instead of the interpreter's big default tiles, so
+    that small shapes span many tiles, K steps and tile groups."""
+    cfg = [TI._config(SMALL_TILES, group_m=2)]
+    monkeypatch.setattr(TI, "_fwd_kernel", TI._autotuned(TI.K.lrt_linear_fwd_kernel, "fwd", cfg))
+    monkeypatch.setattr(TI, "_bwd_kernel", TI._autotuned(TI.K.lrt_linear_bwd_kernel, "bwd", cfg))
+
+
+SHAPES = [  # (M, K, N) against 16x32x32 tiles
+    (1, 1, 1),
+    (37, 129, 65),  # primes and odd sizes: every tile masked
+    (16, 32, 32),  # exactly one tile
+    (15, 31, 31),  # just under the tile sizes
+    (17, 33, 33),  # just over
+    (48, 95, 97),  # three row tiles (two groups), K just under three steps, N just over three tiles
+    (3, 100, 7),  # a K loop of four steps, tiny output
+]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in SHAPES])
+def test_forward_and_gradients_match_reference(small_tiles, m, k, n):
+    x = torch.randn(m, k, device=DEVICE)
+    run_and_compare(x, *make_params(n, k))
+
+
+def test_default_interpreter_tiles():
+    """The interpreter's own config (32x256x512): a shape just over it in every dimension."""
+    assert TI.INTERPRETER_TILES[:3] == (32, 256, 512) or CUDA
+    x = torch.randn(33, 513, device=DEVICE)
+    run_and_compare(x, *make_params(257, 513))
+
+
+def test_no_bias(small_tiles):
+    x = torch.randn(19, 70, device=DEVICE)
+    run_and_compare(x, *make_params(33, 70, bias=False))
+
+
+def _expanded(m, k):
+    return torch.randn(1, k, device=DEVICE).expand(m, k)  # stride 0 along the rows
+
+
+LAYOUTS = {
+    "3d": lambda k: torch.randn(2, 5, k, device=DEVICE),
+    "1d": lambda k: torch.randn(k, device=DEVICE),
+    "transposed": lambda k: torch.randn(k, 21, device=DEVICE).t(),
+    "sliced": lambda k: torch.randn(21, 2 * k, device=DEVICE)[:, ::2],
+    "3d_permuted": lambda k: torch.randn(5, 3, k, device=DEVICE).transpose(0, 1),
+    "4d": lambda k: torch.randn(2, 3, 2, k, device=DEVICE),
+    "4d_permuted": lambda k: torch.randn(3, 2, 2, k, device=DEVICE).permute(1, 0, 2, 3),
+    "expanded": lambda k: _expanded(9, k),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_input_layouts(small_tiles, layout):
+    """Any leading shape and non-contiguous x: read through its strides (one or two leading dims)
+    or, for more leading dims that do not flatten, through a copy; ∂x comes back in x's layout."""
+    k, n = 37, 11
+    x = LAYOUTS[layout](k)
+    run_and_compare(x, *make_params(n, k))
+
+
+def test_non_contiguous_parameters(small_tiles):
+    x = torch.randn(13, 40, device=DEVICE)
+    w, ls2, b = make_params(40, 17)
+    w, ls2, b = w.t(), ls2.t(), torch.randn(34, device=DEVICE)[::2]  # (17, 40) views, strided bias
+    run_and_compare(x, w, ls2, b)
+
+
+def test_zero_in_features():
+    """K = 0: y = b + 1e-4·ξ; ∂θ, ∂log σ², ∂x are empty and ∂b = Σ g."""
+    x = torch.randn(6, 0, device=DEVICE)
+    run_and_compare(x, *make_params(5, 0))
+
+
+class _NoLaunch:
+    """Stands in for a kernel module or launcher and fails the test if anything is launched."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"a kernel was launched for an empty batch ({name})")
+
+    def __getitem__(self, grid):
+        raise AssertionError("a kernel was launched for an empty batch")
+
+
+@pytest.mark.parametrize("lead", [(0,), (3, 0)])
+def test_empty_batch_launches_nothing(monkeypatch, lead):
+    monkeypatch.setattr(TI, "_fwd_kernel", _NoLaunch())
+    monkeypatch.setattr(TI, "_bwd_kernel", _NoLaunch())
+    monkeypatch.setattr(TI, "K", _NoLaunch())
+    w, ls2, b = make_params(7, 5)
+    x = torch.randn(*lead, 5, device=DEVICE, requires_grad=True)
+    leaves = [t.requires_grad_() for t in (w, ls2, b)]
+    y, std = OP(x, *leaves, fresh_seed())
+    assert y.shape == (*lead, 7) and std.shape == (*lead, 7)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for t in leaves:
+        assert t.grad is not None and torch.count_nonzero(t.grad) == 0
+
+
+def test_tf32_flag_path():
+    """allow_tf32 selects input_precision="tf32" (identical to IEEE in the interpreter; on a GPU the
+    error is the TF32 one)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert TI._precision(torch.empty(1)) == "tf32"
+        x = torch.randn(9, 33, device=DEVICE)
+        run_and_compare(x, *make_params(10, 33), rtol=1e-4 if not CUDA else 3e-2)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert TI._precision(torch.empty(1)) == ("tf32" if old else "ieee")
+
+
+def test_gpu_config_pruning():
+    """On a GPU the autotuner gets the union of TILES; the pruner keeps the set of the call's dot
+    kind (IEEE fp32 FMA tiles have BLOCK_K ≤ 16; fp64 tiles are small) and only row tiles ≤ 32
+    for batches ≤ 32."""
+    for kernel in ("fwd", "bwd"):
+        union = [TI._config(t) for kind in ("tc", "tc32", "ieee", "fp64") for t in TI.TILES[(kernel, kind)]]
+        prune = TI._pruner(kernel)
+
+        def tiles(dtype, precision, f64, m_key):
+            args = {"x_ptr": torch.empty(1, dtype=dtype), "M_KEY": m_key}
+            kept = prune(union, args, PRECISION=precision, ACC_F64=f64)
+            return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+                    for c in kept}
+
+        assert tiles(torch.float32, "ieee", False, 256) == set(TI.TILES[(kernel, "ieee")])
+        assert all(t[2] <= 16 for t in tiles(torch.float32, "ieee", False, 256))
+        assert tiles(torch.float32, "tf32", False, 256) == set(TI.TILES[(kernel, "tc32")])
+        assert tiles(torch.bfloat16, "ieee", False, 8192) == set(TI.TILES[(kernel, "tc")])
+        assert tiles(torch.float64, "ieee", True, 8) == set(TI.TILES[(kernel, "fp64")])
+        small = tiles(torch.bfloat16, "ieee", False, 16)
+        assert small and all(t[0] <= 32 for t in small)
+        assert prune(union[:1], {}, PRECISION="ieee", ACC_F64=False) == union[:1]
+
+
+# ---------------------------------------------------------------------------- fp64, gradcheck
+def test_fp64_is_computed_in_fp64():
+    """fp64 inputs run the kernels with fp64 tiles and accumulators: equal to the fp64 oracle to
+    1e-10, which an fp32 computation could not reach. ξ itself is fp32 (tl.randn); the oracle takes
+    the kernels' own ξ here, since the torch twin may differ from it in the last fp32 ulp."""
+    x = torch.randn(7, 45, dtype=F64, device=DEVICE)
+    run_and_compare(x, *make_params(9, 45, dtype=F64), rtol=1e-10, noise_fn=TI.lrt_noise)
+
+
+def test_gradcheck_fp64_through_triton():
+    """torch.autograd.gradcheck of the op with the triton backend (fp64 kernels), fixed seed."""
+    seed = fresh_seed()
+    x = torch.randn(3, 4, dtype=F64, device=DEVICE, requires_grad=True)
+    w, ls2, b = (t.requires_grad_() for t in make_params(2, 4, dtype=F64))
+    assert torch.autograd.gradcheck(lambda *a: OP(*a, seed)[0], (x, w, ls2, b), eps=1e-6, atol=1e-6)
+    assert backend.get_impl("lrt_linear", x.device)[0] == "triton"
+
+
+def test_opcheck_lrt_linear():
+    seed = fresh_seed()
+    x = torch.randn(2, 3, 10, device=DEVICE, requires_grad=True)
+    w, ls2, b = (t.requires_grad_() for t in make_params(6, 10))
+    torch.library.opcheck(OP, (x, w, ls2, b, seed))
+    torch.library.opcheck(OP, (x, w, ls2, None, seed))
+
+
+def test_opcheck_lrt_linear_backward():
+    seed = fresh_seed()
+    x = torch.randn(2, 3, 10, device=DEVICE)
+    w, ls2, b = make_params(6, 10)
+    _, std = OP(x, w, ls2, b, seed)
+    g = torch.randn(2, 3, 6, device=DEVICE)
+    torch.library.opcheck(OP_BWD, (g, x, w, ls2, std, seed))
+
+
+def test_triton_backend_forced_and_auto():
+    """SPARSEVD_BACKEND=triton runs the kernels on CPU tensors under the interpreter; auto uses
+    them for CUDA tensors only."""
+    name, impl = backend.get_impl("lrt_linear", torch.device(DEVICE))
+    assert name == "triton" and impl is TI.lrt_linear_fwd
+    assert backend.get_impl("kl_sparse_vd", torch.device(DEVICE))[1] is TI.kl_fwd
+    os.environ["SPARSEVD_BACKEND"] = "auto"  # restored by monkeypatch
+    assert backend.get_impl("lrt_linear_backward", torch.device("cpu"))[0] != "triton"
+    if CUDA:
+        assert backend.get_impl("lrt_linear_backward", torch.device("cuda"))[1] is TI.lrt_linear_bwd
+
+
+# ----------------------------------------------------------------------------------- the noise
+def test_same_seed_same_output_new_seed_new_noise():
+    x = torch.randn(20, 30, device=DEVICE)
+    w, ls2, b = make_params(40, 30)
+    seed = fresh_seed()
+    y1, s1 = OP(x, w, ls2, b, seed)
+    y2, s2 = OP(x, w, ls2, b, seed.clone())
+    assert torch.equal(y1, y2) and torch.equal(s1, s2)
+    y3, _ = OP(x, w, ls2, b, seed + 1)
+    assert torch.equal(s1, OP(x, w, ls2, b, seed + 1)[1])
+    assert (y3 != y1).float().mean() > 0.99
+
+
+def test_op_noise_is_lrt_noise():
+    """(y − μ)/std of the fused forward is sparsevd.ops.lrt_noise(seed, y.shape), element by
+    element, and the kernel generator (triton_impl.lrt_noise) draws the same numbers."""
+    x = torch.randn(2, 23, 50, device=DEVICE)
+    w, ls2, b = make_params(70, 50)
+    seed = fresh_seed()
+    y, std = OP(x, w, ls2, b, seed)
+    mu = torch.nn.functional.linear(x.to(F64), w.to(F64), b.to(F64))
+    xi = lrt_noise(seed, y.shape)
+    assert_close((y.to(F64) - mu) / std.to(F64), xi, rtol=1e-4, atol=1e-4, name="xi")
+    assert_close(TI.lrt_noise(seed, y.shape), xi, rtol=1e-6, atol=1e-6, name="kernel xi")
+
+
+def _fused_noise(m, n, seed):
+    """ξ exactly as the forward kernel draws it: y with θ = 0, b = 0, log σ² = 0 and x = 1 over
+    K = 1, so y = sqrt(1 + 1e-8)·ξ."""
+    x = torch.ones(m, 1, device=DEVICE)
+    z = torch.zeros(n, 1, device=DEVICE)
+    y, _ = OP(x, z, z, None, seed)
+    return y.to(F64) / math.sqrt(1.0 + 1e-8)
+
+
+def test_noise_statistics():
+    """ξ of the fused forward: mean 0, variance 1, fourth moment 3, normal CDF (Kolmogorov–
+    Smirnov), and no correlation between neighbouring columns, neighbouring rows, or the same
+    element under the next seed. Every bound is N_SE standard errors of the statistic."""
+    m, n = 256, 512
+    seed = fresh_seed()
+    xi = _fused_noise(m, n, seed)
+    flat = xi.reshape(-1)
+    cnt = flat.numel()
+    se = 1.0 / math.sqrt(cnt)
+    assert abs(flat.mean().item()) < N_SE * se
+    assert abs(flat.var().item() - 1.0) < N_SE * math.sqrt(2.0) * se
+    assert abs((flat**4).mean().item() - 3.0) < N_SE * math.sqrt(96.0) * se
+    # Kolmogorov–Smirnov: P(sup|F_n − Φ| > 1.95/√n) ≈ 0.001.
+    srt, _ = torch.sort(flat)
+    cdf = 0.5 * (1.0 + torch.erf(srt / math.sqrt(2.0)))
+    emp = torch.arange(1, cnt + 1, dtype=F64, device=flat.device) / cnt
+    assert (cdf - emp).abs().max().item() < 1.95 * se + 1.0 / cnt
+    pairs = {
+        "columns": (xi[:, :-1], xi[:, 1:]),
+        "rows": (xi[:-1], xi[1:]),
+        "next seed": (xi, _fused_noise(m, n, seed + 1)),
+    }
+    for name, (a, b) in pairs.items():
+        r = (a * b).mean().item()  # E[ξ_i ξ_j] = 0 for independent standard normals
+        assert abs(r) < N_SE / math.sqrt(a.numel()), f"correlation between {name}: {r}"
+
+
+# ---------------------------------------------------------------------------- torch.compile
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = sparsevd.nn.LinearSVDO(12, 16)
+        self.fc2 = sparsevd.nn.LinearSVDO(16, 5)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_torch_compile_fullgraph(monkeypatch, backend_name):
+    """A 2-layer LinearSVDO MLP compiles with fullgraph=True (no graph break: the ops have fake
+    impls, the seed is drawn inside the graph) and gives eager's outputs and gradients under the
+    same torch seed. aot_eager runs AOTAutograd (forward and backward graphs) without Inductor's
+    C++ build; Inductor's own random ops are avoided with fallback_random on GPU runs."""
+    monkeypatch.setenv("SPARSEVD_BACKEND", backend_name)
+    torch._dynamo.reset()
+    model = _MLP().to(DEVICE)
+    x = torch.randn(8, 12, device=DEVICE)
+
+    def step(fn):
+        model.zero_grad()
+        torch.manual_seed(1234)
+        out = fn(x)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out_c, grads_c = step(compiled)
+    out_e, grads_e = step(model)
+    assert_close(out_c, out_e, rtol=1e-5, atol=1e-6, name="compiled output")
+    for gc, ge in zip(grads_c, grads_e):
+        assert_close(gc, ge, rtol=1e-5, atol=1e-6, name="compiled grad")
+
+
+# ------------------------------------------------------------------------------ convergence
+def _lenet300():
+    try:
+        from sparsevd.models import LeNet300
+    except ImportError:
+        LeNet300 = None
+    if LeNet300 is not None:
+        return LeNet300(svd=True)
+    L = sparsevd.nn.LinearSVDO
+    return torch.nn.Sequential(L(784, 300), torch.nn.ReLU(), L(300, 100), torch.nn.ReLU(), L(100, 10))
+
+
+def _train(backend_name, init_state, data, steps, monkeypatch):
+    """Adam on SGVLB (β = 1) from ``init_state``; returns the loss per step and the sparsity of
+    each layer every 10 steps."""
+    monkeypatch.setenv("SPARSEVD_BACKEND", backend_name)
+    model = _lenet300().to(DEVICE)
+    model.load_state_dict(init_state)
+    layers = [m for m in model.modules() if isinstance(m, sparsevd.nn.LinearSVDO)]
+    xs, ys = data
+    loss_fn = sparsevd.SGVLB(model, train_size=10_000, kl_warmup_epochs=0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(99)  # the seeds of the LRT noise
+    losses, sparsities = [], []
+    for step in range(steps):
+        i = (step * 25) % xs.shape[0]
+        loss = loss_fn(model(xs[i:i + 25]), ys[i:i + 25])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 10 == 9:
+            sparsities.append([m.sparsity for m in layers])
+    return torch.tensor(losses), torch.tensor(sparsities)
+
+
+def test_lenet300_training_matches_reference(monkeypatch):
+    """LeNet-300-100 trained from the same init, data and noise seeds with the fused kernels (in
+    the interpreter here: ~60 steps fit in about a minute) and with the reference backend: the
+    same loss curve and the same per-layer sparsity every 10 steps, within noise. Random data, batch
+    25; the KL drives the layers from ~5 % to 80-100 % sparsity within the run."""
+    steps = 60
+    model = _lenet300()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    xs = torch.randn(200, 784, device=DEVICE)
+    ys = torch.randint(0, 10, (200,), device=DEVICE)
+    loss_t, sparsity_t = _train("triton", init, (xs, ys), steps, monkeypatch)
+    loss_r, sparsity_r = _train("reference", init, (xs, ys), steps, monkeypatch)
+    assert 0.3 < sparsity_r[1].mean() < 0.9 and sparsity_r[-1].mean() > 0.7, (
+        f"the run should sparsify gradually (sparsities {sparsity_r.tolist()}); the test is too weak")
+    assert_close(loss_t, loss_r, rtol=1e-2, atol=0.0, name="loss curve")
+    assert_close(sparsity_t, sparsity_r, rtol=0.0, atol=0.02, name="sparsity per layer")
+
+
+# ---------------------------------------------------------------------------------- GPU only
+@pytest.mark.skipif(not CUDA, reason="bf16/fp16 dots and the autotuned configs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,n", [(100, 784, 300), (37, 129, 65), (256, 1024, 1024)])
+def test_autocast_low_precision_gpu(dtype, m, k, n):
+    """Under autocast (x in bf16/fp16, fp32 parameters): y in x's dtype, std and parameter
+    gradients in fp32; error at most 2× that of PyTorch doing the same math in that precision
+    (flash-attention's rule) plus a small floor."""
+    w, ls2, b = make_params(n, k, device="cuda")
+    x = torch.randn(m, k, device="cuda")
+    seed = fresh_seed()
+    g = torch.randn(m, n, device="cuda")
+    y_ref, grads_ref = oracle(x, w, ls2, b, seed, g)
+    with torch.autocast("cuda", dtype=dtype):
+        y, std, grads = fused(x.to(dtype), w, ls2, b, seed, g.to(dtype))
+        leaves = [t.detach().requires_grad_() for t in (x.to(dtype), w, ls2, b)]
+        noise = lrt_noise(seed, (m, n), device="cuda")
+        y_pt = R.lrt_linear(*leaves, noise.to(dtype))  # PyTorch's autocast version of the math
+        y_pt.backward(g.to(dtype))
+    assert y.dtype == dtype and std.dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in grads[1:])
+    for name, a, e, p in zip(("y", "grad_x", "grad_weight", "grad_log_sigma2", "grad_bias"),
+                             [y] + grads, [y_ref] + grads_ref, [y_pt] + [t.grad for t in leaves]):
+        err = (a.double() - e).abs().max().item()
+        err_pt = (p.double() - e).abs().max().item()
+        assert err <= 2.0 * err_pt + 1e-3 * e.abs().max().item(), (name, err, err_pt)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_large_shapes_gpu():
+    x = torch.randn(512, 1024, device="cuda")
+    run_and_compare(x, *make_params(1000, 1024), rtol=1e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-4)
+
+
+# ------------------------------------------------------------------- GPU compile, without a GPU
+_AOT = textwrap.dedent(
+    """
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "0"
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from sparsevd.triton_kernels import kl as KK, lrt_linear as K
+
+    cap = int(sys.argv[1])
+
+    def build(fn, types, consts, warps):
+        sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
+                 if sig[n].startswith("*")}
+        c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": 3})
+        assert "cubin" in c.asm
+        print("compiled", fn.__name__, consts.get("PRECISION", ""), types.get("x_ptr", types.get("base_ptr")))
+
+    ones = dict(stride_xk=1, stride_wk=1, stride_lk=1, stride_b=1, stride_gxk=1, stride_gwk=1, stride_glk=1)
+    for x, v, prec, f64 in [("fp32", "fp32", "ieee", False), ("bf16", "bf16", "ieee", False),
+                            ("fp16", "fp32", "tf32", False), ("fp64", "fp64", "ieee", True)]:
+        w = "fp64" if f64 else "fp32"
+        tiles = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)
+        fwd = {k: v_ for k, v_ in ones.items() if k in K.lrt_linear_fwd_kernel.arg_names}
+        build(K.lrt_linear_fwd_kernel,
+              dict(x_ptr="*" + x, w_ptr="*" + w, ls2_ptr="*" + w, b_ptr="*" + w, seed_ptr="*i64",
+                   y_ptr="*" + x, std_ptr="*" + w),
+              dict(HAS_BIAS=True, ACC_F64=f64, VAR_LOWP=x == "bf16", PRECISION=prec, **tiles, **fwd), 4)
+        bwd = {k: v_ for k, v_ in ones.items() if k in K.lrt_linear_bwd_kernel.arg_names}
+        build(K.lrt_linear_bwd_kernel,
+              dict(g_ptr="*" + x, gs2_ptr="*" + v, x_ptr="*" + x, w_ptr="*" + w, ls2_ptr="*" + w,
+                   gx_ptr="*" + x, gw_ptr="*" + w, gl_ptr="*" + w, gb_ptr="*" + w),
+              dict(ACC_F64=f64, PRECISION=prec, **tiles, **bwd), 4)
+        build(K.lrt_linear_bwd_gs2_kernel,
+              dict(g_ptr="*" + x, std_ptr="*" + w, seed_ptr="*i64", gs2_ptr="*" + v),
+              dict(ACC_F64=f64, BLOCK=1024), 4)
+    for dt in ("fp32", "bf16", "fp64"):
+        build(KK.kl_sparse_vd_kernel,
+              dict(base_ptr="*" + dt, table_ptr="*i64", partial_ptr="*fp64" if dt == "fp64" else "*fp32"),
+              dict(ACC_F64=dt == "fp64", WITH_GRAD=True, ALIGN=4, L_PAD=4, BLOCK=1024), 8)
+    build(K.lrt_noise_kernel, dict(seed_ptr="*i64", out_ptr="*fp32"), dict(BLOCK=1024), 4)
+    """
+)
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_gpu_without_a_gpu():
+    """Every kernel, in every dtype variant, lowers to a cubin for sm_90 with Triton's bundled
+    ptxas: catches type and lowering errors the interpreter cannot (small tiles, to stay fast)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        get_ptxas(90).path
+    except Exception as exc:  # pragma: no cover - no bundled ptxas
+        pytest.skip(f"no ptxas: {exc}")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    out = subprocess.run([sys.executable, "-c", _AOT, "90"], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("compiled") == 16, out.stdout
