@@ -6,11 +6,13 @@
 // * M == 1, SpMV: y[r] = b[r] + sum_{j in row r} v_j x[c_j]. fp32 with AVX2: 8 nonzeros at a time,
 //   column indices widened from int16/int32, x gathered (vgatherdps), two accumulators.
 // * M > 1, tiled SpMM: x is packed, transposed, into tiles xp[t] of shape (K, TM), TM batch rows per
-//   tile (zero padded). For every tile and row r of W, acc[TM] = sum_j v_j xp[t][c_j, :]: each
-//   nonzero is one broadcast and TM/8 contiguous fused multiply-adds over the batch (an axpy), with
-//   the accumulators in registers (U nonzeros in flight for TM/8 * U independent FMA chains).
-//   Results of 16 rows are staged in a small buffer and written to y transposed, 16 contiguous
-//   outputs per batch row, with the bias.
+//   tile (zero padded; TM = 8 or 16 for M <= 8 or 16, else 32, or 16 when a (K, 32) tile would
+//   fill more than half of L2). For every tile and row r of W, acc[TM] = sum_j v_j xp[t][c_j, :]:
+//   each nonzero is one broadcast and TM/8 contiguous fused multiply-adds over the batch (an
+//   axpy), with the accumulators in registers (U nonzeros in flight for TM/8 * U independent FMA
+//   chains). Results of 16 rows are staged in a small buffer and written to y transposed, 16
+//   contiguous outputs per batch row, with the bias. fp32 packs x and writes y with 8x8 AVX2
+//   register transposes.
 //
 // fp64 and int64 column indices run the same algorithms in portable C++ (the compiler vectorizes
 // the TM loop); fp16/bf16 are computed in fp32 and rounded once at the end.
