@@ -75,9 +75,10 @@ def lrt_linear_fwd_kernel(
     o_m64 = o_m.to(tl.int64)
     o_n64 = o_n.to(tl.int64)
 
-    p_x = x_ptr + ((o_m64 // D1) * stride_x0 + (o_m64 % D1) * stride_x1)[:, None] + o_k[None, :] * stride_xk
-    p_w = w_ptr + o_n64[:, None] * stride_wn + o_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
-    p_l = ls2_ptr + o_n64[:, None] * stride_ln + o_k[None, :] * stride_lk  # [BLOCK_N, BLOCK_K]
+    o_k64 = o_k.to(tl.int64)
+    p_x = x_ptr + ((o_m64 // D1) * stride_x0 + (o_m64 % D1) * stride_x1)[:, None] + o_k64[None, :] * stride_xk
+    p_w = w_ptr + o_n64[:, None] * stride_wn + o_k64[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
+    p_l = ls2_ptr + o_n64[:, None] * stride_ln + o_k64[None, :] * stride_lk  # [BLOCK_N, BLOCK_K]
     step_x = tl.full([], BLOCK_K, tl.int64) * stride_xk
     step_w = tl.full([], BLOCK_K, tl.int64) * stride_wk
     step_l = tl.full([], BLOCK_K, tl.int64) * stride_lk
@@ -182,8 +183,9 @@ def lrt_linear_bwd_kernel(
         o_k64 = o_k.to(tl.int64)
 
         o_g = o_m64[:, None] * N + o_n[None, :]  # [BLOCK_M, BLOCK_N]
-        p_w = w_ptr + o_n[:, None] * stride_wn + o_k64[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
-        p_l = ls2_ptr + o_n[:, None] * stride_ln + o_k64[None, :] * stride_lk  # [BLOCK_N, BLOCK_K]
+        o_n64 = o_n.to(tl.int64)
+        p_w = w_ptr + o_n64[:, None] * stride_wn + o_k64[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
+        p_l = ls2_ptr + o_n64[:, None] * stride_ln + o_k64[None, :] * stride_lk  # [BLOCK_N, BLOCK_K]
         step_w = tl.full([], BLOCK_N, tl.int64) * stride_wn
         step_l = tl.full([], BLOCK_N, tl.int64) * stride_ln
         acc_g = tl.zeros([BLOCK_M, BLOCK_K], dtype=CDT)  # g θ

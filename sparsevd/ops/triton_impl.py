@@ -13,13 +13,14 @@ Kernel launches per call (DESIGN.md):
 - ``kl_sparse_vd``: 1 kernel for all the layers of a dtype, plus the sum of its per-block partials.
 
 Precision: fp32 inputs use IEEE fp32 dots, or TF32 when ``torch.backends.cuda.matmul.allow_tf32``
-is True; fp64 inputs compute in fp64 (for gradcheck); under autocast (bf16/fp16 x, fp32
+is True (``SPARSEVD_FP32_PRECISION=ieee|tf32|tf32x3`` overrides); fp64 inputs compute in fp64 (for gradcheck); under autocast (bf16/fp16 x, fp32
 parameters) the mean products take x's dtype as dot input, like nn.Linear under autocast, the
 variance products bf16 for bf16 and TF32 for fp16, with fp32 accumulation and fp32 std and
 gradients of the parameters.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -240,9 +241,9 @@ def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed):
             f"grad, std: expected equal shapes (*, {n}), got {tuple(grad.shape)} and {tuple(std.shape)}"
         )
     acc = _acc_dtype(x, weight)
-    g = grad.reshape(-1, n).contiguous()
-    sd = std.reshape(-1, n).contiguous()
-    m = g.shape[0]
+    m = math.prod(grad.shape[:-1])
+    g = grad.reshape(m, n).contiguous()
+    sd = std.reshape(m, n).contiguous()
     gx = torch.empty_like(x)
     gw = torch.empty_like(weight)
     gl = torch.empty_like(log_sigma2)
