@@ -3,7 +3,8 @@ sparsevd.ops.triton_impl) against the reference math on identical noise.
 
 Without a GPU every kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
 the shape tests use 16x32x32 tiles (fixture small_tiles) and sit on, under and over them; one test
-crosses the interpreter's default 32x256x512 tiles. bf16/fp16 autocast and the autotuned GPU configs are tested on a GPU only.
+crosses the interpreter's default 32x256x512 tiles. bf16/fp16 autocast and the autotuned GPU
+configs are tested on a GPU only; without one, a test compiles every kernel for sm_90.
 The oracle is sparsevd.reference.lrt_linear in fp64 with autograd, fed the noise of
 sparsevd.ops.noise (the torch twin of tl.randn).
 """
@@ -19,7 +20,6 @@ import torch
 from conftest import assert_close
 
 import sparsevd
-import sparsevd.functional as SF
 from sparsevd import reference as R
 from sparsevd.ops import backend
 from sparsevd.ops.noise import lrt_noise

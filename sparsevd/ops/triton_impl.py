@@ -13,10 +13,10 @@ Kernel launches per call (DESIGN.md):
 - ``kl_sparse_vd``: 1 kernel for all the layers of a dtype, plus the sum of its per-block partials.
 
 Precision: fp32 inputs use IEEE fp32 dots, or TF32 when ``torch.backends.cuda.matmul.allow_tf32``
-is True (``SPARSEVD_FP32_PRECISION=ieee|tf32|tf32x3`` overrides); fp64 inputs compute in fp64 (for gradcheck); under autocast (bf16/fp16 x, fp32
-parameters) the mean products take x's dtype as dot input, like nn.Linear under autocast, the
-variance products bf16 for bf16 and TF32 for fp16, with fp32 accumulation and fp32 std and
-gradients of the parameters.
+is True (``SPARSEVD_FP32_PRECISION=ieee|tf32|tf32x3`` overrides); fp64 inputs compute in fp64
+(for gradcheck); under autocast (bf16/fp16 x, fp32 parameters) the mean products take x's dtype
+as dot input, like nn.Linear under autocast, the variance products bf16 for bf16 and TF32 for fp16
+(σ² ≈ e⁻¹⁰ would underflow fp16), with fp32 accumulation, fp32 std and fp32 parameter gradients.
 """
 from __future__ import annotations
 
