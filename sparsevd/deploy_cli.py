@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,11 +25,26 @@ from torch import nn
 
 from .deploy import SPARSE_LAYERS, deploy
 from .io import save
+from .nn.sparse import SparseLinear
 from .nn.svdo import SVDO_LAYERS, Conv2dSVDO, LinearSVDO
 from .ops.csr import extension_available
 
-#: One input sample of the models of sparsevd.models (28x28 grey images).
+#: One input sample of the models of sparsevd.models (28x28 grey images), when the checkpoint's
+#: config.json has no ``input_shape``.
 SAMPLE_SHAPE = (1, 28, 28)
+
+
+def sample_shape(checkpoint) -> tuple:
+    """``input_shape`` of the checkpoint's config.json, else :data:`SAMPLE_SHAPE`."""
+    p = Path(checkpoint)
+    cfg = (p if p.is_dir() else p.parent) / "config.json"
+    try:
+        shape = json.loads(cfg.read_text()).get("input_shape")
+        if shape and all(isinstance(v, int) and v > 0 for v in shape):
+            return tuple(shape)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return SAMPLE_SHAPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,7 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if isinstance(m, SVDO_LAYERS):
                 m.threshold = float(args.threshold)
     model.eval()
-    example = torch.randn(1, *SAMPLE_SHAPE)
+    shape = sample_shape(args.checkpoint)
+    example = torch.randn(1, *shape)
     deployed = deploy(model, example, cost_model=args.cost_model)
     out = save(deployed, args.out)
     dense = dense_twin(model)
@@ -157,12 +174,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, m in deployed.named_modules():
         if isinstance(m, SPARSE_LAYERS):
             plan = ", ".join(f"{'<=' + str(b) if b is not None else 'else'}:{mode}" for b, mode in m.plan)
-            print(f"  {name:<6} {type(m).__name__:<13} dense {'x'.join(map(str, m.dense_shape)):<12} "
-                  f"nnz {m.num_nonzero:<8} plan [{plan}]")
+            kept = (f"{m.out_features}x{m.in_features}" if isinstance(m, SparseLinear)
+                    else f"{m.out_channels}x{m.in_channels}")
+            print(f"  {name:<6} {type(m).__name__:<13} trained {'x'.join(map(str, m.dense_shape)):<12} "
+                  f"deployed {kept:<9} nnz {m.num_nonzero:<8} plan [{plan}]")
     print()
     print(f"{'batch':>5}  {'dense ms':>10}  {'deployed ms':>11}  {'speedup':>7}  {'max |diff|':>10}")
     for b in args.batch:
-        x = torch.randn(b, *SAMPLE_SHAPE)
+        x = torch.randn(b, *shape)
         t = latency({"dense": dense, "deployed": deployed}, x, args.min_time)
         med = {k: v[len(v) // 2] * 1e3 for k, v in t.items()}
         with torch.no_grad():
