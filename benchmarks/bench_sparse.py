@@ -198,7 +198,8 @@ def bench_lenet(args, env) -> List[dict]:
                                       device, args.rounds, args.min_run_time, args.timer)
         for prov, t in times.items():
             rows.append(common.make_row(
-                "lenet300_infer", f"M={batch},784-300-100-10", "float32", "infer", prov, t, env,
+                "lenet300_infer", f"M={batch},784-300-100-10" + (",checkpoint" if args.checkpoint else ""),
+                "float32", "infer", prov, t, env,
                 sparsity=round(rep.sparsity / 100, 4), batch=batch, model=source, max_abs_diff=diff,
                 load1=_load(), timer=args.timer))
         common.print_rows(rows[-2:])
