@@ -118,8 +118,9 @@ def _kl_terms(weight: torch.Tensor, log_sigma2: torch.Tensor):
     la = torch.clamp(raw, -R.LOG_ALPHA_CLAMP, R.LOG_ALPHA_CLAMP)
     kl = -R.neg_kl_from_log_alpha(la).sum()
     # d KL / d log α = -(k1 k3 σ'(k2 + k3 la) + ½ σ(-la)); zero where the clamp is active.
-    s = torch.sigmoid(R.K2 + R.K3 * la)
-    dla = -(R.K1 * R.K3 * s * (1.0 - s) + 0.5 * torch.sigmoid(-la))
+    z = R.K2 + R.K3 * la
+    # σ'(z) = σ(z)·σ(−z): no cancellation in 1 − σ(z) near log α = 10.
+    dla = -(R.K1 * R.K3 * torch.sigmoid(z) * torch.sigmoid(-z) + 0.5 * torch.sigmoid(-la))
     dla = dla * ((raw > -R.LOG_ALPHA_CLAMP) & (raw < R.LOG_ALPHA_CLAMP)).to(dt)
     grad_ls2 = dla
     grad_w = dla * (-2.0 * w / (w * w + R.EPS_THETA))
