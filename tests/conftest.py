@@ -2,9 +2,25 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The interpreter's tl.dot runs in numpy: a multi-threaded OpenBLAS spins on tiny tiles.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(request):
+    """Tests run tiny ops: one intra-op thread, so OpenMP barriers do not spin against other
+    processes of a 2-core machine. A module that tests multi-threaded kernels sets
+    ``KEEP_THREADS = True``."""
+    if getattr(request.module, "KEEP_THREADS", False):
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

@@ -14,14 +14,6 @@ from sparsevd import reference as R
 from sparsevd.ops.noise import lrt_noise
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one intra-op thread (see test_ops.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(autouse=True)
 def _reference_backend(monkeypatch):

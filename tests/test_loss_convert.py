@@ -17,14 +17,6 @@ from sparsevd.nn import Conv2dSVDO, LinearSVDO
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one intra-op thread (see test_ops.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def svdo_model(dtype=torch.float32):
     """conv → relu → flatten → linear → relu → linear, all sparse VD, log σ² spread out."""

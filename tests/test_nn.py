@@ -16,14 +16,6 @@ from sparsevd.nn import Conv2dSVDO, LinearSVDO
 from sparsevd.ops.noise import lrt_noise
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one intra-op thread (see test_ops.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def set_log_alpha(layer, la: torch.Tensor) -> None:
     """Give ``layer`` the log α ``la`` (before the clamp) by setting its log σ²."""

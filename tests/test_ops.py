@@ -16,15 +16,6 @@ F64 = torch.float64
 N_SE = 5.0  # statistical bound, in standard errors (see test_reference.py)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one intra-op thread (two threads on a shared 2-core machine make a 30-element
-    conv take milliseconds in OpenMP barriers)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(autouse=True)
 def _reference_backend(monkeypatch):

@@ -16,15 +16,6 @@ K1, K2, K3 = 0.63576, 1.87320, 1.48695
 N_SE = 5.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one intra-op thread (two threads on a shared 2-core machine make a 30-element
-    conv take milliseconds in OpenMP barriers)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def kl_by_hand(la: float) -> float:
     """KL per weight at log α = la (eq. 14) with the math module:

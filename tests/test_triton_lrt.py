@@ -40,40 +40,6 @@ def _triton_backend(monkeypatch):
     monkeypatch.setenv("SPARSEVD_BACKEND", "triton")
 
 
-def _numpy_blas_threads(n: int):
-    """Set the thread count of numpy's bundled OpenBLAS (what tl.dot runs on in the interpreter);
-    returns the previous count, or None when the library is not found. On a shared 2-core machine
-    a multi-threaded OpenBLAS spins against the other processes: a 32x128x128 matmul then takes
-    ~25 ms instead of ~0.02 ms."""
-    import ctypes
-    import glob
-
-    import numpy
-
-    root = os.path.dirname(os.path.dirname(numpy.__file__))
-    for path in glob.glob(os.path.join(root, "numpy.libs", "*openblas*")):
-        lib = ctypes.CDLL(path)
-        for prefix in ("scipy_openblas", "openblas"):
-            get = getattr(lib, f"{prefix}_get_num_threads64_", None) or getattr(lib, f"{prefix}_get_num_threads", None)
-            set_ = getattr(lib, f"{prefix}_set_num_threads64_", None) or getattr(lib, f"{prefix}_set_num_threads", None)
-            if get is not None and set_ is not None:
-                old = get()
-                set_(n)
-                return old
-    return None
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The interpreter's work is many tiny numpy/torch ops: one thread each (no spinning against
-    the other processes of a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    old_blas = _numpy_blas_threads(1)
-    yield
-    torch.set_num_threads(n)
-    if old_blas is not None:
-        _numpy_blas_threads(old_blas)
 
 
 def fresh_seed() -> torch.Tensor:
