@@ -207,37 +207,30 @@ SVD_AVX2 inline void flush_rows_avx2(const float* buf, int nr, int tm, int64_t m
   }
 }
 
-// pack_tiles for fp32 rows with unit stride: 8x8 blocks transposed in registers.
-SVD_AVX2 void pack_tiles_avx2(const float* x, int64_t M, int64_t K, int64_t sxm, int tm, float* xp,
-                              int nthreads, bool parallel) {
-  const int64_t nt = (M + tm - 1) / tm;
-  const int64_t nkb = (K + kPackBlock - 1) / kPackBlock;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads) if (parallel)
-  for (int64_t t = 0; t < nt; ++t) {
-    for (int64_t kb = 0; kb < nkb; ++kb) {
-      const int64_t k0 = kb * kPackBlock, k1 = std::min(K, k0 + kPackBlock);
-      float* dst = xp + t * K * tm;
-      for (int i0 = 0; i0 < tm; i0 += 8) {
-        const float* src[8];
-        bool full = true;
-        for (int q = 0; q < 8; ++q) {
-          const int64_t m = t * tm + i0 + q;
-          src[q] = m < M ? x + m * sxm : nullptr;
-          full = full && m < M;
-        }
-        int64_t k = k0;
-        if (full) {
-          for (; k + 8 <= k1; k += 8) {
-            __m256 r[8];
-            for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(src[q] + k);
-            transpose8(r);  // r[c] = x[m0 .. m0+8, k + c]
-            for (int c = 0; c < 8; ++c) _mm256_store_ps(dst + (k + c) * tm + i0, r[c]);
-          }
-        }
-        for (; k < k1; ++k) {
-          for (int q = 0; q < 8; ++q) dst[k * tm + i0 + q] = src[q] ? src[q][k] : 0.f;
-        }
+// One block of pack_block for fp32 rows with unit stride: 8x8 blocks transposed in registers.
+SVD_AVX2 void pack_block_avx2(const float* x, int64_t M, int64_t K, int64_t sxm, int tm, float* xp, int64_t t,
+                              int64_t kb) {
+  const int64_t k0 = kb * kPackBlock, k1 = std::min(K, k0 + kPackBlock);
+  float* dst = xp + t * K * tm;
+  for (int i0 = 0; i0 < tm; i0 += 8) {
+    const float* src[8];
+    bool full = true;
+    for (int q = 0; q < 8; ++q) {
+      const int64_t m = t * tm + i0 + q;
+      src[q] = m < M ? x + m * sxm : nullptr;
+      full = full && m < M;
+    }
+    int64_t k = k0;
+    if (full) {
+      for (; k + 8 <= k1; k += 8) {
+        __m256 r[8];
+        for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(src[q] + k);
+        transpose8(r);  // r[c] = x[m0 .. m0+8, k + c]
+        for (int c = 0; c < 8; ++c) _mm256_store_ps(dst + (k + c) * tm + i0, r[c]);
       }
+    }
+    for (; k < k1; ++k) {
+      for (int q = 0; q < 8; ++q) dst[k * tm + i0 + q] = src[q] ? src[q][k] : 0.f;
     }
   }
 }
@@ -316,30 +309,24 @@ SVD_AVX2 void spmm_part_avx2(const float* xpt, const C* crow, const I* col, cons
 #endif  // SPARSEVD_X86
 
 // ------------------------------------------------------------------------------------ drivers
-// xp[t][k][i] = x[t*TM + i, k] (zero for t*TM + i >= M); xp holds ceil(M/TM) tiles of (K, TM).
+// xp[t][k][i] = x[t*TM + i, k] (zero for t*TM + i >= M) for k in K-block kb of tile t; xp holds
+// ceil(M/TM) tiles of (K, TM).
 template <typename T>
-void pack_tiles(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sxk, int tm, T* xp, int nthreads,
-                bool parallel) {
-  const int64_t nt = (M + tm - 1) / tm;
-  const int64_t nkb = (K + kPackBlock - 1) / kPackBlock;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads) if (parallel)
-  for (int64_t t = 0; t < nt; ++t) {
-    for (int64_t kb = 0; kb < nkb; ++kb) {
-      const int64_t k0 = kb * kPackBlock, k1 = std::min(K, k0 + kPackBlock);
-      T* dst = xp + t * K * tm;
-      for (int i = 0; i < tm; ++i) {
-        const int64_t m = t * tm + i;
-        if (m < M) {
-          const T* src = x + m * sxm;
-          if (sxk == 1) {
-            for (int64_t k = k0; k < k1; ++k) dst[k * tm + i] = src[k];
-          } else {
-            for (int64_t k = k0; k < k1; ++k) dst[k * tm + i] = src[k * sxk];
-          }
-        } else {
-          for (int64_t k = k0; k < k1; ++k) dst[k * tm + i] = T(0);
-        }
+void pack_block(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sxk, int tm, T* xp, int64_t t,
+                int64_t kb) {
+  const int64_t k0 = kb * kPackBlock, k1 = std::min(K, k0 + kPackBlock);
+  T* dst = xp + t * K * tm;
+  for (int i = 0; i < tm; ++i) {
+    const int64_t m = t * tm + i;
+    if (m < M) {
+      const T* src = x + m * sxm;
+      if (sxk == 1) {
+        for (int64_t k = k0; k < k1; ++k) dst[k * tm + i] = src[k];
+      } else {
+        for (int64_t k = k0; k < k1; ++k) dst[k * tm + i] = src[k * sxk];
       }
+    } else {
+      for (int64_t k = k0; k < k1; ++k) dst[k * tm + i] = T(0);
     }
   }
 }
@@ -409,43 +396,51 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
   const int64_t nt = (M + tm - 1) / tm;
   at::Tensor xp_t = at::empty({nt * K * tm}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   T* xp = xp_t.data_ptr<T>();
-#ifdef SPARSEVD_X86
-  if constexpr (kSimdTypes) {
-    if (simd && sxk == 1) pack_tiles_avx2(x, M, K, sxm, tm, xp, nthreads, parallel);
-    else pack_tiles(x, M, K, sxm, sxk, tm, xp, nthreads, parallel);
-  } else {
-    pack_tiles(x, M, K, sxm, sxk, tm, xp, nthreads, parallel);
-  }
-#else
-  pack_tiles(x, M, K, sxm, sxk, tm, xp, nthreads, parallel);
-#endif
-
+  const int64_t nkb = (K + kPackBlock - 1) / kPackBlock;
   const auto parts = row_parts(crow, N, parallel ? int64_t(nthreads) * 4 : 1);
   const int64_t P = static_cast<int64_t>(parts.size()) - 1;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(nthreads) if (parallel)
-  for (int64_t t = 0; t < nt; ++t) {
-    for (int64_t p = 0; p < P; ++p) {
-      const T* xpt = xp + t * K * tm;
-      T* yt = y + t * tm * N;
-      const int64_t mt = std::min<int64_t>(tm, M - t * tm);
-      const int64_t r0 = parts[p], r1 = parts[p + 1];
+  // One parallel region (one fork/join): pack the tiles, barrier, then the tiles x row parts.
+#pragma omp parallel num_threads(nthreads) if (parallel)
+  {
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t t = 0; t < nt; ++t) {
+      for (int64_t kb = 0; kb < nkb; ++kb) {
 #ifdef SPARSEVD_X86
-      if constexpr (kSimdTypes) {
-        if (simd) {
-          switch (tm) {
-            case 8: spmm_part_avx2<1, 8>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
-            case 16: spmm_part_avx2<2, 2>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
-            case 32: spmm_part_avx2<4, 2>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
-            default: spmm_part_avx2<8, 1>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
+        if constexpr (kSimdTypes) {
+          if (simd && sxk == 1) {
+            pack_block_avx2(x, M, K, sxm, tm, xp, t, kb);
+            continue;
           }
-          continue;
         }
-      }
 #endif
-      switch (tm) {
-        case 8: spmm_part_generic<T, 8>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
-        case 16: spmm_part_generic<T, 16>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
-        default: spmm_part_generic<T, 32>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
+        pack_block(x, M, K, sxm, sxk, tm, xp, t, kb);
+      }
+    }
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t t = 0; t < nt; ++t) {
+      for (int64_t p = 0; p < P; ++p) {
+        const T* xpt = xp + t * K * tm;
+        T* yt = y + t * tm * N;
+        const int64_t mt = std::min<int64_t>(tm, M - t * tm);
+        const int64_t r0 = parts[p], r1 = parts[p + 1];
+#ifdef SPARSEVD_X86
+        if constexpr (kSimdTypes) {
+          if (simd) {
+            switch (tm) {
+              case 8: spmm_part_avx2<1, 8>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
+              case 16: spmm_part_avx2<2, 2>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
+              case 32: spmm_part_avx2<4, 2>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
+              default: spmm_part_avx2<8, 1>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
+            }
+            continue;
+          }
+        }
+#endif
+        switch (tm) {
+          case 8: spmm_part_generic<T, 8>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
+          case 16: spmm_part_generic<T, 16>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
+          default: spmm_part_generic<T, 32>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); break;
+        }
       }
     }
   }
