@@ -6,12 +6,15 @@ loss, the test accuracy (eval mode) and the compression, then the per-layer repo
 checkpoint (``model.safetensors`` + ``config.json``, reloadable with :func:`load_checkpoint`) and a
 JSON summary.
 
-Recipe (Molchanov, Ashukha, Vetrov, ICML 2017, sec. 5 and their code): Adam, lr 1e-3, batch 100,
-loss SGVLB = N · mean cross-entropy + β · KL with N = number of training images and β warmed up
-linearly from 0 to 1 (here per step, over ``--kl-warmup-epochs`` epochs); evaluation drops the
-weights with log α ≥ 3. Our addition, documented in the README: the learning rate decays linearly
-to 0 over the run (``--lr-decay linear``, default; ``none`` keeps it constant). Dense runs use the
-same optimiser and schedule with plain cross-entropy.
+Recipe (Molchanov, Ashukha, Vetrov, ICML 2017, sec. 5): Adam, lr 1e-3, batch 100, loss SGVLB =
+N · mean cross-entropy + β · KL with N = number of training images and β warmed up linearly from 0
+to 1 (here per step), log σ² initialised to −10, weights with log α ≥ 3 dropped at evaluation.
+Tuned within the method for 30-epoch CPU runs (README, "Recipe"): the first third of the epochs
+trains the dense model, which is then converted to sparse-VD layers (sparse VD as fine-tuning of
+a pre-trained net); β warms up over the next third; the learning rate decays linearly to 0
+over the whole run. ``--pretrain-epochs 0 --kl-warmup-epochs 5 --lr-decay none`` is the plain
+from-scratch recipe. Dense runs (``--dense``) use the same optimiser and schedule with plain
+cross-entropy for all epochs.
 
 Usage::
 
@@ -37,13 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .convert import report
+from .convert import convert, report
 from .data import DATASETS, make_loaders
 from .loss import SGVLB, kl_divergence, svdo_layers
 from .models import MODELS, build_model
 from .nn import DEFAULT_THRESHOLD
 
-__all__ = ["build_parser", "evaluate", "load_checkpoint", "main", "save_checkpoint", "train"]
+__all__ = ["build_parser", "evaluate", "load_checkpoint", "main", "resolve_recipe",
+           "save_checkpoint", "train"]
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_CONFIG = "config.json"
@@ -51,7 +55,7 @@ CHECKPOINT_FORMAT = 1
 
 #: Defaults of ``sparsevd train`` (the recipe of the README's results table).
 DEFAULTS = dict(model="lenet300", dataset="fashion-mnist", epochs=30, batch_size=100, lr=1e-3,
-                lr_decay="linear", kl_warmup_epochs=5.0, threshold=DEFAULT_THRESHOLD, seed=0)
+                lr_decay="linear", kl_warmup_epochs=None, pretrain_epochs=None, threshold=DEFAULT_THRESHOLD, seed=0)
 
 
 # ----------------------------------------------------------------------------------- arguments
@@ -128,10 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-decay", choices=("linear", "none"), default=d["lr_decay"],
                    help="linear: lr decays linearly to 0 at the end of the run; none: constant")
     t.add_argument("--kl-warmup-epochs", type=_nonneg_float, default=d["kl_warmup_epochs"],
-                   help="epochs over which the KL weight beta rises linearly from 0 to 1 "
-                        "(0: beta = 1 from the start); ignored with --dense")
+                   help="sparse-VD epochs over which the KL weight beta rises linearly from 0 to "
+                        "1, counted from the conversion (0: beta = 1 from the start); default: "
+                        "a third of --epochs; ignored with --dense")
     t.add_argument("--threshold", type=_finite_float, default=d["threshold"],
                    help="log alpha above which a weight is dropped at evaluation")
+    t.add_argument("--pretrain-epochs", type=_nonneg_int, default=d["pretrain_epochs"],
+                   help="sparse VD only: train the dense model for the first N epochs, then "
+                        "convert it to sparse-VD layers and train on with SGVLB; N < --epochs; "
+                        "default: a third of --epochs, rounded down (0: sparse VD from the "
+                        "random initialisation)")
     t.add_argument("--dense", action="store_true",
                    help="train the plain dense model (nn.Linear/nn.Conv2d, cross-entropy)")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -153,11 +163,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: torch's choice)")
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.train_parser = t  # for errors that name the train subcommand
     sub.add_parser(
         "deploy", add_help=False,
         help="turn a trained checkpoint into a sparse inference model "
              "(sparsevd deploy --help for its options)")
     return parser
+
+
+def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the defaults that depend on ``--epochs`` (in place; also returns ``args``).
+
+    ``pretrain_epochs`` defaults to ``epochs // 3`` and ``kl_warmup_epochs`` to ``epochs / 3``:
+    a third of the run trains the dense model, the sparse-VD phase warms β up over the next
+    third and trains at β = 1 for the last one. With ``--dense`` both are 0.
+    """
+    if args.dense:
+        args.pretrain_epochs = 0
+        args.kl_warmup_epochs = 0.0 if args.kl_warmup_epochs is None else args.kl_warmup_epochs
+        return args
+    if args.pretrain_epochs is None:
+        args.pretrain_epochs = args.epochs // 3
+    if args.kl_warmup_epochs is None:
+        args.kl_warmup_epochs = args.epochs / 3
+    return args
 
 
 # --------------------------------------------------------------------------------- checkpoint
@@ -284,6 +313,7 @@ def train(args: argparse.Namespace) -> Tuple[nn.Module, dict]:
     Raises:
         FileNotFoundError: the data set cannot be found, downloaded or installed.
     """
+    resolve_recipe(args)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -308,18 +338,24 @@ def _train(args: argparse.Namespace) -> Tuple[nn.Module, dict]:
     train_size, test_size = len(train_loader.dataset), len(test_loader.dataset)
     data_seconds = time.perf_counter() - t0
 
-    model = build_model(args.model, svd=svd, threshold=args.threshold).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    pretrain = args.pretrain_epochs if svd else 0
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * steps_per_epoch
-    if args.lr_decay == "linear":
-        # lr_k = lr · (1 − k / total_steps) at step k: reaches 0 after the last step.
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1.0 - k / total_steps))
-    else:
-        sched = None
-    crit = SGVLB(model, train_size, kl_warmup_epochs=args.kl_warmup_epochs) if svd else None
+
+    def optimizer(model: nn.Module, first_step: int):
+        # Adam; with linear decay lr_k = lr · (1 − k / total_steps) at global step k (0 at the end)
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        if args.lr_decay != "linear":
+            return opt, None
+        return opt, torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: max(0.0, 1.0 - (k + first_step) / total_steps))
+
+    model = build_model(args.model, svd=svd and pretrain == 0, threshold=args.threshold).to(device)
+    opt, sched = optimizer(model, 0)
+    crit = (SGVLB(model, train_size, kl_warmup_epochs=args.kl_warmup_epochs)
+            if svd and not pretrain else None)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    backend = _backend_used(model, device) if svd else None
+    backend = _backend_used(build_model(args.model, svd=True), device) if svd else None
 
     out_dir = Path(args.out) if args.out else Path("runs") / (
         f"{args.model}-{'svd' if svd else 'dense'}-{args.dataset}")
@@ -327,6 +363,7 @@ def _train(args: argparse.Namespace) -> Tuple[nn.Module, dict]:
           f"{train_size} train / {test_size} test images, {args.epochs} epochs, batch "
           f"{args.batch_size}, Adam lr {args.lr:g} ({args.lr_decay} decay)"
           + (f", KL warm-up {args.kl_warmup_epochs:g} epochs, backend {backend}" if svd else "")
+          + (f", {pretrain} dense pre-training epochs" if pretrain else "")
           + f", device {device} ({device_name}, {torch.get_num_threads()} threads)", flush=True)
 
     from tqdm.auto import tqdm
@@ -335,6 +372,13 @@ def _train(args: argparse.Namespace) -> Tuple[nn.Module, dict]:
     step_ms: List[float] = []
     train_seconds = eval_seconds = 0.0
     for epoch in range(args.epochs):
+        if svd and pretrain and epoch == pretrain:
+            # dense pre-training done: sparse-VD layers take over θ and b (log σ² = −10), with a
+            # fresh Adam continuing the same learning-rate schedule
+            model = convert(model, threshold=args.threshold)
+            opt, sched = optimizer(model, epoch * steps_per_epoch)
+            crit = SGVLB(model, train_size, kl_warmup_epochs=args.kl_warmup_epochs)
+        phase_svd = svd and epoch >= pretrain
         model.train()
         t_ep = time.perf_counter()
         loss_sum = ce_sum = 0.0
@@ -345,8 +389,8 @@ def _train(args: argparse.Namespace) -> Tuple[nn.Module, dict]:
             t_step = time.perf_counter()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)
-            if svd:
-                crit.epoch = epoch + i / steps_per_epoch  # β rises per step
+            if phase_svd:
+                crit.epoch = epoch - pretrain + i / steps_per_epoch  # β rises per step
                 loss = crit(logits, y)
                 with torch.no_grad():
                     ce = F.cross_entropy(logits, y)
@@ -378,8 +422,9 @@ def _train(args: argparse.Namespace) -> Tuple[nn.Module, dict]:
             "epoch": epoch + 1,
             "loss": loss_sum / max(n_batches, 1),
             "ce": ce_sum / max(n_batches, 1),
+            "phase": "sparse_vd" if phase_svd else "dense",
             "kl_per_image": (float(kl_divergence(model).detach()) / train_size) if svd else 0.0,
-            "beta": crit.beta if svd else None,
+            "beta": crit.beta if phase_svd else None,
             "lr": opt.param_groups[0]["lr"],
             "test_accuracy": acc,
             "compression": _finite(rep.compression),
@@ -387,7 +432,8 @@ def _train(args: argparse.Namespace) -> Tuple[nn.Module, dict]:
         }
         history.append(row)
         print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {row['loss']:.4f}  ce {row['ce']:.4f}"
-              + (f"  kl/N {row['kl_per_image']:.4f}  beta {row['beta']:.2f}" if svd else "")
+              + (f"  kl/N {row['kl_per_image']:.4f}  beta {row['beta']:.2f}" if phase_svd else "")
+              + ("  (dense pre-training)" if svd and not phase_svd else "")
               + f"  lr {row['lr']:.2e}  test acc {100 * acc:.2f}%  "
               f"compression {rep.compression:.1f}x  ({ep_train:.1f} s)", flush=True)
 
@@ -427,6 +473,7 @@ def _train(args: argparse.Namespace) -> Tuple[nn.Module, dict]:
         "lr": args.lr,
         "lr_decay": args.lr_decay,
         "kl_warmup_epochs": args.kl_warmup_epochs if svd else None,
+        "pretrain_epochs": pretrain,
         "threshold": args.threshold,
         "seed": args.seed,
         "subset": args.subset,
@@ -518,8 +565,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":
+        resolve_recipe(args)
+        if not args.dense and args.pretrain_epochs >= args.epochs:
+            parser.train_parser.error(f"argument --pretrain-epochs: {args.pretrain_epochs} leaves no sparse-VD "
+                         f"epoch of --epochs {args.epochs}; use fewer")
         if args.device == "cuda" and not torch.cuda.is_available():
-            parser.error("argument --device: cuda requested but torch.cuda.is_available() is "
+            parser.train_parser.error("argument --device: cuda requested but torch.cuda.is_available() is "
                          "False")
         try:
             train(args)

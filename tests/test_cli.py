@@ -126,6 +126,33 @@ def test_main_in_process_and_same_seed_same_result(tmp_path, data_dir, capsys):
     assert sa["history"][0]["loss"] == pytest.approx(sb["history"][0]["loss"], rel=1e-5)
 
 
+def test_dense_pretraining_then_sparse_vd(tmp_path, data_dir):
+    out = tmp_path / "run"
+    argv = _train_args(data_dir, out, "--epochs", "2", "--pretrain-epochs", "1", "--threads", "1")
+    model, summary = cli.train(build_parser().parse_args(argv))
+    assert [h["phase"] for h in summary["history"]] == ["dense", "sparse_vd"]
+    assert summary["history"][0]["beta"] is None and summary["history"][1]["beta"] > 0
+    assert summary["pretrain_epochs"] == 1 and summary["svd"] is True
+    lrs = [h["lr"] for h in summary["history"]]
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(0.0)  # one schedule over both
+    reloaded = load_checkpoint(out)
+    assert [type(m).__name__ for m in reloaded if hasattr(m, "weight")] == ["LinearSVDO"] * 3
+    x, _ = _test_images(data_dir)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), reloaded(x))
+
+
+@pytest.mark.parametrize("argv,pretrain,warmup", [
+    (["train"], 10, 10.0),
+    (["train", "--epochs", "2"], 0, 2 / 3),
+    (["train", "--epochs", "9", "--kl-warmup-epochs", "1", "--pretrain-epochs", "0"], 0, 1.0),
+    (["train", "--dense"], 0, 0.0),
+])
+def test_recipe_defaults(argv, pretrain, warmup):
+    args = cli.resolve_recipe(build_parser().parse_args(argv))
+    assert args.pretrain_epochs == pretrain and args.kl_warmup_epochs == pytest.approx(warmup)
+
+
 def test_python_m_sparsevd(tmp_path, data_dir):
     """The module entry point runs the same command in a fresh interpreter."""
     out = tmp_path / "run"
@@ -147,6 +174,9 @@ def test_python_m_sparsevd(tmp_path, data_dir):
     (["train", "--device", "tpu"], "--device: invalid choice"),
     (["train", "--subset", "-5"], "--subset: expected a positive integer"),
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", "--epochs", "2", "--pretrain-epochs", "2"],
+     "--pretrain-epochs: 2 leaves no sparse-VD epoch"),
+    (["train", "--pretrain-epochs", "-1"], "--pretrain-epochs: expected an integer >= 0"),
     (["fly"], "invalid choice: 'fly'"),
     ([], "required"),
 ])
