@@ -59,29 +59,11 @@ def _reference_kl(weights: Sequence[torch.Tensor], log_sigma2s: Sequence[torch.T
     return total
 
 
-def _timer(device: str):
-    if device.startswith("cuda"):
-        import triton.testing
-
-        def run(fn, leaves):
-            return list(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=leaves,
-                                                quantiles=[0.5, 0.2, 0.8]))
-        return run
-
-    def run_cpu(fn, leaves):
-        def wrapped():
-            for t in leaves:
-                t.grad = None
-            fn()
-        return common.time_cpu(wrapped, min_run_time=0.2)
-    return run_cpu
-
-
 def bench_model(name: str, shapes, device: str, providers, modes) -> List[Dict]:
     import sparsevd.functional as SF
 
     env = common.environment(device)
-    timer = _timer(device)
+    timer = common.grad_timer(device)
     gen = torch.Generator(device=device).manual_seed(0)
     ws = [(0.05 * torch.randn(s, device=device, generator=gen)).requires_grad_() for s in shapes]
     ls = [torch.empty(s, device=device).uniform_(-14.0, 2.0, generator=gen).requires_grad_() for s in shapes]

@@ -95,27 +95,9 @@ def _make_forward(provider: str, compiled: Dict[str, Callable]) -> Callable:
     raise ValueError(f"provider: unknown {provider!r}")
 
 
-def _timer(device: str):
-    if device.startswith("cuda"):
-        import triton.testing
-
-        def run(fn, leaves):
-            return list(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=leaves,
-                                                quantiles=[0.5, 0.2, 0.8]))
-        return run
-
-    def run_cpu(fn, leaves):
-        def wrapped():
-            for t in leaves:
-                t.grad = None
-            fn()
-        return common.time_cpu(wrapped, min_run_time=0.2)
-    return run_cpu
-
-
 def bench_shape(m, k, n, dtype, autocast, device, providers, modes, compiled) -> List[Dict]:
     env = common.environment(device)
-    timer = _timer(device)
+    timer = common.grad_timer(device)
     rows = []
     shape = f"M={m},K={k},N={n}"
     dtype_name = ("autocast-" if autocast else "") + str(dtype).replace("torch.", "")

@@ -93,6 +93,26 @@ def time_fn(fn: Callable[[], object], device: str) -> List[float]:
     return time_gpu(fn) if device.startswith("cuda") else time_cpu(fn)
 
 
+def grad_timer(device: str) -> Callable[[Callable[[], object], List[torch.Tensor]], List[float]]:
+    """A timer ``run(fn, leaves) -> [median, p20, p80] ms`` that resets ``leaves``' .grad before
+    each call (so backward passes do not accumulate into old gradients)."""
+    if device.startswith("cuda"):
+        import triton.testing
+
+        def run(fn, leaves):
+            return list(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=leaves,
+                                                quantiles=[0.5, 0.2, 0.8]))
+        return run
+
+    def run_cpu(fn, leaves):
+        def wrapped():
+            for t in leaves:
+                t.grad = None
+            fn()
+        return time_cpu(wrapped, min_run_time=0.2)
+    return run_cpu
+
+
 def make_row(
     benchmark: str, shape: str, dtype: str, mode: str, provider: str, times_ms: List[float],
     env: Dict[str, object], *, nbytes: Optional[float] = None, flops: Optional[float] = None,

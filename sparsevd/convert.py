@@ -77,13 +77,9 @@ def convert(
     return model
 
 
-@dataclasses.dataclass
-class LayerReport:
-    """One row of :func:`report`: a weight layer and how much of it is kept."""
+class _Counts:
+    """sparsity and compression from ``params`` (all weights) and ``nonzero`` (weights kept)."""
 
-    name: str
-    kind: str
-    shape: tuple
     params: int
     nonzero: int
 
@@ -97,6 +93,17 @@ class LayerReport:
         """params / nonzero (inf when everything is dropped)."""
         return self.params / self.nonzero if self.nonzero else float("inf")
 
+
+@dataclasses.dataclass
+class LayerReport(_Counts):
+    """One row of :func:`report`: a weight layer and how much of it is kept."""
+
+    name: str
+    kind: str
+    shape: tuple
+    params: int
+    nonzero: int
+
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["shape"] = list(self.shape)
@@ -105,7 +112,7 @@ class LayerReport:
 
 
 @dataclasses.dataclass
-class Report:
+class Report(_Counts):
     """Per-layer sparsity of a model; ``str(report)`` is a printable table."""
 
     layers: List[LayerReport]
@@ -117,16 +124,6 @@ class Report:
     @property
     def nonzero(self) -> int:
         return sum(r.nonzero for r in self.layers)
-
-    @property
-    def sparsity(self) -> float:
-        """Percentage of all weights dropped."""
-        return 100.0 * (1.0 - self.nonzero / self.params) if self.params else 0.0
-
-    @property
-    def compression(self) -> float:
-        """All weights / weights kept."""
-        return self.params / self.nonzero if self.nonzero else float("inf")
 
     def as_dict(self) -> dict:
         return {
