@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.csr import csr_linear_torch, kernel_available, validate_csr, warn_fallback
+from .svdo import conv_repr
 
 __all__ = ["SparseLinear", "SparseConv2d", "to_csr", "LINEAR_MODES", "CONV_MODES", "Plan"]
 
@@ -416,13 +417,5 @@ class SparseConv2d(_SparseBase):
 
     def extra_repr(self) -> str:
         plan = ", ".join(f"{'≤' + str(b) if b is not None else 'else'}:{m}" for b, m in self.plan)
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}")
-        if self.padding != (0, 0):
-            s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        return (s + f", nnz={self.num_nonzero}, dense_shape={self.dense_shape}, "
+        return (conv_repr(self) + f", nnz={self.num_nonzero}, dense_shape={self.dense_shape}, "
                 f"bias={self.bias is not None}, plan=[{plan}]")

@@ -146,6 +146,18 @@ def _pair(v: Union[int, Sequence[int]], name: str) -> tuple:
     return v
 
 
+def conv_repr(m: nn.Module) -> str:
+    """The nn.Conv2d-style part of a convolution layer's repr (channels, kernel, non-defaults)."""
+    s = f"{m.in_channels}, {m.out_channels}, kernel_size={m.kernel_size}, stride={m.stride}"
+    if m.padding != (0, 0):
+        s += f", padding={m.padding}"
+    if m.dilation != (1, 1):
+        s += f", dilation={m.dilation}"
+    if m.groups != 1:
+        s += f", groups={m.groups}"
+    return s
+
+
 class Conv2dSVDO(_SVDOMixin, nn.Module):
     """2-D convolution with sparse variational dropout; drop-in replacement of ``nn.Conv2d``.
 
@@ -211,17 +223,7 @@ class Conv2dSVDO(_SVDOMixin, nn.Module):
                                 threshold=self.threshold)
 
     def extra_repr(self) -> str:
-        s = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}"
-        )
-        if self.padding != (0, 0):
-            s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        return s + f", bias={self.bias is not None}, {self._svdo_repr()}"
+        return conv_repr(self) + f", bias={self.bias is not None}, {self._svdo_repr()}"
 
 
 SVDO_LAYERS = (LinearSVDO, Conv2dSVDO)
