@@ -9,13 +9,14 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import re
 import subprocess
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from sparsevd.cli import cpu_name
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -24,13 +25,7 @@ def device_name(device: str) -> str:
     """torch's name of the GPU, or the CPU model from /proc/cpuinfo."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return cpu_name()
 
 
 def device_slug(device: str) -> str:

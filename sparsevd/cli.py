@@ -266,7 +266,8 @@ def evaluate(model: nn.Module, loader, device) -> float:
     return correct / max(total, 1)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (platform's guess elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -354,7 +355,7 @@ def _train(args: argparse.Namespace) -> Tuple[nn.Module, dict]:
     opt, sched = optimizer(model, 0)
     crit = (SGVLB(model, train_size, kl_warmup_epochs=args.kl_warmup_epochs)
             if svd and not pretrain else None)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     backend = _backend_used(build_model(args.model, svd=True), device) if svd else None
 
     out_dir = Path(args.out) if args.out else Path("runs") / (
