@@ -8,6 +8,7 @@ Install with ``pip install --no-build-isolation -e .`` so the build sees the ins
 """
 import glob
 import os
+import re
 
 from setuptools import find_packages, setup
 
@@ -48,10 +49,12 @@ def ext_modules():
 
 
 EXT_MODULES, CMDCLASS = ext_modules()
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sparsevd", "_version.py")) as f:
+    VERSION = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
 
 setup(
     name="sparsevd",
-    version="0.1.0",
+    version=VERSION,
     description="Fused GPU kernels and drop-in layers for Sparse Variational Dropout "
     "(Molchanov, Ashukha, Vetrov, ICML 2017)",
     packages=PACKAGES,

@@ -146,12 +146,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
-    ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cuda (default); cpu implies --smoke")
+    common.add_common_args(ap)
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on CPU (kernels in Triton's interpreter), nothing saved")
-    args = ap.parse_args(argv)
+    args = common.parse_args(ap, argv)
 
-    if args.smoke:
+    if args.smoke or args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
         os.environ["SPARSEVD_BACKEND"] = "triton"
         device, shapes, save = "cpu", SMOKE_SHAPES, False
@@ -171,7 +173,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     common.print_rows(rows, baseline="dense")
     if save:
-        print("saved to", common.save_rows(rows, device))
+        print("saved to", common.save_rows(rows, device, args.out))
     return 0
 
 

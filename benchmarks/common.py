@@ -6,17 +6,18 @@ triton, commit, plus optional sparsity, batch, gbps, tflops, threads.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import re
-import subprocess
+import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from sparsevd.cli import cpu_name
+from sparsevd.metadata import cpu_name, git_commit
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -37,14 +38,33 @@ def device_slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _commit() -> str:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
-            stderr=subprocess.DEVNULL,
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+#: Set by ``--quick``: shorter timing runs (scripts/gpu_check.sh).
+QUICK = False
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every benchmark takes: ``--quick``, ``--out``, ``--no-save``, ``--dry-run``."""
+    ap.add_argument("--quick", action="store_true",
+                    help="short timing runs (a few ms per sample) for a quick check of a machine "
+                         "(scripts/gpu_check.sh); the rows are still saved")
+    ap.add_argument("--out", default=None, metavar="FILE",
+                    help="results JSON (default: benchmarks/results/<device-slug>-<date>.json)")
+    ap.add_argument("--no-save", action="store_true", help="print the rows, write no file")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check the arguments (and that the benchmark imports) and exit 0")
+    return ap
+
+
+def parse_args(ap: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """``ap.parse_args(argv)``; with ``--dry-run`` prints what would run and exits 0, with
+    ``--quick`` shortens every timing of this process."""
+    global QUICK
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        print(f"{ap.prog}: arguments ok: {vars(args)}")
+        sys.exit(0)
+    QUICK = bool(args.quick)
+    return args
 
 
 def environment(device: str) -> Dict[str, object]:
@@ -59,7 +79,7 @@ def environment(device: str) -> Dict[str, object]:
         "device": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version,
-        "commit": _commit(),
+        "commit": git_commit() or "unknown",
         "threads": torch.get_num_threads(),
     }
 
@@ -68,12 +88,18 @@ def time_gpu(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -
     """[median, p20, p80] in ms with CUDA events; do_bench flushes L2 between runs."""
     import triton.testing
 
+    if QUICK:
+        warmup_ms, rep_ms = 5, 20
+
     return list(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8]))
 
 
 def time_cpu(fn: Callable[[], object], min_run_time: float = 0.5) -> List[float]:
     """[median, p20, p80] in ms with torch.utils.benchmark, using all of torch's threads."""
     from torch.utils.benchmark import Timer
+
+    if QUICK:
+        min_run_time = min(min_run_time, 0.05)
 
     m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time
@@ -95,7 +121,8 @@ def grad_timer(device: str) -> Callable[[Callable[[], object], List[torch.Tensor
         import triton.testing
 
         def run(fn, leaves):
-            return list(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=leaves,
+            warmup, rep = (5, 20) if QUICK else (25, 100)
+            return list(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=leaves,
                                                 quantiles=[0.5, 0.2, 0.8]))
         return run
 

@@ -170,8 +170,7 @@ def report(model: nn.Module, threshold: Optional[float] = None) -> Report:
     rows = []
     for name, m in model.named_modules():
         if isinstance(m, SVDO_LAYERS):
-            t = m.threshold if threshold is None else threshold
-            nonzero = int((m.log_alpha < t).sum())
+            nonzero = int(m.mask(threshold).sum())
             rows.append(LayerReport(name, type(m).__name__, tuple(m.weight.shape), m.num_weights,
                                     nonzero))
         elif isinstance(m, (nn.Linear, nn.Conv2d)):

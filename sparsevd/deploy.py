@@ -1,6 +1,6 @@
 """``deploy(model)``: turn a model trained with sparse VD into a sparse inference model.
 
-Steps (DESIGN.md, "Sparse deployment"):
+Steps (docs/design.md, "Deployment"):
 
 1. Every LinearSVDO / Conv2dSVDO keeps the weights with log α < threshold (its eval-mode weight).
 2. Chains. Inside an ``nn.Sequential``, consecutive SVD layers joined only by channel-wise modules
@@ -39,11 +39,16 @@ from torch import Tensor, nn
 
 from .nn.sparse import CONV_MODES, LINEAR_MODES, SparseConv2d, SparseLinear
 from .nn.svdo import SVDO_LAYERS, Conv2dSVDO, LinearSVDO
-from .ops.csr import BUILD_HINT, EXTENSION_ERROR, kernel_available
+from .ops import library
+from .ops.library import kernel_available
 
 __all__ = [
     "BATCH_BUCKETS",
     "deploy",
+    "dense_bytes",
+    "dense_twin",
+    "deployed_bytes",
+    "latency",
     "plan_layer",
     "plan_model",
     "rule_mode",
@@ -162,9 +167,7 @@ def _chains(seq: nn.Sequential) -> List[Tuple[List[str], List[_Link]]]:
 # ------------------------------------------------------------------------------- compaction
 @torch.no_grad()
 def _masked(m: nn.Module, threshold: Optional[float]) -> Tuple[Tensor, Tensor, bool]:
-    t = m.threshold if threshold is None else threshold
-    keep = m.log_alpha < t
-    w = (m.weight.detach() * keep).contiguous()  # θ ⊙ mask: the eval-mode weight, exact
+    w = (m.weight.detach() * m.mask(threshold)).contiguous()  # θ ⊙ mask: the eval-mode weight
     has_bias = m.bias is not None
     b = m.bias.detach().double() if has_bias else torch.zeros(w.shape[0], dtype=torch.float64,
                                                               device=w.device)
@@ -487,8 +490,8 @@ def deploy(
         if not kernel_available(d):
             warnings.warn(
                 f"deploy: the compiled sparsevd._C kernels are not available for {d.type} "
-                f"({EXTENSION_ERROR or 'built without CUDA'}); the deployed layers fall back to "
-                f"torch's dense kernels. To get the sparse kernels, {BUILD_HINT}.",
+                f"({library.unavailable_reason() or 'built without CUDA'}); the deployed layers fall "
+                f"back to torch's dense kernels. To get the sparse kernels, {library.BUILD_HINT}.",
                 RuntimeWarning, stacklevel=2,
             )
     new.eval()
@@ -507,3 +510,63 @@ def deploy(
                 mode = "dense"
             m.set_plan(mode)
     return new
+
+
+# ------------------------------------------------------------------------- comparison
+def dense_twin(model: nn.Module) -> nn.Module:
+    """The model with every LinearSVDO / Conv2dSVDO replaced by nn.Linear / nn.Conv2d holding its
+    eval-mode weight θ ⊙ [log α < threshold]: what a dense deployment would run."""
+    model = copy.deepcopy(model).eval()
+
+    def convert(m: nn.Module) -> nn.Module:
+        w = (m.weight * m.mask()).detach()  # the eval-mode weight θ ⊙ [log α < threshold]
+        if isinstance(m, LinearSVDO):
+            d = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                          device=w.device, dtype=w.dtype)
+        else:
+            d = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                          m.dilation, m.groups, bias=m.bias is not None, device=w.device,
+                          dtype=w.dtype)
+        with torch.no_grad():
+            d.weight.copy_(w)
+            if m.bias is not None:
+                d.bias.copy_(m.bias)
+        return d.eval().requires_grad_(False)
+
+    if isinstance(model, SVDO_LAYERS):
+        return convert(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SVDO_LAYERS):
+                setattr(parent, name, convert(child))
+    return model
+
+
+def _tensor_bytes(ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def dense_bytes(model: nn.Module) -> int:
+    """Bytes of the weights and biases of the sparse-VD layers as dense tensors."""
+    return _tensor_bytes(t for m in model.modules() if isinstance(m, SVDO_LAYERS)
+                         for t in (m.weight, m.bias) if t is not None)
+
+
+def deployed_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors of the deployed layers (CSR + biases)."""
+    return sum(m.nbytes() for m in model.modules() if isinstance(m, SPARSE_LAYERS))
+
+
+@torch.no_grad()
+def latency(models: Dict[str, nn.Module], x: torch.Tensor, min_time: float) -> Dict[str, List[float]]:
+    """Per model, the sorted times (s) of single forward calls on ``x``, interleaved."""
+    for m in models.values():
+        m(x)
+    times: Dict[str, List[float]] = {k: [] for k in models}
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_time or min(len(v) for v in times.values()) < 5:
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            m(x)
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v) for k, v in times.items()}

@@ -1,8 +1,8 @@
 """``sparsevd deploy CHECKPOINT --out FILE``: a trained checkpoint → a deployed sparse model file.
 
 Reads what ``sparsevd train --out DIR`` writes (model.safetensors + config.json, through
-:func:`sparsevd.cli.load_checkpoint`), runs :func:`sparsevd.deploy`, writes the deployed model with
-:func:`sparsevd.save`, and prints
+:func:`sparsevd.checkpoint.load_checkpoint`), runs :func:`sparsevd.deploy`, writes the deployed
+model with :func:`sparsevd.save`, and prints
 
 - sizes: the dense inference model's weights and biases vs the deployed model's tensors (bytes);
 - a latency table, dense (the eval-mode masked model as nn.Linear / nn.Conv2d) vs deployed, at
@@ -13,38 +13,17 @@ Exit status: 0 on success, 1 when the checkpoint cannot be read, 2 for usage err
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import sys
-import time
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-from torch import nn
 
-from .deploy import SPARSE_LAYERS, deploy
+from .checkpoint import input_shape, load_checkpoint
+from .deploy import SPARSE_LAYERS, deploy, deployed_bytes, dense_bytes, dense_twin, latency
 from .io import save
 from .nn.sparse import SparseLinear
-from .nn.svdo import SVDO_LAYERS, Conv2dSVDO, LinearSVDO
-from .ops.csr import extension_available
-
-#: One input sample of the models of sparsevd.models (28x28 grey images), when the checkpoint's
-#: config.json has no ``input_shape``.
-SAMPLE_SHAPE = (1, 28, 28)
-
-
-def sample_shape(checkpoint) -> tuple:
-    """``input_shape`` of the checkpoint's config.json, else :data:`SAMPLE_SHAPE`."""
-    p = Path(checkpoint)
-    cfg = (p if p.is_dir() else p.parent) / "config.json"
-    try:
-        shape = json.loads(cfg.read_text()).get("input_shape")
-        if shape and all(isinstance(v, int) and v > 0 for v in shape):
-            return tuple(shape)
-    except (OSError, ValueError, AttributeError):
-        pass
-    return SAMPLE_SHAPE
+from .nn.svdo import SVDO_LAYERS
+from .ops.library import available as extension_available
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,65 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def dense_twin(model: nn.Module) -> nn.Module:
-    """The model with every LinearSVDO / Conv2dSVDO replaced by nn.Linear / nn.Conv2d holding its
-    eval-mode weight θ ⊙ [log α < threshold]: what a dense deployment would run."""
-    model = copy.deepcopy(model).eval()
-
-    def convert(m: nn.Module) -> nn.Module:
-        w = (m.weight * m.mask()).detach()
-        if isinstance(m, LinearSVDO):
-            d = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                          device=w.device, dtype=w.dtype)
-        else:
-            d = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
-                          m.dilation, m.groups, bias=m.bias is not None, device=w.device,
-                          dtype=w.dtype)
-        with torch.no_grad():
-            d.weight.copy_(w)
-            if m.bias is not None:
-                d.bias.copy_(m.bias)
-        return d.eval().requires_grad_(False)
-
-    if isinstance(model, SVDO_LAYERS):
-        return convert(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, SVDO_LAYERS):
-                setattr(parent, name, convert(child))
-    return model
-
-
-def _tensor_bytes(ts) -> int:
-    return sum(t.numel() * t.element_size() for t in ts)
-
-
-def dense_bytes(model: nn.Module) -> int:
-    """Bytes of the weights and biases of the sparse-VD layers as dense tensors."""
-    return _tensor_bytes(t for m in model.modules() if isinstance(m, SVDO_LAYERS)
-                         for t in (m.weight, m.bias) if t is not None)
-
-
-def deployed_bytes(model: nn.Module) -> int:
-    """Bytes of the tensors of the deployed layers (CSR + biases)."""
-    return sum(m.nbytes() for m in model.modules() if isinstance(m, SPARSE_LAYERS))
-
-
-@torch.no_grad()
-def latency(models: Dict[str, nn.Module], x: torch.Tensor, min_time: float) -> Dict[str, List[float]]:
-    """Per model, the sorted times (s) of single forward calls on ``x``, interleaved."""
-    for m in models.values():
-        m(x)
-    times: Dict[str, List[float]] = {k: [] for k in models}
-    start = time.perf_counter()
-    while time.perf_counter() - start < min_time or min(len(v) for v in times.values()) < 5:
-        for k, m in models.items():
-            t0 = time.perf_counter()
-            m(x)
-            times[k].append(time.perf_counter() - t0)
-    return {k: sorted(v) for k, v in times.items()}
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``sparsevd deploy`` with ``argv`` (the arguments after ``deploy``); returns the exit
     status (0 ok, 1 unreadable checkpoint, 2 usage error)."""
@@ -140,8 +60,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .cli import load_checkpoint  # the training CLI owns the checkpoint format
-
     try:
         model = load_checkpoint(args.checkpoint)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
@@ -156,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if isinstance(m, SVDO_LAYERS):
                 m.threshold = float(args.threshold)
     model.eval()
-    shape = sample_shape(args.checkpoint)
+    shape = input_shape(args.checkpoint)
     example = torch.randn(1, *shape)
     deployed = deploy(model, example, cost_model=args.cost_model)
     out = save(deployed, args.out)

@@ -16,19 +16,18 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
+from ._args import IntOrPair, as_pair
 
 #: Check ``log_sigma2`` and ``weight`` for NaN at every call (one reduction per parameter, and a
 #: host sync on GPU). Skipped inside ``torch.compile``. Set to False to skip it in eager mode too.
 CHECK_NAN = True
-
-_IntOrPair = Union[int, Sequence[int]]
 
 
 def draw_seed(device: Union[str, torch.device, None] = None) -> Tensor:
     """A fresh one-element int64 seed tensor on ``device``, drawn from torch's generator there.
 
     ``torch.manual_seed`` therefore makes the noise reproducible, and a CUDA-graph replay draws a
-    new seed (DESIGN.md, "Noise").
+    new seed (docs/design.md, "Noise").
     """
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
@@ -134,7 +133,7 @@ def _check_conv2d(x, weight, log_sigma2, bias, stride, padding, dilation, groups
             f"groups: expected a positive int dividing out_channels={weight.shape[0]}, "
             f"got {groups!r}"
         )
-    pairs = [_as_pair(v, n, lo) for v, n, lo in
+    pairs = [list(as_pair(v, n, lo)) for v, n, lo in
              ((stride, "stride", 1), (padding, "padding", 0), (dilation, "dilation", 1))]
     x = _prepare_input(x, weight, bias)
     unbatched = x.dim() == 3
@@ -145,17 +144,6 @@ def _check_conv2d(x, weight, log_sigma2, bias, stride, padding, dilation, groups
             f"x: expected shape (N, in_channels={weight.shape[1] * groups}, H, W), got {tuple(x.shape)}"
         )
     return (x, unbatched, *pairs)
-
-
-def _as_pair(v: _IntOrPair, name: str, minimum: int) -> list:
-    if isinstance(v, str):
-        raise ValueError(f"{name}: string values such as {v!r} are not supported; give ints")
-    v = [v, v] if isinstance(v, int) else list(v)
-    if len(v) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        raise ValueError(f"{name}: expected an int or a pair of ints, got {v!r}")
-    if min(v) < minimum:
-        raise ValueError(f"{name}: expected values ≥ {minimum}, got {v!r}")
-    return v
 
 
 def lrt_linear(
@@ -169,7 +157,7 @@ def lrt_linear(
     """Linear layer with the local reparameterization trick (training forward of sparse VD).
 
     y = x θᵀ + b + sqrt((x ⊙ x)(σ²)ᵀ + 1e-8) ⊙ ξ, ξ ~ N(0, 1) drawn per output element from
-    ``seed`` (paper, sec. 4.2; DESIGN.md).
+    ``seed`` (paper, sec. 4.2; docs/design.md, "The math").
 
     Args:
         x: (*, in_features), floating; under ``torch.autocast`` cast to the autocast dtype.
@@ -197,9 +185,9 @@ def lrt_conv2d(
     weight: Tensor,
     log_sigma2: Tensor,
     bias: Optional[Tensor] = None,
-    stride: _IntOrPair = 1,
-    padding: _IntOrPair = 0,
-    dilation: _IntOrPair = 1,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
     groups: int = 1,
     *,
     seed: Optional[Tensor] = None,
@@ -256,9 +244,9 @@ def masked_conv2d(
     weight: Tensor,
     log_sigma2: Tensor,
     bias: Optional[Tensor],
-    stride: _IntOrPair = 1,
-    padding: _IntOrPair = 0,
-    dilation: _IntOrPair = 1,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
     groups: int = 1,
     *,
     threshold: float,

@@ -270,7 +270,7 @@ def load(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.Module:
     except _Foreign as e:
         raise ValueError(
             f"{path}: not a sparsevd deployed model (safetensors metadata format={e.args[0]!r}, "
-            f"expected {FORMAT!r}); a training checkpoint loads with sparsevd.cli.load_checkpoint "
+            f"expected {FORMAT!r}); a training checkpoint loads with sparsevd.checkpoint.load_checkpoint "
             "and becomes a deployed model with sparsevd.deploy"
         ) from None
     except Exception as e:  # safetensors' own errors: bad header, truncated data, ...

@@ -9,10 +9,12 @@ ICML 2017 (arXiv:1701.05369). Equation numbers refer to that paper.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from ._args import IntOrPair, as_pair
 
 #: Constants of the KL approximation, eq. 14.
 K1 = 0.63576
@@ -24,8 +26,6 @@ LOG_ALPHA_CLAMP = 10.0
 EPS_THETA = 1e-8
 #: Added to the LRT variance before the square root.
 EPS_VAR = 1e-8
-
-_IntOrPair = Union[int, Sequence[int]]
 
 
 def log_alpha(weight: torch.Tensor, log_sigma2: torch.Tensor) -> torch.Tensor:
@@ -91,8 +91,10 @@ def lrt_linear(
     return mu + torch.sqrt(s2 + EPS_VAR) * noise
 
 
-def _pair(v: _IntOrPair) -> tuple:
-    return (v, v) if isinstance(v, int) else tuple(v)
+def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a convolution along one dimension (as ``torch.nn.functional.conv2d``):
+    ⌊(size + 2·padding − dilation·(kernel − 1) − 1) / stride⌋ + 1."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def lrt_conv2d(
@@ -101,9 +103,9 @@ def lrt_conv2d(
     log_sigma2: torch.Tensor,
     bias: Optional[torch.Tensor],
     noise: torch.Tensor,
-    stride: _IntOrPair = 1,
-    padding: _IntOrPair = 0,
-    dilation: _IntOrPair = 1,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
     groups: int = 1,
 ) -> torch.Tensor:
     """2-D convolution with the local reparameterization trick.
@@ -122,7 +124,8 @@ def lrt_conv2d(
     Returns:
         y, (N, C_out, H_out, W_out).
     """
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    stride, padding = as_pair(stride, "stride", 1), as_pair(padding, "padding", 0)
+    dilation = as_pair(dilation, "dilation", 1)
     mu = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     s2 = F.conv2d(x * x, torch.exp(log_sigma2), None, stride, padding, dilation, groups)
     return mu + torch.sqrt(s2 + EPS_VAR) * noise

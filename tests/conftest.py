@@ -1,4 +1,5 @@
-"""Test configuration: Triton's interpreter must be on before any @triton.jit runs (DESIGN.md)."""
+"""Test configuration: Triton's interpreter must be on before any @triton.jit runs (docs/design.md,
+"Backends")."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")

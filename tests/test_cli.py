@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from sparsevd import cli, data
-from sparsevd.cli import build_parser, load_checkpoint, main
+from sparsevd.checkpoint import load_checkpoint
+from sparsevd.cli import build_parser, main
+from sparsevd.train import resolve_recipe
 from sparsevd.convert import report
 from sparsevd.data import FILE_NAMES, load_dataset
 
@@ -149,7 +151,7 @@ def test_dense_pretraining_then_sparse_vd(tmp_path, data_dir):
     (["train", "--dense"], 0, 0.0),
 ])
 def test_recipe_defaults(argv, pretrain, warmup):
-    args = cli.resolve_recipe(build_parser().parse_args(argv))
+    args = resolve_recipe(build_parser().parse_args(argv))
     assert args.pretrain_epochs == pretrain and args.kl_warmup_epochs == pytest.approx(warmup)
 
 

@@ -12,7 +12,7 @@ from sparsevd.deploy import BATCH_BUCKETS, _bucket_bounds, rule_mode
 from sparsevd.models import LeNet5, LeNet300
 from sparsevd.nn import Conv2dSVDO, LinearSVDO, SparseConv2d, SparseLinear
 from sparsevd.nn.svdo import SVDO_LAYERS
-from sparsevd.ops.csr import extension_available
+from sparsevd.ops.library import available as extension_available
 
 RTOL, ATOL = 1e-5, 1e-5
 DEAD = 20.0  # log σ² that gives log α = 10 ≥ threshold for any θ: the weight is dropped
@@ -371,7 +371,7 @@ def test_load_garbage_and_missing(tmp_path):
 def test_load_foreign_files(tmp_path, lenet300):
     from safetensors.torch import save_file
 
-    from sparsevd.cli import save_checkpoint
+    from sparsevd.checkpoint import save_checkpoint
 
     p = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(3)}, str(p))
@@ -404,7 +404,7 @@ def test_load_bad_config(saved):
 
 # ------------------------------------------------------------------------------------ CLI
 def test_cli_deploy(lenet300, tmp_path, capsys):
-    from sparsevd.cli import save_checkpoint
+    from sparsevd.checkpoint import save_checkpoint
     from sparsevd.deploy_cli import main
 
     ck = tmp_path / "run"
@@ -426,7 +426,7 @@ def test_cli_deploy(lenet300, tmp_path, capsys):
 
 
 def test_cli_deploy_errors(tmp_path, capsys):
-    from sparsevd.cli import save_checkpoint
+    from sparsevd.checkpoint import save_checkpoint
     from sparsevd.deploy_cli import main
 
     assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "o.safetensors")]) == 1
@@ -441,7 +441,8 @@ def test_cli_deploy_errors(tmp_path, capsys):
 
 def test_cli_wiring(lenet300, tmp_path, capsys):
     """`sparsevd deploy ...` (sparsevd.cli.main) reaches deploy_cli.main."""
-    from sparsevd.cli import main, save_checkpoint
+    from sparsevd.checkpoint import save_checkpoint
+    from sparsevd.cli import main
 
     ck = tmp_path / "run"
     save_checkpoint(lenet300, ck, {"model": "lenet300", "svd": True, "threshold": 3.0})

@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.csr import csr_linear_torch, kernel_available, validate_csr, warn_fallback
+from .._args import IntOrPair, as_pair
+from ..reference import conv_out_size
+from ..ops.csr import csr_linear_torch, validate_csr, warn_fallback
+from ..ops.library import kernel_available
 from .svdo import conv_repr
 
 __all__ = ["SparseLinear", "SparseConv2d", "to_csr", "LINEAR_MODES", "CONV_MODES", "Plan"]
@@ -291,13 +294,6 @@ class SparseLinear(_SparseBase):
                 f"bias={self.bias is not None}, plan=[{plan}]")
 
 
-_IntOrPair = Union[int, Sequence[int]]
-
-
-def _pair(v: _IntOrPair) -> Tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)  # type: ignore
-
-
 class SparseConv2d(_SparseBase):
     """Deployed 2-D convolution with its weight (out_channels, in_channels/groups, kH, kW) stored as
     a CSR matrix (out_channels, in_channels/groups · kH · kW).
@@ -327,10 +323,10 @@ class SparseConv2d(_SparseBase):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: _IntOrPair,
-        stride: _IntOrPair = 1,
-        padding: _IntOrPair = 0,
-        dilation: _IntOrPair = 1,
+        kernel_size: IntOrPair,
+        stride: IntOrPair = 1,
+        padding: IntOrPair = 0,
+        dilation: IntOrPair = 1,
         groups: int = 1,
         crow_indices: Optional[Tensor] = None,
         col_indices: Optional[Tensor] = None,
@@ -351,9 +347,9 @@ class SparseConv2d(_SparseBase):
         if crow_indices is None or col_indices is None or values is None:
             raise ValueError("crow_indices, col_indices, values: the CSR weight is required")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = _pair(kernel_size)
-        self.stride, self.padding = _pair(stride), _pair(padding)
-        self.dilation, self.groups = _pair(dilation), int(groups)
+        self.kernel_size = as_pair(kernel_size, "kernel_size", 1)
+        self.stride, self.padding = as_pair(stride, "stride", 1), as_pair(padding, "padding", 0)
+        self.dilation, self.groups = as_pair(dilation, "dilation", 1), int(groups)
         if crow_indices.numel() != out_channels + 1:
             raise ValueError(
                 f"crow_indices: expected out_channels + 1 = {out_channels + 1} entries, got "
@@ -367,8 +363,8 @@ class SparseConv2d(_SparseBase):
                            num_weights, plan, check)
 
     @classmethod
-    def from_dense(cls, weight: Tensor, bias: Optional[Tensor] = None, stride: _IntOrPair = 1,
-                   padding: _IntOrPair = 0, dilation: _IntOrPair = 1, groups: int = 1, *,
+    def from_dense(cls, weight: Tensor, bias: Optional[Tensor] = None, stride: IntOrPair = 1,
+                   padding: IntOrPair = 0, dilation: IntOrPair = 1, groups: int = 1, *,
                    index_dtype=None, **kwargs) -> "SparseConv2d":
         """A SparseConv2d storing the nonzeros of ``weight`` (out, in/groups, kH, kW)."""
         out_c, in_g, kh, kw = weight.shape
@@ -405,8 +401,8 @@ class SparseConv2d(_SparseBase):
             n, _, h, w = x.shape
             (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
                                                       self.dilation)
-            ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-            wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            ho = conv_out_size(h, kh, sh, ph, dh)
+            wo = conv_out_size(w, kw, sw, pw, dw)
             cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
             y = self._run_csr(cols.transpose(1, 2))  # (N, L, out_channels)
             y = y.transpose(1, 2).reshape(n, self.out_channels, ho, wo)

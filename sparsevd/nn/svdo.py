@@ -6,12 +6,14 @@ ICML 2017 (arXiv:1701.05369): sec. 4 (additive reparameterization, LRT), eq. 14 
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional as SF
+from .. import reference
+from .._args import IntOrPair, as_pair, check_threshold
 
 #: log σ² at initialisation: σ ≈ 0.0067, so a converted layer starts close to its deterministic
 #: twin; weights with |θ| ≲ e^-6.5 ≈ 1.5e-3 already have log α ≥ 3 and are dropped at evaluation.
@@ -28,9 +30,7 @@ class _SVDOMixin:
     threshold: float
 
     def _init_svdo(self, threshold: float) -> None:
-        if not math.isfinite(threshold):
-            raise ValueError(f"threshold: expected a finite float, got {threshold!r}")
-        self.threshold = float(threshold)
+        self.threshold = check_threshold(threshold)
         with torch.no_grad():
             self.log_sigma2.fill_(LOG_SIGMA2_INIT)
 
@@ -44,9 +44,12 @@ class _SVDOMixin:
         return SF.kl_sparse_vd(self.weight, self.log_sigma2)
 
     @torch.no_grad()
-    def mask(self) -> Tensor:
-        """Boolean mask of the weights kept at evaluation: log α < threshold."""
-        return self.log_alpha < self.threshold
+    def mask(self, threshold: Optional[float] = None) -> Tensor:
+        """Boolean mask of the weights kept at evaluation, log α < threshold (the layer's own
+        ``threshold`` unless one is given), shape of ``weight``."""
+        SF.check_parameters(self.weight, self.log_sigma2)
+        t = self.threshold if threshold is None else threshold
+        return reference.eval_mask(self.weight, self.log_sigma2, t)
 
     @property
     def num_weights(self) -> int:
@@ -135,17 +138,6 @@ class LinearSVDO(_SVDOMixin, nn.Module):
         )
 
 
-def _pair(v: Union[int, Sequence[int]], name: str) -> tuple:
-    if isinstance(v, int):
-        return (v, v)
-    if isinstance(v, str):
-        raise ValueError(f"{name}: string values such as {v!r} are not supported; give ints")
-    v = tuple(v)
-    if len(v) != 2:
-        raise ValueError(f"{name}: expected an int or a pair of ints, got {v!r}")
-    return v
-
-
 def conv_repr(m: nn.Module) -> str:
     """The nn.Conv2d-style part of a convolution layer's repr (channels, kernel, non-defaults)."""
     s = f"{m.in_channels}, {m.out_channels}, kernel_size={m.kernel_size}, stride={m.stride}"
@@ -180,10 +172,10 @@ class Conv2dSVDO(_SVDOMixin, nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: Union[int, Sequence[int]],
-        stride: Union[int, Sequence[int]] = 1,
-        padding: Union[int, Sequence[int]] = 0,
-        dilation: Union[int, Sequence[int]] = 1,
+        kernel_size: IntOrPair,
+        stride: IntOrPair = 1,
+        padding: IntOrPair = 0,
+        dilation: IntOrPair = 1,
         groups: int = 1,
         bias: bool = True,
         threshold: float = DEFAULT_THRESHOLD,
@@ -199,10 +191,10 @@ class Conv2dSVDO(_SVDOMixin, nn.Module):
             )
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.padding = _pair(padding, "padding")
-        self.dilation = _pair(dilation, "dilation")
+        self.kernel_size = as_pair(kernel_size, "kernel_size")
+        self.stride = as_pair(stride, "stride")
+        self.padding = as_pair(padding, "padding")
+        self.dilation = as_pair(dilation, "dilation")
         self.groups = groups
         shape = (out_channels, in_channels // groups, *self.kernel_size)
         self.weight = nn.Parameter(torch.empty(shape, **factory))

@@ -2,11 +2,14 @@
 
 ``SPARSEVD_BACKEND`` (read at each call) is one of:
 
-- ``auto`` (default): the Triton kernels for CUDA tensors, the C++/CUDA op library (``csrc/``) for
-  the ops it has, the reference math otherwise;
-- ``triton``: force the Triton kernels (on CPU tensors only under ``TRITON_INTERPRET=1``);
-- ``cuda``: force the compiled ``sparsevd._C`` kernels;
-- ``reference``: the plain-PyTorch math of :mod:`sparsevd.reference`.
+- ``auto`` (default): the Triton kernels for CUDA tensors, the reference math otherwise;
+- ``triton``: force the Triton kernels (:mod:`sparsevd.ops.triton_impl`; on CPU tensors only
+  under ``TRITON_INTERPRET=1``, Triton's interpreter);
+- ``reference``: the plain-PyTorch math of :mod:`sparsevd.reference`
+  (:mod:`sparsevd.ops.reference_impl`), the specification and the fallback.
+
+The deployed layers' ``csr_linear`` is no backend op: it is the compiled library's
+(:mod:`sparsevd.ops.csr`), with a torch fallback.
 
 Implementations register themselves per (op name, backend) with :func:`register_impl`; the op
 entry points in :mod:`sparsevd.ops` look them up with :func:`get_impl`.
@@ -19,14 +22,13 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "reference")
+BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "SPARSEVD_BACKEND"
 
 _IMPLS: Dict[Tuple[str, str], Callable] = {}
 # Modules that register implementations when imported, per backend.
 _PROVIDERS = {
     "triton": "sparsevd.ops.triton_impl",
-    "cuda": "sparsevd.ops.csrc_impl",
 }
 _PROVIDER_ERRORS: Dict[str, str] = {}
 
@@ -87,7 +89,7 @@ def get_impl(op: str, device: torch.device) -> Tuple[str, Callable]:
     """
     want = requested_backend()
     if want == "auto":
-        order = ("triton", "cuda") if device.type == "cuda" else ("cuda",)
+        order = ("triton",) if device.type == "cuda" else ()
         for backend in order:
             if _load_provider(backend) and (op, backend) in _IMPLS:
                 return backend, _IMPLS[(op, backend)]

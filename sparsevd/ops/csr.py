@@ -3,7 +3,8 @@
 The op is defined schema-first in C++ (``csrc/ops.cpp``, ``TORCH_LIBRARY(sparsevd, m)``) and
 implemented in ``csrc/cpu`` (OpenMP + AVX2) and ``csrc/cuda`` (subwarp-per-row kernels); this module
 loads the compiled library ``sparsevd._C``, registers the op's fake (meta) implementation, and
-provides :func:`csr_linear`, the checked entry point. Without the compiled library the package
+provides :func:`csr_linear`, the checked entry point (the library is loaded by
+:mod:`sparsevd.ops.library`). Without the compiled library the package
 still imports: :func:`csr_linear` then computes the same product with ``torch.sparse`` (slower) and
 warns once, saying how to build the extension.
 
@@ -19,20 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-try:  # registers torch.ops.sparsevd.csr_linear (CPU, and CUDA when built with CUDA)
-    from .. import _C  # type: ignore[attr-defined]
-
-    EXTENSION_ERROR: Optional[str] = None
-except ImportError as _exc:  # not built, or built against another torch
-    _C = None
-    EXTENSION_ERROR = f"{type(_exc).__name__}: {_exc}"
-
-#: How to build the compiled op library, for messages.
-BUILD_HINT = (
-    "build it with `pip install --no-build-isolation -e .` from the repository root (needs a C++ "
-    "compiler; CUDA kernels also need nvcc and a CUDA build of torch, or FORCE_CUDA=1; "
-    "SPARSEVD_NO_EXT=1 skips the build)"
-)
+from . import library
 
 INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
 CROW_DTYPES = (torch.int32, torch.int64)
@@ -42,34 +30,11 @@ INT16_MAX_FEATURES = 32768
 _warned = False
 
 __all__ = [
-    "BUILD_HINT",
-    "EXTENSION_ERROR",
     "csr_linear",
     "csr_linear_torch",
-    "extension_available",
-    "extension_has_cuda",
     "validate_csr",
+    "warn_fallback",
 ]
-
-
-def extension_available() -> bool:
-    """True when the compiled op library ``sparsevd._C`` is loaded (torch.ops.sparsevd.csr_linear)."""
-    return _C is not None
-
-
-def extension_has_cuda() -> bool:
-    """True when ``sparsevd._C`` was built with its CUDA kernels."""
-    return _C is not None and bool(getattr(_C, "with_cuda", False))
-
-
-def kernel_available(device: torch.device) -> bool:
-    """True when the compiled kernel of csr_linear runs on tensors of ``device``."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return extension_available()
-    if device.type == "cuda":
-        return extension_has_cuda()
-    return False
 
 
 def warn_fallback(what: str = "sparsevd.ops.csr_linear") -> None:
@@ -78,16 +43,16 @@ def warn_fallback(what: str = "sparsevd.ops.csr_linear") -> None:
     if _warned:
         return
     _warned = True
-    why = EXTENSION_ERROR or "it was built without CUDA kernels"
+    why = library.unavailable_reason() or "it was built without CUDA kernels"
     warnings.warn(
         f"{what}: the compiled sparsevd._C kernels are not available ({why}); falling back to "
-        f"torch (dense / torch.sparse) kernels, which are slower. To get them, {BUILD_HINT}.",
+        f"torch (dense / torch.sparse) kernels, which are slower. To get them, {library.BUILD_HINT}.",
         RuntimeWarning,
         stacklevel=3,
     )
 
 
-if _C is not None:
+if library.available():
 
     @torch.library.register_fake("sparsevd::csr_linear")
     def _csr_linear_fake(x, crow_indices, col_indices, values, bias):
@@ -249,7 +214,7 @@ def csr_linear(
     if isinstance(values, Tensor) and values.device != x.device:
         raise ValueError(f"values: expected a tensor on {x.device} (the device of x), got {values.device}")
     validate_csr(crow_indices, col_indices, values, x.shape[-1], bias, check_indices)
-    if kernel_available(x.device):
+    if library.kernel_available(x.device):
         return torch.ops.sparsevd.csr_linear(x, crow_indices, col_indices, values, bias)
     warn_fallback()
     return csr_linear_torch(x, crow_indices, col_indices, values, bias)

@@ -11,11 +11,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..reference import conv_out_size
 from .backend import get_impl
-
-
-def _conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 # --------------------------------------------------------------------------------------- linear
@@ -40,7 +37,7 @@ def _(x, weight, log_sigma2, bias, seed):
 def lrt_linear_backward(
     grad: Tensor, x: Tensor, weight: Tensor, log_sigma2: Tensor, std: Tensor, seed: Tensor
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (∂x, ∂θ, ∂log σ², ∂b) of the LRT linear layer (DESIGN.md, backward)."""
+    """Gradients (∂x, ∂θ, ∂log σ², ∂b) of the LRT linear layer (docs/design.md, "Backward")."""
     _, impl = get_impl("lrt_linear_backward", grad.device)
     return impl(grad, x, weight, log_sigma2, std, seed)
 
@@ -92,8 +89,8 @@ def lrt_conv2d(
 @lrt_conv2d.register_fake
 def _(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups):
     kh, kw = weight.shape[2], weight.shape[3]
-    h = _conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
-    w = _conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    h = conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    w = conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
     shape = (x.shape[0], weight.shape[0], h, w)
     std_dtype = torch.promote_types(x.dtype, weight.dtype)
     return x.new_empty(shape, dtype=x.dtype), x.new_empty(shape, dtype=std_dtype)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from . import library
+
 _MASK32 = 0xFFFFFFFF
 _KEY_A = 0x9E3779B9
 _KEY_B = 0xBB67AE85
@@ -74,20 +76,10 @@ def randn_torch(seed: int, numel: int, device=None, offset: int = 0) -> torch.Te
     return r * torch.cos(u2 * 6.283185307179586)
 
 
-def _native_cpu_generator() -> bool:
-    try:
-        from .. import _C  # noqa: F401  registers torch.ops.sparsevd.philox_randn_
-    except ImportError:
-        return False
-    return hasattr(torch.ops.sparsevd, "philox_randn_")
-
-
-_NATIVE_CPU = _native_cpu_generator()
-
 def randn_like_index(seed: int, numel: int, device=None, offset: int = 0) -> torch.Tensor:
     """ξ[i] for i in [offset, offset + numel): fp32 standard normal, 1-D, on ``device``.
 
-    On CPU the compiled ``sparsevd::philox_randn_`` (csrc/cpu/philox_cpu.cpp, ~50× faster)
+    On CPU the compiled ``sparsevd::philox_randn_`` (csrc/cpu/noise_cpu.cpp, ~50× faster)
     computes it when the extension is built; elsewhere :func:`randn_torch`.
 
     Args:
@@ -97,7 +89,7 @@ def randn_like_index(seed: int, numel: int, device=None, offset: int = 0) -> tor
         offset: index of the first element.
     """
     device = torch.device("cpu") if device is None else torch.device(device)
-    if device.type == "cpu" and _NATIVE_CPU:
+    if device.type == "cpu" and library.has_op("philox_randn_"):
         out = torch.empty(numel, dtype=torch.float32)
         torch.ops.sparsevd.philox_randn_(out, int(seed), int(offset))
         return out

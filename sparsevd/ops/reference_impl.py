@@ -1,5 +1,5 @@
 """The ``reference`` backend of the ops: the math of :mod:`sparsevd.reference`, forward and an
-explicit backward (DESIGN.md, "Backward of the LRT linear"), with ξ from :mod:`sparsevd.ops.noise`.
+explicit backward (docs/design.md, "Backward"), with ξ from :mod:`sparsevd.ops.noise`.
 
 Every implementation here has the signature of its op in :mod:`sparsevd.ops.lrt` /
 :mod:`sparsevd.ops.kl` and works in any floating dtype (fp64 for gradcheck).
@@ -7,6 +7,7 @@ Every implementation here has the signature of its op in :mod:`sparsevd.ops.lrt`
 from __future__ import annotations
 
 import functools
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -54,9 +55,10 @@ def lrt_linear_fwd(x, weight, log_sigma2, bias, seed) -> Tuple[torch.Tensor, tor
 @_no_autocast
 def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed):
     dt = std.dtype
-    g = grad.to(dt).reshape(-1, weight.shape[0])
-    x2 = x.to(dt).reshape(-1, weight.shape[1])
-    std2 = std.reshape(-1, weight.shape[0])
+    m = math.prod(grad.shape[:-1])  # rows; explicit, as -1 is ambiguous for empty shapes
+    g = grad.to(dt).reshape(m, weight.shape[0])
+    x2 = x.to(dt).reshape(m, weight.shape[1])
+    std2 = std.reshape(m, weight.shape[0])
     xi = _noise(seed, std2.shape, std2)
     w = weight.to(dt)
     sigma2 = torch.exp(log_sigma2.to(dt))
@@ -129,10 +131,12 @@ def _kl_terms(weight: torch.Tensor, log_sigma2: torch.Tensor):
 
 @_no_autocast
 def kl_fwd(weights: List[torch.Tensor], log_sigma2s: List[torch.Tensor], with_grad: bool):
+    out_dtype = torch.promote_types(weights[0].dtype, torch.float32)  # as the fake impl says
     total = None
     grads_w, grads_ls2 = [], []
     for w, ls2 in zip(weights, log_sigma2s):
         kl, gw, gl = _kl_terms(w, ls2)
+        kl = kl.to(out_dtype)
         total = kl if total is None else total + kl
         if with_grad:
             grads_w.append(gw.to(w.dtype))

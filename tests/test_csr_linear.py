@@ -11,13 +11,13 @@ import torch.nn.functional as F
 import sparsevd
 from sparsevd.nn.sparse import to_csr
 from sparsevd.ops import csr as csr_mod
-from sparsevd.ops import csr_linear
+from sparsevd.ops import csr_linear, library
 
 from conftest import assert_close
 
 pytestmark = pytest.mark.skipif(
-    not csr_mod.extension_available(),
-    reason=f"sparsevd._C not built ({csr_mod.EXTENSION_ERROR})",
+    not library.available(),
+    reason=f"sparsevd._C not built ({library.unavailable_reason()})",
 )
 
 TOL = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-12, 1e-10)}  # (rtol, atol)
@@ -38,7 +38,7 @@ def csr_of(w, col_dtype=None, crow_dtype=torch.int32):
 @pytest.fixture(params=[True, False], ids=["avx2", "portable"])
 def simd(request):
     """Run fp32 cases with the AVX2 kernels and with the portable C++ ones."""
-    C = csr_mod._C
+    C = library.module()
     if request.param and not C.cpu_simd_available():
         pytest.skip("no AVX2+FMA on this CPU")
     old = C.set_cpu_simd(request.param)
@@ -133,7 +133,7 @@ def test_fallback_matches(monkeypatch):
     x = torch.randn(6, 50)
     crow, col, val = csr_of(w)
     expected = csr_linear(x, crow, col, val, b)
-    monkeypatch.setattr(csr_mod, "_C", None)
+    monkeypatch.setattr(library, "_MODULE", None)
     monkeypatch.setattr(csr_mod, "_warned", False)
     with pytest.warns(RuntimeWarning, match="pip install"):
         y = csr_linear(x, crow, col, val, b)
@@ -201,7 +201,7 @@ def test_raw_op_checks():
 @pytest.mark.parametrize("order", ["extension_first", "package_first"])
 def test_cpp_and_python_ops_coexist(order):
     """TORCH_LIBRARY(sparsevd) in C++ and torch.library.custom_op("sparsevd::...") in Python."""
-    so = csr_mod._C.__file__
+    so = library.module().__file__
     first = f"torch.ops.load_library({so!r})" if order == "extension_first" else "import sparsevd"
     code = textwrap.dedent(f"""
         import torch
@@ -225,8 +225,8 @@ def test_package_imports_without_extension():
         import sys, warnings
         sys.modules["sparsevd._C"] = None  # makes `from .. import _C` raise ImportError
         import torch, sparsevd
-        from sparsevd.ops.csr import extension_available
-        assert not extension_available()
+        from sparsevd.ops import library
+        assert not library.available() and "sparsevd._C" in library.unavailable_reason()
         layer = sparsevd.nn.LinearSVDO(6, 4).eval()
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")

@@ -17,9 +17,10 @@ inputs; CPU: torch.utils.benchmark blocked runs, median / p20 / p80 over all blo
 with torch's thread count; GPU: triton.testing.do_bench (L2 flushed). Rows are appended to
 benchmarks/results/<device-slug>-<date>.json; each row records the 1-minute load average.
 
-Usage: python -m benchmarks.bench_sparse [--device cpu|cuda] [--dtype float32 float16]
+Usage: python -m benchmarks.bench_csr_linear [--device cpu|cuda] [--dtype float32 float16]
        [--sparsity 0.9 0.95 0.98 0.99] [--batch 1 16 64 256] [--rounds 3] [--checkpoint DIR]
-       [--threads N] [--timer wall|cpu] [--out FILE] [--skip-linear] [--skip-lenet] [--no-save]
+       [--threads N] [--timer wall|cpu] [--skip-linear] [--skip-lenet] [--quick] [--out FILE]
+       [--no-save] [--dry-run]
 
 On a machine shared with other jobs, wall-clock times of multi-threaded runs are quantized by the
 scheduler (a parallel region waits for its descheduled threads); ``--threads 1 --timer cpu``
@@ -43,7 +44,7 @@ import sparsevd.models
 from sparsevd.deploy import plan_layer
 from sparsevd.nn import SparseLinear
 from sparsevd.nn.sparse import to_csr
-from sparsevd.ops.csr import kernel_available
+from sparsevd.ops.library import kernel_available
 
 K = N = 4096
 
@@ -170,10 +171,10 @@ def synthetic_lenet300(seed: int = 0) -> torch.nn.Module:
 
 
 def bench_lenet(args, env) -> List[dict]:
-    from sparsevd.deploy_cli import dense_twin
+    from sparsevd.deploy import dense_twin
 
     if args.checkpoint:
-        from sparsevd.cli import load_checkpoint
+        from sparsevd.checkpoint import load_checkpoint
 
         model = load_checkpoint(args.checkpoint)
         source = f"checkpoint {args.checkpoint}"
@@ -221,9 +222,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--timer", choices=("wall", "cpu"), default="wall",
                    help="wall clock (default) or thread CPU time (needs --threads 1; for loaded machines)")
-    p.add_argument("--out", default=None, help="results file (default: results/<device-slug>-<date>.json)")
-    p.add_argument("--no-save", action="store_true")
-    args = p.parse_args(argv)
+    common.add_common_args(p)
+    args = common.parse_args(p, argv)
+    if args.quick:
+        args.rounds, args.min_run_time = 1, min(args.min_run_time, 0.05)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.timer == "cpu" and (args.device != "cpu" or torch.get_num_threads() != 1):

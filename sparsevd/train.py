@@ -1,0 +1,433 @@
+"""Training with sparse variational dropout: :func:`fit` (the loop, for any model and data loaders)
+and :func:`run` (what ``sparsevd train`` does: data, model, :func:`fit`, checkpoint, summary).
+
+Recipe (Molchanov, Ashukha, Vetrov, ICML 2017, sec. 5): Adam, lr 1e-3, batch 100, loss SGVLB =
+N · mean cross-entropy + β · KL (eq. 3) with N = number of training examples and β warmed up
+linearly from 0 to 1 (here per step), log σ² initialised to −10, weights with log α ≥ 3 dropped at
+evaluation. :func:`resolve_recipe` gives the defaults tuned for 30-epoch CPU runs (README,
+"Recipe"): the first third of the epochs trains the dense model, which is then converted to
+sparse-VD layers; β warms up over the next third; the learning rate decays linearly to 0 over the
+whole run. ``pretrain_epochs=0, kl_warmup_epochs=5, lr_decay="none"`` is the plain from-scratch
+recipe. Dense runs use the same optimiser and schedule with plain cross-entropy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import metadata
+from .checkpoint import save_checkpoint
+from .convert import convert, report
+from .data import make_loaders
+from .loss import SGVLB, kl_divergence, svdo_layers
+from .models import build_model
+from .nn import DEFAULT_THRESHOLD, Conv2dSVDO
+
+__all__ = ["METHODS", "TrainConfig", "evaluate", "fit", "resolve_recipe", "run"]
+
+METHODS = ("sparse_vd", "dense")
+LR_DECAYS = ("linear", "none")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The settings of one ``sparsevd train`` run (the CLI's options, same names and defaults).
+
+    ``pretrain_epochs`` and ``kl_warmup_epochs`` left as None take the defaults of
+    :func:`resolve_recipe` (a third of ``epochs`` each).
+    """
+
+    model: str = "lenet300"
+    dataset: str = "fashion-mnist"
+    epochs: int = 30
+    batch_size: int = 100
+    lr: float = 1e-3
+    lr_decay: str = "linear"
+    kl_warmup_epochs: Optional[float] = None
+    pretrain_epochs: Optional[int] = None
+    threshold: float = DEFAULT_THRESHOLD
+    dense: bool = False
+    device: str = "auto"
+    seed: int = 0
+    data_dir: Optional[str] = None
+    download: bool = True
+    out: Optional[str] = None
+    json: Optional[str] = None
+    subset: Optional[int] = None
+    threads: Optional[int] = None
+    progress: bool = True
+
+    def out_dir(self) -> Path:
+        """``out``, or ``runs/<model>-<svd|dense>-<dataset>``."""
+        if self.out:
+            return Path(self.out)
+        return Path("runs") / f"{self.model}-{'dense' if self.dense else 'svd'}-{self.dataset}"
+
+
+def resolve_recipe(config):
+    """Fill in the defaults that depend on ``epochs`` (in place; also returns ``config``, a
+    :class:`TrainConfig` or an argparse namespace with the same fields).
+
+    ``pretrain_epochs`` defaults to ``epochs // 3`` and ``kl_warmup_epochs`` to ``epochs / 3``:
+    a third of the run trains the dense model, the sparse-VD phase warms β up over the next
+    third and trains at β = 1 for the last one. With ``dense`` both are 0.
+    """
+    if config.dense:
+        config.pretrain_epochs = 0
+        config.kl_warmup_epochs = 0.0 if config.kl_warmup_epochs is None else config.kl_warmup_epochs
+        return config
+    if config.pretrain_epochs is None:
+        config.pretrain_epochs = config.epochs // 3
+    if config.kl_warmup_epochs is None:
+        config.kl_warmup_epochs = config.epochs / 3
+    return config
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device) -> float:
+    """Top-1 accuracy (fraction in [0, 1]) of ``model`` in eval mode over ``loader``.
+
+    The model is left in eval mode; sparse-VD layers use their deterministic masked weights.
+    """
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        correct += int((model(x).argmax(1) == y).sum())
+        total += y.numel()
+    return correct / max(total, 1)
+
+
+def backend_name(model: nn.Module, device) -> Optional[str]:
+    """The ops backend that runs the model's sparse-VD layers on ``device`` (None for a model
+    without sparse-VD or convertible layers); counts the layers a dense pre-training converts."""
+    from .ops.backend import get_impl
+
+    kinds = {type(m) for m in model.modules()}
+    if not kinds & {Conv2dSVDO, nn.Conv2d} and not svdo_layers(model) and nn.Linear not in kinds:
+        return None
+    op = "lrt_conv2d" if kinds & {Conv2dSVDO, nn.Conv2d} else "lrt_linear"
+    try:
+        return get_impl(op, torch.device(device))[0]
+    except Exception as e:  # reported, not fatal: the first forward raises the real error
+        return f"unavailable ({e})"
+
+
+def _finite(v: float):
+    return v if math.isfinite(v) else None
+
+
+def _json_safe(obj):
+    if isinstance(obj, float):
+        return _finite(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def fit(
+    model: nn.Module,
+    train_loader,
+    test_loader,
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    lr_decay: str = "linear",
+    method: str = "sparse_vd",
+    pretrain_epochs: int = 0,
+    kl_warmup_epochs: float = 5.0,
+    threshold: float = DEFAULT_THRESHOLD,
+    train_size: Optional[int] = None,
+    device=None,
+    progress: bool = False,
+    on_epoch: Optional[Callable[[dict], None]] = None,
+) -> dict:
+    """Train ``model`` with sparse VD (or dense) and return the run's summary.
+
+    Sparse VD (``method="sparse_vd"``): the model's nn.Linear / nn.Conv2d layers train densely with
+    cross-entropy for ``pretrain_epochs`` epochs, then :func:`sparsevd.convert` turns them into
+    sparse-VD layers (θ and b kept, log σ² = −10, in place) and training goes on with
+    :class:`~sparsevd.SGVLB` (β rising per step from 0 to 1 over ``kl_warmup_epochs`` epochs
+    counted from the conversion) and a fresh Adam on the same learning-rate schedule. A model that
+    already has sparse-VD layers trains with SGVLB from the first epoch. ``method="dense"``:
+    cross-entropy throughout.
+
+    Args:
+        model: a container module (e.g. ``sparsevd.models.LeNet300(svd=False)``), trained in place
+            and converted in place after the pre-training; inputs and targets as ``train_loader``
+            yields them (images (B, ...) float, labels (B,) int64).
+        train_loader, test_loader: iterables of ``(x, y)`` batches; ``len(train_loader)`` steps an
+            epoch.
+        epochs: total number of epochs (pre-training included), ≥ 1.
+        lr: Adam's learning rate; ``lr_decay="linear"`` decays it to 0 at the last step, "none"
+            keeps it.
+        pretrain_epochs: dense epochs before the conversion (sparse VD only), < ``epochs``.
+        kl_warmup_epochs: epochs of the β warm-up (0: β = 1 from the conversion).
+        threshold: log α pruning threshold of the converted layers.
+        train_size: N of the SGVLB (default: ``len(train_loader.dataset)``).
+        device: where to train (default: the model's parameters' device).
+        progress: show a tqdm progress bar per epoch (on stderr).
+        on_epoch: called with each epoch's history row (a dict) after its evaluation.
+
+    Returns:
+        The summary: ``test_accuracy`` (fraction, eval mode, after the last epoch),
+        ``compression``, ``sparsity`` and ``per_layer_sparsity`` (fractions), ``history`` (one row
+        per epoch: loss (SGVLB per image, or cross-entropy), ce, kl_per_image, beta, lr,
+        test_accuracy, compression, train_seconds), ``report``, ``train_seconds`` (training
+        steps only), step-time quantiles (``median_ms``, ``p20_ms``, ``p80_ms``), the recipe,
+        ``device``, ``backend``, versions and the commit.
+
+    Raises:
+        ValueError: an unknown ``method`` or ``lr_decay``, ``pretrain_epochs`` ≥ ``epochs``,
+            ``epochs`` < 1, or a bare nn.Linear / nn.Conv2d as ``model`` (it cannot be converted
+            in place).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if lr_decay not in LR_DECAYS:
+        raise ValueError(f"lr_decay: expected one of {LR_DECAYS}, got {lr_decay!r}")
+    if epochs < 1:
+        raise ValueError(f"epochs: expected ≥ 1, got {epochs}")
+    svd = method == "sparse_vd"
+    pretrain = pretrain_epochs if svd else 0
+    if svd and not 0 <= pretrain < epochs:
+        raise ValueError(f"pretrain_epochs: expected 0 ≤ pretrain_epochs < epochs = {epochs}, got {pretrain}")
+    if isinstance(model, (nn.Linear, nn.Conv2d)):
+        raise ValueError("model: expected a container module (e.g. nn.Sequential), got a bare "
+                         f"{type(model).__name__}; it cannot be converted in place")
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    if train_size is None:
+        train_size = len(train_loader.dataset)
+    if svd and not pretrain and not svdo_layers(model):
+        convert(model, threshold=threshold)
+    model.to(device)
+
+    steps_per_epoch = len(train_loader)
+    total_steps = epochs * steps_per_epoch
+
+    def optimizer(first_step: int):
+        # Adam; with linear decay lr_k = lr · (1 − k / total_steps) at global step k (0 at the end)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        if lr_decay != "linear":
+            return opt, None
+        return opt, torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: max(0.0, 1.0 - (k + first_step) / total_steps))
+
+    opt, sched = optimizer(0)
+    crit = SGVLB(model, train_size, kl_warmup_epochs=kl_warmup_epochs) if svd and not pretrain else None
+    backend = backend_name(model, device) if svd else None
+
+    from tqdm.auto import tqdm
+
+    history: List[dict] = []
+    step_ms: List[float] = []
+    train_seconds = eval_seconds = 0.0
+    for epoch in range(epochs):
+        if svd and pretrain and epoch == pretrain:
+            # dense pre-training done: sparse-VD layers take over θ and b (log σ² = −10), with a
+            # fresh Adam continuing the same learning-rate schedule
+            convert(model, threshold=threshold)
+            opt, sched = optimizer(epoch * steps_per_epoch)
+            crit = SGVLB(model, train_size, kl_warmup_epochs=kl_warmup_epochs)
+        phase_svd = svd and epoch >= pretrain
+        model.train()
+        t_ep = time.perf_counter()
+        loss_sum = ce_sum = 0.0
+        n_batches = 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                   disable=not progress, mininterval=0.5, file=sys.stderr)
+        for i, (x, y) in enumerate(bar):
+            t_step = time.perf_counter()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x)
+            if phase_svd:
+                crit.epoch = epoch - pretrain + i / steps_per_epoch  # β rises per step
+                loss = crit(logits, y)
+                with torch.no_grad():
+                    ce = F.cross_entropy(logits, y)
+                loss_per_image = loss.detach() / train_size
+            else:
+                loss = ce = F.cross_entropy(logits, y)
+                loss_per_image = loss.detach()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            loss_sum += float(loss_per_image)  # syncs, so the step time below is complete
+            ce_sum += float(ce.detach())
+            step_ms.append(1e3 * (time.perf_counter() - t_step))
+            n_batches += 1
+            if i % 50 == 0 and progress:
+                bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}")
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        ep_train = time.perf_counter() - t_ep
+        train_seconds += ep_train
+        t_ev = time.perf_counter()
+        acc = evaluate(model, test_loader, device)
+        rep = report(model)
+        eval_seconds += time.perf_counter() - t_ev
+        row = {
+            "epoch": epoch + 1,
+            "epochs": epochs,
+            "loss": loss_sum / max(n_batches, 1),
+            "ce": ce_sum / max(n_batches, 1),
+            "phase": "sparse_vd" if phase_svd else "dense",
+            "kl_per_image": (float(kl_divergence(model).detach()) / train_size) if svd else 0.0,
+            "beta": crit.beta if phase_svd else None,
+            "lr": opt.param_groups[0]["lr"],
+            "test_accuracy": acc,
+            "compression": _finite(rep.compression),
+            "train_seconds": ep_train,
+        }
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+
+    model.eval()
+    rep = report(model)
+    q = torch.tensor(step_ms or [float("nan")], dtype=torch.float64).quantile(
+        torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+    return {
+        "median_ms": _finite(q[0]),
+        "p20_ms": _finite(q[1]),
+        "p80_ms": _finite(q[2]),
+        "method": method,
+        "svd": svd,
+        "test_accuracy": history[-1]["test_accuracy"],
+        "compression": _finite(rep.compression),
+        "sparsity": rep.sparsity / 100.0,
+        "per_layer_sparsity": [r.sparsity / 100.0 for r in rep.layers],
+        "layers": [r.name for r in rep.layers],
+        "params": rep.params,
+        "nonzero": rep.nonzero,
+        "epochs": epochs,
+        "lr": lr,
+        "lr_decay": lr_decay,
+        "kl_warmup_epochs": kl_warmup_epochs if svd else None,
+        "pretrain_epochs": pretrain,
+        "threshold": threshold,
+        "train_size": train_size,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "seconds_per_epoch": train_seconds / epochs,
+        "device": device.type,
+        "device_name": metadata.device_name(device),
+        "num_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "backend": backend,
+        **metadata.versions(),
+        "commit": metadata.git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "history": history,
+        "report": _json_safe(rep.as_dict()),
+    }
+
+
+def run(config: TrainConfig, on_start: Optional[Callable[[dict], None]] = None,
+        on_epoch: Optional[Callable[[dict], None]] = None) -> Tuple[nn.Module, dict]:
+    """What ``sparsevd train`` does: load the data set, build the model, :func:`fit` it, save the
+    checkpoint (``model.safetensors`` + ``config.json``, see :mod:`sparsevd.checkpoint`) and the
+    summary (``summary.json``, and ``config.json``'s ``json`` path when given) under
+    :meth:`TrainConfig.out_dir`.
+
+    Args:
+        config: the run's settings (``resolve_recipe`` is applied).
+        on_start: called once before training with a dict describing the run (sizes, device,
+            backend, threads).
+        on_epoch: passed to :func:`fit`.
+
+    Returns:
+        ``(model, summary)``: the trained model (eval mode) and the summary (a JSON-safe dict).
+
+    Raises:
+        FileNotFoundError: the data set cannot be found, downloaded or installed.
+        ValueError: an invalid setting (see :func:`fit`).
+    """
+    resolve_recipe(config)
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run(config, on_start, on_epoch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: TrainConfig, on_start, on_epoch) -> Tuple[nn.Module, dict]:
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+    svd = not config.dense
+    torch.manual_seed(config.seed)
+
+    t0 = time.perf_counter()
+    train_loader, test_loader = make_loaders(
+        config.dataset, config.batch_size, data_dir=config.data_dir, subset=config.subset,
+        seed=config.seed, download=config.download, test_batch_size=1000, apt=config.download)
+    train_size, test_size = len(train_loader.dataset), len(test_loader.dataset)
+    data_seconds = time.perf_counter() - t0
+
+    model = build_model(config.model, svd=svd and config.pretrain_epochs == 0,
+                        threshold=config.threshold).to(device)
+    if on_start is not None:
+        on_start({
+            "model": config.model, "svd": svd, "dataset": config.dataset, "train_size": train_size,
+            "test_size": test_size, "epochs": config.epochs, "batch_size": config.batch_size,
+            "lr": config.lr, "lr_decay": config.lr_decay,
+            "kl_warmup_epochs": config.kl_warmup_epochs, "pretrain_epochs": config.pretrain_epochs,
+            "backend": backend_name(model, device) if svd else None, "device": str(device),
+            "device_name": metadata.device_name(device), "threads": torch.get_num_threads(),
+        })
+    fitted = fit(
+        model, train_loader, test_loader, epochs=config.epochs, lr=config.lr,
+        lr_decay=config.lr_decay, method="dense" if config.dense else "sparse_vd",
+        pretrain_epochs=config.pretrain_epochs, kl_warmup_epochs=config.kl_warmup_epochs,
+        threshold=config.threshold, train_size=train_size, device=device,
+        progress=config.progress, on_epoch=on_epoch)
+
+    out_dir = config.out_dir()
+    ckpt = save_checkpoint(model, out_dir, {
+        "model": config.model, "svd": svd, "threshold": config.threshold,
+        "dataset": config.dataset, "num_classes": 10, "input_shape": [1, 28, 28]})
+    summary = {
+        "benchmark": f"{config.model}_train",
+        "provider": "sparsevd" if svd else "dense",
+        "mode": "train",
+        "dtype": "float32",
+        "shape": f"batch={config.batch_size},train_size={train_size}",
+        "model": config.model,
+        "dataset": config.dataset,
+        **fitted,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "subset": config.subset,
+        "test_size": test_size,
+        "data_seconds": data_seconds,
+        "checkpoint": str(ckpt),
+    }
+    text = json.dumps(summary, indent=2) + "\n"
+    (out_dir / "summary.json").write_text(text)
+    if config.json:
+        Path(config.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.json).write_text(text)
+    return model, summary

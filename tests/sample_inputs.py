@@ -1,0 +1,181 @@
+"""One set of sample inputs per op family, shared by the tests of every backend.
+
+``backends_for(op)`` lists the backends that run ``op`` on this machine (``reference`` always;
+``triton`` under Triton's interpreter or on a GPU; further backends as they register), so a test
+parametrized with it checks each of them on the same inputs against the same oracle.
+"""
+import math
+import os
+
+import torch
+from conftest import assert_close
+
+from sparsevd import reference as R
+from sparsevd.ops import backend as B
+
+CUDA = torch.cuda.is_available()
+F64 = torch.float64
+
+
+def device_for(backend: str) -> str:
+    """Where a backend's tests run: the Triton kernels on the GPU when there is one (else in the
+    interpreter on CPU tensors), every other backend on the CPU."""
+    return "cuda" if backend == "triton" and CUDA else "cpu"
+
+
+def backends_for(op: str):
+    """Names of the backends (``SPARSEVD_BACKEND`` values) that can run ``op`` here, each on
+    :func:`device_for` its name."""
+    old = os.environ.get(B.ENV_VAR)
+    found = []
+    try:
+        for name in B.BACKENDS:
+            if name == "auto":
+                continue
+            os.environ[B.ENV_VAR] = name
+            try:
+                B.get_impl(op, torch.device(device_for(name)))
+            except B.BackendUnavailableError:
+                continue
+            found.append(name)
+    finally:
+        if old is None:
+            os.environ.pop(B.ENV_VAR, None)
+        else:
+            os.environ[B.ENV_VAR] = old
+    return found
+
+
+def fresh_seed(device="cpu") -> torch.Tensor:
+    """A fresh one-element int64 seed from torch's generator (tests seed it per test)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+# ------------------------------------------------------------------------------------- linear
+#: (leading dims of x, in_features, out_features, bias, contiguous x)
+LINEAR_CASES = [
+    ((5,), 7, 4, True, True),
+    ((1,), 1, 1, True, True),
+    ((33,), 123, 17, False, True),
+    ((2, 3), 16, 9, True, True),
+    ((4, 5), 11, 3, False, False),
+    ((6,), 10, 8, True, False),
+]
+
+
+def linear_inputs(lead, k, n, dtype=torch.float32, with_bias=True, contiguous=True, device="cpu"):
+    """x (*lead, k) (a strided view when not ``contiguous``), θ ~ N(0, 1/k), log σ² ~ N(−3, 1)
+    (σ² well away from 0, so the variance path matters), b ~ N(0, 1) or None."""
+    if contiguous:
+        x = torch.randn(*lead, k, dtype=dtype, device=device)
+    else:
+        x = torch.randn(*lead, 2 * k, dtype=dtype, device=device)[..., ::2]  # a strided view
+        if len(lead) > 1:
+            x = x.transpose(0, 1).contiguous().transpose(0, 1)
+        assert not x.is_contiguous()
+    w = torch.randn(n, k, dtype=dtype, device=device) / math.sqrt(max(k, 1))
+    ls2 = torch.randn(n, k, dtype=dtype, device=device) - 3
+    b = torch.randn(n, dtype=dtype, device=device) if with_bias else None
+    return x, w, ls2, b
+
+
+def op_noise(shape, seed) -> torch.Tensor:
+    """ξ of an LRT output of ``shape`` exactly as the current backend's ``lrt_linear`` draws it:
+    the op on x = 1 (K = 1) with θ = 0, log σ² = 0 and no bias gives y = sqrt(1 + 1e-8)·ξ, which
+    is ξ in fp32. Returned in fp64."""
+    from sparsevd import ops
+
+    shape = tuple(shape)
+    x = torch.ones(*shape[:-1], 1, device=seed.device)
+    z = torch.zeros(shape[-1], 1, device=seed.device)
+    y, _ = ops.lrt_linear(x, z, z, None, seed)
+    return y.to(F64)
+
+
+# --------------------------------------------------------------------------------------- conv
+#: (N, C_in, H, W), (C_out, kH, kW), stride, padding, dilation, groups
+CONV_CASES = [
+    ((2, 3, 7, 7), (4, 3, 3), 1, 0, 1, 1),
+    ((2, 3, 8, 7), (5, 3, 3), 2, 1, 1, 1),
+    ((1, 2, 9, 10), (3, 2, 3), 1, 2, 2, 1),
+    ((2, 4, 8, 9), (6, 3, 2), (2, 1), (1, 0), (1, 2), 2),
+    ((3, 4, 5, 5), (4, 3, 3), 1, 1, 1, 4),
+    ((1, 1, 4, 4), (1, 1, 1), 1, 0, 1, 1),
+]
+
+
+def conv_inputs(xs, ws, groups, dtype=torch.float32, with_bias=True, contiguous=True, device="cpu"):
+    """x (N, C_in, H, W) (a strided view when not ``contiguous``), θ ~ N(0, 1/fan_in),
+    log σ² ~ N(−3, 1), b ~ N(0, 1) or None."""
+    n, c, h, wd = xs
+    co, kh, kw = ws
+    x = torch.randn(n, c, h, wd, dtype=dtype, device=device)
+    if not contiguous:
+        x = torch.randn(n, c, h, 2 * wd, dtype=dtype, device=device)[..., 1::2]
+        assert not x.is_contiguous()
+    fan_in = c // groups * kh * kw
+    w = torch.randn(co, c // groups, kh, kw, dtype=dtype, device=device) / math.sqrt(fan_in)
+    ls2 = torch.randn(co, c // groups, kh, kw, dtype=dtype, device=device) - 3
+    b = torch.randn(co, dtype=dtype, device=device) if with_bias else None
+    return x, w, ls2, b
+
+
+def as_list(v):
+    """An int or pair as the [a, b] list the conv ops take."""
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+# ----------------------------------------------------------------------------------------- KL
+#: Layer shapes of the KL tests: LeNet-300-100's, a conv weight, single weights, partial blocks.
+KL_SHAPES = [(300, 784), (100, 300), (10, 100), (1,), (7, 3, 5, 5), (129,), (256,)]
+
+
+def kl_layer(shape, dtype=torch.float32, spread=8.0, device="cpu"):
+    """θ ~ N(0, 0.1²) with some exact zeros and tiny values; log σ² ~ U(−spread − 8, spread − 8),
+    so that log α covers both clamps (−10 and 10) and the inside."""
+    w = 0.1 * torch.randn(shape, dtype=dtype, device=device)
+    if w.numel() > 4:
+        w.view(-1)[:2] = 0.0
+        w.view(-1)[2:4] = 1e-6
+    ls2 = torch.empty(shape, dtype=dtype, device=device).uniform_(-spread - 8.0, spread - 8.0)
+    return w, ls2
+
+
+def kl_params(shape, dtype=F64, device="cpu"):
+    """θ and log σ² with log α spread over (−12, 12) but away from the clamp edges ±10 (for
+    gradcheck, which needs a differentiable neighbourhood)."""
+    w = torch.randn(shape, dtype=F64)
+    w = torch.where(w < 0, w - 0.1, w + 0.1)
+    la = torch.empty(shape, dtype=F64).uniform_(-12, 12)
+    la = torch.where((la.abs() - 10).abs() < 0.05, la * 0.9, la)
+    return w.to(device, dtype), (la + torch.log(w * w + 1e-8)).to(device, dtype)
+
+
+def kl_reference(weights, log_sigma2s):
+    """fp64 KL and gradients from sparsevd.reference with autograd (the clamp masks the gradient)."""
+    total, gws, gls = torch.zeros((), dtype=F64, device=weights[0].device), [], []
+    for w, s in zip(weights, log_sigma2s):
+        w64 = w.detach().to(F64).requires_grad_()
+        s64 = s.detach().to(F64).requires_grad_()
+        kl = R.kl_sparse_vd(w64, s64)
+        gw, gs = torch.autograd.grad(kl, (w64, s64))
+        total = total + kl.detach()
+        gws.append(gw)
+        gls.append(gs)
+    return total, gws, gls
+
+
+def check_kl(kl, grads_w, grads_l, weights, log_sigma2s, rtol=1e-4):
+    kl_ref, gws_ref, gls_ref = kl_reference(weights, log_sigma2s)
+    assert kl.dim() == 0 and kl.dtype == torch.promote_types(weights[0].dtype, torch.float32)
+    assert_close(kl, kl_ref, rtol=rtol, atol=0.0, name="kl")
+    for i, (a, e, t) in enumerate(zip(grads_w, gws_ref, weights)):
+        assert a.shape == t.shape and a.dtype == t.dtype and a.stride() == torch.empty_like(t).stride()
+        assert_close(a, e, rtol=rtol, atol=rtol * 1e-2 * amax(e) + 1e-7, name=f"grad_weight[{i}]")
+    for i, (a, e) in enumerate(zip(grads_l, gls_ref)):
+        assert_close(a, e, rtol=rtol, atol=1e-7, name=f"grad_log_sigma2[{i}]")
+
+
+def amax(t) -> float:
+    """max |t| (0 for an empty tensor)."""
+    return t.abs().max().item() if t.numel() else 0.0

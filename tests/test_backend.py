@@ -1,0 +1,76 @@
+"""Backend selection (sparsevd.ops.backend): SPARSEVD_BACKEND values, availability errors."""
+import pytest
+import torch
+from conftest import assert_close
+from sample_inputs import fresh_seed, kl_params, linear_inputs
+
+import sparsevd.functional as SF
+from sparsevd import reference as R
+from sparsevd.ops import backend
+from sparsevd.ops.noise import lrt_noise
+
+
+def _lin_args():
+    return linear_inputs((3,), 4, 2, torch.float32, True)
+
+
+def test_backend_unknown_value_raises_value_error(monkeypatch):
+    monkeypatch.setenv("SPARSEVD_BACKEND", "tritonn")
+    with pytest.raises(ValueError,
+                       match=r"SPARSEVD_BACKEND='tritonn'.*auto, triton, reference"):
+        SF.lrt_linear(*_lin_args())
+    with pytest.raises(ValueError, match="SPARSEVD_BACKEND"):
+        backend.requested_backend()
+
+
+@pytest.mark.parametrize("value", ["reference", "auto", " Reference ", ""])
+def test_backend_reference_and_auto_run_on_cpu(monkeypatch, value):
+    monkeypatch.setenv("SPARSEVD_BACKEND", value)
+    x, w, ls2, b = _lin_args()
+    seed = fresh_seed()
+    y = SF.lrt_linear(x, w, ls2, b, seed=seed)
+    expected = R.lrt_linear(x.double(), w.double(), ls2.double(), b.double(),
+                            lrt_noise(seed, (3, 2)).double())
+    assert_close(y, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_backend_triton_without_interpreter_on_cpu_raises(monkeypatch):
+    # Import the Triton provider (if present) with the interpreter on, so its @triton.jit
+    # functions stay usable by the rest of the session.
+    backend._load_provider("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("SPARSEVD_BACKEND", "triton")
+    with pytest.raises(backend.BackendUnavailableError, match="SPARSEVD_BACKEND=triton"):
+        SF.lrt_linear(*_lin_args())
+    # Even where the Triton backend has the op, CPU tensors need the interpreter.
+    monkeypatch.setitem(backend._IMPLS, ("lrt_linear", "triton"), R.lrt_linear)
+    with pytest.raises(backend.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        SF.lrt_linear(*_lin_args())
+    with pytest.raises(backend.BackendUnavailableError):
+        backend.get_impl("lrt_linear", torch.device("cpu"))
+
+
+def test_backend_without_the_op_raises(monkeypatch):
+    """A forced backend that lacks an op says so, naming the backend and the op."""
+    monkeypatch.setenv("SPARSEVD_BACKEND", "triton")
+    backend._load_provider("triton")
+    for op in ("lrt_linear", "kl_sparse_vd"):
+        monkeypatch.delitem(backend._IMPLS, (op, "triton"), raising=False)
+    with pytest.raises(backend.BackendUnavailableError, match="SPARSEVD_BACKEND=triton.*lrt_linear"):
+        SF.lrt_linear(*_lin_args())
+    w, s = kl_params((3, 3))
+    with pytest.raises(backend.BackendUnavailableError, match="kl_sparse_vd"):
+        SF.kl_sparse_vd(w, s)
+
+
+def test_dead_backend_names_are_rejected(monkeypatch):
+    """``cuda`` named a module that never existed; it is an unknown value now, like any typo."""
+    monkeypatch.setenv("SPARSEVD_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="SPARSEVD_BACKEND='cuda' is not a backend"):
+        SF.lrt_linear(*_lin_args())
+
+
+def test_backend_error_is_a_runtime_error():
+    assert issubclass(backend.BackendUnavailableError, RuntimeError)
+    with pytest.raises(ValueError, match="backend"):
+        backend.register_impl("lrt_linear", "auto", R.lrt_linear)

@@ -1,0 +1,120 @@
+"""The op family ``lrt_conv`` (sparsevd.ops.lrt: ``sparsevd::lrt_conv2d`` and its backward) on
+every backend that runs it here, against the reference math (sparsevd.reference) on identical
+noise: values and gradients for every convolution option, statistics, gradcheck, opcheck.
+"""
+import math
+
+import pytest
+import torch
+from conftest import assert_close
+from sample_inputs import F64, CONV_CASES, as_list, backends_for, conv_inputs, device_for, fresh_seed
+
+import sparsevd.functional as SF
+from sparsevd import ops
+from sparsevd import reference as R
+from sparsevd.ops.noise import lrt_noise
+
+N_SE = 5.0
+BACKENDS = backends_for("lrt_conv2d")
+
+
+@pytest.fixture(params=BACKENDS, autouse=True)
+def backend(request, monkeypatch):
+    """Every test of this module runs once per backend (SPARSEVD_BACKEND)."""
+    monkeypatch.setenv("SPARSEVD_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def dev(backend):
+    return device_for(backend)
+
+
+def _grads(fn, x, w, ls2, b, g):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, ls2)]
+    bl = None if b is None else b.detach().clone().requires_grad_()
+    y = fn(*leaves, bl)
+    (y * g).sum().backward()
+    return y, [t.grad for t in leaves] + ([] if bl is None else [bl.grad])
+
+
+def _conv_noise(shape, seed):
+    """ξ of a conv output of ``shape`` as the backend draws it: the op with a 1x1 kernel of
+    θ = 0, log σ² = 0 on x = 1 gives y = sqrt(1 + 1e-8)·ξ = ξ in fp32."""
+    n, c, h, w = shape
+    x = torch.ones(n, 1, h, w, device=seed.device)
+    z = torch.zeros(c, 1, 1, 1, device=seed.device)
+    return ops.lrt_conv2d(x, z, z, None, seed, [1, 1], [0, 0], [1, 1], 1)[0].to(F64)
+
+
+@pytest.mark.parametrize("xs,ws,stride,padding,dilation,groups", CONV_CASES)
+@pytest.mark.parametrize("with_bias,contiguous", [(True, True), (False, False)])
+def test_forward_and_gradients_equal_reference(dev, xs, ws, stride, padding, dilation, groups,
+                                               with_bias, contiguous):
+    args = (as_list(stride), as_list(padding), as_list(dilation), groups)
+    seed = fresh_seed(dev)
+    x, w, ls2, b = conv_inputs(xs, ws, groups, F64, with_bias, contiguous, dev)
+    out_shape = torch.nn.functional.conv2d(x, w, None, *args).shape
+    xi = _conv_noise(out_shape, seed)
+    g = torch.randn(out_shape, dtype=F64, device=dev)
+    y_op, grads_op = _grads(lambda *a: ops.lrt_conv2d(*a, seed, *args)[0], x, w, ls2, b, g)
+    y_ref, grads_ref = _grads(lambda *a: R.lrt_conv2d(*a, xi, *args), x, w, ls2, b, g)
+    assert_close(y_op, y_ref, rtol=1e-12, atol=1e-12, name="y")
+    for name, a, e in zip(("x", "weight", "log_sigma2", "bias"), grads_op, grads_ref):
+        assert_close(a, e, rtol=1e-10, atol=1e-12, name=f"grad {name}")
+    # fp32 forward against the fp64 reference on the same noise.
+    y32, std32 = ops.lrt_conv2d(*[None if t is None else t.float() for t in (x, w, ls2, b)],
+                                seed, *args)
+    assert y32.dtype == torch.float32 and std32.dtype == torch.float32
+    assert_close(y32, y_ref, rtol=1e-4, atol=1e-5, name="y fp32")
+
+
+def test_noise_is_lrt_noise(dev):
+    """ξ of the conv op is sparsevd.ops.lrt_noise(seed, y.shape), indexed by the row-major
+    offset of the (N, C_out, H_out, W_out) output."""
+    seed = fresh_seed(dev)
+    assert_close(_conv_noise((2, 3, 5, 4), seed), lrt_noise(seed, (2, 3, 5, 4)), rtol=1e-5,
+                 atol=1e-5, name="xi")
+
+
+def test_sample_moments(dev):
+    n_draws = 2000
+    x = torch.randn(1, 2, 5, 6, dtype=F64, device=dev)
+    w = torch.randn(3, 2, 3, 3, dtype=F64, device=dev)
+    ls2 = torch.randn(3, 2, 3, 3, dtype=F64, device=dev) - 1
+    b = 10 * torch.randn(3, dtype=F64, device=dev)
+    y = SF.lrt_conv2d(x.expand(n_draws, -1, -1, -1), w, ls2, b, stride=(1, 2), padding=1)
+    mu = torch.nn.functional.conv2d(x, w, b, (1, 2), 1)[0]
+    var = torch.nn.functional.conv2d(x * x, ls2.exp(), None, (1, 2), 1)[0] + 1e-8
+    z_mean = (y.mean(0) - mu) / torch.sqrt(var / n_draws)
+    z_var = (y.var(0) - var) / (var * math.sqrt(2.0 / (n_draws - 1)))
+    assert z_mean.abs().max() < N_SE, f"sample mean {z_mean.abs().max():.2f} SE off"
+    assert z_var.abs().max() < N_SE, f"sample variance {z_var.abs().max():.2f} SE off"
+
+
+@pytest.mark.parametrize("stride,padding,dilation,groups", [(1, 1, 1, 1), (2, 0, 2, 2)])
+def test_gradcheck(dev, stride, padding, dilation, groups):
+    x, w, ls2, b = conv_inputs((2, 2, 6, 5), (2, 2, 2), groups, F64, device=dev)
+    seed = fresh_seed(dev)
+    inputs = [t.requires_grad_() for t in (x, w, ls2, b)]
+    assert torch.autograd.gradcheck(
+        lambda *a: SF.lrt_conv2d(*a, stride, padding, dilation, groups, seed=seed), inputs
+    )
+
+
+def test_opcheck_forward_and_backward(dev):
+    for xs, ws, groups, args, with_bias in (
+        ((2, 4, 7, 6), (6, 3, 3), 2, ([2, 2], [1, 1], [1, 1], 2), True),
+        ((1, 2, 5, 5), (3, 2, 2), 1, ([1, 1], [0, 1], [2, 1], 1), False),
+    ):
+        x, w, ls2, b = conv_inputs(xs, ws, groups, F64, with_bias, device=dev)
+        for t in (x, w, ls2, b):
+            if t is not None:
+                t.requires_grad_()
+        seed = fresh_seed(dev)
+        torch.library.opcheck(ops.lrt_conv2d, (x, w, ls2, b, seed, *args))
+        y, std = ops.lrt_conv2d(x, w, ls2, b, seed, *args)
+        torch.library.opcheck(
+            ops.lrt_conv2d_backward,
+            (torch.randn_like(y), x.detach(), w.detach(), ls2.detach(), std.detach(), seed, *args),
+        )

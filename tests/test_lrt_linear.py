@@ -1,0 +1,280 @@
+"""The op family ``lrt_linear`` (sparsevd.ops.lrt: ``sparsevd::lrt_linear`` and its backward) on
+every backend that runs here, against the reference math (sparsevd.reference) on identical noise:
+values, gradients, noise, statistics, gradcheck, opcheck, empty shapes and torch.compile.
+
+Backend-specific tests (tiles, launches, GPU compilation): test_lrt_linear_<backend>.py.
+"""
+import math
+
+import pytest
+import torch
+from conftest import assert_close
+from sample_inputs import (F64, LINEAR_CASES, backends_for, device_for, fresh_seed, linear_inputs,
+                           op_noise)
+
+import sparsevd
+import sparsevd.functional as SF
+from sparsevd import ops
+from sparsevd import reference as R
+from sparsevd.ops.noise import lrt_noise
+
+N_SE = 5.0  # statistical bounds, in standard errors (a false alarm about once in 10⁶ runs)
+BACKENDS = backends_for("lrt_linear")
+#: fp64 agreement with the fp64 reference: the reference backend runs the same torch ops; the
+#: kernels sum in another order.
+FP64_RTOL = {"reference": 1e-12, "triton": 1e-10, "native": 1e-10}
+
+
+@pytest.fixture(params=BACKENDS, autouse=True)
+def backend(request, monkeypatch):
+    """Every test of this module runs once per backend (SPARSEVD_BACKEND)."""
+    monkeypatch.setenv("SPARSEVD_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def dev(backend):
+    """The device of the backend's tensors (sample_inputs.device_for)."""
+    return device_for(backend)
+
+
+def _grads(fn, x, w, ls2, b, g):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, ls2)]
+    bl = None if b is None else b.detach().clone().requires_grad_()
+    y = fn(*leaves, bl)
+    (y * g).sum().backward()
+    return y, [t.grad for t in leaves] + ([] if bl is None else [bl.grad])
+
+
+# ------------------------------------------------------------------ values against the reference
+@pytest.mark.parametrize("lead,k,n,with_bias,contiguous", LINEAR_CASES)
+def test_forward_equals_reference(dev, backend, lead, k, n, with_bias, contiguous):
+    x, w, ls2, b = linear_inputs(lead, k, n, torch.float32, with_bias, contiguous, dev)
+    seed = fresh_seed(dev)
+    y, std = ops.lrt_linear(x, w, ls2, b, seed)
+    xi = op_noise((*lead, n), seed)
+    d = [None if t is None else t.double() for t in (x, w, ls2, b)]
+    expected = R.lrt_linear(*d, xi)
+    assert y.dtype == torch.float32 and std.dtype == torch.float32
+    assert_close(y, expected, rtol=1e-4, atol=1e-5, name="y")
+    s2 = torch.nn.functional.linear(d[0] ** 2, d[2].exp())
+    assert_close(std, torch.sqrt(s2 + 1e-8), rtol=1e-4, atol=1e-6, name="std")
+    # fp64 op: the same math on the same noise, to rounding.
+    y64, _ = ops.lrt_linear(*d, seed)
+    assert_close(y64, expected, rtol=FP64_RTOL[backend], atol=1e-12, name="y fp64")
+
+
+@pytest.mark.parametrize("lead,k,n,with_bias,contiguous", LINEAR_CASES)
+def test_gradients_equal_reference_autograd(dev, backend, lead, k, n, with_bias, contiguous):
+    x, w, ls2, b = linear_inputs(lead, k, n, F64, with_bias, contiguous, dev)
+    seed = fresh_seed(dev)
+    xi = op_noise((*lead, n), seed)
+    g = torch.randn(*lead, n, dtype=F64, device=dev)
+    y_op, grads_op = _grads(lambda *a: ops.lrt_linear(*a, seed)[0], x, w, ls2, b, g)
+    y_ref, grads_ref = _grads(lambda *a: R.lrt_linear(*a, xi), x, w, ls2, b, g)
+    assert_close(y_op, y_ref, rtol=FP64_RTOL[backend], atol=1e-12, name="y")
+    for name, a, e in zip(("x", "weight", "log_sigma2", "bias"), grads_op, grads_ref):
+        assert_close(a, e, rtol=1e-10, atol=1e-12, name=f"grad {name}")
+    # fp32 op against the fp64 reference.
+    g32 = g.float()
+    _, grads32 = _grads(lambda *a: ops.lrt_linear(*a, seed)[0],
+                        *[None if t is None else t.float() for t in (x, w, ls2, b)], g32)
+    for name, a, e in zip(("x", "weight", "log_sigma2", "bias"), grads32, grads_ref):
+        scale = e.abs().max().item()
+        assert a.dtype == torch.float32, name
+        assert_close(a, e, rtol=1e-4, atol=1e-5 * scale, name=f"fp32 grad {name}")
+
+
+def test_op_noise_is_lrt_noise(dev):
+    """(y − μ)/std of the forward is sparsevd.ops.lrt_noise(seed, y.shape) (the torch
+    specification of tl.randn), element by element."""
+    x = torch.randn(2, 23, 50, device=dev)
+    w, ls2, b = linear_inputs((1,), 50, 70, device=dev)[1:]
+    seed = fresh_seed(dev)
+    y, std = ops.lrt_linear(x, w, ls2, b, seed)
+    mu = torch.nn.functional.linear(x.to(F64), w.to(F64), b.to(F64))
+    assert_close((y.to(F64) - mu) / std.to(F64), lrt_noise(seed, y.shape), rtol=1e-4, atol=1e-4,
+                 name="xi")
+    assert_close(op_noise(y.shape, seed), lrt_noise(seed, y.shape), rtol=1e-5, atol=1e-5,
+                 name="xi of a unit layer")
+
+
+def test_same_seed_same_output_new_seed_new_noise(dev):
+    x = torch.randn(20, 30, device=dev)
+    w, ls2, b = linear_inputs((1,), 30, 40, device=dev)[1:]
+    seed = fresh_seed(dev)
+    y1, s1 = ops.lrt_linear(x, w, ls2, b, seed)
+    y2, s2 = ops.lrt_linear(x, w, ls2, b, seed.clone())
+    assert torch.equal(y1, y2) and torch.equal(s1, s2)
+    y3, s3 = ops.lrt_linear(x, w, ls2, b, seed + 1)
+    assert torch.equal(s1, s3)
+    assert (y3 != y1).float().mean() > 0.99
+
+
+# ------------------------------------------------------------------------------- statistics
+def _check_moments(y, mu, var):
+    n = y.shape[0]
+    z_mean = (y.mean(0) - mu) / torch.sqrt(var / n)
+    z_var = (y.var(0) - var) / (var * math.sqrt(2.0 / (n - 1)))
+    assert z_mean.abs().max() < N_SE, f"sample mean {z_mean.abs().max():.2f} SE off"
+    assert z_var.abs().max() < N_SE, f"sample variance {z_var.abs().max():.2f} SE off"
+
+
+def test_sample_moments_big_batch(dev):
+    """Many identical rows: each output element gets its own ξ; mean μ, variance s² + 1e-8."""
+    n_draws, k, n = 4000, 13, 7
+    x = torch.randn(1, k, dtype=F64, device=dev)
+    w = torch.randn(n, k, dtype=F64, device=dev)
+    ls2 = torch.randn(n, k, dtype=F64, device=dev) - 1
+    b = 10 * torch.randn(n, dtype=F64, device=dev)
+    y = SF.lrt_linear(x.expand(n_draws, k), w, ls2, b)
+    mu = torch.einsum("k,nk->n", x[0], w) + b
+    var = torch.einsum("k,nk->n", x[0] ** 2, ls2.exp()) + 1e-8
+    _check_moments(y, mu, var)
+
+
+def test_sample_moments_over_seeds(dev):
+    """4000 draws from 100 different seeds (40 identical rows each)."""
+    k, n = 5, 3
+    x = torch.randn(1, k, dtype=F64, device=dev)
+    w = torch.randn(n, k, dtype=F64, device=dev)
+    ls2 = torch.randn(n, k, dtype=F64, device=dev) - 1
+    b = torch.randn(n, dtype=F64, device=dev)
+    xs = x.expand(40, k)
+    y = torch.cat([ops.lrt_linear(xs, w, ls2, b, fresh_seed(dev))[0] for _ in range(100)])
+    mu = torch.einsum("k,nk->n", x[0], w) + b
+    var = torch.einsum("k,nk->n", x[0] ** 2, ls2.exp()) + 1e-8
+    _check_moments(y, mu, var)
+
+
+def test_noise_statistics(dev):
+    """ξ of the forward: mean 0, variance 1, fourth moment 3, normal CDF (Kolmogorov–Smirnov),
+    and no correlation between neighbouring columns, neighbouring rows, or the same element under
+    the next seed. Every bound is N_SE standard errors of the statistic."""
+    m, n = 256, 512
+    seed = fresh_seed(dev)
+    xi = op_noise((m, n), seed)
+    flat = xi.reshape(-1)
+    cnt = flat.numel()
+    se = 1.0 / math.sqrt(cnt)
+    assert abs(flat.mean().item()) < N_SE * se
+    assert abs(flat.var().item() - 1.0) < N_SE * math.sqrt(2.0) * se
+    assert abs((flat**4).mean().item() - 3.0) < N_SE * math.sqrt(96.0) * se
+    # Kolmogorov–Smirnov: P(sup|F_n − Φ| > 1.95/√n) ≈ 0.001.
+    srt, _ = torch.sort(flat)
+    cdf = 0.5 * (1.0 + torch.erf(srt / math.sqrt(2.0)))
+    emp = torch.arange(1, cnt + 1, dtype=F64, device=dev) / cnt
+    assert (cdf - emp).abs().max().item() < 1.95 * se + 1.0 / cnt
+    pairs = {
+        "columns": (xi[:, :-1], xi[:, 1:]),
+        "rows": (xi[:-1], xi[1:]),
+        "next seed": (xi, op_noise((m, n), seed + 1)),
+    }
+    for name, (a, b) in pairs.items():
+        r = (a * b).mean().item()  # E[ξ_i ξ_j] = 0 for independent standard normals
+        assert abs(r) < N_SE / math.sqrt(a.numel()), f"correlation between {name}: {r}"
+
+
+# ------------------------------------------------------------------------------ empty shapes
+@pytest.mark.parametrize("lead", [(0,), (3, 0)])
+def test_empty_batch(dev, lead):
+    w, ls2, b = (t.requires_grad_() for t in linear_inputs((1,), 5, 7, device=dev)[1:])
+    x = torch.randn(*lead, 5, device=dev, requires_grad=True)
+    y, std = ops.lrt_linear(x, w, ls2, b, fresh_seed(dev))
+    assert y.shape == (*lead, 7) and std.shape == (*lead, 7)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for t in (w, ls2, b):
+        assert t.grad is not None and torch.count_nonzero(t.grad) == 0
+
+
+def test_zero_out_features(dev):
+    """N = 0: empty y and std, ∂x = 0, empty ∂θ, ∂log σ², ∂b."""
+    w, ls2, b = (t.requires_grad_() for t in linear_inputs((1,), 5, 0, device=dev)[1:])
+    x = torch.randn(2, 3, 5, device=dev, requires_grad=True)
+    y, std = ops.lrt_linear(x, w, ls2, b, fresh_seed(dev))
+    assert y.shape == std.shape == (2, 3, 0)
+    y.sum().backward()
+    assert torch.count_nonzero(x.grad) == 0 and w.grad.shape == (0, 5) and b.grad.shape == (0,)
+
+
+def test_zero_in_features(dev):
+    """K = 0: y = b + sqrt(1e-8)·ξ; ∂θ, ∂log σ², ∂x are empty and ∂b = Σ g."""
+    x = torch.randn(6, 0, dtype=F64, device=dev)
+    w, ls2, b = linear_inputs((1,), 0, 5, F64, device=dev)[1:]
+    seed = fresh_seed(dev)
+    g = torch.randn(6, 5, dtype=F64, device=dev)
+    y, grads = _grads(lambda *a: ops.lrt_linear(*a, seed)[0], x, w, ls2, b, g)
+    assert_close(y, b + 1e-4 * op_noise((6, 5), seed), rtol=1e-6, atol=1e-12, name="y")
+    assert [t.shape for t in grads[:3]] == [(6, 0), (5, 0), (5, 0)]
+    assert_close(grads[3], g.sum(0), rtol=1e-12, atol=1e-12, name="grad bias")
+
+
+# ------------------------------------------------------------------------ gradcheck, opcheck
+def test_gradcheck(dev):
+    x, w, ls2, b = linear_inputs((3,), 4, 5, F64, True, device=dev)
+    seed = fresh_seed(dev)
+    inputs = [t.requires_grad_() for t in (x, w, ls2, b)]
+    assert torch.autograd.gradcheck(lambda *a: SF.lrt_linear(*a, seed=seed), inputs,
+                                    eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda *a: ops.lrt_linear(*a, None, seed)[0], inputs[:3],
+                                    eps=1e-6, atol=1e-6)
+
+
+def test_gradcheck_3d_noncontiguous(dev):
+    x, w, ls2, b = linear_inputs((2, 3), 4, 3, F64, True, contiguous=False, device=dev)
+    seed = fresh_seed(dev)
+    inputs = [t.requires_grad_() for t in (x, w, ls2, b)]
+    assert torch.autograd.gradcheck(lambda *a: SF.lrt_linear(*a, seed=seed), inputs,
+                                    eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_opcheck_forward_and_backward(dev, dtype):
+    for lead, with_bias in (((3,), True), ((2, 3), False)):
+        x, w, ls2, b = linear_inputs(lead, 4, 5, dtype, with_bias, device=dev)
+        for t in (x, w, ls2, b):
+            if t is not None:
+                t.requires_grad_()
+        seed = fresh_seed(dev)
+        torch.library.opcheck(ops.lrt_linear, (x, w, ls2, b, seed))
+        y, std = ops.lrt_linear(x, w, ls2, b, seed)
+        torch.library.opcheck(
+            ops.lrt_linear_backward,
+            (torch.randn_like(y), x.detach(), w.detach(), ls2.detach(), std.detach(), seed),
+        )
+
+
+# ---------------------------------------------------------------------------- torch.compile
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = sparsevd.nn.LinearSVDO(12, 16)
+        self.fc2 = sparsevd.nn.LinearSVDO(16, 5)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_torch_compile_fullgraph(dev):
+    """A 2-layer LinearSVDO MLP compiles with fullgraph=True (no graph break: the ops have fake
+    impls, the seed is drawn inside the graph) and gives eager's outputs and gradients under the
+    same torch seed. aot_eager runs AOTAutograd (forward and backward graphs) without Inductor's
+    C++ build."""
+    torch._dynamo.reset()
+    model = _MLP().to(dev)
+    x = torch.randn(8, 12, device=dev)
+
+    def step(fn):
+        model.zero_grad()
+        torch.manual_seed(1234)
+        out = fn(x)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out_c, grads_c = step(compiled)
+    out_e, grads_e = step(model)
+    assert_close(out_c, out_e, rtol=1e-5, atol=1e-6, name="compiled output")
+    for gc, ge in zip(grads_c, grads_e):
+        assert_close(gc, ge, rtol=1e-5, atol=1e-6, name="compiled grad")
