@@ -16,73 +16,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from ._cli_args import finite_float, nonneg_float, nonneg_int, positive_float, positive_int, seed
 from .convert import report
 from .data import DATASETS
 from .models import MODELS
-from .train import TrainConfig, resolve_recipe, run
+from .train import TrainConfig, TrainingDiverged, resolve_recipe, run
 
 __all__ = ["build_parser", "main", "train"]
 
 #: Defaults of ``sparsevd train``: those of :class:`sparsevd.train.TrainConfig`.
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-
-
-# ----------------------------------------------------------------------------------- arguments
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return v
-
-
-def _finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,18 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", choices=sorted(MODELS), default=d["model"],
                    help="lenet300: LeNet-300-100; lenet5: LeNet-5-Caffe")
     t.add_argument("--dataset", choices=sorted(DATASETS), default=d["dataset"])
-    t.add_argument("--epochs", type=_positive_int, default=d["epochs"])
-    t.add_argument("--batch-size", type=_positive_int, default=d["batch_size"])
-    t.add_argument("--lr", type=_positive_float, default=d["lr"], help="Adam learning rate")
+    t.add_argument("--epochs", type=positive_int, default=d["epochs"])
+    t.add_argument("--batch-size", type=positive_int, default=d["batch_size"])
+    t.add_argument("--lr", type=positive_float, default=d["lr"], help="Adam learning rate")
     t.add_argument("--lr-decay", choices=("linear", "none"), default=d["lr_decay"],
                    help="linear: lr decays linearly to 0 at the end of the run; none: constant")
-    t.add_argument("--kl-warmup-epochs", type=_nonneg_float, default=d["kl_warmup_epochs"],
+    t.add_argument("--kl-warmup-epochs", type=nonneg_float, default=d["kl_warmup_epochs"],
                    help="sparse-VD epochs over which the KL weight beta rises linearly from 0 to "
                         "1, counted from the conversion (0: beta = 1 from the start); default: "
                         "a third of --epochs; ignored with --dense")
-    t.add_argument("--threshold", type=_finite_float, default=d["threshold"],
+    t.add_argument("--threshold", type=finite_float, default=d["threshold"],
                    help="log alpha above which a weight is dropped at evaluation")
-    t.add_argument("--pretrain-epochs", type=_nonneg_int, default=d["pretrain_epochs"],
+    t.add_argument("--pretrain-epochs", type=nonneg_int, default=d["pretrain_epochs"],
                    help="sparse VD only: train the dense model for the first N epochs, then "
                         "convert it to sparse-VD layers and train on with SGVLB; N < --epochs; "
                         "default: a third of --epochs, rounded down (0: sparse VD from the "
@@ -122,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the plain dense model (nn.Linear/nn.Conv2d, cross-entropy)")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available, else cpu")
-    t.add_argument("--seed", type=int, default=d["seed"],
+    t.add_argument("--seed", type=seed, default=d["seed"],
                    help="seeds the initialisation, the noise and the batch order")
     t.add_argument("--data-dir", default=None,
                    help="directory with the four IDX .gz files (or a <dataset>/ subdirectory); "
@@ -134,11 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory for model.safetensors, config.json and summary.json "
                         "(default runs/<model>-<svd|dense>-<dataset>)")
     t.add_argument("--json", default=None, metavar="FILE", help="also write the summary here")
-    t.add_argument("--subset", type=_positive_int, default=None, metavar="N",
+    t.add_argument("--subset", type=positive_int, default=None, metavar="N",
                    help="use only the first N training and N test images (quick tests)")
-    t.add_argument("--threads", type=_positive_int, default=None,
+    t.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice)")
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    t.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run saved in DIR (a checkpoint is written at the end of "
+                        "every epoch) with its own settings; only --threads, --no-progress, "
+                        "--json, --data-dir and --no-download are taken from this command line")
     parser.train_parser = t  # for errors that name the train subcommand
     sub.add_parser(
         "deploy", add_help=False,
@@ -155,6 +108,7 @@ def _print_start(info: dict) -> None:
           f"batch {info['batch_size']}, Adam lr {info['lr']:g} ({info['lr_decay']} decay)"
           + (f", KL warm-up {info['kl_warmup_epochs']:g} epochs, backend {info['backend']}" if svd else "")
           + (f", {info['pretrain_epochs']} dense pre-training epochs" if svd and info["pretrain_epochs"] else "")
+          + (f", resuming {info['out']}" if info["resume"] else "")
           + f", device {info['device']} ({info['device_name']}, {info['threads']} threads)", flush=True)
 
 
@@ -177,11 +131,17 @@ def train(args: argparse.Namespace) -> Tuple[nn.Module, dict]:
         ``(model, summary)`` as :func:`sparsevd.train.run`.
 
     Raises:
-        FileNotFoundError: the data set cannot be found, downloaded or installed.
+        as :func:`sparsevd.train.run`.
     """
     config = _config(args)
-    model, summary = run(config, on_start=_print_start,
-                         on_epoch=lambda row: _print_epoch(row, not config.dense))
+    svd = [not config.dense]
+
+    def start(info):
+        svd[0] = info["svd"]
+        _print_start(info)
+
+    model, summary = run(config, on_start=start, on_epoch=lambda row: _print_epoch(row, svd[0]),
+                         resume=args.resume is not None)
     print()
     print(report(model))
     print(f"\ntest accuracy {100 * summary['test_accuracy']:.2f}%  compression "
@@ -194,6 +154,8 @@ def train(args: argparse.Namespace) -> Tuple[nn.Module, dict]:
 def _config(args: argparse.Namespace) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
+    if args.resume is not None:
+        values["out"] = args.resume
     return TrainConfig(**values, download=not args.no_download, progress=not args.no_progress)
 
 
@@ -220,8 +182,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv: the arguments without the program name (default ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success; 1 when the data cannot be found; 2 for usage errors
-        (argparse exits with 2 itself) or a missing ``deploy`` implementation.
+        The exit status: 0 on success; 1 when the data cannot be found, the run diverged, a file
+        cannot be read or written; 2 for usage errors (argparse exits with 2 itself) or a
+        missing ``deploy`` implementation; 130 when interrupted (Ctrl-C).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "deploy":
@@ -238,7 +201,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "False")
         try:
             train(args)
-        except FileNotFoundError as e:
+        except TrainingDiverged as e:
+            print(f"sparsevd train: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            out = _config(args).out_dir()
+            print(f"\nsparsevd train: interrupted; the checkpoint of the last completed epoch is in "
+                  f"{out}: continue with `sparsevd train --resume {out}`", file=sys.stderr)
+            return 130
+        except (FileNotFoundError, ValueError, OSError) as e:
             print(f"sparsevd train: {e}", file=sys.stderr)
             return 1
         return 0

@@ -19,8 +19,10 @@ Sources:
 
 Where the files are looked for (:func:`find_dataset_dir`), in order:
 
-1. ``data_dir`` itself, then ``data_dir/<name>/`` (when ``data_dir`` is given);
-2. ``$SPARSEVD_DATA/<name>/``, then ``$SPARSEVD_DATA`` itself (when the variable is set);
+1. when ``data_dir`` is given: ``data_dir`` itself, then ``data_dir/<name>/``, and nothing else
+   (an explicit directory is used as given or is an error: it must exist; a missing file is
+   downloaded into ``data_dir/<name>/`` or reported, never looked for elsewhere);
+2. otherwise ``$SPARSEVD_DATA/<name>/``, then ``$SPARSEVD_DATA`` itself (when the variable is set);
 3. ``~/.cache/sparsevd/<name>/`` (also where downloads go when no ``data_dir`` is given);
 4. ``/usr/share/datasets/<name>/``.
 
@@ -158,9 +160,9 @@ def _cache_dir() -> Path:
 
 def _candidate_dirs(name: str, data_dir: Optional[PathLike]) -> List[Path]:
     dirs: List[Path] = []
-    if data_dir is not None:
+    if data_dir is not None:  # an explicit directory is the only place looked at
         d = Path(data_dir).expanduser()
-        dirs += [d, d / name]
+        return [d, d / name]
     env = os.environ.get(DATA_ENV, "").strip()
     if env:
         e = Path(env).expanduser()
@@ -172,6 +174,14 @@ def _candidate_dirs(name: str, data_dir: Optional[PathLike]) -> List[Path]:
         if d not in unique:
             unique.append(d)
     return unique
+
+
+def _check_data_dir(data_dir: Optional[PathLike]) -> None:
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"data set not found: the data directory {Path(data_dir).expanduser()} given by "
+            "--data-dir / data_dir does not exist (an explicit directory is used as given, never "
+            "replaced by another location)")
 
 
 def _is_complete(directory: Path, files: Iterable[str]) -> bool:
@@ -186,18 +196,21 @@ def find_dataset_dir(name: str, data_dir: Optional[PathLike] = None) -> Path:
         data_dir: optional directory searched first; it may hold the files directly or in a
             ``<name>/`` subdirectory.
 
-    Search order: ``data_dir``, ``data_dir/<name>``, ``$SPARSEVD_DATA/<name>``,
-    ``$SPARSEVD_DATA``, ``~/.cache/sparsevd/<name>``, ``/usr/share/datasets/<name>``.
-    Only directories containing all four files count. Nothing is downloaded or verified.
+    Search order: ``data_dir`` and ``data_dir/<name>`` when ``data_dir`` is given (only those);
+    otherwise ``$SPARSEVD_DATA/<name>``, ``$SPARSEVD_DATA``, ``~/.cache/sparsevd/<name>``,
+    ``/usr/share/datasets/<name>``. Only directories containing all four files count. Nothing is
+    downloaded or verified.
 
     Returns:
         The directory, as a :class:`pathlib.Path`.
 
     Raises:
         ValueError: unknown ``name``.
-        FileNotFoundError: no directory qualifies; the message lists every directory searched.
+        FileNotFoundError: ``data_dir`` does not exist, or no directory qualifies; the message
+            lists every directory searched.
     """
     key = _canonical_name(name)
+    _check_data_dir(data_dir)
     files = DATASETS[key]["files"]
     candidates = _candidate_dirs(key, data_dir)
     for d in candidates:
@@ -383,8 +396,9 @@ def load_dataset(
         sha256: optional ``{file name: hex digest}`` overriding the expected hashes (see the module
             docstring for the precedence: this, then a ``SHA256SUMS`` next to the files, then the
             built-in table).
-        apt: last fallback when the files are found nowhere and the download failed or is
-            disabled: :func:`apt_install_dataset` (Debian package, as root only), then search again.
+        apt: last fallback when no ``data_dir`` is given, the files are found nowhere and the
+            download failed or is disabled: :func:`apt_install_dataset` (Debian package, as root
+            only), then search again.
 
     Returns:
         ``(train_images, train_labels, test_images, test_labels)``: images ``torch.float32`` of
@@ -402,6 +416,16 @@ def load_dataset(
     """
     key = _canonical_name(name)
     spec = DATASETS[key]
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        hint = (f"create it, or leave --data-dir out to search {DATA_ENV}, {_cache_dir() / key} and "
+                f"{', '.join(str(Path(d) / key) for d in SYSTEM_DATA_DIRS)}")
+        if key == "fashion-mnist":
+            hint += (" (apt-get install dataset-fashion-mnist installs the files to "
+                     "/usr/share/datasets/fashion-mnist)")
+        raise FileNotFoundError(
+            f"data set {key!r} not found: the data directory {Path(data_dir).expanduser()} given by "
+            f"--data-dir / data_dir does not exist; an explicit directory is used as given, never "
+            f"replaced by another location: {hint}")
     try:
         directory = find_dataset_dir(key, data_dir)
     except FileNotFoundError as not_found:
@@ -417,7 +441,7 @@ def load_dataset(
         else:
             download_msg = "download disabled (download=False)"
             directory = None
-        if directory is None and apt and key in APT_PACKAGES:
+        if directory is None and apt and key in APT_PACKAGES and data_dir is None:
             if apt_install_dataset(key):
                 try:
                     directory = find_dataset_dir(key, data_dir)

@@ -8,7 +8,9 @@ model with :func:`sparsevd.save`, and prints
 - a latency table, dense (the eval-mode masked model as nn.Linear / nn.Conv2d) vs deployed, at
   batch 1 and 64 (median of interleaved runs, ms), and the largest output difference.
 
-Exit status: 0 on success, 1 when the checkpoint cannot be read, 2 for usage errors.
+Exit status: 0 on success, 1 when the checkpoint cannot be read (missing, truncated, not
+safetensors, changed after it was written: the message says which file and what) or ``--out``
+cannot be written (checked first), 2 for usage errors.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._cli_args import finite_float, positive_float, positive_int
+from ._files import check_writable
 from .checkpoint import input_shape, load_checkpoint
 from .deploy import SPARSE_LAYERS, deploy, deployed_bytes, dense_bytes, dense_twin, latency
 from .io import save
@@ -34,16 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="directory written by `sparsevd train --out DIR` (or its model.safetensors)")
     p.add_argument("--out", required=True, metavar="FILE", help="deployed model file (.safetensors)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=finite_float, default=None,
                    help="log α pruning threshold (default: the checkpoint's)")
     p.add_argument("--cost-model", default="measure",
                    choices=("measure", "rule", "csr", "dense", "masked"),
                    help="how each layer's kernel is chosen per batch size (default: measure)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 64], metavar="B",
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 64], metavar="B",
                    help="batch sizes of the latency table (default: 1 64)")
-    p.add_argument("--min-time", type=float, default=0.3, metavar="S",
+    p.add_argument("--min-time", type=positive_float, default=0.3, metavar="S",
                    help="seconds of timing per model and batch size (default: 0.3)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     return p
 
 
@@ -55,13 +59,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
-    if any(b <= 0 for b in args.batch):
-        print("sparsevd deploy: --batch sizes must be positive", file=sys.stderr)
-        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        check_writable(args.out, "--out", directory=False)
+    except OSError as e:
+        print(f"sparsevd deploy: {e}", file=sys.stderr)
+        return 1
+    try:
         model = load_checkpoint(args.checkpoint)
+        shape = input_shape(args.checkpoint)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         print(f"sparsevd deploy: cannot read checkpoint {args.checkpoint}: {e}", file=sys.stderr)
         return 1
@@ -74,7 +81,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if isinstance(m, SVDO_LAYERS):
                 m.threshold = float(args.threshold)
     model.eval()
-    shape = input_shape(args.checkpoint)
     example = torch.randn(1, *shape)
     deployed = deploy(model, example, cost_model=args.cost_model)
     out = save(deployed, args.out)

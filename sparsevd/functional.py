@@ -18,8 +18,11 @@ from torch import Tensor
 from . import ops, reference
 from ._args import IntOrPair, as_pair
 
-#: Check ``log_sigma2`` and ``weight`` for NaN at every call (one reduction per parameter, and a
-#: host sync on GPU). Skipped inside ``torch.compile``. Set to False to skip it in eager mode too.
+#: Check ``log_sigma2`` and ``weight`` for NaN and ±inf at every call of the functions below (one
+#: reduction per parameter, and a host sync on GPU), unless a call passes ``check_finite=False``.
+#: Skipped inside ``torch.compile``. Set to False to skip it in eager mode too. The training layers
+#: do not check per call: a diverging run is stopped by the training loop (sparsevd.train.fit,
+#: from the loss of every step, with the layer named).
 CHECK_NAN = True
 
 
@@ -46,16 +49,24 @@ def _check_same_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None
         )
 
 
-def _has_nan(t: Tensor) -> bool:
-    return CHECK_NAN and not torch.compiler.is_compiling() and bool(torch.isnan(t).any())
+def _check_finite(t: Tensor, name: str, enabled: Optional[bool]) -> None:
+    enabled = CHECK_NAN if enabled is None else enabled
+    if enabled and not torch.compiler.is_compiling() and not bool(torch.isfinite(t).all()):
+        kind = "NaN" if bool(torch.isnan(t).any()) else "infinite"
+        raise ValueError(f"{name}: contains {kind} values; the training has diverged")
 
 
-def check_parameters(weight: Tensor, log_sigma2: Tensor) -> None:
-    """Validate a layer's θ and log σ²: floating, same shape, dtype and device, no NaN.
+def check_parameters(weight: Tensor, log_sigma2: Tensor, check_finite: Optional[bool] = None) -> None:
+    """Validate a layer's θ and log σ²: floating, same shape, dtype and device, finite.
+
+    Args:
+        check_finite: look for NaN and ±inf (a reduction per tensor and a host sync on GPU);
+            None: :data:`CHECK_NAN`.
 
     Raises:
         TypeError: a non-tensor or non-floating argument, or mismatched dtypes.
-        ValueError: mismatched shapes or devices, or NaN values (the message names the argument).
+        ValueError: mismatched shapes or devices, or NaN / infinite values (the message names the
+            argument).
     """
     _check_float(weight, "weight")
     _check_float(log_sigma2, "log_sigma2")
@@ -69,10 +80,8 @@ def check_parameters(weight: Tensor, log_sigma2: Tensor) -> None:
             f"log_sigma2: expected dtype {weight.dtype} (the dtype of weight), got {log_sigma2.dtype}"
         )
     _check_same_device(log_sigma2, "log_sigma2", weight, "weight")
-    if _has_nan(log_sigma2):
-        raise ValueError("log_sigma2: contains NaN values; the training has diverged")
-    if _has_nan(weight):
-        raise ValueError("weight: contains NaN values; the training has diverged")
+    _check_finite(log_sigma2, "log_sigma2", check_finite)
+    _check_finite(weight, "weight", check_finite)
 
 
 def _prepare_input(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -107,8 +116,9 @@ def _prepare_seed(seed: Optional[Tensor], x: Tensor) -> Tensor:
     return seed.reshape(1)
 
 
-def _check_linear(x: Tensor, weight: Tensor, log_sigma2: Tensor, bias: Optional[Tensor]) -> Tensor:
-    check_parameters(weight, log_sigma2)
+def _check_linear(x: Tensor, weight: Tensor, log_sigma2: Tensor, bias: Optional[Tensor],
+                  check_finite: Optional[bool] = None) -> Tensor:
+    check_parameters(weight, log_sigma2, check_finite)
     if weight.dim() != 2:
         raise ValueError(
             f"weight: expected a 2-D (out_features, in_features) tensor, got shape {tuple(weight.shape)}"
@@ -121,8 +131,9 @@ def _check_linear(x: Tensor, weight: Tensor, log_sigma2: Tensor, bias: Optional[
     return x
 
 
-def _check_conv2d(x, weight, log_sigma2, bias, stride, padding, dilation, groups):
-    check_parameters(weight, log_sigma2)
+def _check_conv2d(x, weight, log_sigma2, bias, stride, padding, dilation, groups,
+                  check_finite: Optional[bool] = None):
+    check_parameters(weight, log_sigma2, check_finite)
     if weight.dim() != 4:
         raise ValueError(
             f"weight: expected a 4-D (C_out, C_in/groups, kH, kW) tensor, got {tuple(weight.shape)}"
@@ -153,6 +164,7 @@ def lrt_linear(
     bias: Optional[Tensor] = None,
     *,
     seed: Optional[Tensor] = None,
+    check_finite: Optional[bool] = None,
 ) -> Tensor:
     """Linear layer with the local reparameterization trick (training forward of sparse VD).
 
@@ -165,6 +177,8 @@ def lrt_linear(
         log_sigma2: log σ², (out_features, in_features), same dtype as ``weight``.
         bias: (out_features,) or None.
         seed: one-element int64 tensor on x's device; None draws one from torch's generator.
+        check_finite: raise on NaN / ±inf in ``weight`` or ``log_sigma2`` (a reduction each and a
+            host sync on GPU); None: :data:`CHECK_NAN`. The layers pass False.
 
     Returns:
         y, (*, out_features), dtype of ``x`` (the autocast dtype under autocast). An empty batch
@@ -175,7 +189,7 @@ def lrt_linear(
         ValueError: mismatched shapes (``x``'s last dim ≠ in_features) or devices, NaN in
             ``weight`` or ``log_sigma2``, a weight that is not 2-D.
     """
-    x = _check_linear(x, weight, log_sigma2, bias)
+    x = _check_linear(x, weight, log_sigma2, bias, check_finite)
     seed = _prepare_seed(seed, x)
     return ops.lrt_linear(x, weight, log_sigma2, bias, seed)[0]
 
@@ -191,6 +205,7 @@ def lrt_conv2d(
     groups: int = 1,
     *,
     seed: Optional[Tensor] = None,
+    check_finite: Optional[bool] = None,
 ) -> Tensor:
     """2-D convolution with the local reparameterization trick.
 
@@ -203,6 +218,7 @@ def lrt_conv2d(
         bias: (C_out,) or None.
         stride, padding, dilation, groups: as in ``torch.nn.functional.conv2d`` (padding as ints).
         seed: one-element int64 tensor on x's device; None draws one.
+        check_finite: as :func:`lrt_linear`.
 
     Returns:
         y, (N, C_out, H_out, W_out) (or unbatched), dtype of ``x``.
@@ -212,7 +228,7 @@ def lrt_conv2d(
             or for a stride, padding, dilation or groups that is not a (pair of) int(s) in range.
     """
     x, unbatched, stride, padding, dilation = _check_conv2d(
-        x, weight, log_sigma2, bias, stride, padding, dilation, groups
+        x, weight, log_sigma2, bias, stride, padding, dilation, groups, check_finite
     )
     seed = _prepare_seed(seed, x)
     y = ops.lrt_conv2d(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups)[0]
@@ -280,12 +296,15 @@ def kl_sparse_vd(weight: Tensor, log_sigma2: Tensor) -> Tensor:
     return kl_sparse_vd_many([weight], [log_sigma2])
 
 
-def kl_sparse_vd_many(weights: Sequence[Tensor], log_sigma2s: Sequence[Tensor]) -> Tensor:
+def kl_sparse_vd_many(weights: Sequence[Tensor], log_sigma2s: Sequence[Tensor], *,
+                      check_finite: Optional[bool] = None) -> Tensor:
     """Σ over layers of :func:`kl_sparse_vd`, in as few kernel launches as the backend allows.
 
     Args:
         weights: θ of each layer.
         log_sigma2s: log σ² of each layer, matching ``weights`` one to one.
+        check_finite: as :func:`lrt_linear` (``sparsevd.kl_divergence``, the training loss's KL,
+            passes False).
 
     Returns:
         0-dim tensor, fp32 (fp64 for fp64 parameters); 0 when the lists are empty.
@@ -298,7 +317,7 @@ def kl_sparse_vd_many(weights: Sequence[Tensor], log_sigma2s: Sequence[Tensor]) 
     if not weights:
         return torch.zeros(())
     for w, s in zip(weights, log_sigma2s):
-        check_parameters(w, s)
+        check_parameters(w, s, check_finite)
         _check_same_device(w, "weights", weights[0], "weights[0]")
     with_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (*weights, *log_sigma2s)

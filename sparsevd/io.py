@@ -7,8 +7,13 @@ weights of dense layers left as they are) and, in the safetensors metadata,
 - ``config``: JSON describing the module tree (types, sizes, hyper-parameters, each sparse
   layer's plan), so that :func:`load` rebuilds the model without pickle and without the code
   that built it;
-- ``sha256``: a digest of all tensor names, dtypes, shapes and bytes, so that a corrupted file is
-  reported instead of silently giving other outputs.
+- ``sha256``: a digest of all tensor names, dtypes, shapes and bytes and of the config, so that
+  any changed byte (a weight, or the config: an activation renamed, a child renamed) is reported
+  instead of silently giving other outputs.
+
+The file is written atomically (a temporary file beside it, then a rename): a reader sees the old
+file or the new one, never half of one. Files of format version 1 (whose digest did not cover the
+config) still load, with a warning.
 
 Supported modules: nn.Sequential, SparseLinear, SparseConv2d, nn.Linear, nn.Conv2d, elementwise
 activations, dropout, pooling, Flatten/Unflatten, Softmax/LogSoftmax (exact types, not
@@ -16,21 +21,24 @@ subclasses). A loaded model gives bit-identical outputs: same tensors, same plan
 """
 from __future__ import annotations
 
-import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from ._files import atomic_save_safetensors, digest, read_safetensors
 from .nn.sparse import SparseConv2d, SparseLinear
 from .nn.svdo import SVDO_LAYERS
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "save", "SUPPORTED_MODULES"]
 
 FORMAT = "sparsevd.deployed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: A config nested deeper than this is refused (a ValueError, not a RecursionError).
+MAX_DEPTH = 64
 
 PathLike = Union[str, Path]
 
@@ -140,21 +148,12 @@ def _describe(m: nn.Module, prefix: str, tensors: Dict[str, Tensor]) -> dict:
                      f"{', '.join(SUPPORTED_MODULES)}")
 
 
-def _digest(tensors: Dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def save(model: nn.Module, path: PathLike) -> Path:
     """Write a deployed model (from :func:`sparsevd.deploy`) to ``path`` (one .safetensors file).
 
     Args:
         model: a SparseLinear / SparseConv2d, or an nn.Sequential tree of supported modules.
-        path: the file to write (parent directories are created).
+        path: the file to write (parent directories are created; written atomically).
 
     Returns:
         The path written.
@@ -163,20 +162,16 @@ def save(model: nn.Module, path: PathLike) -> Path:
         ValueError: a module that cannot be stored (the message names it; training layers
             LinearSVDO / Conv2dSVDO ask for ``deploy`` first).
     """
-    from safetensors.torch import save_file
-
     tensors: Dict[str, Tensor] = {}
     spec = _describe(model, "", tensors)
+    config = json.dumps(spec, separators=(",", ":"))
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "config": json.dumps(spec, separators=(",", ":")),
-        "sha256": _digest(tensors),
+        "config": config,
+        "sha256": digest(tensors, FORMAT, str(FORMAT_VERSION), config),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    return atomic_save_safetensors(tensors, path, metadata)
 
 
 class _Builder:
@@ -194,12 +189,22 @@ class _Builder:
         self.used.append(key)
         return self.tensors[key]
 
-    def build(self, spec: dict, prefix: str) -> nn.Module:
+    def build(self, spec: dict, prefix: str, depth: int = 0) -> nn.Module:
+        where = prefix or "<root>"
+        if depth > MAX_DEPTH:
+            raise ValueError(f"{self.path}: corrupted config: modules nested deeper than {MAX_DEPTH}")
+        if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+            raise ValueError(f"{self.path}: corrupted config: module {where} is not an object with a "
+                             f"'type' (got {type(spec).__name__})")
         kind = spec["type"]
         if kind == "Sequential":
             seq = nn.Sequential()
-            for name, child in spec["children"]:
-                seq.add_module(name, self.build(child, _key(prefix, name)))
+            for item in spec["children"]:
+                name, child = item
+                if not isinstance(name, str) or name in seq._modules:
+                    raise ValueError(f"{self.path}: corrupted config: child name {name!r} of {where} "
+                                     "is repeated or not a string")
+                seq.add_module(name, self.build(child, _key(prefix, name), depth + 1))
             return seq
         if kind in ("SparseLinear", "SparseConv2d"):
             crow = self.take(prefix, "crow_indices")
@@ -252,29 +257,20 @@ def load(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.Module:
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: a file that is not a safetensors file, is corrupted (checksum, truncation,
-            invalid indices), comes from elsewhere (a training checkpoint, another library: no
-            sparsevd metadata), or has a newer format version. The message says which.
+        ValueError: a file that is not a safetensors file (a pickle, say: never unpickled), is
+            corrupted (checksum of tensors and config, truncation, invalid indices, a config
+            nested deeper than :data:`MAX_DEPTH`, a repeated child name), comes from elsewhere (a
+            training checkpoint, another library: no sparsevd metadata), or has a newer format
+            version. The message names the file and says which.
     """
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise _Foreign(meta.get("format"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except _Foreign as e:
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != FORMAT:
         raise ValueError(
-            f"{path}: not a sparsevd deployed model (safetensors metadata format={e.args[0]!r}, "
-            f"expected {FORMAT!r}); a training checkpoint loads with sparsevd.checkpoint.load_checkpoint "
-            "and becomes a deployed model with sparsevd.deploy"
-        ) from None
-    except Exception as e:  # safetensors' own errors: bad header, truncated data, ...
-        raise ValueError(f"{path}: corrupted or not a safetensors file ({type(e).__name__}: {e})") from e
+            f"{path}: not a sparsevd deployed model (safetensors metadata format="
+            f"{meta.get('format')!r}, expected {FORMAT!r}); a training checkpoint loads with "
+            "sparsevd.checkpoint.load_checkpoint and becomes a deployed model with sparsevd.deploy"
+        )
     try:
         version = int(meta.get("format_version", "0"))
     except ValueError:
@@ -282,11 +278,25 @@ def load(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.Module:
     if version > FORMAT_VERSION:
         raise ValueError(f"{path}: format version {version} is newer than this sparsevd reads "
                          f"({FORMAT_VERSION}); upgrade sparsevd")
-    if meta.get("sha256") != _digest(tensors):
-        raise ValueError(f"{path}: corrupted file: the checksum of the tensor data does not match")
+    config = meta.get("config")
+    if not isinstance(config, str):
+        raise ValueError(f"{path}: corrupted metadata: no config")
+    if version >= 2:
+        expected = digest(tensors, FORMAT, str(version), config)
+        what = "the tensors or the config changed after the file was written"
+    else:
+        expected = digest(tensors)
+        what = "the tensor data changed after the file was written"
+        warnings.warn(f"{path}: written by an older sparsevd (format version {version}): its "
+                      "checksum does not cover the config; save it again to protect it",
+                      RuntimeWarning, stacklevel=2)
+    if meta.get("sha256") != expected:
+        raise ValueError(f"{path}: corrupted file: the checksum (sha256) does not match ({what})")
     try:
-        spec = json.loads(meta["config"])
-    except (KeyError, json.JSONDecodeError) as e:
+        spec = json.loads(config)
+    except RecursionError:
+        raise ValueError(f"{path}: corrupted config: modules nested deeper than {MAX_DEPTH}") from None
+    except json.JSONDecodeError as e:
         raise ValueError(f"{path}: corrupted config ({type(e).__name__}: {e})") from e
     try:
         builder = _Builder(tensors, path)
@@ -295,13 +305,10 @@ def load(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.Module:
         if str(e).startswith(str(path)):
             raise
         raise ValueError(f"{path}: corrupted file: {e}") from e
-    except (KeyError, TypeError, RuntimeError, AttributeError) as e:
+    except (KeyError, TypeError, RuntimeError, AttributeError, RecursionError) as e:
         raise ValueError(f"{path}: corrupted config ({type(e).__name__}: {e})") from e
     extra = set(tensors) - set(builder.used)
     if extra:
         raise ValueError(f"{path}: corrupted file: tensors {sorted(extra)[:5]} are not used by the config")
     return model.to(device).eval()
 
-
-class _Foreign(Exception):
-    pass

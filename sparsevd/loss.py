@@ -30,7 +30,9 @@ def kl_divergence(model: nn.Module) -> Tensor:
     if not layers:
         p = next(iter(model.parameters()), None)
         return torch.zeros((), device=None if p is None else p.device)
-    return SF.kl_sparse_vd_many([m.weight for m in layers], [m.log_sigma2 for m in layers])
+    # no per-call NaN/inf pass: a diverging run is stopped by the training loop (sparsevd.train.fit)
+    return SF.kl_sparse_vd_many([m.weight for m in layers], [m.log_sigma2 for m in layers],
+                                check_finite=False)
 
 
 def _check_train_size(train_size) -> int:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._args import IntOrPair, as_pair
+from ._args import IntOrPair, as_pair, check_threshold
 
 #: Constants of the KL approximation, eq. 14.
 K1 = 0.63576
@@ -132,8 +132,16 @@ def lrt_conv2d(
 
 
 def eval_mask(weight: torch.Tensor, log_sigma2: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The weights kept at evaluation: log α < threshold (boolean, same shape as ``weight``)."""
-    return log_alpha(weight, log_sigma2) < threshold
+    """The weights kept at evaluation: log α < threshold (boolean, same shape as ``weight``).
+
+    The one home of the pruning rule (paper, sec. 5: weights with log α > 3 are dropped); the
+    layers, the report and ``deploy`` all call it.
+
+    Raises:
+        TypeError / ValueError: ``threshold`` is not a finite real number (a NaN threshold would
+            silently drop every weight).
+    """
+    return log_alpha(weight, log_sigma2) < check_threshold(threshold)
 
 
 def masked_weight(weight: torch.Tensor, log_sigma2: torch.Tensor, threshold: float) -> torch.Tensor:

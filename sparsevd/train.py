@@ -27,14 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import metadata
-from .checkpoint import save_checkpoint
+from ._files import atomic_write_bytes, check_writable
+from .checkpoint import (CHECKPOINT_WEIGHTS, TRAIN_STATE, load_train_state, optimizer_state,
+                         optimizer_tensors, read_config, save_checkpoint, save_train_state)
 from .convert import convert, report
 from .data import make_loaders
 from .loss import SGVLB, kl_divergence, svdo_layers
 from .models import build_model
 from .nn import DEFAULT_THRESHOLD, Conv2dSVDO
 
-__all__ = ["METHODS", "TrainConfig", "evaluate", "fit", "resolve_recipe", "run"]
+__all__ = ["METHODS", "TrainConfig", "TrainingDiverged", "evaluate", "fit", "resolve_recipe", "run"]
 
 METHODS = ("sparse_vd", "dense")
 LR_DECAYS = ("linear", "none")
@@ -138,6 +140,49 @@ def _json_safe(obj):
     return obj
 
 
+class TrainingDiverged(FloatingPointError):
+    """A training run produced a non-finite loss or parameter and was stopped.
+
+    Attributes: ``epoch`` (1-based), ``step`` (0-based within the epoch), ``global_step``,
+    ``loss`` (the non-finite value), ``last_finite_loss`` (or None), ``layers`` (names of the
+    parameters with non-finite values), ``checkpoint_epoch`` (the last good checkpoint kept, or
+    None).
+    """
+
+    def __init__(self, message: str, **info) -> None:
+        super().__init__(message)
+        self.__dict__.update(info)
+
+
+def _nonfinite_parameters(model: nn.Module) -> List[str]:
+    """Names of the parameters (and gradients, marked ".grad") holding NaN or ±inf: one pass over
+    them, run only when a step's loss was not finite or before a checkpoint is written."""
+    bad = []
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            bad.append(name)
+        elif p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            bad.append(name + ".grad")
+    return bad
+
+
+def _loader_generators(loader) -> List[torch.Generator]:
+    """The torch.Generators that decide a loader's batch order (the loader's own, its sampler's,
+    a batch sampler's inner sampler's), so that a resumed run draws the same batches."""
+    found: List[torch.Generator] = []
+    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        for cand in (obj, getattr(obj, "sampler", None)):
+            g = getattr(cand, "generator", None)
+            if isinstance(g, torch.Generator) and all(g is not f for f in found):
+                found.append(g)
+    return found
+
+
+#: The settings a resumed run must share with the run it continues.
+_RECIPE_KEYS = ("epochs", "lr", "lr_decay", "method", "pretrain_epochs", "kl_warmup_epochs",
+                "threshold", "train_size", "steps_per_epoch")
+
+
 def fit(
     model: nn.Module,
     train_loader,
@@ -154,6 +199,9 @@ def fit(
     device=None,
     progress: bool = False,
     on_epoch: Optional[Callable[[dict], None]] = None,
+    checkpoint_dir=None,
+    checkpoint_config: Optional[dict] = None,
+    resume: bool = False,
 ) -> dict:
     """Train ``model`` with sparse VD (or dense) and return the run's summary.
 
@@ -164,6 +212,20 @@ def fit(
     counted from the conversion) and a fresh Adam on the same learning-rate schedule. A model that
     already has sparse-VD layers trains with SGVLB from the first epoch. ``method="dense"``:
     cross-entropy throughout.
+
+    Divergence: the loss of every step is read anyway (for the running mean), and a non-finite one
+    stops the run with :class:`TrainingDiverged`: the epoch, the step, the last finite loss and the
+    parameters holding NaN / inf (found by one pass over them, on failure only); the parameters
+    are checked once more before each checkpoint, so no checkpoint ever stores a non-finite value,
+    and the last good one is kept.
+
+    Checkpoints (``checkpoint_dir``): at the end of every epoch, atomically, the training state
+    (``train_state.safetensors``: model, Adam, schedule, RNG states of torch and of the loaders'
+    generators, epoch, history; :mod:`sparsevd.checkpoint`) and, with ``checkpoint_config``, the
+    model checkpoint (``model.safetensors`` + ``config.json``). ``resume=True`` continues from the
+    training state in ``checkpoint_dir``: the same settings, the same model architecture (as built
+    before training; a sparse-VD phase is converted again) and, for a result equal bit for bit to
+    the uninterrupted run, the same thread count.
 
     Args:
         model: a container module (e.g. ``sparsevd.models.LeNet300(svd=False)``), trained in place
@@ -180,7 +242,12 @@ def fit(
         train_size: N of the SGVLB (default: ``len(train_loader.dataset)``).
         device: where to train (default: the model's parameters' device).
         progress: show a tqdm progress bar per epoch (on stderr).
-        on_epoch: called with each epoch's history row (a dict) after its evaluation.
+        on_epoch: called with each epoch's history row (a dict) after its evaluation and its
+            checkpoint.
+        checkpoint_dir: directory of the per-epoch checkpoints (None: none are written).
+        checkpoint_config: the config of the model checkpoint (:func:`sparsevd.save_checkpoint`:
+            ``model``, ``svd``, ``threshold``, ...); ``svd`` is set to the phase trained.
+        resume: continue the run saved in ``checkpoint_dir``.
 
     Returns:
         The summary: ``test_accuracy`` (fraction, eval mode, after the last epoch),
@@ -188,12 +255,15 @@ def fit(
         per epoch: loss (SGVLB per image, or cross-entropy), ce, kl_per_image, beta, lr,
         test_accuracy, compression, train_seconds), ``report``, ``train_seconds`` (training
         steps only), step-time quantiles (``median_ms``, ``p20_ms``, ``p80_ms``), the recipe,
-        ``device``, ``backend``, versions and the commit.
+        ``device``, ``backend``, versions, the commit and ``resumed_from_epoch``.
 
     Raises:
         ValueError: an unknown ``method`` or ``lr_decay``, ``pretrain_epochs`` ≥ ``epochs``,
-            ``epochs`` < 1, or a bare nn.Linear / nn.Conv2d as ``model`` (it cannot be converted
-            in place).
+            ``epochs`` < 1, a bare nn.Linear / nn.Conv2d as ``model`` (it cannot be converted in
+            place), ``resume`` without ``checkpoint_dir`` or with other settings than the saved
+            run's (the message names them), a corrupted training state.
+        FileNotFoundError: ``resume`` and no training state in ``checkpoint_dir``.
+        TrainingDiverged: a non-finite loss or parameter (see above).
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -208,18 +278,21 @@ def fit(
     if isinstance(model, (nn.Linear, nn.Conv2d)):
         raise ValueError("model: expected a container module (e.g. nn.Sequential), got a bare "
                          f"{type(model).__name__}; it cannot be converted in place")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume: needs checkpoint_dir, the directory of the run to continue")
     if device is None:
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
     if train_size is None:
         train_size = len(train_loader.dataset)
-    if svd and not pretrain and not svdo_layers(model):
-        convert(model, threshold=threshold)
-    model.to(device)
-
     steps_per_epoch = len(train_loader)
     total_steps = epochs * steps_per_epoch
+    recipe = dict(epochs=epochs, lr=lr, lr_decay=lr_decay, method=method, pretrain_epochs=pretrain,
+                  kl_warmup_epochs=kl_warmup_epochs if svd else None, threshold=threshold,
+                  train_size=train_size, steps_per_epoch=steps_per_epoch)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    generators = _loader_generators(train_loader)
 
     def optimizer(first_step: int):
         # Adam; with linear decay lr_k = lr · (1 − k / total_steps) at global step k (0 at the end)
@@ -229,16 +302,75 @@ def fit(
         return opt, torch.optim.lr_scheduler.LambdaLR(
             opt, lambda k: max(0.0, 1.0 - (k + first_step) / total_steps))
 
-    opt, sched = optimizer(0)
-    crit = SGVLB(model, train_size, kl_warmup_epochs=kl_warmup_epochs) if svd and not pretrain else None
-    backend = backend_name(model, device) if svd else None
-
-    from tqdm.auto import tqdm
-
     history: List[dict] = []
     step_ms: List[float] = []
     train_seconds = eval_seconds = 0.0
-    for epoch in range(epochs):
+    start_epoch = 0
+    saved = None
+    if resume:
+        saved = load_train_state(ckpt_dir / TRAIN_STATE)
+        meta = saved[2]
+        different = [k for k in _RECIPE_KEYS if meta["recipe"].get(k) != recipe[k]]
+        if different:
+            raise ValueError("resume: the saved run in " f"{ckpt_dir} has other settings: "
+                             + ", ".join(f"{k} = {meta['recipe'].get(k)!r} (given {recipe[k]!r})"
+                                         for k in different))
+        start_epoch = int(meta["epoch"])
+        history, step_ms = meta["history"], meta["step_ms"]
+        train_seconds, eval_seconds = meta["train_seconds"], meta["eval_seconds"]
+    # the sparse-VD phase has begun when the run starts from scratch without pre-training, or
+    # resumes after the epoch whose start converted the model (resuming right at that epoch, the
+    # loop converts it, as the uninterrupted run did)
+    in_svd_phase = svd and (not pretrain or start_epoch > pretrain)
+    if in_svd_phase and not svdo_layers(model):
+        convert(model, threshold=threshold)
+    model.to(device)
+    opt, sched = optimizer(pretrain * steps_per_epoch if in_svd_phase and pretrain else 0)
+    if saved is not None:
+        model_state, tensors, meta = saved
+        model.load_state_dict(model_state, strict=True)
+        opt.load_state_dict(optimizer_state(tensors, meta["optimizer"]))
+        if sched is not None:
+            sched.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+        for i, g in enumerate(generators):
+            g.set_state(tensors[f"rng.loader{i}"])
+    crit = SGVLB(model, train_size, kl_warmup_epochs=kl_warmup_epochs) if in_svd_phase else None
+    backend = backend_name(model, device) if svd else None
+
+    def save(epoch_done: int) -> None:
+        bad = _nonfinite_parameters(model)
+        if bad:
+            kept = epoch_done - 1 if ckpt_dir is not None and epoch_done > 1 else None
+            raise TrainingDiverged(
+                f"training diverged in epoch {epoch_done}: non-finite values in {', '.join(bad)} "
+                "after its last step"
+                + (f"; the checkpoint of epoch {kept} is kept in {ckpt_dir}" if kept else ""),
+                epoch=epoch_done, step=steps_per_epoch - 1, global_step=epoch_done * steps_per_epoch - 1,
+                loss=None, last_finite_loss=None, layers=bad, checkpoint_epoch=kept)
+        if ckpt_dir is None:
+            return
+        opt_tensors, opt_meta = optimizer_tensors(opt)
+        tensors = {**opt_tensors, "rng.torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+        for i, g in enumerate(generators):
+            tensors[f"rng.loader{i}"] = g.get_state()
+        save_train_state(ckpt_dir / TRAIN_STATE, model, tensors, {
+            "epoch": epoch_done, "recipe": recipe, "optimizer": opt_meta,
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "history": history, "step_ms": step_ms, "train_seconds": train_seconds,
+            "eval_seconds": eval_seconds, "svd_phase": bool(svdo_layers(model)),
+        })
+        if checkpoint_config is not None:
+            save_checkpoint(model, ckpt_dir, dict(checkpoint_config, svd=bool(svdo_layers(model))))
+
+    from tqdm.auto import tqdm
+
+    last_finite: Optional[float] = history[-1]["loss"] if history else None
+    for epoch in range(start_epoch, epochs):
         if svd and pretrain and epoch == pretrain:
             # dense pre-training done: sparse-VD layers take over θ and b (log σ² = −10), with a
             # fresh Adam continuing the same learning-rate schedule
@@ -261,16 +393,32 @@ def fit(
                 loss = crit(logits, y)
                 with torch.no_grad():
                     ce = F.cross_entropy(logits, y)
-                loss_per_image = loss.detach() / train_size
+                loss_per_image = float(loss.detach()) / train_size
             else:
                 loss = ce = F.cross_entropy(logits, y)
-                loss_per_image = loss.detach()
+                loss_per_image = float(loss.detach())
+            if not math.isfinite(loss_per_image):
+                bad = _nonfinite_parameters(model)
+                kept = history[-1]["epoch"] if history else None
+                raise TrainingDiverged(
+                    f"training diverged at epoch {epoch + 1}, step {i} (global step "
+                    f"{epoch * steps_per_epoch + i}): the loss is {loss_per_image}"
+                    + (f"; non-finite values in {', '.join(bad)}" if bad else
+                       "; the parameters are finite (the inputs or the loss overflowed)")
+                    + (f"; last finite loss {last_finite:.6g}" if last_finite is not None
+                       else "; no finite loss before it")
+                    + (f"; the checkpoint of epoch {kept} is kept in {ckpt_dir}"
+                       if kept is not None and ckpt_dir is not None else ""),
+                    epoch=epoch + 1, step=i, global_step=epoch * steps_per_epoch + i,
+                    loss=loss_per_image, last_finite_loss=last_finite, layers=bad,
+                    checkpoint_epoch=kept if ckpt_dir is not None else None)
+            last_finite = loss_per_image
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if sched is not None:
                 sched.step()
-            loss_sum += float(loss_per_image)  # syncs, so the step time below is complete
+            loss_sum += loss_per_image
             ce_sum += float(ce.detach())
             step_ms.append(1e3 * (time.perf_counter() - t_step))
             n_batches += 1
@@ -299,6 +447,7 @@ def fit(
             "train_seconds": ep_train,
         }
         history.append(row)
+        save(epoch + 1)
         if on_epoch is not None:
             on_epoch(row)
 
@@ -310,7 +459,7 @@ def fit(
         "median_ms": _finite(q[0]),
         "p20_ms": _finite(q[1]),
         "p80_ms": _finite(q[2]),
-        "method": method,
+        **{k: v for k, v in recipe.items() if k != "steps_per_epoch"},
         "svd": svd,
         "test_accuracy": history[-1]["test_accuracy"],
         "compression": _finite(rep.compression),
@@ -319,16 +468,10 @@ def fit(
         "layers": [r.name for r in rep.layers],
         "params": rep.params,
         "nonzero": rep.nonzero,
-        "epochs": epochs,
-        "lr": lr,
-        "lr_decay": lr_decay,
-        "kl_warmup_epochs": kl_warmup_epochs if svd else None,
-        "pretrain_epochs": pretrain,
-        "threshold": threshold,
-        "train_size": train_size,
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
         "seconds_per_epoch": train_seconds / epochs,
+        "resumed_from_epoch": start_epoch if resume else None,
         "device": device.type,
         "device_name": metadata.device_name(device),
         "num_threads": torch.get_num_threads(),
@@ -343,41 +486,73 @@ def fit(
 
 
 def run(config: TrainConfig, on_start: Optional[Callable[[dict], None]] = None,
-        on_epoch: Optional[Callable[[dict], None]] = None) -> Tuple[nn.Module, dict]:
-    """What ``sparsevd train`` does: load the data set, build the model, :func:`fit` it, save the
-    checkpoint (``model.safetensors`` + ``config.json``, see :mod:`sparsevd.checkpoint`) and the
-    summary (``summary.json``, and ``config.json``'s ``json`` path when given) under
+        on_epoch: Optional[Callable[[dict], None]] = None, resume: bool = False
+        ) -> Tuple[nn.Module, dict]:
+    """What ``sparsevd train`` does: load the data set, build the model, :func:`fit` it with a
+    checkpoint at the end of every epoch (``model.safetensors`` + ``config.json`` +
+    ``train_state.safetensors``, see :mod:`sparsevd.checkpoint`), and write the summary
+    (``summary.json``, and ``config.json``'s ``json`` path when given) under
     :meth:`TrainConfig.out_dir`.
 
     Args:
         config: the run's settings (``resolve_recipe`` is applied).
         on_start: called once before training with a dict describing the run (sizes, device,
-            backend, threads).
+            backend, threads, the epoch it resumes from).
         on_epoch: passed to :func:`fit`.
+        resume: continue the run saved in ``config.out``: its settings come from its
+            ``config.json``; of ``config``, only ``threads``, ``progress``, ``json``, ``data_dir``
+            and ``download`` are used, where they differ from the defaults.
 
     Returns:
         ``(model, summary)``: the trained model (eval mode) and the summary (a JSON-safe dict).
 
     Raises:
-        FileNotFoundError: the data set cannot be found, downloaded or installed.
-        ValueError: an invalid setting (see :func:`fit`).
+        FileNotFoundError: the data set cannot be found, downloaded or installed; ``resume`` of a
+            directory without a checkpoint.
+        ValueError: an invalid setting (see :func:`fit`), a corrupted checkpoint.
+        TrainingDiverged: the run diverged (the last good checkpoint is kept).
     """
+    if resume:
+        config = _resumed_config(config)
     resolve_recipe(config)
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _run(config, on_start, on_epoch)
+        return _run(config, on_start, on_epoch, resume)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(config: TrainConfig, on_start, on_epoch) -> Tuple[nn.Module, dict]:
+#: Settings of a run that a resumed run may change (they do not change the result).
+RUNTIME_FIELDS = ("threads", "progress", "json", "data_dir", "download")
+
+
+def _resumed_config(given: TrainConfig) -> TrainConfig:
+    if not given.out:
+        raise ValueError("resume: needs the run's directory (config.out)")
+    saved = read_config(given.out).get("train_config")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{given.out}: this checkpoint records no training settings to resume "
+                         "(written by an older sparsevd?)")
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in saved.items() if k in fields}
+    # a runtime setting given (other than its default) replaces the saved one
+    values.update({k: getattr(given, k) for k in RUNTIME_FIELDS if getattr(given, k) != fields[k]},
+                  out=given.out)
+    return TrainConfig(**values)
+
+
+def _run(config: TrainConfig, on_start, on_epoch, resume: bool) -> Tuple[nn.Module, dict]:
     if config.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(config.device)
     svd = not config.dense
+    out_dir = config.out_dir()
+    check_writable(out_dir, "output directory", directory=True)
+    if config.json:
+        check_writable(config.json, "summary file", directory=False)
     torch.manual_seed(config.seed)
 
     t0 = time.perf_counter()
@@ -397,18 +572,20 @@ def _run(config: TrainConfig, on_start, on_epoch) -> Tuple[nn.Module, dict]:
             "kl_warmup_epochs": config.kl_warmup_epochs, "pretrain_epochs": config.pretrain_epochs,
             "backend": backend_name(model, device) if svd else None, "device": str(device),
             "device_name": metadata.device_name(device), "threads": torch.get_num_threads(),
+            "out": str(out_dir), "resume": resume,
         })
+    checkpoint_config = {
+        "model": config.model, "svd": svd, "threshold": config.threshold,
+        "dataset": config.dataset, "num_classes": 10, "input_shape": [1, 28, 28],
+        "train_config": dataclasses.asdict(config)}
     fitted = fit(
         model, train_loader, test_loader, epochs=config.epochs, lr=config.lr,
         lr_decay=config.lr_decay, method="dense" if config.dense else "sparse_vd",
         pretrain_epochs=config.pretrain_epochs, kl_warmup_epochs=config.kl_warmup_epochs,
         threshold=config.threshold, train_size=train_size, device=device,
-        progress=config.progress, on_epoch=on_epoch)
+        progress=config.progress, on_epoch=on_epoch, checkpoint_dir=out_dir,
+        checkpoint_config=checkpoint_config, resume=resume)
 
-    out_dir = config.out_dir()
-    ckpt = save_checkpoint(model, out_dir, {
-        "model": config.model, "svd": svd, "threshold": config.threshold,
-        "dataset": config.dataset, "num_classes": 10, "input_shape": [1, 28, 28]})
     summary = {
         "benchmark": f"{config.model}_train",
         "provider": "sparsevd" if svd else "dense",
@@ -423,11 +600,10 @@ def _run(config: TrainConfig, on_start, on_epoch) -> Tuple[nn.Module, dict]:
         "subset": config.subset,
         "test_size": test_size,
         "data_seconds": data_seconds,
-        "checkpoint": str(ckpt),
+        "checkpoint": str(out_dir / CHECKPOINT_WEIGHTS),
     }
-    text = json.dumps(summary, indent=2) + "\n"
-    (out_dir / "summary.json").write_text(text)
+    text = (json.dumps(summary, indent=2) + "\n").encode()
+    atomic_write_bytes(out_dir / "summary.json", text)
     if config.json:
-        Path(config.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.json).write_text(text)
+        atomic_write_bytes(config.json, text)
     return model, summary

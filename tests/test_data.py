@@ -109,10 +109,16 @@ def test_search_order(tmp_path, monkeypatch, isolated_env):
     # $SPARSEVD_DATA holding the files directly also works
     monkeypatch.setenv("SPARSEVD_DATA", str(tmp_path / "env" / name))
     assert find_dataset_dir(name) == tmp_path / "env" / name
-    # an incomplete data_dir does not count; falls through to the env dir
+    # an explicit data_dir is used as given: an incomplete or missing one is an error, never
+    # replaced by the env dir
     (tmp_path / "partial").mkdir()
     (tmp_path / "explicit" / FILE_NAMES[0]).replace(tmp_path / "partial" / FILE_NAMES[0])
-    assert find_dataset_dir(name, tmp_path / "partial") == tmp_path / "env" / name
+    with pytest.raises(FileNotFoundError, match="partial"):
+        find_dataset_dir(name, tmp_path / "partial")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_dataset_dir(name, tmp_path / "typo")
+    with pytest.raises(FileNotFoundError, match=r"typo given by --data-dir / data_dir does not exist"):
+        load_dataset(name, data_dir=tmp_path / "typo")  # not even with download=True
     # then the cache under $HOME, then the system dir
     monkeypatch.delenv("SPARSEVD_DATA")
     assert find_dataset_dir(name) == isolated_env / ".cache" / "sparsevd" / name
@@ -184,8 +190,19 @@ def test_missing_everywhere_lists_dirs(tmp_path, monkeypatch, isolated_env):
     with pytest.raises(FileNotFoundError) as exc:
         load_dataset("fashion-mnist", data_dir=tmp_path / "nowhere", download=False)
     msg = str(exc.value)
-    for d in (tmp_path / "nowhere", tmp_path / "nowhere" / "fashion-mnist",
-              tmp_path / "env" / "fashion-mnist", tmp_path / "env",
+    assert f"{tmp_path / 'nowhere'} given by --data-dir / data_dir does not exist" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError) as exc:
+        load_dataset("fashion-mnist", data_dir=tmp_path / "empty", download=False)
+    msg = str(exc.value)
+    for d in (tmp_path / "empty", tmp_path / "empty" / "fashion-mnist"):
+        assert str(d) in msg
+    assert str(tmp_path / "env") not in msg  # an explicit directory is the only place looked at
+    with pytest.raises(FileNotFoundError) as exc:
+        load_dataset("fashion-mnist", download=False)
+    msg = str(exc.value)
+    for d in (tmp_path / "env" / "fashion-mnist", tmp_path / "env",
               isolated_env / ".cache" / "sparsevd" / "fashion-mnist",
               tmp_path / "system" / "fashion-mnist"):
         assert str(d) in msg
@@ -204,6 +221,7 @@ def test_download_from_file_urls(tmp_path, monkeypatch, isolated_env):
     spec = dict(DATASETS["mnist"], url=src.as_uri() + "/", sha256=hashes)
     monkeypatch.setitem(DATASETS, "mnist", spec)
     # with data_dir: downloads into data_dir/<name>
+    (tmp_path / "dd").mkdir()
     check_exact(load_dataset("mnist", data_dir=tmp_path / "dd"), arrays)
     assert sorted(p.name for p in (tmp_path / "dd" / "mnist").iterdir()) == sorted(FILE_NAMES)
     assert find_dataset_dir("mnist", tmp_path / "dd") == tmp_path / "dd" / "mnist"
@@ -217,6 +235,7 @@ def test_download_from_file_urls(tmp_path, monkeypatch, isolated_env):
 def test_download_failure_reported(tmp_path, monkeypatch):
     spec = dict(DATASETS["mnist"], url=(tmp_path / "no-server").as_uri() + "/")
     monkeypatch.setitem(DATASETS, "mnist", spec)
+    (tmp_path / "dd").mkdir()
     with pytest.raises(FileNotFoundError) as exc:
         load_dataset("mnist", data_dir=tmp_path / "dd")
     msg = str(exc.value)
@@ -226,6 +245,7 @@ def test_download_failure_reported(tmp_path, monkeypatch):
     src = tmp_path / "server"
     write_fake(src, sums=False)
     monkeypatch.setitem(DATASETS, "mnist", dict(DATASETS["mnist"], url=src.as_uri() + "/"))
+    (tmp_path / "dd2").mkdir()
     with pytest.raises(FileNotFoundError, match="SHA256 mismatch"):
         load_dataset("mnist", data_dir=tmp_path / "dd2")
     assert not list((tmp_path / "dd2" / "mnist").iterdir())

@@ -386,18 +386,28 @@ def test_load_bad_config(saved):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from sparsevd._files import digest
+    from sparsevd.io import FORMAT, FORMAT_VERSION
+
     with safe_open(str(saved), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     spec = json.loads(meta["config"])
     spec["children"][1][1]["type"] = "FancyLinear"
+
+    def signed(config):  # a file whose checksum is consistent (a newer writer, a buggy one)
+        return dict(meta, config=config, sha256=digest(tensors, FORMAT, str(FORMAT_VERSION), config))
+
     save_file(tensors, str(saved), metadata=dict(meta, config=json.dumps(spec)))
+    with pytest.raises(ValueError, match="corrupted file: the checksum"):  # an edit is caught
+        sparsevd.load(saved)
+    save_file(tensors, str(saved), metadata=signed(json.dumps(spec)))
     with pytest.raises(ValueError, match="unknown module type 'FancyLinear'"):
         sparsevd.load(saved)
     save_file(tensors, str(saved), metadata=dict(meta, format_version="99"))
     with pytest.raises(ValueError, match="format version 99 is newer"):
         sparsevd.load(saved)
-    save_file(tensors, str(saved), metadata=dict(meta, config="{not json"))
+    save_file(tensors, str(saved), metadata=signed("{not json"))
     with pytest.raises(ValueError, match="corrupted config"):
         sparsevd.load(saved)
 

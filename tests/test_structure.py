@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = {"sparsevd.cli", "sparsevd.deploy_cli", "sparsevd.__main__"}
+CLI = {"sparsevd.cli", "sparsevd.deploy_cli", "sparsevd.__main__", "sparsevd._cli_args"}
 
 
 def _module_name(path: Path) -> str:

@@ -27,10 +27,19 @@ class _SVDOMixin:
 
     weight: nn.Parameter
     log_sigma2: nn.Parameter
-    threshold: float
 
     def _init_svdo(self, threshold: float) -> None:
-        self.threshold = check_threshold(threshold)
+        self.threshold = threshold
+
+    @property
+    def threshold(self) -> float:
+        """log α above which a weight is dropped at evaluation (a finite float; setting NaN, inf
+        or a non-number raises)."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self._threshold = check_threshold(value)
         with torch.no_grad():
             self.log_sigma2.fill_(LOG_SIGMA2_INIT)
 
@@ -86,8 +95,11 @@ class LinearSVDO(_SVDOMixin, nn.Module):
     as nn.Linear; ``log_sigma2`` log σ² (out_features, in_features), initialised to −10. An
     nn.Linear state_dict loads into it with only ``log_sigma2`` missing.
 
-    Training mode: the LRT forward with fresh noise, y = xθᵀ + b + sqrt((x⊙x)(σ²)ᵀ + 1e-8)⊙ξ.
-    Eval mode: y = x(θ ⊙ [log α < threshold])ᵀ + b, deterministic.
+    Training mode: the LRT forward with fresh noise, y = xθᵀ + b + sqrt((x⊙x)(σ²)ᵀ + 1e-8)⊙ξ;
+    non-finite parameters are not looked for at every call (that would cost a pass and a sync per
+    layer): they give a non-finite output, and :func:`sparsevd.train.fit` stops a diverging run
+    naming the layer. Eval mode: y = x(θ ⊙ [log α < threshold])ᵀ + b, deterministic; NaN / inf
+    parameters raise.
 
     Args:
         in_features, out_features: sizes; input (*, in_features), output (*, out_features).
@@ -96,7 +108,7 @@ class LinearSVDO(_SVDOMixin, nn.Module):
         device, dtype: of the parameters.
 
     Raises (at forward): TypeError / ValueError naming the argument for a wrong dtype, device or
-    shape of the input, or NaN parameters.
+    shape of the input, or (eval mode) NaN / inf parameters.
     """
 
     def __init__(
@@ -128,7 +140,7 @@ class LinearSVDO(_SVDOMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
-            return SF.lrt_linear(x, self.weight, self.log_sigma2, self.bias)
+            return SF.lrt_linear(x, self.weight, self.log_sigma2, self.bias, check_finite=False)
         return SF.masked_linear(x, self.weight, self.log_sigma2, self.bias, self.threshold)
 
     def extra_repr(self) -> str:
@@ -210,7 +222,8 @@ class Conv2dSVDO(_SVDOMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         args = (self.stride, self.padding, self.dilation, self.groups)
         if self.training:
-            return SF.lrt_conv2d(x, self.weight, self.log_sigma2, self.bias, *args)
+            return SF.lrt_conv2d(x, self.weight, self.log_sigma2, self.bias, *args,
+                                 check_finite=False)
         return SF.masked_conv2d(x, self.weight, self.log_sigma2, self.bias, *args,
                                 threshold=self.threshold)
 

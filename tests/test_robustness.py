@@ -1,0 +1,369 @@
+"""Reliability, tried as a new user would: tampered files, bad arguments and paths, diverging runs,
+an interrupted run resumed. Each kind of corruption is one row of a table with the error it must
+give (the file named, what is wrong), never a crash, a traceback or a silently different model.
+
+The memory safety of the deployed layers and their semantics for non-finite inputs are tested in
+test_sparse_layers.py and test_csr_linear.py.
+"""
+import json
+import math
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import sparsevd
+from sparsevd import cli, deploy_cli
+from sparsevd.checkpoint import load_checkpoint, read_config, save_checkpoint
+from sparsevd.models import LeNet300
+from sparsevd.train import TrainingDiverged, fit
+from test_cli import _train_args, data_dir  # noqa: F401  (the data fixture)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _flip(path: Path, offset_from_end: int, mask: int = 0x40) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[-offset_from_end] ^= mask
+    path.write_bytes(bytes(raw))
+
+
+def _edit_bytes(path: Path, old: bytes, new: bytes) -> None:
+    raw = path.read_bytes()
+    assert old in raw, (old, raw[:200])
+    path.write_bytes(raw.replace(old, new, 1))
+
+
+@pytest.fixture
+def deployed_file(tmp_path):
+    """A deployed Linear–Tanh–Linear model saved to a file, and its outputs on a batch."""
+    model = nn.Sequential(sparsevd.nn.LinearSVDO(6, 5), nn.Tanh(), sparsevd.nn.LinearSVDO(5, 3))
+    model.eval()
+    path = sparsevd.save(sparsevd.deploy(model, cost_model="csr"), tmp_path / "m.safetensors")
+    return path
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A training checkpoint of a sparse-VD LeNet-300-100."""
+    model = LeNet300(svd=True)
+    save_checkpoint(model, tmp_path / "ck", {"model": "lenet300", "svd": True, "threshold": 3.0,
+                                             "input_shape": [1, 28, 28]})
+    return tmp_path / "ck"
+
+
+# ----------------------------------------------------------------------- deployed model files
+def _resign(path: Path, config: str) -> None:
+    """Rewrite the deployed file's config with a consistent checksum (a buggy or newer writer)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sparsevd._files import digest
+    from sparsevd.io import FORMAT, FORMAT_VERSION
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata=dict(
+        meta, config=config, sha256=digest(tensors, FORMAT, str(FORMAT_VERSION), config)))
+
+
+def _config(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["config"])
+
+
+def _nested(depth: int) -> str:
+    """A config of ``depth`` Sequentials, each holding the next (built as text: too deep for
+    json.dumps)."""
+    return ('{"type":"Sequential","children":[["0",' * depth + '{"type":"Identity","args":{}}'
+            + "]]}" * depth)
+
+
+def _duplicate_child(path: Path) -> str:
+    spec = _config(path)
+    spec["children"][2][0] = spec["children"][0][0]
+    return json.dumps(spec)
+
+
+DEPLOYED_CORRUPTIONS = {
+    # name: (corrupt(path), exception, message)
+    "bit flip in a weight": (lambda p: _flip(p, 3), ValueError, "corrupted file: the checksum"),
+    "Tanh replaced by ReLU in the metadata": (
+        lambda p: _edit_bytes(p, b'\\"Tanh\\"', b'\\"ReLU\\"'), ValueError, "corrupted file: the checksum"),
+    "a child renamed to a duplicate": (
+        lambda p: _edit_bytes(p, b'[\\"2\\",', b'[\\"0\\",'), ValueError, "corrupted file: the checksum"),
+    "a duplicate child name, consistently signed": (
+        lambda p: _resign(p, _duplicate_child(p)), ValueError, "repeated"),
+    "a config nested 10000 deep, consistently signed": (
+        lambda p: _resign(p, _nested(10000)), ValueError, "nested deeper than"),
+    "a config that is a JSON list, consistently signed": (
+        lambda p: _resign(p, "[1, 2]"), ValueError, "not an object with a 'type'"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:-7]), ValueError,
+                  "corrupted or not a safetensors file"),
+    "a pickle": (lambda p: p.write_bytes(pickle.dumps({"w": torch.ones(3)})), ValueError,
+                 "corrupted or not a safetensors file"),
+    "empty": (lambda p: p.write_bytes(b""), ValueError, "corrupted or not a safetensors file"),
+}
+
+
+@pytest.mark.parametrize("kind", list(DEPLOYED_CORRUPTIONS))
+def test_deployed_file_tampering(deployed_file, kind):
+    corrupt, exc, message = DEPLOYED_CORRUPTIONS[kind]
+    sparsevd.load(deployed_file)  # loads before the corruption
+    corrupt(deployed_file)
+    with pytest.raises(exc, match=message) as e:
+        sparsevd.load(deployed_file)
+    assert str(deployed_file) in str(e.value)
+
+
+# ----------------------------------------------------------------------- training checkpoints
+def _first_weight_offset(path: Path) -> int:
+    """Offset from the end of the file of a byte holding the exponent of some weight."""
+    return 2  # the last tensor's last fp32 value: its high byte is sign + exponent bits
+
+
+def _edit_config(ck: Path, change) -> None:
+    cfg_path = ck / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg = change(cfg)
+    cfg_path.write_text(json.dumps(cfg) if not isinstance(cfg, str) else cfg)
+
+
+CHECKPOINT_CORRUPTIONS = {
+    "an exponent bit of a weight": (lambda ck: _flip(ck / "model.safetensors", 2, 0x40), ValueError,
+                                    "model.safetensors: corrupted checkpoint: the tensor data changed"),
+    "threshold edited": (lambda ck: _edit_config(ck, lambda c: dict(c, threshold=1.0)), ValueError,
+                         "config.json: corrupted checkpoint: config.json changed"),
+    "input_shape edited": (lambda ck: _edit_config(ck, lambda c: dict(c, input_shape=[3, 32, 32])),
+                           ValueError, "config.json changed"),
+    "format as a string": (lambda ck: _edit_config(ck, lambda c: dict(c, format="1")), ValueError,
+                           "format '1' is not an integer"),
+    "config a JSON list": (lambda ck: _edit_config(ck, lambda c: "[1, 2, 3]"), ValueError,
+                           "expected a JSON object, got a list"),
+    "config not JSON": (lambda ck: _edit_config(ck, lambda c: "{model: lenet"), ValueError,
+                        "corrupted config: not JSON"),
+    "weights truncated": (lambda ck: (ck / "model.safetensors").write_bytes(
+        (ck / "model.safetensors").read_bytes()[:1000]), ValueError, "corrupted or not a safetensors"),
+    "weights a pickle": (lambda ck: torch.save(LeNet300().state_dict(), ck / "model.safetensors"),
+                         ValueError, "corrupted or not a safetensors file"),
+    "config missing": (lambda ck: (ck / "config.json").unlink(), FileNotFoundError, "config.json"),
+    "weights missing": (lambda ck: (ck / "model.safetensors").unlink(), FileNotFoundError,
+                        "model.safetensors: no such file"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CHECKPOINT_CORRUPTIONS))
+def test_checkpoint_tampering(checkpoint, tmp_path, capsys, kind):
+    corrupt, exc, message = CHECKPOINT_CORRUPTIONS[kind]
+    load_checkpoint(checkpoint)
+    corrupt(checkpoint)
+    with pytest.raises(exc, match=message):
+        load_checkpoint(checkpoint)
+    # `sparsevd deploy` says the same, with exit status 1 and no traceback
+    rc = deploy_cli.main([str(checkpoint), "--out", str(tmp_path / "d.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "cannot read checkpoint" in err and message.split(": ")[-1] in err
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_checkpoint_roundtrip_is_bit_exact_and_files_are_atomic(checkpoint):
+    model = load_checkpoint(checkpoint)
+    again = LeNet300(svd=True)
+    save_checkpoint(model, checkpoint.parent / "ck2", read_config(checkpoint))
+    again = load_checkpoint(checkpoint.parent / "ck2")
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert not list(checkpoint.parent.glob("ck*/.*.tmp"))  # no temporary file left behind
+
+
+# -------------------------------------------------------------------------------------- paths
+def test_paths_that_name_no_checkpoint(checkpoint, tmp_path, capsys):
+    for bad in (checkpoint / "no_such_run", checkpoint / "typo.json", tmp_path / "nothing"):
+        with pytest.raises(FileNotFoundError, match=str(bad)):
+            load_checkpoint(bad)
+        assert deploy_cli.main([str(bad), "--out", str(tmp_path / "x.safetensors")]) == 1
+        assert str(bad) in capsys.readouterr().err
+    (checkpoint / "notes.txt").write_text("hello")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        load_checkpoint(checkpoint / "notes.txt")
+    # the directory and each of its two files name the checkpoint
+    for good in (checkpoint, checkpoint / "model.safetensors", checkpoint / "config.json"):
+        assert isinstance(load_checkpoint(good), nn.Module)
+
+
+def test_explicit_data_dir_is_used_or_is_an_error(tmp_path, capsys):
+    rc = cli.main(["train", "--data-dir", str(tmp_path / "typo"), "--epochs", "1",
+                   "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{tmp_path / 'typo'} given by --data-dir" in err and "does not exist" in err
+
+
+# ---------------------------------------------------------------------------------- threshold
+def test_nan_threshold_is_refused_everywhere(tmp_path, checkpoint, capsys):
+    layer = sparsevd.nn.LinearSVDO(4, 3)
+    for bad, exc in ((float("nan"), ValueError), (float("inf"), ValueError), ("3", TypeError)):
+        with pytest.raises(exc, match="threshold"):
+            layer.threshold = bad
+        with pytest.raises(exc, match="threshold"):
+            sparsevd.nn.LinearSVDO(4, 3, threshold=bad)
+        with pytest.raises(exc, match="threshold"):
+            sparsevd.functional.masked_linear(torch.randn(2, 4), layer.weight, layer.log_sigma2,
+                                              layer.bias, bad)
+        with pytest.raises(exc, match="threshold"):
+            sparsevd.deploy(nn.Sequential(layer), threshold=bad)
+        with pytest.raises(exc, match="threshold"):
+            sparsevd.report(nn.Sequential(layer), threshold=bad)
+    with pytest.raises(TypeError, match="threshold"):
+        layer.threshold = None  # (None means "each layer's own" for deploy and report only)
+    assert layer.threshold == 3.0
+    with pytest.raises(SystemExit) as e:
+        deploy_cli.build_parser().parse_args([str(checkpoint), "--out", "x", "--threshold", "nan"])
+    assert e.value.code == 2 and "--threshold: expected a finite number" in capsys.readouterr().err
+    assert cli.main(["deploy", str(checkpoint), "--out", str(tmp_path / "x"), "--threshold", "nan"]) == 2
+
+
+# --------------------------------------------------------------------------------- divergence
+class _Loader:
+    """A tiny in-memory loader whose step ``bad_step`` of epoch ``bad_epoch`` (0-based) feeds
+    inputs scaled by ``scale``."""
+
+    def __init__(self, n=4, batch=8, scale=1e20, bad_epoch=0, bad_step=0):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n * batch, 1, 28, 28, generator=g)
+        self.y = torch.randint(0, 10, (n * batch,), generator=g)
+        self.n, self.batch, self.scale = n, batch, scale
+        self.bad_epoch, self.bad_step, self.epoch = bad_epoch, bad_step, -1
+        self.dataset = self.x
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        self.epoch += 1
+        for i in range(self.n):
+            x = self.x[i * self.batch:(i + 1) * self.batch]
+            if (self.epoch, i) == (self.bad_epoch, self.bad_step):
+                x = x * self.scale
+            yield x, self.y[i * self.batch:(i + 1) * self.batch]
+
+
+@pytest.mark.parametrize("method,scale", [("sparse_vd", 1e20), ("dense", 1e38), ("dense", math.nan)])
+def test_huge_inputs_stop_the_run_at_once(method, scale):
+    """Inputs ×1e20 overflow the LRT variance (x² > fp32 max); dense logits overflow at ×1e38."""
+    model = LeNet300(svd=False)
+    with pytest.raises(TrainingDiverged) as e:
+        fit(model, _Loader(scale=scale), _Loader(scale=1.0), epochs=2, method=method)
+    msg = str(e.value)
+    assert "epoch 1, step 0" in msg and "no finite loss before it" in msg
+    assert e.value.epoch == 1 and e.value.step == 0 and not math.isfinite(e.value.loss)
+
+
+def test_nonfinite_parameter_names_the_layer_and_keeps_the_last_checkpoint(tmp_path):
+    """A parameter that turns inf in epoch 2 stops the run at the next step, naming the
+    parameter, the step and the last finite loss; the checkpoint of epoch 1 stays whole."""
+    model = LeNet300(svd=True)
+    layer = model[3]
+
+    def poison(row):
+        if row["epoch"] == 1:
+            with torch.no_grad():
+                layer.log_sigma2[0, 0] = float("inf")
+
+    with pytest.raises(TrainingDiverged) as e:
+        fit(model, _Loader(scale=1.0), _Loader(scale=1.0), epochs=3, on_epoch=poison,
+            checkpoint_dir=tmp_path / "run", checkpoint_config={"model": "lenet300", "threshold": 3.0})
+    msg = str(e.value)
+    assert "epoch 2, step 0" in msg and "3.log_sigma2" in msg and "last finite loss" in msg
+    assert f"the checkpoint of epoch 1 is kept in {tmp_path / 'run'}" in msg
+    assert e.value.layers == ["3.log_sigma2"] and e.value.checkpoint_epoch == 1
+    kept = load_checkpoint(tmp_path / "run")  # whole, finite, the state after epoch 1
+    assert all(torch.isfinite(p).all() for p in kept.parameters())
+
+
+def test_cli_divergence_is_a_message_not_a_traceback(tmp_path, data_dir, capsys):  # noqa: F811
+    rc = cli.main(_train_args(data_dir, tmp_path / "run", "--dense", "--lr", "1e30"))
+    err = capsys.readouterr().err
+    assert rc == 1 and "sparsevd train: training diverged at epoch 1" in err
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_resume_gives_the_uninterrupted_result_bit_for_bit(tmp_path, data_dir, monkeypatch,  # noqa: F811
+                                                            capsys, stop_after):
+    """3 epochs (1 dense pre-training + 2 sparse VD, so the stop falls right at and after the
+    conversion): interrupted by Ctrl-C after epoch ``stop_after`` and resumed, the final checkpoint
+    equals the uninterrupted run's bit for bit."""
+    from safetensors.torch import load_file
+
+    args = ["--epochs", "3", "--pretrain-epochs", "1", "--threads", "1"]
+    assert cli.main(_train_args(data_dir, tmp_path / "full", *args)) == 0
+    printed = cli._print_epoch
+
+    def interrupt(row, svd):
+        printed(row, svd)
+        if row["epoch"] == stop_after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_print_epoch", interrupt)
+    assert cli.main(_train_args(data_dir, tmp_path / "cut", *args)) == 130
+    assert f"sparsevd train --resume {tmp_path / 'cut'}" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_print_epoch", printed)
+    assert cli.main(["train", "--resume", str(tmp_path / "cut"), "--no-progress", "--threads", "1"]) == 0
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    cut = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert sorted(full) == sorted(cut)
+    for name in full:
+        assert torch.equal(full[name], cut[name]), name
+    s_full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    s_cut = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert s_cut["resumed_from_epoch"] == stop_after
+    assert [h["loss"] for h in s_cut["history"]] == [h["loss"] for h in s_full["history"]]
+    assert s_cut["test_accuracy"] == s_full["test_accuracy"]
+
+
+def test_resume_refuses_other_settings_and_missing_state(tmp_path):
+    model = LeNet300(svd=False)
+    fit(model, _Loader(scale=1.0), _Loader(scale=1.0), epochs=2, pretrain_epochs=1,
+        checkpoint_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match=r"resume: .*lr = 0.001 \(given 0.01\)"):
+        fit(LeNet300(svd=False), _Loader(scale=1.0), _Loader(scale=1.0), epochs=2,
+            pretrain_epochs=1, lr=1e-2, checkpoint_dir=tmp_path / "run", resume=True)
+    with pytest.raises(FileNotFoundError, match="no training state to resume from"):
+        fit(LeNet300(svd=False), _Loader(scale=1.0), _Loader(scale=1.0), epochs=2,
+            checkpoint_dir=tmp_path / "empty", resume=True)
+    state = tmp_path / "run" / "train_state.safetensors"
+    _flip(state, 5)
+    with pytest.raises(ValueError, match="corrupted training state"):
+        fit(LeNet300(svd=False), _Loader(scale=1.0), _Loader(scale=1.0), epochs=2,
+            pretrain_epochs=1, checkpoint_dir=tmp_path / "run", resume=True)
+
+
+# ------------------------------------------------------------------------------ clear errors
+def test_clear_errors_instead_of_tracebacks(tmp_path, checkpoint, data_dir, capsys):  # noqa: F811
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    # sparsevd deploy: unwritable --out (checked first), --threads=-1
+    assert deploy_cli.main([str(checkpoint), "--out", str(blocker / "m.safetensors")]) == 1
+    assert f"--out {blocker / 'm.safetensors'} is not writable" in capsys.readouterr().err
+    assert deploy_cli.main([str(checkpoint), "--out", "x", "--threads=-1"]) == 2
+    assert "--threads: expected a positive integer" in capsys.readouterr().err
+    # sparsevd train: a seed beyond 63 bits; unwritable --out or --json before any training
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--seed", "99999999999999999999999"])
+    assert "--seed: expected a seed in [0, 2**63 - 1]" in capsys.readouterr().err
+    for extra in (["--out", str(blocker / "run")],
+                  ["--out", str(tmp_path / "ok"), "--json", str(blocker / "s.json")]):
+        rc = cli.main(_train_args(data_dir, tmp_path / "unused", *extra))
+        out, err = capsys.readouterr()
+        assert rc == 1 and "is not writable" in err and "epoch" not in out
+    # the layers name the argument
+    with pytest.raises(TypeError, match="^threshold: expected a finite real number, got '3'"):
+        sparsevd.nn.LinearSVDO(3, 2, threshold="3")
+    with pytest.raises(ValueError, match="^stride: expected values ≥ 1"):
+        sparsevd.nn.SparseConv2d.from_dense(torch.randn(2, 1, 3, 3), stride=0)
+    with pytest.raises(ValueError, match="^groups"):
+        sparsevd.nn.Conv2dSVDO(3, 4, 3, groups=2)
