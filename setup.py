@@ -60,7 +60,7 @@ setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     python_requires=">=3.10",
-    install_requires=["torch", "numpy", "tqdm", "safetensors"],
+    install_requires=["torch", "numpy", "tqdm", "safetensors", "matplotlib"],
     extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["sparsevd=sparsevd.cli:main"]},
     ext_modules=EXT_MODULES,

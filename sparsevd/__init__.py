@@ -14,16 +14,18 @@ training loop), ``checkpoint``, ``deploy`` and ``io`` (sparse inference models),
 """
 from . import functional, nn, ops, reference
 from ._version import __version__
-from .convert import Report, convert, report
+from .convert import ConversionReport, Report, convert, plan_conversion, report
 from .deploy import deploy
 from .io import load, save
 from .loss import SGVLB, kl_divergence
-from . import checkpoint, data, metadata, models, train  # noqa: E402  (after the layers they use)
+from . import checkpoint, data, distributed, metadata, models, plots, train, uncertainty  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint
 from .train import fit
+from .uncertainty import predict
 
 __all__ = [
     "SGVLB",
+    "ConversionReport",
     "Report",
     "__version__",
     "checkpoint",
@@ -39,6 +41,8 @@ __all__ = [
     "models",
     "nn",
     "ops",
+    "plan_conversion",
+    "predict",
     "reference",
     "report",
     "save",

@@ -18,6 +18,13 @@ __all__ = ["atomic_write_bytes", "atomic_save_safetensors", "check_writable", "d
 PathLike = Union[str, Path]
 
 
+def _file_mode() -> int:
+    """0666 less the process's umask: the mode of any file the process creates."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def digest(tensors: Dict[str, Tensor], *texts: str) -> str:
     """SHA-256 (hex) of every tensor's name, dtype, shape and bytes (in name order), then of
     ``texts`` (e.g. a JSON config): any change of a byte of either changes it."""
@@ -33,15 +40,23 @@ def digest(tensors: Dict[str, Tensor], *texts: str) -> str:
 
 
 def _temp_beside(path: Path):
+    """A new empty file beside ``path``, created with the usual permissions (0666 less the
+    umask, like any file the process writes; mkstemp's 0600 would hide results from others)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{next(tempfile._get_candidate_names())}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: could not create a temporary file beside it")
 
 
 def _replace(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, _file_mode())  # writers such as safetensors may create their file 0600
     os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
 
 

@@ -11,6 +11,7 @@ Usage::
     sparsevd train --model lenet300 --dataset fashion-mnist --epochs 30 --json result.json
     python -m sparsevd train --dense --epochs 30
     sparsevd deploy ...        # see sparsevd deploy --help
+    sparsevd plot runs/main    # redraw curves.png and masks.png
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from ._cli_args import finite_float, nonneg_float, nonneg_int, positive_float, p
 from .convert import report
 from .data import DATASETS
 from .models import MODELS
+from .plots import plot_run
 from .train import TrainConfig, TrainingDiverged, resolve_recipe, run
 
 __all__ = ["build_parser", "main", "train"]
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsevd",
         description="Sparse Variational Dropout (Molchanov, Ashukha, Vetrov, ICML 2017).")
-    sub = parser.add_subparsers(dest="command", metavar="{train,deploy}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,deploy,plot}")
     sub.required = True
     d = DEFAULTS
     t = sub.add_parser(
@@ -88,11 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice)")
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    t.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                   help="mixed precision: bf16 autocast (CPU or CUDA) or fp16 autocast with a "
+                        "GradScaler (CUDA); parameters, KL and the LRT variance stay fp32")
     t.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run saved in DIR (a checkpoint is written at the end of "
                         "every epoch) with its own settings; only --threads, --no-progress, "
                         "--json, --data-dir and --no-download are taken from this command line")
     parser.train_parser = t  # for errors that name the train subcommand
+    pl = sub.add_parser("plot", help="redraw curves.png and masks.png of a training run",
+                        description="Redraw curves.png (test accuracy, compression, KL/N per "
+                                    "epoch) and masks.png (kept input pixels and weights) of a "
+                                    "run of `sparsevd train --out DIR`.")
+    pl.add_argument("run_dir", metavar="DIR", help="the --out directory of a training run")
     sub.add_parser(
         "deploy", add_help=False,
         help="turn a trained checkpoint into a sparse inference model "
@@ -109,6 +119,8 @@ def _print_start(info: dict) -> None:
           + (f", KL warm-up {info['kl_warmup_epochs']:g} epochs, backend {info['backend']}" if svd else "")
           + (f", {info['pretrain_epochs']} dense pre-training epochs" if svd and info["pretrain_epochs"] else "")
           + (f", resuming {info['out']}" if info["resume"] else "")
+          + (f", {info['amp']} autocast" if info.get("amp") else "")
+          + (f", {info['world_size']} processes" if info.get("world_size", 1) > 1 else "")
           + f", device {info['device']} ({info['device_name']}, {info['threads']} threads)", flush=True)
 
 
@@ -142,8 +154,16 @@ def train(args: argparse.Namespace) -> Tuple[nn.Module, dict]:
 
     model, summary = run(config, on_start=start, on_epoch=lambda row: _print_epoch(row, svd[0]),
                          resume=args.resume is not None)
+    if summary["rank"] != 0:  # data parallel: rank 0 prints
+        return model, summary
     print()
     print(report(model))
+    for key, what in (("eval", "deterministic (eval mode)"), ("mc", "Monte-Carlo predictive mean")):
+        p = summary["predictive"].get(key)
+        if p:
+            samples = f", S = {p['samples']}" if p["samples"] else ""
+            print(f"{what}{samples}: test accuracy {100 * p['accuracy']:.2f}%, ECE (15 bins) "
+                  f"{100 * p['ece']:.2f}%, NLL {p['nll']:.4f}, mean entropy {p['entropy']:.4f} nats")
     print(f"\ntest accuracy {100 * summary['test_accuracy']:.2f}%  compression "
           f"{summary['compression'] or float('inf'):.1f}x  ({summary['nonzero']} of {summary['params']} "
           f"weights kept)  train time {summary['train_seconds']:.0f} s  checkpoint "
@@ -211,6 +231,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 130
         except (FileNotFoundError, ValueError, OSError) as e:
             print(f"sparsevd train: {e}", file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "plot":
+        try:
+            for path in plot_run(args.run_dir):
+                print(f"wrote {path}")
+        except (FileNotFoundError, ValueError, OSError) as e:
+            print(f"sparsevd plot: {e}", file=sys.stderr)
             return 1
         return 0
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover

@@ -1,24 +1,149 @@
-"""Model surgery: ``convert`` dense layers to sparse-VD layers, and ``report`` the sparsity."""
+"""Model surgery: ``convert`` dense layers to sparse-VD layers (``plan_conversion`` says what it
+would do and why), and ``report`` the sparsity."""
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from typing import Callable, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
 
-from .nn import DEFAULT_THRESHOLD, SVDO_LAYERS, Conv2dSVDO, LinearSVDO
+from ._args import check_threshold
+from .nn import DEFAULT_THRESHOLD, LOG_SIGMA2_INIT, SVDO_LAYERS, Conv2dSVDO, LinearSVDO
+from .reference import EPS_THETA
 
-NameFilter = Union[None, Callable[[str], bool], Iterable[str]]
+NameFilter = Union[None, str, Callable[[str], bool], Iterable[str]]
+
+#: Convertible layer types (exact types: a subclass may change forward, so it is left alone).
+CONVERTIBLE = (nn.Linear, nn.Conv2d)
 
 
-def _name_filter(include: NameFilter) -> Callable[[str], bool]:
-    if include is None:
-        return lambda name: True
-    if callable(include):
-        return include
-    names = set(include)
-    return lambda name: name in names
+def _name_filter(patterns: NameFilter, default: bool) -> Callable[[str], bool]:
+    """A predicate on module names: None → ``default`` for every name; a string or a collection
+    of strings → glob patterns (``fnmatch``: ``"encoder.*.attn.q"``, an exact name matches
+    itself); a callable is used as it is."""
+    if patterns is None:
+        return lambda name: default
+    if callable(patterns):
+        return patterns
+    pats = [patterns] if isinstance(patterns, str) else list(patterns)
+    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in pats)
+
+
+#: Why a module with parameters is left dense, by type (for the conversion report).
+_DENSE_REASONS = (
+    (nn.MultiheadAttention, "its q/k/v projections are one packed in_proj_weight used by "
+                            "F.multi_head_attention_forward, not nn.Linear layers (write them as "
+                            "nn.Linear to convert them)"),
+    (nn.Embedding, "a lookup table: no matrix product to sparsify"),
+    (nn.EmbeddingBag, "a lookup table: no matrix product to sparsify"),
+    ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm) if hasattr(nn, "RMSNorm") else (nn.LayerNorm, nn.GroupNorm),
+     "a normalization: per-feature scales, no weight matrix"),
+    (nn.modules.batchnorm._BatchNorm, "a normalization: per-feature scales, no weight matrix"),
+    ((nn.Conv1d, nn.Conv3d), "no sparse-VD twin of this convolution yet"),
+    (nn.modules.conv._ConvTransposeNd, "no sparse-VD twin of transposed convolutions"),
+    ((nn.RNNBase,), "recurrent weights are not converted"),
+)
+
+
+@dataclasses.dataclass
+class ConversionEntry:
+    """One module of :func:`plan_conversion`: ``action`` "convert", "sparse VD" (already) or
+    "dense" (left as it is, with the ``reason``)."""
+
+    name: str
+    kind: str
+    action: str
+    reason: str = ""
+
+
+class ConversionReport(list):
+    """The modules :func:`convert` converted and every module with parameters it left dense, and
+    why; ``str(report)`` is a table."""
+
+    def converted(self) -> List[str]:
+        return [e.name for e in self if e.action == "convert"]
+
+    def dense(self) -> List[ConversionEntry]:
+        return [e for e in self if e.action == "dense"]
+
+    def __str__(self) -> str:
+        rows = [(e.name or "<model>", e.kind, e.action, e.reason) for e in self]
+        w = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(("module", "type", "action"))]
+        lines = [f"{'module':<{w[0]}}  {'type':<{w[1]}}  {'action':<{w[2]}}  reason"]
+        lines += [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:<{w[2]}}  {d}" for a, b, c, d in rows]
+        return "\n".join(lines)
+
+
+def _dense_reason(m: nn.Module) -> str:
+    for types, why in _DENSE_REASONS:
+        if isinstance(m, types):
+            return why
+    if isinstance(m, CONVERTIBLE):
+        return (f"a subclass of nn.{CONVERTIBLE[0].__name__ if isinstance(m, nn.Linear) else 'Conv2d'}"
+                " (its forward may differ): left as it is")
+    return "no sparse-VD twin of this module type"
+
+
+def _unsupported(m: nn.Module) -> Optional[str]:
+    """Why an nn.Conv2d cannot be converted (None when it can)."""
+    if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+        return (f"uses padding={m.padding!r}, padding_mode={m.padding_mode!r}; Conv2dSVDO supports "
+                "zero padding given as ints")
+    return None
+
+
+def plan_conversion(model: nn.Module, include: NameFilter = None,
+                    exclude: NameFilter = None) -> ConversionReport:
+    """What :func:`convert` does to ``model``, module by module, without changing it.
+
+    Args:
+        model: any module.
+        include: which convertible layers to convert: None (all), a glob pattern or a collection
+            of patterns on the names of ``named_modules`` (``"blocks.*.mlp.*"``), or a predicate.
+        exclude: patterns (or a predicate) of layers to leave dense even when included.
+
+    Returns:
+        A :class:`ConversionReport`: every exact nn.Linear / nn.Conv2d ("convert", or "dense" with
+        the pattern that kept it dense), every sparse-VD layer already there, and every other
+        module holding parameters of its own ("dense", with the reason: a packed attention
+        projection, an embedding, a normalization, ...). Parameters inside a module left dense
+        (the out_proj of nn.MultiheadAttention) are not listed separately.
+    """
+    keep = _name_filter(include, True)
+    drop = _name_filter(exclude, False)
+    report = ConversionReport()
+    skip_under: List[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in skip_under):
+            continue
+        kind = type(m).__name__
+        if isinstance(m, SVDO_LAYERS):
+            report.append(ConversionEntry(name, kind, "sparse VD", "already a sparse-VD layer"))
+        elif type(m) in CONVERTIBLE:
+            if not keep(name):
+                report.append(ConversionEntry(name, kind, "dense", "not matched by include"))
+            elif drop(name):
+                report.append(ConversionEntry(name, kind, "dense", "matched by exclude"))
+            else:
+                report.append(ConversionEntry(name, kind, "convert"))
+        elif any(True for _ in m.parameters(recurse=False)) or isinstance(m, nn.MultiheadAttention):
+            report.append(ConversionEntry(name, kind, "dense", _dense_reason(m)))
+            skip_under.append(name)
+    return report
+
+
+def _init_log_sigma2(new: nn.Module, threshold: float) -> None:
+    """log σ² = −10 (the paper's initialisation), lowered for the weights it would drop at once
+    (log α ≥ threshold where θ² + 1e-8 ≤ e^(−10 − threshold)) to log α = threshold − 1: the
+    converted model in eval mode is then exactly the dense one, and those tiny weights are pruned
+    after the first steps instead of at the conversion."""
+    with torch.no_grad():
+        log_w2 = torch.log(new.weight * new.weight + EPS_THETA)
+        dropped = LOG_SIGMA2_INIT - log_w2 >= threshold
+        new.log_sigma2.copy_(torch.where(dropped, log_w2 + (threshold - 1.0),
+                                         torch.full_like(log_w2, LOG_SIGMA2_INIT)))
 
 
 def _convert_one(name: str, m: nn.Module, threshold: float) -> nn.Module:
@@ -26,11 +151,9 @@ def _convert_one(name: str, m: nn.Module, threshold: float) -> nn.Module:
     if isinstance(m, nn.Linear):
         new = LinearSVDO(m.in_features, m.out_features, m.bias is not None, threshold, **factory)
     else:
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise ValueError(
-                f"model: {name} uses padding={m.padding!r}, padding_mode={m.padding_mode!r}; "
-                "Conv2dSVDO supports zero padding given as ints"
-            )
+        why = _unsupported(m)
+        if why:
+            raise ValueError(f"model: {name} {why}; exclude it to leave it dense")
         new = Conv2dSVDO(
             m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
             m.groups, m.bias is not None, threshold, **factory,
@@ -39,42 +162,56 @@ def _convert_one(name: str, m: nn.Module, threshold: float) -> nn.Module:
         new.weight.copy_(m.weight)
         if m.bias is not None:
             new.bias.copy_(m.bias)
+    _init_log_sigma2(new, threshold)
     new.train(m.training)
     return new
 
 
 def convert(
-    model: nn.Module, include: NameFilter = None, threshold: float = DEFAULT_THRESHOLD
-) -> nn.Module:
-    """Replace every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by its sparse-VD twin, in place.
+    model: nn.Module, include: NameFilter = None, threshold: float = DEFAULT_THRESHOLD,
+    exclude: NameFilter = None, *, return_report: bool = False,
+):
+    """Replace the ``nn.Linear`` / ``nn.Conv2d`` layers of ``model`` by their sparse-VD twins, in
+    place (exact types only: subclasses may change forward and are left alone).
 
-    θ and b are copied; log σ² starts at −10, so in training mode the converted model computes what
-    the dense one did up to noise of std e⁻⁵·sqrt(Σ x²) per output. In eval mode it computes the
-    dense model without its tiny weights: log α = −10 − log(θ² + 1e-8) ≥ 3 exactly where
-    θ² + 1e-8 ≤ e⁻¹³ (|θ| ≲ 1.5e-3), and those are dropped from the start.
+    θ and b are copied; log σ² starts at −10 (paper, sec. 5), lowered for the tiny weights that
+    −10 would drop at once (|θ| ≲ e^(−(10 + threshold)/2) ≈ 1.5e-3) to log α = threshold − 1. So
+    in eval mode the converted model computes exactly what the dense one did, and in training mode
+    the same up to LRT noise of std ≤ e⁻⁵·sqrt(Σ x²) per output.
 
     Args:
         model: any module (a bare nn.Linear / nn.Conv2d is converted and returned).
-        include: None (all layers), a collection of module names (as in ``named_modules``), or a
-            predicate on the name.
+        include: which layers: None (all), a module-name glob pattern or a collection of patterns
+            (names as in ``named_modules``, e.g. ``"encoder.*.ffn.*"``; an exact name matches
+            itself), or a predicate on the name.
         threshold: the layers' log α pruning threshold.
+        exclude: patterns (or a predicate) of layers to leave dense.
+        return_report: also return the :class:`ConversionReport` of :func:`plan_conversion`:
+            what was converted, and every module left dense and why.
 
     Returns:
-        ``model`` (or the new layer when ``model`` itself is nn.Linear / nn.Conv2d).
+        ``model`` (or the new layer when ``model`` itself is nn.Linear / nn.Conv2d), and the report
+        when ``return_report``.
 
     Raises:
-        ValueError: a Conv2d with non-zero padding mode or string padding.
+        ValueError: an included Conv2d with a non-zero padding mode or string padding (exclude
+            it to leave it dense); an invalid ``threshold``.
     """
-    keep = _name_filter(include)
-    if isinstance(model, (nn.Linear, nn.Conv2d)):
-        return _convert_one("", model, threshold) if keep("") else model
+    threshold = check_threshold(threshold)
+    if isinstance(model, CONVERTIBLE) and type(model) in CONVERTIBLE:
+        keep = _name_filter(include, True)("") and not _name_filter(exclude, False)("")
+        out = _convert_one("", model, threshold) if keep else model
+        rep = ConversionReport([ConversionEntry("", type(model).__name__, "convert" if keep else "dense",
+                                                "" if keep else "excluded")])
+        return (out, rep) if return_report else out
+    rep = plan_conversion(model, include, exclude)
+    todo = set(rep.converted())
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if type(child) in (nn.Linear, nn.Conv2d):  # subclasses may change forward: left alone
-                if keep(full):
-                    setattr(module, child_name, _convert_one(full, child, threshold))
-    return model
+            if full in todo:
+                setattr(module, child_name, _convert_one(full, child, threshold))
+    return (model, rep) if return_report else model
 
 
 class _Counts:

@@ -59,7 +59,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, RandomSampler,
+                              SequentialSampler, TensorDataset)
 
 __all__ = [
     "APT_PACKAGES",
@@ -495,12 +496,19 @@ def make_loaders(
     download: bool = True,
     test_batch_size: Optional[int] = None,
     apt: bool = False,
+    world_size: int = 1,
+    rank: int = 0,
 ) -> Tuple[DataLoader, DataLoader]:
     """Build ``(train_loader, test_loader)`` over :func:`load_dataset`'s tensors.
 
     Args:
         name, data_dir, download, apt: as for :func:`load_dataset`.
-        batch_size: training batch size (images per batch).
+        batch_size: training batch size (images per batch); with ``world_size`` > 1 the global
+            batch: each rank draws ``batch_size / world_size`` of it through a
+            :class:`~torch.utils.data.DistributedSampler` (shuffled with ``seed`` and the epoch:
+            call ``loader.batch_sampler.sampler.set_epoch(e)``, as :func:`sparsevd.train.fit`
+            does).
+        world_size, rank: the data-parallel group (1 and 0: a single process).
         subset: if given, keep only the first ``subset`` training and the first ``subset`` test
             images (for quick runs); ``None`` keeps all.
         seed: seeds the training loader's shuffling generator (same seed -> same batch order).
@@ -517,6 +525,12 @@ def make_loaders(
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"world_size, rank: expected world_size ≥ 1 and 0 ≤ rank < world_size, "
+                         f"got {world_size} and {rank}")
+    if batch_size % world_size:
+        raise ValueError(f"batch_size: the global batch {batch_size} must be divisible by the "
+                         f"number of processes {world_size}")
     if subset is not None and subset <= 0:
         raise ValueError(f"subset must be positive or None, got {subset}")
     train_x, train_y, test_x, test_y = load_dataset(name, data_dir=data_dir, download=download,
@@ -528,9 +542,14 @@ def make_loaders(
     train_set, test_set = TensorDataset(train_x, train_y), TensorDataset(test_x, test_y)
     # Batches are gathered with one tensor index per batch (a BatchSampler fed to the dataset),
     # not by collating B single images: the loader then costs microseconds per batch.
-    train_loader = DataLoader(
-        train_set, batch_size=None, num_workers=0,
-        sampler=BatchSampler(RandomSampler(train_set, generator=generator), batch_size, False))
+    if world_size > 1:
+        sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=int(seed))
+        batch_size //= world_size
+    else:
+        sampler = RandomSampler(train_set, generator=generator)
+    train_loader = DataLoader(train_set, batch_size=None, num_workers=0,
+                              sampler=BatchSampler(sampler, batch_size, False))
     test_loader = DataLoader(
         test_set, batch_size=None, num_workers=0,
         sampler=BatchSampler(SequentialSampler(test_set), test_batch_size or batch_size, False))

@@ -494,7 +494,7 @@ def deploy(
                 f"back to torch's dense kernels. To get the sparse kernels, {library.BUILD_HINT}.",
                 RuntimeWarning, stacklevel=2,
             )
-    new.eval()
+    new.eval().requires_grad_(False)  # an inference model (csr_linear has no autograd formula)
     if cost_model in ("measure", "rule"):
         plan_model(new, example_input, cost_model, buckets)
     else:

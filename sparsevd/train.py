@@ -12,6 +12,7 @@ recipe. Dense runs use the same optimiser and schedule with plain cross-entropy.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -19,6 +20,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
@@ -26,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import metadata
-from ._files import atomic_write_bytes, check_writable
+from . import distributed, metadata
+from ._files import atomic_write_bytes, check_writable, digest
 from .checkpoint import (CHECKPOINT_WEIGHTS, TRAIN_STATE, load_train_state, optimizer_state,
                          optimizer_tensors, read_config, save_checkpoint, save_train_state)
 from .convert import convert, report
@@ -35,11 +37,16 @@ from .data import make_loaders
 from .loss import SGVLB, kl_divergence, svdo_layers
 from .models import build_model
 from .nn import DEFAULT_THRESHOLD, Conv2dSVDO
+from .plots import plot_run
+from .uncertainty import evaluate_predictive
 
 __all__ = ["METHODS", "TrainConfig", "TrainingDiverged", "evaluate", "fit", "resolve_recipe", "run"]
 
 METHODS = ("sparse_vd", "dense")
 LR_DECAYS = ("linear", "none")
+#: Mixed precision of ``fit(amp=...)``: the autocast dtype of the forward (parameters, the KL and
+#: the LRT variance stay fp32; fp16 adds a GradScaler and needs CUDA).
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclasses.dataclass
@@ -69,6 +76,7 @@ class TrainConfig:
     subset: Optional[int] = None
     threads: Optional[int] = None
     progress: bool = True
+    amp: Optional[str] = None
 
     def out_dir(self) -> Path:
         """``out``, or ``runs/<model>-<svd|dense>-<dataset>``."""
@@ -178,9 +186,19 @@ def _loader_generators(loader) -> List[torch.Generator]:
     return found
 
 
+def _loader_samplers(loader) -> list:
+    """The samplers of a loader and of its batch sampler (to call ``set_epoch`` on)."""
+    found = []
+    for obj in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        for cand in (obj, getattr(obj, "sampler", None)):
+            if cand is not None and all(cand is not f for f in found):
+                found.append(cand)
+    return found
+
+
 #: The settings a resumed run must share with the run it continues.
 _RECIPE_KEYS = ("epochs", "lr", "lr_decay", "method", "pretrain_epochs", "kl_warmup_epochs",
-                "threshold", "train_size", "steps_per_epoch")
+                "threshold", "train_size", "steps_per_epoch", "amp")
 
 
 def fit(
@@ -202,6 +220,8 @@ def fit(
     checkpoint_dir=None,
     checkpoint_config: Optional[dict] = None,
     resume: bool = False,
+    mc_samples: int = 10,
+    amp: Optional[str] = None,
 ) -> dict:
     """Train ``model`` with sparse VD (or dense) and return the run's summary.
 
@@ -218,6 +238,13 @@ def fit(
     parameters holding NaN / inf (found by one pass over them, on failure only); the parameters
     are checked once more before each checkpoint, so no checkpoint ever stores a non-finite value,
     and the last good one is kept.
+
+    Data parallel: inside a torch.distributed process group (``torchrun``) the model trains as a
+    DistributedDataParallel module: each rank's loss is the SGVLB of its share of the batch, DDP
+    averages the gradients (the data term averaged, the KL counted once), every rank stops on a
+    non-finite loss of any rank, rank 0 alone writes the checkpoints (with every rank's RNG state)
+    and calls ``on_epoch``; the summary records ``world_size`` and whether the ranks ended with
+    identical parameters (``ranks_in_sync``). See :mod:`sparsevd.distributed`.
 
     Checkpoints (``checkpoint_dir``): at the end of every epoch, atomically, the training state
     (``train_state.safetensors``: model, Adam, schedule, RNG states of torch and of the loaders'
@@ -243,11 +270,15 @@ def fit(
         device: where to train (default: the model's parameters' device).
         progress: show a tqdm progress bar per epoch (on stderr).
         on_epoch: called with each epoch's history row (a dict) after its evaluation and its
-            checkpoint.
+            checkpoint (on rank 0 only in a process group).
         checkpoint_dir: directory of the per-epoch checkpoints (None: none are written).
         checkpoint_config: the config of the model checkpoint (:func:`sparsevd.save_checkpoint`:
             ``model``, ``svd``, ``threshold``, ...); ``svd`` is set to the phase trained.
         resume: continue the run saved in ``checkpoint_dir``.
+        mc_samples: S of the Monte-Carlo predictive evaluation at the end (sparse VD only; 0: none).
+        amp: mixed precision: None (fp32), "bf16" (autocast, CPU or CUDA) or "fp16" (autocast and
+            a GradScaler, CUDA only). The parameters, the KL and the LRT variance path stay fp32
+            (σ² ≈ e⁻¹⁰ would underflow fp16); evaluation runs in fp32.
 
     Returns:
         The summary: ``test_accuracy`` (fraction, eval mode, after the last epoch),
@@ -255,7 +286,10 @@ def fit(
         per epoch: loss (SGVLB per image, or cross-entropy), ce, kl_per_image, beta, lr,
         test_accuracy, compression, train_seconds), ``report``, ``train_seconds`` (training
         steps only), step-time quantiles (``median_ms``, ``p20_ms``, ``p80_ms``), the recipe,
-        ``device``, ``backend``, versions, the commit and ``resumed_from_epoch``.
+        ``device``, ``backend``, versions, the commit, ``resumed_from_epoch`` and ``predictive``:
+        test accuracy, expected calibration error (15 bins), NLL and mean entropy of the
+        deterministic eval-mode prediction (``eval``) and, for sparse VD, of the Monte-Carlo
+        predictive mean over ``mc_samples`` LRT samples (``mc``; :func:`sparsevd.predict`).
 
     Raises:
         ValueError: an unknown ``method`` or ``lr_decay``, ``pretrain_epochs`` ≥ ``epochs``,
@@ -280,17 +314,27 @@ def fit(
                          f"{type(model).__name__}; it cannot be converted in place")
     if resume and checkpoint_dir is None:
         raise ValueError("resume: needs checkpoint_dir, the directory of the run to continue")
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ValueError(f"amp: expected None or one of {tuple(AMP_DTYPES)}, got {amp!r}")
     if device is None:
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp: fp16 needs a CUDA device (its GradScaler); use amp='bf16' on the CPU")
     if train_size is None:
         train_size = len(train_loader.dataset)
     steps_per_epoch = len(train_loader)
     total_steps = epochs * steps_per_epoch
     recipe = dict(epochs=epochs, lr=lr, lr_decay=lr_decay, method=method, pretrain_epochs=pretrain,
                   kl_warmup_epochs=kl_warmup_epochs if svd else None, threshold=threshold,
-                  train_size=train_size, steps_per_epoch=steps_per_epoch)
+                  train_size=train_size, steps_per_epoch=steps_per_epoch, amp=amp)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+
+    def autocast():
+        if amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     generators = _loader_generators(train_loader)
 
@@ -325,6 +369,17 @@ def fit(
     if in_svd_phase and not svdo_layers(model):
         convert(model, threshold=threshold)
     model.to(device)
+    rank, world = distributed.rank_and_world()
+
+    def data_parallel() -> nn.Module:
+        # DDP averages the gradients over the ranks: the SGVLB data term becomes the mean over
+        # the ranks' shares of the global batch, the KL (the same on every rank) counts once
+        if world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
     opt, sched = optimizer(pretrain * steps_per_epoch if in_svd_phase and pretrain else 0)
     if saved is not None:
         model_state, tensors, meta = saved
@@ -332,9 +387,15 @@ def fit(
         opt.load_state_dict(optimizer_state(tensors, meta["optimizer"]))
         if sched is not None:
             sched.load_state_dict(meta["scheduler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if device.type == "cuda" and "rng.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+        if scaler is not None and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        suffix = f".rank{rank}" if world > 1 else ""
+        if f"rng.torch{suffix}" not in tensors:
+            raise ValueError(f"resume: the saved run has no RNG state for rank {rank} (it ran on "
+                             f"{meta.get('world_size', 1)} processes, this one on {world})")
+        torch.set_rng_state(tensors[f"rng.torch{suffix}"])
+        if device.type == "cuda" and f"rng.cuda{suffix}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"], device)
         for i, g in enumerate(generators):
             g.set_state(tensors[f"rng.loader{i}"])
     crit = SGVLB(model, train_size, kl_warmup_epochs=kl_warmup_epochs) if in_svd_phase else None
@@ -352,17 +413,25 @@ def fit(
                 loss=None, last_finite_loss=None, layers=bad, checkpoint_epoch=kept)
         if ckpt_dir is None:
             return
+        rngs = distributed.all_gather_objects(  # every rank's generators, written by rank 0
+            (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
+        if rank != 0:
+            return
         opt_tensors, opt_meta = optimizer_tensors(opt)
-        tensors = {**opt_tensors, "rng.torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+        tensors = dict(opt_tensors)
+        for r, (cpu_state, cuda_state) in enumerate(rngs):
+            suffix = f".rank{r}" if world > 1 else ""
+            tensors[f"rng.torch{suffix}"] = cpu_state
+            if cuda_state is not None:
+                tensors[f"rng.cuda{suffix}"] = cuda_state
         for i, g in enumerate(generators):
             tensors[f"rng.loader{i}"] = g.get_state()
         save_train_state(ckpt_dir / TRAIN_STATE, model, tensors, {
             "epoch": epoch_done, "recipe": recipe, "optimizer": opt_meta,
             "scheduler": sched.state_dict() if sched is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "history": history, "step_ms": step_ms, "train_seconds": train_seconds,
-            "eval_seconds": eval_seconds, "svd_phase": bool(svdo_layers(model)),
+            "eval_seconds": eval_seconds, "svd_phase": bool(svdo_layers(model)), "world_size": world,
         })
         if checkpoint_config is not None:
             save_checkpoint(model, ckpt_dir, dict(checkpoint_config, svd=bool(svdo_layers(model))))
@@ -370,13 +439,18 @@ def fit(
     from tqdm.auto import tqdm
 
     last_finite: Optional[float] = history[-1]["loss"] if history else None
+    net = data_parallel()
     for epoch in range(start_epoch, epochs):
         if svd and pretrain and epoch == pretrain:
             # dense pre-training done: sparse-VD layers take over θ and b (log σ² = −10), with a
             # fresh Adam continuing the same learning-rate schedule
             convert(model, threshold=threshold)
+            net = data_parallel()
             opt, sched = optimizer(epoch * steps_per_epoch)
             crit = SGVLB(model, train_size, kl_warmup_epochs=kl_warmup_epochs)
+        for sampler in _loader_samplers(train_loader):
+            if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle every epoch
+                sampler.set_epoch(epoch)
         phase_svd = svd and epoch >= pretrain
         model.train()
         t_ep = time.perf_counter()
@@ -387,17 +461,17 @@ def fit(
         for i, (x, y) in enumerate(bar):
             t_step = time.perf_counter()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
-            if phase_svd:
-                crit.epoch = epoch - pretrain + i / steps_per_epoch  # β rises per step
-                loss = crit(logits, y)
-                with torch.no_grad():
-                    ce = F.cross_entropy(logits, y)
-                loss_per_image = float(loss.detach()) / train_size
-            else:
-                loss = ce = F.cross_entropy(logits, y)
-                loss_per_image = float(loss.detach())
-            if not math.isfinite(loss_per_image):
+            with autocast():
+                logits = net(x)
+                if phase_svd:
+                    crit.epoch = epoch - pretrain + i / steps_per_epoch  # β rises per step
+                    loss = crit(logits, y)
+                    with torch.no_grad():
+                        ce = F.cross_entropy(logits, y)
+                else:
+                    loss = ce = F.cross_entropy(logits, y)
+            loss_per_image = float(loss.detach()) / (train_size if phase_svd else 1)
+            if not distributed.all_finite(loss_per_image, device):
                 bad = _nonfinite_parameters(model)
                 kept = history[-1]["epoch"] if history else None
                 raise TrainingDiverged(
@@ -414,8 +488,13 @@ def fit(
                     checkpoint_epoch=kept if ckpt_dir is not None else None)
             last_finite = loss_per_image
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             if sched is not None:
                 sched.step()
             loss_sum += loss_per_image
@@ -429,6 +508,7 @@ def fit(
             torch.cuda.synchronize(device)
         ep_train = time.perf_counter() - t_ep
         train_seconds += ep_train
+        loss_sum, ce_sum, n_batches = distributed.sum_over_ranks([loss_sum, ce_sum, n_batches], device)
         t_ev = time.perf_counter()
         acc = evaluate(model, test_loader, device)
         rep = report(model)
@@ -448,11 +528,15 @@ def fit(
         }
         history.append(row)
         save(epoch + 1)
-        if on_epoch is not None:
+        if on_epoch is not None and rank == 0:
             on_epoch(row)
 
     model.eval()
     rep = report(model)
+    predictive = {"eval": evaluate_predictive(model, test_loader, device, 0)}
+    if svd and mc_samples:
+        predictive["mc"] = evaluate_predictive(model, test_loader, device, mc_samples, seed=0)
+    digests = distributed.all_gather_objects(digest(model.state_dict()))
     q = torch.tensor(step_ms or [float("nan")], dtype=torch.float64).quantile(
         torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
     return {
@@ -472,6 +556,9 @@ def fit(
         "eval_seconds": eval_seconds,
         "seconds_per_epoch": train_seconds / epochs,
         "resumed_from_epoch": start_epoch if resume else None,
+        "world_size": world,
+        "rank": rank,
+        "ranks_in_sync": len(set(digests)) == 1,
         "device": device.type,
         "device_name": metadata.device_name(device),
         "num_threads": torch.get_num_threads(),
@@ -482,6 +569,7 @@ def fit(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "history": history,
         "report": _json_safe(rep.as_dict()),
+        "predictive": _json_safe(predictive),
     }
 
 
@@ -491,7 +579,8 @@ def run(config: TrainConfig, on_start: Optional[Callable[[dict], None]] = None,
     """What ``sparsevd train`` does: load the data set, build the model, :func:`fit` it with a
     checkpoint at the end of every epoch (``model.safetensors`` + ``config.json`` +
     ``train_state.safetensors``, see :mod:`sparsevd.checkpoint`), and write the summary
-    (``summary.json``, and ``config.json``'s ``json`` path when given) under
+    (``summary.json``, and ``config.json``'s ``json`` path when given) and the pictures
+    (``curves.png``, ``masks.png``: :func:`sparsevd.plots.plot_run`) under
     :meth:`TrainConfig.out_dir`.
 
     Args:
@@ -548,22 +637,42 @@ def _run(config: TrainConfig, on_start, on_epoch, resume: bool) -> Tuple[nn.Modu
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(config.device)
+    rank, world, own_group = distributed.init_from_env(device.type)
+    try:
+        if device.type == "cuda" and world > 1:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return _run_on(config, on_start, on_epoch, resume, device, rank, world)
+    finally:
+        if own_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run_on(config: TrainConfig, on_start, on_epoch, resume: bool, device, rank: int,
+            world: int) -> Tuple[nn.Module, dict]:
     svd = not config.dense
     out_dir = config.out_dir()
-    check_writable(out_dir, "output directory", directory=True)
-    if config.json:
-        check_writable(config.json, "summary file", directory=False)
+    if rank == 0:
+        check_writable(out_dir, "output directory", directory=True)
+        if config.json:
+            check_writable(config.json, "summary file", directory=False)
+    else:  # only rank 0 prints and writes
+        on_start = on_epoch = None
     torch.manual_seed(config.seed)
 
     t0 = time.perf_counter()
     train_loader, test_loader = make_loaders(
         config.dataset, config.batch_size, data_dir=config.data_dir, subset=config.subset,
-        seed=config.seed, download=config.download, test_batch_size=1000, apt=config.download)
+        seed=config.seed, download=config.download, test_batch_size=1000, apt=config.download,
+        world_size=world, rank=rank)
     train_size, test_size = len(train_loader.dataset), len(test_loader.dataset)
     data_seconds = time.perf_counter() - t0
 
     model = build_model(config.model, svd=svd and config.pretrain_epochs == 0,
                         threshold=config.threshold).to(device)
+    if world > 1:  # the same model on every rank, then each rank's own noise stream
+        torch.manual_seed(distributed.rank_seed(config.seed, rank))
     if on_start is not None:
         on_start({
             "model": config.model, "svd": svd, "dataset": config.dataset, "train_size": train_size,
@@ -572,7 +681,7 @@ def _run(config: TrainConfig, on_start, on_epoch, resume: bool) -> Tuple[nn.Modu
             "kl_warmup_epochs": config.kl_warmup_epochs, "pretrain_epochs": config.pretrain_epochs,
             "backend": backend_name(model, device) if svd else None, "device": str(device),
             "device_name": metadata.device_name(device), "threads": torch.get_num_threads(),
-            "out": str(out_dir), "resume": resume,
+            "out": str(out_dir), "resume": resume, "amp": config.amp, "world_size": world,
         })
     checkpoint_config = {
         "model": config.model, "svd": svd, "threshold": config.threshold,
@@ -584,13 +693,13 @@ def _run(config: TrainConfig, on_start, on_epoch, resume: bool) -> Tuple[nn.Modu
         pretrain_epochs=config.pretrain_epochs, kl_warmup_epochs=config.kl_warmup_epochs,
         threshold=config.threshold, train_size=train_size, device=device,
         progress=config.progress, on_epoch=on_epoch, checkpoint_dir=out_dir,
-        checkpoint_config=checkpoint_config, resume=resume)
+        checkpoint_config=checkpoint_config, resume=resume, amp=config.amp)
 
     summary = {
         "benchmark": f"{config.model}_train",
         "provider": "sparsevd" if svd else "dense",
         "mode": "train",
-        "dtype": "float32",
+        "dtype": "float32" if config.amp is None else f"{AMP_DTYPES[config.amp]} autocast".replace("torch.", ""),
         "shape": f"batch={config.batch_size},train_size={train_size}",
         "model": config.model,
         "dataset": config.dataset,
@@ -602,8 +711,15 @@ def _run(config: TrainConfig, on_start, on_epoch, resume: bool) -> Tuple[nn.Modu
         "data_seconds": data_seconds,
         "checkpoint": str(out_dir / CHECKPOINT_WEIGHTS),
     }
+    if rank != 0:
+        return model, summary
     text = (json.dumps(summary, indent=2) + "\n").encode()
     atomic_write_bytes(out_dir / "summary.json", text)
     if config.json:
         atomic_write_bytes(config.json, text)
+    try:
+        plot_run(out_dir)
+    except Exception as e:  # a picture is no reason to lose a run: say why and go on
+        warnings.warn(f"{out_dir}: the pictures (curves.png, masks.png) could not be drawn: "
+                      f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
     return model, summary

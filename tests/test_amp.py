@@ -1,0 +1,123 @@
+"""Mixed precision: bf16 autocast on the CPU (``fit(amp="bf16")``, ``sparsevd train --amp bf16``)
+against fp32, by the rule of ../shared/STYLE.md: the error of sparsevd in bf16 is at most 2× the
+error of the same computation done by PyTorch in bf16 (plus a small floor)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from sample_inputs import backends_for, fresh_seed, op_noise
+
+import sparsevd
+from sparsevd import reference as R
+from sparsevd.train import fit
+from test_robustness import _Loader
+
+F64 = torch.float64
+#: CPU backends with bf16 autocast on the CPU (the Triton kernels' bf16 dots run on a GPU only).
+CPU_BACKENDS = [b for b in backends_for("lrt_linear") if b != "triton"]
+
+
+def _err(a, e):
+    return (a.double() - e).abs().max().item()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("m,k,n", [(100, 784, 300), (37, 129, 65)])
+def test_linear_under_bf16_autocast(monkeypatch, backend, m, k, n):
+    """y and every gradient of a LinearSVDO under CPU bf16 autocast, against fp64 math on the same
+    bf16 inputs and noise: within 2× PyTorch's own bf16 error (R.lrt_linear under autocast)."""
+    monkeypatch.setenv("SPARSEVD_BACKEND", backend)
+    layer = sparsevd.nn.LinearSVDO(k, n)
+    with torch.no_grad():
+        layer.log_sigma2.uniform_(-6.0, 0.0)
+    x = torch.randn(m, k).bfloat16()
+    g = torch.randn(m, n).bfloat16()
+    seed = fresh_seed()
+    xi = op_noise((m, n), seed)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, layer.weight, layer.log_sigma2, layer.bias)]
+    y64 = R.lrt_linear(*leaves64, xi)
+    y64.backward(g.double())
+    exact = [y64.detach()] + [t.grad for t in leaves64]
+
+    xs = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sparsevd.functional.lrt_linear(xs, layer.weight, layer.log_sigma2, layer.bias, seed=seed)
+    assert y.dtype == torch.bfloat16
+    y.backward(g)
+    ours = [y, xs.grad, layer.weight.grad, layer.log_sigma2.grad, layer.bias.grad]
+    assert all(t.dtype == torch.float32 for t in ours[2:])  # fp32 parameter gradients
+
+    leaves = [t.detach().clone().requires_grad_() for t in (x, layer.weight, layer.log_sigma2, layer.bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_pt = R.lrt_linear(*leaves, xi.bfloat16())  # PyTorch's own autocast version of the math
+    y_pt.backward(g)
+    theirs = [y_pt] + [t.grad for t in leaves]
+    for name, a, e, p in zip(("y", "grad_x", "grad_weight", "grad_log_sigma2", "grad_bias"),
+                             ours, exact, theirs):
+        assert torch.isfinite(a).all(), name
+        assert _err(a, e) <= 2.0 * _err(p, e) + 1e-3 * e.abs().max().item(), name
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_conv_under_bf16_autocast(monkeypatch, backend):
+    """A Conv2dSVDO forward under CPU bf16 autocast against fp64 math on the same inputs and noise:
+    within 2× the error of PyTorch's own autocast version of the math (R.lrt_conv2d)."""
+    monkeypatch.setenv("SPARSEVD_BACKEND", backend)
+    layer = sparsevd.nn.Conv2dSVDO(3, 8, 3, padding=1)
+    with torch.no_grad():
+        layer.log_sigma2.uniform_(-6.0, 0.0)
+    x = torch.randn(4, 3, 12, 12).bfloat16()
+    seed = fresh_seed()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sparsevd.functional.lrt_conv2d(x, layer.weight, layer.log_sigma2, layer.bias, padding=1,
+                                           seed=seed)
+    assert y.dtype == torch.bfloat16
+    xi = sparsevd.ops.lrt_noise(seed, y.shape).double()
+    p64 = [t.detach().double() for t in (x, layer.weight, layer.log_sigma2, layer.bias)]
+    exact = R.lrt_conv2d(*p64, xi, padding=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pt = R.lrt_conv2d(x, layer.weight.detach(), layer.log_sigma2.detach(), layer.bias.detach(),
+                          xi.bfloat16(), padding=1)
+    assert _err(y, exact) <= 2.0 * _err(pt, exact) + 1e-3 * exact.abs().max().item()
+
+
+def _curve(amp, method):
+    torch.manual_seed(0)
+    model = sparsevd.models.LeNet300(svd=False)
+    s = fit(model, _Loader(scale=1.0, n=6), _Loader(scale=1.0, n=2), epochs=3, method=method,
+            kl_warmup_epochs=0, amp=amp, mc_samples=0)
+    return torch.tensor([h["loss"] for h in s["history"]], dtype=F64), s
+
+
+def test_bf16_training_run_follows_the_fp32_run():
+    """A sparse-VD run under bf16 autocast stays as close to its fp32 run as a dense PyTorch run in
+    bf16 stays to its fp32 run (2× plus a floor), per epoch."""
+    svd32, s32 = _curve(None, "sparse_vd")
+    svd16, s16 = _curve("bf16", "sparse_vd")
+    d32, _ = _curve(None, "dense")
+    d16, _ = _curve("bf16", "dense")
+    assert s16["amp"] == "bf16" and s32["amp"] is None
+    rel = lambda a, b: ((a - b).abs() / b.abs()).max().item()  # noqa: E731
+    assert rel(svd16, svd32) <= 2.0 * rel(d16, d32) + 0.02, (svd16, svd32, d16, d32)
+    assert torch.isfinite(svd16).all()
+
+
+def test_amp_arguments(data_dir, tmp_path, capsys):  # noqa: F811
+    with pytest.raises(ValueError, match="amp: fp16 needs a CUDA device"):
+        fit(sparsevd.models.LeNet300(svd=False), _Loader(scale=1.0), _Loader(scale=1.0), epochs=1,
+            amp="fp16")
+    with pytest.raises(ValueError, match="amp: expected None or one of"):
+        fit(sparsevd.models.LeNet300(svd=False), _Loader(scale=1.0), _Loader(scale=1.0), epochs=1,
+            amp="int8")
+    from test_cli import _train_args
+
+    from sparsevd import cli
+
+    rc = cli.main(_train_args(data_dir, tmp_path / "run", "--amp", "bf16", "--threads", "1"))
+    assert rc == 0 and "bf16 autocast" in capsys.readouterr().out
+    import json
+
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["amp"] == "bf16" and s["dtype"] == "bfloat16 autocast"
+
+
+from test_cli import data_dir  # noqa: E402,F401  (the data fixture)

@@ -1,0 +1,167 @@
+"""Real architectures: a transformer-shaped encoder (attention projections and MLP as nn.Linear,
+3-D activations, residuals, LayerNorm, an embedding, not an nn.Sequential) converts with the
+original's eval output, trains with SGVLB, deploys with the eval model's outputs, and the deployed
+model goes through torch.export and torch.compile; convert's include/exclude patterns and its
+report of what it left dense and why."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close
+from torch import nn
+
+import sparsevd
+from sparsevd.convert import plan_conversion
+from sparsevd.nn import LinearSVDO, SparseLinear
+
+
+class Block(nn.Module):
+    def __init__(self, d=32, heads=4, ff=64):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, ff), nn.Linear(ff, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        y = self.ln1(x)
+        q, k, v = (m(y).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for m in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.o(a)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class Encoder(nn.Module):
+    """Token ids (B, T) -> logits (B, 4)."""
+
+    def __init__(self, vocab=50, d=32, layers=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(0.02 * torch.randn(16, d))
+        self.blocks = nn.ModuleList([Block(d) for _ in range(layers)])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, tok):
+        x = self.emb(tok) + self.pos[: tok.shape[1]]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x).mean(1))
+
+
+def _data(n=64, t=9):
+    g = torch.Generator().manual_seed(1)
+    tok = torch.randint(0, 50, (n, t), generator=g)
+    return tok, (tok[:, 0] % 4)
+
+
+def pretrained():
+    """The encoder after a few dense Adam steps (weights off their init, some tiny ones)."""
+    torch.manual_seed(0)
+    model = Encoder()
+    tok, y = _data()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(20):
+        opt.zero_grad()
+        F.cross_entropy(model(tok), y).backward()
+        opt.step()
+    with torch.no_grad():  # tiny weights that log σ² = −10 alone would drop
+        model.blocks[0].q.weight[0, :3] = torch.tensor([1e-4, -3e-4, 0.0])
+    return model.eval()
+
+
+def test_converts_with_the_original_eval_output():
+    model = pretrained()
+    tok, _ = _data(8)
+    with torch.no_grad():
+        expected = model(tok)
+    converted, report = sparsevd.convert(model, return_report=True)
+    assert sorted(report.converted()) == sorted(
+        f"blocks.{i}.{n}" for i in range(2) for n in ("q", "k", "v", "o", "fc1", "fc2")) + ["head"]
+    with torch.no_grad():
+        got = converted.eval()(tok)
+    assert_close(got, expected, rtol=1e-6, atol=1e-6, name="eval output after convert")
+
+
+def test_include_exclude_patterns_and_the_report_of_what_stays_dense():
+    model = pretrained()
+    report = plan_conversion(model, include="blocks.*", exclude=["*.fc2", "blocks.1.q"])
+    by_name = {e.name: e for e in report}
+    assert by_name["blocks.0.q"].action == "convert" and by_name["blocks.1.k"].action == "convert"
+    assert by_name["blocks.0.fc2"].reason == "matched by exclude"
+    assert by_name["blocks.1.q"].reason == "matched by exclude"
+    assert by_name["head"].reason == "not matched by include"
+    assert "lookup table" in by_name["emb"].reason and "normalization" in by_name["norm"].reason
+    assert by_name[""].action == "dense"  # the model's own parameter (pos)
+    text = str(report)
+    assert "blocks.0.fc2" in text and "matched by exclude" in text
+    converted = sparsevd.convert(model, include="blocks.*", exclude=["*.fc2", "blocks.1.q"])
+    assert isinstance(converted.blocks[0].q, LinearSVDO)
+    assert type(converted.blocks[1].q) is nn.Linear and type(converted.head) is nn.Linear
+    # a predicate works too
+    m2 = sparsevd.convert(pretrained(), include=lambda n: n.endswith("fc1"))
+    assert isinstance(m2.blocks[1].fc1, LinearSVDO) and type(m2.blocks[1].fc2) is nn.Linear
+
+
+def test_multihead_attention_and_subclasses_are_reported_dense():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.MultiheadAttention(8, 2, batch_first=True))
+
+    class MyLinear(nn.Linear):
+        pass
+
+    model.append(MyLinear(8, 8))
+    model.append(nn.Linear(8, 3))
+    by_name = {e.name: e for e in plan_conversion(model)}
+    assert "in_proj_weight" in by_name["1"].reason and by_name["1"].action == "dense"
+    assert "1.out_proj" not in by_name  # inside the attention module: not listed separately
+    assert "subclass" in by_name["2"].reason and by_name["3"].action == "convert"
+    sparsevd.convert(model)
+    assert type(model[1].out_proj) is not LinearSVDO and isinstance(model[3], LinearSVDO)
+
+
+def test_trains_with_sgvlb_then_deploys_with_the_eval_outputs():
+    model = sparsevd.convert(pretrained(), exclude="head")
+    tok, y = _data()
+    loss_fn = sparsevd.SGVLB(model, train_size=len(tok), kl_warmup_epochs=0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for step in range(30):
+        loss = loss_fn(model(tok), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    with torch.no_grad():
+        for blk in model.blocks:  # a realistic share of pruned weights
+            for m in (blk.q, blk.fc1):
+                m.log_sigma2[torch.rand_like(m.log_sigma2) < 0.7] = 20.0
+    model.eval()
+    deployed = sparsevd.deploy(model, tok[:1])
+    assert sum(isinstance(m, SparseLinear) for m in deployed.modules()) == 12
+    with torch.no_grad():
+        for b in (1, 32):
+            assert_close(deployed(tok[:b]), model(tok[:b]), rtol=1e-5, atol=1e-5, name=f"batch {b}")
+
+
+@pytest.mark.parametrize("mode", ["csr", "dense", "masked"])
+def test_deployed_model_exports_and_compiles(mode):
+    model = sparsevd.convert(pretrained())
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LinearSVDO):
+                m.log_sigma2[torch.rand_like(m.log_sigma2) < 0.8] = 20.0
+    deployed = sparsevd.deploy(model.eval(), cost_model=mode)
+    assert not any(p.requires_grad for p in deployed.parameters())
+    tok, _ = _data(5)
+    with torch.no_grad():
+        expected = deployed(tok)
+    exported = torch.export.export(deployed, (tok,))
+    with torch.no_grad():
+        assert_close(exported.module()(tok), expected, rtol=1e-6, atol=1e-6, name="torch.export")
+    torch._dynamo.reset()
+    compiled = torch.compile(deployed, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert_close(compiled(tok), expected, rtol=1e-6, atol=1e-6, name="torch.compile")
