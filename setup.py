@@ -4,16 +4,22 @@ The Python package always installs. The C++ op library ``sparsevd._C`` (csrc/) i
 compiler is available; its CUDA part only when nvcc and a CUDA build of torch are present, or when
 ``FORCE_CUDA=1``. ``SPARSEVD_NO_EXT=1`` skips the native build entirely.
 
-Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
+Install with ``pip install --no-build-isolation -e .`` (or ``pip install --no-build-isolation .``,
+or ``python -m build --no-isolation`` for an sdist and a wheel) so the build sees the installed
+torch; without torch at build time the package installs without ``sparsevd._C``.
 """
 import glob
 import os
 import re
+import sys
 
 from setuptools import find_packages, setup
 
-PACKAGES = find_packages(include=["sparsevd", "sparsevd.*"]) + ["sparsevd.triton_kernels"]
-PACKAGE_DIR = {"sparsevd.triton_kernels": "triton_kernels"}
+# The top-level folders triton_kernels/ and benchmarks/ install inside the package (the names
+# `triton_kernels` and `benchmarks` belong to other projects on PyPI).
+PACKAGES = find_packages(include=["sparsevd", "sparsevd.*"]) + ["sparsevd.triton_kernels",
+                                                                "sparsevd.benchmarks"]
+PACKAGE_DIR = {"sparsevd.triton_kernels": "triton_kernels", "sparsevd.benchmarks": "benchmarks"}
 
 
 def ext_modules():
@@ -22,8 +28,15 @@ def ext_modules():
     cpp_sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     if not cpp_sources:
         return [], {}
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-    import torch
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+        import torch
+    except ImportError:  # an isolated build (python -m build without --no-isolation), an sdist
+        if "sdist" not in sys.argv and "egg_info" not in sys.argv:
+            print("setup.py: torch is not importable here, so sparsevd._C is not built (the "
+                  "package falls back to torch kernels); build with --no-build-isolation / "
+                  "python -m build --no-isolation next to an installed torch", file=sys.stderr)
+        return [], {}
 
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     with_cuda = bool(cuda_sources) and (

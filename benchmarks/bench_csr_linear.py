@@ -37,7 +37,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from benchmarks import common
+from . import common
 
 import sparsevd
 import sparsevd.models

@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from benchmarks import common
+from . import common
 
 SHAPES = {
     # name: list of (M, K, N, dtype, autocast)
