@@ -4,8 +4,9 @@ Steps (docs/design.md, "Deployment"):
 
 1. Every LinearSVDO / Conv2dSVDO keeps the weights with log α < threshold (its eval-mode weight).
 2. Chains. Inside an ``nn.Sequential``, consecutive SVD layers joined only by channel-wise modules
-   (elementwise activations, dropout, max/avg pooling, one ``Flatten`` between a convolution and a
-   linear layer) form a chain; between two layers of a chain, a neuron (a feature, or a channel)
+   (elementwise activations, dropout, batch norm with running statistics (its per-channel tensors
+   are sliced with the kept channels), max/avg pooling, one ``Flatten`` between a convolution and
+   a linear layer) form a chain; between two layers of a chain, a neuron (a feature, or a channel)
    is removed when
    - its column in the next layer is all zero (nobody reads it), or
    - its row in this layer is all zero (a *dead* neuron): its output is the constant act(b), which
@@ -70,6 +71,33 @@ _ELEMENTWISE = (
 )
 _IDENTITY_AT_EVAL = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
+# Batch norm at inference is a per-channel affine map (running statistics): it passes a chain,
+# and its per-channel tensors are sliced with the channels the compaction keeps.
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _bn_eval(bn: nn.Module, h: Tensor) -> Tensor:
+    """Batch norm in eval mode on a per-channel vector h (C,)."""
+    rm, rv = bn.running_mean.to(h.dtype), bn.running_var.to(h.dtype)
+    out = (h - rm) / torch.sqrt(rv + bn.eps)
+    if bn.affine:
+        out = out * bn.weight.detach().to(h.dtype) + bn.bias.detach().to(h.dtype)
+    return out
+
+
+def _slice_bn(bn: nn.Module, keep: Tensor) -> nn.Module:
+    """A copy of ``bn`` over the kept channels only."""
+    new = type(bn)(int(keep.sum()), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                   track_running_stats=True, device=bn.running_mean.device,
+                   dtype=bn.running_mean.dtype)
+    with torch.no_grad():
+        new.running_mean.copy_(bn.running_mean[keep])
+        new.running_var.copy_(bn.running_var[keep])
+        new.num_batches_tracked.copy_(bn.num_batches_tracked)
+        if bn.affine:
+            new.weight.copy_(bn.weight[keep])
+            new.bias.copy_(bn.bias[keep])
+    return new.eval()
 
 
 # ------------------------------------------------------------------------------------ chains
@@ -77,22 +105,28 @@ _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d
 class _Link:
     """What joins layer i to layer i+1 of a chain."""
 
-    ops: List[nn.Module]  # the modules in between (elementwise, pools, flatten)
+    ops: List[nn.Module]  # the modules in between (elementwise, batch norm, pools, flatten)
     kind: str  # "ll" linear→linear, "cc" conv→conv, "cl" conv→(pool)→flatten→linear
     const_ok: bool  # a dead channel's constant reaches the next layer as a uniform constant
+    names: List[str] = dataclasses.field(default_factory=list)  # the ops' names in the Sequential
 
     def act(self, b: Tensor) -> Tensor:
-        """The constant output of dead channels with bias ``b`` after the elementwise modules."""
+        """The constant output of dead channels with bias ``b`` after the elementwise modules and
+        batch norms."""
         h = b
         for op in self.ops:
             if isinstance(op, _IDENTITY_AT_EVAL):
                 continue
-            if isinstance(op, _ELEMENTWISE):
+            if isinstance(op, _BATCHNORMS):
+                h = _bn_eval(op, h)
+            elif isinstance(op, _ELEMENTWISE):
                 h = op(h)
         return h
 
 
 def _passable(m: nn.Module) -> bool:
+    if isinstance(m, _BATCHNORMS):
+        return m.track_running_stats and m.running_mean is not None
     return isinstance(m, _ELEMENTWISE + _POOLS + (nn.Flatten,))
 
 
@@ -107,6 +141,11 @@ def _make_link(prev: nn.Module, ops: List[nn.Module], nxt: nn.Module) -> Optiona
         return None
     const_ok, flatten = True, False
     for op in ops:
+        if isinstance(op, _BATCHNORMS):  # per channel of prev's output, before any flatten
+            if flatten or op.num_features != _out_channels(prev) or \
+                    isinstance(op, nn.BatchNorm2d) != conv_prev:
+                return None
+            continue
         if isinstance(op, _ELEMENTWISE):
             continue
         if isinstance(op, _POOLS):
@@ -141,24 +180,27 @@ def _chains(seq: nn.Sequential) -> List[Tuple[List[str], List[_Link]]]:
     names: List[str] = []
     links: List[_Link] = []
     ops: List[nn.Module] = []
+    op_names: List[str] = []
     prev: Optional[nn.Module] = None
     for name, m in seq.named_children():
         if isinstance(m, SVDO_LAYERS):
             link = _make_link(prev, ops, m) if prev is not None else None
             if link is not None:
+                link.names = op_names
                 names.append(name)
                 links.append(link)
             else:
                 if names:
                     chains.append((names, links))
                 names, links = [name], []
-            prev, ops = m, []
+            prev, ops, op_names = m, [], []
         elif prev is not None and _passable(m):
             ops.append(m)
+            op_names.append(name)
         else:
             if names:
                 chains.append((names, links))
-            names, links, ops, prev = [], [], [], None
+            names, links, ops, op_names, prev = [], [], [], [], None
     if names:
         chains.append((names, links))
     return chains
@@ -224,6 +266,11 @@ def _compact_chain(layers: List[nn.Module], links: List[_Link], threshold: Optio
         if not bool(k.any()):
             k[0] = True
 
+    for link, k in zip(links, keep):  # the batch norms between the layers keep their channels
+        for j, op in enumerate(link.ops):
+            if isinstance(op, _BATCHNORMS) and not bool(k.all()):
+                link.ops[j] = _slice_bn(op, k)
+
     out = []
     for i, m in enumerate(layers):
         w, b = ws[i], bs[i]
@@ -253,6 +300,9 @@ def _replace(module: nn.Module, threshold: Optional[float], built: List[nn.Modul
             for n, new in zip(names, _compact_chain(layers, links, threshold)):
                 module._modules[n] = new
                 built.append(new)
+            for link in links:  # sliced batch norms
+                for n, op in zip(link.names, link.ops):
+                    module._modules[n] = op
     for name, child in list(module.named_children()):
         if isinstance(child, SVDO_LAYERS):
             new = _compact_chain([child], [], threshold)[0]

@@ -15,9 +15,9 @@ The file is written atomically (a temporary file beside it, then a rename): a re
 file or the new one, never half of one. Files of format version 1 (whose digest did not cover the
 config) still load, with a warning.
 
-Supported modules: nn.Sequential, SparseLinear, SparseConv2d, nn.Linear, nn.Conv2d, elementwise
-activations, dropout, pooling, Flatten/Unflatten, Softmax/LogSoftmax (exact types, not
-subclasses). A loaded model gives bit-identical outputs: same tensors, same plans, same kernels.
+Supported modules: nn.Sequential, SparseLinear, SparseConv2d, nn.Linear, nn.Conv2d, batch norm
+(1-D and 2-D, with running statistics), elementwise activations, dropout, pooling,
+Flatten/Unflatten, Softmax/LogSoftmax (exact types, not subclasses). A loaded model gives bit-identical outputs: same tensors, same plans, same kernels.
 """
 from __future__ import annotations
 
@@ -77,7 +77,9 @@ _SIMPLE: Dict[str, tuple] = {
     "Softmax": (nn.Softmax, ("dim",)),
     "LogSoftmax": (nn.LogSoftmax, ("dim",)),
 }
-SUPPORTED_MODULES = ("Sequential", "SparseLinear", "SparseConv2d", "Linear", "Conv2d", *_SIMPLE)
+_BATCHNORMS = {"BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d}
+SUPPORTED_MODULES = ("Sequential", "SparseLinear", "SparseConv2d", "Linear", "Conv2d", *_BATCHNORMS,
+                     *_SIMPLE)
 
 
 def _key(prefix: str, name: str) -> str:
@@ -139,6 +141,14 @@ def _describe(m: nn.Module, prefix: str, tensors: Dict[str, Tensor]) -> dict:
                 "kernel_size": list(m.kernel_size), "stride": list(m.stride),
                 "padding": list(m.padding), "dilation": list(m.dilation), "groups": m.groups,
                 "bias": m.bias is not None}
+    if kind in _BATCHNORMS and type(m) is _BATCHNORMS[kind]:
+        if not m.track_running_stats or m.running_mean is None:
+            raise ValueError(f"save: module {where} ({kind}) has no running statistics "
+                             "(track_running_stats=False): its inference output depends on the batch")
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            put(name, getattr(m, name))
+        return {"type": kind, "num_features": m.num_features, "eps": m.eps,
+                "momentum": m.momentum, "affine": m.affine}
     if kind in _SIMPLE and type(m) is _SIMPLE[kind][0]:
         return {"type": kind, "args": {a: _json_value(getattr(m, a)) for a in _SIMPLE[kind][1]}}
     if isinstance(m, SVDO_LAYERS):
@@ -232,6 +242,13 @@ class _Builder:
                               spec["groups"], bias=spec["bias"], device="meta", dtype=w.dtype)
             state = {"weight": w} if b is None else {"weight": w, "bias": b}
             m.load_state_dict(state, strict=True, assign=True)
+            return m
+        if kind in _BATCHNORMS:
+            m = _BATCHNORMS[kind](spec["num_features"], eps=spec["eps"], momentum=spec["momentum"],
+                                  affine=spec["affine"], device="meta")
+            names = ["running_mean", "running_var", "num_batches_tracked"]
+            names += ["weight", "bias"] if spec["affine"] else []
+            m.load_state_dict({n: self.take(prefix, n) for n in names}, strict=True, assign=True)
             return m
         if kind in _SIMPLE:
             cls, names = _SIMPLE[kind]

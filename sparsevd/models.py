@@ -23,7 +23,8 @@ from torch import nn
 
 from .nn import DEFAULT_THRESHOLD, Conv2dSVDO, LinearSVDO
 
-__all__ = ["MODELS", "LeNet300", "LeNet5", "build_model", "count_parameters"]
+__all__ = ["INPUT_SHAPES", "MODELS", "LeNet300", "LeNet5", "VGGLike", "build_model",
+           "count_parameters"]
 
 
 def _linear(svd: bool, threshold: float) -> Callable[[int, int], nn.Module]:
@@ -105,18 +106,83 @@ def LeNet5(svd: bool = True, threshold: float = DEFAULT_THRESHOLD) -> nn.Sequent
     )
 
 
+#: The convolution stack of the VGG-like network: channels of each 3x3 convolution ("M": 2x2 max
+#: pooling), before the width factor.
+VGG_LIKE_CONVS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+                  512, 512, 512, "M")
+
+
+def VGGLike(svd: bool = True, threshold: float = DEFAULT_THRESHOLD, width: float = 1.0,
+            num_classes: int = 10, batch_norm: bool = True) -> nn.Sequential:
+    """The VGG-like network of Molchanov et al. 2017 (sec. 5.2) for CIFAR-10-sized inputs.
+
+    13 convolutions 3x3 (padding 1), each followed by batch norm and ReLU, with 2x2 max pooling
+    after the 2nd, 4th, 7th, 10th and 13th: channels 64, 64, M, 128, 128, M, 256 x3, M, 512 x3, M,
+    512 x3, M, times ``width`` (the paper's scale factor k); then Flatten, Linear 512k → 512k,
+    batch norm, ReLU, and Linear 512k → ``num_classes``. This is Zagoruyko's "VGG-like" net for
+    CIFAR-10 (S. Zagoruyko, "92.45% on CIFAR-10 in Torch", 2015) with sparse VD in place of its
+    dropout. A flat ``nn.Sequential``, so ``deploy`` compacts it as one chain (batch norm passes).
+
+    Args:
+        svd: sparse-VD layers (Conv2dSVDO / LinearSVDO) or dense ones.
+        threshold: log α pruning threshold of the sparse-VD layers.
+        width: the scale factor k of every layer's channel count (> 0; counts are rounded, at
+            least 1), e.g. 0.25 for quick CPU runs.
+        num_classes: outputs.
+        batch_norm: the batch norms (the paper's net has them).
+
+    Returns:
+        ``nn.Sequential``; input float (N, 3, 32, 32), output logits (N, ``num_classes``).
+        width 1: 15.0M weights (14.7M in the convolutions).
+
+    Raises:
+        ValueError: ``width`` ≤ 0 or ``num_classes`` < 1.
+    """
+    if not width > 0:
+        raise ValueError(f"width: expected a positive scale factor, got {width!r}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes: expected ≥ 1, got {num_classes}")
+    conv = (lambda i, o: Conv2dSVDO(i, o, 3, padding=1, threshold=threshold)) if svd else \
+        (lambda i, o: nn.Conv2d(i, o, 3, padding=1))
+    lin = _linear(svd, threshold)
+    layers, c = [], 3
+    for v in VGG_LIKE_CONVS:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        o = max(1, round(v * width))
+        layers.append(conv(c, o))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(o))
+        layers.append(nn.ReLU())
+        c = o
+    hidden = max(1, round(512 * width))
+    layers += [nn.Flatten(), lin(c, hidden)]
+    if batch_norm:
+        layers.append(nn.BatchNorm1d(hidden))
+    layers += [nn.ReLU(), lin(hidden, num_classes)]
+    return nn.Sequential(*layers)
+
+
 #: Model name (as given to :func:`build_model` and the CLI's ``--model``) -> constructor.
-MODELS: Dict[str, Callable[..., nn.Sequential]] = {"lenet300": LeNet300, "lenet5": LeNet5}
+MODELS: Dict[str, Callable[..., nn.Sequential]] = {"lenet300": LeNet300, "lenet5": LeNet5,
+                                                   "vgglike": VGGLike}
+#: The input of one sample of each model (channels, height, width).
+INPUT_SHAPES: Dict[str, tuple] = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28),
+                                  "vgglike": (3, 32, 32)}
 
 
-def build_model(name: str, svd: bool = True, threshold: float = DEFAULT_THRESHOLD) -> nn.Sequential:
+def build_model(name: str, svd: bool = True, threshold: float = DEFAULT_THRESHOLD,
+                **kwargs) -> nn.Sequential:
     """Build a model by name.
 
     Args:
-        name: ``"lenet300"`` (LeNet-300-100) or ``"lenet5"`` (LeNet-5-Caffe); case-insensitive,
-            ``-``/``_`` ignored (``"LeNet-300"`` works).
+        name: ``"lenet300"`` (LeNet-300-100), ``"lenet5"`` (LeNet-5-Caffe) or ``"vgglike"``
+            (VGG-like for 3x32x32 inputs); case-insensitive, ``-``/``_`` ignored
+            (``"LeNet-300"`` and ``"VGG-like"`` work).
         svd: sparse-VD layers (True) or dense layers (False).
         threshold: log α pruning threshold of the sparse-VD layers.
+        kwargs: further arguments of the constructor (``width`` of :func:`VGGLike`).
 
     Returns:
         The freshly initialised ``nn.Sequential`` (fp32, on the CPU, in training mode).
@@ -127,7 +193,7 @@ def build_model(name: str, svd: bool = True, threshold: float = DEFAULT_THRESHOL
     key = str(name).lower().replace("-", "").replace("_", "")
     if key not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    return MODELS[key](svd=svd, threshold=threshold)
+    return MODELS[key](svd=svd, threshold=threshold, **kwargs)
 
 
 def count_parameters(model: nn.Module, include_log_sigma2: bool = False) -> int:

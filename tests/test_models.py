@@ -1,6 +1,8 @@
 """Tests for sparsevd.models: shapes, parameter counts, layer types, chain structure."""
 import pytest
 import torch
+
+import sparsevd
 from torch import nn
 
 from sparsevd.models import LeNet5, LeNet300, build_model, count_parameters
@@ -100,3 +102,56 @@ def test_build_model_names():
     assert isinstance(build_model("lenet_5", svd=False)[0], nn.Conv2d)
     with pytest.raises(ValueError, match="unknown model 'vgg'.*lenet300"):
         build_model("vgg")
+
+
+# ---------------------------------------------------------------------------------- VGG-like
+def test_vgglike_shapes_counts_and_width():
+    from sparsevd.models import VGG_LIKE_CONVS, VGGLike
+
+    m = VGGLike(svd=False)
+    convs = [l for l in m if isinstance(l, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [v for v in VGG_LIKE_CONVS if v != "M"]
+    assert sum(c.weight.numel() for c in convs) == 14_710_464  # the 3x3 stack of VGG-16
+    assert sum(isinstance(l, torch.nn.BatchNorm2d) for l in m) == 13
+    small = VGGLike(svd=True, width=0.25)
+    assert [c.out_channels for c in small if isinstance(c, sparsevd.nn.Conv2dSVDO)][:2] == [16, 16]
+    assert small(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+    with pytest.raises(ValueError, match="width"):
+        VGGLike(width=0)
+
+
+def test_vgglike_trains_on_the_cpu_and_deploys(tmp_path):
+    """A narrow VGG-like net on generated CIFAR-10-shaped data: dense pre-training, conversion,
+    SGVLB, then deploy (one chain through the batch norms) and save/load with the eval outputs."""
+    from sparsevd.models import VGGLike
+    from sparsevd.train import fit
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 3, 32, 32, generator=g), torch.randint(0, 10, (48,), generator=g)
+    loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 48, 16)]
+
+    class L(list):
+        dataset = x
+
+    model = VGGLike(svd=False, width=0.125)
+    s = fit(model, L(loader), L(loader[:1]), epochs=2, pretrain_epochs=1, kl_warmup_epochs=0,
+            mc_samples=2)
+    assert [h["phase"] for h in s["history"]] == ["dense", "sparse_vd"]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in s["history"])
+    with torch.no_grad():  # prune a share of every layer, some whole channels too
+        for m in model.modules():
+            if isinstance(m, (sparsevd.nn.Conv2dSVDO, sparsevd.nn.LinearSVDO)):
+                m.log_sigma2[torch.rand_like(m.log_sigma2) < 0.6] = 20.0
+                m.log_sigma2[: max(1, m.log_sigma2.shape[0] // 4)] = 20.0
+    model.eval()
+    dep = sparsevd.deploy(model, x[:1], cost_model="rule")
+    kept = [l.out_channels for l in dep if isinstance(l, sparsevd.nn.SparseConv2d)]
+    bns = [l.num_features for l in dep if isinstance(l, torch.nn.BatchNorm2d)]
+    assert kept[:-1] == bns[:len(kept) - 1] and sum(kept) < sum(
+        c.out_channels for c in model if isinstance(c, sparsevd.nn.Conv2dSVDO))  # compacted
+    with torch.no_grad():
+        ref = model(x[:8])
+        assert torch.allclose(dep(x[:8]), ref, rtol=1e-4, atol=1e-4)
+        loaded = sparsevd.load(sparsevd.save(dep, tmp_path / "vgg.safetensors"))
+        assert torch.equal(loaded(x[:8]), dep(x[:8]))
