@@ -123,6 +123,16 @@ def _check_linear(x: Tensor, weight: Tensor, log_sigma2: Tensor, bias: Optional[
         raise ValueError(
             f"weight: expected a 2-D (out_features, in_features) tensor, got shape {tuple(weight.shape)}"
         )
+    return check_linear_input(x, weight, bias)
+
+
+def check_linear_input(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Validate the input of a linear layer with parameters ``weight`` (out_features,
+    in_features) and ``bias``; returns x, cast to the autocast dtype under autocast.
+
+    Raises:
+        TypeError / ValueError as :func:`lrt_linear` (the parameters themselves are not checked).
+    """
     x = _prepare_input(x, weight, bias)
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
@@ -337,6 +347,7 @@ def log_alpha(weight: Tensor, log_sigma2: Tensor) -> Tensor:
 
 __all__ = [
     "CHECK_NAN",
+    "check_linear_input",
     "check_parameters",
     "draw_seed",
     "kl_sparse_vd",

@@ -152,13 +152,28 @@ def kl_params(shape, dtype=F64, device="cpu"):
 
 
 def kl_reference(weights, log_sigma2s):
-    """fp64 KL and gradients from sparsevd.reference with autograd (the clamp masks the gradient)."""
+    """fp64 KL and gradients from sparsevd.reference with autograd (the clamp masks the gradient).
+
+    Which weights sit inside the clamp (−10 < raw log α < 10) is decided in the parameters' own
+    dtype, as the backends decide it: a raw log α within an fp32 rounding of ±10 falls on either
+    side, and the gradient there jumps from its full value to 0."""
     total, gws, gls = torch.zeros((), dtype=F64, device=weights[0].device), [], []
     for w, s in zip(weights, log_sigma2s):
         w64 = w.detach().to(F64).requires_grad_()
         s64 = s.detach().to(F64).requires_grad_()
         kl = R.kl_sparse_vd(w64, s64)
         gw, gs = torch.autograd.grad(kl, (w64, s64))
+        raw = (s.detach() - torch.log(w.detach() * w.detach() + R.EPS_THETA))
+        raw64 = s64.detach() - torch.log(w64.detach() ** 2 + R.EPS_THETA)
+        inside = (raw > -R.LOG_ALPHA_CLAMP) & (raw < R.LOG_ALPHA_CLAMP)
+        inside64 = (raw64 > -R.LOG_ALPHA_CLAMP) & (raw64 < R.LOG_ALPHA_CLAMP)
+        if not torch.equal(inside, inside64):  # recompute the gradient on the dtype's side
+            la = torch.clamp(raw64, -R.LOG_ALPHA_CLAMP, R.LOG_ALPHA_CLAMP)
+            z = R.K2 + R.K3 * la
+            dla = -(R.K1 * R.K3 * torch.sigmoid(z) * torch.sigmoid(-z) + 0.5 * torch.sigmoid(-la))
+            dla = dla * inside.to(F64)
+            gs = dla
+            gw = dla * (-2.0 * w64.detach() / (w64.detach() ** 2 + R.EPS_THETA))
         total = total + kl.detach()
         gws.append(gw)
         gls.append(gs)

@@ -9,11 +9,17 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as SF
 from .. import reference
 from .._args import IntOrPair, as_pair, check_threshold
+
+#: True when autocast is on for any device (a private torch helper, 5x cheaper than asking per
+#: device type; the public per-device check where it is missing).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
 
 #: log σ² at initialisation: σ ≈ 0.0067, so a converted layer starts close to its deterministic
 #: twin; weights with |θ| ≲ e^-6.5 ≈ 1.5e-3 already have log α ≥ 3 and are dropped at evaluation.
@@ -59,6 +65,39 @@ class _SVDOMixin:
         SF.check_parameters(self.weight, self.log_sigma2)
         t = self.threshold if threshold is None else threshold
         return reference.eval_mask(self.weight, self.log_sigma2, t)
+
+    def _eval_params(self, dtype: torch.dtype):
+        """(θ ⊙ [log α < threshold], b) detached, in ``dtype``, cached until a parameter changes
+        (its version counter or its storage; moving or casting the module drops the cache), the
+        threshold does or another dtype is asked for (autocast); the parameters are checked for
+        NaN / inf when the cache is (re)built, once per change."""
+        p = self._parameters  # (not self.weight: nn.Module.__getattr__ costs a microsecond)
+        w, s, b = p["weight"], p["log_sigma2"], p.get("bias")
+        key = (w._version, s._version, w.data_ptr(), s.data_ptr(), self._threshold, dtype,
+               None if b is None else (b._version, b.data_ptr()))
+        cache = self.__dict__.get("_eval_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                wm = (w.detach() * self.mask().to(w.dtype)).to(dtype)
+                bm = None if b is None else b.detach().to(dtype)
+            cache = (key, wm, bm)
+            self.__dict__["_eval_cache"] = cache
+        return cache[1], cache[2]
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_eval_cache", None)  # .to(), .half(), .cuda(): new parameters
+        return super()._apply(fn, recurse)
+
+    def _eval_uncached(self) -> bool:
+        """The eval forward takes the functional path (no cache): gradients to compute (grad
+        mode on and a parameter requiring them; they reach the kept weights only) or tracing
+        by torch.compile."""
+        if torch.is_grad_enabled():
+            p = self._parameters
+            b = p.get("bias")
+            if p["weight"].requires_grad or (b is not None and b.requires_grad):
+                return True
+        return torch.compiler.is_compiling()
 
     @property
     def num_weights(self) -> int:
@@ -141,7 +180,13 @@ class LinearSVDO(_SVDOMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
             return SF.lrt_linear(x, self.weight, self.log_sigma2, self.bias, check_finite=False)
-        return SF.masked_linear(x, self.weight, self.log_sigma2, self.bias, self.threshold)
+        if self._eval_uncached():
+            return SF.masked_linear(x, self.weight, self.log_sigma2, self.bias, self.threshold)
+        w = self._parameters["weight"]
+        if not (isinstance(x, Tensor) and x.dtype == w.dtype and x.device == w.device and x.dim()
+                and x.shape[-1] == self.in_features and not _any_autocast()):
+            x = SF.check_linear_input(x, w, self.bias)  # the messages, or the autocast cast
+        return F.linear(x, *self._eval_params(x.dtype))
 
     def extra_repr(self) -> str:
         return (
@@ -224,8 +269,14 @@ class Conv2dSVDO(_SVDOMixin, nn.Module):
         if self.training:
             return SF.lrt_conv2d(x, self.weight, self.log_sigma2, self.bias, *args,
                                  check_finite=False)
-        return SF.masked_conv2d(x, self.weight, self.log_sigma2, self.bias, *args,
-                                threshold=self.threshold)
+
+        if self._eval_uncached():
+            return SF.masked_conv2d(x, self.weight, self.log_sigma2, self.bias, *args,
+                                    threshold=self.threshold)
+        x, unbatched, *_ = SF._check_conv2d(x, self.weight, self.log_sigma2, self.bias, *args,
+                                            check_finite=False)
+        y = F.conv2d(x, *self._eval_params(x.dtype), *args)
+        return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
         return conv_repr(self) + f", bias={self.bias is not None}, {self._svdo_repr()}"
