@@ -161,11 +161,11 @@ def results_path(device: str, day: Optional[str] = None) -> Path:
 
 def save_rows(rows: List[Dict[str, object]], device: str, path: Optional[Path] = None) -> Path:
     """Append ``rows`` to the device's results file for today, replacing rows with the same
-    (benchmark, shape, dtype, mode, provider, sparsity, batch) key; returns the path."""
+    (benchmark, shape, dtype, mode, provider, sparsity, batch, threads) key; returns the path."""
     path = Path(path) if path else results_path(device)
     path.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(path.read_text()) if path.exists() else []
-    keys = ("benchmark", "shape", "dtype", "mode", "provider", "sparsity", "batch")
+    keys = ("benchmark", "shape", "dtype", "mode", "provider", "sparsity", "batch", "threads")
     key = lambda r: tuple(r.get(k) for k in keys)  # noqa: E731
     new_keys = {key(r) for r in rows}
     merged = [r for r in old if key(r) not in new_keys] + list(rows)
@@ -177,10 +177,12 @@ def print_rows(rows: List[Dict[str, object]], baseline: str = "dense") -> None:
     """A compact table with each row's ratio to ``baseline`` in the same group."""
     groups: Dict[tuple, Dict[str, float]] = {}
     for r in rows:
-        g = (r["benchmark"], r["shape"], r["dtype"], r["mode"], r.get("sparsity"), r.get("batch"))
+        g = (r["benchmark"], r["shape"], r["dtype"], r["mode"], r.get("sparsity"), r.get("batch"),
+             r.get("threads"))
         groups.setdefault(g, {})[r["provider"]] = r["median_ms"]
     for r in rows:
-        g = (r["benchmark"], r["shape"], r["dtype"], r["mode"], r.get("sparsity"), r.get("batch"))
+        g = (r["benchmark"], r["shape"], r["dtype"], r["mode"], r.get("sparsity"), r.get("batch"),
+             r.get("threads"))
         base = groups[g].get(baseline)
         ratio = f"{base / r['median_ms']:.2f}x vs {baseline}" if base else ""
         extra = " ".join(f"{k}={r[k]:.1f}" for k in ("gbps", "tflops") if k in r)

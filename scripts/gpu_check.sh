@@ -39,6 +39,7 @@ SANITIZER_TESTS=(tests/test_csr_linear_cuda.py tests/test_lrt_linear_triton.py t
 SANITIZER_FILTER="matches_dense or index_dtypes or forward_and_gradients or many_layers or partial_blocks"
 # Every benchmark, in quick mode, with its arguments for the GPU.
 BENCHMARKS=(
+  "bench_train_step --device cuda --threads 1 --quick"
   "bench_lrt_linear --quick"
   "bench_kl --quick"
   "bench_csr_linear --device cuda --quick --skip-lenet"

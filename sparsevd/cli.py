@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsevd",
         description="Sparse Variational Dropout (Molchanov, Ashukha, Vetrov, ICML 2017).")
-    sub = parser.add_subparsers(dest="command", metavar="{train,deploy,plot}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,deploy,plot,bench}")
     sub.required = True
     d = DEFAULTS
     t = sub.add_parser(
@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "every epoch) with its own settings; only --threads, --no-progress, "
                         "--json, --data-dir and --no-download are taken from this command line")
     parser.train_parser = t  # for errors that name the train subcommand
+    be = sub.add_parser("bench", help="run the benchmark suite in a quick mode and print the ratios",
+                        description="Run the benchmarks of the README in a quick mode on this "
+                                    "machine and print their table: median times and the time "
+                                    "ratios to dense and to torch.compile of the naive code.")
+    be.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    be.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    be.add_argument("--out", default=None, metavar="FILE", help="also write the rows (JSON)")
+    be.add_argument("--verbose", action="store_true", help="the benchmarks' own output too")
     pl = sub.add_parser("plot", help="redraw curves.png and masks.png of a training run",
                         description="Redraw curves.png (test accuracy, compression, KL/N per "
                                     "epoch) and masks.png (kept input pixels and weights) of a "
@@ -232,6 +240,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (FileNotFoundError, ValueError, OSError) as e:
             print(f"sparsevd train: {e}", file=sys.stderr)
             return 1
+        return 0
+    if args.command == "bench":
+        if args.device == "cuda" and not torch.cuda.is_available():
+            parser.error("argument --device: cuda requested but torch.cuda.is_available() is False")
+        from .benchmarks import suite
+
+        print(f"sparsevd bench: quick suite on {args.device} ({torch.get_num_threads() if not args.threads else args.threads} "
+              "threads); a minute or two ...", flush=True)
+        rows = suite.run(args.device, args.threads, args.out, args.verbose)
+        print(suite.ratio_table(rows))
         return 0
     if args.command == "plot":
         try:

@@ -1,0 +1,30 @@
+"""`sparsevd bench`: the quick suite runs on this machine and prints the README's ratio table."""
+import pytest
+
+from sparsevd import cli
+from sparsevd.benchmarks import suite
+
+
+def test_ratio_table_by_hand():
+    rows = [dict(benchmark="b", shape="s", dtype="float32", mode="full", provider=p, median_ms=ms,
+                 threads=1) for p, ms in (("dense", 2.0), ("reference_compiled", 8.0), ("sparsevd", 4.0))]
+    table = suite.ratio_table(rows)
+    line = next(l for l in table.splitlines() if "| sparsevd |" in l)
+    assert "| 4.000 | 2.00 | 0.50 |" in line
+    assert table.splitlines()[0].startswith("| benchmark | shape | mode |")
+
+
+def test_sparsevd_bench_runs_the_quick_suite(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(suite.SUITE, "cpu", [
+        ("bench_train_step", ["--workloads", "lenet300", "--providers", "dense", "reference", "sparsevd",
+                              "--threads", "{threads}", "--rounds", "1", "--steps", "1"]),
+        ("bench_csr_linear", ["--device", "cpu", "--sparsity", "0.98", "--batch", "1",
+                              "--threads", "{threads}", "--skip-lenet", "--rounds", "1"]),
+    ])
+    out = tmp_path / "rows.json"
+    assert cli.main(["bench", "--threads", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| lenet300_train_step | batch=100 | full |" in text and "| sparsevd |" in text
+    assert "sparse_linear" in text and out.is_file()
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--device", "tpu"])
