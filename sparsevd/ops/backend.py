@@ -2,10 +2,13 @@
 
 ``SPARSEVD_BACKEND`` (read at each call) is one of:
 
-- ``auto`` (default): the Triton kernels for CUDA tensors, the C++/CUDA op library (``csrc/``) for
-  the ops it has, the reference math otherwise;
+- ``auto`` (default): the Triton kernels for CUDA tensors, the compiled ``native`` CPU kernels for
+  CPU tensors (when ``sparsevd._C`` has them), the C++/CUDA op library (``csrc/``) for the ops it
+  has, the reference math otherwise;
 - ``triton``: force the Triton kernels (on CPU tensors only under ``TRITON_INTERPRET=1``);
 - ``cuda``: force the compiled ``sparsevd._C`` kernels;
+- ``native``: force the compiled CPU kernels of ``csrc/cpu`` (:mod:`sparsevd.ops.native_impl`;
+  CPU tensors only);
 - ``reference``: the plain-PyTorch math of :mod:`sparsevd.reference`.
 
 Implementations register themselves per (op name, backend) with :func:`register_impl`; the op
@@ -15,11 +18,11 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "reference")
+BACKENDS = ("auto", "triton", "cuda", "native", "reference")
 ENV_VAR = "SPARSEVD_BACKEND"
 
 _IMPLS: Dict[Tuple[str, str], Callable] = {}
@@ -27,6 +30,7 @@ _IMPLS: Dict[Tuple[str, str], Callable] = {}
 _PROVIDERS = {
     "triton": "sparsevd.ops.triton_impl",
     "cuda": "sparsevd.ops.csrc_impl",
+    "native": "sparsevd.ops.native_impl",
 }
 _PROVIDER_ERRORS: Dict[str, str] = {}
 
@@ -75,7 +79,18 @@ def _load_provider(backend: str) -> bool:
 def _device_ok(backend: str, device: torch.device) -> bool:
     if backend == "triton":
         return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
+    if backend == "native":
+        return device.type == "cpu"
     return True
+
+
+def find_impl(op: str, backend: str) -> Optional[Callable]:
+    """The implementation of ``op`` registered for ``backend``, or None (no fallback, no error).
+
+    For optional op variants, e.g. ``lrt_linear_backward_params``, which callers replace by the
+    full op of the same backend when it has no such variant."""
+    _load_provider(backend)
+    return _IMPLS.get((op, backend))
 
 
 def get_impl(op: str, device: torch.device) -> Tuple[str, Callable]:
@@ -87,7 +102,7 @@ def get_impl(op: str, device: torch.device) -> Tuple[str, Callable]:
     """
     want = requested_backend()
     if want == "auto":
-        order = ("triton", "cuda") if device.type == "cuda" else ("cuda",)
+        order = ("triton", "cuda") if device.type == "cuda" else ("native", "cuda")
         for backend in order:
             if _load_provider(backend) and (op, backend) in _IMPLS:
                 return backend, _IMPLS[(op, backend)]
@@ -102,6 +117,7 @@ def get_impl(op: str, device: torch.device) -> Tuple[str, Callable]:
         if not _device_ok(want, device):
             raise BackendUnavailableError(
                 f"{ENV_VAR}={want} cannot run sparsevd.{op} on {device.type} tensors: "
-                "the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
+                + ("the native kernels need CPU tensors" if want == "native" else
+                   "the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
             )
     return want, _IMPLS[(op, want)]

@@ -54,9 +54,10 @@ def lrt_linear_fwd(x, weight, log_sigma2, bias, seed) -> Tuple[torch.Tensor, tor
 @_no_autocast
 def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed):
     dt = std.dtype
-    g = grad.to(dt).reshape(-1, weight.shape[0])
-    x2 = x.to(dt).reshape(-1, weight.shape[1])
-    std2 = std.reshape(-1, weight.shape[0])
+    m = x.shape[:-1].numel()  # rows; explicit, since reshape(-1, 0) fails for K = 0 or N = 0
+    g = grad.to(dt).reshape(m, weight.shape[0])
+    x2 = x.to(dt).reshape(m, weight.shape[1])
+    std2 = std.reshape(m, weight.shape[0])
     xi = _noise(seed, std2.shape, std2)
     w = weight.to(dt)
     sigma2 = torch.exp(log_sigma2.to(dt))
