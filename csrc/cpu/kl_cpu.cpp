@@ -40,6 +40,7 @@ struct Chunk {
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> kl_sparse_vd(
     at::TensorList weights, at::TensorList log_sigma2s, bool with_grad) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // casts stay casts
   TORCH_CHECK(weights.size() == log_sigma2s.size(), "log_sigma2s: expected ", weights.size(),
               " tensors (one per weight), got ", log_sigma2s.size());
   const int64_t L = static_cast<int64_t>(weights.size());

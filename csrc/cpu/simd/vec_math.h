@@ -3,52 +3,52 @@
 // the ranges stated below, which are the ranges the kernels use. No include guard: included inside
 // each ISA region of kernels.cpp after V is defined.
 
+// The polynomials are evaluated in Estrin's scheme (pairs combined with x², x⁴, x⁸) rather than by
+// Horner's rule: the kernels are bound by the latency of these dependency chains, not by the
+// number of operations (Horner: one FMA latency per coefficient).
+
 // log(x) for finite x > 0 (normal numbers). With kSpecial, +inf -> +inf and NaN -> NaN as well.
 // x = m 2^e, m in [sqrt(1/2), sqrt(2)); log x = e ln2 + log1p(f), f = m - 1,
-// log1p(f) = f - f^2/2 + f^3 P(f) (degree-8 P), ln2 split in 0.693359375 - 2.12194440e-4.
+// log1p(f) = f - f²/2 + f³ P(f) (degree-8 P), ln2 split in 0.693359375 - 2.12194440e-4.
 template <bool kSpecial = false>
 inline V::F vlog(V::F x) {
   const V::I bits = V::as_i(x);
-  V::I e = V::sub32(V::srl32<23>(bits), V::i32(126));                       // x = m 2^e, m in [0.5, 1)
+  const V::I e = V::sub32(V::srl32<23>(bits), V::i32(126));                 // x = m 2^e, m in [0.5, 1)
   V::F m = V::as_f(V::ior(V::iand(bits, V::i32(0x007fffff)), V::i32(0x3f000000)));
   const V::M small = V::lt(m, V::set1(0.707106781186547524f));
-  V::F fe = V::sub(V::cvt_f32(e), V::mask_to_one(small));                  // e - 1 when m < sqrt(1/2)
+  const V::F fe = V::sub(V::cvt_f32(e), V::mask_to_one(small));            // e - 1 when m < sqrt(1/2)
   m = V::add(V::sub(m, V::set1(1.0f)), V::select(small, m, V::zero()));    // f = 2m - 1 or m - 1
   const V::F z = V::mul(m, m);
-  V::F y = V::set1(7.0376836292e-2f);
-  y = V::fmadd(y, m, V::set1(-1.1514610310e-1f));
-  y = V::fmadd(y, m, V::set1(1.1676998740e-1f));
-  y = V::fmadd(y, m, V::set1(-1.2420140846e-1f));
-  y = V::fmadd(y, m, V::set1(1.4249322787e-1f));
-  y = V::fmadd(y, m, V::set1(-1.6668057665e-1f));
-  y = V::fmadd(y, m, V::set1(2.0000714765e-1f));
-  y = V::fmadd(y, m, V::set1(-2.4999993993e-1f));
-  y = V::fmadd(y, m, V::set1(3.3333331174e-1f));
-  y = V::mul(V::mul(y, m), z);
-  y = V::fmadd(fe, V::set1(-2.12194440e-4f), y);
-  y = V::fnmadd(V::set1(0.5f), z, y);
-  V::F r = V::add(m, y);
-  r = V::fmadd(fe, V::set1(0.693359375f), r);
+  const V::F z2 = V::mul(z, z);
+  const V::F m3 = V::mul(z, m);
+  // P(f) = p8 f^8 + ... + p0, p8 = 7.0376836292e-2, ..., p0 = 3.3333331174e-1.
+  const V::F q0 = V::fmadd(V::set1(-2.4999993993e-1f), m, V::set1(3.3333331174e-1f));
+  const V::F q1 = V::fmadd(V::set1(-1.6668057665e-1f), m, V::set1(2.0000714765e-1f));
+  const V::F q2 = V::fmadd(V::set1(-1.2420140846e-1f), m, V::set1(1.4249322787e-1f));
+  const V::F q3 = V::fmadd(V::set1(-1.1514610310e-1f), m, V::set1(1.1676998740e-1f));
+  const V::F r0 = V::fmadd(q1, z, q0);
+  const V::F r1 = V::fmadd(q3, z, q2);
+  const V::F r1b = V::fmadd(V::set1(7.0376836292e-2f), z2, r1);             // + p8 f^8 = p8 z2 z2
+  const V::F poly = V::fmadd(r1b, z2, r0);
+  const V::F y = V::fmadd(poly, m3, V::fmadd(fe, V::set1(-2.12194440e-4f), V::mul(V::set1(-0.5f), z)));
+  V::F r = V::fmadd(fe, V::set1(0.693359375f), V::add(m, y));
   if (kSpecial) r = V::select(V::lt(x, V::set1(INFINITY)), r, x);
   return r;
 }
 
 // exp(x) for |x| <= 87 (the kernels use |x| < 20): x = n ln2 + r, |r| <= ln2/2,
-// exp(r) = 1 + r + r^2/2 + r^3 P(r) (degree-5), times 2^n through the exponent bits.
+// exp(r) = 1 + r + r² P(r) (degree-5 P), times 2^n (V::scale2).
 inline V::F vexp(V::F x) {
-  const V::I n = V::cvt_i32(V::mul(x, V::set1(1.44269504088896341f)));
-  const V::F fn = V::cvt_f32(n);
+  const V::F fn = V::round(V::mul(x, V::set1(1.44269504088896341f)));
   V::F r = V::fnmadd(fn, V::set1(0.693359375f), x);
   r = V::fnmadd(fn, V::set1(-2.12194440e-4f), r);
   const V::F z = V::mul(r, r);
-  V::F y = V::set1(1.9875691500e-4f);
-  y = V::fmadd(y, r, V::set1(1.3981999507e-3f));
-  y = V::fmadd(y, r, V::set1(8.3334519073e-3f));
-  y = V::fmadd(y, r, V::set1(4.1665795894e-2f));
-  y = V::fmadd(y, r, V::set1(1.6666665459e-1f));
-  y = V::fmadd(y, r, V::set1(5.0000001201e-1f));
-  y = V::add(V::fmadd(y, z, r), V::set1(1.0f));
-  return V::as_f(V::add32(V::as_i(y), V::sll32<23>(n)));
+  const V::F z2 = V::mul(z, z);
+  const V::F a = V::fmadd(V::set1(1.6666665459e-1f), r, V::set1(5.0000001201e-1f));
+  const V::F b = V::fmadd(V::set1(8.3334519073e-3f), r, V::set1(4.1665795894e-2f));
+  const V::F c = V::fmadd(V::set1(1.9875691500e-4f), r, V::set1(1.3981999507e-3f));
+  const V::F poly = V::fmadd(c, z2, V::fmadd(b, z, a));
+  return V::scale2(V::add(V::fmadd(poly, z, r), V::set1(1.0f)), fn);
 }
 
 // cos(t) for t in [0, 8]: t = j pi/2 + r, |r| <= pi/4 (pi/2 in two fp32 parts, FMA), then
@@ -59,13 +59,12 @@ inline V::F vcos_small(V::F t) {
   V::F r = V::fnmadd(fj, V::set1(1.57079637050628662109375f), t);
   r = V::fnmadd(fj, V::set1(-4.37113900018624283e-8f), r);
   const V::F z = V::mul(r, r);
-  V::F s = V::set1(-1.9515295891e-4f);                                     // sin r = r + r z S(z)
-  s = V::fmadd(s, z, V::set1(8.3321608736e-3f));
-  s = V::fmadd(s, z, V::set1(-1.6666654611e-1f));
-  s = V::fmadd(V::mul(s, z), r, r);
-  V::F c = V::set1(2.443315711809948e-5f);                                 // cos r = 1 - z/2 + z^2 C(z)
-  c = V::fmadd(c, z, V::set1(-1.388731625493765e-3f));
-  c = V::fmadd(c, z, V::set1(4.166664568298827e-2f));
-  c = V::fmadd(V::mul(c, z), z, V::fnmadd(V::set1(0.5f), z, V::set1(1.0f)));
+  const V::F z2 = V::mul(z, z);
+  // sin r = r + r z (S1 + S2 z + S3 z²),  cos r = 1 - z/2 + z² (C1 + C2 z + C3 z²)
+  const V::F sp = V::fmadd(V::set1(-1.9515295891e-4f), z2, V::fmadd(V::set1(8.3321608736e-3f), z, V::set1(-1.6666654611e-1f)));
+  const V::F s = V::fmadd(sp, V::mul(r, z), r);
+  const V::F cp = V::fmadd(V::set1(2.443315711809948e-5f), z2,
+                           V::fmadd(V::set1(-1.388731625493765e-3f), z, V::set1(4.166664568298827e-2f)));
+  const V::F c = V::fmadd(cp, z2, V::fnmadd(V::set1(0.5f), z, V::set1(1.0f)));
   return V::negate_by_bit1(V::add32(j, V::i32(1)), V::pick_by_bit0(j, s, c));  // j mod 4 in {1, 2}: negate
 }
