@@ -79,11 +79,14 @@ def _(grad, x, weight, log_sigma2, std, seed):
 def _lrt_linear_setup(ctx, inputs, output):
     x, weight, log_sigma2, bias, seed = inputs
     ctx.mark_non_differentiable(output[1])  # std: saved for backward, not differentiable
+    ctx.set_materialize_grads(False)  # no zero tensor of y's size for std's (absent) gradient
     ctx.save_for_backward(x, weight, log_sigma2, output[1], seed)
     ctx.has_bias = bias is not None
 
 
 def _lrt_linear_bwd(ctx, grad_y, grad_std):
+    if grad_y is None:
+        return None, None, None, None, None
     x, weight, log_sigma2, std, seed = ctx.saved_tensors
     if ctx.needs_input_grad[0]:
         gx, gw, gls2, gb = lrt_linear_backward(grad_y.contiguous(), x, weight, log_sigma2, std, seed)
@@ -182,12 +185,15 @@ def _(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups)
 def _lrt_conv2d_setup(ctx, inputs, output):
     x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups = inputs
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, log_sigma2, output[1], seed)
     ctx.has_bias = bias is not None
     ctx.conv_args = (stride, padding, dilation, groups)
 
 
 def _lrt_conv2d_bwd(ctx, grad_y, grad_std):
+    if grad_y is None:
+        return (None,) * 9
     x, weight, log_sigma2, std, seed = ctx.saved_tensors
     if ctx.needs_input_grad[0]:
         gx, gw, gls2, gb = lrt_conv2d_backward(

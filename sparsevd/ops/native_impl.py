@@ -14,6 +14,10 @@ the (num_layers,) bool tensor of the most recent call is :data:`last_nonfinite` 
 :func:`nonfinite_layers`), so a training loop can check for divergence without an extra pass or
 a host sync per layer.
 
+Autocast: a custom op's implementation still sees the caller's autocast state; the C++ ops switch
+it off for their own ATen calls (products in fp32 from bf16 activations, as the reference's
+``_no_autocast`` does in Python), so no autocast context is entered here.
+
 Extras for tests and benchmarks (``torch.ops.sparsevd``): ``native_isa()`` /
 ``native_set_isa("avx512" | "avx2" | "scalar" | "auto")`` (which kernels run, also settable with
 ``SPARSEVD_CPU_ISA``), ``native_set_products("auto" | "serial" | "concurrent")`` (also
@@ -28,7 +32,6 @@ import torch
 
 from .. import _C  # noqa: F401  registers torch.ops.sparsevd.native_*; ImportError if not built
 from .backend import register_impl
-from .reference_impl import _no_autocast
 
 _NATIVE_OPS = (
     "native_lrt_linear",
@@ -56,31 +59,26 @@ def nonfinite_layers() -> Optional[torch.Tensor]:
     return last_nonfinite
 
 
-@_no_autocast
 def lrt_linear_fwd(x, weight, log_sigma2, bias, seed):
     y, std = _ops.native_lrt_linear(x, weight, log_sigma2, bias, seed)
     return y, std
 
 
-@_no_autocast
 def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed):
     gx, gw, gls2, gb = _ops.native_lrt_linear_backward(grad, x, weight, log_sigma2, std, seed, True)
     return gx, gw, gls2, gb
 
 
-@_no_autocast
 def lrt_linear_bwd_params(grad, x, weight, log_sigma2, std, seed):
     _, gw, gls2, gb = _ops.native_lrt_linear_backward(grad, x, weight, log_sigma2, std, seed, False)
     return gw, gls2, gb
 
 
-@_no_autocast
 def lrt_conv2d_fwd(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups):
     y, std = _ops.native_lrt_conv2d(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups)
     return y, std
 
 
-@_no_autocast
 def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups):
     gx, gw, gls2, gb = _ops.native_lrt_conv2d_backward(
         grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups, True
@@ -88,7 +86,6 @@ def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dila
     return gx, gw, gls2, gb
 
 
-@_no_autocast
 def lrt_conv2d_bwd_params(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups):
     _, gw, gls2, gb = _ops.native_lrt_conv2d_backward(
         grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups, False
@@ -96,7 +93,6 @@ def lrt_conv2d_bwd_params(grad, x, weight, log_sigma2, std, seed, stride, paddin
     return gw, gls2, gb
 
 
-@_no_autocast
 def kl_fwd(weights: List[torch.Tensor], log_sigma2s: List[torch.Tensor], with_grad: bool):
     global last_nonfinite
     kl, grads_w, grads_ls2, flags = _ops.native_kl_sparse_vd(weights, log_sigma2s, with_grad)
