@@ -15,13 +15,15 @@
 //             ∂θ = gᵀ x,  T3 = g_s2ᵀ x2,  [T1 = g θ,  T2 = g_s2 σ²]   (2 or 4 products)
 //             ∂log σ² = σ² ⊙ T3,  [∂x = T1 + 2x ⊙ T2]        (passes 3, 4)
 //
-// (convolution: conv(x, θ), conv(x2, σ²) and their input / weight gradients instead.) σ² = exp(log σ²)
-// comes from a small cache (sigma2_for below), so the backward reuses the forward's σ². ξ is
+// (convolution: conv(x, θ), conv(x2, σ²) and their input / weight gradients instead.) The forward
+// files σ² = exp(log σ²) under its std output, so the backward reuses it (sigma2_remember). ξ is
 // regenerated in the backward rather than kept (benchmarks/NOTES.md, "Native CPU backend", has the
-// measurements behind both choices). Products run one after the other, each on all of torch's
-// threads, or — with 2 <= threads <= number of products — concurrently, one single-threaded product
-// per thread (MKL and oneDNN run sequentially inside a parallel region), which is faster for
-// the small GEMMs of LeNet-sized layers.
+// measurements behind both choices). GEMMs run one after the other, each on all of torch's
+// threads, or — with 2 <= threads <= number of GEMMs — concurrently, one single-threaded GEMM per
+// thread (MKL runs sequentially inside a parallel region), which is faster for the small GEMMs of
+// LeNet-sized layers. Convolutions always run one after the other: oneDNN's backward-weights
+// kernels deadlock inside an OpenMP parallel region (their reduction waits at a barrier for
+// threads that a nested region never starts; seen with torch 2.13 / oneDNN 3.12).
 //
 // Dtypes: the math runs in fp64 for fp64 and in fp32 otherwise (bf16/fp16 inputs are widened once,
 // outputs rounded once). Shapes may be empty anywhere (K = 0 gives y = b + 1e-4 ξ); inputs of any
@@ -85,14 +87,15 @@ std::atomic<ProductMode>& product_mode() {
   return mode;
 }
 
-// Runs the independent products of one op (GEMMs or convolutions), see the header. The worker
-// threads of at::parallel_for do not inherit the caller's thread-local state (dispatch-key
-// exclusions such as "below autograd", grad mode, autocast): it is restored in each job.
-void run_products(const std::vector<std::function<void()>>& jobs) {
+// Runs the independent products of one op, see the header; `nestable`: the jobs may run inside a
+// parallel region (MKL GEMMs: yes; oneDNN convolutions: no). The worker threads of
+// at::parallel_for do not inherit the caller's thread-local state (dispatch-key exclusions such as
+// "below autograd", grad mode, autocast): it is restored in each job.
+void run_products(const std::vector<std::function<void()>>& jobs, bool nestable) {
   const int64_t n = static_cast<int64_t>(jobs.size());
   const int64_t threads = at::get_num_threads();
   const ProductMode mode = product_mode().load();
-  const bool concurrent = n >= 2 && threads >= 2 && !at::in_parallel_region() &&
+  const bool concurrent = nestable && n >= 2 && threads >= 2 && !at::in_parallel_region() &&
                           (mode == ProductMode::kConcurrent || (mode == ProductMode::kAuto && threads <= n));
   if (!concurrent) {
     for (const auto& job : jobs) job();
@@ -106,30 +109,33 @@ void run_products(const std::vector<std::function<void()>>& jobs) {
 }
 
 // ------------------------------------------------------------------------------------ σ² cache
-// σ² = exp(log σ²) in the compute dtype, formed once per parameter version: the forward computes
-// it, the backward of the same step (and any further forward before the optimizer step) finds it
-// here. Key: the storage (held weakly, so a freed parameter is never mistaken for a new one at
-// the same address), data pointer, offset, sizes, strides, dtypes and the version counter, which
-// every in-place op on the parameter or its views bumps (optimizer steps, load_state_dict, copy_).
-// Writes the version counter cannot see — through `.data`, or numpy views — are not detected:
-// call sparsevd::native_sigma2_cache(False) to switch the cache off (it also clears it).
+// σ² = exp(log σ²) in the compute dtype is formed once per training step: the forward computes it
+// and files it under the std tensor it returns; the backward, which receives that std (saved by
+// autograd), finds it here instead of recomputing it. An entry lives as long as that std tensor
+// (held weakly: when autograd frees the graph, the entry expires and is dropped), and is used only
+// if log σ² is still the same tensor at the same version (storage, pointer, offset, sizes,
+// strides, dtypes, version counter) — which autograd itself guarantees for a saved tensor.
+//
+// Why not also reuse σ² across forwards until the optimizer step (keyed on the version counter
+// alone): writes through `.data` do not bump the version counter, and torch.autograd.gradcheck
+// perturbs its inputs exactly that way; a version-keyed cache would serve it a stale σ².
 struct Sigma2Entry {
-  c10::weak_intrusive_ptr<c10::StorageImpl> storage{c10::weak_intrusive_ptr<c10::StorageImpl>(
-      c10::intrusive_ptr<c10::StorageImpl>())};
-  const void* data = nullptr;
-  int64_t offset = 0;
+  c10::weak_intrusive_ptr<c10::StorageImpl> std_storage{
+      c10::weak_intrusive_ptr<c10::StorageImpl>(c10::intrusive_ptr<c10::StorageImpl>())};
+  const void* std_data = nullptr;
+  const c10::StorageImpl* ls2_storage = nullptr;  // compared only while the entry's std is alive
+  const void* ls2_data = nullptr;
+  int64_t ls2_offset = 0;
   std::vector<int64_t> sizes, strides;
   at::ScalarType src = at::kFloat, dst = at::kFloat;
   int64_t version = -1;
   at::Tensor value;
-  uint64_t stamp = 0;
 };
 
 struct Sigma2Cache {
-  static constexpr size_t kMaxEntries = 64;
+  static constexpr size_t kMaxEntries = 64;  // live forward-backward pairs (layers x micro-batches)
   std::mutex mu;
   std::vector<Sigma2Entry> entries;
-  uint64_t clock = 0;
   int64_t hits = 0, misses = 0;
   bool enabled = true;
 };
@@ -139,56 +145,62 @@ Sigma2Cache& sigma2_cache() {
   return *cache;
 }
 
-bool same_place(const Sigma2Entry& e, const at::Tensor& t, at::ScalarType dst) {
-  return !e.storage.expired() && e.storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl() &&
-         e.data == t.data_ptr() && e.offset == t.storage_offset() && e.src == t.scalar_type() &&
-         e.dst == dst && t.sizes().equals(e.sizes) && t.strides().equals(e.strides);
+at::Tensor sigma2_compute(const at::Tensor& log_sigma2, at::ScalarType ct) {
+  return at::exp(log_sigma2.to(ct)).contiguous();
 }
 
-at::Tensor sigma2_for(const at::Tensor& log_sigma2, at::ScalarType ct) {
-  auto compute = [&] { return at::exp(log_sigma2.to(ct)).contiguous(); };
+bool cacheable(const at::Tensor& t) { return t.has_storage() && !t.is_inference(); }
+
+// Files σ² (computed from log_sigma2) under the forward's std output.
+void sigma2_remember(const at::Tensor& std_out, const at::Tensor& log_sigma2, at::ScalarType ct,
+                     const at::Tensor& value) {
+  if (!cacheable(std_out) || !cacheable(log_sigma2)) return;
   Sigma2Cache& cache = sigma2_cache();
-  if (log_sigma2.is_inference() || !log_sigma2.has_storage()) return compute();
-  const int64_t version = log_sigma2._version();
-  {
-    std::lock_guard<std::mutex> lock(cache.mu);
-    if (!cache.enabled) return compute();
-    for (auto& e : cache.entries) {
-      if (e.version == version && same_place(e, log_sigma2, ct)) {
-        e.stamp = ++cache.clock;
-        ++cache.hits;
-        return e.value;
-      }
-    }
-    ++cache.misses;
-  }
-  at::Tensor value = compute();
   std::lock_guard<std::mutex> lock(cache.mu);
-  if (!cache.enabled) return value;
+  if (!cache.enabled) return;
   auto& v = cache.entries;
-  // Drop entries of freed storages and older versions of this parameter, then the least recently used.
-  v.erase(std::remove_if(v.begin(), v.end(),
-                         [&](const Sigma2Entry& e) { return e.storage.expired() || same_place(e, log_sigma2, ct); }),
+  v.erase(std::remove_if(v.begin(), v.end(), [](const Sigma2Entry& e) { return e.std_storage.expired(); }),
           v.end());
-  if (v.size() >= Sigma2Cache::kMaxEntries) {
-    v.erase(std::min_element(v.begin(), v.end(),
-                             [](const Sigma2Entry& a, const Sigma2Entry& b) { return a.stamp < b.stamp; }));
-  }
+  if (v.size() >= Sigma2Cache::kMaxEntries) v.erase(v.begin());  // the oldest
   Sigma2Entry e;
-  e.storage = log_sigma2.storage().getWeakStorageImpl();
-  e.data = log_sigma2.data_ptr();
-  e.offset = log_sigma2.storage_offset();
+  e.std_storage = std_out.storage().getWeakStorageImpl();
+  e.std_data = std_out.data_ptr();
+  e.ls2_storage = log_sigma2.storage().unsafeGetStorageImpl();
+  e.ls2_data = log_sigma2.data_ptr();
+  e.ls2_offset = log_sigma2.storage_offset();
   e.sizes = log_sigma2.sizes().vec();
   e.strides = log_sigma2.strides().vec();
   e.src = log_sigma2.scalar_type();
   e.dst = ct;
-  e.version = version;
+  e.version = log_sigma2._version();
   e.value = value;
-  e.stamp = ++cache.clock;
   v.push_back(std::move(e));
-  return value;
 }
 
+// σ² for the backward that received `std`: the forward's, or computed afresh.
+at::Tensor sigma2_for_backward(const at::Tensor& std, const at::Tensor& log_sigma2, at::ScalarType ct) {
+  if (cacheable(std) && cacheable(log_sigma2)) {
+    Sigma2Cache& cache = sigma2_cache();
+    std::lock_guard<std::mutex> lock(cache.mu);
+    if (cache.enabled) {
+      const int64_t version = log_sigma2._version();
+      for (const auto& e : cache.entries) {
+        if (!e.std_storage.expired() && e.std_storage._unsafe_get_target() == std.storage().unsafeGetStorageImpl() &&
+            e.std_data == std.data_ptr() && e.ls2_storage == log_sigma2.storage().unsafeGetStorageImpl() &&
+            e.ls2_data == log_sigma2.data_ptr() && e.ls2_offset == log_sigma2.storage_offset() &&
+            e.src == log_sigma2.scalar_type() && e.dst == ct && e.version == version &&
+            log_sigma2.sizes().equals(e.sizes) && log_sigma2.strides().equals(e.strides)) {
+          ++cache.hits;
+          return e.value;
+        }
+      }
+      ++cache.misses;
+    }
+  }
+  return sigma2_compute(log_sigma2, ct);
+}
+
+// Switches the cache on or off (off: every backward recomputes σ²); clears it and its counters.
 bool set_sigma2_cache(bool enabled) {
   Sigma2Cache& cache = sigma2_cache();
   std::lock_guard<std::mutex> lock(cache.mu);
@@ -350,14 +362,16 @@ std::tuple<at::Tensor, at::Tensor> lrt_linear(const at::Tensor& x, const at::Ten
 
   const at::Tensor xc = as_compute(x.reshape({M, K}), ct);  // (M, K)
   const at::Tensor w = as_compute(weight, ct);               // (N, K)
-  const at::Tensor s2w = sigma2_for(log_sigma2, ct);         // (N, K)
+  const at::Tensor s2w = sigma2_compute(log_sigma2, ct);     // (N, K)
   const at::Tensor b = check_bias(bias, N, ct);
   const at::Tensor x2 = square_of(xc);                        // (M, K)
   at::Tensor mu = at::empty({M, N}, xc.options());
   at::Tensor s2 = at::empty({M, N}, xc.options());
-  run_products({[&] { at::mm_out(mu, xc, w.t()); }, [&] { at::mm_out(s2, x2, s2w.t()); }});
+  run_products({[&] { at::mm_out(mu, xc, w.t()); }, [&] { at::mm_out(s2, x2, s2w.t()); }}, true);
   forward_epilogue(mu, s2, b, N, 1, key);  // mu -> y, s2 -> std
-  return {to_dtype(mu, x.scalar_type()).view(out_shape), to_dtype(s2, dt).view(out_shape)};
+  at::Tensor sd = to_dtype(s2, dt).view(out_shape);
+  sigma2_remember(sd, log_sigma2, ct, s2w);
+  return {to_dtype(mu, x.scalar_type()).view(out_shape), sd};
 }
 
 // grad, std (*, N); x (*, K); weight / log_sigma2 (N, K)
@@ -385,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_linear_backward(
   auto [gs2, gb] = backward_prologue(g, sd, N, 1, key);
   const at::Tensor xc = as_compute(x.reshape({M, K}), ct);
   const at::Tensor x2 = square_of(xc);
-  const at::Tensor s2w = sigma2_for(log_sigma2, ct);
+  const at::Tensor s2w = sigma2_for_backward(std, log_sigma2, ct);
   at::Tensor gw = at::empty({N, K}, xc.options());
   at::Tensor t3 = at::empty({N, K}, xc.options());
   std::vector<std::function<void()>> jobs = {[&] { at::mm_out(gw, g.t(), xc); },
@@ -398,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_linear_backward(
     jobs.push_back([&] { at::mm_out(t1, g, w); });
     jobs.push_back([&] { at::mm_out(t2, gs2, s2w); });
   }
-  run_products(jobs);
+  run_products(jobs, true);
   mul_(t3, s2w);  // ∂log σ² = σ² ⊙ (g_s2ᵀ x2)
   at::Tensor gx;
   if (input_grad) {
@@ -465,7 +479,7 @@ std::tuple<at::Tensor, at::Tensor> lrt_conv2d(const at::Tensor& x, const at::Ten
 
   const at::Tensor xc = as_compute(x, ct);
   const at::Tensor w = as_compute(weight, ct);
-  const at::Tensor s2w = sigma2_for(log_sigma2, ct);
+  const at::Tensor s2w = sigma2_compute(log_sigma2, ct);
   const at::Tensor b = check_bias(bias, C, ct);
   at::Tensor mu, s2;
   if (xc.numel() == 0 || w.numel() == 0) {  // oneDNN rejects empty operands; the products are zero
@@ -473,11 +487,13 @@ std::tuple<at::Tensor, at::Tensor> lrt_conv2d(const at::Tensor& x, const at::Ten
     s2 = at::zeros(out_shape, xc.options());
   } else {
     const at::Tensor x2 = square_of(xc);
-    run_products({[&] { mu = conv(xc, w, a); }, [&] { s2 = conv(x2, s2w, a); }});
+    run_products({[&] { mu = conv(xc, w, a); }, [&] { s2 = conv(x2, s2w, a); }}, false);
   }
   TORCH_CHECK(mu.sizes().equals(out_shape), "lrt_conv2d: internal shape mismatch ", mu.sizes());
   forward_epilogue(mu, s2, b, C, out_shape[2] * out_shape[3], key);
-  return {to_dtype(mu, x.scalar_type()), to_dtype(s2, dt)};
+  at::Tensor sd = to_dtype(s2, dt);
+  sigma2_remember(sd, log_sigma2, ct, s2w);
+  return {to_dtype(mu, x.scalar_type()), sd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_conv2d_backward(
@@ -501,7 +517,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_conv2d_backward(
   auto [gs2, gb] = backward_prologue(g, sd, C, y_shape[2] * y_shape[3], key);
   const at::Tensor xc = as_compute(x, ct);
   const at::Tensor w = as_compute(weight, ct);
-  const at::Tensor s2w = sigma2_for(log_sigma2, ct);
+  const at::Tensor s2w = sigma2_for_backward(std, log_sigma2, ct);
   at::Tensor t1, gw, t2, t3;
   if (xc.numel() == 0 || w.numel() == 0 || g.numel() == 0) {  // empty operands: all products are zero
     t1 = at::zeros_like(xc);
@@ -518,7 +534,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_conv2d_backward(
       if (input_grad) gin = std::get<0>(r).contiguous();
       gwt = std::get<1>(r).contiguous();
     };
-    run_products({[&] { back(g, xc, w, t1, gw); }, [&] { back(gs2, x2, s2w, t2, t3); }});
+    run_products({[&] { back(g, xc, w, t1, gw); }, [&] { back(gs2, x2, s2w, t2, t3); }}, false);
   }
   mul_(t3, s2w);  // ∂log σ² = σ² ⊙ conv_weight_grad(x2, g_s2)
   at::Tensor gx;
