@@ -225,7 +225,10 @@ using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
 
 at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
 
-at::Tensor as_compute(const at::Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
+// t in dtype ct, contiguous; no ATen call (dispatcher round trip) when it already is.
+at::Tensor as_compute(const at::Tensor& t, at::ScalarType ct) {
+  return t.scalar_type() == ct ? t.contiguous() : t.to(ct).contiguous();
+}
 
 at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
 
@@ -257,8 +260,22 @@ at::Tensor check_bias(const c10::optional<at::Tensor>& bias, int64_t n, at::Scal
   return as_compute(*bias, ct);
 }
 
-// Σ of per-thread fp64 partial sums of the bias gradient, (parts, C) -> (C,), in thread order.
-at::Tensor reduce_parts(const at::Tensor& parts) { return parts.sum(0); }
+// ∂b in `dtype` from per-thread fp64 partial sums (parts, C), added in thread order.
+at::Tensor bias_grad(const at::Tensor& parts, at::ScalarType dtype) {
+  const int64_t P = parts.size(0), C = parts.size(1);
+  const double* p = parts.data_ptr<double>();
+  const at::ScalarType out_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({C}, parts.options().dtype(out_type));
+  AT_DISPATCH_FLOATING_TYPES(out_type, "sparsevd_bias_grad", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      double acc = 0.0;
+      for (int64_t i = 0; i < P; ++i) acc += p[i * C + c];
+      o[c] = static_cast<scalar_t>(acc);
+    }
+  });
+  return to_dtype(out, dtype);
+}
 
 template <typename T>
 void square_pass(const at::Tensor& x, const at::Tensor& out) {
@@ -289,9 +306,10 @@ void forward_epilogue(const at::Tensor& mu, const at::Tensor& s2, const at::Tens
   });
 }
 
-// Backward prologue: g_s2 = g ⊙ ξ / (2 std) and ∂b = Σ g (fp64, per bias slot), both (outer, C, inner).
+// Backward prologue: g_s2 = g ⊙ ξ / (2 std) (outer, C, inner) and ∂b = Σ g (C,) in gb_dtype (summed
+// in fp64).
 std::tuple<at::Tensor, at::Tensor> backward_prologue(const at::Tensor& g, const at::Tensor& sd, int64_t C,
-                                                     int64_t inner, philox::Key key) {
+                                                     int64_t inner, philox::Key key, at::ScalarType gb_dtype) {
   at::Tensor gs2 = at::empty_like(g, at::MemoryFormat::Contiguous);
   const int64_t n = g.numel();
   const int64_t parts = (n <= kGrainNoise || at::in_parallel_region()) ? 1 : at::get_num_threads();
@@ -312,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor> backward_prologue(const at::Tensor& g, const 
       at::parallel_for(0, n, kGrainNoise, body);
     }
   });
-  return {gs2, reduce_parts(gb_parts)};
+  return {gs2, bias_grad(gb_parts, gb_dtype)};
 }
 
 // acc = acc + 2x ⊙ t (∂x), all contiguous, same shape.
@@ -396,7 +414,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_linear_backward(
 
   const at::Tensor g = as_compute(grad.reshape({M, N}), ct);
   const at::Tensor sd = as_compute(std.reshape({M, N}), ct);
-  auto [gs2, gb] = backward_prologue(g, sd, N, 1, key);
+  auto [gs2, gb] = backward_prologue(g, sd, N, 1, key, weight.scalar_type());
   const at::Tensor xc = as_compute(x.reshape({M, K}), ct);
   const at::Tensor x2 = square_of(xc);
   const at::Tensor s2w = sigma2_for_backward(std, log_sigma2, ct);
@@ -422,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_linear_backward(
     gx = at::empty({0}, x.options());
   }
   return {gx, to_dtype(gw, weight.scalar_type()), to_dtype(t3, log_sigma2.scalar_type()),
-          gb.to(weight.scalar_type())};
+          gb};
 }
 
 // ------------------------------------------------------------------------------------ conv2d
@@ -514,7 +532,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_conv2d_backward(
 
   const at::Tensor g = as_compute(grad, ct);
   const at::Tensor sd = as_compute(std, ct);
-  auto [gs2, gb] = backward_prologue(g, sd, C, y_shape[2] * y_shape[3], key);
+  auto [gs2, gb] = backward_prologue(g, sd, C, y_shape[2] * y_shape[3], key, weight.scalar_type());
   const at::Tensor xc = as_compute(x, ct);
   const at::Tensor w = as_compute(weight, ct);
   const at::Tensor s2w = sigma2_for_backward(std, log_sigma2, ct);
@@ -545,7 +563,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_conv2d_backward(
     gx = at::empty({0}, x.options());
   }
   return {gx, to_dtype(gw, weight.scalar_type()), to_dtype(t3, log_sigma2.scalar_type()),
-          gb.to(weight.scalar_type())};
+          gb};
 }
 
 // ------------------------------------------------------------------------------------ controls
