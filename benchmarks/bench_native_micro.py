@@ -14,16 +14,24 @@ Sections (``--sections``):
           (784→300, 300→100, 100→10), and 1024→1024 at B = 256: dense F.linear, reference, native;
   kl      the KL of LeNet-300-100's three layers, value + both gradients (the op) and op +
           backward: reference vs native;
+  products the two forward / four backward GEMMs of an LRT linear layer (LeNet fc1 100x784->300
+          and 256x1024->1024): one after the other (mm, each multi-threaded), concurrently (one
+          single-threaded mm per thread: the native op with native_set_products), and as one bmm
+          of stacked operands (stacking not timed); and the native op's fwd+bwd in both modes;
+  xi      what keeping ξ instead of regenerating it would save: regenerating ξ of each LeNet layer's
+          output (philox_randn_) vs streaming a stored copy once (sum), and σ² = exp(log σ²) per
+          layer (the work the backward's σ² reuse saves);
   step    one LeNet-300-100 training step at B = 100 (forward, SGVLB with β = 1, backward, Adam):
           dense nn.Linear + cross-entropy vs sparsevd.convert + SGVLB under
           SPARSEVD_BACKEND=reference and =native, each with and without the per-forward NaN check
-          of sparsevd.functional (CHECK_NAN; the native KL's non-finite flags make it redundant).
+          of sparsevd.functional (CHECK_NAN; the native KL's non-finite flags make it redundant),
+          and dense vs native with torch's fused Adam (fused=True) instead of the default one.
 
 ``--profile`` prints a torch.profiler table of native training steps (after the timings) and the
 share of the step per category (GEMM, Adam, KL, LRT kernels, ...).
 
-Usage: python -m benchmarks.bench_native_micro [--rounds 5] [--reps 20] [--threads 1 2]
-       [--sections noise linear kl step] [--profile] [--json FILE]
+Usage: python -m benchmarks.bench_native_micro [--rounds 5] [--reps 20] [--threads 1 2] [--timer wall|cpu]
+       [--sections noise linear kl products xi step] [--profile] [--json FILE]
 """
 from __future__ import annotations
 
@@ -62,6 +70,9 @@ def backend(name: str):
             os.environ["SPARSEVD_BACKEND"] = old
 
 
+CLOCK = time.perf_counter  # --timer cpu: time.thread_time (one thread only; robust to a busy machine)
+
+
 def interleaved(cases: Dict[str, Callable[[], object]], rounds: int, reps: int) -> Dict[str, float]:
     """Median over rounds of the per-round median time (seconds) of each case."""
     per_round: Dict[str, List[float]] = {k: [] for k in cases}
@@ -70,9 +81,9 @@ def interleaved(cases: Dict[str, Callable[[], object]], rounds: int, reps: int) 
             fn()
             ts = []
             for _ in range(reps):
-                t0 = time.perf_counter()
+                t0 = CLOCK()
                 fn()
-                ts.append(time.perf_counter() - t0)
+                ts.append(CLOCK() - t0)
             per_round[name].append(statistics.median(ts))
     return {k: statistics.median(v) for k, v in per_round.items()}
 
@@ -168,6 +179,56 @@ def bench_kl(args, rows):
            base="op reference", rows=rows, threads=torch.get_num_threads())
 
 
+# ------------------------------------------------------------------------------------- products
+def bench_products(args, rows):
+    for m, k, n in [LENET[0]] + BIG:
+        x, w, s2, g = torch.randn(m, k), torch.randn(n, k), torch.rand(n, k), torch.randn(m, n)
+        xs, ws, gs = torch.stack([x, x * x]), torch.stack([w, s2]), torch.stack([g, g])
+        ls2 = s2.log()
+        seed = torch.tensor([7])
+        _, std = torch.ops.sparsevd.native_lrt_linear(x, w, ls2, None, seed)
+
+        def native(mode, backward):
+            def run():
+                torch.ops.sparsevd.native_set_products(mode)
+                if backward:
+                    torch.ops.sparsevd.native_lrt_linear_backward(g, x, w, ls2, std, seed, True)
+                else:
+                    torch.ops.sparsevd.native_lrt_linear(x, w, ls2, None, seed)
+            return run
+
+        cases = {
+            "fwd 2x mm": lambda: (torch.mm(x, w.t()), torch.mm(x, s2.t())),
+            "fwd bmm (stacked)": lambda: torch.bmm(xs, ws.transpose(1, 2)),
+            "bwd 4x mm": lambda: (torch.mm(g, w), torch.mm(g, s2), torch.mm(g.t(), x), torch.mm(g.t(), x)),
+            "bwd 2x bmm (stacked)": lambda: (torch.bmm(gs, ws), torch.bmm(gs.transpose(1, 2), xs)),
+            "native op fwd, serial": native("serial", False),
+            "native op fwd, concurrent": native("concurrent", False),
+            "native op bwd, serial": native("serial", True),
+            "native op bwd, concurrent": native("concurrent", True),
+        }
+        times = interleaved(cases, args.rounds, args.reps)
+        torch.ops.sparsevd.native_set_products("auto")
+        report(f"products {m}x{k}->{n}, {torch.get_num_threads()} thread(s)", times, base="fwd 2x mm",
+               rows=rows, threads=torch.get_num_threads())
+
+
+# ------------------------------------------------------------------------------------------- xi
+def bench_xi(args, rows):
+    cases = {}
+    for m, k, n in LENET:
+        buf = torch.empty(m * n)
+        stored = torch.randn(m * n)
+        ls2 = torch.randn(n, k)
+        cases[f"regenerate xi {m}x{n}"] = lambda buf=buf: torch.ops.sparsevd.philox_randn_(buf, 5, 0)
+        cases[f"read stored xi {m}x{n}"] = lambda stored=stored: stored.sum()
+        cases[f"sigma2 = exp(log sigma2) {n}x{k}"] = lambda ls2=ls2: torch.exp(ls2)
+    times = interleaved(cases, args.rounds, args.reps)
+    report(f"xi and sigma2 per LeNet-300-100 layer, {torch.get_num_threads()} thread(s)", times,
+           base=f"regenerate xi {LENET[0][0]}x{LENET[0][2]}", unit=1e6, unit_name="us", rows=rows,
+           threads=torch.get_num_threads())
+
+
 # ----------------------------------------------------------------------------------------- step
 def lenet300(svd: bool) -> nn.Module:
     torch.manual_seed(0)
@@ -176,12 +237,13 @@ def lenet300(svd: bool) -> nn.Module:
     return sparsevd.convert(m) if svd else m
 
 
-def make_step(kind: str, check_nan: bool = False):
-    """A closure running one training step; kind: dense | reference | native."""
+def make_step(kind: str, check_nan: bool = False, adam: str = "default"):
+    """A closure running one training step; kind: dense | reference | native; adam: default
+    (torch's choice: the per-tensor loop on CPU) or fused (torch._fused_adam_)."""
     x = torch.randn(100, 1, 28, 28)
     y = torch.randint(0, 10, (100,))
     model = lenet300(kind != "dense")
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, **({"fused": True} if adam == "fused" else {}))
     loss_fn = SGVLB(model, 60000, kl_warmup_epochs=0) if kind != "dense" else nn.CrossEntropyLoss()
 
     def step():
@@ -203,6 +265,8 @@ def bench_step(args, rows):
         "reference + NaN check": make_step("reference", check_nan=True),
         "native": make_step("native"),
         "native + NaN check": make_step("native", check_nan=True),
+        "dense, fused Adam": make_step("dense", adam="fused"),
+        "native, fused Adam": make_step("native", adam="fused"),
     }
     times = interleaved(cases, args.rounds, args.reps)
     report(f"LeNet-300-100 training step, B=100, {torch.get_num_threads()} thread(s)", times, base="dense",
@@ -255,7 +319,8 @@ def profile_step(args):
         print(f"  {cat:<62} {100.0 * t / total:5.1f} %   {t / n / 1e3:7.3f} ms/step")
 
 
-SECTIONS = {"noise": bench_noise, "linear": bench_linear, "kl": bench_kl, "step": bench_step}
+SECTIONS = {"noise": bench_noise, "linear": bench_linear, "kl": bench_kl, "products": bench_products,
+            "xi": bench_xi, "step": bench_step}
 
 
 def main(argv=None) -> None:
@@ -265,9 +330,17 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     p.add_argument("--profile", action="store_true", help="torch.profiler of the native training step")
+    p.add_argument("--timer", choices=["wall", "cpu"], default="wall",
+                   help="wall clock, or the calling thread's CPU time (valid with --threads 1 only: "
+                        "it ignores time the thread waits, e.g. preempted on a busy machine)")
     p.add_argument("--json", help="write the rows to this file")
     args = p.parse_args(argv)
-    print(f"torch {torch.__version__}, native kernels: {torch.ops.sparsevd.native_isa()}, "
+    global CLOCK
+    if args.timer == "cpu":
+        if any(t != 1 for t in args.threads):
+            p.error("--timer cpu needs --threads 1 (other threads' work is not counted)")
+        CLOCK = time.thread_time
+    print(f"torch {torch.__version__}, native kernels: {torch.ops.sparsevd.native_isa()}, timer {args.timer}, "
           f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs, "
           f"load average {os.getloadavg()[0]:.2f}")
     rows: List[dict] = []
