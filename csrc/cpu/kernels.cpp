@@ -3,7 +3,10 @@
 // simd/*.h use that ISA) and portable C++; kernels() picks one at run time with
 // __builtin_cpu_supports. Only intrinsics, plain loops and <cmath> live inside the regions: every
 // library function they call is defined outside, for the baseline ISA.
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#define SPARSEVD_X86 1
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -15,13 +18,16 @@
 
 #include "kernels.h"
 
-#if !(defined(__x86_64__) || defined(_M_X64)) || !defined(__GNUC__)
-#error "sparsevd csrc/cpu/kernels.cpp: x86-64 with GCC or Clang expected"
+// The SIMD builds need GCC or Clang (target pragmas, __builtin_cpu_supports) on x86-64; elsewhere
+// only the portable build exists.
+#if defined(SPARSEVD_X86) && !defined(__GNUC__)
+#undef SPARSEVD_X86
 #endif
 
 namespace sparsevd {
 namespace cpu {
 
+#ifdef SPARSEVD_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma")
 namespace avx512 {
@@ -45,6 +51,7 @@ constexpr int kRandnGroups = 2;  // 2 x 8 lanes: 8 ymm of Philox state
 #include "simd/kl_vec.h"
 }  // namespace avx2
 #pragma GCC pop_options
+#endif  // SPARSEVD_X86
 
 namespace scalar {
 inline void randn_fill(philox::Key key, uint32_t counter, float* out, int64_t n) {
@@ -58,14 +65,18 @@ inline KlPartial kl_f32(const float* w, const float* ls2, float* gw, float* gls2
 
 namespace {
 
+#ifdef SPARSEVD_X86
 const Kernels kAvx512 = avx512::make_kernels("avx512");
 const Kernels kAvx2 = avx2::make_kernels("avx2");
+#endif
 const Kernels kScalar = scalar::make_kernels("scalar");
 
 const Kernels* lookup(const std::string& isa) {
+#ifdef SPARSEVD_X86
   if (isa == "avx512") return __builtin_cpu_supports("avx512f") ? &kAvx512 : nullptr;
   if (isa == "avx2")
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &kAvx2 : nullptr;
+#endif
   if (isa == "scalar") return &kScalar;
   if (isa == "auto") {
     for (const char* name : {"avx512", "avx2", "scalar"})
