@@ -17,7 +17,7 @@ def _lin_args():
 def test_backend_unknown_value_raises_value_error(monkeypatch):
     monkeypatch.setenv("SPARSEVD_BACKEND", "tritonn")
     with pytest.raises(ValueError,
-                       match=r"SPARSEVD_BACKEND='tritonn'.*auto, triton, reference"):
+                       match=r"SPARSEVD_BACKEND='tritonn'.*auto, native, triton, reference"):
         SF.lrt_linear(*_lin_args())
     with pytest.raises(ValueError, match="SPARSEVD_BACKEND"):
         backend.requested_backend()

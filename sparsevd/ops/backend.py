@@ -2,7 +2,10 @@
 
 ``SPARSEVD_BACKEND`` (read at each call) is one of:
 
-- ``auto`` (default): the Triton kernels for CUDA tensors, the reference math otherwise;
+- ``auto`` (default): the Triton kernels for CUDA tensors, the compiled ``native`` CPU kernels
+  for CPU tensors (when ``sparsevd._C`` has them), the reference math otherwise;
+- ``native``: force the compiled CPU kernels of ``csrc/cpu`` (:mod:`sparsevd.ops.native_impl`;
+  CPU tensors only);
 - ``triton``: force the Triton kernels (:mod:`sparsevd.ops.triton_impl`; on CPU tensors only
   under ``TRITON_INTERPRET=1``, Triton's interpreter);
 - ``reference``: the plain-PyTorch math of :mod:`sparsevd.reference`
@@ -18,17 +21,18 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "native", "triton", "reference")
 ENV_VAR = "SPARSEVD_BACKEND"
 
 _IMPLS: Dict[Tuple[str, str], Callable] = {}
 # Modules that register implementations when imported, per backend.
 _PROVIDERS = {
     "triton": "sparsevd.ops.triton_impl",
+    "native": "sparsevd.ops.native_impl",
 }
 _PROVIDER_ERRORS: Dict[str, str] = {}
 
@@ -77,7 +81,18 @@ def _load_provider(backend: str) -> bool:
 def _device_ok(backend: str, device: torch.device) -> bool:
     if backend == "triton":
         return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
+    if backend == "native":
+        return device.type == "cpu"
     return True
+
+
+def find_impl(op: str, backend: str) -> Optional[Callable]:
+    """The implementation of ``op`` registered for ``backend``, or None (no fallback, no error).
+
+    For optional op variants, e.g. ``lrt_linear_backward_params``, which callers replace by the
+    full op of the same backend when it has no such variant."""
+    _load_provider(backend)
+    return _IMPLS.get((op, backend))
 
 
 def get_impl(op: str, device: torch.device) -> Tuple[str, Callable]:
@@ -89,7 +104,7 @@ def get_impl(op: str, device: torch.device) -> Tuple[str, Callable]:
     """
     want = requested_backend()
     if want == "auto":
-        order = ("triton",) if device.type == "cuda" else ()
+        order = ("triton",) if device.type == "cuda" else ("native",)
         for backend in order:
             if _load_provider(backend) and (op, backend) in _IMPLS:
                 return backend, _IMPLS[(op, backend)]
@@ -104,6 +119,7 @@ def get_impl(op: str, device: torch.device) -> Tuple[str, Callable]:
         if not _device_ok(want, device):
             raise BackendUnavailableError(
                 f"{ENV_VAR}={want} cannot run sparsevd.{op} on {device.type} tensors: "
-                "the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
+                + ("the native kernels need CPU tensors" if want == "native" else
+                   "the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
             )
     return want, _IMPLS[(op, want)]

@@ -36,11 +36,17 @@ def _(weights, log_sigma2s, with_grad):
 
 def _kl_setup(ctx, inputs, output):
     _, grads_w, grads_ls2 = output
+    # The gradient outputs never receive gradients: do not materialize zero tensors of every
+    # parameter's size for them in backward.
+    ctx.set_materialize_grads(False)
+    ctx.num_layers = len(inputs[0])
     ctx.n = len(grads_w)  # 0 when called with with_grad=False
     ctx.save_for_backward(*grads_w, *grads_ls2)
 
 
 def _kl_bwd(ctx, grad_kl, _grads_w, _grads_ls2):
+    if grad_kl is None:  # only possible without materialized gradients: nothing flows back
+        return [None] * ctx.num_layers, [None] * ctx.num_layers, None
     if ctx.n == 0:
         raise RuntimeError(
             "sparsevd.kl_sparse_vd was called with with_grad=False; call it with with_grad=True "

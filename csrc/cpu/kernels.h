@@ -1,0 +1,65 @@
+// The per-chunk CPU kernels of the native backend, behind a table of function pointers chosen at
+// run time for the CPU: AVX-512F, AVX2+FMA or portable C++ (kernels.cpp compiles one body,
+// kernels_body.h, three times). The ops (lrt_cpu.cpp, kl_cpu.cpp, philox_cpu.cpp) do the argument
+// checks, the GEMMs / convolutions and the threading, and call these on contiguous raw pointers.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "philox.h"
+
+namespace sparsevd {
+namespace cpu {
+
+struct KlPartial {
+  double sum;      // Σ KL over the chunk
+  bool nonfinite;  // some θ or log σ² of the chunk is NaN or ±inf
+};
+
+// T = float or double. All pointers address n contiguous elements unless stated otherwise.
+template <typename T>
+struct ElementwiseKernels {
+  // The LRT kernels see the output (y, std, g, ...) as a row-major (outer, C, inner) array with the
+  // bias along C: (M, N, 1) for the linear layer, (B, C_out, H_out W_out) for the convolution. A
+  // call covers the n contiguous elements from flat index `first` on; element first + i has the
+  // noise counter (first + i) mod 2^32 and the bias / bias-gradient slot ((first + i) / inner) % C.
+  //
+  // Forward epilogue: std = sqrt(s² + 1e-8) (in place of s²), y = (μ + b) + std·ξ (in place of μ);
+  // bias may be nullptr.
+  void (*lrt_forward)(T* mu_y, T* s2_std, const T* bias, int64_t C, int64_t inner, int64_t first,
+                      philox::Key key, int64_t n);
+  // Backward prologue: g_s2 = g·ξ / (2·std); when gb != nullptr also gb[c] += g (fp64 sums).
+  void (*lrt_backward_gs2)(const T* g, const T* std, T* gs2, double* gb, int64_t C, int64_t inner,
+                           int64_t first, philox::Key key, int64_t n);
+  void (*add_2x_mul)(T* acc, const T* x, const T* t, int64_t n);  // acc = acc + (2x)·t
+  void (*mul_inplace)(T* a, const T* b, int64_t n);                 // a = a·b
+  void (*square)(const T* x, T* out, int64_t n);                    // out = x·x
+  // Sparse-VD KL of n weights (eq. 14) and, when gw != nullptr, its gradients (see kl_cpu.cpp).
+  KlPartial (*kl)(const T* w, const T* ls2, T* gw, T* gls2, int64_t n);
+};
+
+struct Kernels {
+  const char* isa;  // "avx512", "avx2" or "scalar"
+  void (*randn)(philox::Key key, uint32_t counter, float* out, int64_t n);  // out[i] = ξ(counter + i)
+  ElementwiseKernels<float> f32;
+  ElementwiseKernels<double> f64;
+};
+
+// The kernels in use: the best this CPU supports, unless SPARSEVD_CPU_ISA (read once) or set_isa()
+// asked for a lower one.
+const Kernels& kernels();
+template <typename T>
+const ElementwiseKernels<T>& elementwise();
+template <>
+inline const ElementwiseKernels<float>& elementwise<float>() { return kernels().f32; }
+template <>
+inline const ElementwiseKernels<double>& elementwise<double>() { return kernels().f64; }
+
+// Use the kernels of `isa` ("avx512", "avx2", "scalar" or "auto" = best); throws if this CPU lacks
+// it. Returns the previous choice. For tests and benchmarks.
+std::string set_isa(const std::string& isa);
+bool isa_supported(const std::string& isa);
+
+}  // namespace cpu
+}  // namespace sparsevd

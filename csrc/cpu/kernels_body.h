@@ -1,0 +1,155 @@
+// Body of the per-chunk kernels (the math is stated in kernels.h). No include guard: kernels.cpp
+// includes it three times, inside namespaces avx512 / avx2 / scalar, the first two inside
+// `#pragma GCC target` regions, after defining randn_fill() and kl_f32() for that ISA. The plain
+// loops below are written for the compiler's auto-vectorizer (-O3 -fno-math-errno), so each copy
+// is vectorized for its ISA; __restrict holds because the ops never pass overlapping buffers.
+
+constexpr int64_t kChunk = 480;  // ξ buffer per chunk (1.9 KB, L1), a multiple of every ISA's block
+
+// Defined after this body by the includer (simd/kl_vec.h, or kl_libm<float> in the portable build).
+inline KlPartial kl_f32(const float* w, const float* ls2, float* gw, float* gls2, int64_t n);
+
+// Splits the local indices [0, n) of a chunk starting at flat index `first` of an (outer, C, inner)
+// array into runs of one bias slot pattern and calls fn(i0, i1, c, stride): inner == 1, a piece of
+// one row, slots c, c + 1, ... (stride 1); inner > 1, a piece of one (o, c) plane, slot c (stride 0).
+template <typename Fn>
+inline void for_bias_runs(int64_t first, int64_t n, int64_t C, int64_t inner, Fn&& fn) {
+  int64_t i = 0;
+  if (inner == 1) {
+    int64_t c = first % C;
+    while (i < n) {
+      const int64_t len = n - i < C - c ? n - i : C - c;
+      fn(i, i + len, c, int64_t{1});
+      i += len;
+      c = 0;
+    }
+  } else {
+    int64_t c = (first / inner) % C, j = first % inner;
+    while (i < n) {
+      const int64_t len = n - i < inner - j ? n - i : inner - j;
+      fn(i, i + len, c, int64_t{0});
+      i += len;
+      j = 0;
+      c = c + 1 == C ? 0 : c + 1;
+    }
+  }
+}
+
+template <typename T>
+void lrt_forward(T* __restrict mu_y, T* __restrict s2_std, const T* __restrict bias, int64_t C, int64_t inner,
+                 int64_t first, philox::Key key, int64_t n) {
+  alignas(64) float xi[kChunk];
+  const T eps = static_cast<T>(1e-8);
+  for (int64_t off = 0; off < n; off += kChunk) {
+    const int64_t len = n - off < kChunk ? n - off : kChunk;
+    randn_fill(key, static_cast<uint32_t>(first + off), xi, len);
+    T* __restrict m = mu_y + off;
+    T* __restrict s = s2_std + off;
+    if (bias == nullptr) {
+      for (int64_t i = 0; i < len; ++i) {
+        const T sd = std::sqrt(s[i] + eps);
+        s[i] = sd;
+        m[i] = m[i] + sd * static_cast<T>(xi[i]);
+      }
+      continue;
+    }
+    for_bias_runs(first + off, len, C, inner, [&](int64_t i0, int64_t i1, int64_t c, int64_t stride) {
+      if (stride != 0) {
+        const T* __restrict b = bias + c;
+        for (int64_t i = i0; i < i1; ++i) {
+          const T sd = std::sqrt(s[i] + eps);
+          s[i] = sd;
+          m[i] = (m[i] + b[i - i0]) + sd * static_cast<T>(xi[i]);
+        }
+      } else {
+        const T b = bias[c];
+        for (int64_t i = i0; i < i1; ++i) {
+          const T sd = std::sqrt(s[i] + eps);
+          s[i] = sd;
+          m[i] = (m[i] + b) + sd * static_cast<T>(xi[i]);
+        }
+      }
+    });
+  }
+}
+
+template <typename T>
+void lrt_backward_gs2(const T* __restrict g, const T* __restrict sd, T* __restrict gs2, double* __restrict gb,
+                      int64_t C, int64_t inner, int64_t first, philox::Key key, int64_t n) {
+  alignas(64) float xi[kChunk];
+  for (int64_t off = 0; off < n; off += kChunk) {
+    const int64_t len = n - off < kChunk ? n - off : kChunk;
+    randn_fill(key, static_cast<uint32_t>(first + off), xi, len);
+    const T* __restrict gc = g + off;
+    const T* __restrict s = sd + off;
+    T* __restrict o = gs2 + off;
+    for (int64_t i = 0; i < len; ++i) o[i] = (gc[i] * static_cast<T>(xi[i])) / (static_cast<T>(2) * s[i]);
+  }
+  if (gb == nullptr) return;
+  for_bias_runs(first, n, C, inner, [&](int64_t i0, int64_t i1, int64_t c, int64_t stride) {
+    if (stride != 0) {
+      double* __restrict acc = gb + c;
+      for (int64_t i = i0; i < i1; ++i) acc[i - i0] += static_cast<double>(g[i]);
+    } else {
+      double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 independent sums: vectorizable, no reassociation
+      int64_t i = i0;
+      for (; i + 8 <= i1; i += 8)
+        for (int j = 0; j < 8; ++j) acc[j] += static_cast<double>(g[i + j]);
+      for (; i < i1; ++i) acc[0] += static_cast<double>(g[i]);
+      gb[c] += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
+  });
+}
+
+template <typename T>
+void add_2x_mul(T* __restrict acc, const T* __restrict x, const T* __restrict t, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] = acc[i] + (static_cast<T>(2) * x[i]) * t[i];
+}
+
+template <typename T>
+void mul_inplace(T* __restrict a, const T* __restrict b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) a[i] = a[i] * b[i];
+}
+
+template <typename T>
+void square(const T* __restrict x, T* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * x[i];
+}
+
+// KL in the working precision with the C library's functions: fp64 everywhere, and fp32 in the
+// portable build and for the SIMD kernels' tails. Same formulas as kl_f32 (kl_cpu.cpp's header).
+template <typename T>
+KlPartial kl_libm(const T* __restrict w, const T* __restrict ls2, T* __restrict gw, T* __restrict gls2, int64_t n) {
+  const T k1 = static_cast<T>(0.63576), k2 = static_cast<T>(1.87320), k3 = static_cast<T>(1.48695);
+  const T clamp = static_cast<T>(10), eps = static_cast<T>(1e-8), one = 1, half = static_cast<T>(0.5);
+  double total = 0;
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const T wi = w[i], li = ls2[i];
+    bad |= !std::isfinite(wi) || !std::isfinite(li);
+    const T w2 = wi * wi + eps;
+    const T raw = li - std::log(w2);
+    const T la = std::isnan(raw) ? raw : std::min(clamp, std::max(-clamp, raw));
+    const T z = k2 + k3 * la;
+    const T ez = std::exp(-z);  // σ(z) = 1/(1+ez), σ(-z) = ez/(1+ez)
+    const T el = std::exp(-la);
+    total += static_cast<double>(k1 * (ez / (one + ez)) + half * std::log1p(el));
+    if (gw != nullptr) {
+      const T sz = one / (one + ez);
+      T dla = -(k1 * k3 * (sz * (ez * sz)) + half * (el / (one + el)));
+      dla = dla * static_cast<T>((raw > -clamp) && (raw < clamp));
+      gls2[i] = dla;
+      gw[i] = dla * ((static_cast<T>(-2) * wi) / w2);
+    }
+  }
+  return {total, bad};
+}
+
+template <typename T>
+constexpr ElementwiseKernels<T> make_elementwise(KlPartial (*kl)(const T*, const T*, T*, T*, int64_t)) {
+  return {&lrt_forward<T>, &lrt_backward_gs2<T>, &add_2x_mul<T>, &mul_inplace<T>, &square<T>, kl};
+}
+
+inline Kernels make_kernels(const char* isa) {
+  return {isa, &randn_fill, make_elementwise<float>(&kl_f32), make_elementwise<double>(&kl_libm<double>)};
+}

@@ -1,0 +1,605 @@
+// The `native` CPU backend of the LRT layers (DESIGN.md, "The math"): ops
+//   sparsevd::native_lrt_linear, native_lrt_linear_backward, native_lrt_conv2d, native_lrt_conv2d_backward
+// with the signatures and return conventions of sparsevd/ops/reference_impl.py (plus an
+// `input_grad` flag on the backward ops: false skips the two products of ∂x).
+//
+// Plan of every op: the products go to ATen (at::mm -> MKL/oneDNN GEMM; at::convolution /
+// at::convolution_backward -> oneDNN), every elementwise step runs in one fused, vectorized pass
+// (kernels.h) with ξ generated inline, chunk by chunk, from the seed:
+//
+//   forward   x2 = x ⊙ x                                     (pass 1, over x)
+//             μ = x θᵀ,  s² = x2 (σ²)ᵀ                        (2 products)
+//             std = sqrt(s² + 1e-8), y = μ + b + std ⊙ ξ      (pass 2, over y)
+//   backward  g_s2 = g ⊙ ξ / (2 std),  ∂b = Σ g               (pass 1, over y)
+//             x2 = x ⊙ x                                      (pass 2, over x)
+//             ∂θ = gᵀ x,  T3 = g_s2ᵀ x2,  [T1 = g θ,  T2 = g_s2 σ²]   (2 or 4 products)
+//             ∂log σ² = σ² ⊙ T3,  [∂x = T1 + 2x ⊙ T2]        (passes 3, 4)
+//
+// (convolution: conv(x, θ), conv(x2, σ²) and their input / weight gradients instead.) The forward
+// files σ² = exp(log σ²) under its std output, so the backward reuses it (sigma2_remember). ξ is
+// regenerated in the backward rather than kept (benchmarks/NOTES.md, "Native CPU backend", has the
+// measurements behind both choices). GEMMs run one after the other, each on all of torch's
+// threads, or — with 2 <= threads <= number of GEMMs — concurrently, one single-threaded GEMM per
+// thread (MKL runs sequentially inside a parallel region), which is faster for the small GEMMs of
+// LeNet-sized layers. Convolutions always run one after the other: oneDNN's backward-weights
+// kernels deadlock inside an OpenMP parallel region (their reduction waits at a barrier for
+// threads that a nested region never starts; seen with torch 2.13 / oneDNN 3.12).
+//
+// Dtypes: the math runs in fp64 for fp64 and in fp32 otherwise (bf16/fp16 inputs are widened once,
+// outputs rounded once). Shapes may be empty anywhere (K = 0 gives y = b + 1e-4 ξ); inputs of any
+// strides are copied to contiguous buffers when needed; flat offsets are int64.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "kernels.h"
+
+namespace sparsevd {
+namespace cpu {
+namespace {
+
+// ------------------------------------------------------------------------------------ threading
+// Below these sizes a pass runs on the calling thread (a fork/join of the OpenMP team costs a few
+// µs): the noise passes cost ~1-2 ns per element, the plain ones ~0.1-0.3 ns.
+constexpr int64_t kGrainNoise = 8192;
+constexpr int64_t kGrainPlain = 32768;
+
+template <typename Fn>
+void parallel_range(int64_t n, int64_t grain, const Fn& fn) {
+  if (n <= 0) return;
+  if (n <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    fn(int64_t{0}, n);
+    return;
+  }
+  at::parallel_for(0, n, grain, fn);
+}
+
+enum class ProductMode { kAuto, kSerial, kConcurrent };
+
+ProductMode parse_mode(const std::string& s) {
+  if (s == "auto") return ProductMode::kAuto;
+  if (s == "serial") return ProductMode::kSerial;
+  if (s == "concurrent") return ProductMode::kConcurrent;
+  TORCH_CHECK(false, "mode: expected 'auto', 'serial' or 'concurrent', got '", s, "'");
+}
+
+const char* mode_name(ProductMode m) {
+  return m == ProductMode::kAuto ? "auto" : m == ProductMode::kSerial ? "serial" : "concurrent";
+}
+
+std::atomic<ProductMode>& product_mode() {
+  static std::atomic<ProductMode> mode{[] {
+    const char* env = std::getenv("SPARSEVD_NATIVE_PRODUCTS");
+    return env != nullptr && *env != '\0' ? parse_mode(env) : ProductMode::kAuto;
+  }()};
+  return mode;
+}
+
+// Runs the independent products of one op, see the header; `nestable`: the jobs may run inside a
+// parallel region (MKL GEMMs: yes; oneDNN convolutions: no). The worker threads of
+// at::parallel_for do not inherit the caller's thread-local state (dispatch-key exclusions such as
+// "below autograd", grad mode, autocast): it is restored in each job.
+void run_products(const std::vector<std::function<void()>>& jobs, bool nestable) {
+  const int64_t n = static_cast<int64_t>(jobs.size());
+  const int64_t threads = at::get_num_threads();
+  const ProductMode mode = product_mode().load();
+  const bool concurrent = nestable && n >= 2 && threads >= 2 && !at::in_parallel_region() &&
+                          (mode == ProductMode::kConcurrent || (mode == ProductMode::kAuto && threads <= n));
+  if (!concurrent) {
+    for (const auto& job : jobs) job();
+    return;
+  }
+  const at::ThreadLocalState state;
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t i = begin; i < end; ++i) jobs[i]();
+  });
+}
+
+// ------------------------------------------------------------------------------------ σ² cache
+// σ² = exp(log σ²) in the compute dtype is formed once per training step: the forward computes it
+// and files it under the std tensor it returns; the backward, which receives that std (saved by
+// autograd), finds it here instead of recomputing it. An entry lives as long as that std tensor
+// (held weakly: when autograd frees the graph, the entry expires and is dropped), and is used only
+// if log σ² is still the same tensor at the same version (storage, pointer, offset, sizes,
+// strides, dtypes, version counter) — which autograd itself guarantees for a saved tensor.
+//
+// Why not also reuse σ² across forwards until the optimizer step (keyed on the version counter
+// alone): writes through `.data` do not bump the version counter, and torch.autograd.gradcheck
+// perturbs its inputs exactly that way; a version-keyed cache would serve it a stale σ².
+struct Sigma2Entry {
+  c10::weak_intrusive_ptr<c10::StorageImpl> std_storage{
+      c10::weak_intrusive_ptr<c10::StorageImpl>(c10::intrusive_ptr<c10::StorageImpl>())};
+  const void* std_data = nullptr;
+  const c10::StorageImpl* ls2_storage = nullptr;  // compared only while the entry's std is alive
+  const void* ls2_data = nullptr;
+  int64_t ls2_offset = 0;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType src = at::kFloat, dst = at::kFloat;
+  int64_t version = -1;
+  at::Tensor value;
+};
+
+struct Sigma2Cache {
+  static constexpr size_t kMaxEntries = 64;  // live forward-backward pairs (layers x micro-batches)
+  std::mutex mu;
+  std::vector<Sigma2Entry> entries;
+  int64_t hits = 0, misses = 0;
+  bool enabled = true;
+};
+
+Sigma2Cache& sigma2_cache() {
+  static Sigma2Cache* cache = new Sigma2Cache();  // leaked: no destruction order issue at exit
+  return *cache;
+}
+
+at::Tensor sigma2_compute(const at::Tensor& log_sigma2, at::ScalarType ct) {
+  return at::exp(log_sigma2.to(ct)).contiguous();
+}
+
+bool cacheable(const at::Tensor& t) { return t.has_storage() && !t.is_inference(); }
+
+// Files σ² (computed from log_sigma2) under the forward's std output.
+void sigma2_remember(const at::Tensor& std_out, const at::Tensor& log_sigma2, at::ScalarType ct,
+                     const at::Tensor& value) {
+  if (!cacheable(std_out) || !cacheable(log_sigma2)) return;
+  Sigma2Cache& cache = sigma2_cache();
+  std::lock_guard<std::mutex> lock(cache.mu);
+  if (!cache.enabled) return;
+  auto& v = cache.entries;
+  v.erase(std::remove_if(v.begin(), v.end(), [](const Sigma2Entry& e) { return e.std_storage.expired(); }),
+          v.end());
+  if (v.size() >= Sigma2Cache::kMaxEntries) v.erase(v.begin());  // the oldest
+  Sigma2Entry e;
+  e.std_storage = std_out.storage().getWeakStorageImpl();
+  e.std_data = std_out.data_ptr();
+  e.ls2_storage = log_sigma2.storage().unsafeGetStorageImpl();
+  e.ls2_data = log_sigma2.data_ptr();
+  e.ls2_offset = log_sigma2.storage_offset();
+  e.sizes = log_sigma2.sizes().vec();
+  e.strides = log_sigma2.strides().vec();
+  e.src = log_sigma2.scalar_type();
+  e.dst = ct;
+  e.version = log_sigma2._version();
+  e.value = value;
+  v.push_back(std::move(e));
+}
+
+// σ² for the backward that received `std`: the forward's, or computed afresh.
+at::Tensor sigma2_for_backward(const at::Tensor& std, const at::Tensor& log_sigma2, at::ScalarType ct) {
+  if (cacheable(std) && cacheable(log_sigma2)) {
+    Sigma2Cache& cache = sigma2_cache();
+    std::lock_guard<std::mutex> lock(cache.mu);
+    if (cache.enabled) {
+      const int64_t version = log_sigma2._version();
+      for (const auto& e : cache.entries) {
+        if (!e.std_storage.expired() && e.std_storage._unsafe_get_target() == std.storage().unsafeGetStorageImpl() &&
+            e.std_data == std.data_ptr() && e.ls2_storage == log_sigma2.storage().unsafeGetStorageImpl() &&
+            e.ls2_data == log_sigma2.data_ptr() && e.ls2_offset == log_sigma2.storage_offset() &&
+            e.src == log_sigma2.scalar_type() && e.dst == ct && e.version == version &&
+            log_sigma2.sizes().equals(e.sizes) && log_sigma2.strides().equals(e.strides)) {
+          ++cache.hits;
+          return e.value;
+        }
+      }
+      ++cache.misses;
+    }
+  }
+  return sigma2_compute(log_sigma2, ct);
+}
+
+// Switches the cache on or off (off: every backward recomputes σ²); clears it and its counters.
+bool set_sigma2_cache(bool enabled) {
+  Sigma2Cache& cache = sigma2_cache();
+  std::lock_guard<std::mutex> lock(cache.mu);
+  const bool previous = cache.enabled;
+  cache.enabled = enabled;
+  cache.entries.clear();
+  cache.hits = cache.misses = 0;
+  return previous;
+}
+
+std::vector<int64_t> sigma2_cache_stats() {
+  Sigma2Cache& cache = sigma2_cache();
+  std::lock_guard<std::mutex> lock(cache.mu);
+  return {cache.hits, cache.misses, static_cast<int64_t>(cache.entries.size())};
+}
+
+// ------------------------------------------------------------------------------------ helpers
+// Every op runs its ATen calls (products, exp, casts) with autocast off: a kernel still sees the
+// caller's autocast state, which would recast the fp32 products to bf16 (the Python glue of the
+// reference backend does the same with torch.autocast(enabled=False), at ~5 µs per call).
+using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
+
+at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
+
+// t in dtype ct, contiguous; no ATen call (dispatcher round trip) when it already is.
+at::Tensor as_compute(const at::Tensor& t, at::ScalarType ct) {
+  return t.scalar_type() == ct ? t.contiguous() : t.to(ct).contiguous();
+}
+
+at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
+
+int64_t seed_value(const at::Tensor& seed) {
+  TORCH_CHECK(seed.device().is_cpu(), "seed: expected a CPU tensor, got one on ", seed.device());
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
+              "seed: expected a one-element int64 tensor, got ", seed.scalar_type(), " of shape ", seed.sizes());
+  return *seed.data_ptr<int64_t>();
+}
+
+void check_param(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, ": expected a floating-point tensor, got ",
+              t.scalar_type());
+}
+
+void check_weights(const at::Tensor& weight, const at::Tensor& log_sigma2, int64_t dim) {
+  check_param(weight, "weight");
+  check_param(log_sigma2, "log_sigma2");
+  TORCH_CHECK(weight.dim() == dim, "weight: expected a ", dim, "-D tensor, got shape ", weight.sizes());
+  TORCH_CHECK(log_sigma2.sizes() == weight.sizes(), "log_sigma2: expected shape ", weight.sizes(),
+              " (the shape of weight), got ", log_sigma2.sizes());
+}
+
+at::Tensor check_bias(const c10::optional<at::Tensor>& bias, int64_t n, at::ScalarType ct) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  check_param(*bias, "bias");
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "bias: expected shape (", n, ",), got ", bias->sizes());
+  return as_compute(*bias, ct);
+}
+
+// ∂b in `dtype` from per-thread fp64 partial sums (parts, C), added in thread order.
+at::Tensor bias_grad(const at::Tensor& parts, at::ScalarType dtype) {
+  const int64_t P = parts.size(0), C = parts.size(1);
+  const double* p = parts.data_ptr<double>();
+  const at::ScalarType out_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({C}, parts.options().dtype(out_type));
+  AT_DISPATCH_FLOATING_TYPES(out_type, "sparsevd_bias_grad", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      double acc = 0.0;
+      for (int64_t i = 0; i < P; ++i) acc += p[i * C + c];
+      o[c] = static_cast<scalar_t>(acc);
+    }
+  });
+  return to_dtype(out, dtype);
+}
+
+template <typename T>
+void square_pass(const at::Tensor& x, const at::Tensor& out) {
+  const T* px = x.data_ptr<T>();
+  T* po = out.data_ptr<T>();
+  const auto& k = elementwise<T>();
+  parallel_range(x.numel(), kGrainPlain, [&](int64_t b, int64_t e) { k.square(px + b, po + b, e - b); });
+}
+
+// x2 = x ⊙ x of a contiguous compute-dtype tensor.
+at::Tensor square_of(const at::Tensor& x) {
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsevd_square", [&] { square_pass<scalar_t>(x, out); });
+  return out;
+}
+
+// Forward epilogue over (outer, C, inner) = mu.sizes() view: mu -> y, s2 -> std, in place.
+void forward_epilogue(const at::Tensor& mu, const at::Tensor& s2, const at::Tensor& bias, int64_t C,
+                      int64_t inner, philox::Key key) {
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sparsevd_lrt_forward", [&] {
+    scalar_t* pm = mu.data_ptr<scalar_t>();
+    scalar_t* ps = s2.data_ptr<scalar_t>();
+    const scalar_t* pb = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    const auto& k = elementwise<scalar_t>();
+    parallel_range(mu.numel(), kGrainNoise, [&](int64_t b, int64_t e) {
+      k.lrt_forward(pm + b, ps + b, pb, C, inner, b, key, e - b);
+    });
+  });
+}
+
+// Backward prologue: g_s2 = g ⊙ ξ / (2 std) (outer, C, inner) and ∂b = Σ g (C,) in gb_dtype (summed
+// in fp64).
+std::tuple<at::Tensor, at::Tensor> backward_prologue(const at::Tensor& g, const at::Tensor& sd, int64_t C,
+                                                     int64_t inner, philox::Key key, at::ScalarType gb_dtype) {
+  at::Tensor gs2 = at::empty_like(g, at::MemoryFormat::Contiguous);
+  const int64_t n = g.numel();
+  const int64_t parts = (n <= kGrainNoise || at::in_parallel_region()) ? 1 : at::get_num_threads();
+  at::Tensor gb_parts = at::zeros({parts, C}, g.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sparsevd_lrt_backward", [&] {
+    const scalar_t* pg = g.data_ptr<scalar_t>();
+    const scalar_t* ps = sd.data_ptr<scalar_t>();
+    scalar_t* po = gs2.data_ptr<scalar_t>();
+    double* pb = gb_parts.data_ptr<double>();
+    const auto& k = elementwise<scalar_t>();
+    auto body = [&](int64_t b, int64_t e) {
+      const int64_t part = parts == 1 ? 0 : at::get_thread_num();
+      k.lrt_backward_gs2(pg + b, ps + b, po + b, pb + part * C, C, inner, b, key, e - b);
+    };
+    if (parts == 1) {
+      body(0, n);
+    } else {
+      at::parallel_for(0, n, kGrainNoise, body);
+    }
+  });
+  return {gs2, bias_grad(gb_parts, gb_dtype)};
+}
+
+// acc = acc + 2x ⊙ t (∂x), all contiguous, same shape.
+void add_2x_mul_(const at::Tensor& acc, const at::Tensor& x, const at::Tensor& t) {
+  AT_DISPATCH_FLOATING_TYPES(acc.scalar_type(), "sparsevd_add_2x_mul", [&] {
+    scalar_t* pa = acc.data_ptr<scalar_t>();
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    const scalar_t* pt = t.data_ptr<scalar_t>();
+    const auto& k = elementwise<scalar_t>();
+    parallel_range(acc.numel(), kGrainPlain, [&](int64_t b, int64_t e) { k.add_2x_mul(pa + b, px + b, pt + b, e - b); });
+  });
+}
+
+// a = a ⊙ b (∂log σ² = σ² ⊙ T3), contiguous, same shape.
+void mul_(const at::Tensor& a, const at::Tensor& b) {
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparsevd_mul", [&] {
+    scalar_t* pa = a.data_ptr<scalar_t>();
+    const scalar_t* pb = b.data_ptr<scalar_t>();
+    const auto& k = elementwise<scalar_t>();
+    parallel_range(a.numel(), kGrainPlain, [&](int64_t s, int64_t e) { k.mul_inplace(pa + s, pb + s, e - s); });
+  });
+}
+
+int64_t leading_rows(const at::Tensor& t) {
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) m *= t.size(d);
+  return m;
+}
+
+// ------------------------------------------------------------------------------------ linear
+// x (*, K), weight / log_sigma2 (N, K), bias (N,) or None, seed (1,) int64
+//   -> y (*, N) in x's dtype, std (*, N) in promote(x, weight).
+std::tuple<at::Tensor, at::Tensor> lrt_linear(const at::Tensor& x, const at::Tensor& weight,
+                                              const at::Tensor& log_sigma2, const c10::optional<at::Tensor>& bias,
+                                              const at::Tensor& seed) {
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  check_weights(weight, log_sigma2, 2);
+  check_param(x, "x");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x: expected shape (*, in_features=", K, "), got ", x.sizes());
+  const philox::Key key(seed_value(seed));
+  const at::ScalarType dt = at::promote_types(x.scalar_type(), weight.scalar_type());
+  const at::ScalarType ct = compute_type(dt);
+  const int64_t M = leading_rows(x);
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = N;
+
+  const at::Tensor xc = as_compute(x.reshape({M, K}), ct);  // (M, K)
+  const at::Tensor w = as_compute(weight, ct);               // (N, K)
+  const at::Tensor s2w = sigma2_compute(log_sigma2, ct);     // (N, K)
+  const at::Tensor b = check_bias(bias, N, ct);
+  const at::Tensor x2 = square_of(xc);                        // (M, K)
+  at::Tensor mu = at::empty({M, N}, xc.options());
+  at::Tensor s2 = at::empty({M, N}, xc.options());
+  run_products({[&] { at::mm_out(mu, xc, w.t()); }, [&] { at::mm_out(s2, x2, s2w.t()); }}, true);
+  forward_epilogue(mu, s2, b, N, 1, key);  // mu -> y, s2 -> std
+  at::Tensor sd = to_dtype(s2, dt).view(out_shape);
+  sigma2_remember(sd, log_sigma2, ct, s2w);
+  return {to_dtype(mu, x.scalar_type()).view(out_shape), sd};
+}
+
+// grad, std (*, N); x (*, K); weight / log_sigma2 (N, K)
+//   -> (∂x (*, K) in x's dtype, or an empty tensor when !input_grad; ∂θ, ∂log σ² (N, K); ∂b (N,)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_linear_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& log_sigma2,
+    const at::Tensor& std, const at::Tensor& seed, bool input_grad) {
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  check_weights(weight, log_sigma2, 2);
+  check_param(x, "x");
+  check_param(grad, "grad");
+  check_param(std, "std");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x: expected shape (*, in_features=", K, "), got ", x.sizes());
+  std::vector<int64_t> y_shape = x.sizes().vec();
+  y_shape.back() = N;
+  TORCH_CHECK(std.sizes().equals(y_shape), "std: expected shape ", at::IntArrayRef(y_shape), ", got ", std.sizes());
+  TORCH_CHECK(grad.sizes().equals(y_shape), "grad: expected shape ", at::IntArrayRef(y_shape), ", got ", grad.sizes());
+  const philox::Key key(seed_value(seed));
+  const at::ScalarType ct = compute_type(std.scalar_type());
+  const int64_t M = leading_rows(x);
+
+  const at::Tensor g = as_compute(grad.reshape({M, N}), ct);
+  const at::Tensor sd = as_compute(std.reshape({M, N}), ct);
+  auto [gs2, gb] = backward_prologue(g, sd, N, 1, key, weight.scalar_type());
+  const at::Tensor xc = as_compute(x.reshape({M, K}), ct);
+  const at::Tensor x2 = square_of(xc);
+  const at::Tensor s2w = sigma2_for_backward(std, log_sigma2, ct);
+  at::Tensor gw = at::empty({N, K}, xc.options());
+  at::Tensor t3 = at::empty({N, K}, xc.options());
+  std::vector<std::function<void()>> jobs = {[&] { at::mm_out(gw, g.t(), xc); },
+                                             [&] { at::mm_out(t3, gs2.t(), x2); }};
+  at::Tensor t1, t2, w;
+  if (input_grad) {
+    w = as_compute(weight, ct);
+    t1 = at::empty({M, K}, xc.options());
+    t2 = at::empty({M, K}, xc.options());
+    jobs.push_back([&] { at::mm_out(t1, g, w); });
+    jobs.push_back([&] { at::mm_out(t2, gs2, s2w); });
+  }
+  run_products(jobs, true);
+  mul_(t3, s2w);  // ∂log σ² = σ² ⊙ (g_s2ᵀ x2)
+  at::Tensor gx;
+  if (input_grad) {
+    add_2x_mul_(t1, xc, t2);  // ∂x = g θ + 2x ⊙ (g_s2 σ²)
+    gx = to_dtype(t1, x.scalar_type()).view(x.sizes());
+  } else {
+    gx = at::empty({0}, x.options());
+  }
+  return {gx, to_dtype(gw, weight.scalar_type()), to_dtype(t3, log_sigma2.scalar_type()),
+          gb};
+}
+
+// ------------------------------------------------------------------------------------ conv2d
+struct ConvArgs {
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups;
+};
+
+ConvArgs check_conv(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                    at::IntArrayRef dilation, int64_t groups) {
+  check_param(x, "x");
+  TORCH_CHECK(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1, "stride: expected two values >= 1, got ", stride);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, "padding: expected two values >= 0, got ",
+              padding);
+  TORCH_CHECK(dilation.size() == 2 && dilation[0] >= 1 && dilation[1] >= 1,
+              "dilation: expected two values >= 1, got ", dilation);
+  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, "groups: expected a positive divisor of out_channels=",
+              weight.size(0), ", got ", groups);
+  TORCH_CHECK(x.dim() == 4 && x.size(1) == weight.size(1) * groups, "x: expected shape (N, in_channels=",
+              weight.size(1) * groups, ", H, W), got ", x.sizes());
+  for (int d = 0; d < 2; ++d) {
+    const int64_t eff = dilation[d] * (weight.size(2 + d) - 1) + 1;
+    TORCH_CHECK(x.size(2 + d) + 2 * padding[d] >= eff, "x: spatial size ", x.sizes(), " is smaller than the ",
+                "dilated kernel ", weight.sizes(), " with padding ", padding);
+  }
+  return {stride.vec(), padding.vec(), dilation.vec(), groups};
+}
+
+std::vector<int64_t> conv_out_shape(const at::Tensor& x, const at::Tensor& weight, const ConvArgs& a) {
+  std::vector<int64_t> s = {x.size(0), weight.size(0), 0, 0};
+  for (int d = 0; d < 2; ++d)
+    s[2 + d] = (x.size(2 + d) + 2 * a.padding[d] - a.dilation[d] * (weight.size(2 + d) - 1) - 1) / a.stride[d] + 1;
+  return s;
+}
+
+at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const ConvArgs& a) {
+  return at::convolution(x, w, c10::nullopt, a.stride, a.padding, a.dilation, false, {0, 0}, a.groups).contiguous();
+}
+
+// x (B, C_in, H, W), weight / log_sigma2 (C_out, C_in / groups, kH, kW), bias (C_out,) or None
+//   -> y, std (B, C_out, H_out, W_out); y in x's dtype, std in promote(x, weight).
+std::tuple<at::Tensor, at::Tensor> lrt_conv2d(const at::Tensor& x, const at::Tensor& weight,
+                                              const at::Tensor& log_sigma2, const c10::optional<at::Tensor>& bias,
+                                              const at::Tensor& seed, at::IntArrayRef stride, at::IntArrayRef padding,
+                                              at::IntArrayRef dilation, int64_t groups) {
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  check_weights(weight, log_sigma2, 4);
+  const ConvArgs a = check_conv(x, weight, stride, padding, dilation, groups);
+  const philox::Key key(seed_value(seed));
+  const at::ScalarType dt = at::promote_types(x.scalar_type(), weight.scalar_type());
+  const at::ScalarType ct = compute_type(dt);
+  const int64_t C = weight.size(0);
+  const std::vector<int64_t> out_shape = conv_out_shape(x, weight, a);
+
+  const at::Tensor xc = as_compute(x, ct);
+  const at::Tensor w = as_compute(weight, ct);
+  const at::Tensor s2w = sigma2_compute(log_sigma2, ct);
+  const at::Tensor b = check_bias(bias, C, ct);
+  at::Tensor mu, s2;
+  if (xc.numel() == 0 || w.numel() == 0) {  // oneDNN rejects empty operands; the products are zero
+    mu = at::zeros(out_shape, xc.options());
+    s2 = at::zeros(out_shape, xc.options());
+  } else {
+    const at::Tensor x2 = square_of(xc);
+    run_products({[&] { mu = conv(xc, w, a); }, [&] { s2 = conv(x2, s2w, a); }}, false);
+  }
+  TORCH_CHECK(mu.sizes().equals(out_shape), "lrt_conv2d: internal shape mismatch ", mu.sizes());
+  forward_epilogue(mu, s2, b, C, out_shape[2] * out_shape[3], key);
+  at::Tensor sd = to_dtype(s2, dt);
+  sigma2_remember(sd, log_sigma2, ct, s2w);
+  return {to_dtype(mu, x.scalar_type()), sd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_conv2d_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& log_sigma2,
+    const at::Tensor& std, const at::Tensor& seed, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool input_grad) {
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  check_weights(weight, log_sigma2, 4);
+  const ConvArgs a = check_conv(x, weight, stride, padding, dilation, groups);
+  check_param(grad, "grad");
+  check_param(std, "std");
+  const std::vector<int64_t> y_shape = conv_out_shape(x, weight, a);
+  TORCH_CHECK(std.sizes().equals(y_shape), "std: expected shape ", at::IntArrayRef(y_shape), ", got ", std.sizes());
+  TORCH_CHECK(grad.sizes().equals(y_shape), "grad: expected shape ", at::IntArrayRef(y_shape), ", got ", grad.sizes());
+  const philox::Key key(seed_value(seed));
+  const at::ScalarType ct = compute_type(std.scalar_type());
+  const int64_t C = weight.size(0);
+
+  const at::Tensor g = as_compute(grad, ct);
+  const at::Tensor sd = as_compute(std, ct);
+  auto [gs2, gb] = backward_prologue(g, sd, C, y_shape[2] * y_shape[3], key, weight.scalar_type());
+  const at::Tensor xc = as_compute(x, ct);
+  const at::Tensor w = as_compute(weight, ct);
+  const at::Tensor s2w = sigma2_for_backward(std, log_sigma2, ct);
+  at::Tensor t1, gw, t2, t3;
+  if (xc.numel() == 0 || w.numel() == 0 || g.numel() == 0) {  // empty operands: all products are zero
+    t1 = at::zeros_like(xc);
+    t2 = at::zeros_like(xc);
+    gw = at::zeros_like(w);
+    t3 = at::zeros_like(w);
+  } else {
+    const at::Tensor x2 = square_of(xc);
+    const std::array<bool, 3> mask = {input_grad, true, false};
+    auto back = [&](const at::Tensor& go, const at::Tensor& in, const at::Tensor& wt, at::Tensor& gin,
+                    at::Tensor& gwt) {
+      auto r = at::convolution_backward(go, in, wt, c10::nullopt, a.stride, a.padding, a.dilation, false, {0, 0},
+                                        a.groups, mask);
+      if (input_grad) gin = std::get<0>(r).contiguous();
+      gwt = std::get<1>(r).contiguous();
+    };
+    run_products({[&] { back(g, xc, w, t1, gw); }, [&] { back(gs2, x2, s2w, t2, t3); }}, false);
+  }
+  mul_(t3, s2w);  // ∂log σ² = σ² ⊙ conv_weight_grad(x2, g_s2)
+  at::Tensor gx;
+  if (input_grad) {
+    add_2x_mul_(t1, xc, t2);  // ∂x = conv_input_grad(θ, g) + 2x ⊙ conv_input_grad(σ², g_s2)
+    gx = to_dtype(t1, x.scalar_type());
+  } else {
+    gx = at::empty({0}, x.options());
+  }
+  return {gx, to_dtype(gw, weight.scalar_type()), to_dtype(t3, log_sigma2.scalar_type()),
+          gb};
+}
+
+// ------------------------------------------------------------------------------------ controls
+std::string isa_name() { return kernels().isa; }
+std::string set_isa_op(const std::string& isa) {
+  TORCH_CHECK(isa_supported(isa), "isa: '", isa, "' is not one of auto, avx512, avx2, scalar supported by this CPU");
+  return set_isa(isa);
+}
+std::string set_products(const std::string& mode) {
+  return mode_name(product_mode().exchange(parse_mode(mode)));
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace sparsevd
+
+TORCH_LIBRARY_FRAGMENT(sparsevd, m) {
+  m.def("native_lrt_linear(Tensor x, Tensor weight, Tensor log_sigma2, Tensor? bias, Tensor seed) -> (Tensor, Tensor)");
+  m.def("native_lrt_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor log_sigma2, Tensor std, "
+        "Tensor seed, bool input_grad=True) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("native_lrt_conv2d(Tensor x, Tensor weight, Tensor log_sigma2, Tensor? bias, Tensor seed, int[] stride, "
+        "int[] padding, int[] dilation, int groups) -> (Tensor, Tensor)");
+  m.def("native_lrt_conv2d_backward(Tensor grad, Tensor x, Tensor weight, Tensor log_sigma2, Tensor std, "
+        "Tensor seed, int[] stride, int[] padding, int[] dilation, int groups, bool input_grad=True) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Controls for tests and benchmarks (no tensor arguments: catch-all kernels).
+  m.def("native_isa() -> str", &sparsevd::cpu::isa_name);
+  m.def("native_set_isa(str isa) -> str", &sparsevd::cpu::set_isa_op);
+  m.def("native_set_products(str mode) -> str", &sparsevd::cpu::set_products);
+  m.def("native_sigma2_cache(bool enabled) -> bool", &sparsevd::cpu::set_sigma2_cache);
+  m.def("native_sigma2_cache_stats() -> int[]", &sparsevd::cpu::sigma2_cache_stats);
+}
+
+TORCH_LIBRARY_IMPL(sparsevd, CPU, m) {
+  m.impl("native_lrt_linear", &sparsevd::cpu::lrt_linear);
+  m.impl("native_lrt_linear_backward", &sparsevd::cpu::lrt_linear_backward);
+  m.impl("native_lrt_conv2d", &sparsevd::cpu::lrt_conv2d);
+  m.impl("native_lrt_conv2d_backward", &sparsevd::cpu::lrt_conv2d_backward);
+}

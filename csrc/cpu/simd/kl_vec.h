@@ -1,0 +1,79 @@
+// Vectorized fp32 sparse-VD KL chunk over the ISA wrapper V (formulas: kl_cpu.cpp's header).
+// No include guard: included inside each ISA region of kernels.cpp after vec_math.h; needs
+// kl_libm<float> (kernels_body.h) declared before, for the tail.
+//
+// Per weight: w2 = θ² + 1e-8, raw = log σ² − log w2, la = clamp(raw, ±10), z = k2 + k3·la,
+// t = e^{−|la|} ∈ (4.5e-5, 1], ez = e^{−z};
+//   KL      = k1·σ(−z) + ½·softplus(−la),   σ(−z) = ez/(1 + ez),
+//             softplus(−la) = max(−la, 0) + log1p(t),  log1p(t) = 2 atanh(s) = 2s + 2s·u·P(u),
+//             s = t/(2 + t) ∈ (0, 1/3], u = s² (P: degree-4 least-squares fit; ~3 ulp in all)
+//   ∂la     = −(k1·k3·σ(z)σ(−z) + ½·σ(−la)) · [−10 < raw < 10],
+//             σ(z)σ(−z) = ez/(1 + ez)²,  σ(−la) = (la ≥ 0 ? t : 1)/(1 + t)
+//   ∂log σ² = ∂la,  ∂θ = ∂la · (−2θ) / w2.
+// One division gives 1/((1+t)(2+t)(1+ez)), from which the three reciprocals follow by products
+// (the product lies in [2, 2.7e6]); 1/w2 has its own division (θ is unbounded). One log and two
+// exps per weight. NaN in θ or log σ² propagates into the KL and the gradients as in the reference
+// (the (la − la) terms), and sets the chunk's non-finite flag, which ±inf sets too.
+
+template <bool kGrad>
+inline V::F kl_lanes(V::F w, V::F l, float* gw, float* gls2) {
+  const V::F one = V::set1(1.0f), zero = V::zero();
+  const V::F w2 = V::fmadd(w, w, V::set1(1e-8f));
+  const V::F raw = V::sub(l, vlog<true>(w2));
+  const V::F la = V::min(V::set1(10.0f), V::max(V::set1(-10.0f), raw));  // NaN stays NaN
+  const V::F nan_term = V::sub(la, la);                                   // 0, or NaN
+  const V::F neg_la = V::sub(zero, la);
+  const V::F t = vexp(V::min(la, neg_la));                                // e^{-|la|}
+  const V::F ez = vexp(V::fnmadd(la, V::set1(1.48695f), V::set1(-1.87320f)));
+  const V::F p1 = V::add(one, t), p2 = V::add(V::set1(2.0f), t), p3 = V::add(one, ez);
+  const V::F p12 = V::mul(p1, p2);
+  const V::F r = V::div(one, V::mul(p12, p3));
+  const V::F inv_p3 = V::mul(r, p12);
+  const V::F r12 = V::mul(r, p3);
+  const V::F sgm = V::mul(t, V::mul(r12, p1));                            // s = t / (2 + t)
+  const V::F u = V::mul(sgm, sgm);
+  const V::F poly = V::fmadd(V::fmadd(V::set1(0.11609610915184021f), u, V::set1(0.10853855311870575f)),
+                             V::mul(V::mul(u, u), u),
+                             V::fmadd(V::fmadd(V::set1(0.14296139776706696f), u, V::set1(0.19999854266643524f)), u,
+                                      V::set1(0.3333333432674408f)));
+  const V::F two_s = V::add(sgm, sgm);
+  const V::F log1p_t = V::fmadd(V::mul(two_s, u), poly, two_s);
+  const V::F softplus = V::add(V::max(neg_la, zero), log1p_t);
+  const V::F sig_neg_z = V::mul(ez, inv_p3);
+  const V::F kl = V::add(V::fmadd(V::set1(0.63576f), sig_neg_z, V::mul(V::set1(0.5f), softplus)), nan_term);
+  if (kGrad) {
+    const V::F inv_p1 = V::mul(r12, p2);
+    const V::F sig_neg_la = V::mul(V::select(V::lt(la, zero), one, t), inv_p1);
+    const V::F s = V::fmadd(V::set1(0.63576f * 1.48695f), V::mul(sig_neg_z, inv_p3), V::mul(V::set1(0.5f), sig_neg_la));
+    const V::F inside = V::mask_to_one(V::mand(V::gt(raw, V::set1(-10.0f)), V::lt(raw, V::set1(10.0f))));
+    const V::F dla = V::add(V::mul(V::sub(zero, s), inside), nan_term);
+    V::store(gls2, dla);
+    V::store(gw, V::mul(dla, V::div(V::mul(V::set1(-2.0f), w), w2)));
+  }
+  return kl;
+}
+
+inline KlPartial kl_f32(const float* w, const float* ls2, float* gw, float* gls2, int64_t n) {
+  constexpr int64_t kFlush = 16;  // vectors summed in fp32 lanes before adding into fp64
+  double total = 0;
+  V::F bad = V::zero();
+  int64_t i = 0;
+  while (i + V::W <= n) {
+    V::F acc = V::zero();
+    for (int64_t v = 0; v < kFlush && i + V::W <= n; ++v, i += V::W) {
+      const V::F wv = V::load(w + i), lv = V::load(ls2 + i);
+      bad = V::add(bad, V::add(V::sub(wv, wv), V::sub(lv, lv)));  // NaN in a lane once θ or log σ² is not finite
+      acc = V::add(acc, gw != nullptr ? kl_lanes<true>(wv, lv, gw + i, gls2 + i)
+                                      : kl_lanes<false>(wv, lv, nullptr, nullptr));
+    }
+    total += static_cast<double>(V::hsum(acc));
+  }
+  const float b = V::hsum(bad);
+  KlPartial out{total, !(b == 0.0f)};
+  if (i < n) {
+    const KlPartial tail = kl_libm<float>(w + i, ls2 + i, gw ? gw + i : nullptr, gls2 ? gls2 + i : nullptr, n - i);
+    out.sum += tail.sum;
+    out.nonfinite |= tail.nonfinite;
+  }
+  return out;
+}

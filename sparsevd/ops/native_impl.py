@@ -1,0 +1,111 @@
+"""The ``native`` backend: the compiled CPU kernels of ``csrc/cpu`` (``sparsevd._C``).
+
+Each implementation has the signature and return convention of its counterpart in
+:mod:`sparsevd.ops.reference_impl` and calls one ``torch.ops.sparsevd.native_*`` op: the products
+through ATen's GEMM / oneDNN convolutions, every elementwise step (x², σ², std, ξ, the noise term,
+g_s2, the 2x⊙(g_s2σ²) and σ²⊙(·) terms, ∂b) in fused vectorized passes with ξ generated inline
+from the seed (csrc/cpu/lrt_cpu.cpp states the plan; benchmarks/NOTES.md, "Native CPU backend",
+the measurements). CPU tensors only; importing this module raises ImportError when the compiled
+library or its native ops are missing, which makes the backend unavailable (``auto`` then falls
+back to the reference).
+
+The KL op also reports, per layer and in the same pass, whether any θ or log σ² is NaN or ±inf:
+the (num_layers,) bool tensor of the most recent call is :data:`last_nonfinite` (read it with
+:func:`nonfinite_layers`), so a training loop can check for divergence without an extra pass or
+a host sync per layer.
+
+Autocast: a custom op's implementation still sees the caller's autocast state; the C++ ops switch
+it off for their own ATen calls (products in fp32 from bf16 activations, as the reference's
+``_no_autocast`` does in Python), so no autocast context is entered here.
+
+Extras for tests and benchmarks (``torch.ops.sparsevd``): ``native_isa()`` /
+``native_set_isa("avx512" | "avx2" | "scalar" | "auto")`` (which kernels run, also settable with
+``SPARSEVD_CPU_ISA``), ``native_set_products("auto" | "serial" | "concurrent")`` (also
+``SPARSEVD_NATIVE_PRODUCTS``), ``native_sigma2_cache(enabled)`` and
+``native_sigma2_cache_stats()`` (hits, misses, entries of the σ² cache).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from . import library
+from .backend import register_impl
+
+_NATIVE_OPS = (
+    "native_lrt_linear",
+    "native_lrt_linear_backward",
+    "native_lrt_conv2d",
+    "native_lrt_conv2d_backward",
+    "native_kl_sparse_vd",
+)
+if not library.available():  # registers torch.ops.sparsevd.native_* when built
+    raise ImportError(f"sparsevd._C is not available: {library.unavailable_reason()}")
+_missing = [name for name in _NATIVE_OPS if not library.has_op(name)]
+if _missing:
+    raise ImportError(
+        f"sparsevd._C has no {', '.join(_missing)}: rebuild the extension "
+        "(pip install --no-build-isolation -e .)"
+    )
+
+_ops = torch.ops.sparsevd
+
+#: (num_layers,) bool tensor of the most recent ``kl_sparse_vd`` call on this backend: True where
+#: that layer's θ or log σ² contains a NaN or ±inf. None before the first call.
+last_nonfinite: Optional[torch.Tensor] = None
+
+
+def nonfinite_layers() -> Optional[torch.Tensor]:
+    """The per-layer non-finite flags of the most recent native KL call (see :data:`last_nonfinite`)."""
+    return last_nonfinite
+
+
+def lrt_linear_fwd(x, weight, log_sigma2, bias, seed):
+    y, std = _ops.native_lrt_linear(x, weight, log_sigma2, bias, seed)
+    return y, std
+
+
+def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed):
+    gx, gw, gls2, gb = _ops.native_lrt_linear_backward(grad, x, weight, log_sigma2, std, seed, True)
+    return gx, gw, gls2, gb
+
+
+def lrt_linear_bwd_params(grad, x, weight, log_sigma2, std, seed):
+    _, gw, gls2, gb = _ops.native_lrt_linear_backward(grad, x, weight, log_sigma2, std, seed, False)
+    return gw, gls2, gb
+
+
+def lrt_conv2d_fwd(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups):
+    y, std = _ops.native_lrt_conv2d(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups)
+    return y, std
+
+
+def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups):
+    gx, gw, gls2, gb = _ops.native_lrt_conv2d_backward(
+        grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups, True
+    )
+    return gx, gw, gls2, gb
+
+
+def lrt_conv2d_bwd_params(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups):
+    _, gw, gls2, gb = _ops.native_lrt_conv2d_backward(
+        grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups, False
+    )
+    return gw, gls2, gb
+
+
+def kl_fwd(weights: List[torch.Tensor], log_sigma2s: List[torch.Tensor], with_grad: bool):
+    global last_nonfinite
+    kl, grads_w, grads_ls2, flags = _ops.native_kl_sparse_vd(weights, log_sigma2s, with_grad)
+    last_nonfinite = flags
+    return kl, list(grads_w), list(grads_ls2)
+
+
+register_impl("lrt_linear", "native", lrt_linear_fwd)
+register_impl("lrt_linear_backward", "native", lrt_linear_bwd)
+register_impl("lrt_linear_backward_params", "native", lrt_linear_bwd_params)
+register_impl("lrt_conv2d", "native", lrt_conv2d_fwd)
+register_impl("lrt_conv2d_backward", "native", lrt_conv2d_bwd)
+register_impl("lrt_conv2d_backward_params", "native", lrt_conv2d_bwd_params)
+register_impl("kl_sparse_vd", "native", kl_fwd)
