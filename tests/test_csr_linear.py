@@ -187,6 +187,16 @@ def test_nonfinite_strided_and_explicit_zeros(simd, batch):
         assert_ieee_close(csr_linear(x, crow, col, val), F.linear(x, w), *TOL[torch.float32])
 
 
+def test_nonfinite_many_rows(simd):
+    """More than 64 batch rows with non-finite values (the fix-up takes 64 per pass over W)."""
+    w, cols = structured_weight(40, 80)
+    crow, col, val = csr_of(w)
+    x = torch.randn(150, 80)
+    x[torch.arange(150), torch.randint(0, 80, (150,))] = float("inf")
+    x[::3, 5] = float("nan")
+    assert_ieee_close(csr_linear(x, crow, col, val), F.linear(x, w), *TOL[torch.float32])
+
+
 def test_issue_reproducer_kernel(simd):
     crow, col, val = csr_of(torch.eye(2))
     x = torch.tensor([[float("nan"), 1.0]])

@@ -32,7 +32,8 @@
 // non-finite values, y[b, r] is NaN when fewer than n_b of row r's nonzeros read one (a zero weight
 // meets a non-finite input), else the CSR sum (which already propagates v * inf and v * NaN).
 // n_b is counted by a vectorized bit test of x (M == 1) or flagged while x is packed (M > 1, one
-// FMA with 0 per 8 values, exact count only for flagged rows); the fix-up (rare) is scalar.
+// FMA with 0 per 8 values, exact count only for flagged rows); the fix-up (rare) is scalar, one
+// pass over W for up to 64 such rows.
 //
 // Costs (nnz nonzeros, 4-byte values, 2-byte indices): SpMV reads nnz*6 + 4*(K + N + N) bytes, does
 // 2*nnz FLOPs. SpMM reads x once (4*M*K), writes and re-reads the packed copy, streams the CSR once
@@ -240,18 +241,35 @@ SVD_AVX2 int64_t count_nonfinite_avx2(const float* x, int64_t K) {
 }
 #endif
 
-// Batch row x_b (x_b[k] = xb[k * sxk]) holds nb > 0 non-finite values: y_b[r] becomes NaN where
-// row r of W reads fewer than nb of them (a zero weight of the dense W meets one; 0 * inf = NaN).
-// Assumes the column indices of a row are distinct (to_csr writes them so); indices are checked.
+// Batch rows rows[i] (x[m, k] at x[m * sxm + k * sxk]) hold nb[i] > 0 non-finite values each:
+// y[rows[i], r] becomes NaN where row r of W reads fewer than nb[i] of them (a zero weight of the
+// dense W meets one; 0 * inf = NaN). Assumes the column indices of a row are distinct (to_csr
+// writes them so); the indices are checked before. Up to 64 batch rows per pass over W:
+// bits[k] has bit i set when x[rows[i], k] is non-finite, almost always 0, so a nonzero costs one
+// load for all of them.
 template <typename T, typename I, typename C>
-void nan_fixup_row(const T* xb, int64_t K, int64_t sxk, int64_t nb, const C* crow, const I* col, T* yb,
-                   int64_t N) {
-  std::vector<uint8_t> nf(K);
-  for (int64_t k = 0; k < K; ++k) nf[k] = is_nonfinite(xb[k * sxk]);
-  for (int64_t r = 0; r < N; ++r) {
-    int64_t hits = 0;
-    for (int64_t j = crow[r], e = crow[r + 1]; j < e; ++j) hits += nf[static_cast<int64_t>(col[j])];
-    if (hits < nb) yb[r] = std::numeric_limits<T>::quiet_NaN();
+void nan_fixup(const T* x, int64_t K, int64_t sxm, int64_t sxk, const std::vector<int64_t>& rows,
+               const std::vector<int64_t>& nb, const C* crow, const I* col, T* y, int64_t N) {
+  std::vector<uint64_t> bits(K);
+  for (size_t i0 = 0; i0 < rows.size(); i0 += 64) {
+    const int n = static_cast<int>(std::min<size_t>(64, rows.size() - i0));
+    std::fill(bits.begin(), bits.end(), 0);
+    for (int i = 0; i < n; ++i) {
+      const T* xb = x + rows[i0 + i] * sxm;
+      for (int64_t k = 0; k < K; ++k) {
+        if (is_nonfinite(xb[k * sxk])) bits[k] |= uint64_t(1) << i;
+      }
+    }
+    int64_t hits[64];
+    for (int64_t r = 0; r < N; ++r) {
+      std::fill_n(hits, n, 0);
+      for (int64_t j = crow[r], e = crow[r + 1]; j < e; ++j) {
+        for (uint64_t m = bits[static_cast<int64_t>(col[j])]; m != 0; m &= m - 1) ++hits[__builtin_ctzll(m)];
+      }
+      for (int i = 0; i < n; ++i) {
+        if (hits[i] < nb[i0 + i]) y[rows[i0 + i] * N + r] = std::numeric_limits<T>::quiet_NaN();
+      }
+    }
   }
 }
 
@@ -413,9 +431,8 @@ SVD_AVX2 inline void flush_rows_avx2(const float* buf, int nr, int tm, int64_t m
   }
 }
 
-// One block of pack_block for fp32 rows with unit stride: 8x8 blocks transposed in registers.
-// Bit q of the result: batch row t*tm + i0 + q (i0 = 8 * group) has a non-finite value in the block;
-// returned per group of 8 rows through `flags` (flags[g] for rows t*tm + 8g .. +8).
+// One block of pack_block for fp32 rows with unit stride: 8x8 blocks transposed in registers; the
+// same flags (bit q of flags[g]: batch row t*tm + 8g + q has a non-finite value in the block).
 SVD_AVX2 void pack_block_avx2(const float* x, int64_t M, int64_t K, int64_t sxm, int tm, float* xp, int64_t t,
                               int64_t kb, unsigned* flags) {
   const int64_t k0 = kb * kPackBlock, k1 = std::min(K, k0 + kPackBlock);
@@ -669,7 +686,7 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
       if (!ok) cols_ok.store(false, std::memory_order_relaxed);
     }
     if (!cols_ok.load()) fail_cols(col, nnz, K);
-    if (nonfinite > 0) nan_fixup_row(xv, K, 1, nonfinite, crow, col, y, N);
+    if (nonfinite > 0) nan_fixup(xv, K, 0, 1, {0}, {nonfinite}, crow, col, y, N);
     return;
   }
 
@@ -745,6 +762,7 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
   }
   if (!cols_ok.load()) fail_cols(col, nnz, K);
   // Rare path: batch rows flagged while packing get their exact count and the fix-up.
+  std::vector<int64_t> rows, nb;
   for (int64_t t = 0; t < nt; ++t) {
     for (int g = 0; g < groups; ++g) {
       unsigned nf = 0;
@@ -752,11 +770,15 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
       for (int q = 0; nf != 0 && q < 8; ++q) {
         const int64_t m = t * tm + 8 * g + q;
         if (!((nf >> q) & 1u) || m >= M) continue;
-        const int64_t nb = count_nonfinite(x + m * sxm, K, sxk);
-        if (nb > 0) nan_fixup_row(x + m * sxm, K, sxk, nb, crow, col, y + m * N, N);
+        const int64_t n = count_nonfinite(x + m * sxm, K, sxk);
+        if (n > 0) {
+          rows.push_back(m);
+          nb.push_back(n);
+        }
       }
     }
   }
+  if (!rows.empty()) nan_fixup(x, K, sxm, sxk, rows, nb, crow, col, y, N);
 }
 
 template <typename F>
