@@ -17,10 +17,23 @@ inputs; CPU: torch.utils.benchmark blocked runs, median / p20 / p80 over all blo
 with torch's thread count; GPU: triton.testing.do_bench (L2 flushed). Rows are appended to
 benchmarks/results/<device-slug>-<date>.json; each row records the 1-minute load average.
 
+3. ``--against REV [REV ...]``: the cost of a change to the CPU kernel, in one process. The kernel
+   source of other git revisions (csrc/cpu/csr_linear_cpu.cpp and the headers it includes) is
+   built as a separate op library, its namespace renamed to ``csr_<hash>``, loaded beside the
+   installed sparsevd._C and timed against it on the inputs of (1) (fp32, int16 columns, bias).
+   One thread, the calling thread's CPU time, the builds interleaved in each round in an order
+   that alternates between rounds (default 40 rounds of 20 ms each). Printed per shape: median
+   (and 10th percentile) ms per build and the ratio current / other: the median of the per-round
+   ratios of the round medians (quartiles in brackets), and the ratio of the 10th percentiles (on
+   a shared machine other processes only add time). A REV is a git revision, ``worktree`` (the
+   files as they are) or ``file:PATH`` (that kernel source with the work tree's headers), with
+   optional ``+FLAG`` compiler flags (``worktree+-DVARIANT``). ``--nonfinite`` adds inputs with
+   one NaN per batch row (the rare fix-up path). Nothing is saved.
+
 Usage: python -m benchmarks.bench_csr_linear [--device cpu|cuda] [--dtype float32 float16]
        [--sparsity 0.9 0.95 0.98 0.99] [--batch 1 16 64 256] [--rounds 3] [--checkpoint DIR]
        [--threads N] [--timer wall|cpu] [--skip-linear] [--skip-lenet] [--quick] [--out FILE]
-       [--no-save] [--dry-run]
+       [--no-save] [--dry-run] [--against REV ... [--nonfinite]]
 
 On a machine shared with other jobs, wall-clock times of multi-threaded runs are quantized by the
 scheduler (a parallel region waits for its descheduled threads); ``--threads 1 --timer cpu``
@@ -29,9 +42,15 @@ measures the calling thread's CPU time instead, which other processes do not inf
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import re
+import statistics
+import subprocess
+import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
@@ -207,6 +226,99 @@ def bench_lenet(args, env) -> List[dict]:
     return rows
 
 
+# ------------------------------------------------------------------ builds of other revisions
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL_SOURCES = ("csrc/cpu/csr_linear_cpu.cpp", "csrc/cpu/csr_simd.h", "csrc/csr_checks.h")
+SCHEMA = "csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias) -> Tensor"
+
+
+def _read_source(rev: str, path: str) -> str:
+    if rev.startswith("file:"):  # that kernel, the headers of the work tree
+        return Path(rev[5:]).read_text() if path == KERNEL_SOURCES[0] else (ROOT / path).read_text()
+    if rev == "worktree":
+        return (ROOT / path).read_text()
+    return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def build_kernel(spec: str) -> Callable:
+    """The CPU op of ``spec`` (REV[+FLAG...]) built as op library csr_<hash> (see the docstring)."""
+    from torch.utils.cpp_extension import load
+
+    rev, *flags = spec.split("+")
+    texts = {p: _read_source(rev, p) for p in KERNEL_SOURCES}
+    ns = "csr_" + hashlib.sha1(("\0".join([*texts.values(), *flags])).encode()).hexdigest()[:10]
+    src_dir = Path(tempfile.gettempdir()) / "sparsevd_csr_builds" / ns
+    for path, text in texts.items():
+        text = text.replace("namespace sparsevd {", f"namespace {ns} {{").replace("sparsevd::", f"{ns}::")
+        text = re.sub(r"TORCH_LIBRARY_IMPL\(sparsevd, CPU, m\)",
+                      f'TORCH_LIBRARY({ns}, m) {{ m.def("{SCHEMA}"); }}\nTORCH_LIBRARY_IMPL({ns}, CPU, m)', text)
+        dst = src_dir / path
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists() or dst.read_text() != text:
+            dst.write_text(text)
+    load(name=ns, sources=[str(src_dir / KERNEL_SOURCES[0])], is_python_module=False,
+         extra_cflags=["-O3", "-std=c++20", "-fopenmp", *flags], extra_ldflags=["-fopenmp"])
+    return getattr(torch.ops, ns).csr_linear
+
+
+def _quantile(v: List[float], q: float) -> float:
+    v = sorted(v)
+    return v[min(int(q * len(v)), len(v) - 1)]
+
+
+def _compare(fns: Dict[str, Callable[[], object]], rounds: int, min_run_time: float):
+    """Per provider (median ms, p10 ms) over all samples, and per other provider the per-round
+    ratios first provider / it of the round medians."""
+    names = list(fns)
+    for fn in fns.values():
+        fn()
+    per_round: Dict[str, List[float]] = {k: [] for k in names}
+    samples: Dict[str, List[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            s = _cpu_time_samples(fns[k], min_run_time)
+            samples[k].extend(s)
+            per_round[k].append(statistics.median(s))
+    stats = {k: (statistics.median(v), _quantile(v, 0.1)) for k, v in samples.items()}
+    ratios = {k: [a / b for a, b in zip(per_round[names[0]], per_round[k])] for k in names[1:]}
+    return stats, ratios
+
+
+def bench_against(args) -> int:
+    others = {spec: build_kernel(spec) for spec in args.against}
+    current = torch.ops.sparsevd.csr_linear
+    print(f"threads 1, thread CPU time, {args.rounds} rounds of {args.min_run_time} s, "
+          f"load {os.getloadavg()}")
+    print("sparsity    M  current ms (p10) " + " ".join(
+        f"| {s[:14]:>14} ms (p10)  ratio: rounds (p25-p75), p10" for s in others))
+    for sparsity in args.sparsity:
+        g = torch.Generator().manual_seed(0)
+        mask = torch.rand(N, K, generator=g) >= sparsity
+        w = torch.randn(N, K, generator=g) * mask
+        b = torch.randn(N, generator=g)
+        crow, col, val = to_csr(w)
+        for batch in args.batch:
+            xs = [("", torch.randn(batch, K, generator=g))]
+            if args.nonfinite:
+                xn = xs[0][1].clone()
+                xn[torch.arange(batch), torch.randint(0, K, (batch,), generator=g)] = float("nan")
+                xs.append((" [one NaN per row]", xn))
+            for label, x in xs:
+                fns = {"current": lambda: current(x, crow, col, val, b)}
+                fns.update({spec: (lambda op=op: op(x, crow, col, val, b)) for spec, op in others.items()})
+                with torch.no_grad():
+                    st, ratios = _compare(fns, args.rounds, args.min_run_time)
+                row = f"{sparsity:8.2f} {batch:4d}  {st['current'][0]:9.4f} ({st['current'][1]:.4f})  "
+                for spec in others:
+                    r = ratios[spec]
+                    row += (f"| {st[spec][0]:14.4f} ({st[spec][1]:.4f})  {statistics.median(r):6.3f} "
+                            f"({_quantile(r, 0.25):.3f}-{_quantile(r, 0.75):.3f}), "
+                            f"{st['current'][1] / st[spec][1]:.3f} ")
+                print(row + label, flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
@@ -214,18 +326,32 @@ def main(argv=None) -> int:
                    help="default: float32 on CPU, float16 and float32 on CUDA")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
-    p.add_argument("--min-run-time", type=float, default=0.2, help="CPU seconds per provider per round")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds per configuration (default 3; 40 with --against)")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="CPU seconds per provider per round (default 0.2; 0.02 with --against)")
     p.add_argument("--checkpoint", default=None, help="trained LeNet-300-100 (sparsevd train --out DIR)")
     p.add_argument("--skip-linear", action="store_true")
     p.add_argument("--skip-lenet", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--timer", choices=("wall", "cpu"), default="wall",
                    help="wall clock (default) or thread CPU time (needs --threads 1; for loaded machines)")
+    p.add_argument("--against", nargs="+", metavar="REV", default=None,
+                   help="time the CPU kernel of these revisions against the installed one (see above)")
+    p.add_argument("--nonfinite", action="store_true", help="with --against: also one NaN per batch row")
     common.add_common_args(p)
     args = common.parse_args(p, argv)
+    if args.rounds is None:
+        args.rounds = 40 if args.against else 3
+    if args.min_run_time is None:
+        args.min_run_time = 0.02 if args.against else 0.2
     if args.quick:
         args.rounds, args.min_run_time = 1, min(args.min_run_time, 0.05)
+    if args.against:
+        if args.device != "cpu":
+            p.error("--against times the CPU kernel: needs --device cpu")
+        torch.set_num_threads(1)
+        return bench_against(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.timer == "cpu" and (args.device != "cpu" or torch.get_num_threads() != 1):

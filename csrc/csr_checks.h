@@ -1,8 +1,9 @@
 // Argument checks of sparsevd::csr_linear shared by the CPU and CUDA implementations.
 //
-// The checks here are O(1) (metadata only, no reads of index data): the op trusts its indices, so
-// sparsevd.ops.csr_linear (Python) validates crow monotonicity and the column range before calling
-// it, and the deployed layers validate once at construction.
+// The checks here are O(1) (metadata only, no reads of index data). The kernels check the index
+// data themselves, whatever reaches them (CPU: a RuntimeError naming the bad entry; CUDA: NaN in
+// the affected outputs, no host sync); sparsevd.ops.csr_linear and the deployed layers validate it
+// in Python before (a ValueError naming the argument).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -49,3 +49,37 @@ def assert_close(actual, expected, rtol, atol, name="output"):
             f"outside atol={atol}, rtol={rtol}; worst at {flat_idx}: "
             f"{a.reshape(-1)[idx].item()} vs {e.reshape(-1)[idx].item()}"
         )
+
+
+def assert_ieee_close(actual, expected, rtol, atol, name="output"):
+    """NaN-aware comparison of every element: NaN at the same positions, ±inf at the same positions
+    with the same sign, the finite values within atol + rtol·|expected| (reported like assert_close)."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    for what, fa, fe in (("NaN", a.isnan(), e.isnan()), ("+inf", a == float("inf"), e == float("inf")),
+                         ("-inf", a == float("-inf"), e == float("-inf"))):
+        diff = fa != fe
+        if diff.any():
+            idx = tuple(int(i) for i in diff.nonzero()[0])
+            raise AssertionError(
+                f"{name}: {int(diff.sum())}/{diff.numel()} elements differ in being {what}; first at "
+                f"{idx}: {a[idx].item()} vs {e[idx].item()}"
+            )
+    finite = torch.isfinite(e)
+    assert_close(torch.where(finite, a, 0.0), torch.where(finite, e, 0.0), rtol, atol, name=name)
+
+
+@pytest.fixture(params=[True, False], ids=["avx2", "portable"])
+def simd(request):
+    """Run fp32 cases of the compiled CPU kernels with the AVX2 code and with the portable C++."""
+    from sparsevd.ops import library
+
+    C = library.module()
+    if C is None:
+        pytest.skip(f"sparsevd._C not built ({library.unavailable_reason()})")
+    if request.param and not C.cpu_simd_available():
+        pytest.skip("no AVX2+FMA on this CPU")
+    old = C.set_cpu_simd(request.param)
+    yield request.param
+    C.set_cpu_simd(old)

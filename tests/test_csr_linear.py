@@ -13,7 +13,7 @@ from sparsevd.nn.sparse import to_csr
 from sparsevd.ops import csr as csr_mod
 from sparsevd.ops import csr_linear, library
 
-from conftest import assert_close
+from conftest import assert_close, assert_ieee_close
 
 pytestmark = pytest.mark.skipif(
     not library.available(),
@@ -33,17 +33,6 @@ def random_weight(n, k, density, dtype=torch.float32, empty_rows=0):
 def csr_of(w, col_dtype=None, crow_dtype=torch.int32):
     crow, col, val = to_csr(w, col_dtype)
     return crow.to(crow_dtype), col, val
-
-
-@pytest.fixture(params=[True, False], ids=["avx2", "portable"])
-def simd(request):
-    """Run fp32 cases with the AVX2 kernels and with the portable C++ ones."""
-    C = library.module()
-    if request.param and not C.cpu_simd_available():
-        pytest.skip("no AVX2+FMA on this CPU")
-    old = C.set_cpu_simd(request.param)
-    yield request.param
-    C.set_cpu_simd(old)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -138,6 +127,203 @@ def test_fallback_matches(monkeypatch):
     with pytest.warns(RuntimeWarning, match="pip install"):
         y = csr_linear(x, crow, col, val, b)
     assert_close(y, expected, *TOL[torch.float32])
+
+
+# ------------------------------------------------------------------------ non-finite inputs
+NONFINITE = (float("nan"), float("inf"), float("-inf"))
+
+
+def structured_weight(n, k, dtype=torch.float32):
+    """W (n, k) with three kinds of columns: unused (all zero), partial (zero in about half the
+    rows) and full (nonzero in every row); returns W and the three index sets."""
+    w = torch.randn(n, k, dtype=dtype)
+    perm = torch.randperm(k)
+    unused, partial, full = perm[: k // 4], perm[k // 4: k // 2], perm[k // 2:]
+    w[:, unused] = 0
+    drop = torch.zeros(n, k, dtype=torch.bool)
+    drop[:, partial] = torch.rand(n, partial.numel()) < 0.5
+    w[drop] = 0
+    return w, {"unused": unused, "partial": partial, "full": full}
+
+
+def inject_nonfinite(x, cols, where):
+    """Every other batch row (0, 2, ...) gets 1-3 values from NaN, +inf, -inf at columns of kind
+    ``where`` (``"mixed"``: any kind); the other rows stay finite. Returns a new tensor."""
+    x = x.clone()
+    kinds = list(cols) if where == "mixed" else [where]
+    for b in range(0, x.shape[0], 2):
+        for _ in range(int(torch.randint(1, 4, ()))):
+            c = cols[kinds[int(torch.randint(len(kinds), ()))]]
+            x[b, c[int(torch.randint(c.numel(), ()))]] = NONFINITE[int(torch.randint(3, ()))]
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 3, 16, 33, 64])
+@pytest.mark.parametrize("where", ["unused", "partial", "full", "mixed"])
+def test_nonfinite_inputs_match_dense(simd, where, batch, dtype):
+    """y is F.linear with the zero-filled W in IEEE arithmetic: a NaN or ±inf input that meets a
+    zero weight makes the output NaN (0·inf = NaN), at every batch size; every element checked."""
+    w, cols = structured_weight(37, 90, dtype)
+    b = torch.randn(37, dtype=dtype)
+    x = inject_nonfinite(torch.randn(batch, 90, dtype=dtype), cols, where)
+    crow, col, val = csr_of(w)
+    y = csr_linear(x, crow, col, val, b)
+    assert_ieee_close(y, F.linear(x, w, b), *TOL[dtype])
+    assert_ieee_close(csr_linear(x, crow, col, val), F.linear(x, w), *TOL[dtype], name="no bias")
+
+
+@pytest.mark.parametrize("batch", [1, 12])
+def test_nonfinite_strided_and_explicit_zeros(simd, batch):
+    """Strided x (the portable pack and the SpMV copy) and stored zero weights (0·inf counted as
+    read: the CSR sum itself gives NaN)."""
+    w, cols = structured_weight(20, 64)
+    crow, col, val = csr_of(w)
+    val = val.clone()
+    val[::5] = 0.0
+    w = sparsevd.nn.sparse._csr_to_dense(crow, col, val, 20, 64)
+    base = inject_nonfinite(torch.randn(batch, 64), cols, "mixed")
+    for x in (base.t().contiguous().t(), torch.stack([base, base], -1)[..., 0]):  # column-major, stride 2
+        assert_ieee_close(csr_linear(x, crow, col, val), F.linear(x, w), *TOL[torch.float32])
+
+
+def test_nonfinite_many_rows(simd):
+    """More than 64 batch rows with non-finite values (the fix-up takes 64 per pass over W)."""
+    w, cols = structured_weight(40, 80)
+    crow, col, val = csr_of(w)
+    x = torch.randn(150, 80)
+    x[torch.arange(150), torch.randint(0, 80, (150,))] = float("inf")
+    x[::3, 5] = float("nan")
+    assert_ieee_close(csr_linear(x, crow, col, val), F.linear(x, w), *TOL[torch.float32])
+
+
+def test_issue_reproducer_kernel(simd):
+    crow, col, val = csr_of(torch.eye(2))
+    x = torch.tensor([[float("nan"), 1.0]])
+    for xb in (x, x.repeat(2, 1), x.repeat(20, 1)):
+        assert_ieee_close(csr_linear(xb, crow, col, val), F.linear(xb, torch.eye(2)), 0, 0)
+
+
+def test_nonfinite_without_nonzeros():
+    """nnz = 0: y = bias, NaN in the rows with a non-finite input (every weight is a zero)."""
+    crow = torch.zeros(5, dtype=torch.int32)
+    col = torch.zeros(0, dtype=torch.int16)
+    val = torch.zeros(0)
+    b = torch.randn(4)
+    x = torch.randn(3, 6)
+    x[1, 2] = float("inf")
+    expected = F.linear(x, torch.zeros(4, 6), b)
+    assert_ieee_close(torch.ops.sparsevd.csr_linear(x, crow, col, val, b), expected, 0, 0)
+    assert_ieee_close(torch.ops.sparsevd.csr_linear(x[1], crow, col, val, b), expected[1], 0, 0)
+
+
+def test_parallel_paths_bounds_and_nonfinite(simd):
+    """Two threads (the OpenMP regions: tile 0 checked, the other tiles after the barrier)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w, cols = structured_weight(512, 700)
+        crow, col, val = csr_of(w)
+        for batch in (1, 40):
+            x = inject_nonfinite(torch.randn(batch, 700), cols, "mixed")
+            assert_ieee_close(csr_linear(x, crow, col, val), F.linear(x, w), *TOL[torch.float32])
+            for j in (0, col.numel() // 2, col.numel() - 1):
+                bad = col.clone()
+                bad[j] = 20000
+                with pytest.raises(RuntimeError, match=rf"col_indices\[{j}\] = 20000 is outside"):
+                    torch.ops.sparsevd.csr_linear(x, crow, bad, val, None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fallback_nonfinite_semantics(monkeypatch):
+    w, cols = structured_weight(30, 50)
+    crow, col, val = csr_of(w)
+    monkeypatch.setattr(library, "_MODULE", None)
+    monkeypatch.setattr(csr_mod, "_warned", True)
+    for batch in (1, 7):
+        x = inject_nonfinite(torch.randn(batch, 50), cols, "mixed")
+        assert_ieee_close(csr_linear(x, crow, col, val), F.linear(x, w), *TOL[torch.float32])
+
+
+# ------------------------------------------------------------------------ bounds of the kernel
+def _bad_index_case(col_dtype=None, crow_dtype=torch.int32):
+    w = random_weight(16, 40, 0.5)
+    w[:, 7] = 1.0  # nnz >= 16
+    return csr_of(w, col_dtype, crow_dtype)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 40])
+@pytest.mark.parametrize("col_dtype", [torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("bad", [20000, -1, 40])
+@pytest.mark.parametrize("at", ["first", "middle", "last"])
+def test_kernel_rejects_bad_columns(simd, batch, col_dtype, bad, at):
+    """The op checks every column index itself (no read out of bounds, a RuntimeError naming it)."""
+    crow, col, val = _bad_index_case(col_dtype)
+    j = {"first": 0, "middle": col.numel() // 2, "last": col.numel() - 1}[at]
+    col = col.clone()
+    col[j] = bad
+    x = torch.randn(batch, 40)
+    with pytest.raises(RuntimeError, match=rf"csr_linear: col_indices\[{j}\] = {bad} is outside "
+                                           r"\[0, in_features=40\)"):
+        torch.ops.sparsevd.csr_linear(x, crow, col, val, None)
+    with pytest.raises(ValueError, match=r"col_indices: expected values in \[0, in_features=40\)"):
+        csr_linear(x, crow, col, val)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 40])
+@pytest.mark.parametrize("crow_dtype", [torch.int32, torch.int64])
+def test_kernel_rejects_bad_row_pointers(simd, batch, crow_dtype):
+    crow, col, val = _bad_index_case(crow_dtype=crow_dtype)
+    x = torch.randn(batch, 40)
+    nnz = col.numel()
+    op = torch.ops.sparsevd.csr_linear
+    for value, match in [(10**8, rf"crow_indices\[5\] = 100000000 is outside \[0, nnz={nnz}\]"),
+                         (-3, r"crow_indices\[5\] = -3 is outside"),
+                         (int(crow[8]), r"crow_indices must be non-decreasing, got crow_indices\[5\]")]:
+        bad = crow.clone()
+        bad[5] = value
+        if value == int(crow[8]) and int(crow[8]) == int(crow[6]):
+            bad[6] = value - 1
+        with pytest.raises(RuntimeError, match=match):
+            op(x, bad, col, val, None)
+    with pytest.raises(RuntimeError, match="crow_indices must start at 0 and end at nnz"):
+        op(x, torch.cat([crow[:-1], crow[-1:] + 1]), col, val, None)
+
+
+def test_kernel_rejects_columns_without_features():
+    """K = 0 with stored nonzeros: every column index is out of range."""
+    crow = torch.tensor([0, 1], dtype=torch.int32)
+    col = torch.tensor([0], dtype=torch.int16)
+    with pytest.raises(RuntimeError, match=r"col_indices\[0\] = 0 is outside \[0, in_features=0\)"):
+        torch.ops.sparsevd.csr_linear(torch.randn(3, 0), crow, col, torch.ones(1), None)
+    with pytest.raises(ValueError, match="col_indices: expected values in"):
+        csr_linear(torch.randn(3, 0), crow, col, torch.ones(1))
+
+
+def test_fallback_validates_indices(monkeypatch):
+    """Without the compiled library, torch.sparse never sees bad indices (check_invariants=False)."""
+    crow, col, val = _bad_index_case()
+    monkeypatch.setattr(library, "_MODULE", None)
+    monkeypatch.setattr(csr_mod, "_warned", True)
+    x = torch.randn(3, 40)
+    bad_col = col.clone()
+    bad_col[3] = 20000
+    bad_crow = crow.clone()
+    bad_crow[5] = 10**8
+    for fn in (csr_linear, csr_mod.csr_linear_torch):
+        with pytest.raises(ValueError, match=r"col_indices: expected values in \[0, in_features=40\)"):
+            fn(x, crow, bad_col, val)
+        with pytest.raises(ValueError, match="crow_indices: expected a non-decreasing"):
+            fn(x, bad_crow, col, val)
+    with pytest.raises(ValueError, match="col_indices"):
+        csr_linear(x, crow, bad_col, val, check_indices=False)  # the fallback checks anyway
+
+
+def test_meta_input_is_rejected():
+    crow, col, val = _bad_index_case()
+    with pytest.raises(ValueError, match="x: expected a tensor with data, got a meta tensor"):
+        csr_linear(torch.empty(2, 40, device="meta"), crow, col, val)
 
 
 # ---------------------------------------------------------------------------------- errors

@@ -1,7 +1,9 @@
 // torch bindings of the CUDA kernels of sparsevd::csr_linear (csr_linear_kernels.cu).
 //
-// Validates the arguments, narrows int64 indices to the kernels' int32 (row pointers) and
-// int16/int32 (columns), allocates the scratch for x transposed, and launches on the current stream.
+// Validates the arguments (metadata: the kernels check the index data themselves, without a host
+// sync), narrows int64 indices to the kernels' int32 (row pointers) and int16/int32 (columns) after
+// clamping them, so that a bad value stays bad, allocates the scratch (x transposed, counts of
+// non-finite inputs) and launches on the current stream.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -47,22 +49,27 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, 
   if (M == 0 || N == 0) return y.view(out_shape);
 
   const int64_t nnz = col_indices.numel();
-  if (nnz == 0 || K == 0) {
+  if (K == 0) {  // no inputs: y = b, NaN in the rows that claim nonzeros (their columns are bad)
     if (has_bias) y.copy_(bias->unsqueeze(0).expand({M, N})); else y.zero_();
+    const at::Tensor c = crow_indices.contiguous();
+    y.masked_fill_(c.slice(0, 0, N).ne(0).logical_or(c.slice(0, 1, N + 1).ne(0)).unsqueeze(0),
+                   std::numeric_limits<double>::quiet_NaN());
     return y.view(out_shape);
   }
-  TORCH_CHECK(nnz <= std::numeric_limits<int32_t>::max(),
-              "csr_linear (CUDA): at most 2^31 - 1 nonzeros are supported, got ", nnz);
+  TORCH_CHECK(nnz < std::numeric_limits<int32_t>::max(),
+              "csr_linear (CUDA): at most 2^31 - 2 nonzeros are supported, got ", nnz);
   TORCH_CHECK(K <= std::numeric_limits<int32_t>::max(),
               "csr_linear (CUDA): at most 2^31 - 1 input features are supported, got ", K);
-  const at::Tensor crow = crow_indices.scalar_type() == at::kInt ? crow_indices.contiguous()
-                                                                 : crow_indices.to(at::kInt).contiguous();
-  const at::Tensor col = col_indices.scalar_type() == at::kLong ? col_indices.to(at::kInt).contiguous()
+  // Narrowing clamps first: out-of-range values stay out of range (-1, nnz + 1, K), never wrap.
+  const at::Tensor crow = crow_indices.scalar_type() == at::kInt
+                              ? crow_indices.contiguous()
+                              : crow_indices.clamp(-1, nnz + 1).to(at::kInt).contiguous();
+  const at::Tensor col = col_indices.scalar_type() == at::kLong ? col_indices.clamp(-1, K).to(at::kInt).contiguous()
                                                                 : col_indices.contiguous();
   const at::Tensor val = values.contiguous();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   const int64_t ws_bytes = csr_linear_workspace_bytes(M, K, vt);
-  const at::Tensor ws = at::empty({std::max<int64_t>(ws_bytes, 1)}, x.options().dtype(at::kByte));
+  const at::Tensor ws = at::empty({ws_bytes}, x.options().dtype(at::kByte));
 
   CsrLinearArgs a;
   a.x = x2.data_ptr();
@@ -79,7 +86,7 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, 
   a.value_type = vt;
   a.crow_type = IndexType::kInt32;
   a.col_type = col.scalar_type() == at::kShort ? IndexType::kInt16 : IndexType::kInt32;
-  a.workspace = ws_bytes > 0 ? ws.data_ptr() : nullptr;
+  a.workspace = ws.data_ptr();
   const int err = launch_csr_linear(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "csr_linear (CUDA): kernel launch failed: ", error_string(err));
   return y.view(out_shape);

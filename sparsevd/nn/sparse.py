@@ -11,6 +11,18 @@ int32). Each layer carries a *plan*: which kernel runs at which batch size,
 - ``"masked"``: masked dense: a dense matmul with the zero-filled (out_features, in_features) weight
   (linear only).
 
+Every mode computes what the dense layer with the zero-filled weight computes in IEEE arithmetic,
+non-finite inputs included (0·NaN = 0·±inf = NaN: an input NaN or ±inf meeting a pruned weight
+makes the output NaN), at every batch size, up to rounding (docs/design.md, "Deployment").
+
+The CSR buffers are validated whenever they can have changed: at construction, after
+``load_state_dict`` (a failed check leaves the layer as it was), after ``.to()`` / ``.double()``
+(``_apply``; what fails there, e.g. ``to_empty()``, raises at the next use), and at forward when a
+buffer was reassigned or edited in place (identities and version counters, ~0.5 µs per call),
+which also rebuilds the dense caches. Edits that bypass the version counters (``.data``, numpy
+views) are not seen there: the CSR kernel checks the indices itself, so they raise (CPU) or give
+NaN (CUDA), never a read out of bounds (the dense modes keep their caches until the next sync).
+
 Source: Molchanov, Ashukha, Vetrov, "Variational Dropout Sparsifies Deep Neural Networks",
 ICML 2017 (arXiv:1701.05369), sec. 5: weights with log α > 3 are set to zero at test time.
 """
@@ -70,7 +82,8 @@ def _csr_to_dense(crow: Tensor, col: Tensor, values: Tensor, n: int, k: int) -> 
     w = torch.zeros(n, k, dtype=values.dtype, device=values.device)
     if values.numel():
         rows = torch.repeat_interleave(
-            torch.arange(n, device=values.device), (crow[1:] - crow[:-1]).long()
+            torch.arange(n, device=values.device), (crow[1:] - crow[:-1]).long(),
+            output_size=values.numel(),
         )
         w[rows, col.long()] = values
     return w
@@ -105,6 +118,17 @@ def normalize_plan(plan, modes: Sequence[str]) -> Plan:
     return tuple(merged)
 
 
+_BUFFERS = ("crow_indices", "col_indices", "values", "bias")
+
+
+def _version_sum(tensors) -> int:
+    """Sum of the version counters (each bumped by every in-place edit), -1 when one of the tensors
+    is an inference tensor (they have none)."""
+    if any(t.is_inference() for t in tensors):
+        return -1
+    return sum(t._version for t in tensors)
+
+
 class _SparseBase(nn.Module):
     """CSR storage, plan and the report() attributes shared by SparseLinear and SparseConv2d."""
 
@@ -124,8 +148,58 @@ class _SparseBase(nn.Module):
         self._rows, self._cols = n, in_cols
         self.dense_shape = tuple(int(s) for s in dense_shape)
         self.num_weights = int(num_weights) if num_weights is not None else math.prod(self.dense_shape)
-        self.plan: Plan = ()
-        self.set_plan("csr" if plan is None else plan)
+        # (crow, col, values, bias, version sum of crow, col, values) of the last validated
+        # buffers, or None: forward validates again when a buffer is not that object any more, or
+        # (dense modes) when crow, col or values was edited in place.
+        self._synced: Optional[tuple] = None
+        self.plan: Plan = normalize_plan("csr" if plan is None else plan, self.MODES)
+        self._check_plan(self.plan)
+        self._refresh()
+        if check:
+            self._mark_synced()
+
+    # -- validation of the buffers
+    def _check_buffers(self) -> None:
+        """Validate the current buffers (index data included; a GPU sync for CUDA tensors).
+
+        Raises:
+            TypeError / ValueError naming the buffer.
+        """
+        b = self._buffers
+        crow = b["crow_indices"]
+        if isinstance(crow, Tensor) and crow.numel() != self._rows + 1:
+            raise ValueError(f"crow_indices: expected {self._rows + 1} entries (out features + 1), "
+                             f"got {crow.numel()}")
+        validate_csr(crow, b["col_indices"], b["values"], self._cols, b["bias"])
+
+    def _mark_synced(self) -> None:
+        b = self._buffers
+        ts = tuple(b[k] for k in _BUFFERS)
+        self._synced = (*ts, _version_sum(ts[:3]))
+
+    def _sync(self) -> None:
+        """Validate the buffers, rebuild the caches, remember the buffers as validated."""
+        self._synced = None
+        self._check_buffers()
+        self._refresh()
+        self._mark_synced()
+
+    def _ensure_synced(self) -> None:
+        """_sync() when a buffer was reassigned or crow, col or values was edited in place since
+        the last one (identities, ~0.15 µs, and three version counters, ~0.12 µs each); skipped
+        while torch.compile traces. The bias is never cached: an in-place edit of it is followed
+        anyway."""
+        if torch.compiler.is_compiling():  # traced (torch.compile, torch.export): the buffers
+            return  # are graph inputs there; version counters are not traceable
+        s = self._synced
+        if s is not None:
+            b = self._buffers
+            crow, col, values, bias, version = s
+            if (b["values"] is values and b["col_indices"] is col and b["crow_indices"] is crow
+                    and b["bias"] is bias
+                    and (version < 0 or crow._version + col._version + values._version == version)):
+                return
+        self._sync()
 
     # -- report() attributes
     @property
@@ -156,8 +230,12 @@ class _SparseBase(nn.Module):
             ValueError: unknown mode or malformed pairs.
         """
         plan = normalize_plan(plan, self.MODES)
+        self._check_plan(plan)
         self.plan = plan
         self._refresh()
+
+    def _check_plan(self, plan: Plan) -> None:
+        pass
 
     def mode_for(self, batch: int) -> str:
         """The mode the plan gives for a batch of ``batch`` samples."""
@@ -170,11 +248,24 @@ class _SparseBase(nn.Module):
         return plan[-1][1]
 
     def to_dense(self) -> Tensor:
-        """The stored weight as a dense (out_features, in_features · kernel) tensor, zeros filled."""
+        """The stored weight as a dense (out_features, in_features · kernel) tensor, zeros filled.
+
+        Raises:
+            ValueError / TypeError: the buffers were edited into an invalid CSR.
+        """
+        self._ensure_synced()
         return _csr_to_dense(self.crow_indices, self.col_indices, self.values, self._rows, self._cols)
 
     def _build_caches(self) -> None:
         raise NotImplementedError
+
+    def _reject_meta(self, mode: str) -> None:
+        """The error for a meta x (called only for one): the CSR kernel reads x, and the dense modes
+        of a layer with data would mix devices. A layer on meta gives shapes in the dense modes."""
+        device = self._buffers["values"].device
+        if mode == "csr" or device.type != "meta":
+            raise ValueError(f"x: expected a tensor with data on {device} (the layer's device), got a "
+                             f"meta tensor" + (" (mode 'csr' reads x)" if mode == "csr" else ""))
 
     def _run_csr(self, x: Tensor) -> Tensor:
         if self._use_kernel:
@@ -190,14 +281,38 @@ class _SparseBase(nn.Module):
         self._build_caches()
 
     def _apply(self, fn, recurse=True):
-        # Moving or casting the module keeps the column indices integral and the caches in sync.
+        # Moving or casting the module keeps the column indices integral; the buffers are new
+        # tensors: validated again, caches rebuilt. Buffers that fail (to_empty() before a
+        # load_state_dict) leave the layer unvalidated: its next use raises the error.
         out = super()._apply(fn, recurse)
-        self._refresh()
+        try:
+            self._sync()
+        except (TypeError, ValueError):
+            self._synced = None
         return out
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._refresh()
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Copies into the buffers (or assigns them), then validates what they hold; on an error
+        # the layer gets its previous buffers back and the message joins load_state_dict's.
+        old = {k: self._buffers[k] for k in _BUFFERS}
+        saved = {k: t.clone() for k, t in old.items() if t is not None}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        try:
+            self._sync()
+        except (TypeError, ValueError) as exc:
+            error_msgs.append(f"{prefix}{exc}")
+            for k, t in old.items():
+                if t is not None and self._buffers[k] is t:
+                    with torch.no_grad():
+                        t.copy_(saved[k])
+                else:
+                    self._buffers[k] = t
+            try:
+                self._sync()
+            except (TypeError, ValueError):
+                self._synced = None  # invalid before the load too: forward raises
 
 
 class SparseLinear(_SparseBase):
@@ -214,11 +329,17 @@ class SparseLinear(_SparseBase):
         crow_indices, col_indices, values, bias: the CSR weight (see :func:`to_csr`).
         dense_shape, num_weights: of the original layer (default: (out_features, in_features)).
         plan: mode per batch size (see :meth:`set_plan`); default ``"csr"``.
-        check: validate the CSR (index ranges) at construction.
+        check: validate the CSR's index data at construction (else at the first forward).
+
+    Non-finite inputs: every mode gives ``F.linear(x, self.to_dense(), self.bias)`` in IEEE
+    arithmetic (an input NaN or ±inf that meets a pruned weight makes the output NaN), at every
+    batch size, up to rounding. "masked" gets it from F.linear for free; "csr" from the kernel;
+    "dense" (which skips the unused columns) checks those columns when x is not all finite.
 
     Raises:
         TypeError / ValueError (naming the argument): inconsistent CSR or sizes at construction;
-        at forward, an input of the wrong last dimension or dtype.
+        at forward, an input of the wrong last dimension, dtype or device (a meta tensor), or
+        buffers edited into an invalid CSR (named).
     """
 
     MODES = LINEAR_MODES
@@ -258,16 +379,18 @@ class SparseLinear(_SparseBase):
 
     def _build_caches(self) -> None:
         modes = {m for _, m in self.plan}
-        self._w_dense = self._w_masked = self._used_cols = None
+        self._w_dense = self._w_masked = self._used_cols = self._unused_cols = None
         if not modes & {"dense", "masked"}:
             return
-        w = self.to_dense()
+        w = _csr_to_dense(self.crow_indices, self.col_indices, self.values, self._rows, self._cols)
         if "masked" in modes:
             self._w_masked = w
         if "dense" in modes:
             used = torch.unique(self.col_indices.long())
             if used.numel() < self.in_features:
-                self._used_cols = used
+                unused = torch.ones(self.in_features, dtype=torch.bool, device=used.device)
+                unused[used] = False
+                self._used_cols, self._unused_cols = used, unused.nonzero().flatten()
                 self._w_dense = w.index_select(1, used).contiguous()
             else:
                 self._w_dense = w
@@ -275,17 +398,37 @@ class SparseLinear(_SparseBase):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected shape (*, {self.in_features}), got {tuple(x.shape)}")
-        if x.dtype != self.values.dtype:
-            raise TypeError(f"x: expected dtype {self.values.dtype} (the layer's), got {x.dtype}")
+        self._ensure_synced()
+        dtype = self._synced[2].dtype  # of values (faster than self.values)
+        if x.dtype != dtype:
+            raise TypeError(f"x: expected dtype {dtype} (the layer's), got {x.dtype}")
         mode = self.mode_for(x.numel() // self.in_features if self.in_features else
                              math.prod(x.shape[:-1]))
+        if x.is_meta:
+            self._reject_meta(mode)
         if mode == "csr":
             return self._run_csr(x)
         if mode == "dense":
-            if self._used_cols is not None:
-                x = x.index_select(-1, self._used_cols)
-            return F.linear(x, self._w_dense, self.bias)
+            return self._dense(x)
         return F.linear(x, self._w_masked, self.bias)
+
+    def _dense(self, x: Tensor) -> Tensor:
+        """F.linear on the used input columns. The unused columns meet only zero weights: a
+        non-finite value there makes the whole output row NaN (0·inf = 0·NaN = NaN), as in the
+        zero-filled product. CPU: one sum of x tells that x is all finite (the common case, 3-6 µs;
+        index_select + isfinite of the unused columns costs 12-110 µs at LeNet sizes); otherwise
+        the unused columns are checked per row. CUDA, and under torch.compile / torch.export,
+        without a host sync: 0·x summed over the unused columns of each row (0, or NaN) is added
+        to the row."""
+        if self._used_cols is None:
+            return F.linear(x, self._w_dense, self.bias)
+        y = F.linear(x.index_select(-1, self._used_cols), self._w_dense, self.bias)
+        if x.device.type != "cpu" or torch.compiler.is_compiling():  # no sync, traceable
+            return y.add_(x.index_select(-1, self._unused_cols).mul(0).sum(-1, keepdim=True))
+        if math.isfinite(x.sum().item()):  # finite sum: no inf or NaN anywhere in x
+            return y
+        finite = torch.isfinite(x.index_select(-1, self._unused_cols)).all(-1, keepdim=True)
+        return y.masked_fill_(~finite, float("nan"))
 
     def extra_repr(self) -> str:
         plan = ", ".join(f"{'≤' + str(b) if b is not None else 'else'}:{m}" for b, m in self.plan)
@@ -312,9 +455,14 @@ class SparseConv2d(_SparseBase):
 
     Input (N, in_channels, H, W) or (in_channels, H, W); output (N, out_channels, H', W').
 
+    Non-finite inputs: both modes give ``F.conv2d`` with the zero-filled weight in IEEE
+    arithmetic (a NaN or ±inf pixel makes every output it reaches through a pruned weight NaN),
+    up to rounding: "dense" runs that weight, "csr" the CSR kernel on the patches (same semantics).
+
     Raises:
-        ValueError: sizes that do not match the CSR, ``"csr"`` mode with groups > 1, or at
-        forward an input with the wrong number of channels; TypeError: wrong input dtype.
+        ValueError: sizes that do not match the CSR, ``"csr"`` mode with groups > 1, a stride,
+        padding, dilation or kernel size out of range (named), or at forward an input with the
+        wrong number of channels or a meta tensor; TypeError: wrong input dtype.
     """
 
     MODES = CONV_MODES
@@ -373,18 +521,16 @@ class SparseConv2d(_SparseBase):
         return cls(in_g * groups, out_c, (kh, kw), stride, padding, dilation, groups, crow, col, val,
                    b, **kwargs)
 
-    def set_plan(self, plan) -> None:
-        plan = normalize_plan(plan, self.MODES)
+    def _check_plan(self, plan: Plan) -> None:
         if self.groups != 1 and any(m == "csr" for _, m in plan):
             raise ValueError("plan: mode 'csr' needs groups == 1; use 'dense' for grouped convolutions")
-        super().set_plan(plan)
 
     def _build_caches(self) -> None:
         self._w_dense = None
         if any(m == "dense" for _, m in self.plan):
-            self._w_dense = self.to_dense().reshape(
-                self.out_channels, self.in_channels // self.groups, *self.kernel_size
-            )
+            w = _csr_to_dense(self.crow_indices, self.col_indices, self.values, self._rows, self._cols)
+            self._w_dense = w.reshape(self.out_channels, self.in_channels // self.groups,
+                                      *self.kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
@@ -392,12 +538,17 @@ class SparseConv2d(_SparseBase):
                 f"x: expected shape (N, {self.in_channels}, H, W) or ({self.in_channels}, H, W), "
                 f"got {tuple(x.shape)}"
             )
-        if x.dtype != self.values.dtype:
-            raise TypeError(f"x: expected dtype {self.values.dtype} (the layer's), got {x.dtype}")
+        self._ensure_synced()
+        dtype = self._synced[2].dtype
+        if x.dtype != dtype:
+            raise TypeError(f"x: expected dtype {dtype} (the layer's), got {x.dtype}")
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        if self.mode_for(x.shape[0]) == "csr":
+        mode = self.mode_for(x.shape[0])
+        if x.is_meta:
+            self._reject_meta(mode)
+        if mode == "csr":
             n, _, h, w = x.shape
             (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
                                                       self.dilation)

@@ -8,6 +8,16 @@ provides :func:`csr_linear`, the checked entry point (the library is loaded by
 still imports: :func:`csr_linear` then computes the same product with ``torch.sparse`` (slower) and
 warns once, saying how to build the extension.
 
+Semantics (docs/design.md, "Deployment"): the result is what the dense product with the
+zero-filled W computes in IEEE arithmetic, non-finite inputs included: 0·NaN = 0·±inf = NaN, so
+an output is NaN when one of the input row's non-finite values meets a weight that is not
+stored, at every batch size and in every implementation (kernels and fallback), up to rounding.
+
+Memory safety: the compiled kernels check the index data themselves (the CPU kernel raises a
+RuntimeError naming the bad entry; the CUDA kernels cannot raise without a host sync, so they
+skip a bad row range or column and write NaN into the outputs it affects); the fallback validates
+before building its torch.sparse tensor. :func:`validate_csr` gives the clearer ValueError first.
+
 Source: the deployment step of Molchanov, Ashukha, Vetrov, "Variational Dropout Sparsifies Deep
 Neural Networks", ICML 2017 (arXiv:1701.05369): weights with log α ≥ 3 are dropped, what remains is
 stored sparse.
@@ -82,7 +92,7 @@ def validate_csr(
         in_features: K, the number of columns of W.
         bias: (out_features,) of ``values``' dtype, or None.
         check_indices: also read the index data (crow monotone and bounds, column range); this
-            synchronizes with the GPU for CUDA tensors.
+            synchronizes with the GPU for CUDA tensors. Meta tensors have no data: skipped.
 
     Raises:
         TypeError: a non-tensor argument or a wrong dtype (the message names the argument).
@@ -129,7 +139,7 @@ def validate_csr(
             raise ValueError(f"bias: expected shape ({n},) (out_features), got {tuple(bias.shape)}")
         if bias.device != device:
             raise ValueError(f"bias: expected a tensor on {device} (the device of values), got {bias.device}")
-    if check_indices and not torch.compiler.is_compiling():
+    if check_indices and device.type != "meta" and not torch.compiler.is_compiling():
         crow = crow_indices.long()
         first, last = int(crow[0]), int(crow[-1])
         if first != 0 or last != nnz:
@@ -148,25 +158,55 @@ def validate_csr(
     return n
 
 
+def _check_x(x: Tensor, values: Tensor) -> None:
+    """The checks of x shared by csr_linear and csr_linear_torch (values is checked after)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x: expected shape (*, in_features), got a 0-dim tensor")
+    if x.is_meta:
+        raise ValueError("x: expected a tensor with data, got a meta tensor (csr_linear reads x)")
+    if isinstance(values, Tensor) and values.is_floating_point() and values.dtype != x.dtype:
+        raise TypeError(f"values: expected dtype {x.dtype} (the dtype of x), got {values.dtype}")
+    if isinstance(values, Tensor) and values.device != x.device:
+        raise ValueError(f"values: expected a tensor on {x.device} (the device of x), got {values.device}")
+
+
 def csr_linear_torch(
     x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, bias: Optional[Tensor] = None
 ) -> Tensor:
     """The product of :func:`csr_linear` with torch.sparse (the fallback without sparsevd._C).
 
-    Same arguments and result; computed in fp32 for fp16/bf16 on the CPU.
+    Same arguments, result and non-finite semantics; computed in fp32 for fp16/bf16 on the CPU.
+    Validates everything, index data included (a sync on CUDA), before building the torch.sparse
+    tensor without its own checks: O(nnz), below the O(nnz·M) product.
+
+    Raises:
+        TypeError / ValueError: as :func:`csr_linear` (naming the argument).
     """
+    _check_x(x, values)
+    validate_csr(crow_indices, col_indices, values, x.shape[-1], bias, check_indices=True)
     k = x.shape[-1]
     n = crow_indices.numel() - 1
     x2 = x.reshape(-1, k)
     dt = values.dtype
     cdt = torch.float32 if (x.device.type == "cpu" and dt in (torch.float16, torch.bfloat16)) else dt
+    crow, col = crow_indices.long(), col_indices.long()
+
+    def csr(v: Tensor) -> Tensor:
+        return torch.sparse_csr_tensor(crow, col, v, size=(n, k), device=values.device,
+                                       check_invariants=False)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "Sparse CSR tensor support is in beta state"
-        w = torch.sparse_csr_tensor(
-            crow_indices.long(), col_indices.long(), values.to(cdt), size=(n, k),
-            device=values.device, check_invariants=False,
-        )
-        y = torch.sparse.mm(w, x2.to(cdt).t()).t()
+        y = torch.sparse.mm(csr(values.to(cdt)), x2.to(cdt).t()).t()
+        nonfinite = ~torch.isfinite(x2)
+        if bool(nonfinite.any()):  # rare: NaN where a non-finite input meets an unstored weight
+            hits = torch.sparse.mm(csr(torch.ones_like(values, dtype=torch.float64)),
+                                   nonfinite.t().double()).t()  # (M, N) non-finite inputs read
+            y = y.masked_fill(hits < nonfinite.sum(-1, keepdim=True), float("nan"))
     if bias is not None:
         y = y + bias.to(cdt)
     return y.to(dt).reshape(*x.shape[:-1], n)
@@ -190,31 +230,27 @@ def csr_linear(
         col_indices: (nnz,) int16 (in_features ≤ 32768), int32 or int64 column of each nonzero.
         values: (nnz,) the nonzeros, dtype of x.
         bias: (out_features,) dtype of x, or None.
-        check_indices: validate the index data too (see :func:`validate_csr`); turn off in hot
-            loops once the CSR is known to be valid (it reads the indices, a sync on GPU).
+        check_indices: validate the index data too (see :func:`validate_csr`), for a ValueError
+            naming the bad entry; turn off in hot loops (it reads the indices, a sync on GPU):
+            the kernels still never read out of bounds (module docstring).
 
     Returns:
-        y, (*, out_features), dtype of x, on x's device.
+        y, (*, out_features), dtype of x, on x's device: ``F.linear(x, W_dense, bias)`` with W_dense
+        the zero-filled W, in IEEE arithmetic (non-finite inputs: see the module docstring), up to
+        rounding. Column indices within a row are assumed distinct (as :func:`to_csr` writes them).
 
     Raises:
         TypeError: wrong dtype of any argument (named in the message).
-        ValueError: wrong shape, device, crow length or column range (named in the message).
+        ValueError: wrong shape, device, crow length or column range (named in the message), or a
+            meta tensor x (the product reads x).
+        RuntimeError: bad index data that reached the CPU kernel with ``check_indices=False``.
 
     Runs the compiled kernels of sparsevd._C (CPU: OpenMP + AVX2; CUDA when built with it); without
     them, :func:`csr_linear_torch` with a one-time warning. Inference only: no autograd formula.
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("x: expected shape (*, in_features), got a 0-dim tensor")
-    if isinstance(values, Tensor) and values.is_floating_point() and values.dtype != x.dtype:
-        raise TypeError(f"values: expected dtype {x.dtype} (the dtype of x), got {values.dtype}")
-    if isinstance(values, Tensor) and values.device != x.device:
-        raise ValueError(f"values: expected a tensor on {x.device} (the device of x), got {values.device}")
-    validate_csr(crow_indices, col_indices, values, x.shape[-1], bias, check_indices)
+    _check_x(x, values)
     if library.kernel_available(x.device):
+        validate_csr(crow_indices, col_indices, values, x.shape[-1], bias, check_indices)
         return torch.ops.sparsevd.csr_linear(x, crow_indices, col_indices, values, bias)
     warn_fallback()
-    return csr_linear_torch(x, crow_indices, col_indices, values, bias)
+    return csr_linear_torch(x, crow_indices, col_indices, values, bias)  # validates everything
