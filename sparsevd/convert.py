@@ -26,10 +26,10 @@ def _convert_one(name: str, m: nn.Module, threshold: float) -> nn.Module:
     if isinstance(m, nn.Linear):
         new = LinearSVDO(m.in_features, m.out_features, m.bias is not None, threshold, **factory)
     else:
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        if m.padding_mode != "zeros":
             raise ValueError(
-                f"model: {name} uses padding={m.padding!r}, padding_mode={m.padding_mode!r}; "
-                "Conv2dSVDO supports zero padding given as ints"
+                f"model: {name} uses padding_mode={m.padding_mode!r}; "
+                "Conv2dSVDO supports zero padding (ints, pairs, 'same', 'valid')"
             )
         new = Conv2dSVDO(
             m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
@@ -63,7 +63,8 @@ def convert(
         ``model`` (or the new layer when ``model`` itself is nn.Linear / nn.Conv2d).
 
     Raises:
-        ValueError: a Conv2d with non-zero padding mode or string padding.
+        ValueError: a Conv2d with a padding mode other than zeros (padding='same' and 'valid'
+            convert, and resolve as torch resolves them).
     """
     keep = _name_filter(include)
     if isinstance(model, (nn.Linear, nn.Conv2d)):

@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._args import padding_sides
 from ..reference import conv_out_size
 from .backend import get_impl
 
@@ -69,6 +70,27 @@ lrt_linear.register_autograd(_lrt_linear_bwd, setup_context=_lrt_linear_setup)
 
 
 # --------------------------------------------------------------------------------------- conv2d
+def conv_memory_format(x: Tensor, weight: Tensor) -> torch.memory_format:
+    """The memory format of the conv ops' outputs y and std: channels_last when x or θ is laid
+    out channels_last (and not also contiguous), as cuDNN and oneDNN convolutions choose; else
+    contiguous. ∂x comes back in x's layout (torch.empty_like)."""
+    cl = torch.channels_last
+    for t in (x, weight):
+        if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=cl):
+            return cl
+    return torch.contiguous_format
+
+
+def conv2d_out_shape(x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
+                     dilation: List[int]) -> Tuple[int, int, int, int]:
+    """(N, C_out, H_out, W_out) of a conv op; ``padding`` is [p_h, p_w] or per side
+    [top, bottom, left, right]."""
+    t, b, l, r = padding_sides(padding)
+    h = conv_out_size(x.shape[2], weight.shape[2], stride[0], t, dilation[0], b)
+    w = conv_out_size(x.shape[3], weight.shape[3], stride[1], l, dilation[1], r)
+    return x.shape[0], weight.shape[0], h, w
+
+
 @torch.library.custom_op("sparsevd::lrt_conv2d", mutates_args=())
 def lrt_conv2d(
     x: Tensor,
@@ -81,19 +103,21 @@ def lrt_conv2d(
     dilation: List[int],
     groups: int,
 ) -> Tuple[Tensor, Tensor]:
-    """LRT conv2d forward: x (N, C_in, H, W) → (y (N, C_out, H_out, W_out), std, same shape)."""
+    """LRT conv2d forward: x (N, C_in, H, W) → (y (N, C_out, H_out, W_out), std, same shape).
+
+    ``padding`` is [p_h, p_w] (symmetric) or [top, bottom, left, right] (what padding="same"
+    resolves to for even kernels); y and std are laid out by :func:`conv_memory_format`."""
     _, impl = get_impl("lrt_conv2d", x.device)
     return impl(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups)
 
 
 @lrt_conv2d.register_fake
 def _(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups):
-    kh, kw = weight.shape[2], weight.shape[3]
-    h = conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
-    w = conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
-    shape = (x.shape[0], weight.shape[0], h, w)
+    shape = conv2d_out_shape(x, weight, stride, padding, dilation)
     std_dtype = torch.promote_types(x.dtype, weight.dtype)
-    return x.new_empty(shape, dtype=x.dtype), x.new_empty(shape, dtype=std_dtype)
+    fmt = conv_memory_format(x, weight)
+    return (torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt),
+            torch.empty(shape, dtype=std_dtype, device=x.device, memory_format=fmt))
 
 
 @torch.library.custom_op("sparsevd::lrt_conv2d_backward", mutates_args=())
@@ -134,8 +158,9 @@ def _lrt_conv2d_setup(ctx, inputs, output):
 
 def _lrt_conv2d_bwd(ctx, grad_y, grad_std):
     x, weight, log_sigma2, std, seed = ctx.saved_tensors
+    fmt = conv_memory_format(x, weight)  # the layout of y and std
     gx, gw, gls2, gb = lrt_conv2d_backward(
-        grad_y.contiguous(), x, weight, log_sigma2, std, seed, *ctx.conv_args
+        grad_y.contiguous(memory_format=fmt), x, weight, log_sigma2, std, seed, *ctx.conv_args
     )
     return gx, gw, gls2, (gb if ctx.has_bias else None), None, None, None, None, None
 

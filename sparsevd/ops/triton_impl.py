@@ -32,6 +32,8 @@ from sparsevd.triton_kernels import kl as KK
 from sparsevd.triton_kernels import lrt_linear as K
 
 from .backend import interpreter_enabled, register_impl
+from .triton_common import (AUTOTUNE_ENV, FP32_PRECISION_ENV, acc_dtype, autotune_enabled,  # noqa: F401
+                            dot_kind, elementwise_block, m_key, make_config, precision)
 
 
 
@@ -58,18 +60,10 @@ TILES = {
     ("bwd", "ieee"): [(32, 32, 16, 4, 2), (64, 64, 8, 8, 3), (16, 64, 16, 4, 2)],  # 2nd, 3rd: < 400 B spill
     ("bwd", "fp64"): [(32, 32, 16, 4, 2), (16, 32, 32, 4, 2)],
 }
-#: ``SPARSEVD_TRITON_AUTOTUNE=0`` keeps only the first tile of the call's dot kind (no tuning runs):
-#: for test runs on a GPU, where each new problem size would otherwise time every candidate.
-AUTOTUNE_ENV = "SPARSEVD_TRITON_AUTOTUNE"
 #: The one configuration used under TRITON_INTERPRET=1, where the time grows with the number of
 #: programs and loop steps (Python overhead per operation) and hardly with the tile size.
 INTERPRETER_TILES = (32, 256, 512, 4, 1)
-
-
-def _config(t, group_m=8) -> triton.Config:
-    bm, bn, bk, warps, stages = t
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-                         num_warps=warps, num_stages=stages)
+_config = make_config
 
 
 def matmul_configs(kernel: str) -> List[triton.Config]:
@@ -87,12 +81,7 @@ def matmul_configs(kernel: str) -> List[triton.Config]:
     return out
 
 
-def _dot_kind(x_dtype: torch.dtype, precision: str, acc_f64: bool) -> str:
-    if acc_f64:
-        return "fp64"
-    if x_dtype == torch.float32:
-        return "ieee" if precision == "ieee" else "tc32"
-    return "tc32" if x_dtype == torch.float16 else "tc"  # fp16: variance dots on fp32 operands
+_dot_kind = dot_kind
 
 
 def _pruner(kernel: str):
@@ -106,7 +95,7 @@ def _pruner(kernel: str):
         want = {t for t in tiles}
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in want]
-        return kept[:1] if os.environ.get(AUTOTUNE_ENV, "1") == "0" else kept
+        return kept if autotune_enabled() else kept[:1]
     return prune
 
 
@@ -121,40 +110,13 @@ def _autotuned(kernel, name: str, configs: Optional[List[triton.Config]] = None)
     )(kernel)
 
 
-def elementwise_block(dtype: torch.dtype = torch.float32) -> Tuple[int, int]:
-    """(BLOCK, num_warps) of the elementwise kernels (g_s2, KL, noise): 8 elements per thread
-    (about 90 registers for the KL with gradients, no spill on sm_90), 4 for fp64; one big block
-    per program in the interpreter."""
-    if interpreter_enabled():
-        return 65536, 4
-    return (1024 if dtype == torch.float64 else 2048), 8
-
-
 _fwd_kernel = _autotuned(K.lrt_linear_fwd_kernel, "fwd")
 _bwd_kernel = _autotuned(K.lrt_linear_bwd_kernel, "bwd")
 
 
 # -------------------------------------------------------------------------------------- helpers
-def _acc_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
-
-
-#: Overrides the fp32 dot precision ("ieee", "tf32" or "tf32x3"; three TF32 products give about
-#: fp32 accuracy on tensor cores). Unset: "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee".
-FP32_PRECISION_ENV = "SPARSEVD_FP32_PRECISION"
-
-
-def _precision(x: torch.Tensor) -> str:
-    if x.dtype == torch.float16:
-        return "tf32"  # the variance products of fp16 inputs run on fp32 operands
-    if x.dtype != torch.float32:
-        return "ieee"  # bf16 dots ignore it; fp64 dots are exact
-    forced = os.environ.get(FP32_PRECISION_ENV, "").strip().lower()
-    if forced:
-        if forced not in ("ieee", "tf32", "tf32x3"):
-            raise ValueError(f"{FP32_PRECISION_ENV}={forced!r}: expected ieee, tf32 or tf32x3")
-        return forced
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+_acc_dtype = acc_dtype
+_precision = precision
 
 
 def _rows(t: torch.Tensor) -> Optional[Tuple[torch.Tensor, int, int, int, int]]:
@@ -173,8 +135,7 @@ def _rows(t: torch.Tensor) -> Optional[Tuple[torch.Tensor, int, int, int, int]]:
         return None
 
 
-def _m_key(m: int) -> int:
-    return triton.next_power_of_2(max(m, 1))
+_m_key = m_key
 
 
 # ----------------------------------------------------------------------------------- lrt_linear
@@ -353,3 +314,5 @@ def _like(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 register_impl("lrt_linear", "triton", lrt_linear_fwd)
 register_impl("lrt_linear_backward", "triton", lrt_linear_bwd)
 register_impl("kl_sparse_vd", "triton", kl_fwd)
+
+from . import triton_conv  # noqa: E402,F401  (registers lrt_conv2d and its backward)
