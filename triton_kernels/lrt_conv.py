@@ -107,6 +107,12 @@ def lrt_conv2d_fwd_kernel(
     o_ow = o_p % W_OUT
     o_ih = o_oh * conv_sh - pad_h  # [BLOCK_M] input row of tap (0, 0)
     o_iw = o_ow * conv_sw - pad_w
+    # the tap offset d is inside the image iff lo <= d < hi (comparisons, no [BLOCK_M, BLOCK_K]
+    # integer arithmetic: cheaper on the GPU, and not overflow-checked op by op in the interpreter)
+    lo_h = pad_h - o_oh * conv_sh  # [BLOCK_M]
+    hi_h = lo_h + H
+    lo_w = pad_w - o_ow * conv_sw
+    hi_w = lo_w + W
     o_co = grp * COUT_G + o_n  # [BLOCK_N]
     o_xm = (o_b.to(tl.int64) * stride_xn + o_ih.to(tl.int64) * stride_xh + o_iw.to(tl.int64) * stride_xw
             + (grp * CIN_G).to(tl.int64) * stride_xc)  # [BLOCK_M]
@@ -130,9 +136,8 @@ def lrt_conv2d_fwd_kernel(
         o_dh = o_kh * dil_h
         o_dw = o_kw * dil_w
         o_xk = o_ci.to(tl.int64) * stride_xc + o_dh.to(tl.int64) * stride_xh + o_dw.to(tl.int64) * stride_xw
-        ih = o_ih[:, None] + o_dh[None, :]  # [BLOCK_M, BLOCK_K]
-        iw = o_iw[:, None] + o_dw[None, :]
-        m_x = (m_m[:, None] & m_k[None, :]) & ((ih >= 0) & (ih < H)) & ((iw >= 0) & (iw < W))
+        m_x = ((m_m[:, None] & m_k[None, :]) & ((o_dh[None, :] >= lo_h[:, None]) & (o_dh[None, :] < hi_h[:, None]))
+               & ((o_dw[None, :] >= lo_w[:, None]) & (o_dw[None, :] < hi_w[:, None])))  # [BLOCK_M, BLOCK_K]
         b_x = tl.load(x_ptr + (o_xm[:, None] + o_xk[None, :]), mask=m_x, other=0.0).to(CDT)  # [BLOCK_M, BLOCK_K]
         o_wk = o_ci.to(tl.int64) * stride_wi + o_kh.to(tl.int64) * stride_wh + o_kw.to(tl.int64) * stride_ww
         o_lk = o_ci.to(tl.int64) * stride_li + o_kh.to(tl.int64) * stride_lh + o_kw.to(tl.int64) * stride_lw
@@ -298,12 +303,13 @@ def lrt_conv2d_bwd_kernel(
     stride_pbs, stride_pbo,
     chunk_m, n_split, clip_threshold,
     M_KEY,  # autotune key only: next power of two of M
-    ACC_F64: tl.constexpr, TAPS_OUTER_X: tl.constexpr, TAPS_OUTER_G: tl.constexpr,
+    ACC_F64: tl.constexpr, WITH_DX: tl.constexpr, TAPS_OUTER_X: tl.constexpr, TAPS_OUTER_G: tl.constexpr,
     CLIP: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """The LRT convolution backward after :func:`lrt_conv2d_bwd_gs2_kernel`, implicit GEMM: one
-    launch, two kinds of programs per group program_id(1) (g_s2 has g's strides):
+    launch, two kinds of programs per group program_id(1) (g_s2 has g's strides; without WITH_DX
+    only the second kind, for an x that needs no gradient):
 
     - programs [0, P_x), P_x = s_h·s_w·cdiv(N·⌈H/s_h⌉·⌈W/s_w⌉, BLOCK_M)·cdiv(C_in/groups, BLOCK_K):
       one [BLOCK_M, BLOCK_K] tile of ∂x = convᵀ(g, θ) + 2x ⊙ convᵀ(g_s2, σ²) each, rows the input
@@ -328,7 +334,10 @@ def lrt_conv2d_bwd_kernel(
     wp = tl.cdiv(W, conv_sw)
     n_tmx = tl.cdiv(NB * hp * wp, BLOCK_M)
     n_tkx = tl.cdiv(CIN_G, BLOCK_K)
-    n_dx = conv_sh * conv_sw * n_tmx * n_tkx
+    if WITH_DX:
+        n_dx = conv_sh * conv_sw * n_tmx * n_tkx
+    else:
+        n_dx = 0
     if pid < n_dx:
         # --------------------------------------- ∂x tile [BLOCK_M, BLOCK_K], loop over (co, kh, kw)
         per_phase = n_tmx * n_tkx
@@ -355,9 +364,16 @@ def lrt_conv2d_bwd_kernel(
         o_b = o_m // hw_ph
         o_u = (o_m % hw_ph) // w_ph1
         o_v = (o_m % hw_ph) % w_ph1
-        o_uh = q_h + o_u  # [BLOCK_M] output row before the tap offset
-        o_vw = q_w + o_v
+        # output row of tap offset t_h: oh = q_h + u − t_h = o_uh − t1_h with t1_h = t_h + 1; valid
+        # iff o_uh − H_out < t1_h <= o_uh (comparisons only, see the forward)
+        o_uh = q_h + 1 + o_u  # [BLOCK_M]
+        o_vw = q_w + 1 + o_v
+        o_uhm = o_uh - H_OUT
+        o_vwm = o_vw - W_OUT
         o_gm = o_b.to(tl.int64) * stride_gn + o_uh.to(tl.int64) * stride_gh + o_vw.to(tl.int64) * stride_gw
+        c_h = conv_sh - rho_h
+        c_w = conv_sw - rho_w
+        o_cg = grp * COUT_G
         o_ci = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K] input channels in the group
         m_ci = o_ci < CIN_G
         o_wk = o_ci.to(tl.int64) * stride_wi  # [BLOCK_K]
@@ -377,16 +393,16 @@ def lrt_conv2d_bwd_kernel(
                 o_r = o_j % khw
             o_kh = o_r // KW
             o_kw = o_r % KW
-            e_h = o_kh * dil_h + conv_sh - rho_h  # ≥ 1; the tap hits this phase iff e_h ≡ 0 (mod s_h)
-            e_w = o_kw * dil_w + conv_sw - rho_w
-            t_h = e_h // conv_sh - 1  # [BLOCK_N] oh = q_h + u − t_h
-            t_w = e_w // conv_sw - 1
+            e_h = o_kh * dil_h + c_h  # ≥ 1; the tap hits this phase iff e_h ≡ 0 (mod s_h)
+            e_w = o_kw * dil_w + c_w
+            t1_h = e_h // conv_sh  # [BLOCK_N] t_h + 1
+            t1_w = e_w // conv_sw
             m_tap = m_j & (e_h % conv_sh == 0) & (e_w % conv_sw == 0)
-            oh = o_uh[:, None] - t_h[None, :]  # [BLOCK_M, BLOCK_N]
-            ow = o_vw[:, None] - t_w[None, :]
-            m_g = (m_m[:, None] & m_tap[None, :]) & ((oh >= 0) & (oh < H_OUT)) & ((ow >= 0) & (ow < W_OUT))
-            o_coa = (grp * COUT_G + o_co).to(tl.int64)
-            o_gj = o_coa * stride_gc - t_h.to(tl.int64) * stride_gh - t_w.to(tl.int64) * stride_gw
+            m_g = ((m_m[:, None] & m_tap[None, :])
+                   & ((t1_h[None, :] <= o_uh[:, None]) & (t1_h[None, :] > o_uhm[:, None]))
+                   & ((t1_w[None, :] <= o_vw[:, None]) & (t1_w[None, :] > o_vwm[:, None])))  # [BLOCK_M, BLOCK_N]
+            o_coa = (o_cg + o_co).to(tl.int64)
+            o_gj = o_coa * stride_gc - t1_h.to(tl.int64) * stride_gh - t1_w.to(tl.int64) * stride_gw
             o_g = o_gm[:, None] + o_gj[None, :]
             b_g = tl.load(g_ptr + o_g, mask=m_g, other=0.0).to(CDT)  # [BLOCK_M, BLOCK_N]
             b_gs = tl.load(gs2_ptr + o_g, mask=m_g, other=0.0).to(CDT)  # [BLOCK_M, BLOCK_N]
@@ -465,12 +481,13 @@ def lrt_conv2d_bwd_kernel(
             m_g = m_m[:, None] & m_n[None, :]
             b_g = tl.load(g_ptr + o_g, mask=m_g, other=0.0).to(CDT)  # [BLOCK_M, BLOCK_N]
             b_gs = tl.load(gs2_ptr + o_g, mask=m_g, other=0.0).to(CDT)  # [BLOCK_M, BLOCK_N]
-            o_ih = o_oh * conv_sh - pad_h
-            o_iw = o_ow * conv_sw - pad_w
-            ih = o_ih[:, None] + o_dh[None, :]  # [BLOCK_M, BLOCK_K]
-            iw = o_iw[:, None] + o_dw[None, :]
-            m_x = (m_m[:, None] & m_k[None, :]) & ((ih >= 0) & (ih < H)) & ((iw >= 0) & (iw < W))
-            o_xm = o_b.to(tl.int64) * stride_xn + o_ih.to(tl.int64) * stride_xh + o_iw.to(tl.int64) * stride_xw
+            lo_h = pad_h - o_oh * conv_sh  # [BLOCK_M] tap offsets lo <= d < hi are inside the image
+            hi_h = lo_h + H
+            lo_w = pad_w - o_ow * conv_sw
+            hi_w = lo_w + W
+            m_x = ((m_m[:, None] & m_k[None, :]) & ((o_dh[None, :] >= lo_h[:, None]) & (o_dh[None, :] < hi_h[:, None]))
+                   & ((o_dw[None, :] >= lo_w[:, None]) & (o_dw[None, :] < hi_w[:, None])))  # [BLOCK_M, BLOCK_K]
+            o_xm = o_b.to(tl.int64) * stride_xn - lo_h.to(tl.int64) * stride_xh - lo_w.to(tl.int64) * stride_xw
             b_x = tl.load(x_ptr + (o_xm[:, None] + o_xk[None, :]), mask=m_x, other=0.0).to(CDT)  # [BLOCK_M, BLOCK_K]
             acc_w = tl.dot(tl.trans(b_g.to(XDT)), b_x.to(XDT), acc_w, input_precision=PRECISION)
             acc_l = tl.dot(tl.trans(b_gs.to(VDT)), (b_x * b_x).to(VDT), acc_l, input_precision=PRECISION)
@@ -515,11 +532,12 @@ def lrt_conv2d_direct_bwd_kernel(
     stride_pbs, stride_pbo,
     chunk_m, n_split, clip_threshold,
     M_KEY,  # autotune key only
-    ACC_F64: tl.constexpr, CLIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC_F64: tl.constexpr, WITH_DX: tl.constexpr, CLIP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The LRT convolution backward for C_in/groups = 1 (depthwise, channel multiplier
     COUT_G = C_out/groups), after :func:`lrt_conv2d_bwd_gs2_kernel`; one launch, two kinds of
-    programs, elementwise products, no dots:
+    programs (the first kind only WITH_DX), elementwise products, no dots:
 
     - programs [0, P_x), P_x = cdiv(N·H·W, BLOCK_M)·cdiv(C_in, BLOCK_C): a [BLOCK_M, BLOCK_C] tile
       of ∂x = Σ_{taps, co of ci} g·θ + 2x ⊙ Σ g_s2·σ² each (the output pixel of a tap is masked
@@ -535,7 +553,10 @@ def lrt_conv2d_direct_bwd_kernel(
         CDT = tl.float32
     pid = tl.program_id(0)
     khw = KH * KW
-    n_dx = tl.cdiv(NB * H * W, BLOCK_M) * tl.cdiv(C_IN, BLOCK_C)
+    if WITH_DX:
+        n_dx = tl.cdiv(NB * H * W, BLOCK_M) * tl.cdiv(C_IN, BLOCK_C)
+    else:
+        n_dx = 0
     if pid < n_dx:
         # --------------------------------------------------- ∂x tile [BLOCK_M, BLOCK_C], loop over taps
         n_tc = tl.cdiv(C_IN, BLOCK_C)

@@ -132,16 +132,20 @@ def lrt_conv2d_backward(
     padding: List[int],
     dilation: List[int],
     groups: int,
+    need_grad_x: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (∂x, ∂θ, ∂log σ², ∂b) of the LRT conv2d layer."""
+    """Gradients (∂x, ∂θ, ∂log σ², ∂b) of the LRT conv2d layer; with ``need_grad_x`` False (x
+    needs no gradient, e.g. a network's first layer) ∂x is not computed and comes back as an
+    empty (0,) tensor."""
     _, impl = get_impl("lrt_conv2d_backward", grad.device)
-    return impl(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups)
+    return impl(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups,
+                need_grad_x)
 
 
 @lrt_conv2d_backward.register_fake
-def _(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups):
+def _(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups, need_grad_x=True):
     return (
-        torch.empty_like(x),
+        torch.empty_like(x) if need_grad_x else x.new_empty((0,)),
         torch.empty_like(weight),
         torch.empty_like(log_sigma2),
         weight.new_empty((weight.shape[0],)),
@@ -159,10 +163,13 @@ def _lrt_conv2d_setup(ctx, inputs, output):
 def _lrt_conv2d_bwd(ctx, grad_y, grad_std):
     x, weight, log_sigma2, std, seed = ctx.saved_tensors
     fmt = conv_memory_format(x, weight)  # the layout of y and std
+    need_x = ctx.needs_input_grad[0]
     gx, gw, gls2, gb = lrt_conv2d_backward(
-        grad_y.contiguous(memory_format=fmt), x, weight, log_sigma2, std, seed, *ctx.conv_args
+        grad_y.contiguous(memory_format=fmt), x, weight, log_sigma2, std, seed, *ctx.conv_args,
+        need_x,
     )
-    return gx, gw, gls2, (gb if ctx.has_bias else None), None, None, None, None, None
+    return ((gx if need_x else None), gw, gls2, (gb if ctx.has_bias else None),
+            None, None, None, None, None)
 
 
 lrt_conv2d.register_autograd(_lrt_conv2d_bwd, setup_context=_lrt_conv2d_setup)

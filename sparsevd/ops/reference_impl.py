@@ -92,7 +92,8 @@ def lrt_conv2d_fwd(x, weight, log_sigma2, bias, seed, stride, padding, dilation,
 
 
 @_no_autocast
-def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups):
+def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups,
+                   need_grad_x=True):
     dt = std.dtype
     g = grad.to(dt)
     xc = x.to(dt)
@@ -107,15 +108,18 @@ def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dila
     xi = _noise(seed, std.shape, std)
     g_s2 = g * xi / (2.0 * std)
     args = (stride, pad, dilation, groups)
-    grad_x = torch.nn.grad.conv2d_input(xc.shape, w, g, *args) + 2.0 * xc * torch.nn.grad.conv2d_input(
-        xc.shape, sigma2, g_s2, *args
-    )
     grad_w = torch.nn.grad.conv2d_weight(xc, w.shape, g, *args)
     grad_ls2 = sigma2 * torch.nn.grad.conv2d_weight(xc * xc, w.shape, g_s2, *args)
     grad_b = g.sum((0, 2, 3))
-    grad_x = grad_x[:, :, crop[0]:crop[0] + x.shape[2], crop[1]:crop[1] + x.shape[3]]
+    if need_grad_x:
+        grad_x = (torch.nn.grad.conv2d_input(xc.shape, w, g, *args)
+                  + 2.0 * xc * torch.nn.grad.conv2d_input(xc.shape, sigma2, g_s2, *args))
+        grad_x = torch.empty_like(x).copy_(
+            grad_x[:, :, crop[0]:crop[0] + x.shape[2], crop[1]:crop[1] + x.shape[3]])
+    else:
+        grad_x = x.new_empty((0,))
     return (
-        torch.empty_like(x).copy_(grad_x),
+        grad_x,
         grad_w.to(weight.dtype),
         grad_ls2.to(log_sigma2.dtype),
         grad_b.to(weight.dtype),

@@ -35,7 +35,8 @@ from sparsevd.triton_kernels import lrt_conv as KC
 from .._args import padding_sides
 from .backend import interpreter_enabled, register_impl
 from .lrt import conv2d_out_shape, conv_memory_format
-from .triton_common import acc_dtype, autotune_enabled, dot_kind, m_key, make_config, precision
+from .triton_common import (AUTOTUNE_ENV, acc_dtype, autotune_enabled, dot_kind, m_key,  # noqa: F401
+                            make_config, precision)
 
 # ------------------------------------------------------------------------------------ autotuning
 #: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the implicit-GEMM kernels per kind of dot
@@ -63,13 +64,17 @@ DIRECT_TILES = {
 }
 #: Under TRITON_INTERPRET=1 the launchers fit each tile to the problem: powers of two, at least
 #: 16 where a dot needs it, at most these (BLOCK_M, BLOCK_N, BLOCK_K) / (BLOCK_M, BLOCK_C) /
-#: (BLOCK_P, BLOCK_C). The interpreter's time grows with the number of programs and loop steps
-#: (Python overhead per operation, ~0.1-0.4 ms) and with the elements of each tile (numpy, and
-#: Philox for ξ), so a tile much larger than the problem costs as much as one too small.
+#: (BLOCK_P, BLOCK_C); the backward runs its two kinds of programs as two launches there, each
+#: with its own tiles. The interpreter's time grows with the number of programs and loop steps
+#: (Python overhead per operation, ~0.1-0.3 ms, most of it in type checks and in its int32
+#: overflow check of every integer add, sub and mul) and with the elements of each tile (numpy,
+#: and Philox for ξ), so a tile much larger than the problem costs as much as one too small.
 #: FIT_INTERPRETER_TILES = False runs the autotuned kernels' single config instead (tests that
 #: force small tiles).
-INTERPRETER_TILES = (256, 64, 64, 4, 1)
-INTERPRETER_DIRECT_TILES = (512, 32, 4)
+INTERPRETER_TILES = (512, 64, 512, 4, 1)
+INTERPRETER_BWD_DX_TILES = (512, 256, 64)  # [pixels, input channels], reduction step over (co, taps)
+INTERPRETER_BWD_DW_TILES = (512, 64, 512)  # reduction step over pixels, [output channels, k]
+INTERPRETER_DIRECT_TILES = (1024, 32, 4)
 INTERPRETER_GS2_TILES = (1024, 64, 4)
 FIT_INTERPRETER_TILES = True
 #: g_s2 kernel: [BLOCK_P pixels, BLOCK_C channels] per program, num_warps.
@@ -133,7 +138,8 @@ def autotuned_gemm(kernel, name: str, configs: Optional[List[triton.Config]] = N
     if name == "fwd":
         key = ["M_KEY", "COUT_G", "K", "PRECISION", "HAS_BIAS", "TAPS_OUTER", "CLIP"]
     else:
-        key = ["M_KEY", "COUT_G", "CIN_G", "K", "PRECISION", "TAPS_OUTER_X", "TAPS_OUTER_G", "CLIP"]
+        key = ["M_KEY", "COUT_G", "CIN_G", "K", "PRECISION", "WITH_DX", "TAPS_OUTER_X", "TAPS_OUTER_G",
+               "CLIP"]
     return triton.autotune(
         configs=configs if configs is not None else gemm_configs(name), key=key,
         prune_configs_by={"early_config_prune": _gemm_pruner(name)}, cache_results=True,
@@ -144,7 +150,7 @@ def autotuned_direct(kernel, name: str, configs: Optional[List[triton.Config]] =
     """A direct (depthwise) kernel wrapped in triton.autotune over :func:`direct_configs`."""
     return triton.autotune(
         configs=configs if configs is not None else direct_configs(name),
-        key=["M_KEY", "C_OUT", "COUT_G", "KH", "KW", "CLIP"],
+        key=["M_KEY", "C_OUT", "COUT_G", "KH", "KW", "CLIP"] + (["WITH_DX"] if name == "bwd" else []),
         prune_configs_by={"early_config_prune": _direct_pruner}, cache_results=True,
     )(kernel)
 
@@ -163,8 +169,8 @@ CHUNK_ALIGN = 256
 MIN_CHUNK_M = 2048
 #: Programs per SM the weight-gradient programs should reach before the reduction is split.
 PROGRAMS_PER_SM = 2
-#: Stands in for the SM count under the interpreter (1: no split unless a test asks for one).
-INTERPRETER_SMS = 1
+#: Stands in for the SM count under the interpreter (0: no split unless a test asks for one).
+INTERPRETER_SMS = 0
 
 
 def _sm_count(device: torch.device) -> int:
@@ -301,22 +307,23 @@ def _gs2(g: torch.Tensor, std: torch.Tensor, seed: torch.Tensor, dtype: torch.dt
     return gs2
 
 
-def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups, *,
-                   clip_threshold: Optional[float] = None):
+def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups,
+                   need_grad_x: bool = True, *, clip_threshold: Optional[float] = None):
     """(∂x, ∂θ, ∂log σ², ∂b) of the LRT convolution in two launches (three with a split weight
-    gradient; see the module docstring); ξ regenerated from ``seed``. An empty batch launches
-    nothing (∂x empty, the parameter gradients zero)."""
+    gradient; see the module docstring); ξ regenerated from ``seed``. Without ``need_grad_x``
+    the launch has no ∂x programs and ∂x comes back empty, (0,). An empty batch launches nothing
+    (∂x zero, the parameter gradients zero)."""
     nb, c_out, h_out, w_out = std.shape
     acc = acc_dtype(x, weight)
     acc_f64 = acc == torch.float64
-    gx = torch.empty_like(x)
+    gx = torch.empty_like(x) if need_grad_x else x.new_empty((0,))
     gw = torch.empty_like(weight)
     gl = torch.empty_like(log_sigma2)
     gb = weight.new_empty((c_out,))
     m = nb * h_out * w_out
     cin_g, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3]
     k = cin_g * kh * kw
-    if m == 0 or c_out == 0 or k == 0:
+    if m == 0 or c_out == 0 or k == 0 or x.shape[1] == 0:
         gx.zero_()
         gw.zero_()
         gl.zero_()
@@ -332,6 +339,7 @@ def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dila
     clip, has_clip = _clip_args(clip_threshold)
     h, w = x.shape[2], x.shape[3]
     direct = _direct(weight, groups)
+    gx_strides = gx.stride() if need_grad_x else (0, 0, 0, 0)
     if direct:
         tiles_w = triton.cdiv(c_out, 64) * kh * kw
     else:
@@ -344,48 +352,63 @@ def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dila
     else:
         pw_, pl_, pb_ = gw.unsqueeze(0), gl.unsqueeze(0), gb.unsqueeze(0)
     if direct:
-        grid = lambda meta: (  # noqa: E731
-            triton.cdiv(nb * h * w, meta["BLOCK_M"]) * triton.cdiv(x.shape[1], meta["BLOCK_C"])
-            + n_split * kh * kw * triton.cdiv(c_out, meta["BLOCK_C"]),)
-        kernel, meta = _direct_bwd_kernel, {}
-        if _fitted():
-            cap_m, cap_c, warps = INTERPRETER_DIRECT_TILES
-            kernel = KC.lrt_conv2d_direct_bwd_kernel
-            meta = dict(BLOCK_M=_fit(max(m, nb * h * w), cap_m), BLOCK_C=_fit(c_out, cap_c, 4),
-                        num_warps=warps)
-        kernel[grid](
+        n_dx = lambda meta: triton.cdiv(nb * h * w, meta["BLOCK_M"]) * triton.cdiv(x.shape[1], meta["BLOCK_C"])  # noqa: E731
+        n_dw = lambda meta: n_split * kh * kw * triton.cdiv(c_out, meta["BLOCK_C"])  # noqa: E731
+        args = (
             g, gs2, x, weight, log_sigma2, gx, pw_, pl_, pb_,
             nb, m, x.shape[1], c_out, cout_g, h, w, h_out, w_out, kh, kw,
             sh, sw, ph, pw, dh, dw,
-            *g.stride(), *x.stride(), *gx.stride(),
+            *g.stride(), *x.stride(), *gx_strides,
             weight.stride(0), weight.stride(2), weight.stride(3),
             log_sigma2.stride(0), log_sigma2.stride(2), log_sigma2.stride(3),
             pw_.stride(0), pw_.stride(1), pw_.stride(3), pw_.stride(4),
             pl_.stride(0), pl_.stride(1), pl_.stride(3), pl_.stride(4),
             *pb_.stride(), chunk, n_split, clip, m_key(m),
-            ACC_F64=acc_f64, CLIP=has_clip, **meta,
         )
+        flags = dict(ACC_F64=acc_f64, CLIP=has_clip)
+        if _fitted():
+            # The interpreter: the two kinds of programs as two launches of the same kernel, each
+            # with tiles fitted to its own problem (a launch of only the first n_dx programs runs
+            # no weight-gradient program; WITH_DX=False runs only those).
+            cap_m, cap_c, warps = INTERPRETER_DIRECT_TILES
+            kernel = KC.lrt_conv2d_direct_bwd_kernel
+            if need_grad_x:
+                meta = dict(BLOCK_M=_fit(nb * h * w, cap_m), BLOCK_C=_fit(x.shape[1], cap_c, 4))
+                kernel[(n_dx(meta),)](*args, WITH_DX=True, **flags, **meta, num_warps=warps)
+            meta = dict(BLOCK_M=_fit(min(m, chunk), cap_m), BLOCK_C=_fit(c_out, cap_c, 4))
+            kernel[(n_dw(meta),)](*args, WITH_DX=False, **flags, **meta, num_warps=warps)
+        else:
+            grid = lambda meta: (need_grad_x * n_dx(meta) + n_dw(meta),)  # noqa: E731
+            _direct_bwd_kernel[grid](*args, WITH_DX=need_grad_x, **flags)
     else:
         hp, wp = triton.cdiv(h, sh), triton.cdiv(w, sw)
-        grid = lambda meta: (  # noqa: E731
-            sh * sw * triton.cdiv(nb * hp * wp, meta["BLOCK_M"]) * triton.cdiv(cin_g, meta["BLOCK_K"])
-            + n_split * triton.cdiv(cout_g, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),
-            groups)
-        kernel, meta = _bwd_kernel, {}
-        if _fitted():
-            cap_m, cap_n, cap_k, warps, _ = INTERPRETER_TILES
-            kernel = KC.lrt_conv2d_bwd_kernel
-            meta = dict(BLOCK_M=_fit(max(m, nb * hp * wp), cap_m), BLOCK_N=_fit(cout_g * kh * kw, cap_n),
-                        BLOCK_K=_fit(k, cap_k), GROUP_M=8, num_warps=warps)
-        kernel[grid](
+        n_dx = lambda meta: (  # noqa: E731
+            sh * sw * triton.cdiv(nb * hp * wp, meta["BLOCK_M"]) * triton.cdiv(cin_g, meta["BLOCK_K"]))
+        n_dw = lambda meta: (  # noqa: E731
+            n_split * triton.cdiv(cout_g, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]))
+        args = (
             g, gs2, x, weight, log_sigma2, gx, pw_, pl_, pb_,
             nb, m, cin_g, cout_g, k, h, w, h_out, w_out, kh, kw,
             sh, sw, ph, pw, dh, dw,
-            *g.stride(), *x.stride(), *gx.stride(), *weight.stride(), *log_sigma2.stride(),
+            *g.stride(), *x.stride(), *gx_strides, *weight.stride(), *log_sigma2.stride(),
             *pw_.stride(), *pl_.stride(), *pb_.stride(), chunk, n_split, clip, m_key(m),
-            ACC_F64=acc_f64, TAPS_OUTER_X=_taps_outer(x), TAPS_OUTER_G=_taps_outer(g),
-            CLIP=has_clip, PRECISION=precision(x), **meta,
         )
+        flags = dict(ACC_F64=acc_f64, TAPS_OUTER_X=_taps_outer(x), TAPS_OUTER_G=_taps_outer(g),
+                     CLIP=has_clip, PRECISION=precision(x))
+        if _fitted():  # the interpreter: two launches with fitted tiles, as for the direct kernel
+            kernel = KC.lrt_conv2d_bwd_kernel
+            if need_grad_x:
+                cap_m, cap_n, cap_k = INTERPRETER_BWD_DX_TILES
+                meta = dict(BLOCK_M=_fit(nb * hp * wp, cap_m), BLOCK_N=_fit(cout_g * kh * kw, cap_n),
+                            BLOCK_K=_fit(cin_g, cap_k), GROUP_M=8)
+                kernel[(n_dx(meta), groups)](*args, WITH_DX=True, **flags, **meta, num_warps=4)
+            cap_m, cap_n, cap_k = INTERPRETER_BWD_DW_TILES
+            meta = dict(BLOCK_M=_fit(min(m, chunk), cap_m), BLOCK_N=_fit(cout_g, cap_n),
+                        BLOCK_K=_fit(k, cap_k), GROUP_M=8)
+            kernel[(n_dw(meta), groups)](*args, WITH_DX=False, **flags, **meta, num_warps=4)
+        else:
+            grid = lambda meta: (need_grad_x * n_dx(meta) + n_dw(meta), groups)  # noqa: E731
+            _bwd_kernel[grid](*args, WITH_DX=need_grad_x, **flags)
     if n_split > 1:
         numel_w = weight.numel()
         KC.lrt_conv2d_bwd_reduce_kernel[(triton.cdiv(numel_w, REDUCE_BLOCK) + triton.cdiv(c_out, REDUCE_BLOCK),)](
