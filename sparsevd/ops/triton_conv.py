@@ -41,26 +41,28 @@ from .triton_common import (AUTOTUNE_ENV, acc_dtype, autotune_enabled, dot_kind,
 # ------------------------------------------------------------------------------------ autotuning
 #: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the implicit-GEMM kernels per kind of dot
 #: (sparsevd.ops.triton_common.dot_kind), from Triton 3.9's bundled ptxas for sm_90a (no GPU
-#: needed; benchmarks/NOTES.md, "LRT convolution"): no register spill, shared memory under 227 KB.
+#: needed; benchmarks/NOTES.md, "LRT convolution"): no register spill, shared memory under 227 KB;
+#: the first of each list is what SPARSEVD_TRITON_AUTOTUNE=0 runs.
 #: Forward: BLOCK_N over output channels, BLOCK_K over (ci, kh, kw). Backward: ∂x tiles are
 #: [BLOCK_M input pixels, BLOCK_K input channels] reducing over BLOCK_N of (co, kh, kw); ∂θ tiles
 #: [BLOCK_N, BLOCK_K] reducing over BLOCK_M output pixels.
 TILES = {
-    ("fwd", "tc"): [(128, 64, 32, 4, 3), (64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3),
-                    (32, 64, 32, 4, 2)],
-    ("fwd", "tc32"): [(128, 64, 32, 4, 3), (64, 64, 32, 4, 3), (128, 128, 32, 8, 2), (64, 128, 32, 4, 3),
-                      (32, 64, 32, 4, 2)],
-    ("fwd", "ieee"): [(64, 64, 8, 8, 2), (128, 64, 8, 8, 2), (64, 64, 16, 8, 2), (32, 64, 16, 4, 2)],
+    ("fwd", "tc"): [(64, 64, 32, 8, 3), (128, 64, 32, 8, 3), (32, 64, 32, 4, 2)],
+    ("fwd", "tc32"): [(64, 64, 32, 8, 3), (128, 64, 16, 8, 3)],
+    ("fwd", "ieee"): [(64, 64, 8, 8, 2), (32, 64, 8, 4, 2)],
     ("fwd", "fp64"): [(32, 32, 16, 4, 2), (16, 32, 32, 4, 2)],
-    ("bwd", "tc"): [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (32, 64, 32, 4, 2)],
-    ("bwd", "tc32"): [(64, 64, 32, 4, 3), (128, 64, 32, 8, 2), (64, 64, 32, 8, 2), (32, 64, 32, 4, 2)],
-    ("bwd", "ieee"): [(32, 32, 16, 4, 2), (64, 64, 8, 8, 2), (32, 64, 16, 4, 2)],
+    # Both kinds of programs in one kernel: the registers and shared memory of the larger.
+    ("bwd", "tc"): [(64, 64, 32, 8, 2), (64, 64, 32, 8, 3)],
+    ("bwd", "tc32"): [(64, 64, 16, 8, 2), (64, 64, 16, 8, 3)],
+    ("bwd", "ieee"): [(32, 32, 8, 4, 2), (16, 32, 16, 4, 2), (64, 32, 8, 8, 2)],
     ("bwd", "fp64"): [(32, 32, 16, 4, 2), (16, 32, 32, 4, 2)],
 }
-#: (BLOCK_M, BLOCK_C, num_warps) of the direct (depthwise) kernels: [pixels, channels] tiles.
+#: (BLOCK_M, BLOCK_C, num_warps) of the direct (depthwise) kernels: [pixels, channels] tiles of
+#: 8-16 elements per thread (32 spill: the Philox of ξ in the forward epilogue and the four
+#: accumulators of the backward need ~8 registers per element).
 DIRECT_TILES = {
-    "fwd": [(128, 32, 4), (64, 64, 4), (256, 16, 4), (128, 64, 8)],
-    "bwd": [(128, 32, 4), (64, 64, 4), (256, 16, 8), (64, 32, 4)],
+    "fwd": [(64, 16, 4), (64, 32, 4), (128, 16, 4), (128, 32, 8)],
+    "bwd": [(64, 16, 4), (128, 16, 8), (64, 32, 4), (128, 32, 8), (256, 16, 8)],
 }
 #: Under TRITON_INTERPRET=1 the launchers fit each tile to the problem: powers of two, at least
 #: 16 where a dot needs it, at most these (BLOCK_M, BLOCK_N, BLOCK_K) / (BLOCK_M, BLOCK_C) /
