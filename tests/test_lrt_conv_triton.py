@@ -151,7 +151,7 @@ GEMM_SHAPES = [
     (2, 6, (9, 7), 4, (2, 3), 3, 2, 2, 2),  # stride 3 (9 phases) with dilation 2, groups 2
 ]
 DIRECT_SHAPES = [
-    (2, 5, (7, 6), 5, 3, 1, 1, 1, 5),  # depthwise
+    (1, 5, (7, 6), 5, 3, 1, 1, 1, 5),  # depthwise
     (1, 3, (6, 5), 6, 3, 2, 1, 2, 3),  # channel multiplier 2, stride 2, dilation 2
     (2, 17, (4, 3), 17, (1, 3), 1, (0, 1), 1, 17),  # channels just over 4 tiles of 4
 ]
@@ -307,15 +307,14 @@ def test_clip_threshold_masks_in_registers(groups):
 
 
 # ----------------------------------------------------------------------- gradcheck, opcheck
-@pytest.mark.parametrize("case", ["gemm_same_even", "gemm_stride2", "direct"])
+@pytest.mark.parametrize("case", ["gemm_same_even", "direct"])
 def test_gradcheck_full(case):
-    """Full fp64 gradcheck through the kernels (one forward per input element), tiny shapes."""
+    """Full fp64 gradcheck through the kernels (one forward per input element), tiny shapes: the
+    implicit-GEMM kernels with four-sided padding, the direct kernels. (Strides, dilation and
+    groups: fast-mode gradcheck in test_lrt_conv.py, fp64 gradients to 1e-10 above.)"""
     if case == "gemm_same_even":
         x, w, ls2, b = make_conv(1, 1, (3, 2), 2, 2, 1, F64)
         conv = dict(padding="same")
-    elif case == "gemm_stride2":
-        x, w, ls2, b = make_conv(1, 1, (3, 3), 1, 2, 1, F64)
-        conv = dict(stride=2, padding=1, dilation=(1, 2))
     else:
         x, w, ls2, b = make_conv(1, 2, (2, 2), 2, (2, 1), 2, F64)
         conv = dict(padding=(1, 0), groups=2)
@@ -407,8 +406,8 @@ def _train_lenet5(backend_name, init_state, data, steps, monkeypatch):
     torch.manual_seed(7)  # the seeds of the LRT noise
     losses = []
     for step in range(steps):
-        i = (step * 4) % xs.shape[0]
-        loss = loss_fn(model(xs[i:i + 4]), ys[i:i + 4])
+        i = (step * 2) % xs.shape[0]
+        loss = loss_fn(model(xs[i:i + 2]), ys[i:i + 2])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -419,7 +418,7 @@ def _train_lenet5(backend_name, init_state, data, steps, monkeypatch):
 
 def test_lenet5_training_matches_reference(monkeypatch):
     """LeNet-5-Caffe trained from the same init, data and noise seeds with the Triton backend (in
-    the interpreter here, batch 4) and with the reference backend: the same loss curve and conv
+    the interpreter here, batch 2) and with the reference backend: the same loss curve and conv
     sparsity within noise. Random data; the KL (train_size 10⁴) moves the loss by orders of
     magnitude within the run, so a wrong gradient anywhere shows in the curve."""
     steps = 20
@@ -523,13 +522,15 @@ _AOT = textwrap.dedent(
                           gx_ptr="*" + x, pw_ptr="*" + w, pl_ptr="*" + w, pb_ptr="*" + w, **f32),
                      dict(ACC_F64=f64, WITH_DX=True, TAPS_OUTER_X=taps, TAPS_OUTER_G=taps, CLIP=clip,
                           PRECISION=prec, **tiles), 4))
-    for x, f64, clip in [("bf16", False, True), ("fp64", True, False)]:  # no dots: one low, one fp64
+    for x, f64, clip in [("bf16", False, True), ("fp64", True, False)]:  # no dots: bf16; fp64 forward
         w = v = "fp64" if f64 else "fp32"
         v = "bf16" if x == "bf16" else v
         jobs.append((KC.lrt_conv2d_direct_fwd_kernel,
                      dict(x_ptr="*" + x, w_ptr="*" + w, ls2_ptr="*" + w, b_ptr="*" + w, seed_ptr="*i64",
                           y_ptr="*" + x, std_ptr="*" + w, **f32),
                      dict(HAS_BIAS=True, ACC_F64=f64, CLIP=clip, **direct), 4))
+        if f64:  # the other kernels without dots have no fp64-specific code
+            continue
         jobs.append((KC.lrt_conv2d_direct_bwd_kernel,
                      dict(g_ptr="*" + x, gs2_ptr="*" + v, x_ptr="*" + x, w_ptr="*" + w, ls2_ptr="*" + w,
                           gx_ptr="*" + x, pw_ptr="*" + w, pl_ptr="*" + w, pb_ptr="*" + w, **f32),
@@ -566,4 +567,4 @@ def test_conv_kernels_compile_for_gpu_without_a_gpu():
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (stdout, stderr) in zip(procs, outs):
         assert p.returncode == 0, stderr[-3000:]
-    assert sum(stdout.count("compiled") for stdout, _ in outs) == 16, outs
+    assert sum(stdout.count("compiled") for stdout, _ in outs) == 13, outs
