@@ -22,7 +22,6 @@ as dot input, like nn.Linear under autocast, the variance products bf16 for bf16
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -34,7 +33,6 @@ from sparsevd.triton_kernels import lrt_linear as K
 from .backend import interpreter_enabled, register_impl
 from .triton_common import (AUTOTUNE_ENV, FP32_PRECISION_ENV, acc_dtype, autotune_enabled,  # noqa: F401
                             dot_kind, elementwise_block, m_key, make_config, precision)
-
 
 
 # ------------------------------------------------------------------------------------ autotuning
