@@ -3,7 +3,7 @@
 # timeout and a line in OUTDIR/gpu_check.log; OUTDIR/gpu_check.json sums them up (stage, status,
 # seconds) and the benchmarks write their rows into OUTDIR/bench.json.
 #
-#   bash scripts/gpu_check.sh OUTDIR             # on the GPU machine (about 8 minutes on an H200)
+#   bash scripts/gpu_check.sh OUTDIR             # on the GPU machine (about 8-11 minutes on an H200)
 #   bash scripts/gpu_check.sh --dry-run OUTDIR   # on any machine: checks that every stage's
 #                                                # command exists, its tests are collected and
 #                                                # its benchmarks accept their arguments
@@ -33,14 +33,18 @@ STAGES=${GPU_CHECK_STAGES:-env build tests sanitizer bench}
 # The GPU tests: every backend-parametrized op test (the Triton backend runs on the GPU there),
 # the Triton-specific tests and the CUDA csr_linear kernels.
 GPU_TESTS=(tests/test_lrt_linear.py tests/test_lrt_linear_triton.py tests/test_lrt_conv.py
-           tests/test_kl.py tests/test_kl_triton.py tests/test_csr_linear_cuda.py)
+           tests/test_lrt_conv_triton.py tests/test_kl.py tests/test_kl_triton.py
+           tests/test_csr_linear_cuda.py)
 # Under compute-sanitizer (slow: a subset that launches every kernel).
-SANITIZER_TESTS=(tests/test_csr_linear_cuda.py tests/test_lrt_linear_triton.py tests/test_kl_triton.py)
+SANITIZER_TESTS=(tests/test_csr_linear_cuda.py tests/test_lrt_linear_triton.py tests/test_kl_triton.py
+                 tests/test_lrt_conv_triton.py)
 SANITIZER_FILTER="matches_dense or index_dtypes or forward_and_gradients or many_layers or partial_blocks"
+SANITIZER_FILTER+=" or odd_shapes_small_tiles or split_weight_gradient"
 # Every benchmark, in quick mode, with its arguments for the GPU.
 BENCHMARKS=(
   "bench_train_step --device cuda --threads 1 --quick"
   "bench_lrt_linear --quick"
+  "bench_lrt_conv --quick"
   "bench_kl --quick"
   "bench_csr_linear --device cuda --quick --skip-lenet"
 )
@@ -116,7 +120,8 @@ stage_tests() {
     run_stage tests-collect 300 "$PY" -m pytest --collect-only -q "${GPU_TESTS[@]}"
     return
   fi
-  run_stage tests "${TESTS_TIMEOUT:-240}" env TRITON_INTERPRET=0 SPARSEVD_TRITON_AUTOTUNE=0 \
+  # 420 s: the conv kernels add some 40 compiled variants (dtypes, layouts, tiles) to the run.
+  run_stage tests "${TESTS_TIMEOUT:-420}" env TRITON_INTERPRET=0 SPARSEVD_TRITON_AUTOTUNE=0 \
     "$PY" -m pytest -q -x -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" "${GPU_TESTS[@]}"
 }
 

@@ -88,9 +88,9 @@ def _dense_reason(m: nn.Module) -> str:
 
 def _unsupported(m: nn.Module) -> Optional[str]:
     """Why an nn.Conv2d cannot be converted (None when it can)."""
-    if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
-        return (f"uses padding={m.padding!r}, padding_mode={m.padding_mode!r}; Conv2dSVDO supports "
-                "zero padding given as ints")
+    if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+        return (f"uses padding_mode={m.padding_mode!r}; Conv2dSVDO supports zero padding (ints, "
+                "pairs, 'same', 'valid')")
     return None
 
 
@@ -194,8 +194,9 @@ def convert(
         when ``return_report``.
 
     Raises:
-        ValueError: an included Conv2d with a non-zero padding mode or string padding (exclude
-            it to leave it dense); an invalid ``threshold``.
+        ValueError: an included Conv2d with a padding mode other than zeros (exclude it to leave
+            it dense; padding='same' and 'valid' convert, resolved as torch resolves them); an
+            invalid ``threshold``.
     """
     threshold = check_threshold(threshold)
     if isinstance(model, CONVERTIBLE) and type(model) in CONVERTIBLE:

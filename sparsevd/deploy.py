@@ -165,7 +165,7 @@ def _make_link(prev: nn.Module, ops: List[nn.Module], nxt: nn.Module) -> Optiona
     if conv_prev and isinstance(nxt, Conv2dSVDO) and not flatten:
         if nxt.groups != 1 or nxt.in_channels != prev.out_channels:
             return None
-        return _Link(ops, "cc", const_ok and tuple(nxt.padding) == (0, 0))
+        return _Link(ops, "cc", const_ok and tuple(nxt.padding_sides) == (0, 0, 0, 0))
     if conv_prev and isinstance(nxt, LinearSVDO) and flatten:
         c = prev.out_channels
         if c == 0 or nxt.in_features % c:
@@ -289,7 +289,13 @@ def _sparse_layer(m: nn.Module, w: Tensor, b: Optional[Tensor]) -> nn.Module:
     common = dict(dense_shape=tuple(m.weight.shape), num_weights=m.weight.numel())
     if isinstance(m, LinearSVDO):
         return SparseLinear.from_dense(w, b, **common)
-    return SparseConv2d.from_dense(w, b, m.stride, m.padding, m.dilation, m.groups, **common)
+    t, bottom, left, right = m.padding_sides
+    if (t, left) != (bottom, right):
+        raise ValueError(
+            f"model: a Conv2dSVDO uses padding={m.padding!r} with kernel_size={m.kernel_size} "
+            f"(asymmetric padding {m.padding_sides}); SparseConv2d supports symmetric padding"
+        )
+    return SparseConv2d.from_dense(w, b, m.stride, (t, left), m.dilation, m.groups, **common)
 
 
 def _replace(module: nn.Module, threshold: Optional[float], built: List[nn.Module]) -> None:

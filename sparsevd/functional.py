@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
-from ._args import IntOrPair, as_pair
+from ._args import IntOrPair, Padding, as_pair, conv_padding, padding_arg, padding_sides
 
 #: Check ``log_sigma2`` and ``weight`` for NaN and ±inf at every call of the functions below (one
 #: reduction per parameter, and a host sync on GPU), unless a call passes ``check_finite=False``.
@@ -154,8 +154,9 @@ def _check_conv2d(x, weight, log_sigma2, bias, stride, padding, dilation, groups
             f"groups: expected a positive int dividing out_channels={weight.shape[0]}, "
             f"got {groups!r}"
         )
-    pairs = [list(as_pair(v, n, lo)) for v, n, lo in
-             ((stride, "stride", 1), (padding, "padding", 0), (dilation, "dilation", 1))]
+    stride_p = list(as_pair(stride, "stride", 1))
+    dilation_p = list(as_pair(dilation, "dilation", 1))
+    sides = conv_padding(padding, tuple(weight.shape[2:]), stride_p, dilation_p)
     x = _prepare_input(x, weight, bias)
     unbatched = x.dim() == 3
     if unbatched:
@@ -164,7 +165,14 @@ def _check_conv2d(x, weight, log_sigma2, bias, stride, padding, dilation, groups
         raise ValueError(
             f"x: expected shape (N, in_channels={weight.shape[1] * groups}, H, W), got {tuple(x.shape)}"
         )
-    return (x, unbatched, *pairs)
+    for i, (size, name) in enumerate(((x.shape[2], "H"), (x.shape[3], "W"))):
+        span = dilation_p[i] * (weight.shape[2 + i] - 1) + 1
+        if size + sides[2 * i] + sides[2 * i + 1] < span:
+            raise ValueError(
+                f"x: the padded input is smaller than the dilated kernel along {name} "
+                f"({size} + padding {sides[2 * i]}+{sides[2 * i + 1]} < {span}); got shape {tuple(x.shape)}"
+            )
+    return x, unbatched, stride_p, padding_arg(sides), dilation_p
 
 
 def lrt_linear(
@@ -210,7 +218,7 @@ def lrt_conv2d(
     log_sigma2: Tensor,
     bias: Optional[Tensor] = None,
     stride: IntOrPair = 1,
-    padding: IntOrPair = 0,
+    padding: Padding = 0,
     dilation: IntOrPair = 1,
     groups: int = 1,
     *,
@@ -226,7 +234,9 @@ def lrt_conv2d(
         weight: θ, (C_out, C_in / groups, kH, kW).
         log_sigma2: log σ², same shape and dtype as ``weight``.
         bias: (C_out,) or None.
-        stride, padding, dilation, groups: as in ``torch.nn.functional.conv2d`` (padding as ints).
+        stride, padding, dilation, groups: as in ``torch.nn.functional.conv2d``: padding an int,
+            a pair of ints, "valid" (none) or "same" (stride 1 only; the output keeps the input's
+            size, an even kernel pads one more at the bottom / right, as torch does).
         seed: one-element int64 tensor on x's device; None draws one.
         check_finite: as :func:`lrt_linear`.
 
@@ -235,7 +245,9 @@ def lrt_conv2d(
 
     Raises:
         TypeError / ValueError as :func:`lrt_linear`; ValueError when the channels do not match,
-            or for a stride, padding, dilation or groups that is not a (pair of) int(s) in range.
+            when the padded input is smaller than the dilated kernel, for a stride, padding,
+            dilation or groups that is not a (pair of) int(s) in range, an unknown padding string,
+            or padding="same" with a stride (each message names the argument).
     """
     x, unbatched, stride, padding, dilation = _check_conv2d(
         x, weight, log_sigma2, bias, stride, padding, dilation, groups, check_finite
@@ -271,7 +283,7 @@ def masked_conv2d(
     log_sigma2: Tensor,
     bias: Optional[Tensor],
     stride: IntOrPair = 1,
-    padding: IntOrPair = 0,
+    padding: Padding = 0,
     dilation: IntOrPair = 1,
     groups: int = 1,
     *,
@@ -286,7 +298,7 @@ def masked_conv2d(
     )
     w = reference.masked_weight(weight, log_sigma2, threshold).to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
-    y = torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
+    y = reference.conv2d(x, w, b, stride, padding_sides(padding), dilation, groups)
     return y.squeeze(0) if unbatched else y
 
 

@@ -9,12 +9,12 @@ ICML 2017 (arXiv:1701.05369). Equation numbers refer to that paper.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ._args import IntOrPair, as_pair, check_threshold
+from ._args import IntOrPair, Padding, as_pair, check_threshold, conv_padding
 
 #: Constants of the KL approximation, eq. 14.
 K1 = 0.63576
@@ -91,10 +91,32 @@ def lrt_linear(
     return mu + torch.sqrt(s2 + EPS_VAR) * noise
 
 
-def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int,
+                  padding_end: Optional[int] = None) -> int:
     """Output length of a convolution along one dimension (as ``torch.nn.functional.conv2d``):
-    ⌊(size + 2·padding − dilation·(kernel − 1) − 1) / stride⌋ + 1."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    ⌊(size + p_begin + p_end − dilation·(kernel − 1) − 1) / stride⌋ + 1, with p_begin = padding
+    and p_end = padding_end (default: padding, symmetric)."""
+    end = padding if padding_end is None else padding_end
+    return (size + padding + end - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride,
+           sides: Sequence[int], dilation, groups: int) -> torch.Tensor:
+    """``F.conv2d`` with per-side zero padding ``sides`` = (top, bottom, left, right): symmetric
+    padding goes to F.conv2d, asymmetric padding (padding="same" with an even kernel) pads x
+    first, as torch does for "same"."""
+    t, b, l, r = sides
+    if (t, l) == (b, r):
+        return F.conv2d(x, weight, bias, stride, (t, l), dilation, groups)
+    return F.conv2d(F.pad(x, (l, r, t, b)), weight, bias, stride, 0, dilation, groups)
+
+
+def conv_sides(padding, weight: torch.Tensor, stride, dilation) -> Tuple[int, int, int, int]:
+    """(top, bottom, left, right) of ``padding``: an int, a pair, "same", "valid", or already
+    four per-side ints."""
+    if isinstance(padding, (list, tuple)) and len(padding) == 4:
+        return tuple(int(p) for p in padding)  # type: ignore[return-value]
+    return conv_padding(padding, tuple(weight.shape[2:]), stride, dilation)
 
 
 def lrt_conv2d(
@@ -104,7 +126,7 @@ def lrt_conv2d(
     bias: Optional[torch.Tensor],
     noise: torch.Tensor,
     stride: IntOrPair = 1,
-    padding: IntOrPair = 0,
+    padding: Padding = 0,
     dilation: IntOrPair = 1,
     groups: int = 1,
 ) -> torch.Tensor:
@@ -119,15 +141,16 @@ def lrt_conv2d(
         log_sigma2: log σ², same shape as ``weight``.
         bias: (C_out,) or None.
         noise: ξ, (N, C_out, H_out, W_out), standard normal.
-        stride, padding, dilation, groups: as in ``torch.nn.functional.conv2d``.
+        stride, padding, dilation, groups: as in ``torch.nn.functional.conv2d`` (padding an int,
+            a pair, "same", "valid", or four per-side ints (top, bottom, left, right)).
 
     Returns:
         y, (N, C_out, H_out, W_out).
     """
-    stride, padding = as_pair(stride, "stride", 1), as_pair(padding, "padding", 0)
-    dilation = as_pair(dilation, "dilation", 1)
-    mu = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    s2 = F.conv2d(x * x, torch.exp(log_sigma2), None, stride, padding, dilation, groups)
+    stride, dilation = as_pair(stride, "stride", 1), as_pair(dilation, "dilation", 1)
+    sides = conv_sides(padding, weight, stride, dilation)
+    mu = conv2d(x, weight, bias, stride, sides, dilation, groups)
+    s2 = conv2d(x * x, torch.exp(log_sigma2), None, stride, sides, dilation, groups)
     return mu + torch.sqrt(s2 + EPS_VAR) * noise
 
 

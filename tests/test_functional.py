@@ -138,9 +138,13 @@ def test_conv_bad_arguments():
             with pytest.raises(ValueError, match=r"^groups: expected a positive int"):
                 fn(x, w, s, b, groups=groups)
         for name, bad in (("stride", 0), ("stride", (1, 2, 3)), ("padding", -1),
-                          ("padding", "same"), ("dilation", (1, 0)), ("dilation", (1.0, 1))):
+                          ("padding", "full"), ("dilation", (1, 0)), ("dilation", (1.0, 1))):
             with pytest.raises(ValueError, match=rf"^{name}: "):
                 fn(x, w, s, b, groups=2, **{name: bad})
+        with pytest.raises(ValueError, match=r"^stride: padding='same' needs stride 1"):
+            fn(x, w, s, b, groups=2, padding="same", stride=(1, 2))
+        with pytest.raises(ValueError, match=r"^x: the padded input is smaller than the dilated kernel"):
+            fn(torch.randn(2, 4, 2, 7), w, s, b, groups=2, dilation=(1, 2))
         bad = s.clone()
         bad[0, 0, 0, 0] = float("nan")
         with pytest.raises(ValueError, match=r"^log_sigma2: contains NaN"):

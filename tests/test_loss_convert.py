@@ -258,8 +258,31 @@ def test_convert_keeps_mode_dtype_and_rejects_unsupported_padding():
     out = sparsevd.convert(model)
     assert out is model and not out[0].training and out[0].weight.dtype == F64
     assert out[0].log_sigma2.dtype == F64
-    with pytest.raises(ValueError, match=r"^model: 0 uses padding='same'"):
-        sparsevd.convert(nn.Sequential(nn.Conv2d(2, 2, 3, padding="same")))
+    with pytest.raises(ValueError, match=r"^model: 0 uses padding_mode='reflect'"):
+        sparsevd.convert(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+@pytest.mark.parametrize("padding,kernel,dilation", [("same", 3, 1), ("same", (2, 4), (1, 2)),
+                                                     ("valid", 3, 1)])
+def test_convert_string_padding(padding, kernel, dilation):
+    """nn.Conv2d with padding="same" / "valid" converts; the layer resolves it to per-side padding
+    as torch does (even kernels: one more at the bottom / right), so the converted layer in eval
+    mode computes what the dense one does on the kept weights."""
+    dense = nn.Conv2d(2, 3, kernel, padding=padding, dilation=dilation).double()
+    layer = sparsevd.convert(dense)
+    assert isinstance(layer, Conv2dSVDO) and layer.padding == padding
+    x = torch.randn(2, 2, 7, 8, dtype=F64)
+    layer.eval()
+    with torch.no_grad():
+        expected = torch.nn.functional.conv2d(x, dense.weight * layer.mask(), dense.bias,
+                                              padding=padding, dilation=dilation)
+        assert torch.allclose(layer(x), expected, atol=1e-12)
+        if padding == "same":
+            assert layer(x).shape[2:] == x.shape[2:]
+    assert f"padding={padding}" in repr(layer)
+    layer.train()
+    assert layer(x).shape == expected.shape
     with pytest.raises(ValueError, match="padding_mode='reflect'"):
         sparsevd.convert(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")))
 

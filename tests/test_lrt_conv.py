@@ -93,12 +93,16 @@ def test_sample_moments(dev):
 
 
 @pytest.mark.parametrize("stride,padding,dilation,groups", [(1, 1, 1, 1), (2, 0, 2, 2)])
-def test_gradcheck(dev, stride, padding, dilation, groups):
+def test_gradcheck(backend, dev, stride, padding, dilation, groups):
+    """Full gradcheck for the reference; fast mode (a random projection of the Jacobian, a few
+    launches instead of one per input and output element) for the Triton kernels in the
+    interpreter, whose full gradchecks on tinier shapes are in test_lrt_conv_triton.py."""
     x, w, ls2, b = conv_inputs((2, 2, 6, 5), (2, 2, 2), groups, F64, device=dev)
     seed = fresh_seed(dev)
     inputs = [t.requires_grad_() for t in (x, w, ls2, b)]
     assert torch.autograd.gradcheck(
-        lambda *a: SF.lrt_conv2d(*a, stride, padding, dilation, groups, seed=seed), inputs
+        lambda *a: SF.lrt_conv2d(*a, stride, padding, dilation, groups, seed=seed), inputs,
+        fast_mode=backend == "triton" and dev == "cpu",
     )
 
 
@@ -118,3 +122,22 @@ def test_opcheck_forward_and_backward(dev):
             ops.lrt_conv2d_backward,
             (torch.randn_like(y), x.detach(), w.detach(), ls2.detach(), std.detach(), seed, *args),
         )
+
+
+def test_backward_without_grad_x(dev):
+    """need_grad_x=False (x needs no gradient, e.g. a first layer): ∂x comes back empty and the
+    parameter gradients are those of the full backward; autograd passes it for such an x."""
+    x, w, ls2, b = conv_inputs((2, 3, 6, 5), (4, 3, 3), 1, F64, device=dev)
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    seed = fresh_seed(dev)
+    y, std = ops.lrt_conv2d(x, w, ls2, b, seed, *args)
+    g = torch.randn_like(y)
+    full = ops.lrt_conv2d_backward(g, x, w, ls2, std, seed, *args)
+    part = ops.lrt_conv2d_backward(g, x, w, ls2, std, seed, *args, False)
+    assert part[0].shape == (0,)
+    for name, a, e in zip(("weight", "log_sigma2", "bias"), part[1:], full[1:]):
+        assert_close(a, e, rtol=1e-12, atol=1e-12, name=f"grad {name}")
+    leaves = [t.clone().requires_grad_() for t in (w, ls2, b)]
+    ops.lrt_conv2d(x, *leaves, seed, *args)[0].backward(g)
+    for name, t, e in zip(("weight", "log_sigma2", "bias"), leaves, full[1:]):
+        assert_close(t.grad, e, rtol=1e-12, atol=1e-12, name=f"autograd grad {name}")

@@ -411,7 +411,7 @@ _AOT = textwrap.dedent(
         build(K.lrt_linear_bwd_kernel,
               dict(g_ptr="*" + x, gs2_ptr="*" + v, x_ptr="*" + x, w_ptr="*" + w, ls2_ptr="*" + w,
                    gx_ptr="*" + x, gw_ptr="*" + w, gl_ptr="*" + w, gb_ptr="*" + w),
-              dict(ACC_F64=f64, PRECISION=prec, **tiles, **bwd), 4)
+              dict(ACC_F64=f64, PRECISION=prec, WITH_DX=True, **tiles, **bwd), 4)
         build(K.lrt_linear_bwd_gs2_kernel,
               dict(g_ptr="*" + x, std_ptr="*" + w, seed_ptr="*i64", gs2_ptr="*" + v),
               dict(ACC_F64=f64, BLOCK=1024), 4)

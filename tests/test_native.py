@@ -179,9 +179,10 @@ def test_linear_backward_equals_reference(isa, lead, k, n, with_bias):
     for name, a, e in zip(names, got, ref):
         assert a.shape == e.shape and a.dtype == e.dtype, name
         close(a, e, 2e-5, name, atol_rel=2e-6)
-    params = NI.lrt_linear_bwd_params(g, x, w, ls2, std, seed)
-    for name, a, e in zip(names[1:], params, got[1:]):
-        assert torch.equal(a, e), f"params variant {name}"
+    no_dx = NI.lrt_linear_bwd(g, x, w, ls2, std, seed, need_grad_x=False)
+    assert no_dx[0].numel() == 0
+    for name, a, e in zip(names[1:], no_dx[1:], got[1:]):
+        assert torch.equal(a, e), f"without need_grad_x: {name}"
     d = lambda t: t.double()  # noqa: E731
     ref64 = RI.lrt_linear_bwd(d(g), d(x), d(w), d(ls2), d(std), seed)
     got64 = NI.lrt_linear_bwd(d(g), d(x), d(w), d(ls2), d(std), seed)
@@ -216,7 +217,7 @@ def test_linear_empty_shapes(lead, k, n, with_bias):
 def test_linear_gradients_through_autograd_equal_fp64_reference():
     """Gradients of SF.lrt_linear (native) against autograd through sparsevd.reference on the same
     noise, for a hidden layer (x needs a gradient) and a first layer (it does not: the
-    lrt_linear_backward_params variant runs)."""
+    backward runs with need_grad_x=False)."""
     for x_grad in (True, False):
         x, w, ls2, b = linear_inputs((2, 7), 23, 19, F64, True, contiguous=False)
         seed = fresh_seed()
@@ -282,8 +283,9 @@ def test_conv2d_forward_and_backward_equal_reference(isa, xs, ws, stride, paddin
         for name, a, e in zip(("grad_x", "grad_weight", "grad_log_sigma2", "grad_bias"), got, ref):
             assert a.shape == e.shape and a.dtype == e.dtype, name
             close(a, e, rtol, f"{name} {dtype}")
-        params = NI.lrt_conv2d_bwd_params(g, x, w, ls2, std_r, seed, *args)
-        for a, e in zip(params, got[1:]):
+        no_dx = NI.lrt_conv2d_bwd(g, x, w, ls2, std_r, seed, *args, need_grad_x=False)
+        assert no_dx[0].numel() == 0
+        for a, e in zip(no_dx[1:], got[1:]):
             assert torch.equal(a, e)
 
 
@@ -459,7 +461,7 @@ def test_opcheck_linear_ops():
         y, std = ops.lrt_linear(x, w, ls2, b, seed)
         bargs = (torch.randn_like(y), x.detach(), w.detach(), ls2.detach(), std.detach(), seed)
         torch.library.opcheck(ops.lrt_linear_backward, bargs)
-        torch.library.opcheck(ops.lrt_linear_backward_params, bargs)
+        torch.library.opcheck(ops.lrt_linear_backward, (*bargs, False))
 
 
 def test_opcheck_conv2d_ops():
@@ -476,7 +478,7 @@ def test_opcheck_conv2d_ops():
         y, std = ops.lrt_conv2d(x, w, ls2, b, seed, *args)
         bargs = (torch.randn_like(y), x.detach(), w.detach(), ls2.detach(), std.detach(), seed, *args)
         torch.library.opcheck(ops.lrt_conv2d_backward, bargs)
-        torch.library.opcheck(ops.lrt_conv2d_backward_params, bargs)
+        torch.library.opcheck(ops.lrt_conv2d_backward, (*bargs, False))
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])

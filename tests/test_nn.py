@@ -109,8 +109,10 @@ def test_constructor_errors():
         LinearSVDO(3, 2, threshold=float("nan"))
     with pytest.raises(ValueError, match="in_features"):
         LinearSVDO(-1, 2)
-    with pytest.raises(ValueError, match="padding"):
-        Conv2dSVDO(2, 2, 3, padding="same")
+    with pytest.raises(ValueError, match="^padding: expected an int, a pair of ints, 'same' or 'valid'"):
+        Conv2dSVDO(2, 2, 3, padding="full")
+    with pytest.raises(ValueError, match="^stride: padding='same' needs stride 1"):
+        Conv2dSVDO(2, 2, 3, stride=2, padding="same")
     with pytest.raises(ValueError, match="kernel_size"):
         Conv2dSVDO(2, 2, (3, 3, 3))
 

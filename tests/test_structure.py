@@ -139,7 +139,8 @@ def test_one_loader_of_the_compiled_library():
 OP_FAMILIES = {
     "lrt_linear": ["sparsevd/ops/lrt.py", "triton_kernels/lrt_linear.py", "tests/test_lrt_linear.py",
                    "benchmarks/bench_lrt_linear.py"],
-    "lrt_conv": ["sparsevd/ops/lrt.py", "tests/test_lrt_conv.py"],
+    "lrt_conv": ["sparsevd/ops/lrt.py", "triton_kernels/lrt_conv.py", "sparsevd/ops/triton_conv.py",
+                 "tests/test_lrt_conv.py", "tests/test_lrt_conv_triton.py", "benchmarks/bench_lrt_conv.py"],
     "kl": ["sparsevd/ops/kl.py", "triton_kernels/kl.py", "tests/test_kl.py", "benchmarks/bench_kl.py"],
     "csr_linear": ["sparsevd/ops/csr.py", "csrc/cpu/csr_linear_cpu.cpp",
                    "csrc/cuda/csr_linear_kernels.cu", "tests/test_csr_linear.py",

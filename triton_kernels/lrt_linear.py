@@ -145,11 +145,12 @@ def lrt_linear_bwd_kernel(
     stride_wn, stride_wk, stride_ln, stride_lk,
     stride_gwn, stride_gwk, stride_gln, stride_glk,
     M_KEY,  # autotune key only: next power of two of M
-    ACC_F64: tl.constexpr, PRECISION: tl.constexpr,
+    ACC_F64: tl.constexpr, PRECISION: tl.constexpr, WITH_DX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """The LRT linear backward after :func:`lrt_linear_bwd_gs2_kernel`: one launch, two kinds of
-    programs (g and g_s2 are contiguous (M, N)):
+    programs (g and g_s2 are contiguous (M, N)); without WITH_DX (the input needs no gradient)
+    only the second kind:
 
     - programs [0, P_x), P_x = cdiv(M, BLOCK_M)·cdiv(K, BLOCK_K): one [BLOCK_M, BLOCK_K] tile of
       ∂x = g θ + 2x ⊙ (g_s2 σ²) each, reducing over N;
@@ -165,7 +166,10 @@ def lrt_linear_bwd_kernel(
     VDT = gs2_ptr.dtype.element_ty
     pid = tl.program_id(0)
     n_tk = tl.cdiv(K, BLOCK_K)
-    n_dx = tl.cdiv(M, BLOCK_M) * n_tk
+    if WITH_DX:
+        n_dx = tl.cdiv(M, BLOCK_M) * n_tk
+    else:
+        n_dx = 0
     if pid < n_dx:
         # ------------------------------------------------ ∂x tile [BLOCK_M, BLOCK_K], loop over N
         n_tm = tl.cdiv(M, BLOCK_M)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .. import functional as SF
 from .. import reference
-from .._args import IntOrPair, as_pair, check_threshold
+from .._args import IntOrPair, Padding, as_pair, check_threshold, conv_padding
 
 #: True when autocast is on for any device (a private torch helper, 5x cheaper than asking per
 #: device type; the public per-device check where it is missing).
@@ -218,11 +218,14 @@ class Conv2dSVDO(_SVDOMixin, nn.Module):
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as in
-            nn.Conv2d (zero padding given as ints). Input (N, C_in, H, W) or (C_in, H, W).
+            nn.Conv2d (zero padding: ints, a pair, "valid", or "same" with stride 1; an even
+            kernel pads one more at the bottom / right, as torch does). Input (N, C_in, H, W) or
+            (C_in, H, W).
         threshold: log α above which a weight is dropped at evaluation.
         device, dtype: of the parameters.
 
-    Raises: ValueError for channels not divisible by ``groups``; at forward as :class:`LinearSVDO`.
+    Raises: ValueError for channels not divisible by ``groups``, an unknown padding string or
+    padding="same" with a stride; at forward as :class:`LinearSVDO`.
     """
 
     def __init__(
@@ -231,7 +234,7 @@ class Conv2dSVDO(_SVDOMixin, nn.Module):
         out_channels: int,
         kernel_size: IntOrPair,
         stride: IntOrPair = 1,
-        padding: IntOrPair = 0,
+        padding: Padding = 0,
         dilation: IntOrPair = 1,
         groups: int = 1,
         bias: bool = True,
@@ -250,8 +253,11 @@ class Conv2dSVDO(_SVDOMixin, nn.Module):
         self.out_channels = out_channels
         self.kernel_size = as_pair(kernel_size, "kernel_size")
         self.stride = as_pair(stride, "stride")
-        self.padding = as_pair(padding, "padding")
         self.dilation = as_pair(dilation, "dilation")
+        #: (top, bottom, left, right), what ``padding`` resolves to (docs: sparsevd._args.conv_padding)
+        self.padding_sides = conv_padding(padding, self.kernel_size, self.stride, self.dilation)
+        #: as given: a pair of ints, or the string "same" / "valid" (as nn.Conv2d keeps it)
+        self.padding = padding if isinstance(padding, str) else as_pair(padding, "padding")
         self.groups = groups
         shape = (out_channels, in_channels // groups, *self.kernel_size)
         self.weight = nn.Parameter(torch.empty(shape, **factory))

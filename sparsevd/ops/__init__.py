@@ -1,8 +1,7 @@
 """``torch.library`` custom ops of sparsevd (namespace ``sparsevd``).
 
-Ops: ``lrt_linear``, ``lrt_linear_backward`` (and ``_params``, without ∂x), ``lrt_conv2d``,
-``lrt_conv2d_backward`` (and ``_params``),
-``kl_sparse_vd``, ``log_alpha`` (and ``csr_linear`` from the compiled library, when built). Each has
+Ops: ``lrt_linear``, ``lrt_linear_backward``, ``lrt_conv2d``, ``lrt_conv2d_backward`` (the
+backward ops skip ∂x with ``need_grad_x=False``), ``kl_sparse_vd``, ``log_alpha`` (and ``csr_linear`` from the compiled library, when built). Each has
 a fake (meta) implementation and a registered autograd, and dispatches to the backend chosen by
 ``SPARSEVD_BACKEND`` (see :mod:`sparsevd.ops.backend`). The user-facing API with argument checks is
 :mod:`sparsevd.functional`.
@@ -11,14 +10,7 @@ from . import reference_impl  # noqa: F401  registers the reference backend
 from .csr import csr_linear
 from .backend import BACKENDS, BackendUnavailableError, get_impl, register_impl, requested_backend
 from .kl import kl_sparse_vd, log_alpha
-from .lrt import (
-    lrt_conv2d,
-    lrt_conv2d_backward,
-    lrt_conv2d_backward_params,
-    lrt_linear,
-    lrt_linear_backward,
-    lrt_linear_backward_params,
-)
+from .lrt import lrt_conv2d, lrt_conv2d_backward, lrt_linear, lrt_linear_backward
 from .noise import lrt_noise
 
 __all__ = [
@@ -32,9 +24,7 @@ __all__ = [
     "log_alpha",
     "lrt_conv2d",
     "lrt_conv2d_backward",
-    "lrt_conv2d_backward_params",
     "lrt_linear",
     "lrt_linear_backward",
-    "lrt_linear_backward_params",
     "lrt_noise",
 ]

@@ -86,15 +86,6 @@ def _device_ok(backend: str, device: torch.device) -> bool:
     return True
 
 
-def find_impl(op: str, backend: str) -> Optional[Callable]:
-    """The implementation of ``op`` registered for ``backend``, or None (no fallback, no error).
-
-    For optional op variants, e.g. ``lrt_linear_backward_params``, which callers replace by the
-    full op of the same backend when it has no such variant."""
-    _load_provider(backend)
-    return _IMPLS.get((op, backend))
-
-
 def get_impl(op: str, device: torch.device) -> Tuple[str, Callable]:
     """The (backend name, implementation) that runs ``op`` on tensors on ``device``.
 

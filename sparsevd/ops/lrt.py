@@ -4,9 +4,9 @@ Each forward op returns ``(y, std)``: the LRT output and std = sqrt(s² + 1e-8),
 op uses together with ξ regenerated from the seed (nothing else of size (M, N) is saved). The ops
 dispatch at run time to the backend chosen by :func:`sparsevd.ops.backend.get_impl`.
 
-When the layer's input needs no gradient (a network's first layer), autograd calls the
-``*_backward_params`` variant, which returns (∂θ, ∂log σ², ∂b) only: a backend that registers it
-(``native``) skips the two products of ∂x, the others run their full backward and drop ∂x.
+When the layer's input needs no gradient (a network's first layer), autograd calls the backward
+ops with ``need_grad_x=False``: the backends skip ∂x (the native and Triton kernels do not
+compute it at all) and return an empty tensor in its place.
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._args import padding_sides
 from ..reference import conv_out_size
-from .backend import find_impl, get_impl
+from .backend import get_impl
 
 
 # --------------------------------------------------------------------------------------- linear
@@ -39,38 +40,24 @@ def _(x, weight, log_sigma2, bias, seed):
 
 @torch.library.custom_op("sparsevd::lrt_linear_backward", mutates_args=())
 def lrt_linear_backward(
-    grad: Tensor, x: Tensor, weight: Tensor, log_sigma2: Tensor, std: Tensor, seed: Tensor
+    grad: Tensor, x: Tensor, weight: Tensor, log_sigma2: Tensor, std: Tensor, seed: Tensor,
+    need_grad_x: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (∂x, ∂θ, ∂log σ², ∂b) of the LRT linear layer (docs/design.md, "Backward")."""
+    """Gradients (∂x, ∂θ, ∂log σ², ∂b) of the LRT linear layer (docs/design.md, "Backward"); with
+    ``need_grad_x`` False (x needs no gradient, e.g. a network's first layer) ∂x is not computed
+    and comes back as an empty (0,) tensor."""
     _, impl = get_impl("lrt_linear_backward", grad.device)
-    return impl(grad, x, weight, log_sigma2, std, seed)
+    return impl(grad, x, weight, log_sigma2, std, seed, need_grad_x)
 
 
 @lrt_linear_backward.register_fake
-def _(grad, x, weight, log_sigma2, std, seed):
+def _(grad, x, weight, log_sigma2, std, seed, need_grad_x=True):
     return (
-        torch.empty_like(x),
+        torch.empty_like(x) if need_grad_x else x.new_empty((0,)),
         torch.empty_like(weight),
         torch.empty_like(log_sigma2),
         weight.new_empty((weight.shape[0],)),
     )
-
-
-@torch.library.custom_op("sparsevd::lrt_linear_backward_params", mutates_args=())
-def lrt_linear_backward_params(
-    grad: Tensor, x: Tensor, weight: Tensor, log_sigma2: Tensor, std: Tensor, seed: Tensor
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(∂θ, ∂log σ², ∂b) of the LRT linear layer, for an input that needs no gradient."""
-    backend, impl = get_impl("lrt_linear_backward", grad.device)
-    params = find_impl("lrt_linear_backward_params", backend)
-    if params is not None:
-        return params(grad, x, weight, log_sigma2, std, seed)
-    return tuple(impl(grad, x, weight, log_sigma2, std, seed)[1:])
-
-
-@lrt_linear_backward_params.register_fake
-def _(grad, x, weight, log_sigma2, std, seed):
-    return torch.empty_like(weight), torch.empty_like(log_sigma2), weight.new_empty((weight.shape[0],))
 
 
 def _lrt_linear_setup(ctx, inputs, output):
@@ -85,18 +72,37 @@ def _lrt_linear_bwd(ctx, grad_y, grad_std):
     if grad_y is None:
         return None, None, None, None, None
     x, weight, log_sigma2, std, seed = ctx.saved_tensors
-    if ctx.needs_input_grad[0]:
-        gx, gw, gls2, gb = lrt_linear_backward(grad_y.contiguous(), x, weight, log_sigma2, std, seed)
-    else:
-        gx = None
-        gw, gls2, gb = lrt_linear_backward_params(grad_y.contiguous(), x, weight, log_sigma2, std, seed)
-    return gx, gw, gls2, (gb if ctx.has_bias else None), None
+    need_x = ctx.needs_input_grad[0]
+    gx, gw, gls2, gb = lrt_linear_backward(grad_y.contiguous(), x, weight, log_sigma2, std, seed,
+                                           need_x)
+    return (gx if need_x else None), gw, gls2, (gb if ctx.has_bias else None), None
 
 
 lrt_linear.register_autograd(_lrt_linear_bwd, setup_context=_lrt_linear_setup)
 
 
 # --------------------------------------------------------------------------------------- conv2d
+def conv_memory_format(x: Tensor, weight: Tensor) -> torch.memory_format:
+    """The memory format of the conv ops' outputs y and std: channels_last when x or θ is laid
+    out channels_last (and not also contiguous), as cuDNN and oneDNN convolutions choose; else
+    contiguous. ∂x comes back in x's layout (torch.empty_like)."""
+    cl = torch.channels_last
+    for t in (x, weight):
+        if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=cl):
+            return cl
+    return torch.contiguous_format
+
+
+def conv2d_out_shape(x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
+                     dilation: List[int]) -> Tuple[int, int, int, int]:
+    """(N, C_out, H_out, W_out) of a conv op; ``padding`` is [p_h, p_w] or per side
+    [top, bottom, left, right]."""
+    t, b, l, r = padding_sides(padding)
+    h = conv_out_size(x.shape[2], weight.shape[2], stride[0], t, dilation[0], b)
+    w = conv_out_size(x.shape[3], weight.shape[3], stride[1], l, dilation[1], r)
+    return x.shape[0], weight.shape[0], h, w
+
+
 @torch.library.custom_op("sparsevd::lrt_conv2d", mutates_args=())
 def lrt_conv2d(
     x: Tensor,
@@ -109,19 +115,21 @@ def lrt_conv2d(
     dilation: List[int],
     groups: int,
 ) -> Tuple[Tensor, Tensor]:
-    """LRT conv2d forward: x (N, C_in, H, W) → (y (N, C_out, H_out, W_out), std, same shape)."""
+    """LRT conv2d forward: x (N, C_in, H, W) → (y (N, C_out, H_out, W_out), std, same shape).
+
+    ``padding`` is [p_h, p_w] (symmetric) or [top, bottom, left, right] (what padding="same"
+    resolves to for even kernels); y and std are laid out by :func:`conv_memory_format`."""
     _, impl = get_impl("lrt_conv2d", x.device)
     return impl(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups)
 
 
 @lrt_conv2d.register_fake
 def _(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups):
-    kh, kw = weight.shape[2], weight.shape[3]
-    h = conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
-    w = conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
-    shape = (x.shape[0], weight.shape[0], h, w)
+    shape = conv2d_out_shape(x, weight, stride, padding, dilation)
     std_dtype = torch.promote_types(x.dtype, weight.dtype)
-    return x.new_empty(shape, dtype=x.dtype), x.new_empty(shape, dtype=std_dtype)
+    fmt = conv_memory_format(x, weight)
+    return (torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt),
+            torch.empty(shape, dtype=std_dtype, device=x.device, memory_format=fmt))
 
 
 @torch.library.custom_op("sparsevd::lrt_conv2d_backward", mutates_args=())
@@ -136,47 +144,24 @@ def lrt_conv2d_backward(
     padding: List[int],
     dilation: List[int],
     groups: int,
+    need_grad_x: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (∂x, ∂θ, ∂log σ², ∂b) of the LRT conv2d layer."""
+    """Gradients (∂x, ∂θ, ∂log σ², ∂b) of the LRT conv2d layer; with ``need_grad_x`` False (x
+    needs no gradient, e.g. a network's first layer) ∂x is not computed and comes back as an
+    empty (0,) tensor."""
     _, impl = get_impl("lrt_conv2d_backward", grad.device)
-    return impl(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups)
+    return impl(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups,
+                need_grad_x)
 
 
 @lrt_conv2d_backward.register_fake
-def _(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups):
+def _(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups, need_grad_x=True):
     return (
-        torch.empty_like(x),
+        torch.empty_like(x) if need_grad_x else x.new_empty((0,)),
         torch.empty_like(weight),
         torch.empty_like(log_sigma2),
         weight.new_empty((weight.shape[0],)),
     )
-
-
-@torch.library.custom_op("sparsevd::lrt_conv2d_backward_params", mutates_args=())
-def lrt_conv2d_backward_params(
-    grad: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    log_sigma2: Tensor,
-    std: Tensor,
-    seed: Tensor,
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
-    groups: int,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(∂θ, ∂log σ², ∂b) of the LRT conv2d layer, for an input that needs no gradient."""
-    args = (grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups)
-    backend, impl = get_impl("lrt_conv2d_backward", grad.device)
-    params = find_impl("lrt_conv2d_backward_params", backend)
-    if params is not None:
-        return params(*args)
-    return tuple(impl(*args)[1:])
-
-
-@lrt_conv2d_backward_params.register_fake
-def _(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups):
-    return torch.empty_like(weight), torch.empty_like(log_sigma2), weight.new_empty((weight.shape[0],))
 
 
 def _lrt_conv2d_setup(ctx, inputs, output):
@@ -192,16 +177,14 @@ def _lrt_conv2d_bwd(ctx, grad_y, grad_std):
     if grad_y is None:
         return (None,) * 9
     x, weight, log_sigma2, std, seed = ctx.saved_tensors
-    if ctx.needs_input_grad[0]:
-        gx, gw, gls2, gb = lrt_conv2d_backward(
-            grad_y.contiguous(), x, weight, log_sigma2, std, seed, *ctx.conv_args
-        )
-    else:
-        gx = None
-        gw, gls2, gb = lrt_conv2d_backward_params(
-            grad_y.contiguous(), x, weight, log_sigma2, std, seed, *ctx.conv_args
-        )
-    return gx, gw, gls2, (gb if ctx.has_bias else None), None, None, None, None, None
+    fmt = conv_memory_format(x, weight)  # the layout of y and std
+    need_x = ctx.needs_input_grad[0]
+    gx, gw, gls2, gb = lrt_conv2d_backward(
+        grad_y.contiguous(memory_format=fmt), x, weight, log_sigma2, std, seed, *ctx.conv_args,
+        need_x,
+    )
+    return ((gx if need_x else None), gw, gls2, (gb if ctx.has_bias else None),
+            None, None, None, None, None)
 
 
 lrt_conv2d.register_autograd(_lrt_conv2d_bwd, setup_context=_lrt_conv2d_setup)

@@ -30,6 +30,7 @@ from typing import List, Optional
 
 import torch
 
+from .._args import padding_sides
 from . import library
 from .backend import register_impl
 
@@ -66,33 +67,39 @@ def lrt_linear_fwd(x, weight, log_sigma2, bias, seed):
     return y, std
 
 
-def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed):
-    gx, gw, gls2, gb = _ops.native_lrt_linear_backward(grad, x, weight, log_sigma2, std, seed, True)
-    return gx, gw, gls2, gb
+def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x=True):
+    gx, gw, gls2, gb = _ops.native_lrt_linear_backward(grad, x, weight, log_sigma2, std, seed,
+                                                      need_grad_x)
+    return (gx if need_grad_x else x.new_empty((0,))), gw, gls2, gb
 
 
-def lrt_linear_bwd_params(grad, x, weight, log_sigma2, std, seed):
-    _, gw, gls2, gb = _ops.native_lrt_linear_backward(grad, x, weight, log_sigma2, std, seed, False)
-    return gw, gls2, gb
+def _symmetric(x, padding):
+    """(x, [p_h, p_w], sides): the kernels take symmetric padding; asymmetric per-side padding
+    [top, bottom, left, right] (padding="same" with an even kernel) pads x explicitly instead."""
+    t, b, l, r = padding_sides(padding)
+    if (t, l) == (b, r):
+        return x, [t, l], None
+    return torch.nn.functional.pad(x, (l, r, t, b)), [0, 0], (t, b, l, r)
 
 
 def lrt_conv2d_fwd(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups):
-    y, std = _ops.native_lrt_conv2d(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups)
+    xp, pad, _ = _symmetric(x, padding)
+    y, std = _ops.native_lrt_conv2d(xp, weight, log_sigma2, bias, seed, stride, pad, dilation, groups)
     return y, std
 
 
-def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups):
+def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups,
+                   need_grad_x=True):
+    xp, pad, sides = _symmetric(x, padding)
     gx, gw, gls2, gb = _ops.native_lrt_conv2d_backward(
-        grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups, True
+        grad, xp, weight, log_sigma2, std, seed, stride, pad, dilation, groups, need_grad_x
     )
+    if not need_grad_x:
+        return x.new_empty((0,)), gw, gls2, gb
+    if sides is not None:  # the gradient of the padded input, cropped to x
+        t, _, l, _ = sides
+        gx = torch.empty_like(x).copy_(gx[:, :, t:t + x.shape[2], l:l + x.shape[3]])
     return gx, gw, gls2, gb
-
-
-def lrt_conv2d_bwd_params(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups):
-    _, gw, gls2, gb = _ops.native_lrt_conv2d_backward(
-        grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups, False
-    )
-    return gw, gls2, gb
 
 
 def kl_fwd(weights: List[torch.Tensor], log_sigma2s: List[torch.Tensor], with_grad: bool):
@@ -104,8 +111,6 @@ def kl_fwd(weights: List[torch.Tensor], log_sigma2s: List[torch.Tensor], with_gr
 
 register_impl("lrt_linear", "native", lrt_linear_fwd)
 register_impl("lrt_linear_backward", "native", lrt_linear_bwd)
-register_impl("lrt_linear_backward_params", "native", lrt_linear_bwd_params)
 register_impl("lrt_conv2d", "native", lrt_conv2d_fwd)
 register_impl("lrt_conv2d_backward", "native", lrt_conv2d_bwd)
-register_impl("lrt_conv2d_backward_params", "native", lrt_conv2d_bwd_params)
 register_impl("kl_sparse_vd", "native", kl_fwd)

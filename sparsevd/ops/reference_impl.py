@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as R
+from .._args import padding_sides
 from .backend import register_impl
+from .lrt import conv_memory_format
 from .noise import lrt_noise
 
 
@@ -53,7 +55,7 @@ def lrt_linear_fwd(x, weight, log_sigma2, bias, seed) -> Tuple[torch.Tensor, tor
 
 
 @_no_autocast
-def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed):
+def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x=True):
     dt = std.dtype
     m = math.prod(grad.shape[:-1])  # rows; explicit, as -1 is ambiguous for empty shapes
     g = grad.to(dt).reshape(m, weight.shape[0])
@@ -63,12 +65,15 @@ def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed):
     w = weight.to(dt)
     sigma2 = torch.exp(log_sigma2.to(dt))
     g_s2 = g * xi / (2.0 * std2)
-    grad_x = g @ w + 2.0 * x2 * (g_s2 @ sigma2)
     grad_w = g.t() @ x2
     grad_ls2 = sigma2 * (g_s2.t() @ (x2 * x2))
     grad_b = g.sum(0)
+    if need_grad_x:
+        grad_x = (g @ w + 2.0 * x2 * (g_s2 @ sigma2)).reshape(x.shape).to(x.dtype)
+    else:
+        grad_x = x.new_empty((0,))
     return (
-        grad_x.reshape(x.shape).to(x.dtype),
+        grad_x,
         grad_w.to(weight.dtype),
         grad_ls2.to(log_sigma2.dtype),
         grad_b.to(weight.dtype),
@@ -79,32 +84,45 @@ def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed):
 def lrt_conv2d_fwd(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups):
     dt = _compute_dtype(x, weight)
     xc = x.to(dt)
-    mu = F.conv2d(xc, weight.to(dt), None if bias is None else bias.to(dt),
-                  stride, padding, dilation, groups)
-    s2 = F.conv2d(xc * xc, torch.exp(log_sigma2.to(dt)), None, stride, padding, dilation, groups)
+    sides = padding_sides(padding)
+    mu = R.conv2d(xc, weight.to(dt), None if bias is None else bias.to(dt),
+                  stride, sides, dilation, groups)
+    s2 = R.conv2d(xc * xc, torch.exp(log_sigma2.to(dt)), None, stride, sides, dilation, groups)
     std = torch.sqrt(s2 + R.EPS_VAR)
     y = mu + std * _noise(seed, mu.shape, mu)
-    return y.to(x.dtype), std
+    fmt = conv_memory_format(x, weight)  # the layout the op promises (its fake impl)
+    return y.to(x.dtype).contiguous(memory_format=fmt), std.contiguous(memory_format=fmt)
 
 
 @_no_autocast
-def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups):
+def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups,
+                   need_grad_x=True):
     dt = std.dtype
     g = grad.to(dt)
     xc = x.to(dt)
+    t, b, l, r = padding_sides(padding)
+    if (t, l) != (b, r):  # asymmetric: the gradient of the padded input, cropped
+        xc = torch.nn.functional.pad(xc, (l, r, t, b))
+        pad, crop = [0, 0], (t, l)
+    else:
+        pad, crop = [t, l], (0, 0)
     w = weight.to(dt)
     sigma2 = torch.exp(log_sigma2.to(dt))
     xi = _noise(seed, std.shape, std)
     g_s2 = g * xi / (2.0 * std)
-    args = (stride, padding, dilation, groups)
-    grad_x = torch.nn.grad.conv2d_input(xc.shape, w, g, *args) + 2.0 * xc * torch.nn.grad.conv2d_input(
-        xc.shape, sigma2, g_s2, *args
-    )
+    args = (stride, pad, dilation, groups)
     grad_w = torch.nn.grad.conv2d_weight(xc, w.shape, g, *args)
     grad_ls2 = sigma2 * torch.nn.grad.conv2d_weight(xc * xc, w.shape, g_s2, *args)
     grad_b = g.sum((0, 2, 3))
+    if need_grad_x:
+        grad_x = (torch.nn.grad.conv2d_input(xc.shape, w, g, *args)
+                  + 2.0 * xc * torch.nn.grad.conv2d_input(xc.shape, sigma2, g_s2, *args))
+        grad_x = torch.empty_like(x).copy_(
+            grad_x[:, :, crop[0]:crop[0] + x.shape[2], crop[1]:crop[1] + x.shape[3]])
+    else:
+        grad_x = x.new_empty((0,))
     return (
-        grad_x.to(x.dtype),
+        grad_x,
         grad_w.to(weight.dtype),
         grad_ls2.to(log_sigma2.dtype),
         grad_b.to(weight.dtype),

@@ -22,7 +22,6 @@ as dot input, like nn.Linear under autocast, the variance products bf16 for bf16
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -32,7 +31,8 @@ from sparsevd.triton_kernels import kl as KK
 from sparsevd.triton_kernels import lrt_linear as K
 
 from .backend import interpreter_enabled, register_impl
-
+from .triton_common import (AUTOTUNE_ENV, FP32_PRECISION_ENV, acc_dtype, autotune_enabled,  # noqa: F401
+                            dot_kind, elementwise_block, m_key, make_config, precision)
 
 
 # ------------------------------------------------------------------------------------ autotuning
@@ -58,18 +58,10 @@ TILES = {
     ("bwd", "ieee"): [(32, 32, 16, 4, 2), (64, 64, 8, 8, 3), (16, 64, 16, 4, 2)],  # 2nd, 3rd: < 400 B spill
     ("bwd", "fp64"): [(32, 32, 16, 4, 2), (16, 32, 32, 4, 2)],
 }
-#: ``SPARSEVD_TRITON_AUTOTUNE=0`` keeps only the first tile of the call's dot kind (no tuning runs):
-#: for test runs on a GPU, where each new problem size would otherwise time every candidate.
-AUTOTUNE_ENV = "SPARSEVD_TRITON_AUTOTUNE"
 #: The one configuration used under TRITON_INTERPRET=1, where the time grows with the number of
 #: programs and loop steps (Python overhead per operation) and hardly with the tile size.
 INTERPRETER_TILES = (32, 256, 512, 4, 1)
-
-
-def _config(t, group_m=8) -> triton.Config:
-    bm, bn, bk, warps, stages = t
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-                         num_warps=warps, num_stages=stages)
+_config = make_config
 
 
 def matmul_configs(kernel: str) -> List[triton.Config]:
@@ -87,12 +79,7 @@ def matmul_configs(kernel: str) -> List[triton.Config]:
     return out
 
 
-def _dot_kind(x_dtype: torch.dtype, precision: str, acc_f64: bool) -> str:
-    if acc_f64:
-        return "fp64"
-    if x_dtype == torch.float32:
-        return "ieee" if precision == "ieee" else "tc32"
-    return "tc32" if x_dtype == torch.float16 else "tc"  # fp16: variance dots on fp32 operands
+_dot_kind = dot_kind
 
 
 def _pruner(kernel: str):
@@ -106,7 +93,7 @@ def _pruner(kernel: str):
         want = {t for t in tiles}
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in want]
-        return kept[:1] if os.environ.get(AUTOTUNE_ENV, "1") == "0" else kept
+        return kept if autotune_enabled() else kept[:1]
     return prune
 
 
@@ -121,40 +108,13 @@ def _autotuned(kernel, name: str, configs: Optional[List[triton.Config]] = None)
     )(kernel)
 
 
-def elementwise_block(dtype: torch.dtype = torch.float32) -> Tuple[int, int]:
-    """(BLOCK, num_warps) of the elementwise kernels (g_s2, KL, noise): 8 elements per thread
-    (about 90 registers for the KL with gradients, no spill on sm_90), 4 for fp64; one big block
-    per program in the interpreter."""
-    if interpreter_enabled():
-        return 65536, 4
-    return (1024 if dtype == torch.float64 else 2048), 8
-
-
 _fwd_kernel = _autotuned(K.lrt_linear_fwd_kernel, "fwd")
 _bwd_kernel = _autotuned(K.lrt_linear_bwd_kernel, "bwd")
 
 
 # -------------------------------------------------------------------------------------- helpers
-def _acc_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
-
-
-#: Overrides the fp32 dot precision ("ieee", "tf32" or "tf32x3"; three TF32 products give about
-#: fp32 accuracy on tensor cores). Unset: "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee".
-FP32_PRECISION_ENV = "SPARSEVD_FP32_PRECISION"
-
-
-def _precision(x: torch.Tensor) -> str:
-    if x.dtype == torch.float16:
-        return "tf32"  # the variance products of fp16 inputs run on fp32 operands
-    if x.dtype != torch.float32:
-        return "ieee"  # bf16 dots ignore it; fp64 dots are exact
-    forced = os.environ.get(FP32_PRECISION_ENV, "").strip().lower()
-    if forced:
-        if forced not in ("ieee", "tf32", "tf32x3"):
-            raise ValueError(f"{FP32_PRECISION_ENV}={forced!r}: expected ieee, tf32 or tf32x3")
-        return forced
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+_acc_dtype = acc_dtype
+_precision = precision
 
 
 def _rows(t: torch.Tensor) -> Optional[Tuple[torch.Tensor, int, int, int, int]]:
@@ -173,8 +133,7 @@ def _rows(t: torch.Tensor) -> Optional[Tuple[torch.Tensor, int, int, int, int]]:
         return None
 
 
-def _m_key(m: int) -> int:
-    return triton.next_power_of_2(max(m, 1))
+_m_key = m_key
 
 
 # ----------------------------------------------------------------------------------- lrt_linear
@@ -205,19 +164,20 @@ def lrt_linear_fwd(x, weight, log_sigma2, bias, seed) -> Tuple[torch.Tensor, tor
     return y, std
 
 
-def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed):
-    """(∂x, ∂θ, ∂log σ², ∂b) of the LRT linear layer in two kernels (see module docstring)."""
+def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x=True):
+    """(∂x, ∂θ, ∂log σ², ∂b) of the LRT linear layer in two kernels (see module docstring);
+    without ``need_grad_x`` the ∂x programs are not launched and ∂x is an empty (0,) tensor."""
     n, k = weight.shape
     acc = _acc_dtype(x, weight)
     m = math.prod(grad.shape[:-1])
     g = grad.reshape(m, n).contiguous()
     sd = std.reshape(m, n).contiguous()
-    gx = torch.empty_like(x)
+    gx = torch.empty_like(x) if need_grad_x else x.new_empty((0,))
     gw = torch.empty_like(weight)
     gl = torch.empty_like(log_sigma2)
     gb = weight.new_empty((n,))
     if m == 0 or n == 0 or k == 0:  # nothing to reduce over, or nothing to write: no launch
-        gx.zero_()
+        gx.zero_()  # (empty without need_grad_x)
         gw.zero_()
         gl.zero_()
         gb.copy_(g.to(acc).sum(0))
@@ -233,11 +193,15 @@ def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed):
     if rows is None:
         rows = _rows(x.reshape(-1, k))
     xr, d1, s0, s1, sk = rows
-    gx_rows = _rows(gx)
-    gx_out = gx if gx_rows is not None else torch.empty((m, k), dtype=x.dtype, device=x.device)
-    _, _, gs0, gs1, gsk = gx_rows if gx_rows is not None else _rows(gx_out)
+    if need_grad_x:
+        gx_rows = _rows(gx)
+        gx_out = gx if gx_rows is not None else torch.empty((m, k), dtype=x.dtype, device=x.device)
+        _, _, gs0, gs1, gsk = gx_rows if gx_rows is not None else _rows(gx_out)
+    else:  # no ∂x programs: the pointer is never written
+        gx_out, gs0, gs1, gsk = x, 0, 0, 0
     grid = lambda meta: (  # noqa: E731
-        (triton.cdiv(m, meta["BLOCK_M"]) + triton.cdiv(n, meta["BLOCK_N"])) * triton.cdiv(k, meta["BLOCK_K"]),
+        (need_grad_x * triton.cdiv(m, meta["BLOCK_M"]) + triton.cdiv(n, meta["BLOCK_N"]))
+        * triton.cdiv(k, meta["BLOCK_K"]),
     )
     _bwd_kernel[grid](
         g, gs2, xr, weight, log_sigma2, gx_out, gw, gl, gb,
@@ -245,9 +209,9 @@ def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed):
         weight.stride(0), weight.stride(1), log_sigma2.stride(0), log_sigma2.stride(1),
         gw.stride(0), gw.stride(1), gl.stride(0), gl.stride(1),
         _m_key(m),
-        ACC_F64=acc == torch.float64, PRECISION=_precision(x),
+        ACC_F64=acc == torch.float64, PRECISION=_precision(x), WITH_DX=need_grad_x,
     )
-    if gx_out is not gx:
+    if need_grad_x and gx_out is not gx:
         gx.copy_(gx_out.view(gx.shape))
     return gx, gw, gl, gb
 
@@ -353,3 +317,5 @@ def _like(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 register_impl("lrt_linear", "triton", lrt_linear_fwd)
 register_impl("lrt_linear_backward", "triton", lrt_linear_bwd)
 register_impl("kl_sparse_vd", "triton", kl_fwd)
+
+from . import triton_conv  # noqa: E402,F401  (registers lrt_conv2d and its backward)

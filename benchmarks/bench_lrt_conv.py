@@ -1,0 +1,212 @@
+"""LRT convolution benchmark: the fused Triton op against dense and the naive reference (BENCHMARKS.md).
+
+Shapes: VGG-like 3x3 convolutions, padding 1, stride 1, batch B = 128, C_in = C_out = C:
+  - vgg64: 64 channels at 32x32, vgg128: 128 at 16x16, vgg256: 256 at 8x8, vgg512: 512 at 4x4;
+each in fp32 and under bf16 autocast (bf16 activations, fp32 parameters).
+Modes: fwd (forward with autograd recording, as in training), bwd (the backward of that forward),
+full (forward + backward). Providers:
+  - ``dense``: F.conv2d (nn.Conv2d's forward) on x, θ, b in the same dtype / autocast (cuDNN);
+  - ``reference``: sparsevd.reference.lrt_conv2d with ξ = torch.randn_like (the authors' naive
+    formulation: two convolutions and ~10 elementwise passes forward, autograd backward);
+  - ``reference_compiled``: torch.compile of that function (default mode);
+  - ``sparsevd``: the fused op torch.ops.sparsevd.lrt_conv2d with a fresh seed per call (the seed
+    draw is timed too), SPARSEVD_BACKEND=triton.
+Each row carries ``tflops`` from the provider's essential FLOPs (dense: 2·M·C_out·K forward,
+twice that backward, M = B·H_out·W_out, K = C_in·kH·kW; LRT: twice dense, the mean and the
+variance products) and ``gbps`` from the byte floor of benchmarks/NOTES.md, "LRT convolution"
+(the tensors each direction must read and write once).
+
+fp32 precision: every provider computes in IEEE fp32 (torch.backends.cudnn.allow_tf32 and
+torch.backends.cuda.matmul.allow_tf32 off; cuDNN would use TF32 for fp32 convolutions by default),
+or with ``--tf32`` every provider uses TF32 (both flags on; sparsevd follows the matmul flag);
+the rows' dtype says "float32" or "float32-tf32".
+
+GPU only: timing by triton.testing.do_bench (CUDA events, L2 flushed, median / p20 / p80), leaf
+gradients set to None between runs. Without CUDA the script stops with a message, unless
+``--smoke``: a tiny shape on CPU (sparsevd then runs the kernels in Triton's interpreter), no
+result file, to check the harness.
+
+Usage: python -m benchmarks.bench_lrt_conv [--shapes vgg64 vgg128 vgg256 vgg512]
+       [--dtypes fp32 bf16] [--modes fwd bwd full]
+       [--providers dense reference reference_compiled sparsevd] [--tf32] [--quick] [--no-save]
+       [--smoke]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import common
+
+#: name: (B, C, H = W); 3x3 kernels, padding 1, C_in = C_out = C
+SHAPES = {
+    "vgg64": (128, 64, 32),
+    "vgg128": (128, 128, 16),
+    "vgg256": (128, 256, 8),
+    "vgg512": (128, 512, 4),
+}
+DTYPES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, True)}
+SMOKE_SHAPES = [(2, 8, 6)]
+PROVIDERS = ("dense", "reference", "reference_compiled", "sparsevd")
+MODES = ("fwd", "bwd", "full")
+KERNEL = 3
+PADDING = 1
+
+
+def gemm_sizes(b: int, c: int, hw: int):
+    """(M, K, N) of the implicit GEMM of a 3x3 'same' convolution: M = B·H·W output pixels,
+    K = C_in·9, N = C_out."""
+    return b * hw * hw, c * KERNEL * KERNEL, c
+
+
+def flops(provider: str, mode: str, b: int, c: int, hw: int) -> float:
+    """Essential FLOPs: 2MNK per convolution-as-GEMM; dense 1 forward + 2 backward (∂x, ∂θ), LRT
+    twice that (the mean and the variance products)."""
+    m, k, n = gemm_sizes(b, c, hw)
+    per = {"fwd": 1, "bwd": 2, "full": 3}[mode] * 2.0 * m * n * k
+    return per if provider == "dense" else 2.0 * per
+
+
+def byte_floor(provider: str, mode: str, b: int, c: int, hw: int, act_bytes: int) -> float:
+    """Bytes each direction must move at least (benchmarks/NOTES.md, "LRT convolution").
+
+    fwd: read x, θ (and log σ², b) once; write y (and the fp32 std the backward needs).
+    bwd: read g, x, θ (and log σ², std); write ∂x, ∂θ (and ∂log σ²), ∂b.
+    Parameters are fp32 (4 bytes) under autocast too; x, y, g and ∂x take ``act_bytes``.
+    """
+    p = 4
+    x = b * c * hw * hw  # elements of x, y, g, ∂x, std (C_in = C_out, 'same' padding)
+    w = c * c * KERNEL * KERNEL
+    if provider == "dense":
+        fwd = act_bytes * (x + x) + p * (w + c)
+        bwd = act_bytes * (x + x + x) + p * (w + w + c)
+    else:
+        fwd = act_bytes * (x + x) + 4 * x + p * (2 * w + c)
+        bwd = act_bytes * (x + x + x) + 4 * x + p * (2 * w + 2 * w + c)
+    return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
+
+
+def _reference_fn(x, w, ls2, b):
+    from sparsevd import reference as R
+
+    out = torch.empty((x.shape[0], w.shape[0], x.shape[2], x.shape[3]), device=x.device, dtype=x.dtype)
+    return R.lrt_conv2d(x, w, ls2, b, torch.randn_like(out), 1, PADDING)
+
+
+def _make_forward(provider: str, compiled: Dict[str, Callable]) -> Callable:
+    if provider == "dense":
+        return lambda x, w, ls2, b: F.conv2d(x, w, b, 1, PADDING)
+    if provider == "reference":
+        return _reference_fn
+    if provider == "reference_compiled":
+        if "ref" not in compiled:
+            compiled["ref"] = torch.compile(_reference_fn)
+        return compiled["ref"]
+    if provider == "sparsevd":
+        from sparsevd import ops
+        from sparsevd.functional import draw_seed
+
+        return lambda x, w, ls2, b: ops.lrt_conv2d(x, w, ls2, b, draw_seed(x.device), [1, 1],
+                                                   [PADDING, PADDING], [1, 1], 1)[0]
+    raise ValueError(f"provider: unknown {provider!r}")
+
+
+def bench_shape(b, c, hw, dtype, autocast, device, providers, modes, compiled) -> List[Dict]:
+    env = common.environment(device)
+    timer = common.grad_timer(device)
+    rows = []
+    shape = f"B={b},C={c},H=W={hw},k=3,p=1"
+    dtype_name = ("autocast-" if autocast else "") + str(dtype).replace("torch.", "")
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        dtype_name += "-tf32"
+    act_bytes = torch.empty((), dtype=dtype).element_size()
+    gen = torch.Generator(device=device).manual_seed(0)
+    fan_in = c * KERNEL * KERNEL
+    x0 = torch.randn(b, c, hw, hw, device=device, generator=gen).to(dtype)
+    w = (torch.randn(c, c, KERNEL, KERNEL, device=device, generator=gen) / fan_in**0.5).requires_grad_()
+    ls2 = torch.empty(c, c, KERNEL, KERNEL, device=device).uniform_(-12.0, -4.0, generator=gen).requires_grad_()
+    bias = torch.randn(c, device=device, generator=gen).requires_grad_()
+    g = torch.randn(b, c, hw, hw, device=device, generator=gen).to(dtype)
+    if not autocast:  # fp32 end to end; under autocast the parameters stay fp32
+        w.data, ls2.data, bias.data = w.data.to(dtype), ls2.data.to(dtype), bias.data.to(dtype)
+    x = x0.clone().requires_grad_()
+    ctx = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=dtype)) if autocast else None
+    for provider in providers:
+        fwd_fn = _make_forward(provider, compiled)
+        leaves = [x, w, bias] if provider == "dense" else [x, w, ls2, bias]
+
+        def forward():
+            if ctx is None:
+                return fwd_fn(x, w, ls2, bias)
+            with ctx():
+                return fwd_fn(x, w, ls2, bias)
+
+        for mode in modes:
+            if mode == "fwd":
+                fn = forward
+            elif mode == "bwd":
+                y = forward()
+                fn = lambda y=y: y.backward(g, retain_graph=True)  # noqa: E731
+            else:
+                fn = lambda: forward().backward(g)  # noqa: E731
+            times = timer(fn, leaves)
+            rows.append(common.make_row(
+                "lrt_conv2d", shape, dtype_name, mode, provider, times, env, batch=b,
+                nbytes=byte_floor(provider, mode, b, c, hw, act_bytes),
+                flops=flops(provider, mode, b, c, hw),
+                **({"compile_mode": "default"} if provider == "reference_compiled" else {}),
+            ))
+            common.print_rows(rows[-1:])
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    ap.add_argument("--tf32", action="store_true",
+                    help="fp32 rows with TF32 for every provider (default: IEEE fp32 for every provider)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cuda (default); cpu implies --smoke")
+    common.add_common_args(ap)
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny shape on CPU (kernels in Triton's interpreter), nothing saved")
+    args = common.parse_args(ap, argv)
+
+    if args.smoke or args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ["SPARSEVD_BACKEND"] = "triton"
+        device, shapes, save = "cpu", SMOKE_SHAPES, False
+        dtypes = [DTYPES["fp32"]]  # bf16 dots run on a GPU only
+        providers = [p for p in args.providers if p != "reference_compiled"]  # skip the C++ build
+    else:
+        if not torch.cuda.is_available():
+            print("bench_lrt_conv: needs a CUDA GPU (the fused kernels are GPU kernels; on CPU they "
+                  "only run in Triton's interpreter). Run with --smoke for a tiny CPU check of the "
+                  "harness.", file=sys.stderr)
+            return 2
+        os.environ.setdefault("SPARSEVD_BACKEND", "triton")
+        device, save, providers = "cuda", not args.no_save, args.providers
+        shapes = [SHAPES[name] for name in args.shapes]
+        dtypes = [DTYPES[name] for name in args.dtypes]
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
+    rows, compiled = [], {}
+    for b, c, hw in shapes:
+        for dtype, autocast in dtypes:
+            rows += bench_shape(b, c, hw, dtype, autocast, device, providers, args.modes, compiled)
+    print()
+    common.print_rows(rows, baseline="dense")
+    if save:
+        print("saved to", common.save_rows(rows, device, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
