@@ -65,17 +65,23 @@ inline KlPartial kl_f32(const float* w, const float* ls2, float* gw, float* gls2
 
 namespace {
 
-#ifdef SPARSEVD_X86
-const Kernels kAvx512 = avx512::make_kernels("avx512");
-const Kernels kAvx2 = avx2::make_kernels("avx2");
-#endif
 const Kernels kScalar = scalar::make_kernels("scalar");
 
+// The SIMD tables are built on first use, after the CPU check: make_kernels is compiled for its ISA,
+// so running it at load time (a namespace-scope constant) would execute AVX-512 instructions on a
+// CPU without them and kill the process with SIGILL on `import sparsevd`.
 const Kernels* lookup(const std::string& isa) {
 #ifdef SPARSEVD_X86
-  if (isa == "avx512") return __builtin_cpu_supports("avx512f") ? &kAvx512 : nullptr;
-  if (isa == "avx2")
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? &kAvx2 : nullptr;
+  if (isa == "avx512") {
+    if (!__builtin_cpu_supports("avx512f")) return nullptr;
+    static const Kernels k = avx512::make_kernels("avx512");
+    return &k;
+  }
+  if (isa == "avx2") {
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return nullptr;
+    static const Kernels k = avx2::make_kernels("avx2");
+    return &k;
+  }
 #endif
   if (isa == "scalar") return &kScalar;
   if (isa == "auto") {
