@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", choices=("bf16", "fp16"), default=None,
                    help="mixed precision: bf16 autocast (CPU or CUDA) or fp16 autocast with a "
                         "GradScaler (CUDA); parameters, KL and the LRT variance stay fp32")
+    t.add_argument("--train-clip", action="store_true",
+                   help="train-time clipping: in training mode the weights with log alpha >= "
+                        "--threshold leave the LRT forward and backward (as in the authors' code)")
     t.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run saved in DIR (a checkpoint is written at the end of "
                         "every epoch) with its own settings; only --threads, --no-progress, "
@@ -128,6 +131,7 @@ def _print_start(info: dict) -> None:
           + (f", {info['pretrain_epochs']} dense pre-training epochs" if svd and info["pretrain_epochs"] else "")
           + (f", resuming {info['out']}" if info["resume"] else "")
           + (f", {info['amp']} autocast" if info.get("amp") else "")
+          + (", train-time clipping" if svd and info.get("train_clip") else "")
           + (f", {info['world_size']} processes" if info.get("world_size", 1) > 1 else "")
           + f", device {info['device']} ({info['device_name']}, {info['threads']} threads)", flush=True)
 

@@ -146,8 +146,8 @@ def _init_log_sigma2(new: nn.Module, threshold: float) -> None:
                                          torch.full_like(log_w2, LOG_SIGMA2_INIT)))
 
 
-def _convert_one(name: str, m: nn.Module, threshold: float) -> nn.Module:
-    factory = {"device": m.weight.device, "dtype": m.weight.dtype}
+def _convert_one(name: str, m: nn.Module, threshold: float, train_clip: bool) -> nn.Module:
+    factory = {"device": m.weight.device, "dtype": m.weight.dtype, "train_clip": train_clip}
     if isinstance(m, nn.Linear):
         new = LinearSVDO(m.in_features, m.out_features, m.bias is not None, threshold, **factory)
     else:
@@ -169,7 +169,7 @@ def _convert_one(name: str, m: nn.Module, threshold: float) -> nn.Module:
 
 def convert(
     model: nn.Module, include: NameFilter = None, threshold: float = DEFAULT_THRESHOLD,
-    exclude: NameFilter = None, *, return_report: bool = False,
+    exclude: NameFilter = None, *, train_clip: bool = False, return_report: bool = False,
 ):
     """Replace the ``nn.Linear`` / ``nn.Conv2d`` layers of ``model`` by their sparse-VD twins, in
     place (exact types only: subclasses may change forward and are left alone).
@@ -186,6 +186,9 @@ def convert(
             itself), or a predicate on the name.
         threshold: the layers' log α pruning threshold.
         exclude: patterns (or a predicate) of layers to leave dense.
+        train_clip: the layers' train-time clipping (:attr:`sparsevd.nn.LinearSVDO.train_clip`):
+            in training mode the weights with log α ≥ ``threshold`` leave the LRT forward and
+            backward, as in the authors' code.
         return_report: also return the :class:`ConversionReport` of :func:`plan_conversion`:
             what was converted, and every module left dense and why.
 
@@ -197,11 +200,14 @@ def convert(
         ValueError: an included Conv2d with a padding mode other than zeros (exclude it to leave
             it dense; padding='same' and 'valid' convert, resolved as torch resolves them); an
             invalid ``threshold``.
+        TypeError: ``train_clip`` is not a bool.
     """
     threshold = check_threshold(threshold)
+    if not isinstance(train_clip, bool):
+        raise TypeError(f"train_clip: expected a bool, got {train_clip!r}")
     if isinstance(model, CONVERTIBLE) and type(model) in CONVERTIBLE:
         keep = _name_filter(include, True)("") and not _name_filter(exclude, False)("")
-        out = _convert_one("", model, threshold) if keep else model
+        out = _convert_one("", model, threshold, train_clip) if keep else model
         rep = ConversionReport([ConversionEntry("", type(model).__name__, "convert" if keep else "dense",
                                                 "" if keep else "excluded")])
         return (out, rep) if return_report else out
@@ -211,7 +217,7 @@ def convert(
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if full in todo:
-                setattr(module, child_name, _convert_one(full, child, threshold))
+                setattr(module, child_name, _convert_one(full, child, threshold, train_clip))
     return (model, rep) if return_report else model
 
 

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
-from ._args import IntOrPair, Padding, as_pair, conv_padding, padding_arg, padding_sides
+from ._args import (IntOrPair, Padding, as_pair, check_threshold, conv_padding, padding_arg,
+                    padding_sides)
 
 #: Check ``log_sigma2`` and ``weight`` for NaN and ±inf at every call of the functions below (one
 #: reduction per parameter, and a host sync on GPU), unless a call passes ``check_finite=False``.
@@ -116,6 +117,10 @@ def _prepare_seed(seed: Optional[Tensor], x: Tensor) -> Tensor:
     return seed.reshape(1)
 
 
+def _clip_arg(clip_threshold: Optional[float]) -> Optional[float]:
+    return None if clip_threshold is None else check_threshold(clip_threshold, "clip_threshold")
+
+
 def _check_linear(x: Tensor, weight: Tensor, log_sigma2: Tensor, bias: Optional[Tensor],
                   check_finite: Optional[bool] = None) -> Tensor:
     check_parameters(weight, log_sigma2, check_finite)
@@ -183,6 +188,7 @@ def lrt_linear(
     *,
     seed: Optional[Tensor] = None,
     check_finite: Optional[bool] = None,
+    clip_threshold: Optional[float] = None,
 ) -> Tensor:
     """Linear layer with the local reparameterization trick (training forward of sparse VD).
 
@@ -197,19 +203,25 @@ def lrt_linear(
         seed: one-element int64 tensor on x's device; None draws one from torch's generator.
         check_finite: raise on NaN / ±inf in ``weight`` or ``log_sigma2`` (a reduction each and a
             host sync on GPU); None: :data:`CHECK_NAN`. The layers pass False.
+        clip_threshold: train-time clipping (the authors' code): the weights with
+            log α ≥ ``clip_threshold`` enter neither the mean nor the variance, and their LRT
+            gradients are zero (the KL still sees them); applied inside the kernels. None: off.
 
     Returns:
         y, (*, out_features), dtype of ``x`` (the autocast dtype under autocast). An empty batch
         gives an empty output.
 
     Raises:
-        TypeError: non-floating or mismatched dtypes, a malformed ``seed``.
+        TypeError: non-floating or mismatched dtypes, a malformed ``seed``, a non-real
+            ``clip_threshold``.
         ValueError: mismatched shapes (``x``'s last dim ≠ in_features) or devices, NaN in
-            ``weight`` or ``log_sigma2``, a weight that is not 2-D.
+            ``weight`` or ``log_sigma2``, a weight that is not 2-D, a NaN / infinite
+            ``clip_threshold``.
     """
     x = _check_linear(x, weight, log_sigma2, bias, check_finite)
     seed = _prepare_seed(seed, x)
-    return ops.lrt_linear(x, weight, log_sigma2, bias, seed)[0]
+    clip = _clip_arg(clip_threshold)
+    return ops.lrt_linear(x, weight, log_sigma2, bias, seed, clip)[0]
 
 
 def lrt_conv2d(
@@ -224,6 +236,7 @@ def lrt_conv2d(
     *,
     seed: Optional[Tensor] = None,
     check_finite: Optional[bool] = None,
+    clip_threshold: Optional[float] = None,
 ) -> Tensor:
     """2-D convolution with the local reparameterization trick.
 
@@ -238,7 +251,7 @@ def lrt_conv2d(
             a pair of ints, "valid" (none) or "same" (stride 1 only; the output keeps the input's
             size, an even kernel pads one more at the bottom / right, as torch does).
         seed: one-element int64 tensor on x's device; None draws one.
-        check_finite: as :func:`lrt_linear`.
+        check_finite, clip_threshold: as :func:`lrt_linear`.
 
     Returns:
         y, (N, C_out, H_out, W_out) (or unbatched), dtype of ``x``.
@@ -253,7 +266,9 @@ def lrt_conv2d(
         x, weight, log_sigma2, bias, stride, padding, dilation, groups, check_finite
     )
     seed = _prepare_seed(seed, x)
-    y = ops.lrt_conv2d(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups)[0]
+    clip = _clip_arg(clip_threshold)
+    y = ops.lrt_conv2d(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups,
+                       clip)[0]
     return y.squeeze(0) if unbatched else y
 
 

@@ -71,10 +71,14 @@ def lrt_linear(
     log_sigma2: torch.Tensor,
     bias: Optional[torch.Tensor],
     noise: torch.Tensor,
+    clip_threshold: Optional[float] = None,
 ) -> torch.Tensor:
     """Linear layer with the local reparameterization trick (Kingma et al. 2015; paper, sec. 4.2).
 
     μ = x θᵀ + b,  s² = (x ⊙ x)(σ²)ᵀ,  y = μ + sqrt(s² + 1e-8) ⊙ ξ. The bias never enters s².
+    With ``clip_threshold`` (train-time clipping, as in the authors' code): θ and σ² are
+    multiplied by the mask m = [log α < clip_threshold] (:func:`clip_parameters`), so the dropped
+    weights enter neither the mean nor the variance, and their LRT gradients are zero.
 
     Args:
         x: (*, in_features).
@@ -82,13 +86,36 @@ def lrt_linear(
         log_sigma2: log σ², (out_features, in_features).
         bias: (out_features,) or None.
         noise: ξ, (*, out_features), standard normal.
+        clip_threshold: None (no clipping) or the log α threshold.
 
     Returns:
         y, (*, out_features), dtype of ``x``.
     """
+    weight, sigma2 = clip_parameters(weight, log_sigma2, clip_threshold)
     mu = F.linear(x, weight, bias)
-    s2 = F.linear(x * x, torch.exp(log_sigma2))
+    s2 = F.linear(x * x, sigma2)
     return mu + torch.sqrt(s2 + EPS_VAR) * noise
+
+
+def clip_mask(weight: torch.Tensor, log_sigma2: torch.Tensor,
+              clip_threshold: Optional[float]) -> Optional[torch.Tensor]:
+    """The train-time clipping mask m = [log α < clip_threshold] in θ's dtype (a constant of the
+    step: no gradient flows through it), or None when ``clip_threshold`` is None."""
+    if clip_threshold is None:
+        return None
+    with torch.no_grad():
+        return eval_mask(weight, log_sigma2, clip_threshold).to(weight.dtype)
+
+
+def clip_parameters(weight: torch.Tensor, log_sigma2: torch.Tensor,
+                    clip_threshold: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(θ ⊙ m, σ² ⊙ m) with m = :func:`clip_mask`, or (θ, σ²) when ``clip_threshold`` is None:
+    the parameters the LRT uses under train-time clipping."""
+    sigma2 = torch.exp(log_sigma2)
+    m = clip_mask(weight, log_sigma2, clip_threshold)
+    if m is None:
+        return weight, sigma2
+    return weight * m, sigma2 * m
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int,
@@ -129,11 +156,13 @@ def lrt_conv2d(
     padding: Padding = 0,
     dilation: IntOrPair = 1,
     groups: int = 1,
+    clip_threshold: Optional[float] = None,
 ) -> torch.Tensor:
     """2-D convolution with the local reparameterization trick.
 
     μ = conv(x, θ) + b,  s² = conv(x ⊙ x, σ²),  y = μ + sqrt(s² + 1e-8) ⊙ ξ; the bias never
-    enters s² (paper, sec. 4.2, applied per output pixel as in the authors' code).
+    enters s² (paper, sec. 4.2, applied per output pixel as in the authors' code). With
+    ``clip_threshold``, θ and σ² are masked as in :func:`lrt_linear`.
 
     Args:
         x: (N, C_in, H, W).
@@ -149,8 +178,9 @@ def lrt_conv2d(
     """
     stride, dilation = as_pair(stride, "stride", 1), as_pair(dilation, "dilation", 1)
     sides = conv_sides(padding, weight, stride, dilation)
+    weight, sigma2 = clip_parameters(weight, log_sigma2, clip_threshold)
     mu = conv2d(x, weight, bias, stride, sides, dilation, groups)
-    s2 = conv2d(x * x, torch.exp(log_sigma2), None, stride, sides, dilation, groups)
+    s2 = conv2d(x * x, sigma2, None, stride, sides, dilation, groups)
     return mu + torch.sqrt(s2 + EPS_VAR) * noise
 
 

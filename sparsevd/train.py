@@ -77,6 +77,7 @@ class TrainConfig:
     threads: Optional[int] = None
     progress: bool = True
     amp: Optional[str] = None
+    train_clip: bool = False
 
     def out_dir(self) -> Path:
         """``out``, or ``runs/<model>-<svd|dense>-<dataset>``."""
@@ -198,7 +199,7 @@ def _loader_samplers(loader) -> list:
 
 #: The settings a resumed run must share with the run it continues.
 _RECIPE_KEYS = ("epochs", "lr", "lr_decay", "method", "pretrain_epochs", "kl_warmup_epochs",
-                "threshold", "train_size", "steps_per_epoch", "amp")
+                "threshold", "train_size", "steps_per_epoch", "amp", "train_clip")
 
 
 def fit(
@@ -222,6 +223,7 @@ def fit(
     resume: bool = False,
     mc_samples: int = 10,
     amp: Optional[str] = None,
+    train_clip: Optional[bool] = None,
 ) -> dict:
     """Train ``model`` with sparse VD (or dense) and return the run's summary.
 
@@ -279,6 +281,10 @@ def fit(
         amp: mixed precision: None (fp32), "bf16" (autocast, CPU or CUDA) or "fp16" (autocast and
             a GradScaler, CUDA only). The parameters, the KL and the LRT variance path stay fp32
             (σ² ≈ e⁻¹⁰ would underflow fp16); evaluation runs in fp32.
+        train_clip: train-time clipping of the sparse-VD layers (``sparsevd.convert(...,
+            train_clip=)``: the weights with log α ≥ ``threshold`` leave the LRT forward and
+            backward); True / False is set on every sparse-VD layer, None keeps what the model's
+            layers have (off for the layers ``fit`` converts).
 
     Returns:
         The summary: ``test_accuracy`` (fraction, eval mode, after the last epoch),
@@ -328,7 +334,8 @@ def fit(
     total_steps = epochs * steps_per_epoch
     recipe = dict(epochs=epochs, lr=lr, lr_decay=lr_decay, method=method, pretrain_epochs=pretrain,
                   kl_warmup_epochs=kl_warmup_epochs if svd else None, threshold=threshold,
-                  train_size=train_size, steps_per_epoch=steps_per_epoch, amp=amp)
+                  train_size=train_size, steps_per_epoch=steps_per_epoch, amp=amp,
+                  train_clip=train_clip)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
 
     def autocast():
@@ -366,8 +373,16 @@ def fit(
     # resumes after the epoch whose start converted the model (resuming right at that epoch, the
     # loop converts it, as the uninterrupted run did)
     in_svd_phase = svd and (not pretrain or start_epoch > pretrain)
-    if in_svd_phase and not svdo_layers(model):
-        convert(model, threshold=threshold)
+
+    def to_svd() -> None:  # convert, then the layers' train-time clipping as asked
+        if not svdo_layers(model):
+            convert(model, threshold=threshold)
+        if train_clip is not None:
+            for _, layer in svdo_layers(model):
+                layer.train_clip = train_clip
+
+    if in_svd_phase:
+        to_svd()
     model.to(device)
     rank, world = distributed.rank_and_world()
 
@@ -444,7 +459,7 @@ def fit(
         if svd and pretrain and epoch == pretrain:
             # dense pre-training done: sparse-VD layers take over θ and b (log σ² = −10), with a
             # fresh Adam continuing the same learning-rate schedule
-            convert(model, threshold=threshold)
+            to_svd()
             net = data_parallel()
             opt, sched = optimizer(epoch * steps_per_epoch)
             crit = SGVLB(model, train_size, kl_warmup_epochs=kl_warmup_epochs)
@@ -682,6 +697,7 @@ def _run_on(config: TrainConfig, on_start, on_epoch, resume: bool, device, rank:
             "backend": backend_name(model, device) if svd else None, "device": str(device),
             "device_name": metadata.device_name(device), "threads": torch.get_num_threads(),
             "out": str(out_dir), "resume": resume, "amp": config.amp, "world_size": world,
+            "train_clip": config.train_clip,
         })
     checkpoint_config = {
         "model": config.model, "svd": svd, "threshold": config.threshold,
@@ -693,7 +709,8 @@ def _run_on(config: TrainConfig, on_start, on_epoch, resume: bool, device, rank:
         pretrain_epochs=config.pretrain_epochs, kl_warmup_epochs=config.kl_warmup_epochs,
         threshold=config.threshold, train_size=train_size, device=device,
         progress=config.progress, on_epoch=on_epoch, checkpoint_dir=out_dir,
-        checkpoint_config=checkpoint_config, resume=resume, amp=config.amp)
+        checkpoint_config=checkpoint_config, resume=resume, amp=config.amp,
+        train_clip=config.train_clip)
 
     summary = {
         "benchmark": f"{config.model}_train",

@@ -92,6 +92,29 @@ def op_noise(shape, seed) -> torch.Tensor:
     return y.to(F64)
 
 
+def clip_case(w, ls2, dead_rows=(), dead_cols=()):
+    """Make ``ls2`` (in place) a train-time clipping case and return its ``clip_threshold``:
+    the output rows ``dead_rows`` and input columns ``dead_cols`` (dim 1 of θ) get log σ² = 8
+    (log α clamps to 10: every weight there dropped), and the threshold is the midpoint of the
+    widest gap between neighbouring log α values in the middle of their range, so that about half
+    the other weights are dropped and no weight sits within rounding of the threshold."""
+    with torch.no_grad():
+        for r in dead_rows:
+            ls2[r] = 8.0
+        for c in dead_cols:
+            ls2[:, c] = 8.0
+        from sparsevd import reference as R
+
+        la = R.log_alpha(w.double(), ls2.double()).flatten()
+        la = la[la < 9.5].sort().values
+        if la.numel() < 2:
+            return 0.0
+        lo, hi = int(0.3 * (la.numel() - 1)), max(int(0.7 * (la.numel() - 1)), 1)
+        gaps = la[lo + 1:hi + 1] - la[lo:hi]
+        i = lo + int(gaps.argmax()) if gaps.numel() else 0
+        return float((la[i] + la[min(i + 1, la.numel() - 1)]) / 2)
+
+
 # --------------------------------------------------------------------------------------- conv
 #: (N, C_in, H, W), (C_out, kH, kW), stride, padding, dilation, groups
 CONV_CASES = [

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+import sparsevd
 from sparsevd import cli, data
+from sparsevd.loss import svdo_layers
 from sparsevd.checkpoint import load_checkpoint
 from sparsevd.cli import build_parser, main
 from sparsevd.train import resolve_recipe
@@ -142,6 +144,28 @@ def test_dense_pretraining_then_sparse_vd(tmp_path, data_dir):
     x, _ = _test_images(data_dir)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), reloaded(x))
+
+
+def test_train_clip_run(tmp_path, data_dir, capsys, monkeypatch):
+    """--train-clip: the converted layers clip in training (their forward gets clip_threshold =
+    threshold), the start line and the summary say so; without it nothing clips."""
+    seen = []
+    real = sparsevd.functional.lrt_linear
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("clip_threshold"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sparsevd.functional, "lrt_linear", spy)
+    argv = _train_args(data_dir, tmp_path / "c", "--epochs", "2", "--pretrain-epochs", "1",
+                       "--train-clip", "--threshold", "2.5", "--threads", "1")
+    model, summary = cli.train(build_parser().parse_args(argv))
+    assert "train-time clipping" in capsys.readouterr().out
+    assert summary["train_clip"] is True and seen and set(seen) == {2.5}
+    assert all(m.train_clip for _, m in svdo_layers(model))
+    seen.clear()
+    cli.train(build_parser().parse_args(_train_args(data_dir, tmp_path / "n", "--threads", "1")))
+    assert seen and set(seen) == {None}
 
 
 @pytest.mark.parametrize("argv,pretrain,warmup", [

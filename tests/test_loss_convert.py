@@ -214,6 +214,16 @@ def test_convert_keeps_the_function_at_init():
     assert sparsevd.report(model).nonzero == sparsevd.report(dense).params  # nothing dropped
 
 
+def test_convert_train_clip():
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Conv2d(1, 2, 3))
+    assert not any(m.train_clip for _, m in svdo_layers(sparsevd.convert(copy.deepcopy(model))))
+    clipped = sparsevd.convert(model, train_clip=True, threshold=2.0)
+    assert [m.train_clip for _, m in svdo_layers(clipped)] == [True, True]
+    assert all(m.threshold == 2.0 for _, m in svdo_layers(clipped))
+    with pytest.raises(TypeError, match="train_clip"):
+        sparsevd.convert(nn.Linear(2, 2), train_clip="yes")
+
+
 def test_converted_model_loads_dense_state_dict():
     dense = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
     model = sparsevd.convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)))

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 from conftest import assert_close
-from sample_inputs import F64, CONV_CASES, as_list, backends_for, conv_inputs, device_for, fresh_seed
+from sample_inputs import (F64, CONV_CASES, as_list, backends_for, clip_case, conv_inputs, device_for,
+                           fresh_seed)
 
 import sparsevd.functional as SF
 from sparsevd import ops
@@ -141,3 +142,60 @@ def test_backward_without_grad_x(dev):
     ops.lrt_conv2d(x, *leaves, seed, *args)[0].backward(g)
     for name, t, e in zip(("weight", "log_sigma2", "bias"), leaves, full[1:]):
         assert_close(t.grad, e, rtol=1e-12, atol=1e-12, name=f"autograd grad {name}")
+
+
+# ------------------------------------------------------------------ train-time clipping
+#: (x shape, (C_out, kH, kW), stride, padding, dilation, groups, dead output channels,
+#: dead input channels (dim 1 of θ))
+CLIP_CASES = [
+    ((2, 3, 7, 7), (4, 3, 3), 1, 0, 1, 1, (), ()),
+    ((2, 4, 8, 9), (6, 3, 2), (2, 1), (1, 0), (1, 2), 2, (0, 5), (1,)),
+    ((3, 4, 5, 5), (4, 3, 3), 1, 1, 1, 4, (2,), ()),
+    ((1, 5, 6, 6), (7, 3, 3), 1, 1, 1, 1, (1, 2, 6), (0, 3)),
+]
+
+
+@pytest.mark.parametrize("xs,ws,stride,padding,dilation,groups,dead_out,dead_in", CLIP_CASES)
+def test_clip_threshold_equals_reference(dev, xs, ws, stride, padding, dilation, groups, dead_out,
+                                         dead_in):
+    """Train-time clipping on the convolution: forward and gradients equal the reference with
+    the mask applied on identical noise; the clipped weights get exactly zero LRT gradients."""
+    args = (as_list(stride), as_list(padding), as_list(dilation), groups)
+    seed = fresh_seed(dev)
+    x, w, ls2, b = conv_inputs(xs, ws, groups, F64, True, True, dev)
+    thr = clip_case(w, ls2, dead_out, dead_in)
+    m = R.eval_mask(w, ls2, thr)
+    assert 0 < int(m.sum()) < m.numel()
+    out_shape = torch.nn.functional.conv2d(x, w, None, *args).shape
+    xi = _conv_noise(out_shape, seed)
+    g = torch.randn(out_shape, dtype=F64, device=dev)
+    y_op, grads_op = _grads(lambda *a: ops.lrt_conv2d(*a, seed, *args, thr)[0], x, w, ls2, b, g)
+    y_ref, grads_ref = _grads(lambda *a: R.lrt_conv2d(*a, xi, *args, clip_threshold=thr),
+                              x, w, ls2, b, g)
+    assert_close(y_op, y_ref, rtol=1e-12, atol=1e-12, name="y")
+    for name, a, e in zip(("x", "weight", "log_sigma2", "bias"), grads_op, grads_ref):
+        assert_close(a, e, rtol=1e-10, atol=1e-12, name=f"grad {name}")
+    assert torch.all(grads_op[1][~m] == 0) and torch.all(grads_op[2][~m] == 0)
+    x32, w32, ls32, b32 = (t.float() for t in (x, w, ls2, b))
+    y32, std32 = ops.lrt_conv2d(x32, w32, ls32, b32, seed, *args, thr)
+    assert_close(y32, y_ref, rtol=1e-4, atol=1e-5, name="y fp32")
+    gx, gw, gl, gb = ops.lrt_conv2d_backward(g.float(), x32, w32, ls32, std32, seed, *args, False,
+                                             thr)
+    assert gx.numel() == 0
+    for name, a, e in zip(("weight", "log_sigma2", "bias"), (gw, gl, gb), grads_ref[1:]):
+        assert_close(a, e, rtol=1e-3, atol=1e-4, name=f"grad {name} fp32")
+    assert torch.all(gw[~m] == 0) and torch.all(gl[~m] == 0)
+
+
+def test_clip_threshold_gradcheck_and_opcheck(dev):
+    x, w, ls2, b = conv_inputs((1, 2, 5, 4), (3, 3, 2), 1, F64, device=dev)
+    thr = clip_case(w, ls2, (1,), (0,))
+    args = ([1, 1], [1, 0], [1, 1], 1)
+    seed = fresh_seed(dev)
+    leaves = tuple(t.requires_grad_() for t in (x, w, ls2, b))
+    assert torch.autograd.gradcheck(lambda *a: ops.lrt_conv2d(*a, seed, *args, thr)[0], leaves)
+    torch.library.opcheck(ops.lrt_conv2d, (*leaves, seed, *args, thr))
+    y, std = ops.lrt_conv2d(*leaves, seed, *args, thr)
+    torch.library.opcheck(ops.lrt_conv2d_backward,
+                          (torch.randn_like(y), *(t.detach() for t in leaves[:3]), std.detach(),
+                           seed, *args, True, thr))

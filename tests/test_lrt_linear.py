@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 from conftest import assert_close
-from sample_inputs import (F64, LINEAR_CASES, backends_for, device_for, fresh_seed, linear_inputs,
-                           op_noise)
+from sample_inputs import (F64, LINEAR_CASES, backends_for, clip_case, device_for, fresh_seed,
+                           linear_inputs, op_noise)
 
 import sparsevd
 import sparsevd.functional as SF
@@ -243,6 +243,83 @@ def test_opcheck_forward_and_backward(dev, dtype):
             ops.lrt_linear_backward,
             (torch.randn_like(y), x.detach(), w.detach(), ls2.detach(), std.detach(), seed),
         )
+
+
+# ------------------------------------------------------------------ train-time clipping
+#: (lead, in_features, out_features, dead output rows, dead input columns)
+CLIP_CASES = [
+    ((5,), 7, 4, (), ()),
+    ((33,), 123, 17, (0, 5, 16), (1, 2, 64, 122)),
+    ((2, 3), 16, 9, (3,), (0,)),
+    ((9,), 40, 20, tuple(range(0, 20, 2)), tuple(range(1, 40, 3))),
+]
+
+
+@pytest.mark.parametrize("lead,k,n,dead_rows,dead_cols", CLIP_CASES)
+def test_clip_threshold_equals_reference(dev, backend, lead, k, n, dead_rows, dead_cols):
+    """Train-time clipping: forward and gradients equal the reference with the mask applied
+    (θ ⊙ m, σ² ⊙ m) on identical noise; the clipped weights get exactly zero LRT gradients, the
+    dead output rows y = b + 1e-4 ξ. fp64 inputs (to rounding) and fp32 (to fp32 rounding)."""
+    x, w, ls2, b = linear_inputs(lead, k, n, F64, True, True, dev)
+    thr = clip_case(w, ls2, dead_rows, dead_cols)
+    m = R.eval_mask(w, ls2, thr)
+    assert 0 < int(m.sum()) < m.numel()
+    seed = fresh_seed(dev)
+    xi = op_noise((*lead, n), seed)
+    g = torch.randn(*lead, n, dtype=F64, device=dev)
+    y_op, grads_op = _grads(lambda *a: ops.lrt_linear(*a, seed, thr)[0], x, w, ls2, b, g)
+    y_ref, grads_ref = _grads(lambda *a: R.lrt_linear(*a, xi, clip_threshold=thr), x, w, ls2, b, g)
+    assert_close(y_op, y_ref, rtol=FP64_RTOL[backend], atol=1e-12, name="y")
+    for name, a, e in zip(("x", "weight", "log_sigma2", "bias"), grads_op, grads_ref):
+        assert_close(a, e, rtol=1e-10, atol=1e-12, name=f"grad {name}")
+    assert torch.all(grads_op[1][~m] == 0) and torch.all(grads_op[2][~m] == 0)
+    if dead_rows:
+        rows = list(dead_rows)
+        assert_close(y_op[..., rows], b[rows] + math.sqrt(1e-8) * xi[..., rows], rtol=1e-10,
+                     atol=1e-12, name="dead rows")
+    # fp32 against the fp64 reference; first-layer case (no ∂x) too
+    x32, w32, ls32, b32 = (t.float() for t in (x, w, ls2, b))
+    y32, std32 = ops.lrt_linear(x32, w32, ls32, b32, seed, thr)
+    assert_close(y32, y_ref, rtol=1e-4, atol=1e-5, name="y fp32")
+    gx, gw, gl, gb = ops.lrt_linear_backward(g.float(), x32, w32, ls32, std32, seed, False, thr)
+    assert gx.numel() == 0
+    for name, a, e in zip(("weight", "log_sigma2", "bias"), (gw, gl, gb), grads_ref[1:]):
+        assert_close(a, e, rtol=1e-3, atol=1e-4, name=f"grad {name} fp32")
+    assert torch.all(gw[~m] == 0) and torch.all(gl[~m] == 0)
+
+
+def test_clip_threshold_none_is_no_clipping_and_everything_clipped(dev):
+    x, w, ls2, b = linear_inputs((6,), 9, 5, F64, True, True, dev)
+    seed = fresh_seed(dev)
+    y0, _ = ops.lrt_linear(x, w, ls2, b, seed)
+    y_far, _ = ops.lrt_linear(x, w, ls2, b, seed, 11.0)  # log α ≤ 10 < 11: nothing clipped
+    assert torch.equal(y0, y_far)
+    y_all, std = ops.lrt_linear(x, w, ls2, b, seed, -11.0)  # everything clipped
+    xi = op_noise((6, 5), seed)
+    assert_close(y_all, b + math.sqrt(1e-8) * xi, rtol=1e-10, atol=1e-12, name="all clipped")
+    gx, gw, gl, gb = ops.lrt_linear_backward(torch.randn_like(y_all), x, w, ls2, std, seed, True,
+                                             -11.0)
+    assert torch.all(gx == 0) and torch.all(gw == 0) and torch.all(gl == 0) and torch.all(gb != 0)
+
+
+def test_clip_threshold_gradcheck_and_opcheck(dev):
+    x, w, ls2, b = linear_inputs((4,), 6, 5, F64, True, True, dev)
+    thr = clip_case(w, ls2, (1,), (2,))
+    seed = fresh_seed(dev)
+    leaves = tuple(t.requires_grad_() for t in (x, w, ls2, b))
+    assert torch.autograd.gradcheck(lambda *a: ops.lrt_linear(*a, seed, thr)[0], leaves)
+    torch.library.opcheck(ops.lrt_linear, (*leaves, seed, thr))
+    y, std = ops.lrt_linear(*leaves, seed, thr)
+    torch.library.opcheck(ops.lrt_linear_backward,
+                          (torch.randn_like(y), *(t.detach() for t in leaves[:3]), std.detach(),
+                           seed, True, thr))
+
+
+def test_functional_clip_threshold_is_validated(dev):
+    x, w, ls2, b = linear_inputs((3,), 4, 2, torch.float32, True, True, dev)
+    for bad, exc in ((float("nan"), ValueError), ("3", TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="clip_threshold"):
+            SF.lrt_linear(x, w, ls2, b, clip_threshold=bad)
 
 
 # ---------------------------------------------------------------------------- torch.compile

@@ -132,6 +132,45 @@ def test_linear_train_forward_is_the_lrt_with_a_drawn_seed():
     assert_close(y, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("make,x_shape", [
+    (lambda **kw: LinearSVDO(9, 4, **kw), (3, 9)),
+    (lambda **kw: Conv2dSVDO(3, 4, 3, padding=1, **kw), (2, 3, 5, 5)),
+])
+def test_train_clip_layers_clip_in_training_only(make, x_shape):
+    """train_clip=True: the training forward is the LRT with clip_threshold = threshold (the
+    dropped weights get no LRT gradient); eval mode is unchanged; the default does not clip."""
+    layer = make(train_clip=True)
+    assert layer.train_clip and "train_clip=True" in repr(layer)
+    set_log_alpha(layer, torch.randn_like(layer.weight) * 3 + 2)
+    m = layer.mask()
+    assert 0 < int(m.sum()) < m.numel()
+    x = torch.randn(x_shape)
+    fn = SF.lrt_linear if isinstance(layer, LinearSVDO) else SF.lrt_conv2d
+    conv = () if isinstance(layer, LinearSVDO) else (layer.stride, layer.padding)
+    for clip in (True, False):
+        layer.train_clip = clip
+        torch.manual_seed(5)
+        y = layer(x)
+        y.square().sum().backward()
+        torch.manual_seed(5)
+        expected = fn(x, layer.weight, layer.log_sigma2, layer.bias, *conv,
+                      clip_threshold=layer.threshold if clip else None)
+        assert torch.equal(y, expected)
+        if clip:
+            assert torch.all(layer.weight.grad[~m] == 0) and torch.all(layer.log_sigma2.grad[~m] == 0)
+        else:
+            assert torch.all(layer.weight.grad[~m] != 0)
+        layer.zero_grad()
+    layer.eval()
+    layer.train_clip = True
+    with torch.no_grad():
+        a = layer(x)
+        layer.train_clip = False
+        assert torch.equal(a, layer(x))
+    with pytest.raises(TypeError, match="train_clip"):
+        make(train_clip=1)
+
+
 def test_linear_3d_input():
     layer = LinearSVDO(6, 5)
     x = torch.randn(2, 7, 6)

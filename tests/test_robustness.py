@@ -225,6 +225,20 @@ def test_nan_threshold_is_refused_everywhere(tmp_path, checkpoint, capsys):
     assert cli.main(["deploy", str(checkpoint), "--out", str(tmp_path / "x"), "--threshold", "nan"]) == 2
 
 
+def test_setting_the_threshold_keeps_the_trained_parameters():
+    """A new threshold changes the mask only: θ and the trained log σ² stay as they are (the
+    deploy CLI's --threshold sets it on every layer of a trained model)."""
+    layer = sparsevd.nn.LinearSVDO(16, 8)
+    with torch.no_grad():
+        layer.log_sigma2.copy_(torch.randn_like(layer.log_sigma2) * 4 - 6)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    kept = layer.mask().sum()
+    layer.threshold = -2.0
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert layer.mask().sum() < kept
+
+
 # --------------------------------------------------------------------------------- divergence
 class _Loader:
     """A tiny in-memory loader whose step ``bad_step`` of epoch ``bad_epoch`` (0-based) feeds

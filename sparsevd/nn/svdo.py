@@ -34,8 +34,19 @@ class _SVDOMixin:
     weight: nn.Parameter
     log_sigma2: nn.Parameter
 
-    def _init_svdo(self, threshold: float) -> None:
+    def _init_svdo(self, threshold: float, train_clip: bool) -> None:
         self.threshold = threshold
+        if not isinstance(train_clip, bool):
+            raise TypeError(f"train_clip: expected a bool, got {train_clip!r}")
+        #: Train-time clipping: in training mode the weights with log α ≥ ``threshold`` are
+        #: dropped from the LRT's mean and variance and get no LRT gradient (the KL still sees
+        #: them), as in the authors' code; applied inside the fused kernels.
+        self.train_clip = train_clip
+
+    @property
+    def _clip_threshold(self) -> Optional[float]:
+        """The ``clip_threshold`` of the training forward: ``threshold`` with train_clip, else None."""
+        return self._threshold if self.train_clip else None
 
     @property
     def threshold(self) -> float:
@@ -46,8 +57,6 @@ class _SVDOMixin:
     @threshold.setter
     def threshold(self, value: float) -> None:
         self._threshold = check_threshold(value)
-        with torch.no_grad():
-            self.log_sigma2.fill_(LOG_SIGMA2_INIT)
 
     @property
     def log_alpha(self) -> Tensor:
@@ -124,7 +133,8 @@ class _SVDOMixin:
             self.log_sigma2.fill_(LOG_SIGMA2_INIT)
 
     def _svdo_repr(self) -> str:
-        return f"threshold={self.threshold}, sparsity={100.0 * self.sparsity:.1f}%"
+        clip = ", train_clip=True" if self.train_clip else ""
+        return f"threshold={self.threshold}{clip}, sparsity={100.0 * self.sparsity:.1f}%"
 
 
 class LinearSVDO(_SVDOMixin, nn.Module):
@@ -144,6 +154,8 @@ class LinearSVDO(_SVDOMixin, nn.Module):
         in_features, out_features: sizes; input (*, in_features), output (*, out_features).
         bias: learn an additive bias.
         threshold: log α above which a weight is dropped at evaluation (3.0: α ≈ 20).
+        train_clip: also drop those weights in training mode (train-time clipping, see
+            :attr:`train_clip`).
         device, dtype: of the parameters.
 
     Raises (at forward): TypeError / ValueError naming the argument for a wrong dtype, device or
@@ -156,6 +168,7 @@ class LinearSVDO(_SVDOMixin, nn.Module):
         out_features: int,
         bias: bool = True,
         threshold: float = DEFAULT_THRESHOLD,
+        train_clip: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -170,7 +183,7 @@ class LinearSVDO(_SVDOMixin, nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.log_sigma2 = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self._init_svdo(threshold)
+        self._init_svdo(threshold, train_clip)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -179,7 +192,8 @@ class LinearSVDO(_SVDOMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
-            return SF.lrt_linear(x, self.weight, self.log_sigma2, self.bias, check_finite=False)
+            return SF.lrt_linear(x, self.weight, self.log_sigma2, self.bias, check_finite=False,
+                                 clip_threshold=self._clip_threshold)
         if self._eval_uncached():
             return SF.masked_linear(x, self.weight, self.log_sigma2, self.bias, self.threshold)
         w = self._parameters["weight"]
@@ -222,6 +236,7 @@ class Conv2dSVDO(_SVDOMixin, nn.Module):
             kernel pads one more at the bottom / right, as torch does). Input (N, C_in, H, W) or
             (C_in, H, W).
         threshold: log α above which a weight is dropped at evaluation.
+        train_clip: as in :class:`LinearSVDO`.
         device, dtype: of the parameters.
 
     Raises: ValueError for channels not divisible by ``groups``, an unknown padding string or
@@ -239,6 +254,7 @@ class Conv2dSVDO(_SVDOMixin, nn.Module):
         groups: int = 1,
         bias: bool = True,
         threshold: float = DEFAULT_THRESHOLD,
+        train_clip: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -263,7 +279,7 @@ class Conv2dSVDO(_SVDOMixin, nn.Module):
         self.weight = nn.Parameter(torch.empty(shape, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.log_sigma2 = nn.Parameter(torch.empty(shape, **factory))
-        self._init_svdo(threshold)
+        self._init_svdo(threshold, train_clip)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -274,7 +290,7 @@ class Conv2dSVDO(_SVDOMixin, nn.Module):
         args = (self.stride, self.padding, self.dilation, self.groups)
         if self.training:
             return SF.lrt_conv2d(x, self.weight, self.log_sigma2, self.bias, *args,
-                                 check_finite=False)
+                                 check_finite=False, clip_threshold=self._clip_threshold)
 
         if self._eval_uncached():
             return SF.masked_conv2d(x, self.weight, self.log_sigma2, self.bias, *args,

@@ -23,16 +23,19 @@ from .backend import get_impl
 # --------------------------------------------------------------------------------------- linear
 @torch.library.custom_op("sparsevd::lrt_linear", mutates_args=())
 def lrt_linear(
-    x: Tensor, weight: Tensor, log_sigma2: Tensor, bias: Optional[Tensor], seed: Tensor
+    x: Tensor, weight: Tensor, log_sigma2: Tensor, bias: Optional[Tensor], seed: Tensor,
+    clip_threshold: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor]:
     """LRT linear forward: x (*, K), weight and log_sigma2 (N, K), bias (N,) or None, seed (1,)
-    int64 → (y (*, N) in x's dtype, std (*, N) in the compute dtype, fp32 or wider)."""
+    int64 → (y (*, N) in x's dtype, std (*, N) in the compute dtype, fp32 or wider).
+    ``clip_threshold``: train-time clipping, the weights with log α ≥ it enter neither the mean
+    nor the variance (:func:`sparsevd.reference.clip_parameters`); None: no clipping."""
     _, impl = get_impl("lrt_linear", x.device)
-    return impl(x, weight, log_sigma2, bias, seed)
+    return impl(x, weight, log_sigma2, bias, seed, clip_threshold)
 
 
 @lrt_linear.register_fake
-def _(x, weight, log_sigma2, bias, seed):
+def _(x, weight, log_sigma2, bias, seed, clip_threshold=None):
     shape = (*x.shape[:-1], weight.shape[0])
     std_dtype = torch.promote_types(x.dtype, weight.dtype)
     return x.new_empty(shape, dtype=x.dtype), x.new_empty(shape, dtype=std_dtype)
@@ -41,17 +44,18 @@ def _(x, weight, log_sigma2, bias, seed):
 @torch.library.custom_op("sparsevd::lrt_linear_backward", mutates_args=())
 def lrt_linear_backward(
     grad: Tensor, x: Tensor, weight: Tensor, log_sigma2: Tensor, std: Tensor, seed: Tensor,
-    need_grad_x: bool = True,
+    need_grad_x: bool = True, clip_threshold: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (∂x, ∂θ, ∂log σ², ∂b) of the LRT linear layer (docs/design.md, "Backward"); with
     ``need_grad_x`` False (x needs no gradient, e.g. a network's first layer) ∂x is not computed
-    and comes back as an empty (0,) tensor."""
+    and comes back as an empty (0,) tensor. With ``clip_threshold`` (the forward's), ∂θ and
+    ∂log σ² are zero for the clipped weights."""
     _, impl = get_impl("lrt_linear_backward", grad.device)
-    return impl(grad, x, weight, log_sigma2, std, seed, need_grad_x)
+    return impl(grad, x, weight, log_sigma2, std, seed, need_grad_x, clip_threshold)
 
 
 @lrt_linear_backward.register_fake
-def _(grad, x, weight, log_sigma2, std, seed, need_grad_x=True):
+def _(grad, x, weight, log_sigma2, std, seed, need_grad_x=True, clip_threshold=None):
     return (
         torch.empty_like(x) if need_grad_x else x.new_empty((0,)),
         torch.empty_like(weight),
@@ -61,21 +65,22 @@ def _(grad, x, weight, log_sigma2, std, seed, need_grad_x=True):
 
 
 def _lrt_linear_setup(ctx, inputs, output):
-    x, weight, log_sigma2, bias, seed = inputs
+    x, weight, log_sigma2, bias, seed, clip_threshold = inputs
     ctx.mark_non_differentiable(output[1])  # std: saved for backward, not differentiable
     ctx.set_materialize_grads(False)  # no zero tensor of y's size for std's (absent) gradient
     ctx.save_for_backward(x, weight, log_sigma2, output[1], seed)
     ctx.has_bias = bias is not None
+    ctx.clip_threshold = clip_threshold
 
 
 def _lrt_linear_bwd(ctx, grad_y, grad_std):
     if grad_y is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     x, weight, log_sigma2, std, seed = ctx.saved_tensors
     need_x = ctx.needs_input_grad[0]
     gx, gw, gls2, gb = lrt_linear_backward(grad_y.contiguous(), x, weight, log_sigma2, std, seed,
-                                           need_x)
-    return (gx if need_x else None), gw, gls2, (gb if ctx.has_bias else None), None
+                                           need_x, ctx.clip_threshold)
+    return (gx if need_x else None), gw, gls2, (gb if ctx.has_bias else None), None, None
 
 
 lrt_linear.register_autograd(_lrt_linear_bwd, setup_context=_lrt_linear_setup)
@@ -114,17 +119,20 @@ def lrt_conv2d(
     padding: List[int],
     dilation: List[int],
     groups: int,
+    clip_threshold: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor]:
     """LRT conv2d forward: x (N, C_in, H, W) → (y (N, C_out, H_out, W_out), std, same shape).
 
     ``padding`` is [p_h, p_w] (symmetric) or [top, bottom, left, right] (what padding="same"
-    resolves to for even kernels); y and std are laid out by :func:`conv_memory_format`."""
+    resolves to for even kernels); y and std are laid out by :func:`conv_memory_format`;
+    ``clip_threshold`` as in :func:`lrt_linear`."""
     _, impl = get_impl("lrt_conv2d", x.device)
-    return impl(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups)
+    return impl(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups,
+                clip_threshold)
 
 
 @lrt_conv2d.register_fake
-def _(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups):
+def _(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups, clip_threshold=None):
     shape = conv2d_out_shape(x, weight, stride, padding, dilation)
     std_dtype = torch.promote_types(x.dtype, weight.dtype)
     fmt = conv_memory_format(x, weight)
@@ -145,17 +153,19 @@ def lrt_conv2d_backward(
     dilation: List[int],
     groups: int,
     need_grad_x: bool = True,
+    clip_threshold: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (∂x, ∂θ, ∂log σ², ∂b) of the LRT conv2d layer; with ``need_grad_x`` False (x
     needs no gradient, e.g. a network's first layer) ∂x is not computed and comes back as an
-    empty (0,) tensor."""
+    empty (0,) tensor; ``clip_threshold`` as in :func:`lrt_linear_backward`."""
     _, impl = get_impl("lrt_conv2d_backward", grad.device)
     return impl(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups,
-                need_grad_x)
+                need_grad_x, clip_threshold)
 
 
 @lrt_conv2d_backward.register_fake
-def _(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups, need_grad_x=True):
+def _(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups, need_grad_x=True,
+      clip_threshold=None):
     return (
         torch.empty_like(x) if need_grad_x else x.new_empty((0,)),
         torch.empty_like(weight),
@@ -165,26 +175,27 @@ def _(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups,
 
 
 def _lrt_conv2d_setup(ctx, inputs, output):
-    x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups = inputs
+    x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups, clip_threshold = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, log_sigma2, output[1], seed)
     ctx.has_bias = bias is not None
     ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.clip_threshold = clip_threshold
 
 
 def _lrt_conv2d_bwd(ctx, grad_y, grad_std):
     if grad_y is None:
-        return (None,) * 9
+        return (None,) * 10
     x, weight, log_sigma2, std, seed = ctx.saved_tensors
     fmt = conv_memory_format(x, weight)  # the layout of y and std
     need_x = ctx.needs_input_grad[0]
     gx, gw, gls2, gb = lrt_conv2d_backward(
         grad_y.contiguous(memory_format=fmt), x, weight, log_sigma2, std, seed, *ctx.conv_args,
-        need_x,
+        need_x, ctx.clip_threshold,
     )
     return ((gx if need_x else None), gw, gls2, (gb if ctx.has_bias else None),
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 lrt_conv2d.register_autograd(_lrt_conv2d_bwd, setup_context=_lrt_conv2d_setup)

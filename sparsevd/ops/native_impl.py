@@ -30,6 +30,7 @@ from typing import List, Optional
 
 import torch
 
+from .. import reference as R
 from .._args import padding_sides
 from . import library
 from .backend import register_impl
@@ -62,14 +63,27 @@ def nonfinite_layers() -> Optional[torch.Tensor]:
     return last_nonfinite
 
 
-def lrt_linear_fwd(x, weight, log_sigma2, bias, seed):
+def _premask(weight, log_sigma2, clip_threshold):
+    # Interim train-time clipping outside the kernels: θ ⊙ m and log σ² = −inf where dropped.
+    m = R.clip_mask(weight, log_sigma2, clip_threshold)
+    return weight * m, log_sigma2.masked_fill(m == 0, float("-inf")), m
+
+
+def lrt_linear_fwd(x, weight, log_sigma2, bias, seed, clip_threshold=None):
+    if clip_threshold is not None:
+        weight, log_sigma2, _ = _premask(weight, log_sigma2, clip_threshold)
     y, std = _ops.native_lrt_linear(x, weight, log_sigma2, bias, seed)
     return y, std
 
 
-def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x=True):
+def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x=True, clip_threshold=None):
+    m = None
+    if clip_threshold is not None:
+        weight, log_sigma2, m = _premask(weight, log_sigma2, clip_threshold)
     gx, gw, gls2, gb = _ops.native_lrt_linear_backward(grad, x, weight, log_sigma2, std, seed,
                                                       need_grad_x)
+    if m is not None:
+        gw, gls2 = gw * m, gls2 * m
     return (gx if need_grad_x else x.new_empty((0,))), gw, gls2, gb
 
 
@@ -82,18 +96,26 @@ def _symmetric(x, padding):
     return torch.nn.functional.pad(x, (l, r, t, b)), [0, 0], (t, b, l, r)
 
 
-def lrt_conv2d_fwd(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups):
+def lrt_conv2d_fwd(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups,
+                   clip_threshold=None):
+    if clip_threshold is not None:
+        weight, log_sigma2, _ = _premask(weight, log_sigma2, clip_threshold)
     xp, pad, _ = _symmetric(x, padding)
     y, std = _ops.native_lrt_conv2d(xp, weight, log_sigma2, bias, seed, stride, pad, dilation, groups)
     return y, std
 
 
 def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups,
-                   need_grad_x=True):
+                   need_grad_x=True, clip_threshold=None):
+    m = None
+    if clip_threshold is not None:
+        weight, log_sigma2, m = _premask(weight, log_sigma2, clip_threshold)
     xp, pad, sides = _symmetric(x, padding)
     gx, gw, gls2, gb = _ops.native_lrt_conv2d_backward(
         grad, xp, weight, log_sigma2, std, seed, stride, pad, dilation, groups, need_grad_x
     )
+    if m is not None:
+        gw, gls2 = gw * m, gls2 * m
     if not need_grad_x:
         return x.new_empty((0,)), gw, gls2, gb
     if sides is not None:  # the gradient of the padded input, cropped to x

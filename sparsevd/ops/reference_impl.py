@@ -43,29 +43,37 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
+def _clipped(grad_w, weight, log_sigma2, clip_threshold):
+    """∂θ under train-time clipping: the LRT gradient of a dropped weight is zero (θ enters as
+    θ ⊙ m with the mask m a constant); ∂log σ² is zero there already (it carries the factor σ² ⊙ m)."""
+    m = R.clip_mask(weight, log_sigma2, clip_threshold)
+    return grad_w if m is None else grad_w * m.to(grad_w.dtype)
+
+
 @_no_autocast
-def lrt_linear_fwd(x, weight, log_sigma2, bias, seed) -> Tuple[torch.Tensor, torch.Tensor]:
+def lrt_linear_fwd(x, weight, log_sigma2, bias, seed, clip_threshold=None):
     dt = _compute_dtype(x, weight)
     xc = x.to(dt)
-    mu = F.linear(xc, weight.to(dt), None if bias is None else bias.to(dt))
-    s2 = F.linear(xc * xc, torch.exp(log_sigma2.to(dt)))
+    w, sigma2 = R.clip_parameters(weight.to(dt), log_sigma2.to(dt), clip_threshold)
+    mu = F.linear(xc, w, None if bias is None else bias.to(dt))
+    s2 = F.linear(xc * xc, sigma2)
     std = torch.sqrt(s2 + R.EPS_VAR)
     y = mu + std * _noise(seed, mu.shape, mu)
     return y.to(x.dtype), std
 
 
 @_no_autocast
-def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x=True):
+def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x=True,
+                   clip_threshold=None):
     dt = std.dtype
     m = math.prod(grad.shape[:-1])  # rows; explicit, as -1 is ambiguous for empty shapes
     g = grad.to(dt).reshape(m, weight.shape[0])
     x2 = x.to(dt).reshape(m, weight.shape[1])
     std2 = std.reshape(m, weight.shape[0])
     xi = _noise(seed, std2.shape, std2)
-    w = weight.to(dt)
-    sigma2 = torch.exp(log_sigma2.to(dt))
+    w, sigma2 = R.clip_parameters(weight.to(dt), log_sigma2.to(dt), clip_threshold)
     g_s2 = g * xi / (2.0 * std2)
-    grad_w = g.t() @ x2
+    grad_w = _clipped(g.t() @ x2, weight, log_sigma2, clip_threshold)
     grad_ls2 = sigma2 * (g_s2.t() @ (x2 * x2))
     grad_b = g.sum(0)
     if need_grad_x:
@@ -81,13 +89,14 @@ def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x=True):
 
 
 @_no_autocast
-def lrt_conv2d_fwd(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups):
+def lrt_conv2d_fwd(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups,
+                   clip_threshold=None):
     dt = _compute_dtype(x, weight)
     xc = x.to(dt)
     sides = padding_sides(padding)
-    mu = R.conv2d(xc, weight.to(dt), None if bias is None else bias.to(dt),
-                  stride, sides, dilation, groups)
-    s2 = R.conv2d(xc * xc, torch.exp(log_sigma2.to(dt)), None, stride, sides, dilation, groups)
+    w, sigma2 = R.clip_parameters(weight.to(dt), log_sigma2.to(dt), clip_threshold)
+    mu = R.conv2d(xc, w, None if bias is None else bias.to(dt), stride, sides, dilation, groups)
+    s2 = R.conv2d(xc * xc, sigma2, None, stride, sides, dilation, groups)
     std = torch.sqrt(s2 + R.EPS_VAR)
     y = mu + std * _noise(seed, mu.shape, mu)
     fmt = conv_memory_format(x, weight)  # the layout the op promises (its fake impl)
@@ -96,7 +105,7 @@ def lrt_conv2d_fwd(x, weight, log_sigma2, bias, seed, stride, padding, dilation,
 
 @_no_autocast
 def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups,
-                   need_grad_x=True):
+                   need_grad_x=True, clip_threshold=None):
     dt = std.dtype
     g = grad.to(dt)
     xc = x.to(dt)
@@ -106,12 +115,12 @@ def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dila
         pad, crop = [0, 0], (t, l)
     else:
         pad, crop = [t, l], (0, 0)
-    w = weight.to(dt)
-    sigma2 = torch.exp(log_sigma2.to(dt))
+    w, sigma2 = R.clip_parameters(weight.to(dt), log_sigma2.to(dt), clip_threshold)
     xi = _noise(seed, std.shape, std)
     g_s2 = g * xi / (2.0 * std)
     args = (stride, pad, dilation, groups)
-    grad_w = torch.nn.grad.conv2d_weight(xc, w.shape, g, *args)
+    grad_w = _clipped(torch.nn.grad.conv2d_weight(xc, w.shape, g, *args), weight, log_sigma2,
+                      clip_threshold)
     grad_ls2 = sigma2 * torch.nn.grad.conv2d_weight(xc * xc, w.shape, g_s2, *args)
     grad_b = g.sum((0, 2, 3))
     if need_grad_x:

@@ -226,14 +226,14 @@ def _clip_args(clip_threshold: Optional[float]):
 
 
 # ---------------------------------------------------------------------------------- forward
-def lrt_conv2d_fwd(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups, *,
+def lrt_conv2d_fwd(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups,
                    clip_threshold: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """y = conv(x, θ) + b + sqrt(conv(x⊙x, σ²) + 1e-8)⊙ξ in one kernel; returns (y in x's dtype,
     std in promote(x, θ)), both (N, C_out, H_out, W_out) in the layout of
     :func:`~sparsevd.ops.lrt.conv_memory_format`. An empty output launches nothing.
 
-    ``clip_threshold`` (not part of the op): drop the weights with log α ≥ it from the mean and the
-    variance, in registers (train_clip)."""
+    ``clip_threshold``: drop the weights with log α ≥ it from the mean and the variance, in
+    registers (train-time clipping)."""
     shape = conv2d_out_shape(x, weight, stride, padding, dilation)
     fmt = conv_memory_format(x, weight)
     y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
@@ -310,7 +310,7 @@ def _gs2(g: torch.Tensor, std: torch.Tensor, seed: torch.Tensor, dtype: torch.dt
 
 
 def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups,
-                   need_grad_x: bool = True, *, clip_threshold: Optional[float] = None):
+                   need_grad_x: bool = True, clip_threshold: Optional[float] = None):
     """(∂x, ∂θ, ∂log σ², ∂b) of the LRT convolution in two launches (three with a split weight
     gradient; see the module docstring); ξ regenerated from ``seed``. Without ``need_grad_x``
     the launch has no ∂x programs and ∂x comes back empty, (0,). An empty batch launches nothing

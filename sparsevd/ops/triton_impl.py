@@ -30,6 +30,7 @@ import triton
 from sparsevd.triton_kernels import kl as KK
 from sparsevd.triton_kernels import lrt_linear as K
 
+from .. import reference as R
 from .backend import interpreter_enabled, register_impl
 from .triton_common import (AUTOTUNE_ENV, FP32_PRECISION_ENV, acc_dtype, autotune_enabled,  # noqa: F401
                             dot_kind, elementwise_block, m_key, make_config, precision)
@@ -137,9 +138,17 @@ _m_key = m_key
 
 
 # ----------------------------------------------------------------------------------- lrt_linear
-def lrt_linear_fwd(x, weight, log_sigma2, bias, seed) -> Tuple[torch.Tensor, torch.Tensor]:
+def _premask(weight, log_sigma2, clip_threshold):
+    # Interim train-time clipping outside the kernels: θ ⊙ m and log σ² = −inf where dropped.
+    m = R.clip_mask(weight, log_sigma2, clip_threshold)
+    return weight * m, log_sigma2.masked_fill(m == 0, float("-inf")), m
+
+
+def lrt_linear_fwd(x, weight, log_sigma2, bias, seed, clip_threshold=None):
     """y = x θᵀ + b + sqrt((x⊙x)(σ²)ᵀ + 1e-8)⊙ξ in one kernel; returns (y in x's dtype, std in
     promote(x, weight) dtype), both (*, N). An empty batch launches nothing."""
+    if clip_threshold is not None:
+        weight, log_sigma2, _ = _premask(weight, log_sigma2, clip_threshold)
     n, k = weight.shape
     lead = tuple(x.shape[:-1])
     y = x.new_empty((*lead, n))
@@ -164,9 +173,13 @@ def lrt_linear_fwd(x, weight, log_sigma2, bias, seed) -> Tuple[torch.Tensor, tor
     return y, std
 
 
-def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x=True):
+def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x=True, clip_threshold=None):
     """(∂x, ∂θ, ∂log σ², ∂b) of the LRT linear layer in two kernels (see module docstring);
     without ``need_grad_x`` the ∂x programs are not launched and ∂x is an empty (0,) tensor."""
+    if clip_threshold is not None:
+        weight, log_sigma2, m = _premask(weight, log_sigma2, clip_threshold)
+        gx, gw, gl, gb = lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x)
+        return gx, gw * m, gl * m, gb
     n, k = weight.shape
     acc = _acc_dtype(x, weight)
     m = math.prod(grad.shape[:-1])
