@@ -12,7 +12,7 @@ IntOrPair = Union[int, Sequence[int]]
 #: A convolution's padding: an int, a pair of ints (H, W), or the string "same" or "valid".
 Padding = Union[int, Sequence[int], str]
 
-__all__ = ["IntOrPair", "Padding", "as_pair", "check_threshold", "conv_padding", "padding_arg", "padding_sides"]
+__all__ = ["IntOrPair", "Padding", "as_pair", "as_single", "check_threshold", "conv_padding", "padding_arg", "padding_sides"]
 
 
 def as_pair(value: IntOrPair, name: str, minimum: Optional[int] = None) -> Tuple[int, int]:
@@ -39,6 +39,23 @@ def as_pair(value: IntOrPair, name: str, minimum: Optional[int] = None) -> Tuple
     if minimum is not None and min(pair) < minimum:
         raise ValueError(f"{name}: expected values ≥ {minimum}, got {value!r}")
     return int(pair[0]), int(pair[1])
+
+
+def as_single(value: IntOrPair, name: str, minimum: Optional[int] = None) -> int:
+    """``value`` of a 1-D convolution argument as an int: an int, or a sequence of one int (as
+    ``nn.Conv1d`` stores it, e.g. ``(3,)``).
+
+    Raises:
+        ValueError: anything else (strings, bools, sequences of another length), or a value
+            below ``minimum``; the message names ``name``.
+    """
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected an int or a sequence of one int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected a value ≥ {minimum}, got {value!r}")
+    return int(value)
 
 
 def conv_padding(padding: Padding, kernel_size: IntOrPair, stride: IntOrPair = 1,

@@ -10,13 +10,15 @@ import torch
 from torch import nn
 
 from ._args import check_threshold
-from .nn import DEFAULT_THRESHOLD, LOG_SIGMA2_INIT, SVDO_LAYERS, Conv2dSVDO, LinearSVDO
+from .nn import DEFAULT_THRESHOLD, LOG_SIGMA2_INIT, SVDO_LAYERS, Conv1dSVDO, Conv2dSVDO, LinearSVDO
 from .reference import EPS_THETA
 
 NameFilter = Union[None, str, Callable[[str], bool], Iterable[str]]
 
 #: Convertible layer types (exact types: a subclass may change forward, so it is left alone).
-CONVERTIBLE = (nn.Linear, nn.Conv2d)
+CONVERTIBLE = (nn.Linear, nn.Conv2d, nn.Conv1d)
+#: The sparse-VD twin of each convertible type.
+_TWINS = {nn.Conv2d: Conv2dSVDO, nn.Conv1d: Conv1dSVDO}
 
 
 def _name_filter(patterns: NameFilter, default: bool) -> Callable[[str], bool]:
@@ -41,7 +43,7 @@ _DENSE_REASONS = (
     ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm) if hasattr(nn, "RMSNorm") else (nn.LayerNorm, nn.GroupNorm),
      "a normalization: per-feature scales, no weight matrix"),
     (nn.modules.batchnorm._BatchNorm, "a normalization: per-feature scales, no weight matrix"),
-    ((nn.Conv1d, nn.Conv3d), "no sparse-VD twin of this convolution yet"),
+    (nn.Conv3d, "no sparse-VD twin of this convolution yet"),
     (nn.modules.conv._ConvTransposeNd, "no sparse-VD twin of transposed convolutions"),
     ((nn.RNNBase,), "recurrent weights are not converted"),
 )
@@ -81,16 +83,16 @@ def _dense_reason(m: nn.Module) -> str:
         if isinstance(m, types):
             return why
     if isinstance(m, CONVERTIBLE):
-        return (f"a subclass of nn.{CONVERTIBLE[0].__name__ if isinstance(m, nn.Linear) else 'Conv2d'}"
-                " (its forward may differ): left as it is")
+        base = next(t for t in CONVERTIBLE if isinstance(m, t))
+        return f"a subclass of nn.{base.__name__} (its forward may differ): left as it is"
     return "no sparse-VD twin of this module type"
 
 
 def _unsupported(m: nn.Module) -> Optional[str]:
-    """Why an nn.Conv2d cannot be converted (None when it can)."""
-    if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
-        return (f"uses padding_mode={m.padding_mode!r}; Conv2dSVDO supports zero padding (ints, "
-                "pairs, 'same', 'valid')")
+    """Why an nn.Conv2d / nn.Conv1d cannot be converted (None when it can)."""
+    if isinstance(m, (nn.Conv2d, nn.Conv1d)) and m.padding_mode != "zeros":
+        return (f"uses padding_mode={m.padding_mode!r}; {_TWINS[type(m)].__name__} supports zero "
+                "padding (ints, 'same', 'valid')")
     return None
 
 
@@ -105,7 +107,7 @@ def plan_conversion(model: nn.Module, include: NameFilter = None,
         exclude: patterns (or a predicate) of layers to leave dense even when included.
 
     Returns:
-        A :class:`ConversionReport`: every exact nn.Linear / nn.Conv2d ("convert", or "dense" with
+        A :class:`ConversionReport`: every exact nn.Linear / nn.Conv2d / nn.Conv1d ("convert", or "dense" with
         the pattern that kept it dense), every sparse-VD layer already there, and every other
         module holding parameters of its own ("dense", with the reason: a packed attention
         projection, an embedding, a normalization, ...). Parameters inside a module left dense
@@ -154,7 +156,7 @@ def _convert_one(name: str, m: nn.Module, threshold: float, train_clip: bool) ->
         why = _unsupported(m)
         if why:
             raise ValueError(f"model: {name} {why}; exclude it to leave it dense")
-        new = Conv2dSVDO(
+        new = _TWINS[type(m)](
             m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
             m.groups, m.bias is not None, threshold, **factory,
         )
@@ -171,7 +173,7 @@ def convert(
     model: nn.Module, include: NameFilter = None, threshold: float = DEFAULT_THRESHOLD,
     exclude: NameFilter = None, *, train_clip: bool = False, return_report: bool = False,
 ):
-    """Replace the ``nn.Linear`` / ``nn.Conv2d`` layers of ``model`` by their sparse-VD twins, in
+    """Replace the ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Conv1d`` layers of ``model`` by their sparse-VD twins, in
     place (exact types only: subclasses may change forward and are left alone).
 
     θ and b are copied; log σ² starts at −10 (paper, sec. 5), lowered for the tiny weights that
@@ -180,7 +182,7 @@ def convert(
     the same up to LRT noise of std ≤ e⁻⁵·sqrt(Σ x²) per output.
 
     Args:
-        model: any module (a bare nn.Linear / nn.Conv2d is converted and returned).
+        model: any module (a bare nn.Linear / nn.Conv2d / nn.Conv1d is converted and returned).
         include: which layers: None (all), a module-name glob pattern or a collection of patterns
             (names as in ``named_modules``, e.g. ``"encoder.*.ffn.*"``; an exact name matches
             itself), or a predicate on the name.
@@ -193,11 +195,11 @@ def convert(
             what was converted, and every module left dense and why.
 
     Returns:
-        ``model`` (or the new layer when ``model`` itself is nn.Linear / nn.Conv2d), and the report
+        ``model`` (or the new layer when ``model`` itself is a convertible layer), and the report
         when ``return_report``.
 
     Raises:
-        ValueError: an included Conv2d with a padding mode other than zeros (exclude it to leave
+        ValueError: an included Conv2d / Conv1d with a padding mode other than zeros (exclude it to leave
             it dense; padding='same' and 'valid' convert, resolved as torch resolves them); an
             invalid ``threshold``.
         TypeError: ``train_clip`` is not a bool.
@@ -304,7 +306,7 @@ def report(model: nn.Module, threshold: Optional[float] = None) -> Report:
     """Sparsity of every weight layer of ``model``.
 
     Sparse-VD layers count the weights with log α < threshold (their own ``threshold`` unless one
-    is given); nn.Linear / nn.Conv2d count their nonzero weights; deployed sparse layers
+    is given); nn.Linear / nn.Conv2d / nn.Conv1d count their nonzero weights; deployed sparse layers
     (anything with ``num_weights`` and ``num_nonzero``) count what they store. Biases are not
     counted.
 
@@ -317,7 +319,7 @@ def report(model: nn.Module, threshold: Optional[float] = None) -> Report:
             nonzero = int(m.mask(threshold).sum())
             rows.append(LayerReport(name, type(m).__name__, tuple(m.weight.shape), m.num_weights,
                                     nonzero))
-        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+        elif isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d)):
             rows.append(LayerReport(name, type(m).__name__, tuple(m.weight.shape), m.weight.numel(),
                                     int((m.weight != 0).sum())))
         elif hasattr(m, "num_weights") and hasattr(m, "num_nonzero") and hasattr(m, "dense_shape"):

@@ -289,6 +289,8 @@ def _sparse_layer(m: nn.Module, w: Tensor, b: Optional[Tensor]) -> nn.Module:
     common = dict(dense_shape=tuple(m.weight.shape), num_weights=m.weight.numel())
     if isinstance(m, LinearSVDO):
         return SparseLinear.from_dense(w, b, **common)
+    if not isinstance(m, Conv2dSVDO):
+        raise ValueError(f"model: deploy does not handle {type(m).__name__} layers yet")
     t, bottom, left, right = m.padding_sides
     if (t, left) != (bottom, right):
         raise ValueError(

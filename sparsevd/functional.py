@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
-from ._args import (IntOrPair, Padding, as_pair, check_threshold, conv_padding, padding_arg,
+from ._args import (IntOrPair, Padding, as_pair, as_single, check_threshold, conv_padding, padding_arg,
                     padding_sides)
 
 #: Check ``log_sigma2`` and ``weight`` for NaN and ±inf at every call of the functions below (one
@@ -180,6 +180,27 @@ def _check_conv2d(x, weight, log_sigma2, bias, stride, padding, dilation, groups
     return x, unbatched, stride_p, padding_arg(sides), dilation_p
 
 
+def _check_conv1d(x, weight, log_sigma2, bias, stride, padding, dilation, groups,
+                  check_finite: Optional[bool] = None):
+    """A 1-D convolution as the 2-D one over (N, C, 1, L) with a (1, k) kernel: checks the 1-D
+    shapes (each message names the argument) and returns the arguments of the 2-D ops,
+    (x4, weight4, log_sigma2_4, stride, padding, dilation, unbatched), the tensors as views."""
+    check_parameters(weight, log_sigma2, check_finite)
+    if weight.dim() != 3:
+        raise ValueError(
+            f"weight: expected a 3-D (C_out, C_in/groups, k) tensor, got {tuple(weight.shape)}"
+        )
+    _check_float(x, "x")
+    if x.dim() not in (2, 3):
+        raise ValueError(
+            f"x: expected shape (N, in_channels, L) or (in_channels, L), got {tuple(x.shape)}")
+    stride2 = (1, as_single(stride, "stride", 1))
+    dilation2 = (1, as_single(dilation, "dilation", 1))
+    padding2 = padding if isinstance(padding, str) else (0, as_single(padding, "padding", 0))
+    return (x.unsqueeze(-2), weight.unsqueeze(-2), log_sigma2.unsqueeze(-2), stride2, padding2,
+            dilation2, x.dim() == 2)
+
+
 def lrt_linear(
     x: Tensor,
     weight: Tensor,
@@ -272,6 +293,47 @@ def lrt_conv2d(
     return y.squeeze(0) if unbatched else y
 
 
+def lrt_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    log_sigma2: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntOrPair = 1,
+    padding: Padding = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    *,
+    seed: Optional[Tensor] = None,
+    check_finite: Optional[bool] = None,
+    clip_threshold: Optional[float] = None,
+) -> Tensor:
+    """1-D convolution with the local reparameterization trick, on the 2-D kernels.
+
+    y = conv1d(x, θ) + b + sqrt(conv1d(x ⊙ x, σ²) + 1e-8) ⊙ ξ, computed as :func:`lrt_conv2d`
+    over (N, C_in, 1, L) with a (1, k) kernel (views, no copies); ξ is indexed as in the 2-D
+    output (N, C_out, 1, L_out), so the same seed gives the same noise on every backend.
+
+    Args:
+        x: (N, C_in, L) or unbatched (C_in, L), floating.
+        weight: θ, (C_out, C_in / groups, k). log_sigma2: same shape and dtype. bias: (C_out,)
+            or None.
+        stride, dilation: an int (or a sequence of one int, as nn.Conv1d stores them).
+        padding: an int (or a sequence of one), "valid" or "same" (stride 1).
+        groups, seed, check_finite, clip_threshold: as :func:`lrt_conv2d`.
+
+    Returns:
+        y, (N, C_out, L_out) (or unbatched), dtype of ``x``.
+
+    Raises:
+        TypeError / ValueError as :func:`lrt_conv2d`, each naming the argument.
+    """
+    x4, w4, s4, stride, padding, dilation, unbatched = _check_conv1d(
+        x, weight, log_sigma2, bias, stride, padding, dilation, groups, check_finite)
+    y = lrt_conv2d(x4, w4, s4, bias, stride, padding, dilation, groups, seed=seed,
+                   check_finite=False, clip_threshold=clip_threshold)
+    return y.squeeze(-2)
+
+
 def masked_linear(
     x: Tensor, weight: Tensor, log_sigma2: Tensor, bias: Optional[Tensor], threshold: float
 ) -> Tensor:
@@ -315,6 +377,28 @@ def masked_conv2d(
     b = None if bias is None else bias.to(x.dtype)
     y = reference.conv2d(x, w, b, stride, padding_sides(padding), dilation, groups)
     return y.squeeze(0) if unbatched else y
+
+
+def masked_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    log_sigma2: Tensor,
+    bias: Optional[Tensor],
+    stride: IntOrPair = 1,
+    padding: Padding = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    *,
+    threshold: float,
+) -> Tensor:
+    """Evaluation forward of a sparse-VD 1-D convolution: conv1d(x, θ ⊙ [log α < threshold]) + b.
+
+    Shapes and errors as :func:`lrt_conv1d`.
+    """
+    x4, w4, s4, stride, padding, dilation, _ = _check_conv1d(
+        x, weight, log_sigma2, bias, stride, padding, dilation, groups, check_finite=False)
+    return masked_conv2d(x4, w4, s4, bias, stride, padding, dilation, groups,
+                         threshold=threshold).squeeze(-2)
 
 
 def kl_sparse_vd(weight: Tensor, log_sigma2: Tensor) -> Tensor:
@@ -380,8 +464,10 @@ __all__ = [
     "kl_sparse_vd",
     "kl_sparse_vd_many",
     "log_alpha",
+    "lrt_conv1d",
     "lrt_conv2d",
     "lrt_linear",
+    "masked_conv1d",
     "masked_conv2d",
     "masked_linear",
 ]

@@ -143,6 +143,25 @@ def conv_inputs(xs, ws, groups, dtype=torch.float32, with_bias=True, contiguous=
     return x, w, ls2, b
 
 
+#: Conv1d: (N, C_in, L), (C_out, k), stride, padding, dilation, groups
+CONV1D_CASES = [
+    ((2, 3, 11), (4, 3), 1, 0, 1, 1),
+    ((3, 4, 16), (6, 4), 1, "same", 2, 2),
+    ((1, 5, 9), (5, 3), 2, 1, 1, 5),
+    ((2, 2, 7), (3, 1), 1, "valid", 1, 1),
+]
+
+
+def conv1d_inputs(xs, ws, groups, dtype=torch.float32, with_bias=True, contiguous=True,
+                  device="cpu"):
+    """x (N, C_in, L), θ (C_out, C_in/groups, k), log σ², b as :func:`conv_inputs` draws them."""
+    n, c, length = xs
+    co, k = ws
+    x, w, ls2, b = conv_inputs((n, c, 1, length), (co, 1, k), groups, dtype, with_bias,
+                               contiguous, device)
+    return x.squeeze(2), w.squeeze(2), ls2.squeeze(2), b
+
+
 def as_list(v):
     """An int or pair as the [a, b] list the conv ops take."""
     return [v, v] if isinstance(v, int) else list(v)

@@ -12,7 +12,7 @@ import sparsevd
 from sparsevd import reference as R
 from sparsevd.convert import LayerReport, Report
 from sparsevd.loss import kl_divergence, svdo_layers
-from sparsevd.nn import Conv2dSVDO, LinearSVDO
+from sparsevd.nn import Conv1dSVDO, Conv2dSVDO, LinearSVDO
 
 F64 = torch.float64
 
@@ -243,13 +243,17 @@ def test_convert_include_filter_and_kinds():
             nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)),
             _MyLinear(4, 2),
             nn.Conv1d(2, 2, 1),
+            nn.Conv3d(2, 2, 1),
         )
 
     model = sparsevd.convert(make())
     assert isinstance(model[0], Conv2dSVDO) and model[0].bias is None
     assert (model[0].stride, model[0].padding) == ((2, 2), (1, 1))
     assert isinstance(model[1][0], LinearSVDO) and isinstance(model[1][2], LinearSVDO)
-    assert type(model[2]) is _MyLinear and type(model[3]) is nn.Conv1d  # left alone
+    assert type(model[2]) is _MyLinear and type(model[4]) is nn.Conv3d  # left alone
+    assert isinstance(model[3], Conv1dSVDO)
+    dense = {e.name: e.reason for e in sparsevd.plan_conversion(make()).dense()}
+    assert "subclass of nn.Linear" in dense["2"] and "no sparse-VD twin" in dense["4"]
 
     model = sparsevd.convert(make(), include=["1.2", "0"])
     assert isinstance(model[0], Conv2dSVDO)
@@ -295,6 +299,26 @@ def test_convert_string_padding(padding, kernel, dilation):
     assert layer(x).shape == expected.shape
     with pytest.raises(ValueError, match="padding_mode='reflect'"):
         sparsevd.convert(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")))
+
+
+@pytest.mark.parametrize("kw", [dict(padding="same", dilation=2), dict(stride=2, groups=2, bias=False)])
+def test_convert_conv1d_keeps_the_function(kw):
+    """nn.Conv1d converts to Conv1dSVDO with its options; in eval mode at initialisation the
+    converted layer computes what the dense one does (nothing dropped), and it trains."""
+    dense = nn.Conv1d(4, 6, 4, **kw).double()
+    layer = sparsevd.convert(copy.deepcopy(dense))
+    assert isinstance(layer, Conv1dSVDO)
+    assert (layer.stride, layer.padding, layer.dilation, layer.groups) == (
+        dense.stride, dense.padding, dense.dilation, dense.groups)
+    x = torch.randn(3, 4, 19, dtype=F64)
+    layer.eval()
+    with torch.no_grad():
+        assert torch.allclose(layer(x), dense(x), atol=1e-12)
+    layer.train()
+    (layer(x).square().mean() + layer.kl() * 1e-3).backward()
+    assert torch.isfinite(layer.weight.grad).all() and torch.isfinite(layer.log_sigma2.grad).all()
+    with pytest.raises(ValueError, match="padding_mode='circular'"):
+        sparsevd.convert(nn.Sequential(nn.Conv1d(2, 2, 3, padding=1, padding_mode="circular")))
 
 
 # ------------------------------------------------------------------------------------ report

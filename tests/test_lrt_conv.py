@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 from conftest import assert_close
-from sample_inputs import (F64, CONV_CASES, as_list, backends_for, clip_case, conv_inputs, device_for,
-                           fresh_seed)
+from sample_inputs import (F64, CONV1D_CASES, CONV_CASES, as_list, backends_for, clip_case, conv1d_inputs,
+                           conv_inputs, device_for, fresh_seed)
 
 import sparsevd.functional as SF
 from sparsevd import ops
@@ -199,3 +199,64 @@ def test_clip_threshold_gradcheck_and_opcheck(dev):
     torch.library.opcheck(ops.lrt_conv2d_backward,
                           (torch.randn_like(y), *(t.detach() for t in leaves[:3]), std.detach(),
                            seed, *args, True, thr))
+
+
+def _conv1d_reference(x, w, ls2, b, xi, stride, padding, dilation, groups, clip_threshold=None):
+    """The LRT of a 1-D convolution written out with F.conv1d (eq. of sec. 4.2 in 1-D)."""
+    F = torch.nn.functional
+    if clip_threshold is not None:
+        w, s2 = R.clip_parameters(w, ls2, clip_threshold)
+    else:
+        s2 = torch.exp(ls2)
+    mean = F.conv1d(x, w, b, stride, padding, dilation, groups)
+    var = F.conv1d(x * x, s2, None, stride, padding, dilation, groups)
+    return mean + torch.sqrt(var + 1e-8) * xi
+
+
+@pytest.mark.parametrize("xs,ws,stride,padding,dilation,groups", CONV1D_CASES)
+@pytest.mark.parametrize("clip", [False, True])
+def test_conv1d_equals_reference(dev, xs, ws, stride, padding, dilation, groups, clip):
+    """lrt_conv1d (the 2-D kernels over (N, C, 1, L)) equals the 1-D LRT written with F.conv1d
+    on the same noise, values and gradients; with clipping, the clipped weights get zero
+    gradients."""
+    seed = fresh_seed(dev)
+    x, w, ls2, b = conv1d_inputs(xs, ws, groups, F64, True, clip, dev)
+    thr = clip_case(w, ls2, (1,), ()) if clip else None
+    out_shape = torch.nn.functional.conv1d(x, w, None, stride, padding, dilation, groups).shape
+    xi = _conv_noise((out_shape[0], out_shape[1], 1, out_shape[2]), seed).view(out_shape)
+    g = torch.randn(out_shape, dtype=F64, device=dev)
+    kw = dict(seed=seed, clip_threshold=thr)
+    y_op, grads_op = _grads(lambda *a: SF.lrt_conv1d(*a, stride, padding, dilation, groups, **kw),
+                            x, w, ls2, b, g)
+    y_ref, grads_ref = _grads(
+        lambda *a: _conv1d_reference(*a, xi, stride, padding, dilation, groups, thr), x, w, ls2, b, g)
+    assert y_op.shape == out_shape
+    assert_close(y_op, y_ref, rtol=1e-12, atol=1e-12, name="y")
+    for name, a, e in zip(("x", "weight", "log_sigma2", "bias"), grads_op, grads_ref):
+        assert_close(a, e, rtol=1e-10, atol=1e-12, name=f"grad {name}")
+    if clip:
+        m = R.eval_mask(w, ls2, thr)
+        assert 0 < int(m.sum()) < m.numel()
+        assert torch.all(grads_op[1][~m] == 0) and torch.all(grads_op[2][~m] == 0)
+    y1 = SF.lrt_conv1d(x[0], w, ls2, b, stride, padding, dilation, groups, **kw)  # unbatched
+    assert y1.shape == out_shape[1:]
+
+
+def test_conv1d_errors_name_the_argument(dev):
+    x, w, ls2, b = conv1d_inputs((2, 3, 8), (4, 3), 1, device=dev)
+    cases = [
+        (dict(x=x.unsqueeze(2)), ValueError, "x:"),
+        (dict(weight=w.unsqueeze(2), log_sigma2=ls2.unsqueeze(2)), ValueError, "weight:"),
+        (dict(log_sigma2=ls2[:, :2]), ValueError, "log_sigma2"),
+        (dict(stride=(1, 2)), ValueError, "stride:"),
+        (dict(padding="full"), ValueError, "padding:"),
+        (dict(dilation=0), ValueError, "dilation:"),
+        (dict(x=x[:, :2]), ValueError, "x:"),
+        (dict(x=x.double()), TypeError, "x:"),
+        (dict(x=x[..., :1]), ValueError, "x:"),
+    ]
+    for change, err, msg in cases:
+        a = dict(x=x, weight=w, log_sigma2=ls2, bias=b, stride=1, padding=0, dilation=1)
+        a.update(change)
+        with pytest.raises(err, match=msg):
+            SF.lrt_conv1d(**a)

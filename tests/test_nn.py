@@ -1,4 +1,5 @@
-"""sparsevd.nn: LinearSVDO and Conv2dSVDO as drop-in replacements of nn.Linear / nn.Conv2d
+"""sparsevd.nn: LinearSVDO, Conv2dSVDO and Conv1dSVDO as drop-in replacements of nn.Linear /
+nn.Conv2d / nn.Conv1d
 (state_dict, initialisation), their train/eval forwards, log α, KL, sparsity, bad input, empty
 batches, and a short training run of a conv net."""
 import math
@@ -12,7 +13,7 @@ from torch import nn
 import sparsevd
 import sparsevd.functional as SF
 from sparsevd import reference as R
-from sparsevd.nn import Conv2dSVDO, LinearSVDO
+from sparsevd.nn import Conv1dSVDO, Conv2dSVDO, LinearSVDO
 from sparsevd.ops.noise import lrt_noise
 
 
@@ -52,6 +53,65 @@ def test_conv_state_dict_from_nn_conv2d(kw):
         assert torch.equal(layer.bias, dense.bias)
     else:
         assert layer.bias is None
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(stride=2, padding=1, dilation=2, groups=2, bias=False),
+                                dict(padding="same")])
+def test_conv1d_is_a_drop_in_nn_conv1d(kw):
+    """Conv1dSVDO loads nn.Conv1d's state_dict (3-D weight), initialises as it does, and in eval
+    mode (cached and uncached paths) equals F.conv1d with the masked weight, also after the
+    parameters change in place, through load_state_dict and .to(); unbatched input works."""
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    dense = nn.Conv1d(4, 6, 3, **kw)
+    layer = Conv1dSVDO(4, 6, 3, **kw)
+    res = layer.load_state_dict(dense.state_dict(), strict=False)
+    assert res.missing_keys == ["log_sigma2"] and res.unexpected_keys == []
+    assert layer.weight.shape == dense.weight.shape == layer.log_sigma2.shape
+    assert (layer.kernel_size, layer.stride, layer.dilation) == (dense.kernel_size, dense.stride,
+                                                                 dense.dilation)
+    assert layer.padding == dense.padding and layer.groups == dense.groups
+    set_log_alpha(layer, torch.randn_like(layer.weight) * 3 + 2)
+    layer.eval()
+    x = torch.randn(3, 4, 13)
+
+    def expected(inp):
+        w = layer.weight * layer.mask().float()
+        return F.conv1d(inp, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    with torch.no_grad():
+        assert_close(layer(x), expected(x), rtol=1e-6, atol=1e-6, name="eval cached")
+        layer.weight.mul_(-1.5)  # in place: the cache must notice
+        assert_close(layer(x), expected(x), rtol=1e-6, atol=1e-6, name="after in-place edit")
+        assert_close(layer(x[1]), expected(x[1:2])[0], rtol=1e-6, atol=1e-6, name="unbatched")
+    assert_close(layer(x), expected(x), rtol=1e-6, atol=1e-6, name="eval uncached (grad mode)")
+    other = Conv1dSVDO(4, 6, 3, **kw)
+    layer.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert_close(layer(x), expected(x), rtol=1e-6, atol=1e-6, name="after load_state_dict")
+        layer.double()
+        assert layer(x.double()).dtype == torch.float64
+    assert "Conv1dSVDO(4, 6, kernel_size=(3,)" in repr(layer)
+
+
+def test_conv1d_constructor_and_input_errors():
+    with pytest.raises(ValueError, match="^kernel_size"):
+        Conv1dSVDO(2, 3, (3, 3))
+    with pytest.raises(ValueError, match="^groups"):
+        Conv1dSVDO(3, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="^padding"):
+        Conv1dSVDO(2, 3, 3, padding="full")
+    with pytest.raises(ValueError, match="^stride"):
+        Conv1dSVDO(2, 3, 3, stride=2, padding="same")
+    for train in (True, False):
+        layer = Conv1dSVDO(2, 3, 3).train(train)
+        with pytest.raises(ValueError, match=r"^x: expected shape \(N, in_channels, L\)"):
+            layer(torch.randn(1, 2, 5, 5))
+        with pytest.raises(ValueError, match=r"^x: expected shape \(N, in_channels=2"):
+            layer(torch.randn(1, 3, 5))
+        with pytest.raises(TypeError, match=r"^x: expected dtype torch.float32"):
+            layer(torch.randn(1, 2, 5, dtype=torch.float64))
+        with pytest.raises(ValueError, match=r"^x: the padded input is smaller"):
+            layer(torch.randn(1, 2, 2))
 
 
 def test_linear_init_matches_nn_linear():
@@ -135,6 +195,7 @@ def test_linear_train_forward_is_the_lrt_with_a_drawn_seed():
 @pytest.mark.parametrize("make,x_shape", [
     (lambda **kw: LinearSVDO(9, 4, **kw), (3, 9)),
     (lambda **kw: Conv2dSVDO(3, 4, 3, padding=1, **kw), (2, 3, 5, 5)),
+    (lambda **kw: Conv1dSVDO(3, 4, 3, padding=1, **kw), (2, 3, 7)),
 ])
 def test_train_clip_layers_clip_in_training_only(make, x_shape):
     """train_clip=True: the training forward is the LRT with clip_threshold = threshold (the
@@ -145,7 +206,7 @@ def test_train_clip_layers_clip_in_training_only(make, x_shape):
     m = layer.mask()
     assert 0 < int(m.sum()) < m.numel()
     x = torch.randn(x_shape)
-    fn = SF.lrt_linear if isinstance(layer, LinearSVDO) else SF.lrt_conv2d
+    fn = {LinearSVDO: SF.lrt_linear, Conv2dSVDO: SF.lrt_conv2d, Conv1dSVDO: SF.lrt_conv1d}[type(layer)]
     conv = () if isinstance(layer, LinearSVDO) else (layer.stride, layer.padding)
     for clip in (True, False):
         layer.train_clip = clip
@@ -337,6 +398,7 @@ def test_conv_bad_input(train):
     (lambda: LinearSVDO(6, 4, bias=False), (3, 0, 6), (3, 0, 4)),
     (lambda: Conv2dSVDO(2, 5, 3, padding=1), (0, 2, 6, 6), (0, 5, 6, 6)),
     (lambda: Conv2dSVDO(4, 4, 3, groups=2, bias=False), (0, 4, 5, 5), (0, 4, 3, 3)),
+    (lambda: Conv1dSVDO(2, 4, 3, padding="same"), (0, 2, 9), (0, 4, 9)),
 ])
 def test_empty_batch(make, x_shape, y_shape, train):
     layer = make().train(train)

@@ -1,4 +1,5 @@
-"""Training layers of sparse variational dropout: drop-in replacements of nn.Linear / nn.Conv2d.
+"""Training layers of sparse variational dropout: drop-in replacements of nn.Linear / nn.Conv2d /
+nn.Conv1d.
 
 Source: Molchanov, Ashukha, Vetrov, "Variational Dropout Sparsifies Deep Neural Networks",
 ICML 2017 (arXiv:1701.05369): sec. 4 (additive reparameterization, LRT), eq. 14 (KL).
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 
 from .. import functional as SF
 from .. import reference
-from .._args import IntOrPair, Padding, as_pair, check_threshold, conv_padding
+from .._args import IntOrPair, Padding, as_pair, as_single, check_threshold, conv_padding
 
 #: True when autocast is on for any device (a private torch helper, 5x cheaper than asking per
 #: device type; the public per-device check where it is missing).
@@ -212,9 +213,10 @@ class LinearSVDO(_SVDOMixin, nn.Module):
 def conv_repr(m: nn.Module) -> str:
     """The nn.Conv2d-style part of a convolution layer's repr (channels, kernel, non-defaults)."""
     s = f"{m.in_channels}, {m.out_channels}, kernel_size={m.kernel_size}, stride={m.stride}"
-    if m.padding != (0, 0):
+    ones = (1,) * len(m.kernel_size)
+    if m.padding != (0,) * len(m.kernel_size):
         s += f", padding={m.padding}"
-    if m.dilation != (1, 1):
+    if m.dilation != ones:
         s += f", dilation={m.dilation}"
     if m.groups != 1:
         s += f", groups={m.groups}"
@@ -304,4 +306,90 @@ class Conv2dSVDO(_SVDOMixin, nn.Module):
         return conv_repr(self) + f", bias={self.bias is not None}, {self._svdo_repr()}"
 
 
-SVDO_LAYERS = (LinearSVDO, Conv2dSVDO)
+class Conv1dSVDO(_SVDOMixin, nn.Module):
+    """1-D convolution with sparse variational dropout; drop-in replacement of ``nn.Conv1d``
+    (its state_dict loads: ``weight`` keeps nn.Conv1d's 3-D shape).
+
+    Parameters: ``weight`` θ (out_channels, in_channels/groups, k) and ``bias`` (out_channels,),
+    initialised as nn.Conv1d; ``log_sigma2`` of θ's shape, initialised to −10.
+
+    Training mode: LRT on the fused 2-D kernels (:func:`sparsevd.functional.lrt_conv1d`: the
+    input viewed as (N, C_in, 1, L), the kernel as (1, k)), y = conv1d(x, θ) + b +
+    sqrt(conv1d(x⊙x, σ²) + 1e-8)⊙ξ. Eval mode: conv1d with θ ⊙ [log α < threshold].
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as in
+            nn.Conv1d (zero padding: an int, "valid", or "same" with stride 1). Input
+            (N, C_in, L) or (C_in, L).
+        threshold, train_clip: as in :class:`LinearSVDO`.
+        device, dtype: of the parameters.
+
+    Raises: ValueError for channels not divisible by ``groups``, an unknown padding string,
+    padding="same" with a stride, or a kernel_size / stride / padding / dilation that is not an
+    int (or a sequence of one); at forward as :class:`LinearSVDO`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrPair,
+        stride: IntOrPair = 1,
+        padding: Padding = 0,
+        dilation: IntOrPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+        threshold: float = DEFAULT_THRESHOLD,
+        train_clip: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if groups <= 0 or in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"groups: in_channels={in_channels} and out_channels={out_channels} must be "
+                f"divisible by groups={groups}"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        # 1-tuples, as nn.Conv1d keeps them
+        self.kernel_size = (as_single(kernel_size, "kernel_size", 1),)
+        self.stride = (as_single(stride, "stride", 1),)
+        self.dilation = (as_single(dilation, "dilation", 1),)
+        conv_padding(padding if isinstance(padding, str) else (0, as_single(padding, "padding", 0)),
+                     (1, self.kernel_size[0]), (1, self.stride[0]), (1, self.dilation[0]))
+        self.padding = padding if isinstance(padding, str) else (as_single(padding, "padding", 0),)
+        self.groups = groups
+        shape = (out_channels, in_channels // groups, self.kernel_size[0])
+        self.weight = nn.Parameter(torch.empty(shape, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.log_sigma2 = nn.Parameter(torch.empty(shape, **factory))
+        self._init_svdo(threshold, train_clip)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise θ and b as nn.Conv1d does, and log σ² to −10."""
+        self._reset_weight_and_bias(self.weight[0].numel())
+
+    def forward(self, x: Tensor) -> Tensor:
+        args = (self.stride, self.padding, self.dilation, self.groups)
+        if self.training:
+            return SF.lrt_conv1d(x, self.weight, self.log_sigma2, self.bias, *args,
+                                 check_finite=False, clip_threshold=self._clip_threshold)
+        if self._eval_uncached():
+            return SF.masked_conv1d(x, self.weight, self.log_sigma2, self.bias, *args,
+                                    threshold=self.threshold)
+        x4, w4, s4, stride, padding, dilation, unbatched = SF._check_conv1d(
+            x, self.weight, self.log_sigma2, self.bias, *args, check_finite=False)
+        # channels, length vs kernel, dtype and autocast, as the 2-D layer checks them
+        x4 = SF._check_conv2d(x4, w4, s4, self.bias, stride, padding, dilation, self.groups,
+                              check_finite=False)[0]
+        y = F.conv1d(x4.squeeze(-2), *self._eval_params(x4.dtype), *args)
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        return conv_repr(self) + f", bias={self.bias is not None}, {self._svdo_repr()}"
+
+
+SVDO_LAYERS = (LinearSVDO, Conv2dSVDO, Conv1dSVDO)
