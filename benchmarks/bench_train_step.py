@@ -2,7 +2,7 @@
 PyTorch code a user would write (../shared/BENCHMARKS.md; targets and notes in benchmarks/NOTES.md).
 
 Workloads (fp32):
-  - ``lenet300``: a full step (forward, SGVLB or cross-entropy, backward, Adam) of LeNet-300-100
+  - ``lenet300``: a full step (forward, SGVLB or cross-entropy, backward, Adam: the fused one of sparsevd.train.adam for every provider) of LeNet-300-100
     at batch 100 (Fashion-MNIST-shaped random data);
   - ``lenet5``: the same for LeNet-5-Caffe at batch 100;
   - ``1024``: forward + backward of one 1024x1024 layer at batch 256;
@@ -32,6 +32,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sparsevd.train import adam
 
 from . import common
 
@@ -138,7 +140,7 @@ def make_step(workload: str, provider: str, device) -> Callable[[], float]:
                 return sgvlb(out, y)
             return out.sum() + sparsevd.kl_divergence(model)
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = adam(model.parameters(), 1e-3)  # the same (fused) Adam for every provider, as fit()
 
     def step():
         loss = loss_fn()

@@ -40,7 +40,7 @@ from .nn import DEFAULT_THRESHOLD, Conv2dSVDO
 from .plots import plot_run
 from .uncertainty import evaluate_predictive
 
-__all__ = ["METHODS", "TrainConfig", "TrainingDiverged", "evaluate", "fit", "resolve_recipe", "run"]
+__all__ = ["METHODS", "TrainConfig", "TrainingDiverged", "adam", "evaluate", "fit", "resolve_recipe", "run"]
 
 METHODS = ("sparse_vd", "dense")
 LR_DECAYS = ("linear", "none")
@@ -202,6 +202,21 @@ _RECIPE_KEYS = ("epochs", "lr", "lr_decay", "method", "pretrain_epochs", "kl_war
                 "threshold", "train_size", "steps_per_epoch", "amp", "train_clip")
 
 
+def adam(params, lr: float) -> torch.optim.Adam:
+    """The recipe's optimiser: torch's Adam with its fused kernel (one pass per parameter group
+    instead of ~10 elementwise passes per tensor: sparse VD doubles the parameters, log σ² beside
+    θ, so this matters twice as much as for dense training), on every device torch has it for
+    (CPU and CUDA since torch 2.4); else the default implementation. Same update rule either way."""
+    params = list(params)
+    types = {p.device.type for p in params}
+    if types <= {"cpu", "cuda"} and all(p.dtype.is_floating_point for p in params):
+        try:
+            return torch.optim.Adam(params, lr=lr, fused=True)
+        except (RuntimeError, TypeError, ValueError):  # a torch without fused Adam for this case
+            pass
+    return torch.optim.Adam(params, lr=lr)
+
+
 def fit(
     model: nn.Module,
     train_loader,
@@ -347,7 +362,7 @@ def fit(
 
     def optimizer(first_step: int):
         # Adam; with linear decay lr_k = lr · (1 − k / total_steps) at global step k (0 at the end)
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        opt = adam(model.parameters(), lr)
         if lr_decay != "linear":
             return opt, None
         return opt, torch.optim.lr_scheduler.LambdaLR(

@@ -72,6 +72,20 @@ def test_eval_follows_every_change_of_the_parameters(kind):
     layer.eval()
     _check(layer, x, "after an optimizer step")
     _check(copy.deepcopy(layer), x, "deepcopy")
+    for kw in (dict(fused=True), dict(foreach=True)):
+        # fused Adam writes the parameters without bumping their version counters: a step, in
+        # eval mode or around a train()/eval() switch, must still be seen
+        opt = torch.optim.Adam(layer.parameters(), lr=0.3, **kw)
+        for switch in (False, True):
+            _check(layer, x, "before the step")  # cache built
+            if switch:
+                layer.train()
+            layer(x).square().sum().backward()
+            opt.step()
+            layer.zero_grad()
+            if switch:
+                layer.eval()
+            _check(layer, x, f"after an Adam{kw} step (train/eval switch: {switch})")
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])

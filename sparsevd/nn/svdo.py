@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import functional as SF
 from .. import reference
@@ -27,6 +28,20 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
 LOG_SIGMA2_INIT = -10.0
 #: Default pruning threshold on log α (α = e³ ≈ 20, dropout rate p ≈ 0.95).
 DEFAULT_THRESHOLD = 3.0
+
+
+#: Counts optimizer steps of every torch.optim optimizer (a global post-step hook, registered once
+#: at import). Part of the eval cache's key: fused optimizers (``Adam(fused=True)``, what
+#: sparsevd.train.adam uses) update the parameters without bumping their version counters, so the
+#: counters alone would serve a stale masked weight after a step.
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class _SVDOMixin:
@@ -78,13 +93,17 @@ class _SVDOMixin:
 
     def _eval_params(self, dtype: torch.dtype):
         """(θ ⊙ [log α < threshold], b) detached, in ``dtype``, cached until a parameter changes
-        (its version counter or its storage; moving or casting the module drops the cache), the
-        threshold does or another dtype is asked for (autocast); the parameters are checked for
-        NaN / inf when the cache is (re)built, once per change."""
+        (its version counter or its storage; moving or casting the module drops the cache), a
+        torch.optim optimizer steps (fused ones do not bump the version counters; see
+        ``_optimizer_steps``), the module switches between train and eval mode, the threshold
+        changes or another dtype is asked for (autocast); the parameters are checked for NaN / inf
+        when the cache is (re)built, once per change. An update that none of these sees (a custom
+        kernel writing the parameters in place without bumping their versions) needs
+        ``module.train(); module.eval()`` or ``del module._eval_cache`` afterwards."""
         p = self._parameters  # (not self.weight: nn.Module.__getattr__ costs a microsecond)
         w, s, b = p["weight"], p["log_sigma2"], p.get("bias")
         key = (w._version, s._version, w.data_ptr(), s.data_ptr(), self._threshold, dtype,
-               None if b is None else (b._version, b.data_ptr()))
+               None if b is None else (b._version, b.data_ptr()), _optimizer_steps[0])
         cache = self.__dict__.get("_eval_cache")
         if cache is None or cache[0] != key:
             with torch.no_grad():
@@ -97,6 +116,10 @@ class _SVDOMixin:
     def _apply(self, fn, recurse=True):
         self.__dict__.pop("_eval_cache", None)  # .to(), .half(), .cuda(): new parameters
         return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_eval_cache", None)  # model.eval() after training: always rebuilt
+        return super().train(mode)
 
     def _eval_uncached(self) -> bool:
         """The eval forward takes the functional path (no cache): gradients to compute (grad
