@@ -81,7 +81,7 @@ def _recipe(row: dict) -> str:
     if not row["svd"]:
         return lr
     return (f"{row.get('pretrain_epochs') or 0} dense + {row['epochs'] - (row.get('pretrain_epochs') or 0)} "
-            f"sparse-VD epochs, KL warm-up {row.get('kl_warmup_epochs'):g}; {lr}")
+            f"sparse-VD epochs, KL warm-up {round(row.get('kl_warmup_epochs'), 1):g}; {lr}")
 
 
 def table(rows: list) -> str:
