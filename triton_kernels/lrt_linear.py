@@ -30,12 +30,15 @@ Train-time clipping (CLIP, issue 11): the mask m = [log α < clip_threshold], lo
 clamp(log σ² − log(θ² + 1e-8), −10, 10) as :func:`sparsevd.reference.clip_mask` computes it
 (θ = 0 included), is formed in registers from the θ and log σ² tiles the kernels load anyway;
 θ ⊙ m and σ² ⊙ m enter the products and ∂θ, ∂log σ² are zero where m = 0. With SKIP_DEAD the
-kernels skip the products of weight tiles whose every weight is dropped (the test is a max
-over the tile's mask, which is in registers already: no occupancy array, see
-benchmarks/NOTES.md, "Triton train-time clip and tile skipping"): the forward's K steps and
-the ∂x programs' N steps add, in place of the two dots, the row sums of x·0 (resp. g·0), which
-are ±0 for finite values and NaN where the dots would have met an inf or NaN, so the result is
-bit for bit the one without skipping; the ∂θ programs of a dead tile run no M step (except the
+kernels skip the products of weight tiles whose every weight is dropped. The test is a max
+over the tile's mask, which is in registers already; a per-tile occupancy array computed once
+per step would also spare the forward and ∂x programs the dead tiles' loads and mask
+arithmetic, but costs a launch per step, a tile size shared by the separately tuned forward and
+backward, and a second copy of the mask that must match it (benchmarks/NOTES.md, "Triton
+train-time clip and tile skipping"). The forward's K steps and the ∂x programs' N steps add,
+in place of the two dots, the row sums of x·0 (resp. g·0), which are ±0 for finite values and
+NaN where the dots would have met an inf or NaN, so the result is bit for bit the one without
+skipping; the ∂θ programs of a dead tile run no M step (except the
 first K column, which still sums ∂b = Σ g) and write zeros. COUNT_SKIPS (tests) adds the
 skipped tiles to cnt_ptr[0..2] (forward K steps, ∂x N steps, dead ∂θ tiles). Without CLIP the
 kernels are the unclipped ones (every CLIP branch is a compile-time one).
