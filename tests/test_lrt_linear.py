@@ -333,9 +333,9 @@ def test_clip_threshold_gradcheck_and_opcheck(dev):
 
 def test_clip_threshold_rounding_and_zero_weights(dev, backend):
     """The mask is clip_mask's to the last bit at the threshold: θ = 0 (log σ² = −3) and
-    log σ² = 20 both give log α = 10 (the clamp), and the threshold 10 + 1e-7 rounds to 10 in fp32 (torch compares an
-    fp32 tensor with a Python float in fp32) but not in fp64, so those weights are dropped in
-    fp32 and kept in fp64."""
+    log σ² = 20 both give log α = 10 (the clamp), and the threshold 10 + 1e-7 rounds to 10 in
+    fp32 (torch compares an fp32 tensor with a Python float in fp32) but not in fp64, so those
+    weights are dropped in fp32 and kept in fp64."""
     thr = 10.0 + 1e-7
     for dtype in (torch.float32, F64):
         x, w, ls2, b = linear_inputs((6,), 9, 5, dtype, True, True, dev)
@@ -439,6 +439,20 @@ def test_clip_tile_skipping_all_dead_and_none_dead(dev, backend, clip_tiles):
     assert skipped.tolist() == [0, 0, 0]
     for a, e in zip(clipped, _clip_run(x, w, ls2, b, seed, None, g)):
         assert torch.equal(a, e)
+
+
+def test_clip_skip_env_is_validated(dev, backend, monkeypatch):
+    """Triton: SPARSEVD_TRITON_CLIP_SKIP takes 0 or 1; another value is an error naming it (only
+    clipped calls read it)."""
+    if backend != "triton":
+        pytest.skip("a Triton backend setting")
+    from sparsevd.ops import triton_impl as TI
+
+    x, w, ls2, b = linear_inputs((3,), 4, 2, torch.float32, True, True, dev)
+    monkeypatch.setenv(TI.CLIP_SKIP_ENV, "yes")
+    with pytest.raises(ValueError, match=TI.CLIP_SKIP_ENV):
+        ops.lrt_linear(x, w, ls2, b, fresh_seed(dev), 0.0)
+    ops.lrt_linear(x, w, ls2, b, fresh_seed(dev))  # unclipped: not read
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0·inf

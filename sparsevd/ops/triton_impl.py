@@ -151,8 +151,12 @@ _skip_counter: Optional[torch.Tensor] = None  # set inside count_skipped_tiles()
 
 
 def clip_skip_enabled() -> bool:
-    """False when ``SPARSEVD_TRITON_CLIP_SKIP=0`` (read at each call)."""
-    return os.environ.get(CLIP_SKIP_ENV, "1").strip() != "0"
+    """False when ``SPARSEVD_TRITON_CLIP_SKIP=0``, True when it is 1 or unset (read at each
+    clipped call); any other value raises a ValueError naming the variable."""
+    value = os.environ.get(CLIP_SKIP_ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{CLIP_SKIP_ENV}={value!r}: expected 0 (no dead-tile skipping) or 1")
+    return value == "1"
 
 
 @contextlib.contextmanager
