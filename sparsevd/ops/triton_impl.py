@@ -163,7 +163,9 @@ def clip_skip_enabled() -> bool:
 def count_skipped_tiles(device):
     """Within the block, the clipped lrt_linear launches add the weight tiles they skipped to
     the yielded int64 tensor (3,) on ``device``: [forward K steps, ∂x N steps, dead ∂θ tiles]
-    (one atomic per skipped tile: for tests and benchmarks/NOTES.md, not for speed)."""
+    (one atomic per skipped tile: for tests and benchmarks/NOTES.md, not for speed). Exact with
+    one tile config (the interpreter, or ``SPARSEVD_TRITON_AUTOTUNE=0``); the autotuner's timing
+    runs of a new problem size would add their skips too."""
     global _skip_counter
     old = _skip_counter
     _skip_counter = torch.zeros(3, dtype=torch.int64, device=device)
