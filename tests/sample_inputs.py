@@ -115,6 +115,31 @@ def clip_case(w, ls2, dead_rows=(), dead_cols=()):
         return float((la[i] + la[min(i + 1, la.numel() - 1)]) / 2)
 
 
+#: Tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages; GROUP_M = 2) of the clipped Triton linear
+#: tests: small, so that the cases below span several weight tiles [BLOCK_N, BLOCK_K] of θ.
+CLIP_TILES = (16, 32, 32, 4, 1)
+#: Linear clipping cases with whole dead weight tiles at CLIP_TILES: (lead, in_features,
+#: out_features, dead output rows, dead input columns), as ``clip_case`` takes them.
+CLIP_TILE_CASES = [
+    # a dead row block (the last, partial block [64, 70) too) and a dead column block
+    ((40,), 100, 70, tuple(range(32, 70)), tuple(range(0, 32))),
+    # the second of two K steps dead (forward, ∂x), 3-D input
+    ((2, 9), 64, 64, (), tuple(range(32, 64))),
+    # the first row block dead, K just over one tile
+    ((17,), 33, 40, tuple(range(32)), ()),
+]
+
+
+def dead_tiles(mask: torch.Tensor, block_n: int, block_k: int) -> int:
+    """The number of [block_n, block_k] tiles of the (N, K) keep-mask with no kept weight."""
+    n, k = mask.shape
+    tn, tk = -(-n // block_n), -(-k // block_k)
+    padded = torch.zeros(tn * block_n, tk * block_k, dtype=torch.bool, device=mask.device)
+    padded[:n, :k] = mask.bool()
+    live = padded.view(tn, block_n, tk, block_k).any(3).any(1)
+    return int((~live).sum())
+
+
 # --------------------------------------------------------------------------------------- conv
 #: (N, C_in, H, W), (C_out, kH, kW), stride, padding, dilation, groups
 CONV_CASES = [

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 from conftest import assert_close
-from sample_inputs import (F64, LINEAR_CASES, backends_for, clip_case, device_for, fresh_seed,
-                           linear_inputs, op_noise)
+from sample_inputs import (CLIP_TILE_CASES, CLIP_TILES, F64, LINEAR_CASES, backends_for, clip_case,
+                           dead_tiles, device_for, fresh_seed, linear_inputs, op_noise)
 
 import sparsevd
 import sparsevd.functional as SF
@@ -252,14 +252,30 @@ CLIP_CASES = [
     ((33,), 123, 17, (0, 5, 16), (1, 2, 64, 122)),
     ((2, 3), 16, 9, (3,), (0,)),
     ((9,), 40, 20, tuple(range(0, 20, 2)), tuple(range(1, 40, 3))),
-]
+] + CLIP_TILE_CASES  # whole dead weight tiles at CLIP_TILES
+
+
+@pytest.fixture
+def clip_tiles(backend, monkeypatch):
+    """The Triton kernels with CLIP_TILES in groups of 2 row tiles instead of the interpreter's
+    32x256x512, so that the clipping cases span several weight tiles (dead and live ones) and K
+    steps; the other backends unchanged. Returns the tiles (None for other backends)."""
+    if backend != "triton":
+        return None
+    from sparsevd.ops import triton_impl as TI
+
+    cfg = [TI._config(CLIP_TILES, group_m=2)]
+    monkeypatch.setattr(TI, "_fwd_kernel", TI._autotuned(TI.K.lrt_linear_fwd_kernel, "fwd", cfg))
+    monkeypatch.setattr(TI, "_bwd_kernel", TI._autotuned(TI.K.lrt_linear_bwd_kernel, "bwd", cfg))
+    return CLIP_TILES
 
 
 @pytest.mark.parametrize("lead,k,n,dead_rows,dead_cols", CLIP_CASES)
-def test_clip_threshold_equals_reference(dev, backend, lead, k, n, dead_rows, dead_cols):
+def test_clip_threshold_equals_reference(dev, backend, clip_tiles, lead, k, n, dead_rows, dead_cols):
     """Train-time clipping: forward and gradients equal the reference with the mask applied
     (θ ⊙ m, σ² ⊙ m) on identical noise; the clipped weights get exactly zero LRT gradients, the
-    dead output rows y = b + 1e-4 ξ. fp64 inputs (to rounding) and fp32 (to fp32 rounding)."""
+    dead output rows y = b + 1e-4 ξ. fp64 inputs (to rounding) and fp32 (to fp32 rounding).
+    Triton: small tiles (clip_tiles), with whole dead weight tiles in CLIP_TILE_CASES."""
     x, w, ls2, b = linear_inputs(lead, k, n, F64, True, True, dev)
     thr = clip_case(w, ls2, dead_rows, dead_cols)
     m = R.eval_mask(w, ls2, thr)
@@ -313,6 +329,178 @@ def test_clip_threshold_gradcheck_and_opcheck(dev):
     torch.library.opcheck(ops.lrt_linear_backward,
                           (torch.randn_like(y), *(t.detach() for t in leaves[:3]), std.detach(),
                            seed, True, thr))
+
+
+def test_clip_threshold_rounding_and_zero_weights(dev, backend):
+    """The mask is clip_mask's to the last bit at the threshold: θ = 0 (log σ² = −3) and
+    log σ² = 20 both give log α = 10 (the clamp), and the threshold 10 + 1e-7 rounds to 10 in
+    fp32 (torch compares an fp32 tensor with a Python float in fp32) but not in fp64, so those
+    weights are dropped in fp32 and kept in fp64."""
+    thr = 10.0 + 1e-7
+    for dtype in (torch.float32, F64):
+        x, w, ls2, b = linear_inputs((6,), 9, 5, dtype, True, True, dev)
+        w[0, :3] = 0.0
+        ls2[0, :3] = -3.0
+        ls2[1] = 20.0
+        keep = R.eval_mask(w, ls2, thr)
+        assert keep[1].any() == (dtype == F64) and keep[0, :3].any() == (dtype == F64)
+        seed = fresh_seed(dev)
+        g = torch.randn(6, 5, dtype=dtype, device=dev)
+        xi = op_noise((6, 5), seed)
+        y_op, grads_op = _grads(lambda *a: ops.lrt_linear(*a, seed, thr)[0], x, w, ls2, b, g)
+        y_ref, grads_ref = _grads(lambda *a: R.lrt_linear(*a, xi.to(dtype), clip_threshold=thr),
+                                  x, w, ls2, b, g)
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == F64 else dict(rtol=1e-4, atol=1e-5)
+        assert_close(y_op, y_ref, **tol, name=f"y {dtype}")
+        for name, a, e in zip(("x", "weight", "log_sigma2", "bias"), grads_op, grads_ref):
+            assert_close(a, e, **tol, name=f"grad {name} {dtype}")
+        assert torch.equal(grads_op[1] == 0, grads_ref[1] == 0)
+
+
+def _nan_alloc(monkeypatch):
+    """Every floating tensor that torch.empty, torch.empty_like and Tensor.new_empty allocate
+    from now on starts as NaN: outputs a kernel leaves unwritten show up."""
+    def filled(fn):
+        def alloc(*args, **kwargs):
+            t = fn(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return alloc
+
+    monkeypatch.setattr(torch, "empty", filled(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", filled(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", filled(torch.Tensor.new_empty))
+
+
+def _clip_run(x, w, ls2, b, seed, thr, g, need_grad_x=True):
+    y, std = ops.lrt_linear(x, w, ls2, b, seed, thr)
+    return (y, std, *ops.lrt_linear_backward(g, x, w, ls2, std, seed, need_grad_x, thr))
+
+
+@pytest.mark.parametrize("need_grad_x", [True, False], ids=["dx", "no_dx"])
+@pytest.mark.parametrize("lead,k,n,dead_rows,dead_cols", CLIP_TILE_CASES + [((5,), 7, 4, (), ())])
+def test_clip_tile_skipping_equals_no_skipping(dev, backend, clip_tiles, monkeypatch, need_grad_x,
+                                               lead, k, n, dead_rows, dead_cols):
+    """Triton: skipping the all-dropped weight tiles (default) gives bit for bit what the kernels
+    give without skipping (SPARSEVD_TRITON_CLIP_SKIP=0); the skipping path is taken exactly for
+    the dead tiles (count_skipped_tiles: forward K steps and ∂x N steps once per row tile, dead
+    ∂θ programs once each); every element of every output is written (NaN-filled allocations)
+    and the dropped weights' gradients are exactly 0."""
+    if backend != "triton":
+        pytest.skip("dead-tile skipping is a Triton kernel feature")
+    from sparsevd.ops import triton_impl as TI
+
+    x, w, ls2, b = linear_inputs(lead, k, n, torch.float32, True, True, dev)
+    thr = clip_case(w, ls2, dead_rows, dead_cols)
+    keep = R.eval_mask(w, ls2, thr)
+    seed = fresh_seed(dev)
+    g = torch.randn(*lead, n, device=dev)
+    _nan_alloc(monkeypatch)
+    monkeypatch.setenv(TI.CLIP_SKIP_ENV, "1")
+    with TI.count_skipped_tiles(dev) as skipped:
+        out = _clip_run(x, w, ls2, b, seed, thr, g, need_grad_x)
+    monkeypatch.setenv(TI.CLIP_SKIP_ENV, "0")
+    with TI.count_skipped_tiles(dev) as not_skipped:
+        out_ref = _clip_run(x, w, ls2, b, seed, thr, g, need_grad_x)
+    names = ("y", "std", "grad x", "grad weight", "grad log_sigma2", "grad bias")
+    for name, a, e in zip(names, out, out_ref):
+        assert torch.isfinite(a).all(), f"{name}: unwritten (NaN) elements"
+        assert torch.equal(a, e), f"{name}: skipping changed the result"
+    assert torch.all(out[3][~keep] == 0) and torch.all(out[4][~keep] == 0)
+    bm, bn, bk = clip_tiles[:3]
+    dead = dead_tiles(keep, bn, bk)
+    row_tiles = -(-math.prod(lead) // bm)
+    assert (dead > 0) == bool(dead_rows or dead_cols)  # the cases are what they claim
+    assert skipped.tolist() == [row_tiles * dead, row_tiles * dead * need_grad_x, dead]
+    assert not_skipped.tolist() == [0, 0, 0]
+
+
+def test_clip_tile_skipping_all_dead_and_none_dead(dev, backend, clip_tiles):
+    """Triton: every tile dead (threshold −11: y = b + 1e-4 ξ, ∂x = ∂θ = ∂log σ² = 0, ∂b = Σ g)
+    and no tile dead (threshold 11: the unclipped kernels' results, bit for bit)."""
+    if backend != "triton":
+        pytest.skip("dead-tile skipping is a Triton kernel feature")
+    from sparsevd.ops import triton_impl as TI
+
+    lead, k, n = (20,), 70, 40
+    x, w, ls2, b = linear_inputs(lead, k, n, torch.float32, True, True, dev)
+    seed = fresh_seed(dev)
+    g = torch.randn(*lead, n, device=dev)
+    bm, bn, bk = clip_tiles[:3]
+    tiles = -(-n // bn) * -(-k // bk)
+    with TI.count_skipped_tiles(dev) as skipped:
+        y, std, gx, gw, gl, gb = _clip_run(x, w, ls2, b, seed, -11.0, g)
+    assert skipped.tolist() == [2 * tiles, 2 * tiles, tiles]
+    xi = op_noise(y.shape, seed)
+    assert_close(y, b + math.sqrt(1e-8) * xi, rtol=1e-6, atol=1e-7, name="all dead")
+    assert torch.all(gx == 0) and torch.all(gw == 0) and torch.all(gl == 0)
+    assert_close(gb, g.sum(0), rtol=1e-5, atol=1e-6, name="grad bias")
+    with TI.count_skipped_tiles(dev) as skipped:
+        clipped = _clip_run(x, w, ls2, b, seed, 11.0, g)
+    assert skipped.tolist() == [0, 0, 0]
+    for a, e in zip(clipped, _clip_run(x, w, ls2, b, seed, None, g)):
+        assert torch.equal(a, e)
+
+
+def test_clip_skip_env_is_validated(dev, backend, monkeypatch):
+    """Triton: SPARSEVD_TRITON_CLIP_SKIP takes 0 or 1; another value is an error naming it (only
+    clipped calls read it)."""
+    if backend != "triton":
+        pytest.skip("a Triton backend setting")
+    from sparsevd.ops import triton_impl as TI
+
+    x, w, ls2, b = linear_inputs((3,), 4, 2, torch.float32, True, True, dev)
+    monkeypatch.setenv(TI.CLIP_SKIP_ENV, "yes")
+    with pytest.raises(ValueError, match=TI.CLIP_SKIP_ENV):
+        ops.lrt_linear(x, w, ls2, b, fresh_seed(dev), 0.0)
+    ops.lrt_linear(x, w, ls2, b, fresh_seed(dev))  # unclipped: not read
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0·inf
+def test_clip_tile_skipping_keeps_nonfinite_inputs(dev, backend, clip_tiles, monkeypatch):
+    """Triton: an inf in x (or g) that meets only dropped weights still makes its rows NaN, as
+    0·inf does in the dots without skipping and in the reference (F.linear with θ ⊙ m)."""
+    if backend != "triton":
+        pytest.skip("dead-tile skipping is a Triton kernel feature")
+    from sparsevd.ops import triton_impl as TI
+
+    lead, k, n, dead_rows, dead_cols = CLIP_TILE_CASES[0]
+    x, w, ls2, b = linear_inputs(lead, k, n, torch.float32, True, True, dev)
+    thr = clip_case(w, ls2, dead_rows, dead_cols)
+    x[3, 5] = float("inf")  # column 5: in the dead column block
+    seed = fresh_seed(dev)
+    g = torch.randn(*lead, n, device=dev)
+    g[7, 40] = float("inf")  # output 40: in the dead row block
+    outs = []
+    for skip in ("1", "0"):
+        monkeypatch.setenv(TI.CLIP_SKIP_ENV, skip)
+        outs.append(_clip_run(x, w, ls2, b, seed, thr, g))
+    for a, e in zip(*outs):
+        assert torch.equal(a.isnan(), e.isnan()) and torch.equal(a.nan_to_num(), e.nan_to_num())
+    y, gx = outs[0][0], outs[0][2]
+    wm, s2m = R.clip_parameters(w, ls2, thr)
+    y_ref = torch.nn.functional.linear(x, wm, b)
+    assert torch.equal(y.isnan(), y_ref.isnan()) and y[3].isnan().all()
+    assert gx[7].isnan().all()
+
+
+@pytest.mark.parametrize("case", [0, 2])
+def test_clip_tile_gradcheck_and_opcheck(dev, backend, clip_tiles, case):
+    """fp64 gradcheck (fast mode: random projections) and opcheck through the kernels on cases
+    with whole dead weight tiles."""
+    lead, k, n, dead_rows, dead_cols = CLIP_TILE_CASES[case]
+    lead = (3,)  # few rows: the check's cost grows with the batch
+    x, w, ls2, b = linear_inputs(lead, k, n, F64, True, True, dev)
+    thr = clip_case(w, ls2, dead_rows, dead_cols)
+    seed = fresh_seed(dev)
+    leaves = tuple(t.requires_grad_() for t in (x, w, ls2, b))
+    assert torch.autograd.gradcheck(lambda *a: ops.lrt_linear(*a, seed, thr)[0], leaves,
+                                    fast_mode=True)
+    if case == 0:
+        torch.library.opcheck(ops.lrt_linear, (*leaves, seed, thr))
+        y, std = ops.lrt_linear(*leaves, seed, thr)
+        torch.library.opcheck(ops.lrt_linear_backward,
+                              (torch.randn_like(y), *(t.detach() for t in leaves[:3]), std.detach(),
+                               seed, False, thr))
 
 
 def test_functional_clip_threshold_is_validated(dev):

@@ -395,23 +395,30 @@ _AOT = textwrap.dedent(
         c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": 3})
         assert "cubin" in c.asm
-        print("compiled", fn.__name__, consts.get("PRECISION", ""), types.get("x_ptr", types.get("base_ptr")))
+        print("compiled", fn.__name__, consts.get("PRECISION", ""), types.get("x_ptr", types.get("base_ptr")),
+              "clip" if consts.get("CLIP") else "")
 
     ones = dict(stride_xk=1, stride_wk=1, stride_lk=1, stride_b=1, stride_gxk=1, stride_gwk=1, stride_glk=1)
-    for x, v, prec, f64 in [("fp32", "fp32", "ieee", False), ("bf16", "bf16", "ieee", False),
-                            ("fp16", "fp32", "tf32", False), ("fp64", "fp64", "ieee", True)]:
+    clip_types = dict(clip_threshold="fp64", cnt_ptr="*i64")
+    unclipped = dict(CLIP=False, SKIP_DEAD=False, COUNT_SKIPS=False)
+    for x, v, prec, f64, clips in [
+            ("fp32", "fp32", "ieee", False, [unclipped, dict(CLIP=True, SKIP_DEAD=True, COUNT_SKIPS=False)]),
+            ("bf16", "bf16", "ieee", False, [unclipped, dict(CLIP=True, SKIP_DEAD=True, COUNT_SKIPS=True)]),
+            ("fp16", "fp32", "tf32", False, [unclipped]), ("fp64", "fp64", "ieee", True, [unclipped])]:
         w = "fp64" if f64 else "fp32"
         tiles = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)
         fwd = {k: v_ for k, v_ in ones.items() if k in K.lrt_linear_fwd_kernel.arg_names}
-        build(K.lrt_linear_fwd_kernel,
-              dict(x_ptr="*" + x, w_ptr="*" + w, ls2_ptr="*" + w, b_ptr="*" + w, seed_ptr="*i64",
-                   y_ptr="*" + x, std_ptr="*" + w),
-              dict(HAS_BIAS=True, ACC_F64=f64, VAR_LOWP=x == "bf16", PRECISION=prec, **tiles, **fwd), 4)
         bwd = {k: v_ for k, v_ in ones.items() if k in K.lrt_linear_bwd_kernel.arg_names}
-        build(K.lrt_linear_bwd_kernel,
-              dict(g_ptr="*" + x, gs2_ptr="*" + v, x_ptr="*" + x, w_ptr="*" + w, ls2_ptr="*" + w,
-                   gx_ptr="*" + x, gw_ptr="*" + w, gl_ptr="*" + w, gb_ptr="*" + w),
-              dict(ACC_F64=f64, PRECISION=prec, WITH_DX=True, **tiles, **bwd), 4)
+        for clip in clips:
+            build(K.lrt_linear_fwd_kernel,
+                  dict(x_ptr="*" + x, w_ptr="*" + w, ls2_ptr="*" + w, b_ptr="*" + w, seed_ptr="*i64",
+                       y_ptr="*" + x, std_ptr="*" + w, **clip_types),
+                  dict(HAS_BIAS=True, ACC_F64=f64, VAR_LOWP=x == "bf16", PRECISION=prec, **clip, **tiles,
+                       **fwd), 4)
+            build(K.lrt_linear_bwd_kernel,
+                  dict(g_ptr="*" + x, gs2_ptr="*" + v, x_ptr="*" + x, w_ptr="*" + w, ls2_ptr="*" + w,
+                       gx_ptr="*" + x, gw_ptr="*" + w, gl_ptr="*" + w, gb_ptr="*" + w, **clip_types),
+                  dict(ACC_F64=f64, PRECISION=prec, WITH_DX=True, **clip, **tiles, **bwd), 4)
         build(K.lrt_linear_bwd_gs2_kernel,
               dict(g_ptr="*" + x, std_ptr="*" + w, seed_ptr="*i64", gs2_ptr="*" + v),
               dict(ACC_F64=f64, BLOCK=1024), 4)
@@ -426,8 +433,10 @@ _AOT = textwrap.dedent(
 
 @pytest.mark.skipif(CUDA, reason="on a GPU the other tests compile and run the kernels")
 def test_kernels_compile_for_gpu_without_a_gpu():
-    """Every kernel, in every dtype variant, lowers to a cubin for sm_90 with Triton's bundled
-    ptxas: catches type and lowering errors the interpreter cannot (small tiles, to stay fast)."""
+    """Every kernel, in every dtype variant (and the clipped LRT kernels, with their dead-tile
+    branches and, in bf16, the skip counter's atomics), lowers to a cubin for sm_90 with Triton's
+    bundled ptxas: catches type and lowering errors the interpreter cannot (small tiles, to stay
+    fast)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     try:
@@ -438,4 +447,4 @@ def test_kernels_compile_for_gpu_without_a_gpu():
     out = subprocess.run([sys.executable, "-c", _AOT, "90"], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[1], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("compiled") == 16, out.stdout
+    assert out.stdout.count("compiled") == 20, out.stdout

@@ -13,6 +13,11 @@ Kernel launches per call (docs/design.md, "Backends"):
   launch of two kinds of programs).
 - ``kl_sparse_vd``: 1 kernel for all the layers of a dtype, plus the sum of its per-block partials.
 
+Train-time clipping (``clip_threshold``) adds no launch and no pass over the weights: the kernels
+form the mask in registers and skip the products of all-dropped weight tiles
+(:mod:`sparsevd.triton_kernels.lrt_linear`; ``SPARSEVD_TRITON_CLIP_SKIP=0`` turns the skipping
+off, with bit-identical results; :func:`count_skipped_tiles` counts what was skipped).
+
 Precision: fp32 inputs use IEEE fp32 dots, or TF32 when ``torch.backends.cuda.matmul.allow_tf32``
 is True (``SPARSEVD_FP32_PRECISION=ieee|tf32|tf32x3`` overrides); fp64 inputs compute in fp64
 (for gradcheck); under autocast (bf16/fp16 x, fp32 parameters) the mean products take x's dtype
@@ -21,7 +26,9 @@ as dot input, like nn.Linear under autocast, the variance products bf16 for bf16
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -30,7 +37,6 @@ import triton
 from sparsevd.triton_kernels import kl as KK
 from sparsevd.triton_kernels import lrt_linear as K
 
-from .. import reference as R
 from .backend import interpreter_enabled, register_impl
 from .triton_common import (AUTOTUNE_ENV, FP32_PRECISION_ENV, acc_dtype, autotune_enabled,  # noqa: F401
                             dot_kind, elementwise_block, m_key, make_config, precision)
@@ -102,7 +108,7 @@ def _autotuned(kernel, name: str, configs: Optional[List[triton.Config]] = None)
     """``kernel`` wrapped in triton.autotune over :func:`matmul_configs` (or ``configs``), keyed on
     the problem size (M rounded up to a power of two), the dot precision and the tensor dtypes;
     tuning results are cached on disk."""
-    key = ["M_KEY", "N", "K", "PRECISION"] + (["HAS_BIAS"] if name == "fwd" else [])
+    key = ["M_KEY", "N", "K", "PRECISION", "CLIP"] + (["HAS_BIAS"] if name == "fwd" else [])
     return triton.autotune(
         configs=configs if configs is not None else matmul_configs(name), key=key,
         prune_configs_by={"early_config_prune": _pruner(name)}, cache_results=True,
@@ -138,17 +144,51 @@ _m_key = m_key
 
 
 # ----------------------------------------------------------------------------------- lrt_linear
-def _premask(weight, log_sigma2, clip_threshold):
-    # Interim train-time clipping outside the kernels: θ ⊙ m and log σ² = −inf where dropped.
-    m = R.clip_mask(weight, log_sigma2, clip_threshold)
-    return weight * m, log_sigma2.masked_fill(m == 0, float("-inf")), m
+#: ``SPARSEVD_TRITON_CLIP_SKIP=0`` runs the clipped kernels without dead-tile skipping (the
+#: results are bit for bit the same: the tests compare both paths).
+CLIP_SKIP_ENV = "SPARSEVD_TRITON_CLIP_SKIP"
+_skip_counter: Optional[torch.Tensor] = None  # set inside count_skipped_tiles()
+
+
+def clip_skip_enabled() -> bool:
+    """False when ``SPARSEVD_TRITON_CLIP_SKIP=0``, True when it is 1 or unset (read at each
+    clipped call); any other value raises a ValueError naming the variable."""
+    value = os.environ.get(CLIP_SKIP_ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{CLIP_SKIP_ENV}={value!r}: expected 0 (no dead-tile skipping) or 1")
+    return value == "1"
+
+
+@contextlib.contextmanager
+def count_skipped_tiles(device):
+    """Within the block, the clipped lrt_linear launches add the weight tiles they skipped to
+    the yielded int64 tensor (3,) on ``device``: [forward K steps, ∂x N steps, dead ∂θ tiles]
+    (one atomic per skipped tile: for tests and benchmarks/NOTES.md, not for speed). Exact with
+    one tile config (the interpreter, or ``SPARSEVD_TRITON_AUTOTUNE=0``); the autotuner's timing
+    runs of a new problem size would add their skips too."""
+    global _skip_counter
+    old = _skip_counter
+    _skip_counter = torch.zeros(3, dtype=torch.int64, device=device)
+    try:
+        yield _skip_counter
+    finally:
+        _skip_counter = old
+
+
+def _clip_args(clip_threshold: Optional[float], seed: torch.Tensor) -> Tuple[float, torch.Tensor, dict]:
+    """Kernel arguments of train-time clipping: (threshold, an fp64 scalar that the kernels
+    round to their compute dtype; the skip counter, or the seed as a never-written placeholder;
+    the constexpr flags)."""
+    clip = clip_threshold is not None
+    count = clip and _skip_counter is not None
+    flags = dict(CLIP=clip, SKIP_DEAD=clip and clip_skip_enabled(), COUNT_SKIPS=count)
+    return (float(clip_threshold) if clip else 0.0), (_skip_counter if count else seed), flags
 
 
 def lrt_linear_fwd(x, weight, log_sigma2, bias, seed, clip_threshold=None):
     """y = x θᵀ + b + sqrt((x⊙x)(σ²)ᵀ + 1e-8)⊙ξ in one kernel; returns (y in x's dtype, std in
-    promote(x, weight) dtype), both (*, N). An empty batch launches nothing."""
-    if clip_threshold is not None:
-        weight, log_sigma2, _ = _premask(weight, log_sigma2, clip_threshold)
+    promote(x, weight) dtype), both (*, N). An empty batch launches nothing. ``clip_threshold``:
+    the weights with log α ≥ it enter neither the mean nor the variance (mask in registers)."""
     n, k = weight.shape
     lead = tuple(x.shape[:-1])
     y = x.new_empty((*lead, n))
@@ -161,25 +201,25 @@ def lrt_linear_fwd(x, weight, log_sigma2, bias, seed, clip_threshold=None):
         rows = _rows(x.reshape(-1, k))
     xr, d1, s0, s1, sk = rows
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    thr, cnt, clip_flags = _clip_args(clip_threshold, seed)
     _fwd_kernel[grid](
         xr, weight, log_sigma2, bias if bias is not None else weight, seed, y, std,
         m, n, k, d1, s0, s1, sk,
         weight.stride(0), weight.stride(1), log_sigma2.stride(0), log_sigma2.stride(1),
         bias.stride(0) if bias is not None else 0,
-        _m_key(m),
+        thr, cnt, _m_key(m),
         HAS_BIAS=bias is not None, ACC_F64=_acc_dtype(x, weight) == torch.float64,
         VAR_LOWP=x.dtype == torch.bfloat16, PRECISION=_precision(x),
+        **clip_flags,
     )
     return y, std
 
 
 def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x=True, clip_threshold=None):
     """(∂x, ∂θ, ∂log σ², ∂b) of the LRT linear layer in two kernels (see module docstring);
-    without ``need_grad_x`` the ∂x programs are not launched and ∂x is an empty (0,) tensor."""
-    if clip_threshold is not None:
-        weight, log_sigma2, m = _premask(weight, log_sigma2, clip_threshold)
-        gx, gw, gl, gb = lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x)
-        return gx, gw * m, gl * m, gb
+    without ``need_grad_x`` the ∂x programs are not launched and ∂x is an empty (0,) tensor.
+    ``clip_threshold`` (the forward's): ∂θ = ∂log σ² = 0 for the dropped weights, which enter ∂x
+    as zeros."""
     n, k = weight.shape
     acc = _acc_dtype(x, weight)
     m = math.prod(grad.shape[:-1])
@@ -216,13 +256,15 @@ def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x=True, cli
         (need_grad_x * triton.cdiv(m, meta["BLOCK_M"]) + triton.cdiv(n, meta["BLOCK_N"]))
         * triton.cdiv(k, meta["BLOCK_K"]),
     )
+    thr, cnt, clip_flags = _clip_args(clip_threshold, seed)
     _bwd_kernel[grid](
         g, gs2, xr, weight, log_sigma2, gx_out, gw, gl, gb,
         m, n, k, d1, s0, s1, sk, gs0, gs1, gsk,
         weight.stride(0), weight.stride(1), log_sigma2.stride(0), log_sigma2.stride(1),
         gw.stride(0), gw.stride(1), gl.stride(0), gl.stride(1),
-        _m_key(m),
+        thr, cnt, _m_key(m),
         ACC_F64=acc == torch.float64, PRECISION=_precision(x), WITH_DX=need_grad_x,
+        **clip_flags,
     )
     if need_grad_x and gx_out is not gx:
         gx.copy_(gx_out.view(gx.shape))
