@@ -306,9 +306,9 @@ class _SparseBase(nn.Module):
         self._build_caches()
         self._fast = self._fast_args()
 
-    def _fast_args(self) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+    def _fast_args(self) -> Optional[tuple]:
+        """The arguments after x of the one F.linear / F.conv2d call of the plan, or None."""
         raise NotImplementedError
-
 
     def _apply(self, fn, recurse=True):
         # Moving or casting the module keeps the column indices integral; the buffers are new
