@@ -48,7 +48,6 @@ import re
 import statistics
 import subprocess
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -66,51 +65,6 @@ from sparsevd.nn.sparse import to_csr
 from sparsevd.ops.library import kernel_available
 
 K = N = 4096
-
-
-def _cpu_time_samples(fn: Callable[[], object], min_run_time: float) -> List[float]:
-    """Per-call thread CPU times (ms) of blocks of calls of >= 2 ms, for min_run_time seconds."""
-    out: List[float] = []
-    start = time.thread_time()
-    while time.thread_time() - start < min_run_time:
-        calls, t0 = 0, time.thread_time()
-        while True:
-            fn()
-            calls += 1
-            if time.thread_time() - t0 >= 2e-3:
-                break
-        out.append(1e3 * (time.thread_time() - t0) / calls)
-    return out
-
-
-def _time_interleaved(fns: Dict[str, Callable[[], object]], device: str, rounds: int,
-                      min_run_time: float, timer: str = "wall") -> Dict[str, List[float]]:
-    """[median, p20, p80] ms per provider; providers alternate within each round.
-
-    timer "wall": torch.utils.benchmark blocked runs (CPU) or do_bench (GPU); "cpu": the calling
-    thread's CPU time (valid with one thread only; it ignores the time other processes hold the
-    core, so it is stable on a loaded machine)."""
-    samples: Dict[str, List[float]] = {k: [] for k in fns}
-    for fn in fns.values():  # warm-up (MKL/oneDNN primitives, caching allocator)
-        fn()
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            if timer == "cpu":
-                samples[k].extend(_cpu_time_samples(fn, min_run_time))
-            elif device.startswith("cuda"):
-                samples[k].append(common.time_gpu(fn)[0])
-            else:
-                from torch.utils.benchmark import Timer
-
-                m = Timer(stmt="fn()", globals={"fn": fn},
-                          num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time)
-                samples[k].extend(1e3 * t for t in m.times)
-    out = {}
-    for k, v in samples.items():
-        v = sorted(v)
-        q = lambda p: v[min(int(p * len(v)), len(v) - 1)]  # noqa: E731
-        out[k] = [q(0.5), q(0.2), q(0.8)]
-    return out
 
 
 def _load() -> float:
@@ -144,7 +98,7 @@ def bench_linear(args, env) -> List[dict]:
                     fns["sparsevd_csr"] = lambda: torch.ops.sparsevd.csr_linear(x, crow, col, val, b)
                 fns["sparsevd"] = lambda: layer(x)
                 with torch.no_grad():
-                    times = _time_interleaved(fns, device, args.rounds, args.min_run_time, args.timer)
+                    times = common.time_interleaved(fns, device, args.rounds, args.min_run_time, args.timer)
                 es = torch.finfo(dtype).bits // 8
                 io = batch * K * es + batch * N * es + N * es
                 floors = {  # bytes each provider must move at least, and its FLOPs
@@ -214,7 +168,7 @@ def bench_lenet(args, env) -> List[dict]:
         x = torch.randn(batch, 1, 28, 28, device=device)
         with torch.no_grad():
             diff = (dense(x) - deployed(x)).abs().max().item()
-            times = _time_interleaved({"dense": lambda: dense(x), "sparsevd": lambda: deployed(x)},
+            times = common.time_interleaved({"dense": lambda: dense(x), "sparsevd": lambda: deployed(x)},
                                       device, args.rounds, args.min_run_time, args.timer)
         for prov, t in times.items():
             rows.append(common.make_row(
@@ -277,7 +231,7 @@ def _compare(fns: Dict[str, Callable[[], object]], rounds: int, min_run_time: fl
     samples: Dict[str, List[float]] = {k: [] for k in names}
     for r in range(rounds):
         for k in (names if r % 2 == 0 else names[::-1]):
-            s = _cpu_time_samples(fns[k], min_run_time)
+            s = common.cpu_time_samples(fns[k], min_run_time)
             samples[k].extend(s)
             per_round[k].append(statistics.median(s))
     stats = {k: (statistics.median(v), _quantile(v, 0.1)) for k, v in samples.items()}

@@ -1,5 +1,6 @@
 """Shared benchmark helpers: timing (GPU: CUDA events via triton.testing.do_bench, L2 flushed;
-CPU: torch.utils.benchmark), the result rows of ../shared/BENCHMARKS.md and their JSON files.
+CPU: torch.utils.benchmark, or thread CPU time), interleaved timing of several providers
+(``time_interleaved``), the result rows of ../shared/BENCHMARKS.md and their JSON files.
 
 Every row: benchmark, shape, dtype, mode, provider, median_ms, p20_ms, p80_ms, device, torch,
 triton, commit, plus optional sparsity, batch, gbps, tflops, threads.
@@ -12,6 +13,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -133,6 +135,51 @@ def grad_timer(device: str) -> Callable[[Callable[[], object], List[torch.Tensor
             fn()
         return time_cpu(wrapped, min_run_time=0.2)
     return run_cpu
+
+
+def cpu_time_samples(fn: Callable[[], object], min_run_time: float) -> List[float]:
+    """Per-call thread CPU times (ms) of blocks of calls of >= 2 ms, for min_run_time seconds."""
+    out: List[float] = []
+    start = time.thread_time()
+    while time.thread_time() - start < min_run_time:
+        calls, t0 = 0, time.thread_time()
+        while True:
+            fn()
+            calls += 1
+            if time.thread_time() - t0 >= 2e-3:
+                break
+        out.append(1e3 * (time.thread_time() - t0) / calls)
+    return out
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: str, rounds: int,
+                     min_run_time: float, timer: str = "wall") -> Dict[str, List[float]]:
+    """[median, p20, p80] ms per provider; providers alternate within each round.
+
+    timer "wall": torch.utils.benchmark blocked runs (CPU) or do_bench (GPU); "cpu": the calling
+    thread's CPU time (valid with one thread only; it ignores the time other processes hold the
+    core, so it is stable on a loaded machine)."""
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up (MKL/oneDNN primitives, caching allocator)
+        fn()
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            if timer == "cpu":
+                samples[k].extend(cpu_time_samples(fn, min_run_time))
+            elif device.startswith("cuda"):
+                samples[k].append(time_gpu(fn)[0])
+            else:
+                from torch.utils.benchmark import Timer
+
+                m = Timer(stmt="fn()", globals={"fn": fn},
+                          num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time)
+                samples[k].extend(1e3 * t for t in m.times)
+    out = {}
+    for k, v in samples.items():
+        v = sorted(v)
+        q = lambda p: v[min(int(p * len(v)), len(v) - 1)]  # noqa: E731
+        out[k] = [q(0.5), q(0.2), q(0.8)]
+    return out
 
 
 def make_row(

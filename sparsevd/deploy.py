@@ -22,7 +22,8 @@ Steps (docs/design.md, "Deployment"):
    values in the layer's dtype, int32 row pointers, int16 column indices when a layer has at most
    32768 input columns (else int32).
 4. A cost model picks, per layer and batch size, the CSR kernel, compacted dense or masked dense
-   (see :func:`plan_model`), so the deployed model runs no slower than the dense one.
+   (see :func:`plan_layer`): masked dense, the dense model's own product, unless a sparse mode
+   measures clearly faster, so the deployed model runs no slower than the dense one.
 
 Source: Molchanov, Ashukha, Vetrov, "Variational Dropout Sparsifies Deep Neural Networks",
 ICML 2017 (arXiv:1701.05369): weights with log α > 3 are dropped at test time (sec. 5).
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -38,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .nn.sparse import CONV_MODES, LINEAR_MODES, SparseConv2d, SparseLinear
+from .nn.sparse import CONV_MODES, LINEAR_MODES, SparseConv2d, SparseLinear, used_columns
 from .nn.svdo import SVDO_LAYERS, Conv2dSVDO, LinearSVDO
 from .ops import library
 from .ops.library import kernel_available
@@ -329,17 +331,46 @@ def _bucket_bounds(buckets: Sequence[int]) -> List[Optional[int]]:
     return bounds
 
 
+#: A sparse mode (CSR, or compacted dense with its gather and finiteness check) is chosen only
+#: when it measures at most this fraction of the plain dense product's time: the cost model times
+#: one thread, the model may run on more, where dense GEMM scales better (1.6-1.8x on 2 threads
+#: vs 1.3-1.5x for the CSR SpMM, benchmarks/NOTES.md), and layers share measurements within a
+#: density bin of ±5 % (see ``_cost_key``).
+SPARSE_MARGIN = 0.8
+#: CSR is not timed above this density (nnz / (rows · used columns)): the measured crossovers
+#: are at 0.15-0.5 on one thread (benchmarks/NOTES.md, "Cost model").
+CSR_MAX_DENSITY = 0.5
+#: Layers whose dense product has at most this many multiply-adds never use CSR (call overheads).
+CSR_MIN_MACS = 16384
+
+
+def _used_columns(layer: nn.Module) -> int:
+    return int(used_columns(layer.col_indices, layer._cols).sum())
+
+
+def _density(layer: nn.Module, used: int) -> float:
+    return layer.num_nonzero / max(layer._rows * max(used, 1), 1)
+
+
+def _plain_mode(layer: nn.Module) -> str:
+    """The mode that is the dense model's own product: one F.linear on the zero-filled weight
+    (SparseLinear "masked"), one F.conv2d (SparseConv2d "dense")."""
+    return "masked" if isinstance(layer, SparseLinear) else "dense"
+
+
 def rule_mode(layer: nn.Module, batch: int, device: Union[str, torch.device] = "cpu") -> str:
     """The documented rule used when nothing is measured (``cost_model="rule"``).
 
     SparseLinear, with the compiled kernel for ``device``: CSR when the density
-    nnz / (out_features · used input columns) is at most 0.15 for batches ≤ 2 and at most 0.25 for
+    nnz / (out_features · used input columns) is at most 0.10 for batches ≤ 2 and at most 0.20 for
     larger batches on the CPU (measured, one thread: dense F.linear (MKL) time / csr_linear time
-    falls to 1 at densities 0.2–0.3 for batch 1 and 0.3–0.5 for batches 4–256, on 300×784, 1024²
-    and 4096² weights; benchmarks/NOTES.md); on CUDA, until measured there, 0.10 / 0.02.
+    falls to 1 at densities 0.15–0.3 for batch 1 and 0.3–0.5 for batches 4–256, on 300×784, 1024²
+    and 4096² weights, benchmarks/NOTES.md; the limits sit below those crossovers because dense
+    GEMM scales better with threads); on CUDA, until measured there, 0.10 / 0.02.
     Layers whose dense product has at most 16384 multiply-adds at that batch never use CSR (the
-    call overheads dominate). Otherwise compacted dense ("dense") when fewer than 90 % of the
-    input columns are used, else masked dense ("masked").
+    call overheads dominate). Otherwise compacted dense ("dense") when at most half of the input
+    columns are used and the product is larger than that (the gather and the finiteness check of
+    x cost a few µs), else masked dense ("masked"): the dense model's own F.linear.
 
     SparseConv2d: always "dense" (dense conv2d on the compacted channels). The CSR path of a
     convolution materializes the im2col patches (F.unfold), a kH·kW-fold copy of the input, and
@@ -350,13 +381,13 @@ def rule_mode(layer: nn.Module, batch: int, device: Union[str, torch.device] = "
     if isinstance(layer, SparseConv2d):
         return "dense"
     rows, cols = layer._rows, layer._cols
-    used = int(torch.unique(layer.col_indices.long()).numel()) if layer.num_nonzero else 0
-    density = layer.num_nonzero / max(rows * max(used, 1), 1)
-    if kernel_available(device) and rows * used * batch > 16384:
-        limit = (0.15 if batch <= 2 else 0.25) if device.type == "cpu" else (0.10 if batch <= 2 else 0.02)
-        if density <= limit:
+    used = _used_columns(layer)
+    big = rows * used * batch > CSR_MIN_MACS
+    if kernel_available(device) and big:
+        limit = (0.10 if batch <= 2 else 0.20) if device.type == "cpu" else (0.10 if batch <= 2 else 0.02)
+        if _density(layer, used) <= limit:
             return "csr"
-    return "dense" if used < 0.9 * cols else "masked"
+    return "dense" if used <= 0.5 * cols and big else "masked"
 
 
 def _sync(device: torch.device) -> None:
@@ -364,7 +395,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _measure(fns: Dict[str, Callable[[], object]], device: torch.device, budget_s: float = 0.03,
+def _measure(fns: Dict[str, Callable[[], object]], device: torch.device, budget_s: float = 0.015,
              min_reps: int = 2, max_reps: int = 15) -> Dict[str, float]:
     """Seconds per call of each fn: the least over interleaved (round-robin) samples, after a
     warm-up call; a candidate slower than 4x the best so far stops being timed.
@@ -409,20 +440,47 @@ def _measure(fns: Dict[str, Callable[[], object]], device: torch.device, budget_
     return best
 
 
+def _cost_key(layer: nn.Module, used: int, input_shape, batch: int) -> tuple:
+    """What the cost of a layer's modes depends on: type, sizes, used columns, density (in bins of
+    ±5 %), dtype, device, the convolution's geometry and input, the batch size. Layers with the
+    same key share one measurement (a transformer's q/k/v/o projections, its MLPs)."""
+    density = _density(layer, used)
+    bin_ = None if density == 0 else round(math.log(density) / math.log(1.1))
+    conv = (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups,
+            tuple(input_shape)) if isinstance(layer, SparseConv2d) else None
+    return (type(layer).__name__, layer._rows, layer._cols, used, bin_, layer.values.dtype,
+            layer.values.device, conv, batch)
+
+
 @torch.no_grad()
 def plan_layer(layer: nn.Module, input_shape: Optional[Sequence[int]] = None,
-               cost_model: str = "measure", buckets: Sequence[int] = BATCH_BUCKETS) -> None:
+               cost_model: str = "measure", buckets: Sequence[int] = BATCH_BUCKETS,
+               cache: Optional[Dict[tuple, tuple]] = None) -> None:
     """Choose the kernel per batch size of one deployed layer and set its plan.
+
+    The plain dense product (SparseLinear "masked": F.linear on the zero-filled weight;
+    SparseConv2d "dense": F.conv2d) is the default at every batch size; a sparse mode replaces it
+    only where it measures at most ``SPARSE_MARGIN`` (0.8) of its time, so a plan is never slower
+    than the dense layer. Candidates that cannot win are not timed: CSR above density
+    ``CSR_MAX_DENSITY`` (0.5) or at ≤ 16384 dense multiply-adds, compacted dense when more than 80 %
+    of the columns are used. A layer with no candidate left (every layer of a model at low
+    sparsity) gets the plain plan without any timing.
 
     Args:
         layer: a SparseLinear or SparseConv2d.
         input_shape: one sample's input shape for a SparseConv2d, (C, H, W) (needed to measure;
             without it the rule decides); ignored for SparseLinear.
-        cost_model: ``"measure"``: time every mode at each bucket's batch size on random inputs on
-            the layer's device (CPU: CPU time on one thread, see ``_measure``) and keep the fastest (ties, within 3 %, go to the dense mode; a
-            mode 2x slower than the best is not timed at larger batches);
-            ``"rule"``: :func:`rule_mode`; or a mode name to force it.
+        cost_model: ``"measure"``: time the candidate modes at each bucket's batch size (input rows
+            for SparseLinear: a (B, T, in) input has B·T) on random inputs on the layer's device
+            (CPU: CPU time on one thread, see ``_measure``), interleaved; a mode 2x slower than the
+            best is not timed at larger batches; ``"rule"``: :func:`rule_mode`; or a mode name to
+            force it.
         buckets: the batch sizes to decide for.
+        cache: a dict shared by the layers of one model (:func:`plan_model`): layers with the same
+            sizes, density bin, dtype and device (``_cost_key``) reuse one measurement.
+
+    Raises:
+        ValueError: unknown ``cost_model``.
     """
     modes = LINEAR_MODES if isinstance(layer, SparseLinear) else CONV_MODES
     if cost_model in modes:
@@ -431,40 +489,57 @@ def plan_layer(layer: nn.Module, input_shape: Optional[Sequence[int]] = None,
     device, dtype = layer.values.device, layer.values.dtype
     bounds = _bucket_bounds(buckets)
     conv = isinstance(layer, SparseConv2d)
-    if cost_model == "rule" or (conv and input_shape is None):
+    if cost_model == "rule" or (conv and input_shape is None and cost_model == "measure"):
         layer.set_plan([(b, rule_mode(layer, n, device)) for b, n in zip(bounds, buckets)])
         return
     if cost_model != "measure":
         raise ValueError(f"cost_model: expected 'measure', 'rule' or a mode, got {cost_model!r}")
-    candidates = list(modes)
-    if conv and layer.groups != 1:
-        candidates = ["dense"]
-    if not kernel_available(device):
-        candidates = [m for m in candidates if m != "csr"]  # torch.sparse fallback: never faster
-    if isinstance(layer, SparseLinear) and "dense" in candidates:
-        if int(torch.unique(layer.col_indices.long()).numel()) == layer.in_features:
-            candidates.remove("dense")  # nothing to gather: identical to masked
+    plain = _plain_mode(layer)
+    used = _used_columns(layer)
+    density = _density(layer, used)
+    others = []
+    if kernel_available(device) and density <= CSR_MAX_DENSITY and not (conv and layer.groups != 1):
+        others.append("csr")  # (the torch.sparse fallback is never faster)
+    if not conv and used <= SPARSE_MARGIN * layer.in_features:
+        others.append("dense")  # compacted dense: saves at most the unused columns' share
+    macs = layer._rows * max(used, 1) * (math.prod(input_shape[1:]) if conv else 1)
+
+    def candidates(n: int, live: List[str]) -> List[str]:
+        return [m for m in live if m != "csr" or macs * n > CSR_MIN_MACS]
+
+    if not any(candidates(n, others) for n in buckets):
+        layer.set_plan(plain)  # nothing can beat the dense product: no timing
+        return
     # build the caches of every candidate, then switch modes without rebuilding them
-    layer.set_plan([(i, m) for i, m in enumerate(candidates[:-1])] + [(None, candidates[-1])])
+    layer.set_plan([(i, m) for i, m in enumerate(others)] + [(None, plain)])
+    cache = {} if cache is None else cache
     plan = []
-    live = list(candidates)
+    live = list(others)
     for bound, n in zip(bounds, buckets):
-        shape = (n, layer.in_features) if not conv else (n, *input_shape)
-        x = torch.randn(shape, device=device, dtype=dtype)
-        fns = {}
-        for m in live:
-            def run(m=m):
-                layer.plan = ((None, m),)
-                return layer(x)
-            fns[m] = run
-        t = _measure(fns, device)
-        dense_mode = "masked" if "masked" in t else "dense"
-        best = min(t, key=t.get)
-        if best != dense_mode and dense_mode in t and t[dense_mode] <= 1.03 * t[best]:
-            best = dense_mode
+        cands = candidates(n, live)
+        if not cands:
+            plan.append((bound, plain))
+            continue
+        key = _cost_key(layer, used, input_shape, n)
+        if key not in cache:
+            shape = (n, layer.in_features) if not conv else (n, *input_shape)
+            x = torch.randn(shape, device=device, dtype=dtype)
+            fns = {}
+            for m in [plain] + cands:
+                def run(m=m):
+                    layer._use_mode(m)
+                    return layer(x)
+                fns[m] = run
+            t = _measure(fns, device)
+            best = plain
+            for m in cands:
+                if t[m] <= SPARSE_MARGIN * t[plain] and t[m] < t[best]:
+                    best = m
+            # a mode 2x slower than the best is not timed at larger batches (costs grow with the batch)
+            cache[key] = (best, tuple(m for m in cands if t[m] > 2 * t[best]))
+        best, slow = cache[key]
         plan.append((bound, best))
-        # a mode 2x slower than the best is not timed at larger batches (costs grow with the batch)
-        live = [m for m in live if t[m] <= 2 * t[best]]
+        live = [m for m in live if m not in slow]
     layer.set_plan(plan)
 
 
@@ -493,8 +568,9 @@ def plan_model(model: nn.Module, example_input: Optional[Tensor] = None, cost_mo
         finally:
             for h in hooks:
                 h.remove()
+    cache: Dict[tuple, tuple] = {}  # layers of the same sizes and density share measurements
     for m in layers:
-        plan_layer(m, shapes.get(m), cost_model, buckets)
+        plan_layer(m, shapes.get(m), cost_model, buckets, cache)
     return model
 
 
@@ -516,8 +592,8 @@ def deploy(
             training); left unchanged. Other modules are copied as they are.
         example_input: a batch of inputs of the model (any batch size, e.g. (1, 1, 28, 28)); used
             to measure the convolutions at their real input size. Optional.
-        cost_model: ``"measure"`` (time the kernels of each layer on this machine, at each batch
-            bucket), ``"rule"`` (:func:`rule_mode`, no timing), or a mode ("csr", "dense",
+        cost_model: ``"measure"`` (time the kernels that can beat the dense product on this
+            machine, at each batch bucket; see :func:`plan_layer`), ``"rule"`` (:func:`rule_mode`, no timing), or a mode ("csr", "dense",
             "masked") forced on every layer that has it (convolutions fall back to "dense" when
             the mode is "masked").
         threshold: log α pruning threshold for every layer; default: each layer's own.
@@ -533,6 +609,20 @@ def deploy(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    # One intra-op thread while deploying (restored after): the build is many small tensor ops
+    # (masks, nonzero, CSR, checks), and on shared cores each OpenMP region of a multi-threaded
+    # op waits for its descheduled threads: the 37 layers of a 6-layer transformer deployed in
+    # 19 s on 2 loaded cores vs 1.3 s on one (benchmarks/NOTES.md, "Deployed overhead"). The
+    # cost model times on one thread anyway.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _deploy(model, example_input, cost_model, threshold, buckets)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _deploy(model, example_input, cost_model, threshold, buckets) -> nn.Module:
     if isinstance(model, SVDO_LAYERS):
         new = _compact_chain([model], [], threshold)[0]
         built = [new]
@@ -542,7 +632,7 @@ def deploy(
         _replace(new, threshold, built)
     if not built:
         warnings.warn("deploy: the model has no LinearSVDO / Conv2dSVDO layers; nothing to deploy",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=4)
     devices = {m.values.device for m in built}
     for d in devices:
         if not kernel_available(d):
@@ -550,7 +640,7 @@ def deploy(
                 f"deploy: the compiled sparsevd._C kernels are not available for {d.type} "
                 f"({library.unavailable_reason() or 'built without CUDA'}); the deployed layers fall "
                 f"back to torch's dense kernels. To get the sparse kernels, {library.BUILD_HINT}.",
-                RuntimeWarning, stacklevel=2,
+                RuntimeWarning, stacklevel=4,
             )
     new.eval().requires_grad_(False)  # an inference model (csr_linear has no autograd formula)
     if cost_model in ("measure", "rule"):

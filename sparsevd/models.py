@@ -1,9 +1,13 @@
-"""Reference networks of the sparse VD paper, as plain ``nn.Sequential`` chains.
+"""Reference networks of the sparse VD paper, as plain ``nn.Sequential`` chains, and a
+transformer-shaped encoder.
 
-Every model is a flat ``nn.Sequential`` of weight layers (``nn.Linear`` / ``nn.Conv2d``, or their
-sparse-VD twins :class:`~sparsevd.nn.LinearSVDO` / :class:`~sparsevd.nn.Conv2dSVDO`), elementwise
-activations (``nn.ReLU``), ``nn.MaxPool2d`` and ``nn.Flatten``, so that a later ``deploy`` step can
-walk the chain and fold dead neurons of one layer into the next.
+The paper's models are flat ``nn.Sequential`` chains of weight layers (``nn.Linear`` /
+``nn.Conv2d``, or their sparse-VD twins :class:`~sparsevd.nn.LinearSVDO` /
+:class:`~sparsevd.nn.Conv2dSVDO`), elementwise activations (``nn.ReLU``), ``nn.MaxPool2d`` and
+``nn.Flatten``, so that a later ``deploy`` step can walk the chain and fold dead neurons of one
+layer into the next. :class:`TransformerEncoderLike` is the other kind of network users bring:
+no ``nn.Sequential``, 3-D activations, residuals and LayerNorm (``deploy`` converts its layers one
+by one, without chain compaction).
 
 Sources:
 
@@ -17,14 +21,16 @@ Sources:
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .nn import DEFAULT_THRESHOLD, Conv2dSVDO, LinearSVDO
 
-__all__ = ["INPUT_SHAPES", "MODELS", "LeNet300", "LeNet5", "VGGLike", "build_model",
-           "count_parameters"]
+__all__ = ["INPUT_SHAPES", "MODELS", "EncoderBlock", "LeNet300", "LeNet5", "TransformerEncoderLike",
+           "VGGLike", "build_model", "count_parameters"]
 
 
 def _linear(svd: bool, threshold: float) -> Callable[[int, int], nn.Module]:
@@ -162,6 +168,110 @@ def VGGLike(svd: bool = True, threshold: float = DEFAULT_THRESHOLD, width: float
         layers.append(nn.BatchNorm1d(hidden))
     layers += [nn.ReLU(), lin(hidden, num_classes)]
     return nn.Sequential(*layers)
+
+
+class EncoderBlock(nn.Module):
+    """One pre-LayerNorm transformer encoder block: x + o(attention(q, k, v of ln1(x))), then
+    x + fc2(gelu(fc1(ln2(x)))). The projections ``q``, ``k``, ``v``, ``o`` (hidden → hidden) and
+    the MLP ``fc1`` (hidden → mlp · hidden), ``fc2`` (back) are separate linear layers, so
+    :func:`sparsevd.convert` and :func:`sparsevd.deploy` see each of them.
+
+    Args:
+        hidden: model width; divisible by ``heads``.
+        heads: attention heads (head size hidden / heads).
+        mlp: width factor of the MLP (fc1 has ``round(mlp * hidden)`` outputs).
+        linear: the constructor of the linear layers, ``(in_features, out_features) -> module``.
+
+    Input and output: float (B, T, hidden).
+    """
+
+    def __init__(self, hidden: int, heads: int, mlp: float, linear: Callable[[int, int], nn.Module]):
+        super().__init__()
+        self.heads = heads
+        ff = max(1, round(mlp * hidden))
+        self.ln1, self.ln2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.q, self.k, self.v, self.o = (linear(hidden, hidden) for _ in range(4))
+        self.fc1, self.fc2 = linear(hidden, ff), linear(ff, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        y = self.ln1(x)
+        q, k, v = (m(y).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for m in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        x = x + self.o(a)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class TransformerEncoderLike(nn.Module):
+    """A transformer encoder of plain torch ops (a BERT/ViT-style classifier body), the shape of
+    model deployments meet outside the paper: ``layers`` :class:`EncoderBlock` (attention q/k/v/out
+    projections and a GELU MLP as separate linear layers, LayerNorm, residuals), a final
+    LayerNorm, mean pooling over the tokens and a linear ``head``. Defaults (hidden 384, 6 layers,
+    6 heads, MLP 4×, 10 classes): 37 linear layers, 10.6M weights.
+
+    Attributes: ``emb`` (an ``nn.Embedding``, only with ``vocab_size``), ``pos`` (max_len, hidden)
+    learned positions, ``blocks`` (``nn.ModuleList``), ``norm``, ``head`` (absent when
+    ``num_classes`` is None).
+
+    Args:
+        vocab_size: token ids as input (through ``emb``); None: the input is already a sequence of
+            hidden-sized float vectors.
+        hidden, layers, heads, mlp: width (divisible by ``heads``), blocks, heads, MLP width factor.
+        num_classes: outputs of the head; None: no pooling and no head, the output is the normed
+            sequence (B, T, hidden).
+        max_len: longest sequence (rows of ``pos``).
+        svd: :class:`~sparsevd.nn.LinearSVDO` layers (sparse VD) or ``nn.Linear``.
+        threshold: log α pruning threshold of the sparse-VD layers (ignored when ``svd=False``).
+
+    Input: int64 token ids (B, T) with ``vocab_size``, else float (B, T, hidden); T ≤ max_len.
+    Output: float (B, num_classes), or (B, T, hidden) when ``num_classes`` is None.
+
+    Raises:
+        ValueError: sizes out of range (named); at forward, an input of the wrong shape (named x).
+    """
+
+    def __init__(self, vocab_size: Optional[int] = None, hidden: int = 384, layers: int = 6,
+                 heads: int = 6, mlp: float = 4.0, num_classes: Optional[int] = 10,
+                 max_len: int = 512, svd: bool = True, threshold: float = DEFAULT_THRESHOLD):
+        super().__init__()
+        for name, v in (("hidden", hidden), ("layers", layers), ("heads", heads),
+                        ("max_len", max_len)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if hidden % heads:
+            raise ValueError(f"heads: hidden={hidden} must be divisible by heads={heads}")
+        if not mlp > 0:
+            raise ValueError(f"mlp: expected a positive width factor, got {mlp!r}")
+        if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
+            raise ValueError(f"vocab_size: expected a positive int or None, got {vocab_size!r}")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes: expected a positive int or None, got {num_classes!r}")
+        lin = _linear(svd, threshold)
+        self.hidden, self.vocab_size, self.num_classes = hidden, vocab_size, num_classes
+        if vocab_size is not None:
+            self.emb = nn.Embedding(vocab_size, hidden)
+        self.pos = nn.Parameter(0.02 * torch.randn(max_len, hidden))
+        self.blocks = nn.ModuleList([EncoderBlock(hidden, heads, mlp, lin) for _ in range(layers)])
+        self.norm = nn.LayerNorm(hidden)
+        if num_classes is not None:
+            self.head = lin(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.vocab_size is not None:
+            if x.dim() != 2:
+                raise ValueError(f"x: expected token ids (B, T), got shape {tuple(x.shape)}")
+            x = self.emb(x)
+        elif x.dim() != 3 or x.shape[-1] != self.hidden:
+            raise ValueError(f"x: expected shape (B, T, {self.hidden}), got {tuple(x.shape)}")
+        t = x.shape[1]
+        if t > self.pos.shape[0]:
+            raise ValueError(f"x: sequence length {t} exceeds max_len={self.pos.shape[0]}")
+        x = x + self.pos[:t]
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x if self.num_classes is None else self.head(x.mean(1))
 
 
 #: Model name (as given to :func:`build_model` and the CLI's ``--model``) -> constructor.

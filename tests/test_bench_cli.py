@@ -28,3 +28,28 @@ def test_sparsevd_bench_runs_the_quick_suite(monkeypatch, capsys, tmp_path):
     assert "sparse_linear" in text and out.is_file()
     with pytest.raises(SystemExit):
         cli.main(["bench", "--device", "tpu"])
+
+
+def test_bench_masked_quick_on_tiny_sizes(tmp_path, capsys):
+    """benchmarks/bench_masked.py --quick: every part runs and writes rows of the protocol."""
+    import json
+
+    from sparsevd.benchmarks import bench_masked
+
+    out = tmp_path / "rows.json"
+    assert bench_masked.main(["--quick", "--out", str(out), "--layer", "32", "--sparsity", "0", "0.9",
+                              "--infer-sparsity", "0", "0.9", "--batch", "1", "--seq", "4",
+                              "--hidden", "16", "--layers", "1", "--heads", "2", "--rounds", "1",
+                              "--min-run-time", "0.005", "--threads", "1"]) == 0
+    rows = json.loads(out.read_text())
+    kinds = {(r["benchmark"], r["provider"]) for r in rows}
+    assert {("masked_train_step_layer", "sparsevd"), ("masked_train_step_lenet300", "dense"),
+            ("transformer_infer", "eval"), ("transformer_infer", "sparsevd"),
+            ("sparse_linear_call", "sparsevd")} <= kinds
+    for r in rows:
+        assert r["median_ms"] > 0 and {"shape", "dtype", "mode", "device", "commit"} <= set(r)
+        if r["provider"] == "sparsevd" and r["benchmark"].startswith("masked_train"):
+            assert r["ratio_to_0"] > 0 and abs(r["actual_sparsity"] - r["sparsity"]) < 0.05
+    assert "the 0 % step" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_masked.main(["--heads", "5", "--no-save"])

@@ -11,43 +11,14 @@ from torch import nn
 
 import sparsevd
 from sparsevd.convert import plan_conversion
+from sparsevd.models import TransformerEncoderLike
 from sparsevd.nn import LinearSVDO, SparseLinear
 
 
-class Block(nn.Module):
-    def __init__(self, d=32, heads=4, ff=64):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.fc1, self.fc2 = nn.Linear(d, ff), nn.Linear(ff, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        y = self.ln1(x)
-        q, k, v = (m(y).view(b, t, self.heads, d // self.heads).transpose(1, 2)
-                   for m in (self.q, self.k, self.v))
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
-        x = x + self.o(a)
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-
-class Encoder(nn.Module):
-    """Token ids (B, T) -> logits (B, 4)."""
-
-    def __init__(self, vocab=50, d=32, layers=2):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(0.02 * torch.randn(16, d))
-        self.blocks = nn.ModuleList([Block(d) for _ in range(layers)])
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, 4)
-
-    def forward(self, tok):
-        x = self.emb(tok) + self.pos[: tok.shape[1]]
-        for blk in self.blocks:
-            x = blk(x)
-        return self.head(self.norm(x).mean(1))
+def Encoder():
+    """Token ids (B, T) -> logits (B, 4): the transformer-shaped model of sparsevd.models, small."""
+    return TransformerEncoderLike(vocab_size=50, hidden=32, layers=2, heads=4, mlp=2, num_classes=4,
+                                  max_len=16, svd=False)
 
 
 def _data(n=64, t=9):

@@ -19,7 +19,10 @@ The CSR buffers are validated whenever they can have changed: at construction, a
 ``load_state_dict`` (a failed check leaves the layer as it was), after ``.to()`` / ``.double()``
 (``_apply``; what fails there, e.g. ``to_empty()``, raises at the next use), and at forward when a
 buffer was reassigned or edited in place (identities and version counters, ~0.5 µs per call),
-which also rebuilds the dense caches. Edits that bypass the version counters (``.data``, numpy
+which also rebuilds the dense caches. A plan that is one F.linear / F.conv2d at every batch size
+(``"masked"``, or ``"dense"`` with every column used) runs just that call on the weight stored at
+deploy / load time, after that O(1) check: the ops nn.Linear / nn.Conv2d dispatch, no scan of x,
+no host sync. Edits that bypass the version counters (``.data``, numpy
 views) are not seen there: the CSR kernel checks the indices itself, so they raise (CPU) or give
 NaN (CUDA), never a read out of bounds (the dense modes keep their caches until the next sync).
 
@@ -87,6 +90,15 @@ def _csr_to_dense(crow: Tensor, col: Tensor, values: Tensor, n: int, k: int) -> 
         )
         w[rows, col.long()] = values
     return w
+
+
+def used_columns(col_indices: Tensor, in_cols: int) -> Tensor:
+    """(in_cols,) bool: the columns that hold at least one stored weight. One scatter over the
+    column indices (O(nnz); torch.unique sorts them, ~20 ms for 10⁵ indices)."""
+    used = torch.zeros(in_cols, dtype=torch.bool, device=col_indices.device)
+    if col_indices.numel():
+        used[col_indices.long()] = True
+    return used
 
 
 def normalize_plan(plan, modes: Sequence[str]) -> Plan:
@@ -191,15 +203,20 @@ class _SparseBase(nn.Module):
         anyway."""
         if torch.compiler.is_compiling():  # traced (torch.compile, torch.export): the buffers
             return  # are graph inputs there; version counters are not traceable
+        if not self._unchanged():
+            self._sync()
+
+    def _unchanged(self) -> bool:
+        """The buffers are the validated ones and crow, col, values were not edited in place
+        (identities and version counters; O(1), no tensor data read). Not under tracing."""
         s = self._synced
-        if s is not None:
-            b = self._buffers
-            crow, col, values, bias, version = s
-            if (b["values"] is values and b["col_indices"] is col and b["crow_indices"] is crow
-                    and b["bias"] is bias
-                    and (version < 0 or crow._version + col._version + values._version == version)):
-                return
-        self._sync()
+        if s is None:
+            return False
+        b = self._buffers
+        crow, col, values, bias, version = s
+        return (b["values"] is values and b["col_indices"] is col and b["crow_indices"] is crow
+                and b["bias"] is bias
+                and (version < 0 or crow._version + col._version + values._version == version))
 
     # -- report() attributes
     @property
@@ -236,6 +253,12 @@ class _SparseBase(nn.Module):
 
     def _check_plan(self, plan: Plan) -> None:
         pass
+
+    def _use_mode(self, mode: str) -> None:
+        """Run ``mode`` at every batch size without rebuilding the caches (the cost model's
+        switch between candidates; the current plan's caches must cover ``mode``)."""
+        self.plan = ((None, mode),)
+        self._fast = self._fast_args()
 
     def mode_for(self, batch: int) -> str:
         """The mode the plan gives for a batch of ``batch`` samples."""
@@ -276,9 +299,16 @@ class _SparseBase(nn.Module):
         return csr_linear_torch(x, self.crow_indices, self.col_indices, self.values, self.bias)
 
     def _refresh(self) -> None:
-        # the compiled kernel for the buffers' device (x must be there too), and the dense caches
+        # the compiled kernel for the buffers' device (x must be there too), the dense caches, and
+        # the fast path: (weight, bias) of the one F.linear / F.conv2d call that the plan makes at
+        # every batch size, or None (CSR, gathered columns, or modes by batch size)
         self._use_kernel = kernel_available(self.values.device)
         self._build_caches()
+        self._fast = self._fast_args()
+
+    def _fast_args(self) -> Optional[tuple]:
+        """The arguments after x of the one F.linear / F.conv2d call of the plan, or None."""
+        raise NotImplementedError
 
     def _apply(self, fn, recurse=True):
         # Moving or casting the module keeps the column indices integral; the buffers are new
@@ -386,22 +416,38 @@ class SparseLinear(_SparseBase):
         if "masked" in modes:
             self._w_masked = w
         if "dense" in modes:
-            used = torch.unique(self.col_indices.long())
+            mask = used_columns(self.col_indices, self.in_features)
+            used = mask.nonzero().flatten()
             if used.numel() < self.in_features:
-                unused = torch.ones(self.in_features, dtype=torch.bool, device=used.device)
-                unused[used] = False
-                self._used_cols, self._unused_cols = used, unused.nonzero().flatten()
+                self._used_cols, self._unused_cols = used, (~mask).nonzero().flatten()
                 self._w_dense = w.index_select(1, used).contiguous()
             else:
                 self._w_dense = w
 
+    def _fast_args(self):
+        if len(self.plan) != 1:
+            return None
+        mode = self.plan[0][1]
+        if mode == "masked":
+            return self._w_masked, self._buffers["bias"]
+        if mode == "dense" and self._used_cols is None:  # nothing to gather
+            return self._w_dense, self._buffers["bias"]
+        return None
+
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x: expected shape (*, {self.in_features}), got {tuple(x.shape)}")
-        self._ensure_synced()
-        dtype = self._synced[2].dtype  # of values (faster than self.values)
-        if x.dtype != dtype:
-            raise TypeError(f"x: expected dtype {dtype} (the layer's), got {x.dtype}")
+        fast = self._fast
+        if fast is not None and not torch.compiler.is_compiling() and self._unchanged():
+            # one mode at every batch size, a plain F.linear (masked, or dense with every column
+            # used): the call nn.Linear makes, on the stored zero-filled weight. Bad inputs make
+            # F.linear raise; the checks below then name the argument.
+            try:
+                return F.linear(x, fast[0], fast[1])
+            except RuntimeError:
+                self._check_input(x)
+                if x.is_meta:
+                    self._reject_meta(self.plan[0][1])
+                raise
+        self._check_input(x)
         mode = self.mode_for(x.numel() // self.in_features if self.in_features else
                              math.prod(x.shape[:-1]))
         if x.is_meta:
@@ -411,6 +457,20 @@ class SparseLinear(_SparseBase):
         if mode == "dense":
             return self._dense(x)
         return F.linear(x, self._w_masked, self.bias)
+
+    def _check_input(self, x: Tensor) -> None:
+        """Shape and dtype of x (O(1)); validates the buffers again when they changed.
+
+        Raises:
+            ValueError: x not (*, in_features), or invalid buffers (named); TypeError: x's dtype
+            is not the layer's.
+        """
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected shape (*, {self.in_features}), got {tuple(x.shape)}")
+        self._ensure_synced()
+        dtype = self._synced[2].dtype  # of values (faster than self.values)
+        if x.dtype != dtype:
+            raise TypeError(f"x: expected dtype {dtype} (the layer's), got {x.dtype}")
 
     def _dense(self, x: Tensor) -> Tensor:
         """F.linear on the used input columns. The unused columns meet only zero weights: a
@@ -532,7 +592,19 @@ class SparseConv2d(_SparseBase):
             self._w_dense = w.reshape(self.out_channels, self.in_channels // self.groups,
                                       *self.kernel_size)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _fast_args(self):
+        if self.plan != ((None, "dense"),):
+            return None
+        return (self._w_dense, self._buffers["bias"], self.stride, self.padding, self.dilation,
+                self.groups)
+
+    def _check_input(self, x: Tensor) -> None:
+        """Shape and dtype of x (O(1)); validates the buffers again when they changed.
+
+        Raises:
+            ValueError: x not (N, in_channels, H, W) or (in_channels, H, W), or invalid buffers
+            (named); TypeError: x's dtype is not the layer's.
+        """
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(
                 f"x: expected shape (N, {self.in_channels}, H, W) or ({self.in_channels}, H, W), "
@@ -542,6 +614,20 @@ class SparseConv2d(_SparseBase):
         dtype = self._synced[2].dtype
         if x.dtype != dtype:
             raise TypeError(f"x: expected dtype {dtype} (the layer's), got {x.dtype}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        fast = self._fast
+        if (fast is not None and not x.is_meta and not torch.compiler.is_compiling()
+                and self._unchanged()):
+            # plan "dense" at every batch size: the F.conv2d call nn.Conv2d makes (it takes
+            # unbatched (C, H, W) inputs too); bad inputs make it raise, the checks name them
+            # (a meta x does not make it raise: the general path rejects it)
+            try:
+                return F.conv2d(x, *fast)
+            except RuntimeError:
+                self._check_input(x)
+                raise
+        self._check_input(x)
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
