@@ -40,8 +40,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .nn.sparse import CONV_MODES, LINEAR_MODES, SparseConv2d, SparseLinear, used_columns
-from .nn.svdo import SVDO_LAYERS, Conv2dSVDO, LinearSVDO
+from .nn.sparse import CONV_MODES, LINEAR_MODES, SparseConv1d, SparseConv2d, SparseLinear, used_columns
+from ._args import conv_padding
+from .nn.svdo import SVDO_LAYERS, Conv1dSVDO, Conv2dSVDO, LinearSVDO
 from .ops import library
 from .ops.library import kernel_available
 
@@ -291,8 +292,15 @@ def _sparse_layer(m: nn.Module, w: Tensor, b: Optional[Tensor]) -> nn.Module:
     common = dict(dense_shape=tuple(m.weight.shape), num_weights=m.weight.numel())
     if isinstance(m, LinearSVDO):
         return SparseLinear.from_dense(w, b, **common)
-    if not isinstance(m, Conv2dSVDO):
-        raise ValueError(f"model: deploy does not handle {type(m).__name__} layers yet")
+    if isinstance(m, Conv1dSVDO):
+        pad = m.padding if isinstance(m.padding, str) else (0, m.padding[0])
+        _, _, left, right = conv_padding(pad, (1, m.kernel_size[0]), (1, m.stride[0]),
+                                         (1, m.dilation[0]))
+        if left != right:
+            raise ValueError(
+                f"model: a Conv1dSVDO uses padding={m.padding!r} with kernel_size={m.kernel_size} "
+                f"(asymmetric padding {left}+{right}); SparseConv1d supports symmetric padding")
+        return SparseConv1d.from_dense(w, b, m.stride, left, m.dilation, m.groups, **common)
     t, bottom, left, right = m.padding_sides
     if (t, left) != (bottom, right):
         raise ValueError(
@@ -558,8 +566,9 @@ def plan_model(model: nn.Module, example_input: Optional[Tensor] = None, cost_mo
         for m in layers:
             if isinstance(m, SparseConv2d):
                 m.set_plan("dense")
+                dims = 2 if isinstance(m, SparseConv1d) else 3  # one sample: (C, L) / (C, H, W)
                 hooks.append(m.register_forward_pre_hook(
-                    lambda mod, args: shapes.__setitem__(mod, tuple(args[0].shape[-3:]))))
+                    lambda mod, args, dims=dims: shapes.__setitem__(mod, tuple(args[0].shape[-dims:]))))
         try:
             was_training = model.training
             model.eval()
@@ -672,7 +681,7 @@ def dense_twin(model: nn.Module) -> nn.Module:
             d = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
                           device=w.device, dtype=w.dtype)
         else:
-            d = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+            d = (nn.Conv1d if isinstance(m, Conv1dSVDO) else nn.Conv2d)(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
                           m.dilation, m.groups, bias=m.bias is not None, device=w.device,
                           dtype=w.dtype)
         with torch.no_grad():

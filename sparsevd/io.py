@@ -15,7 +15,7 @@ The file is written atomically (a temporary file beside it, then a rename): a re
 file or the new one, never half of one. Files of format version 1 (whose digest did not cover the
 config) still load, with a warning.
 
-Supported modules: nn.Sequential, SparseLinear, SparseConv2d, nn.Linear, nn.Conv2d, batch norm
+Supported modules: nn.Sequential, SparseLinear, SparseConv2d, SparseConv1d, nn.Linear, nn.Conv2d, batch norm
 (1-D and 2-D, with running statistics), elementwise activations, dropout, pooling,
 Flatten/Unflatten, Softmax/LogSoftmax (exact types, not subclasses). A loaded model gives bit-identical outputs: same tensors, same plans, same kernels.
 """
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ._files import atomic_save_safetensors, digest, read_safetensors
-from .nn.sparse import SparseConv2d, SparseLinear
+from .nn.sparse import SparseConv1d, SparseConv2d, SparseLinear
 from .nn.svdo import SVDO_LAYERS
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "save", "SUPPORTED_MODULES"]
@@ -78,7 +78,7 @@ _SIMPLE: Dict[str, tuple] = {
     "LogSoftmax": (nn.LogSoftmax, ("dim",)),
 }
 _BATCHNORMS = {"BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d}
-SUPPORTED_MODULES = ("Sequential", "SparseLinear", "SparseConv2d", "Linear", "Conv2d", *_BATCHNORMS,
+SUPPORTED_MODULES = ("Sequential", "SparseLinear", "SparseConv2d", "SparseConv1d", "Linear", "Conv2d", *_BATCHNORMS,
                      *_SIMPLE)
 
 
@@ -114,13 +114,17 @@ def _describe(m: nn.Module, prefix: str, tensors: Dict[str, Tensor]) -> dict:
     if type(m) is nn.Sequential:
         return {"type": "Sequential",
                 "children": [[n, _describe(c, _key(prefix, n), tensors)] for n, c in m.named_children()]}
-    if type(m) in (SparseLinear, SparseConv2d):
+    if type(m) in (SparseLinear, SparseConv2d, SparseConv1d):
         for name in ("crow_indices", "col_indices", "values", "bias"):
             put(name, getattr(m, name))
         spec = {"type": kind, "dense_shape": list(m.dense_shape), "num_weights": m.num_weights,
                 "plan": _plan_json(m), "bias": m.bias is not None}
         if isinstance(m, SparseLinear):
             spec.update(in_features=m.in_features, out_features=m.out_features)
+        elif isinstance(m, SparseConv1d):  # the 1-D arguments (the second of each stored pair)
+            spec.update(in_channels=m.in_channels, out_channels=m.out_channels,
+                        kernel_size=[m.kernel_size[1]], stride=[m.stride[1]],
+                        padding=[m.padding[1]], dilation=[m.dilation[1]], groups=m.groups)
         else:
             spec.update(in_channels=m.in_channels, out_channels=m.out_channels,
                         kernel_size=list(m.kernel_size), stride=list(m.stride),
@@ -216,7 +220,7 @@ class _Builder:
                                      "is repeated or not a string")
                 seq.add_module(name, self.build(child, _key(prefix, name), depth + 1))
             return seq
-        if kind in ("SparseLinear", "SparseConv2d"):
+        if kind in ("SparseLinear", "SparseConv2d", "SparseConv1d"):
             crow = self.take(prefix, "crow_indices")
             col = self.take(prefix, "col_indices")
             values = self.take(prefix, "values")
@@ -227,9 +231,10 @@ class _Builder:
             if kind == "SparseLinear":
                 return SparseLinear(spec["in_features"], spec["out_features"], crow, col, values, bias,
                                     **common)
-            return SparseConv2d(spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]),
-                                tuple(spec["stride"]), tuple(spec["padding"]), tuple(spec["dilation"]),
-                                spec["groups"], crow, col, values, bias, **common)
+            conv = SparseConv1d if kind == "SparseConv1d" else SparseConv2d
+            return conv(spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]),
+                        tuple(spec["stride"]), tuple(spec["padding"]), tuple(spec["dilation"]),
+                        spec["groups"], crow, col, values, bias, **common)
         if kind in ("Linear", "Conv2d"):
             w = self.take(prefix, "weight")
             b = self.take(prefix, "bias") if spec["bias"] else None

@@ -8,9 +8,9 @@ from conftest import assert_close
 from torch import nn
 
 import sparsevd
-from sparsevd.deploy import BATCH_BUCKETS, _bucket_bounds, rule_mode
+from sparsevd.deploy import BATCH_BUCKETS, _bucket_bounds, dense_twin, rule_mode
 from sparsevd.models import LeNet5, LeNet300
-from sparsevd.nn import Conv2dSVDO, LinearSVDO, SparseConv2d, SparseLinear
+from sparsevd.nn import Conv1dSVDO, Conv2dSVDO, LinearSVDO, SparseConv1d, SparseConv2d, SparseLinear
 from sparsevd.nn.svdo import SVDO_LAYERS
 from sparsevd.ops.library import available as extension_available
 
@@ -215,6 +215,41 @@ def test_edge_models_match(name, cost_model):
         assert dep[0].out_channels == 6  # the two foldable-but-padded channels stay
     if name == "all_dead_layer":
         assert dep[2].out_features == 1 and dep[2].num_nonzero == 0
+
+
+@pytest.mark.parametrize("cost_model", ["csr", "dense", "rule", "measure"])
+def test_conv1d_model_deploys(cost_model, tmp_path):
+    """A model of Conv1dSVDO layers (a 1-D conv net: conv, ReLU, conv with groups, flatten,
+    linear) deploys to SparseConv1d layers whose outputs equal the eval model's and the dense
+    twin's, unbatched too; it saves and loads bit-exactly; asymmetric padding raises."""
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    model = nn.Sequential(Conv1dSVDO(3, 8, 5, padding=2), nn.ReLU(),
+                          Conv1dSVDO(8, 8, 3, stride=2, dilation=2, padding="valid", groups=2),
+                          nn.ReLU(), nn.Flatten(), LinearSVDO(8 * 7, 10))
+    model = train_steps(model, 5, (3, 17), batch=8)
+    prune(model, 0.7, torch.Generator().manual_seed(5))
+    dep = sparsevd.deploy(model, cost_model=cost_model, example_input=torch.randn(2, 3, 17))
+    assert [type(m) for m in dep if not isinstance(m, (nn.ReLU, nn.Flatten))] == [
+        SparseConv1d, SparseConv1d, SparseLinear]
+    twin = dense_twin(model)
+    assert isinstance(twin[0], nn.Conv1d)
+    for b in (1, 5, 33):
+        x = torch.randn(b, 3, 17)
+        with torch.no_grad():
+            e = model(x)
+            assert_close(dep(x), e, rtol=RTOL, atol=ATOL, name=f"batch {b}")
+            assert_close(twin(x), e, rtol=RTOL, atol=ATOL, name=f"dense twin, batch {b}")
+    with torch.no_grad():
+        one = dep[0](x[0])
+        assert_close(one, model[0](x[0]), rtol=RTOL, atol=ATOL, name="unbatched")
+    loaded = sparsevd.load(sparsevd.save(dep, tmp_path / "c1.safetensors"))
+    assert str(loaded) == str(dep) and isinstance(loaded[0], SparseConv1d)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), dep(x))
+    with pytest.raises(ValueError, match="^x: expected shape"):
+        dep[0](torch.randn(2, 3, 1, 17))
+    with pytest.raises(ValueError, match="asymmetric padding"):
+        sparsevd.deploy(Conv1dSVDO(2, 3, 4, padding="same").eval())
 
 
 def test_fp64_model():

@@ -1,4 +1,5 @@
-"""Deployed (inference) layers of sparse VD: SparseLinear and SparseConv2d, weights stored as CSR.
+"""Deployed (inference) layers of sparse VD: SparseLinear, SparseConv2d and SparseConv1d, weights
+stored as CSR.
 
 :func:`sparsevd.deploy` builds them from trained LinearSVDO / Conv2dSVDO layers: weights with
 log α ≥ threshold dropped, dead rows and columns removed, what remains stored as CSR (values in
@@ -38,13 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._args import IntOrPair, as_pair
+from .._args import IntOrPair, as_pair, as_single
 from ..reference import conv_out_size
 from ..ops.csr import csr_linear_torch, validate_csr, warn_fallback
 from ..ops.library import kernel_available
 from .svdo import conv_repr
 
-__all__ = ["SparseLinear", "SparseConv2d", "to_csr", "LINEAR_MODES", "CONV_MODES", "Plan"]
+__all__ = ["SparseLinear", "SparseConv2d", "SparseConv1d", "to_csr", "LINEAR_MODES", "CONV_MODES", "Plan"]
 
 LINEAR_MODES = ("csr", "dense", "masked")
 CONV_MODES = ("csr", "dense")
@@ -652,3 +653,65 @@ class SparseConv2d(_SparseBase):
         plan = ", ".join(f"{'≤' + str(b) if b is not None else 'else'}:{m}" for b, m in self.plan)
         return (conv_repr(self) + f", nnz={self.num_nonzero}, dense_shape={self.dense_shape}, "
                 f"bias={self.bias is not None}, plan=[{plan}]")
+
+
+class SparseConv1d(SparseConv2d):
+    """Deployed 1-D convolution: a :class:`SparseConv2d` over the input viewed as (N, C, 1, L)
+    with a (1, k) kernel (as :class:`~sparsevd.nn.Conv1dSVDO` trains it), the same CSR storage,
+    plans and semantics.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups: as nn.Conv1d
+            (ints, or sequences of one int; zero padding, symmetric); stored as the 2-D pairs
+            (1, k), (1, s), (0, p), (1, d) of the equivalent SparseConv2d (``kernel_size`` etc.
+            are those pairs).
+        crow_indices, col_indices, values, bias, dense_shape, num_weights, plan, check: as
+            :class:`SparseConv2d`; the CSR matrix is (out_channels, in_channels/groups · k).
+
+    Input (N, in_channels, L) or (in_channels, L); output (N, out_channels, L').
+
+    Raises: as :class:`SparseConv2d`; ValueError for a 1-D argument that is not an int (named).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrPair,
+                 stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
+                 groups: int = 1, crow_indices: Optional[Tensor] = None,
+                 col_indices: Optional[Tensor] = None, values: Optional[Tensor] = None,
+                 bias: Optional[Tensor] = None, *, dense_shape: Optional[Sequence[int]] = None,
+                 num_weights: Optional[int] = None, plan=None, check: bool = True) -> None:
+        k = as_single(kernel_size, "kernel_size", 1)
+        if dense_shape is None and groups > 0:
+            dense_shape = (out_channels, in_channels // groups, k)
+        super().__init__(in_channels, out_channels, (1, k), (1, as_single(stride, "stride", 1)),
+                         (0, as_single(padding, "padding", 0)),
+                         (1, as_single(dilation, "dilation", 1)), groups, crow_indices,
+                         col_indices, values, bias, dense_shape=dense_shape,
+                         num_weights=num_weights, plan=plan, check=check)
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Optional[Tensor] = None, stride: IntOrPair = 1,
+                   padding: IntOrPair = 0, dilation: IntOrPair = 1, groups: int = 1, *,
+                   index_dtype=None, **kwargs) -> "SparseConv1d":
+        """A SparseConv1d storing the nonzeros of ``weight`` (out, in/groups, k)."""
+        if weight.dim() != 3:
+            raise ValueError(f"weight: expected a 3-D (out, in/groups, k) tensor, got {tuple(weight.shape)}")
+        out_c, in_g, k = weight.shape
+        crow, col, val = to_csr(weight.detach().reshape(out_c, -1), index_dtype)
+        b = None if bias is None else bias.detach().to(weight.dtype)
+        return cls(in_g * groups, out_c, k, stride, padding, dilation, groups, crow, col, val, b,
+                   **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() not in (2, 3) or x.shape[-2] != self.in_channels:
+            raise ValueError(
+                f"x: expected shape (N, {self.in_channels}, L) or ({self.in_channels}, L), got "
+                f"{tuple(x.shape)}"
+            )
+        return super().forward(x.unsqueeze(-2)).squeeze(-2)
+
+    def extra_repr(self) -> str:
+        plan = ", ".join(f"{'≤' + str(b) if b is not None else 'else'}:{m}" for b, m in self.plan)
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size=({self.kernel_size[1]},), "
+                f"stride=({self.stride[1]},), padding=({self.padding[1]},), "
+                f"dilation=({self.dilation[1]},), groups={self.groups}, nnz={self.num_nonzero}, "
+                f"dense_shape={self.dense_shape}, bias={self.bias is not None}, plan=[{plan}]")
