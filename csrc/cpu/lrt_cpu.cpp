@@ -312,10 +312,12 @@ struct Weights {
 
 enum class CompactMode { kAuto, kNever, kAlways };
 
-// Compact (mode auto) when occupied rows × occupied columns <= this fraction of R × S: measured on
-// a 1024×1024 layer at batch 256, 2 threads (benchmarks/NOTES.md, "native train-time clip and
-// compaction"): below it the gathers and scatters cost less than the products they save.
-constexpr double kCompactMaxFraction = 0.75;
+// Compact (mode auto) when occupied rows × occupied columns <= this fraction of R × S. Measured on
+// a 1024×1024 layer at batch 256, forward + backward (benchmarks/NOTES.md, "native train-time clip
+// and compaction"): compacted / uncompacted time 0.89 at a block fraction of 0.60, 0.92 at 0.64,
+// 1.01 at 0.70, 1.14 at 0.80, 1.11 at 0.95 (1 thread; the 2-thread runs of that shared machine were
+// dominated by scheduling stalls, see there).
+constexpr double kCompactMaxFraction = 0.65;
 
 CompactMode parse_compact(const std::string& s) {
   if (s == "auto") return CompactMode::kAuto;
@@ -356,6 +358,34 @@ at::Tensor scatter_dim(const at::Tensor& c, int64_t dim, const at::Tensor& index
   shape[dim] = full;
   at::Tensor out = at::zeros(shape, c.options());
   out.index_copy_(dim, index, c);
+  return out;
+}
+
+// The weight-shaped (R, S[, kH, kW]) tensor `full` that is c (n, k[, kH, kW]) at the occupied rows
+// and columns of p and 0 elsewhere, in one pass that writes every element once.
+at::Tensor scatter_block(const at::Tensor& c, const Weights& p, at::IntArrayRef full) {
+  if (p.all_rows() && p.all_cols()) return c;
+  at::Tensor out = at::empty(full, c.options());
+  const int64_t R = p.R, S = p.S, ka = p.cols.size(0);
+  const int64_t win = R * S == 0 ? 0 : out.numel() / (R * S);
+  std::vector<int64_t> pos(R, -1);  // row r of out <- row pos[r] of c
+  const int64_t* prows = p.rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < p.rows.size(0); ++i) pos[prows[i]] = i;
+  const int64_t* pcols = p.cols.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "sparsevd_scatter_block", [&] {
+    const scalar_t* pc = c.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    const int64_t row = S * win;
+    at::parallel_for(0, R, std::max<int64_t>(1, kGrainPlain / std::max<int64_t>(row, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* dst = po + r * row;
+        std::fill(dst, dst + row, scalar_t(0));
+        if (pos[r] < 0) continue;
+        const scalar_t* src = pc + pos[r] * ka * win;
+        for (int64_t j = 0; j < ka; ++j) std::copy(src + j * win, src + (j + 1) * win, dst + pcols[j] * win);
+      }
+    });
+  });
   return out;
 }
 
@@ -418,11 +448,19 @@ Weights weights_pass(const at::Tensor& weight, const at::Tensor& log_sigma2, at:
         k.sigma2(pw + o, pl + o, thr, pwm + o, ps + o, pst + o, L);
         const uint8_t* st = pst + o;
         int64_t total = 0;
-        for (int64_t c = 0; c < S; ++c) {
-          int64_t occ = 0;
-          for (int64_t j = 0; j < win; ++j) occ += st[c * win + j] != 0;
-          col[c] += occ;
-          total += occ;
+        if (win == 1) {  // linear: one weight per (row, column)
+          for (int64_t c = 0; c < S; ++c) {
+            const int64_t occ = st[c] != 0;
+            col[c] += occ;
+            total += occ;
+          }
+        } else {
+          for (int64_t c = 0; c < S; ++c) {
+            int64_t occ = 0;
+            for (int64_t j = 0; j < win; ++j) occ += st[c * win + j] != 0;
+            col[c] += occ;
+            total += occ;
+          }
         }
         prow[r] = total;
       }
@@ -665,8 +703,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_linear_backward(
     mul_(t3, s2k);  // ∂log σ² = σ² ⊙ (g_s2ᵀ x2)
   }
   if (p.compact) {
-    gw = scatter_dim(scatter_dim(gw, 1, p.cols, K), 0, p.rows, N);
-    t3 = scatter_dim(scatter_dim(t3, 1, p.cols, K), 0, p.rows, N);
+    gw = scatter_block(gw, p, weight.sizes());
+    t3 = scatter_block(t3, p, weight.sizes());
   }
   at::Tensor gx;
   if (input_grad) {
@@ -814,8 +852,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_conv2d_backward(
     mul_(t3, s2k);  // ∂log σ² = σ² ⊙ conv_weight_grad(x2, g_s2)
   }
   if (p.compact) {
-    gw = scatter_dim(scatter_dim(gw, 1, p.cols, p.S), 0, p.rows, C);
-    t3 = scatter_dim(scatter_dim(t3, 1, p.cols, p.S), 0, p.rows, C);
+    gw = scatter_block(gw, p, weight.sizes());
+    t3 = scatter_block(t3, p, weight.sizes());
   }
   at::Tensor gx;
   if (input_grad) {

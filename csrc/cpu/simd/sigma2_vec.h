@@ -17,14 +17,17 @@ inline void sigma2_lanes(const float* w, const float* ls2, V::F thr, float* wm, 
   const V::F w2 = V::add(V::mul(wv, wv), V::set1(1e-8f));  // two roundings, as torch
   const V::F raw = V::sub(l, vlog<true>(w2));
   const V::F la = V::min(V::set1(10.0f), V::max(V::set1(-10.0f), raw));
-  const V::F m = V::mask_to_one(V::lt(la, thr));
+  const V::M keep = V::lt(la, thr);
+  const V::F m = V::mask_to_one(keep);
   const V::F a = V::mul(wv, m), b = V::mul(e, m);
   V::store(wm, a);
   V::store(s2, b);
-  alignas(64) float keep[V::W];
-  V::store(keep, m);
-  for (int j = 0; j < V::W; ++j)
-    state[j] = keep[j] != 0.0f ? uint8_t{1} : (wm[j] != 0.0f || s2[j] != 0.0f) ? uint8_t{2} : uint8_t{0};
+  // state: 1 kept; dropped: a + b is ±0, or NaN when θ·0 or σ²·0 is (then 2, else 0).
+  const V::F t = V::add(a, b);
+  const V::F st = V::select(keep, V::set1(1.0f), V::select(V::lt(t, V::set1(1.0f)), V::zero(), V::set1(2.0f)));
+  alignas(64) float sf[V::W];
+  V::store(sf, st);
+  for (int j = 0; j < V::W; ++j) state[j] = static_cast<uint8_t>(static_cast<int>(sf[j]));
 }
 
 inline void sigma2_f32(const float* w, const float* ls2, float thr, float* wm, float* s2, uint8_t* state,
