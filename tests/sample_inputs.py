@@ -94,19 +94,24 @@ def op_noise(shape, seed) -> torch.Tensor:
 
 def clip_case(w, ls2, dead_rows=(), dead_cols=()):
     """Make ``ls2`` (in place) a train-time clipping case and return its ``clip_threshold``:
-    the output rows ``dead_rows`` and input columns ``dead_cols`` (dim 1 of θ) get log σ² = 8
-    (log α clamps to 10: every weight there dropped), and the threshold is the midpoint of the
+    the output rows ``dead_rows`` and input columns ``dead_cols`` (dim 1 of θ) get log σ² = 8, or
+    log(θ² + 1e-8) + 10 where that is larger (|θ| > e⁻¹), so that log α clamps to 10 there: every
+    weight there dropped), and the threshold is the midpoint of the
     widest gap between neighbouring log α values in the middle of their range, so that about half
-    the other weights are dropped and no weight sits within rounding of the threshold."""
+    the other weights are dropped and no weight sits within rounding of the threshold (with a single
+    other weight, a threshold 1 above its log α: it is kept)."""
     with torch.no_grad():
+        dead = torch.clamp(torch.log(w * w + 1e-8) + 10.0, min=8.0).to(ls2.dtype)
         for r in dead_rows:
-            ls2[r] = 8.0
+            ls2[r] = dead[r]
         for c in dead_cols:
-            ls2[:, c] = 8.0
+            ls2[:, c] = dead[:, c]
         from sparsevd import reference as R
 
         la = R.log_alpha(w.double(), ls2.double()).flatten()
         la = la[la < 9.5].sort().values
+        if la.numel() == 1:
+            return float(la[0]) + 1.0
         if la.numel() < 2:
             return 0.0
         lo, hi = int(0.3 * (la.numel() - 1)), max(int(0.7 * (la.numel() - 1)), 1)
@@ -140,6 +145,18 @@ def dead_tiles(mask: torch.Tensor, block_n: int, block_k: int) -> int:
     return int((~live).sum())
 
 
+#: Train-time clipping of the linear layer by structure, for the backends that compact what is
+#: dead (test_native.py): (lead, in_features, out_features, dead output rows, dead input columns).
+CLIP_STRUCTURE_CASES = [
+    ((5,), 7, 4, (), ()),                                              # no whole row or column dead
+    ((33,), 123, 17, (0, 5, 16), (1, 2, 64, 122)),                     # dead rows and columns
+    ((9,), 40, 20, tuple(range(0, 20, 2)), tuple(range(1, 40, 3))),    # half the rows, a third of the columns
+    ((70,), 31, 300, tuple(range(0, 300, 3)), ()),                     # dead rows only; M·N > a parallel grain
+    ((2, 3), 50, 6, (), tuple(range(0, 50, 2))),                       # dead columns only, 3-D x
+    ((4,), 16, 9, tuple(range(1, 9)), tuple(range(1, 16))),            # one row and one column alive
+]
+
+
 # --------------------------------------------------------------------------------------- conv
 #: (N, C_in, H, W), (C_out, kH, kW), stride, padding, dilation, groups
 CONV_CASES = [
@@ -149,6 +166,17 @@ CONV_CASES = [
     ((2, 4, 8, 9), (6, 3, 2), (2, 1), (1, 0), (1, 2), 2),
     ((3, 4, 5, 5), (4, 3, 3), 1, 1, 1, 4),
     ((1, 1, 4, 4), (1, 1, 1), 1, 0, 1, 1),
+]
+
+
+#: Train-time clipping of conv2d by structure (test_native.py): x shape, (C_out, kH, kW), stride,
+#: padding, dilation, groups, dead output channels, dead input channels (dim 1 of θ).
+CLIP_CONV_STRUCTURE_CASES = [
+    ((2, 3, 7, 7), (4, 3, 3), 1, 0, 1, 1, (), ()),
+    ((1, 5, 6, 6), (7, 3, 3), 1, 1, 1, 1, (1, 2, 6), (0, 3)),
+    ((2, 6, 9, 8), (8, 3, 3), 2, 1, 1, 1, tuple(range(7)), (1, 2, 3, 4, 5)),  # one channel of each alive
+    ((2, 4, 8, 9), (6, 3, 2), (2, 1), (1, 0), (1, 2), 2, (0, 5), (1,)),       # groups = 2
+    ((2, 4, 8, 8), (5, 2, 2), 1, (0, 1, 0, 1), 1, 1, (2,), (1,)),            # per-side padding ("same")
 ]
 
 

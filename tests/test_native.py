@@ -2,7 +2,8 @@
 (sparsevd/ops/reference_impl.py, called directly) and fp64 oracles on IDENTICAL noise (same seed):
 the vectorized noise against the torch specification, LRT linear / conv2d forward and backward for
 awkward, 3-D, non-contiguous and empty shapes, fp32 / fp64 / bf16 / CPU bf16 autocast, gradcheck,
-opcheck, torch.compile, the σ² cache, the KL and its non-finite flags, threads and argument checks.
+opcheck, torch.compile, the σ² cache, train-time clipping (in-kernel masks, compaction of dead rows
+and columns, the occupancy hook), the KL and its non-finite flags, threads and argument checks.
 
 Every kernel set this CPU supports (AVX-512, AVX2, portable) is tested where results could differ
 between them (``isa`` fixture)."""
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_close
+from sample_inputs import CLIP_CONV_STRUCTURE_CASES, CLIP_STRUCTURE_CASES, as_list, clip_case
 
 import sparsevd
 import sparsevd.functional as SF
@@ -589,6 +591,289 @@ def test_sigma2_cache_off_gives_the_same_results():
     finally:
         torch.ops.sparsevd.native_sigma2_cache(True)
     assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
+
+
+# ------------------------------------------------------------------------- train-time clipping
+@pytest.fixture(params=["never", "always", "auto"])
+def compact(request):
+    """Each way of running the clipped products: never compacted, compacted whenever a whole row
+    or column is dead, or the measured rule (native_set_compact)."""
+    old = torch.ops.sparsevd.native_set_compact(request.param)
+    yield request.param
+    torch.ops.sparsevd.native_set_compact(old)
+
+
+def _with_compact(mode, fn):
+    old = torch.ops.sparsevd.native_set_compact(mode)
+    try:
+        return fn()
+    finally:
+        torch.ops.sparsevd.native_set_compact(old)
+
+
+def _clip_linear(lead, k, n, dead_rows, dead_cols, dtype=F64):
+    x, w, ls2, b = linear_inputs(lead, k, n, F64, True, contiguous=len(lead) == 1)
+    thr = clip_case(w, ls2, dead_rows, dead_cols)
+    return [t.to(dtype) for t in (x, w, ls2, b)], thr
+
+
+def _check_clip_linear(x, w, ls2, b, thr, rtol_f, rtol_b, dead_rows=(), dead_cols=()):
+    """Native forward and every gradient with clipping against the reference backend (the mask
+    applied, identical noise), exact zeros where dead, everything finite."""
+    seed = fresh_seed()
+    y_r, std_r = RI.lrt_linear_fwd(x, w, ls2, b, seed, thr)
+    y, std = NI.lrt_linear_fwd(x, w, ls2, b, seed, thr)
+    assert y.shape == y_r.shape and y.dtype == y_r.dtype and std.dtype == std_r.dtype
+    assert torch.isfinite(y).all() and torch.isfinite(std).all()
+    close(y, y_r, rtol_f, "y", atol_rel=rtol_f / 5)
+    close(std, std_r, rtol_f, "std")
+    if dead_rows:  # s² = 0 exactly: std = sqrt(1e-8) (the reference's bits), y = b + sqrt(1e-8)·ξ
+        d = list(dead_rows)
+        assert torch.all(std[..., d] == std[..., d].flatten()[0]), "dead rows: s² = 0 exactly"
+        assert_close(std[..., d], std_r[..., d], rtol=1e-6, atol=0, name="dead rows: std = sqrt(1e-8)")
+    g = torch.randn_like(y)
+    ref = RI.lrt_linear_bwd(g, x, w, ls2, std_r, seed, True, thr)
+    got = NI.lrt_linear_bwd(g, x, w, ls2, std, seed, True, thr)
+    m = R.clip_mask(w, ls2, thr) != 0
+    for name, a, e in zip(("grad_x", "grad_weight", "grad_log_sigma2", "grad_bias"), got, ref):
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        assert torch.isfinite(a).all(), f"{name}: unwritten or non-finite elements"
+        close(a, e, rtol_b, name, atol_rel=rtol_b / 5)
+    assert torch.all(got[1][~m] == 0) and torch.all(got[2][~m] == 0), "dropped weights: zero gradients"
+    if dead_cols:
+        assert torch.all(got[0][..., list(dead_cols)] == 0), "dead input columns: ∂x = 0"
+    no_dx = NI.lrt_linear_bwd(g, x, w, ls2, std, seed, False, thr)
+    assert no_dx[0].numel() == 0
+    for a, e in zip(no_dx[1:], got[1:]):
+        assert torch.equal(a, e)
+    return y, std, got
+
+
+@pytest.mark.parametrize("lead,k,n,dead_rows,dead_cols", CLIP_STRUCTURE_CASES)
+def test_clip_linear_equals_reference(isa, compact, lead, k, n, dead_rows, dead_cols):
+    """Clipped native forward and gradients equal the reference backend's on identical noise:
+    fp32 to the tolerances of the unclipped tests, fp64 to rounding; every compaction mode and
+    kernel set."""
+    (x, w, ls2, b), thr = _clip_linear(lead, k, n, dead_rows, dead_cols)
+    m = R.clip_mask(w, ls2, thr)
+    assert 0 < int(m.sum()) < m.numel()
+    _check_clip_linear(x, w, ls2, b, thr, 1e-12, 1e-11, dead_rows, dead_cols)
+    x, w, ls2, b = (t.float() for t in (x, w, ls2, b))
+    _check_clip_linear(x, w, ls2, b, thr, 1e-5, 2e-5, dead_rows, dead_cols)
+
+
+@pytest.mark.parametrize("thr", [-11.0, 11.0])
+def test_clip_linear_all_dead_and_none_dead(compact, thr):
+    """−11: every weight dropped (y = b + sqrt(1e-8)·ξ, zero ∂x, ∂θ, ∂log σ²); 11: none (log α ≤ 10),
+    bit-identical to no clipping."""
+    x, w, ls2, b = linear_inputs((6,), 9, 5)
+    seed = fresh_seed()
+    _check_clip_linear(x, w, ls2, b, thr, 1e-5, 2e-5, range(5) if thr < 0 else (), range(9) if thr < 0 else ())
+    y, std = NI.lrt_linear_fwd(x, w, ls2, b, seed, thr)
+    g = torch.randn_like(y)
+    grads = NI.lrt_linear_bwd(g, x, w, ls2, std, seed, True, thr)
+    if thr > 0:
+        y0, std0 = NI.lrt_linear_fwd(x, w, ls2, b, seed)
+        assert torch.equal(y, y0) and torch.equal(std, std0)
+        for a, e in zip(grads, NI.lrt_linear_bwd(g, x, w, ls2, std0, seed)):
+            assert torch.equal(a, e)
+    else:
+        xi = noise.lrt_noise(seed, y.shape)
+        assert torch.all((std - 1e-4).abs() < 1e-11)
+        assert_close(y, b + std * xi, rtol=1e-6, atol=1e-7, name="all dead")
+        assert not grads[0].any() and not grads[1].any() and not grads[2].any() and grads[3].all()
+
+
+@pytest.mark.parametrize("lead,k,n,dead_rows,dead_cols", CLIP_STRUCTURE_CASES)
+def test_clip_linear_compacted_equals_uncompacted(lead, k, n, dead_rows, dead_cols):
+    """The compacted products against the full ones (fp32, same inputs and seed): the GEMMs sum
+    the same nonzero terms, fewer exact zeros and in another order, so each output moves by at
+    most ~K·eps·Σ|terms| (K <= 123 here: ~1e-5 relative to the largest output); checked with
+    rtol 1e-5 and atol 1e-6·max|expected|. ∂θ / ∂log σ² of dead weights, ∂x of dead columns and
+    the std of dead rows are exact."""
+    (x, w, ls2, b), thr = _clip_linear(lead, k, n, dead_rows, dead_cols, torch.float32)
+    seed = fresh_seed()
+
+    def run():
+        y, std = NI.lrt_linear_fwd(x, w, ls2, b, seed, thr)
+        return (y, std, *NI.lrt_linear_bwd(torch.ones_like(y), x, w, ls2, std, seed, True, thr))
+
+    full = _with_compact("never", run)
+    comp = _with_compact("always", run)
+    for name, a, e in zip(("y", "std", "grad_x", "grad_weight", "grad_log_sigma2", "grad_bias"), comp, full):
+        assert torch.isfinite(a).all(), name
+        close(a, e, 1e-5, f"compacted {name}", atol_rel=1e-6)
+        assert torch.equal(a == 0, e == 0) or name in ("y",), f"{name}: the same exact zeros"
+
+
+def test_clip_occupancy_equals_torch(isa):
+    """native_clip_occupancy against the per-row / per-column sums of sparsevd.reference.clip_mask
+    (fp32 and fp64, linear and conv shapes, thresholds across the log α range, 1 and 2 threads):
+    the masks agree exactly: same formula, roundings, NaN and clamp rules, threshold rounded to the
+    dtype as torch rounds the scalar of a comparison (ties at the clamp: 10 < 10.0000001 is false
+    in fp32). Not tested: thresholds within an ulp of a weight's log α, where the kernel's log and
+    torch's (both ≤ 1 ulp, neither correctly rounded everywhere: ~2 % of fp32 inputs each) can fall
+    on either side (benchmarks/NOTES.md, "native train-time clip and compaction")."""
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            for shape in ((300, 784), (17, 5), (7, 3, 5, 5), (1, 1)):
+                for dtype in (torch.float32, F64):
+                    w = torch.randn(shape, dtype=dtype) / math.sqrt(shape[-1])
+                    w.view(-1)[: min(3, w.numel())] = 0.0  # θ = 0: log(0 + 1e-8)
+                    ls2 = torch.randn(shape, dtype=dtype) * 3 - 4
+                    if w.numel() > 8:  # at the clamps: log α = ±10
+                        ls2.view(-1)[4:6] = 30.0
+                        ls2.view(-1)[6:8] = -30.0
+                    for thr in (-11.0, -10.0, -9.9999999, -3.0, 0.0, 0.7, 2.9, 10.0, 10.0000001, 11.0):
+                        rows, cols = torch.ops.sparsevd.native_clip_occupancy(w, ls2, thr)
+                        m = R.clip_mask(w, ls2, thr)
+                        other = tuple(d for d in range(m.dim()) if d != 1)
+                        assert rows.dtype == cols.dtype == torch.int64
+                        assert torch.equal(rows, m.flatten(1).sum(1).long()), (shape, dtype, thr)
+                        assert torch.equal(cols, m.sum(other).long()), (shape, dtype, thr)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_clip_occupancy_counts_nonfinite_dropped_weights():
+    """A dropped weight whose θ·0 or σ²·0 is NaN (log σ² NaN or +inf, θ NaN) still occupies its row
+    and column, so the compacted products keep the reference's NaN there."""
+    w = torch.randn(4, 6)
+    ls2 = torch.full((4, 6), 8.0)  # everything dropped at threshold 0
+    ls2[1, 2] = float("nan")
+    ls2[3, 4] = float("inf")
+    rows, cols = torch.ops.sparsevd.native_clip_occupancy(w, ls2, 0.0)
+    assert rows.tolist() == [0, 1, 0, 1] and cols.tolist() == [0, 0, 1, 0, 1, 0]
+    x, b, seed = torch.randn(3, 6), torch.randn(4), fresh_seed()
+    y_r, _ = RI.lrt_linear_fwd(x, w, ls2, b, seed, 0.0)
+    for mode in ("never", "always"):
+        y, _ = _with_compact(mode, lambda: NI.lrt_linear_fwd(x, w, ls2, b, seed, 0.0))
+        assert torch.equal(torch.isnan(y), torch.isnan(y_r)), mode
+        assert_close(y[:, [0, 2]], y_r[:, [0, 2]], rtol=1e-6, atol=1e-7, name=f"finite rows {mode}")
+
+
+@pytest.mark.parametrize("xs,ws,stride,padding,dilation,groups,dead_out,dead_in", CLIP_CONV_STRUCTURE_CASES)
+def test_clip_conv2d_equals_reference(compact, xs, ws, stride, padding, dilation, groups, dead_out, dead_in):
+    """Clipped conv2d forward and gradients against the reference backend (fp32 and fp64),
+    exact zeros for dropped weights, dead output channels (std = sqrt(1e-8)) and dead input
+    channels (∂x), everything finite, and the compacted results against the uncompacted."""
+    args = (as_list(stride), list(padding) if isinstance(padding, tuple) and len(padding) == 4
+            else as_list(padding), as_list(dilation), groups)
+    x, w, ls2, b = conv_inputs(xs, ws, groups, F64)
+    thr = clip_case(w, ls2, dead_out, dead_in)
+    m = R.clip_mask(w, ls2, thr) != 0
+    assert 0 < int(m.sum()) < m.numel()
+    for dtype, rtol in ((F64, 1e-11), (torch.float32, 2e-5)):
+        xd, wd, ld, bd = (t.to(dtype) for t in (x, w, ls2, b))
+        seed = fresh_seed()
+        y_r, std_r = RI.lrt_conv2d_fwd(xd, wd, ld, bd, seed, *args, thr)
+        y, std = NI.lrt_conv2d_fwd(xd, wd, ld, bd, seed, *args, thr)
+        assert y.shape == y_r.shape and torch.isfinite(y).all() and torch.isfinite(std).all()
+        close(y, y_r, rtol, f"y {dtype}")
+        close(std, std_r, rtol, f"std {dtype}")
+        if dead_out:  # s² = 0 exactly: std = sqrt(1e-8)
+            d = std[:, list(dead_out)]
+            assert torch.all(d == d.flatten()[0])
+            assert_close(d, std_r[:, list(dead_out)], rtol=1e-6, atol=0, name="dead channels: std")
+        g = torch.randn_like(y_r)
+        ref = RI.lrt_conv2d_bwd(g, xd, wd, ld, std_r, seed, *args, True, thr)
+        got = NI.lrt_conv2d_bwd(g, xd, wd, ld, std, seed, *args, True, thr)
+        for name, a, e in zip(("grad_x", "grad_weight", "grad_log_sigma2", "grad_bias"), got, ref):
+            assert a.shape == e.shape and a.dtype == e.dtype and torch.isfinite(a).all(), name
+            close(a, e, rtol, f"{name} {dtype}")
+        assert torch.all(got[1][~m] == 0) and torch.all(got[2][~m] == 0)
+        if dead_in and groups == 1:
+            assert torch.all(got[0][:, list(dead_in)] == 0)
+        no_dx = NI.lrt_conv2d_bwd(g, xd, wd, ld, std, seed, *args, False, thr)
+        assert no_dx[0].numel() == 0 and all(torch.equal(a, e) for a, e in zip(no_dx[1:], got[1:]))
+        if dtype == torch.float32 and compact == "always":  # compacted vs uncompacted (see the linear test)
+            full = _with_compact("never", lambda: (
+                *NI.lrt_conv2d_fwd(xd, wd, ld, bd, seed, *args, thr),
+                *NI.lrt_conv2d_bwd(g, xd, wd, ld, std, seed, *args, True, thr)))
+            for name, a, e in zip(("y", "std", "gx", "gw", "gls2", "gb"), (y, std, *got), full):
+                close(a, e, 1e-5, f"compacted {name}", atol_rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["never", "always"])
+def test_clip_gradcheck(mode):
+    """fp64 gradcheck of the clipped linear and conv2d ops (tiny, with dead rows and columns),
+    through autograd, compacted and not."""
+    old = torch.ops.sparsevd.native_set_compact(mode)
+    try:
+        x, w, ls2, b = linear_inputs((4,), 6, 5, F64)
+        thr = clip_case(w, ls2, (1,), (2, 4))
+        seed = fresh_seed()
+        leaves = [t.requires_grad_() for t in (x, w, ls2, b)]
+        assert torch.autograd.gradcheck(lambda *a: SF.lrt_linear(*a, seed=seed, clip_threshold=thr), leaves)
+        x, w, ls2, b = conv_inputs((1, 3, 5, 4), (4, 2, 2), 1, F64)
+        thr = clip_case(w, ls2, (0, 3), (1,))
+        args = ([1, 1], [1, 0], [1, 1], 1)
+        leaves = [t.requires_grad_() for t in (x, w, ls2, b)]
+        assert torch.autograd.gradcheck(
+            lambda *a: SF.lrt_conv2d(*a, *args, seed=seed, clip_threshold=thr), leaves)
+    finally:
+        torch.ops.sparsevd.native_set_compact(old)
+
+
+def test_clip_state_reused_by_backward_and_keyed_on_weight():
+    """The backward reuses the forward's σ² pass under clipping (one hit, no miss); an in-place
+    change of θ between them (a new version) makes it run the pass again on the new θ."""
+    torch.ops.sparsevd.native_sigma2_cache(True)
+    x, w, ls2, b = linear_inputs((8,), 40, 20)
+    thr = clip_case(w, ls2, (0, 3), (5, 7, 9))
+    seed = fresh_seed()
+    y, std = NI.lrt_linear_fwd(x, w, ls2, b, seed, thr)
+    g = torch.randn_like(y)
+    h0, m0, _ = torch.ops.sparsevd.native_sigma2_cache_stats()
+    got = NI.lrt_linear_bwd(g, x, w, ls2, std, seed, True, thr)
+    h1, m1, _ = torch.ops.sparsevd.native_sigma2_cache_stats()
+    assert (h1 - h0, m1 - m0) == (1, 0)
+    for a, e in zip(got, RI.lrt_linear_bwd(g, x, w, ls2, std, seed, True, thr)):
+        close(a, e, 2e-5, "cached", atol_rel=4e-6)
+    w.mul_(3.0)  # bumps θ's version: log α and the mask change
+    got = NI.lrt_linear_bwd(g, x, w, ls2, std, seed, True, thr)
+    h2, m2, _ = torch.ops.sparsevd.native_sigma2_cache_stats()
+    assert (h2 - h1, m2 - m1) == (0, 1)
+    for a, e in zip(got, RI.lrt_linear_bwd(g, x, w, ls2, std, seed, True, thr)):
+        close(a, e, 2e-5, "after θ changed", atol_rel=4e-6)
+    # an unclipped backward never takes a clipped entry
+    NI.lrt_linear_bwd(g, x, w, ls2, std, seed)
+    assert torch.ops.sparsevd.native_sigma2_cache_stats()[1] == m2 + 1
+
+
+def test_clip_two_threads_structured_layer():
+    """A LeNet-sized layer (300×784, 235k weights: the σ² pass splits its rows over threads and
+    sums per-thread column counts) with structured death, on 2 threads: the reference's results
+    and the same occupancy as on 1 thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        (x, w, ls2, b), thr = _clip_linear((64,), 784, 300, tuple(range(0, 300, 2)),
+                                           tuple(range(0, 784, 3)), torch.float32)
+        two = torch.ops.sparsevd.native_clip_occupancy(w, ls2, thr)
+        _check_clip_linear(x, w, ls2, b, thr, 1e-5, 2e-5, range(0, 300, 2), range(0, 784, 3))
+        torch.set_num_threads(1)
+        one = torch.ops.sparsevd.native_clip_occupancy(w, ls2, thr)
+        assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_clip_argument_checks():
+    x, w, ls2, b = linear_inputs((3,), 4, 5)
+    s = fresh_seed()
+    with pytest.raises(RuntimeError, match="clip_threshold"):
+        torch.ops.sparsevd.native_lrt_linear(x, w, ls2, b, s, float("nan"))
+    with pytest.raises(RuntimeError, match="clip_threshold"):
+        torch.ops.sparsevd.native_clip_occupancy(w, ls2, float("inf"))
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.ops.sparsevd.native_clip_occupancy(w[0], ls2[0], 0.0)
+    with pytest.raises(RuntimeError, match="log_sigma2"):
+        torch.ops.sparsevd.native_clip_occupancy(w, ls2[:, :2], 0.0)
+    with pytest.raises(RuntimeError, match="mode"):
+        torch.ops.sparsevd.native_set_compact("sometimes")
 
 
 # ------------------------------------------------------------------------------------------ KL

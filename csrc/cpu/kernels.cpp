@@ -37,6 +37,7 @@ constexpr int kRandnGroups = 3;  // 3 x 16 lanes in flight: 24 zmm of Philox sta
 #include "simd/philox_vec.h"
 #include "kernels_body.h"
 #include "simd/kl_vec.h"
+#include "simd/sigma2_vec.h"
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -49,6 +50,7 @@ constexpr int kRandnGroups = 2;  // 2 x 8 lanes: 8 ymm of Philox state
 #include "simd/philox_vec.h"
 #include "kernels_body.h"
 #include "simd/kl_vec.h"
+#include "simd/sigma2_vec.h"
 }  // namespace avx2
 #pragma GCC pop_options
 #endif  // SPARSEVD_X86
@@ -60,6 +62,10 @@ inline void randn_fill(philox::Key key, uint32_t counter, float* out, int64_t n)
 #include "kernels_body.h"
 inline KlPartial kl_f32(const float* w, const float* ls2, float* gw, float* gls2, int64_t n) {
   return kl_libm<float>(w, ls2, gw, gls2, n);
+}
+inline void sigma2_f32(const float* w, const float* ls2, float thr, float* wm, float* s2, uint8_t* state,
+                       int64_t n) {
+  sigma2_libm<float>(w, ls2, thr, wm, s2, state, n);
 }
 }  // namespace scalar
 

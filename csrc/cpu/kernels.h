@@ -32,6 +32,17 @@ struct ElementwiseKernels {
   // Backward prologue: g_s2 = g·ξ / (2·std); when gb != nullptr also gb[c] += g (fp64 sums).
   void (*lrt_backward_gs2)(const T* g, const T* std, T* gs2, double* gb, int64_t C, int64_t inner,
                            int64_t first, philox::Key key, int64_t n);
+  // σ² pass of the LRT ops (lrt_cpu.cpp, "σ² pass"): s2 = exp(ls2). With train-time clipping
+  // (state != nullptr) also, per weight, the mask of sparsevd.reference.clip_mask,
+  //   m = [clamp(ls2 − log(w·w + 1e-8), −10, 10) < thr]   (w·w and + 1e-8 rounded separately, as
+  //   torch's two ops; NaN log α → m = 0; thr is the threshold rounded to T, as torch rounds a
+  //   scalar for a comparison with a T tensor),
+  // and wm = w·m, s2 = exp(ls2)·m (NaN·0 and inf·0 stay NaN, as in the reference), state = 1 where
+  // m = 1, 2 where m = 0 but wm or s2 is not 0 (a non-finite weight: it still occupies its row and
+  // column), 0 where the weight is dropped. Without clipping w, wm and state are nullptr and thr unused.
+  void (*sigma2)(const T* w, const T* ls2, T thr, T* wm, T* s2, uint8_t* state, int64_t n);
+  // Clipped weight-gradient epilogue: gw = gw·[state == 1] (∂θ ⊙ m), t3 = t3·s2m (∂log σ² = σ²m ⊙ T3).
+  void (*clip_grads)(T* gw, T* t3, const uint8_t* state, const T* s2m, int64_t n);
   void (*add_2x_mul)(T* acc, const T* x, const T* t, int64_t n);  // acc = acc + (2x)·t
   void (*mul_inplace)(T* a, const T* b, int64_t n);                 // a = a·b
   void (*square)(const T* x, T* out, int64_t n);                    // out = x·x

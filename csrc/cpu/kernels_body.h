@@ -8,6 +8,9 @@ constexpr int64_t kChunk = 480;  // ξ buffer per chunk (1.9 KB, L1), a multiple
 
 // Defined after this body by the includer (simd/kl_vec.h, or kl_libm<float> in the portable build).
 inline KlPartial kl_f32(const float* w, const float* ls2, float* gw, float* gls2, int64_t n);
+// Likewise (simd/sigma2_vec.h, or sigma2_libm<float>).
+inline void sigma2_f32(const float* w, const float* ls2, float thr, float* wm, float* s2, uint8_t* state,
+                       int64_t n);
 
 // Splits the local indices [0, n) of a chunk starting at flat index `first` of an (outer, C, inner)
 // array into runs of one bias slot pattern and calls fn(i0, i1, c, stride): inner == 1, a piece of
@@ -101,6 +104,38 @@ void lrt_backward_gs2(const T* __restrict g, const T* __restrict sd, T* __restri
   });
 }
 
+// σ² pass (kernels.h) with the C library's exp and log: fp64 everywhere, fp32 in the portable build.
+template <typename T>
+void sigma2_libm(const T* __restrict w, const T* __restrict ls2, T thr, T* __restrict wm, T* __restrict s2,
+                 uint8_t* __restrict state, int64_t n) {
+  if (state == nullptr) {
+    for (int64_t i = 0; i < n; ++i) s2[i] = std::exp(ls2[i]);
+    return;
+  }
+  const T clamp = static_cast<T>(10), eps = static_cast<T>(1e-8);
+  for (int64_t i = 0; i < n; ++i) {
+    const T wi = w[i], li = ls2[i];
+    const T w2 = wi * wi;  // -std=c++20: no FMA contraction, two roundings as torch's w * w + 1e-8
+    const T raw = li - std::log(w2 + eps);
+    const T la = std::isnan(raw) ? raw : std::min(clamp, std::max(-clamp, raw));
+    const bool keep = la < thr;
+    const T m = keep ? T(1) : T(0);
+    const T a = wi * m, b = std::exp(li) * m;
+    wm[i] = a;
+    s2[i] = b;
+    state[i] = keep ? uint8_t{1} : (a != T(0) || b != T(0)) ? uint8_t{2} : uint8_t{0};
+  }
+}
+
+template <typename T>
+void clip_grads(T* __restrict gw, T* __restrict t3, const uint8_t* __restrict state, const T* __restrict s2m,
+                int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    gw[i] = gw[i] * static_cast<T>(state[i] == 1);
+    t3[i] = t3[i] * s2m[i];
+  }
+}
+
 template <typename T>
 void add_2x_mul(T* __restrict acc, const T* __restrict x, const T* __restrict t, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] = acc[i] + (static_cast<T>(2) * x[i]) * t[i];
@@ -146,10 +181,13 @@ KlPartial kl_libm(const T* __restrict w, const T* __restrict ls2, T* __restrict 
 }
 
 template <typename T>
-constexpr ElementwiseKernels<T> make_elementwise(KlPartial (*kl)(const T*, const T*, T*, T*, int64_t)) {
-  return {&lrt_forward<T>, &lrt_backward_gs2<T>, &add_2x_mul<T>, &mul_inplace<T>, &square<T>, kl};
+constexpr ElementwiseKernels<T> make_elementwise(void (*sigma2)(const T*, const T*, T, T*, T*, uint8_t*, int64_t),
+                                                 KlPartial (*kl)(const T*, const T*, T*, T*, int64_t)) {
+  return {&lrt_forward<T>, &lrt_backward_gs2<T>, sigma2, &clip_grads<T>, &add_2x_mul<T>, &mul_inplace<T>,
+          &square<T>, kl};
 }
 
 inline Kernels make_kernels(const char* isa) {
-  return {isa, &randn_fill, make_elementwise<float>(&kl_f32), make_elementwise<double>(&kl_libm<double>)};
+  return {isa, &randn_fill, make_elementwise<float>(&sigma2_f32, &kl_f32),
+          make_elementwise<double>(&sigma2_libm<double>, &kl_libm<double>)};
 }

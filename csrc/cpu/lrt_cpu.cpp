@@ -15,8 +15,13 @@
 //             ∂θ = gᵀ x,  T3 = g_s2ᵀ x2,  [T1 = g θ,  T2 = g_s2 σ²]   (2 or 4 products)
 //             ∂log σ² = σ² ⊙ T3,  [∂x = T1 + 2x ⊙ T2]        (passes 3, 4)
 //
-// (convolution: conv(x, θ), conv(x2, σ²) and their input / weight gradients instead.) The forward
-// files σ² = exp(log σ²) under its std output, so the backward reuses it (sigma2_remember). ξ is
+// (convolution: conv(x, θ), conv(x2, σ²) and their input / weight gradients instead.) σ² =
+// exp(log σ²) comes from the σ² pass over the parameters (below), which under train-time clipping
+// (clip_threshold) also forms θ ⊙ m, σ² ⊙ m and the occupancy of the rows and columns of θ; the
+// products then use θ ⊙ m and σ² ⊙ m, on the occupied rows and columns only when enough are dead
+// ("compaction"), and the backward's epilogue multiplies ∂θ by m (∂log σ² = σ²m ⊙ T3 is zero there
+// already). The forward files what the σ² pass made under its std output, so the backward reuses
+// it (weights_remember). ξ is
 // regenerated in the backward rather than kept (benchmarks/NOTES.md, "Native CPU backend", has the
 // measurements behind both choices). GEMMs run one after the other, each on all of torch's
 // threads, or — with 2 <= threads <= number of GEMMs — concurrently, one single-threaded GEMM per
@@ -36,6 +41,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -106,115 +112,6 @@ void run_products(const std::vector<std::function<void()>>& jobs, bool nestable)
     at::ThreadLocalStateGuard guard(state);
     for (int64_t i = begin; i < end; ++i) jobs[i]();
   });
-}
-
-// ------------------------------------------------------------------------------------ σ² cache
-// σ² = exp(log σ²) in the compute dtype is formed once per training step: the forward computes it
-// and files it under the std tensor it returns; the backward, which receives that std (saved by
-// autograd), finds it here instead of recomputing it. An entry lives as long as that std tensor
-// (held weakly: when autograd frees the graph, the entry expires and is dropped), and is used only
-// if log σ² is still the same tensor at the same version (storage, pointer, offset, sizes,
-// strides, dtypes, version counter) — which autograd itself guarantees for a saved tensor.
-//
-// Why not also reuse σ² across forwards until the optimizer step (keyed on the version counter
-// alone): writes through `.data` do not bump the version counter, and torch.autograd.gradcheck
-// perturbs its inputs exactly that way; a version-keyed cache would serve it a stale σ².
-struct Sigma2Entry {
-  c10::weak_intrusive_ptr<c10::StorageImpl> std_storage{
-      c10::weak_intrusive_ptr<c10::StorageImpl>(c10::intrusive_ptr<c10::StorageImpl>())};
-  const void* std_data = nullptr;
-  const c10::StorageImpl* ls2_storage = nullptr;  // compared only while the entry's std is alive
-  const void* ls2_data = nullptr;
-  int64_t ls2_offset = 0;
-  std::vector<int64_t> sizes, strides;
-  at::ScalarType src = at::kFloat, dst = at::kFloat;
-  int64_t version = -1;
-  at::Tensor value;
-};
-
-struct Sigma2Cache {
-  static constexpr size_t kMaxEntries = 64;  // live forward-backward pairs (layers x micro-batches)
-  std::mutex mu;
-  std::vector<Sigma2Entry> entries;
-  int64_t hits = 0, misses = 0;
-  bool enabled = true;
-};
-
-Sigma2Cache& sigma2_cache() {
-  static Sigma2Cache* cache = new Sigma2Cache();  // leaked: no destruction order issue at exit
-  return *cache;
-}
-
-at::Tensor sigma2_compute(const at::Tensor& log_sigma2, at::ScalarType ct) {
-  return at::exp(log_sigma2.to(ct)).contiguous();
-}
-
-bool cacheable(const at::Tensor& t) { return t.has_storage() && !t.is_inference(); }
-
-// Files σ² (computed from log_sigma2) under the forward's std output.
-void sigma2_remember(const at::Tensor& std_out, const at::Tensor& log_sigma2, at::ScalarType ct,
-                     const at::Tensor& value) {
-  if (!cacheable(std_out) || !cacheable(log_sigma2)) return;
-  Sigma2Cache& cache = sigma2_cache();
-  std::lock_guard<std::mutex> lock(cache.mu);
-  if (!cache.enabled) return;
-  auto& v = cache.entries;
-  v.erase(std::remove_if(v.begin(), v.end(), [](const Sigma2Entry& e) { return e.std_storage.expired(); }),
-          v.end());
-  if (v.size() >= Sigma2Cache::kMaxEntries) v.erase(v.begin());  // the oldest
-  Sigma2Entry e;
-  e.std_storage = std_out.storage().getWeakStorageImpl();
-  e.std_data = std_out.data_ptr();
-  e.ls2_storage = log_sigma2.storage().unsafeGetStorageImpl();
-  e.ls2_data = log_sigma2.data_ptr();
-  e.ls2_offset = log_sigma2.storage_offset();
-  e.sizes = log_sigma2.sizes().vec();
-  e.strides = log_sigma2.strides().vec();
-  e.src = log_sigma2.scalar_type();
-  e.dst = ct;
-  e.version = log_sigma2._version();
-  e.value = value;
-  v.push_back(std::move(e));
-}
-
-// σ² for the backward that received `std`: the forward's, or computed afresh.
-at::Tensor sigma2_for_backward(const at::Tensor& std, const at::Tensor& log_sigma2, at::ScalarType ct) {
-  if (cacheable(std) && cacheable(log_sigma2)) {
-    Sigma2Cache& cache = sigma2_cache();
-    std::lock_guard<std::mutex> lock(cache.mu);
-    if (cache.enabled) {
-      const int64_t version = log_sigma2._version();
-      for (const auto& e : cache.entries) {
-        if (!e.std_storage.expired() && e.std_storage._unsafe_get_target() == std.storage().unsafeGetStorageImpl() &&
-            e.std_data == std.data_ptr() && e.ls2_storage == log_sigma2.storage().unsafeGetStorageImpl() &&
-            e.ls2_data == log_sigma2.data_ptr() && e.ls2_offset == log_sigma2.storage_offset() &&
-            e.src == log_sigma2.scalar_type() && e.dst == ct && e.version == version &&
-            log_sigma2.sizes().equals(e.sizes) && log_sigma2.strides().equals(e.strides)) {
-          ++cache.hits;
-          return e.value;
-        }
-      }
-      ++cache.misses;
-    }
-  }
-  return sigma2_compute(log_sigma2, ct);
-}
-
-// Switches the cache on or off (off: every backward recomputes σ²); clears it and its counters.
-bool set_sigma2_cache(bool enabled) {
-  Sigma2Cache& cache = sigma2_cache();
-  std::lock_guard<std::mutex> lock(cache.mu);
-  const bool previous = cache.enabled;
-  cache.enabled = enabled;
-  cache.entries.clear();
-  cache.hits = cache.misses = 0;
-  return previous;
-}
-
-std::vector<int64_t> sigma2_cache_stats() {
-  Sigma2Cache& cache = sigma2_cache();
-  std::lock_guard<std::mutex> lock(cache.mu);
-  return {cache.hits, cache.misses, static_cast<int64_t>(cache.entries.size())};
 }
 
 // ------------------------------------------------------------------------------------ helpers
@@ -354,21 +251,371 @@ void mul_(const at::Tensor& a, const at::Tensor& b) {
   });
 }
 
+// gw = gw ⊙ [state == 1] (∂θ ⊙ m) and t3 = t3 ⊙ s2m (∂log σ² = σ²m ⊙ T3), contiguous, same shape.
+void clip_grads_(const at::Tensor& gw, const at::Tensor& t3, const at::Tensor& state, const at::Tensor& s2m) {
+  AT_DISPATCH_FLOATING_TYPES(gw.scalar_type(), "sparsevd_clip_grads", [&] {
+    scalar_t* pg = gw.data_ptr<scalar_t>();
+    scalar_t* pt = t3.data_ptr<scalar_t>();
+    const uint8_t* pst = state.data_ptr<uint8_t>();
+    const scalar_t* ps = s2m.data_ptr<scalar_t>();
+    const auto& k = elementwise<scalar_t>();
+    parallel_range(gw.numel(), kGrainPlain, [&](int64_t b, int64_t e) {
+      k.clip_grads(pg + b, pt + b, pst + b, ps + b, e - b);
+    });
+  });
+}
+
 int64_t leading_rows(const at::Tensor& t) {
   int64_t m = 1;
   for (int64_t d = 0; d + 1 < t.dim(); ++d) m *= t.size(d);
   return m;
 }
 
+// ------------------------------------------------------------------------------------ σ² pass
+// Every op starts with one pass over its parameters (kernels.h, sigma2): σ² = exp(log σ²) and,
+// under train-time clipping (clip_threshold; sparsevd.reference.clip_parameters), in the same pass
+// the clipped θ ⊙ m and σ² ⊙ m (m = sparsevd.reference.clip_mask, computed in the compute dtype
+// with the reference's roundings), a state byte per weight (1: m = 1; 2: dropped, but θ·0 or σ²·0
+// is NaN, so the weight still takes part, as in the reference; 0: dropped) and the occupancy: how
+// many weights of each output row (dim 0 of θ: out_features / C_out) and of each input column
+// (dim 1: in_features / C_in, summed over the kernel window) are not state 0.
+//
+// The occupancy is computed every step, in the forward's σ² pass, so it is exact for the
+// parameters this forward sees. The KL pass (kl_cpu.cpp) also reads every θ and log σ², but it
+// runs after the forward of its step (in the loss), so its map would describe the parameters
+// before the last optimizer step: one step stale, hence inexact (a weight that crossed the
+// threshold in that step would be computed on the wrong side). That is why it is not used.
+//
+// Compaction: when whole rows or columns are dead, the products run on the gathered occupied rows
+// and columns only (linear; conv2d with groups = 1, by output / input channel) and the results are
+// scattered back: dead output rows get μ = s² = 0, so y = b + sqrt(1e-8)·ξ with ξ at its index
+// in the full output, as the reference gives; dead input columns get ∂x = 0, dead weights ∂θ =
+// ∂log σ² = 0. Exact, up to the order of the sums, for finite x and gradients; a non-finite x in a
+// dead column (or gradient in a dead row) does not reach the outputs, where the reference's
+// 0·inf = NaN would. It pays when the products shrink enough to cover the gathers and scatters
+// (benchmarks/NOTES.md, "native train-time clip and compaction"): see kCompactMaxFraction.
+//
+// Weights of one op after the σ² pass; θ's shape (R, S[, kH, kW]).
+struct Weights {
+  bool clip = false;
+  at::Tensor s2;                 // σ² (or σ² ⊙ m), compute dtype, contiguous; undefined if compact
+  at::Tensor w;                  // clip: θ ⊙ m; undefined if compact (the ops use θ itself without clip)
+  at::Tensor state;              // clip: uint8 per weight; undefined if compact
+  at::Tensor row_count, col_count;  // clip: int64 (R,), (S,): occupied weights per row / column
+  at::Tensor rows, cols;         // clip: int64 indices of the occupied rows / columns
+  int64_t R = 0, S = 0;
+  bool compact = false;          // the products use the gathered (rows, cols) blocks below
+  at::Tensor wc, s2c, statec;    // compact: θm, σ²m, state at (rows, cols[, kH, kW]), contiguous
+  bool all_rows() const { return rows.size(0) == R; }
+  bool all_cols() const { return cols.size(0) == S; }
+};
+
+enum class CompactMode { kAuto, kNever, kAlways };
+
+// Compact (mode auto) when occupied rows × occupied columns <= this fraction of R × S. Measured on
+// a 1024×1024 layer at batch 256, forward + backward (benchmarks/NOTES.md, "native train-time clip
+// and compaction"): compacted / uncompacted time 0.89 at a block fraction of 0.60, 0.92 at 0.64,
+// 1.01 at 0.70, 1.14 at 0.80, 1.11 at 0.95 (1 thread; the 2-thread runs of that shared machine were
+// dominated by scheduling stalls, see there).
+constexpr double kCompactMaxFraction = 0.65;
+
+CompactMode parse_compact(const std::string& s) {
+  if (s == "auto") return CompactMode::kAuto;
+  if (s == "never") return CompactMode::kNever;
+  if (s == "always") return CompactMode::kAlways;
+  TORCH_CHECK(false, "mode: expected 'auto', 'never' or 'always', got '", s, "'");
+}
+
+const char* compact_name(CompactMode m) {
+  return m == CompactMode::kAuto ? "auto" : m == CompactMode::kNever ? "never" : "always";
+}
+
+std::atomic<CompactMode>& compact_mode() {
+  static std::atomic<CompactMode> mode{[] {
+    const char* env = std::getenv("SPARSEVD_NATIVE_COMPACT");
+    return env != nullptr && *env != '\0' ? parse_compact(env) : CompactMode::kAuto;
+  }()};
+  return mode;
+}
+
+void check_clip(const c10::optional<double>& clip) {
+  TORCH_CHECK(!clip.has_value() || std::isfinite(*clip), "clip_threshold: expected a finite number or None, got ",
+              clip.has_value() ? *clip : 0.0);
+}
+
+// t gathered at rows along dim 0 and cols along dim 1 (each skipped when it keeps everything).
+at::Tensor gather_block(const at::Tensor& t, const Weights& p) {
+  at::Tensor out = p.all_rows() ? t : t.index_select(0, p.rows);
+  if (!p.all_cols()) out = out.index_select(1, p.cols);
+  return out.contiguous();
+}
+
+// c placed at `index` along `dim` of a zero tensor whose size there is `full` (c itself when the
+// index covers it all).
+at::Tensor scatter_dim(const at::Tensor& c, int64_t dim, const at::Tensor& index, int64_t full) {
+  if (index.size(0) == full) return c;
+  std::vector<int64_t> shape = c.sizes().vec();
+  shape[dim] = full;
+  at::Tensor out = at::zeros(shape, c.options());
+  out.index_copy_(dim, index, c);
+  return out;
+}
+
+// The weight-shaped (R, S[, kH, kW]) tensor `full` that is c (n, k[, kH, kW]) at the occupied rows
+// and columns of p and 0 elsewhere, in one pass that writes every element once.
+at::Tensor scatter_block(const at::Tensor& c, const Weights& p, at::IntArrayRef full) {
+  if (p.all_rows() && p.all_cols()) return c;
+  at::Tensor out = at::empty(full, c.options());
+  const int64_t R = p.R, S = p.S, ka = p.cols.size(0);
+  const int64_t win = R * S == 0 ? 0 : out.numel() / (R * S);
+  std::vector<int64_t> pos(R, -1);  // row r of out <- row pos[r] of c
+  const int64_t* prows = p.rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < p.rows.size(0); ++i) pos[prows[i]] = i;
+  const int64_t* pcols = p.cols.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "sparsevd_scatter_block", [&] {
+    const scalar_t* pc = c.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    const int64_t row = S * win;
+    at::parallel_for(0, R, std::max<int64_t>(1, kGrainPlain / std::max<int64_t>(row, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* dst = po + r * row;
+        std::fill(dst, dst + row, scalar_t(0));
+        if (pos[r] < 0) continue;
+        const scalar_t* src = pc + pos[r] * ka * win;
+        for (int64_t j = 0; j < ka; ++j) std::copy(src + j * win, src + (j + 1) * win, dst + pcols[j] * win);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor indices_of_nonzero(const at::Tensor& count) {
+  const int64_t n = count.size(0);
+  const int64_t* c = count.data_ptr<int64_t>();
+  std::vector<int64_t> idx;
+  idx.reserve(n);
+  for (int64_t i = 0; i < n; ++i)
+    if (c[i] != 0) idx.push_back(i);
+  return at::tensor(idx, count.options());
+}
+
+// The σ² pass over weight / log_sigma2 (θ's shape) in compute dtype ct; `can_compact`: the op can
+// run its products on the occupied rows and columns (linear; conv2d with groups = 1).
+Weights weights_pass(const at::Tensor& weight, const at::Tensor& log_sigma2, at::ScalarType ct,
+                     const c10::optional<double>& clip, bool can_compact) {
+  Weights p;
+  p.clip = clip.has_value();
+  p.R = weight.dim() >= 1 ? weight.size(0) : 1;
+  p.S = weight.dim() >= 2 ? weight.size(1) : 1;
+  const at::Tensor ls2 = as_compute(log_sigma2, ct);
+  p.s2 = at::empty_like(ls2, at::MemoryFormat::Contiguous);
+  const int64_t n = ls2.numel();
+  if (!p.clip) {
+    AT_DISPATCH_FLOATING_TYPES(ct, "sparsevd_sigma2", [&] {
+      const scalar_t* pl = ls2.data_ptr<scalar_t>();
+      scalar_t* ps = p.s2.data_ptr<scalar_t>();
+      const auto& k = elementwise<scalar_t>();
+      parallel_range(n, kGrainNoise, [&](int64_t b, int64_t e) {
+        k.sigma2(nullptr, pl + b, scalar_t(0), nullptr, ps + b, nullptr, e - b);
+      });
+    });
+    return p;
+  }
+  const at::Tensor w = as_compute(weight, ct);
+  p.w = at::empty_like(w, at::MemoryFormat::Contiguous);
+  p.state = at::empty(w.sizes(), w.options().dtype(at::kByte));
+  p.row_count = at::empty({p.R}, w.options().dtype(at::kLong));
+  const int64_t R = p.R, S = p.S;
+  const int64_t L = R == 0 ? 0 : n / R;  // weights per row
+  const int64_t win = S == 0 ? 0 : L / S;  // per (row, column): the kernel window
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = (n <= kGrainNoise || threads == 1 || at::in_parallel_region()) ? 1 : threads;
+  at::Tensor col_parts = at::zeros({parts, S}, p.row_count.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "sparsevd_sigma2_clip", [&] {
+    const scalar_t* pw = w.data_ptr<scalar_t>();
+    const scalar_t* pl = ls2.data_ptr<scalar_t>();
+    scalar_t* pwm = p.w.data_ptr<scalar_t>();
+    scalar_t* ps = p.s2.data_ptr<scalar_t>();
+    uint8_t* pst = p.state.data_ptr<uint8_t>();
+    int64_t* prow = p.row_count.data_ptr<int64_t>();
+    int64_t* pcol = col_parts.data_ptr<int64_t>();
+    const scalar_t thr = static_cast<scalar_t>(*clip);  // torch rounds the scalar to the tensor's dtype
+    const auto& k = elementwise<scalar_t>();
+    auto body = [&](int64_t r0, int64_t r1) {
+      int64_t* col = pcol + (parts == 1 ? 0 : at::get_thread_num()) * S;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t o = r * L;
+        k.sigma2(pw + o, pl + o, thr, pwm + o, ps + o, pst + o, L);
+        const uint8_t* st = pst + o;
+        int64_t total = 0;
+        if (win == 1) {  // linear: one weight per (row, column)
+          for (int64_t c = 0; c < S; ++c) {
+            const int64_t occ = st[c] != 0;
+            col[c] += occ;
+            total += occ;
+          }
+        } else {
+          for (int64_t c = 0; c < S; ++c) {
+            int64_t occ = 0;
+            for (int64_t j = 0; j < win; ++j) occ += st[c * win + j] != 0;
+            col[c] += occ;
+            total += occ;
+          }
+        }
+        prow[r] = total;
+      }
+    };
+    if (parts == 1) {
+      body(0, R);
+    } else {
+      at::parallel_for(0, R, std::max<int64_t>(1, kGrainNoise / std::max<int64_t>(L, 1)), body);
+    }
+  });
+  p.col_count = col_parts.sum(0);
+  p.rows = indices_of_nonzero(p.row_count);
+  p.cols = indices_of_nonzero(p.col_count);
+  if (can_compact && (!p.all_rows() || !p.all_cols())) {
+    const CompactMode mode = compact_mode().load();
+    p.compact = mode == CompactMode::kAlways ||
+                (mode == CompactMode::kAuto && static_cast<double>(p.rows.size(0)) * p.cols.size(0) <=
+                                                   kCompactMaxFraction * static_cast<double>(R) * S);
+  }
+  if (p.compact) {
+    p.wc = gather_block(p.w, p);
+    p.s2c = gather_block(p.s2, p);
+    p.statec = gather_block(p.state, p);
+    p.w = p.s2 = p.state = at::Tensor();  // the products need only the blocks
+  }
+  return p;
+}
+
+// ------------------------------------------------------------------------------------ σ² cache
+// The σ² pass runs once per training step: the forward files its result (Weights) under the std
+// tensor it returns; the backward, which receives that std (saved by autograd), finds it here
+// instead of recomputing it — σ², and under clipping θ ⊙ m, the states and the occupancy with the
+// forward's compaction decision. An entry lives as long as that std tensor (held weakly: when
+// autograd frees the graph, the entry expires and is dropped), and is used only if log σ² — and,
+// under clipping, θ and the threshold — are still the same tensors at the same versions (storage,
+// pointer, offset, sizes, strides, dtypes, version counters), which autograd itself guarantees for
+// saved tensors.
+//
+// Why not also reuse σ² across forwards until the optimizer step (keyed on the version counter
+// alone): writes through `.data` do not bump the version counter, and torch.autograd.gradcheck
+// perturbs its inputs exactly that way; a version-keyed cache would serve it a stale σ².
+struct TensorKey {
+  const c10::StorageImpl* storage = nullptr;  // compared only while the entry's std is alive
+  const void* data = nullptr;
+  int64_t offset = 0;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype = at::kFloat;
+  int64_t version = -1;
+
+  static TensorKey of(const at::Tensor& t) {
+    return {t.storage().unsafeGetStorageImpl(), t.data_ptr(), t.storage_offset(), t.sizes().vec(),
+            t.strides().vec(), t.scalar_type(), t._version()};
+  }
+  bool matches(const at::Tensor& t) const {
+    return storage == t.storage().unsafeGetStorageImpl() && data == t.data_ptr() && offset == t.storage_offset() &&
+           dtype == t.scalar_type() && version == t._version() && t.sizes().equals(sizes) &&
+           t.strides().equals(strides);
+  }
+};
+
+struct Sigma2Entry {
+  c10::weak_intrusive_ptr<c10::StorageImpl> std_storage{
+      c10::weak_intrusive_ptr<c10::StorageImpl>(c10::intrusive_ptr<c10::StorageImpl>())};
+  const void* std_data = nullptr;
+  TensorKey ls2, weight;  // weight: clipped entries only
+  at::ScalarType dst = at::kFloat;
+  c10::optional<double> clip;
+  Weights value;
+};
+
+struct Sigma2Cache {
+  static constexpr size_t kMaxEntries = 64;  // live forward-backward pairs (layers x micro-batches)
+  std::mutex mu;
+  std::vector<Sigma2Entry> entries;
+  int64_t hits = 0, misses = 0;
+  bool enabled = true;
+};
+
+Sigma2Cache& sigma2_cache() {
+  static Sigma2Cache* cache = new Sigma2Cache();  // leaked: no destruction order issue at exit
+  return *cache;
+}
+
+bool cacheable(const at::Tensor& t) { return t.has_storage() && !t.is_inference(); }
+
+// Files the forward's σ² pass under its std output.
+void weights_remember(const at::Tensor& std_out, const at::Tensor& weight, const at::Tensor& log_sigma2,
+                      at::ScalarType ct, const c10::optional<double>& clip, const Weights& value) {
+  if (!cacheable(std_out) || !cacheable(log_sigma2) || (clip.has_value() && !cacheable(weight))) return;
+  Sigma2Cache& cache = sigma2_cache();
+  std::lock_guard<std::mutex> lock(cache.mu);
+  if (!cache.enabled) return;
+  auto& v = cache.entries;
+  v.erase(std::remove_if(v.begin(), v.end(), [](const Sigma2Entry& e) { return e.std_storage.expired(); }),
+          v.end());
+  if (v.size() >= Sigma2Cache::kMaxEntries) v.erase(v.begin());  // the oldest
+  Sigma2Entry e;
+  e.std_storage = std_out.storage().getWeakStorageImpl();
+  e.std_data = std_out.data_ptr();
+  e.ls2 = TensorKey::of(log_sigma2);
+  if (clip.has_value()) e.weight = TensorKey::of(weight);
+  e.dst = ct;
+  e.clip = clip;
+  e.value = value;
+  v.push_back(std::move(e));
+}
+
+// The σ² pass for the backward that received `std`: the forward's, or run afresh.
+Weights weights_for_backward(const at::Tensor& std, const at::Tensor& weight, const at::Tensor& log_sigma2,
+                             at::ScalarType ct, const c10::optional<double>& clip, bool can_compact) {
+  if (cacheable(std) && cacheable(log_sigma2) && (!clip.has_value() || cacheable(weight))) {
+    Sigma2Cache& cache = sigma2_cache();
+    std::lock_guard<std::mutex> lock(cache.mu);
+    if (cache.enabled) {
+      for (const auto& e : cache.entries) {
+        if (!e.std_storage.expired() && e.std_storage._unsafe_get_target() == std.storage().unsafeGetStorageImpl() &&
+            e.std_data == std.data_ptr() && e.dst == ct && e.clip == clip && e.ls2.matches(log_sigma2) &&
+            (!clip.has_value() || e.weight.matches(weight))) {
+          ++cache.hits;
+          return e.value;
+        }
+      }
+      ++cache.misses;
+    }
+  }
+  return weights_pass(weight, log_sigma2, ct, clip, can_compact);
+}
+
+// Switches the cache on or off (off: every backward reruns the σ² pass); clears it and its counters.
+bool set_sigma2_cache(bool enabled) {
+  Sigma2Cache& cache = sigma2_cache();
+  std::lock_guard<std::mutex> lock(cache.mu);
+  const bool previous = cache.enabled;
+  cache.enabled = enabled;
+  cache.entries.clear();
+  cache.hits = cache.misses = 0;
+  return previous;
+}
+
+std::vector<int64_t> sigma2_cache_stats() {
+  Sigma2Cache& cache = sigma2_cache();
+  std::lock_guard<std::mutex> lock(cache.mu);
+  return {cache.hits, cache.misses, static_cast<int64_t>(cache.entries.size())};
+}
+
 // ------------------------------------------------------------------------------------ linear
-// x (*, K), weight / log_sigma2 (N, K), bias (N,) or None, seed (1,) int64
-//   -> y (*, N) in x's dtype, std (*, N) in promote(x, weight).
+// x (*, K), weight / log_sigma2 (N, K), bias (N,) or None, seed (1,) int64, clip_threshold None or
+// a finite log α threshold -> y (*, N) in x's dtype, std (*, N) in promote(x, weight).
 std::tuple<at::Tensor, at::Tensor> lrt_linear(const at::Tensor& x, const at::Tensor& weight,
                                               const at::Tensor& log_sigma2, const c10::optional<at::Tensor>& bias,
-                                              const at::Tensor& seed) {
+                                              const at::Tensor& seed, c10::optional<double> clip) {
   const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   check_weights(weight, log_sigma2, 2);
   check_param(x, "x");
+  check_clip(clip);
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x: expected shape (*, in_features=", K, "), got ", x.sizes());
   const philox::Key key(seed_value(seed));
@@ -379,29 +626,41 @@ std::tuple<at::Tensor, at::Tensor> lrt_linear(const at::Tensor& x, const at::Ten
   out_shape.back() = N;
 
   const at::Tensor xc = as_compute(x.reshape({M, K}), ct);  // (M, K)
-  const at::Tensor w = as_compute(weight, ct);               // (N, K)
-  const at::Tensor s2w = sigma2_compute(log_sigma2, ct);     // (N, K)
+  const Weights p = weights_pass(weight, log_sigma2, ct, clip, true);
   const at::Tensor b = check_bias(bias, N, ct);
-  const at::Tensor x2 = square_of(xc);                        // (M, K)
-  at::Tensor mu = at::empty({M, N}, xc.options());
-  at::Tensor s2 = at::empty({M, N}, xc.options());
-  run_products({[&] { at::mm_out(mu, xc, w.t()); }, [&] { at::mm_out(s2, x2, s2w.t()); }}, true);
+  at::Tensor mu, s2;
+  if (p.compact) {  // (M, Ka) x (Na, Ka)ᵀ, scattered to the occupied columns of (M, N)
+    const at::Tensor xg = p.all_cols() ? xc : xc.index_select(1, p.cols);
+    const at::Tensor x2g = square_of(xg);
+    at::Tensor mu_c = at::empty({M, p.rows.size(0)}, xc.options());
+    at::Tensor s2_c = at::empty({M, p.rows.size(0)}, xc.options());
+    run_products({[&] { at::mm_out(mu_c, xg, p.wc.t()); }, [&] { at::mm_out(s2_c, x2g, p.s2c.t()); }}, true);
+    mu = scatter_dim(mu_c, 1, p.rows, N);
+    s2 = scatter_dim(s2_c, 1, p.rows, N);
+  } else {
+    const at::Tensor w = p.clip ? p.w : as_compute(weight, ct);  // (N, K): θ ⊙ m or θ
+    const at::Tensor x2 = square_of(xc);                          // (M, K)
+    mu = at::empty({M, N}, xc.options());
+    s2 = at::empty({M, N}, xc.options());
+    run_products({[&] { at::mm_out(mu, xc, w.t()); }, [&] { at::mm_out(s2, x2, p.s2.t()); }}, true);
+  }
   forward_epilogue(mu, s2, b, N, 1, key);  // mu -> y, s2 -> std
   at::Tensor sd = to_dtype(s2, dt).view(out_shape);
-  sigma2_remember(sd, log_sigma2, ct, s2w);
+  weights_remember(sd, weight, log_sigma2, ct, clip, p);
   return {to_dtype(mu, x.scalar_type()).view(out_shape), sd};
 }
 
-// grad, std (*, N); x (*, K); weight / log_sigma2 (N, K)
+// grad, std (*, N); x (*, K); weight / log_sigma2 (N, K); clip_threshold the forward's
 //   -> (∂x (*, K) in x's dtype, or an empty tensor when !input_grad; ∂θ, ∂log σ² (N, K); ∂b (N,)).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_linear_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& log_sigma2,
-    const at::Tensor& std, const at::Tensor& seed, bool input_grad) {
+    const at::Tensor& std, const at::Tensor& seed, bool input_grad, c10::optional<double> clip) {
   const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   check_weights(weight, log_sigma2, 2);
   check_param(x, "x");
   check_param(grad, "grad");
   check_param(std, "std");
+  check_clip(clip);
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x: expected shape (*, in_features=", K, "), got ", x.sizes());
   std::vector<int64_t> y_shape = x.sizes().vec();
@@ -416,25 +675,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_linear_backward(
   const at::Tensor sd = as_compute(std.reshape({M, N}), ct);
   auto [gs2, gb] = backward_prologue(g, sd, N, 1, key, weight.scalar_type());
   const at::Tensor xc = as_compute(x.reshape({M, K}), ct);
-  const at::Tensor x2 = square_of(xc);
-  const at::Tensor s2w = sigma2_for_backward(std, log_sigma2, ct);
-  at::Tensor gw = at::empty({N, K}, xc.options());
-  at::Tensor t3 = at::empty({N, K}, xc.options());
-  std::vector<std::function<void()>> jobs = {[&] { at::mm_out(gw, g.t(), xc); },
-                                             [&] { at::mm_out(t3, gs2.t(), x2); }};
+  const Weights p = weights_for_backward(std, weight, log_sigma2, ct, clip, true);
+  // The products on the occupied block (compact) or on everything: rows of θ (n), columns (k).
+  const at::Tensor gn = !p.compact || p.all_rows() ? g : g.index_select(1, p.rows);        // (M, n)
+  const at::Tensor gs2n = !p.compact || p.all_rows() ? gs2 : gs2.index_select(1, p.rows);  // (M, n)
+  const at::Tensor xk = !p.compact || p.all_cols() ? xc : xc.index_select(1, p.cols);      // (M, k)
+  const at::Tensor x2k = square_of(xk);
+  const at::Tensor wk = p.compact ? p.wc : p.clip ? p.w : at::Tensor();
+  const at::Tensor s2k = p.compact ? p.s2c : p.s2;
+  const int64_t n = gn.size(1), k = xk.size(1);
+  at::Tensor gw = at::empty({n, k}, xc.options());
+  at::Tensor t3 = at::empty({n, k}, xc.options());
+  std::vector<std::function<void()>> jobs = {[&] { at::mm_out(gw, gn.t(), xk); },
+                                             [&] { at::mm_out(t3, gs2n.t(), x2k); }};
   at::Tensor t1, t2, w;
   if (input_grad) {
-    w = as_compute(weight, ct);
-    t1 = at::empty({M, K}, xc.options());
-    t2 = at::empty({M, K}, xc.options());
-    jobs.push_back([&] { at::mm_out(t1, g, w); });
-    jobs.push_back([&] { at::mm_out(t2, gs2, s2w); });
+    w = wk.defined() ? wk : as_compute(weight, ct);
+    t1 = at::empty({M, k}, xc.options());
+    t2 = at::empty({M, k}, xc.options());
+    jobs.push_back([&] { at::mm_out(t1, gn, w); });
+    jobs.push_back([&] { at::mm_out(t2, gs2n, s2k); });
   }
   run_products(jobs, true);
-  mul_(t3, s2w);  // ∂log σ² = σ² ⊙ (g_s2ᵀ x2)
+  if (p.clip) {
+    clip_grads_(gw, t3, p.compact ? p.statec : p.state, s2k);  // ∂θ ⊙ m, ∂log σ² = σ²m ⊙ (g_s2ᵀ x2)
+  } else {
+    mul_(t3, s2k);  // ∂log σ² = σ² ⊙ (g_s2ᵀ x2)
+  }
+  if (p.compact) {
+    gw = scatter_block(gw, p, weight.sizes());
+    t3 = scatter_block(t3, p, weight.sizes());
+  }
   at::Tensor gx;
   if (input_grad) {
-    add_2x_mul_(t1, xc, t2);  // ∂x = g θ + 2x ⊙ (g_s2 σ²)
+    add_2x_mul_(t1, xk, t2);  // ∂x = g θ + 2x ⊙ (g_s2 σ²)
+    if (p.compact) t1 = scatter_dim(t1, 1, p.cols, K);
     gx = to_dtype(t1, x.scalar_type()).view(x.sizes());
   } else {
     gx = at::empty({0}, x.options());
@@ -480,15 +755,17 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const ConvArgs& a) {
   return at::convolution(x, w, c10::nullopt, a.stride, a.padding, a.dilation, false, {0, 0}, a.groups).contiguous();
 }
 
-// x (B, C_in, H, W), weight / log_sigma2 (C_out, C_in / groups, kH, kW), bias (C_out,) or None
+// x (B, C_in, H, W), weight / log_sigma2 (C_out, C_in / groups, kH, kW), bias (C_out,) or None,
+// clip_threshold None or a finite log α threshold
 //   -> y, std (B, C_out, H_out, W_out); y in x's dtype, std in promote(x, weight).
 std::tuple<at::Tensor, at::Tensor> lrt_conv2d(const at::Tensor& x, const at::Tensor& weight,
                                               const at::Tensor& log_sigma2, const c10::optional<at::Tensor>& bias,
                                               const at::Tensor& seed, at::IntArrayRef stride, at::IntArrayRef padding,
-                                              at::IntArrayRef dilation, int64_t groups) {
+                                              at::IntArrayRef dilation, int64_t groups, c10::optional<double> clip) {
   const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   check_weights(weight, log_sigma2, 4);
   const ConvArgs a = check_conv(x, weight, stride, padding, dilation, groups);
+  check_clip(clip);
   const philox::Key key(seed_value(seed));
   const at::ScalarType dt = at::promote_types(x.scalar_type(), weight.scalar_type());
   const at::ScalarType ct = compute_type(dt);
@@ -496,54 +773,69 @@ std::tuple<at::Tensor, at::Tensor> lrt_conv2d(const at::Tensor& x, const at::Ten
   const std::vector<int64_t> out_shape = conv_out_shape(x, weight, a);
 
   const at::Tensor xc = as_compute(x, ct);
-  const at::Tensor w = as_compute(weight, ct);
-  const at::Tensor s2w = sigma2_compute(log_sigma2, ct);
+  const Weights p = weights_pass(weight, log_sigma2, ct, clip, groups == 1);
   const at::Tensor b = check_bias(bias, C, ct);
+  // The products on the occupied channels (compact) or on all of them.
+  const at::Tensor xk = !p.compact || p.all_cols() ? xc : xc.index_select(1, p.cols);  // (B, k, H, W)
+  const at::Tensor wk = p.compact ? p.wc : p.clip ? p.w : as_compute(weight, ct);       // (n, k, kH, kW)
+  const at::Tensor s2k = p.compact ? p.s2c : p.s2;
   at::Tensor mu, s2;
-  if (xc.numel() == 0 || w.numel() == 0) {  // oneDNN rejects empty operands; the products are zero
-    mu = at::zeros(out_shape, xc.options());
-    s2 = at::zeros(out_shape, xc.options());
+  if (xk.numel() == 0 || wk.numel() == 0) {  // oneDNN rejects empty operands; the products are zero
+    std::vector<int64_t> shape = out_shape;
+    shape[1] = wk.size(0);
+    mu = at::zeros(shape, xc.options());
+    s2 = at::zeros(shape, xc.options());
   } else {
-    const at::Tensor x2 = square_of(xc);
-    run_products({[&] { mu = conv(xc, w, a); }, [&] { s2 = conv(x2, s2w, a); }}, false);
+    const at::Tensor x2k = square_of(xk);
+    run_products({[&] { mu = conv(xk, wk, a); }, [&] { s2 = conv(x2k, s2k, a); }}, false);
+  }
+  if (p.compact) {
+    mu = scatter_dim(mu, 1, p.rows, C);
+    s2 = scatter_dim(s2, 1, p.rows, C);
   }
   TORCH_CHECK(mu.sizes().equals(out_shape), "lrt_conv2d: internal shape mismatch ", mu.sizes());
   forward_epilogue(mu, s2, b, C, out_shape[2] * out_shape[3], key);
   at::Tensor sd = to_dtype(s2, dt);
-  sigma2_remember(sd, log_sigma2, ct, s2w);
+  weights_remember(sd, weight, log_sigma2, ct, clip, p);
   return {to_dtype(mu, x.scalar_type()), sd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_conv2d_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& log_sigma2,
     const at::Tensor& std, const at::Tensor& seed, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, bool input_grad) {
+    at::IntArrayRef dilation, int64_t groups, bool input_grad, c10::optional<double> clip) {
   const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   check_weights(weight, log_sigma2, 4);
   const ConvArgs a = check_conv(x, weight, stride, padding, dilation, groups);
   check_param(grad, "grad");
   check_param(std, "std");
+  check_clip(clip);
   const std::vector<int64_t> y_shape = conv_out_shape(x, weight, a);
   TORCH_CHECK(std.sizes().equals(y_shape), "std: expected shape ", at::IntArrayRef(y_shape), ", got ", std.sizes());
   TORCH_CHECK(grad.sizes().equals(y_shape), "grad: expected shape ", at::IntArrayRef(y_shape), ", got ", grad.sizes());
   const philox::Key key(seed_value(seed));
   const at::ScalarType ct = compute_type(std.scalar_type());
-  const int64_t C = weight.size(0);
+  const int64_t C = weight.size(0), C_in = x.size(1);
 
   const at::Tensor g = as_compute(grad, ct);
   const at::Tensor sd = as_compute(std, ct);
   auto [gs2, gb] = backward_prologue(g, sd, C, y_shape[2] * y_shape[3], key, weight.scalar_type());
   const at::Tensor xc = as_compute(x, ct);
-  const at::Tensor w = as_compute(weight, ct);
-  const at::Tensor s2w = sigma2_for_backward(std, log_sigma2, ct);
+  const Weights p = weights_for_backward(std, weight, log_sigma2, ct, clip, groups == 1);
+  // The products on the occupied channels (compact) or on all of them.
+  const at::Tensor gn = !p.compact || p.all_rows() ? g : g.index_select(1, p.rows);        // (B, n, Ho, Wo)
+  const at::Tensor gs2n = !p.compact || p.all_rows() ? gs2 : gs2.index_select(1, p.rows);
+  const at::Tensor xk = !p.compact || p.all_cols() ? xc : xc.index_select(1, p.cols);      // (B, k, H, W)
+  const at::Tensor wk = p.compact ? p.wc : p.clip ? p.w : as_compute(weight, ct);           // (n, k, kH, kW)
+  const at::Tensor s2k = p.compact ? p.s2c : p.s2;
   at::Tensor t1, gw, t2, t3;
-  if (xc.numel() == 0 || w.numel() == 0 || g.numel() == 0) {  // empty operands: all products are zero
-    t1 = at::zeros_like(xc);
-    t2 = at::zeros_like(xc);
-    gw = at::zeros_like(w);
-    t3 = at::zeros_like(w);
+  if (xk.numel() == 0 || wk.numel() == 0 || gn.numel() == 0) {  // empty operands: all products are zero
+    t1 = at::zeros_like(xk);
+    t2 = at::zeros_like(xk);
+    gw = at::zeros_like(wk);
+    t3 = at::zeros_like(wk);
   } else {
-    const at::Tensor x2 = square_of(xc);
+    const at::Tensor x2k = square_of(xk);
     const std::array<bool, 3> mask = {input_grad, true, false};
     auto back = [&](const at::Tensor& go, const at::Tensor& in, const at::Tensor& wt, at::Tensor& gin,
                     at::Tensor& gwt) {
@@ -552,18 +844,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_conv2d_backward(
       if (input_grad) gin = std::get<0>(r).contiguous();
       gwt = std::get<1>(r).contiguous();
     };
-    run_products({[&] { back(g, xc, w, t1, gw); }, [&] { back(gs2, x2, s2w, t2, t3); }}, false);
+    run_products({[&] { back(gn, xk, wk, t1, gw); }, [&] { back(gs2n, x2k, s2k, t2, t3); }}, false);
   }
-  mul_(t3, s2w);  // ∂log σ² = σ² ⊙ conv_weight_grad(x2, g_s2)
+  if (p.clip) {
+    clip_grads_(gw, t3, p.compact ? p.statec : p.state, s2k);  // ∂θ ⊙ m, ∂log σ² = σ²m ⊙ conv_weight_grad(x2, g_s2)
+  } else {
+    mul_(t3, s2k);  // ∂log σ² = σ² ⊙ conv_weight_grad(x2, g_s2)
+  }
+  if (p.compact) {
+    gw = scatter_block(gw, p, weight.sizes());
+    t3 = scatter_block(t3, p, weight.sizes());
+  }
   at::Tensor gx;
   if (input_grad) {
-    add_2x_mul_(t1, xc, t2);  // ∂x = conv_input_grad(θ, g) + 2x ⊙ conv_input_grad(σ², g_s2)
+    add_2x_mul_(t1, xk, t2);  // ∂x = conv_input_grad(θ, g) + 2x ⊙ conv_input_grad(σ², g_s2)
+    if (p.compact) t1 = scatter_dim(t1, 1, p.cols, C_in);
     gx = to_dtype(t1, x.scalar_type());
   } else {
     gx = at::empty({0}, x.options());
   }
   return {gx, to_dtype(gw, weight.scalar_type()), to_dtype(t3, log_sigma2.scalar_type()),
           gb};
+}
+
+// ------------------------------------------------------------------------------------ test hook
+// The occupancy of the σ² pass: weight / log_sigma2 (R, S) or (R, S, kH, kW), a finite threshold
+//   -> (per-row counts (R,), per-column counts (S,)), int64: the weights of each row / column of θ
+//   that are kept (m = 1 of sparsevd.reference.clip_mask) or dropped but non-finite (θ·0 or σ²·0
+//   NaN), computed in the compute dtype of the parameters (fp32, or fp64 for fp64).
+std::tuple<at::Tensor, at::Tensor> clip_occupancy(const at::Tensor& weight, const at::Tensor& log_sigma2,
+                                                  double clip) {
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
+  check_param(weight, "weight");
+  TORCH_CHECK(weight.dim() == 2 || weight.dim() == 4, "weight: expected a 2-D or 4-D tensor, got shape ",
+              weight.sizes());
+  check_weights(weight, log_sigma2, weight.dim());
+  check_clip(clip);
+  const at::ScalarType ct = compute_type(at::promote_types(weight.scalar_type(), log_sigma2.scalar_type()));
+  const Weights p = weights_pass(weight, log_sigma2, ct, clip, false);
+  return {p.row_count, p.col_count};
 }
 
 // ------------------------------------------------------------------------------------ controls
@@ -575,24 +894,30 @@ std::string set_isa_op(const std::string& isa) {
 std::string set_products(const std::string& mode) {
   return mode_name(product_mode().exchange(parse_mode(mode)));
 }
+std::string set_compact(const std::string& mode) {
+  return compact_name(compact_mode().exchange(parse_compact(mode)));
+}
 
 }  // namespace
 }  // namespace cpu
 }  // namespace sparsevd
 
 TORCH_LIBRARY_FRAGMENT(sparsevd, m) {
-  m.def("native_lrt_linear(Tensor x, Tensor weight, Tensor log_sigma2, Tensor? bias, Tensor seed) -> (Tensor, Tensor)");
+  m.def("native_lrt_linear(Tensor x, Tensor weight, Tensor log_sigma2, Tensor? bias, Tensor seed, "
+        "float? clip_threshold=None) -> (Tensor, Tensor)");
   m.def("native_lrt_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor log_sigma2, Tensor std, "
-        "Tensor seed, bool input_grad=True) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor seed, bool input_grad=True, float? clip_threshold=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("native_lrt_conv2d(Tensor x, Tensor weight, Tensor log_sigma2, Tensor? bias, Tensor seed, int[] stride, "
-        "int[] padding, int[] dilation, int groups) -> (Tensor, Tensor)");
+        "int[] padding, int[] dilation, int groups, float? clip_threshold=None) -> (Tensor, Tensor)");
   m.def("native_lrt_conv2d_backward(Tensor grad, Tensor x, Tensor weight, Tensor log_sigma2, Tensor std, "
-        "Tensor seed, int[] stride, int[] padding, int[] dilation, int groups, bool input_grad=True) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor seed, int[] stride, int[] padding, int[] dilation, int groups, bool input_grad=True, "
+        "float? clip_threshold=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("native_clip_occupancy(Tensor weight, Tensor log_sigma2, float clip_threshold) -> (Tensor, Tensor)");
   // Controls for tests and benchmarks (no tensor arguments: catch-all kernels).
   m.def("native_isa() -> str", &sparsevd::cpu::isa_name);
   m.def("native_set_isa(str isa) -> str", &sparsevd::cpu::set_isa_op);
   m.def("native_set_products(str mode) -> str", &sparsevd::cpu::set_products);
+  m.def("native_set_compact(str mode) -> str", &sparsevd::cpu::set_compact);
   m.def("native_sigma2_cache(bool enabled) -> bool", &sparsevd::cpu::set_sigma2_cache);
   m.def("native_sigma2_cache_stats() -> int[]", &sparsevd::cpu::sigma2_cache_stats);
 }
@@ -602,4 +927,5 @@ TORCH_LIBRARY_IMPL(sparsevd, CPU, m) {
   m.impl("native_lrt_linear_backward", &sparsevd::cpu::lrt_linear_backward);
   m.impl("native_lrt_conv2d", &sparsevd::cpu::lrt_conv2d);
   m.impl("native_lrt_conv2d_backward", &sparsevd::cpu::lrt_conv2d_backward);
+  m.impl("native_clip_occupancy", &sparsevd::cpu::clip_occupancy);
 }

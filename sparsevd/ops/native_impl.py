@@ -14,6 +14,13 @@ the (num_layers,) bool tensor of the most recent call is :data:`last_nonfinite` 
 :func:`nonfinite_layers`), so a training loop can check for divergence without an extra pass or
 a host sync per layer.
 
+Train-time clipping (``clip_threshold``) runs inside the C++ ops: the σ² pass that forms
+σ² = exp(log σ²) also forms θ ⊙ m, σ² ⊙ m (m = :func:`sparsevd.reference.clip_mask`) and the
+occupancy of θ's rows and columns; when enough whole rows / columns are dead the products run on
+the occupied block only ("compaction"); the backward multiplies ∂θ by m in its epilogue
+(csrc/cpu/lrt_cpu.cpp, "σ² pass"; measurements in benchmarks/NOTES.md, "native train-time clip
+and compaction").
+
 Autocast: a custom op's implementation still sees the caller's autocast state; the C++ ops switch
 it off for their own ATen calls (products in fp32 from bf16 activations, as the reference's
 ``_no_autocast`` does in Python), so no autocast context is entered here.
@@ -22,7 +29,10 @@ Extras for tests and benchmarks (``torch.ops.sparsevd``): ``native_isa()`` /
 ``native_set_isa("avx512" | "avx2" | "scalar" | "auto")`` (which kernels run, also settable with
 ``SPARSEVD_CPU_ISA``), ``native_set_products("auto" | "serial" | "concurrent")`` (also
 ``SPARSEVD_NATIVE_PRODUCTS``), ``native_sigma2_cache(enabled)`` and
-``native_sigma2_cache_stats()`` (hits, misses, entries of the σ² cache).
+``native_sigma2_cache_stats()`` (hits, misses, entries of the σ² cache),
+``native_set_compact("auto" | "never" | "always")`` (when clipping compacts the products; also
+``SPARSEVD_NATIVE_COMPACT``) and ``native_clip_occupancy(weight, log_sigma2, clip_threshold)``
+(the σ² pass's per-row and per-column counts of occupied weights, int64).
 """
 from __future__ import annotations
 
@@ -30,7 +40,6 @@ from typing import List, Optional
 
 import torch
 
-from .. import reference as R
 from .._args import padding_sides
 from . import library
 from .backend import register_impl
@@ -41,6 +50,7 @@ _NATIVE_OPS = (
     "native_lrt_conv2d",
     "native_lrt_conv2d_backward",
     "native_kl_sparse_vd",
+    "native_clip_occupancy",
 )
 if not library.available():  # registers torch.ops.sparsevd.native_* when built
     raise ImportError(f"sparsevd._C is not available: {library.unavailable_reason()}")
@@ -63,27 +73,13 @@ def nonfinite_layers() -> Optional[torch.Tensor]:
     return last_nonfinite
 
 
-def _premask(weight, log_sigma2, clip_threshold):
-    # Interim train-time clipping outside the kernels: θ ⊙ m and log σ² = −inf where dropped.
-    m = R.clip_mask(weight, log_sigma2, clip_threshold)
-    return weight * m, log_sigma2.masked_fill(m == 0, float("-inf")), m
-
-
 def lrt_linear_fwd(x, weight, log_sigma2, bias, seed, clip_threshold=None):
-    if clip_threshold is not None:
-        weight, log_sigma2, _ = _premask(weight, log_sigma2, clip_threshold)
-    y, std = _ops.native_lrt_linear(x, weight, log_sigma2, bias, seed)
-    return y, std
+    return _ops.native_lrt_linear(x, weight, log_sigma2, bias, seed, clip_threshold)
 
 
 def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x=True, clip_threshold=None):
-    m = None
-    if clip_threshold is not None:
-        weight, log_sigma2, m = _premask(weight, log_sigma2, clip_threshold)
     gx, gw, gls2, gb = _ops.native_lrt_linear_backward(grad, x, weight, log_sigma2, std, seed,
-                                                      need_grad_x)
-    if m is not None:
-        gw, gls2 = gw * m, gls2 * m
+                                                      need_grad_x, clip_threshold)
     return (gx if need_grad_x else x.new_empty((0,))), gw, gls2, gb
 
 
@@ -98,24 +94,18 @@ def _symmetric(x, padding):
 
 def lrt_conv2d_fwd(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups,
                    clip_threshold=None):
-    if clip_threshold is not None:
-        weight, log_sigma2, _ = _premask(weight, log_sigma2, clip_threshold)
     xp, pad, _ = _symmetric(x, padding)
-    y, std = _ops.native_lrt_conv2d(xp, weight, log_sigma2, bias, seed, stride, pad, dilation, groups)
-    return y, std
+    return _ops.native_lrt_conv2d(xp, weight, log_sigma2, bias, seed, stride, pad, dilation, groups,
+                                  clip_threshold)
 
 
 def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups,
                    need_grad_x=True, clip_threshold=None):
-    m = None
-    if clip_threshold is not None:
-        weight, log_sigma2, m = _premask(weight, log_sigma2, clip_threshold)
     xp, pad, sides = _symmetric(x, padding)
     gx, gw, gls2, gb = _ops.native_lrt_conv2d_backward(
-        grad, xp, weight, log_sigma2, std, seed, stride, pad, dilation, groups, need_grad_x
+        grad, xp, weight, log_sigma2, std, seed, stride, pad, dilation, groups, need_grad_x,
+        clip_threshold,
     )
-    if m is not None:
-        gw, gls2 = gw * m, gls2 * m
     if not need_grad_x:
         return x.new_empty((0,)), gw, gls2, gb
     if sides is not None:  # the gradient of the padded input, cropped to x

@@ -1,0 +1,55 @@
+// Vectorized fp32 σ² pass (the math: kernels.h, ElementwiseKernels::sigma2) over the ISA wrapper V.
+// No include guard: included inside each ISA region of kernels.cpp after vec_math.h.
+//
+// Per weight: s2 = vexp_full(ls2); with clipping w2 = w·w (rounded) + 1e-8 (rounded), raw = ls2 −
+// vlog(w2), la = clamp(raw, ±10) (NaN stays NaN), m = [la < thr], wm = w·m, s2 = s2·m. The tail of
+// a call (n not a multiple of W) runs the same lanes on a zero-padded copy, so every weight gets
+// the same bits wherever a call starts (the occupancy and the masks do not depend on the chunking).
+
+inline void sigma2_lanes(const float* w, const float* ls2, V::F thr, float* wm, float* s2, uint8_t* state) {
+  const V::F l = V::load(ls2);
+  const V::F e = vexp_full(l);
+  if (state == nullptr) {
+    V::store(s2, e);
+    return;
+  }
+  const V::F wv = V::load(w);
+  const V::F w2 = V::add(V::mul(wv, wv), V::set1(1e-8f));  // two roundings, as torch
+  const V::F raw = V::sub(l, vlog<true>(w2));
+  const V::F la = V::min(V::set1(10.0f), V::max(V::set1(-10.0f), raw));
+  const V::M keep = V::lt(la, thr);
+  const V::F m = V::mask_to_one(keep);
+  const V::F a = V::mul(wv, m), b = V::mul(e, m);
+  V::store(wm, a);
+  V::store(s2, b);
+  // state: 1 kept; dropped: a + b is ±0, or NaN when θ·0 or σ²·0 is (then 2, else 0).
+  const V::F t = V::add(a, b);
+  const V::F st = V::select(keep, V::set1(1.0f), V::select(V::lt(t, V::set1(1.0f)), V::zero(), V::set1(2.0f)));
+  alignas(64) float sf[V::W];
+  V::store(sf, st);
+  for (int j = 0; j < V::W; ++j) state[j] = static_cast<uint8_t>(static_cast<int>(sf[j]));
+}
+
+inline void sigma2_f32(const float* w, const float* ls2, float thr, float* wm, float* s2, uint8_t* state,
+                       int64_t n) {
+  const V::F t = V::set1(thr);
+  int64_t i = 0;
+  for (; i + V::W <= n; i += V::W)
+    sigma2_lanes(state ? w + i : nullptr, ls2 + i, t, state ? wm + i : nullptr, s2 + i, state ? state + i : nullptr);
+  if (i == n) return;
+  const int64_t r = n - i;
+  alignas(64) float bw[V::W] = {}, bl[V::W] = {}, bwm[V::W], bs2[V::W];
+  alignas(64) uint8_t bst[V::W];
+  for (int64_t j = 0; j < r; ++j) {
+    bl[j] = ls2[i + j];
+    if (state) bw[j] = w[i + j];
+  }
+  sigma2_lanes(bw, bl, t, bwm, bs2, state ? bst : nullptr);
+  for (int64_t j = 0; j < r; ++j) {
+    s2[i + j] = bs2[j];
+    if (state) {
+      wm[i + j] = bwm[j];
+      state[i + j] = bst[j];
+    }
+  }
+}
