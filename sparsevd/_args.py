@@ -12,7 +12,7 @@ IntOrPair = Union[int, Sequence[int]]
 #: A convolution's padding: an int, a pair of ints (H, W), or the string "same" or "valid".
 Padding = Union[int, Sequence[int], str]
 
-__all__ = ["IntOrPair", "Padding", "as_pair", "as_single", "check_threshold", "conv_padding", "padding_arg", "padding_sides"]
+__all__ = ["IntOrPair", "Padding", "as_pair", "as_single", "check_groups", "check_threshold", "conv_padding", "padding_arg", "padding_sides"]
 
 
 def as_pair(value: IntOrPair, name: str, minimum: Optional[int] = None) -> Tuple[int, int]:
@@ -56,6 +56,19 @@ def as_single(value: IntOrPair, name: str, minimum: Optional[int] = None) -> int
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected a value ≥ {minimum}, got {value!r}")
     return int(value)
+
+
+def check_groups(in_channels: int, out_channels: int, groups: int) -> None:
+    """A convolution's ``groups``: a positive int dividing both channel counts.
+
+    Raises:
+        ValueError: otherwise, naming ``groups`` and the channel counts.
+    """
+    if groups <= 0 or in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"groups: in_channels={in_channels} and out_channels={out_channels} must be "
+            f"divisible by groups={groups}"
+        )
 
 
 def conv_padding(padding: Padding, kernel_size: IntOrPair, stride: IntOrPair = 1,

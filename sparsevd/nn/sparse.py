@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._args import IntOrPair, as_pair, as_single
+from .._args import IntOrPair, as_pair, as_single, check_groups
 from ..reference import conv_out_size
 from ..ops.csr import csr_linear_torch, validate_csr, warn_fallback
 from ..ops.library import kernel_available
@@ -548,11 +548,7 @@ class SparseConv2d(_SparseBase):
         check: bool = True,
     ) -> None:
         super().__init__()
-        if groups <= 0 or in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"groups: in_channels={in_channels} and out_channels={out_channels} must be "
-                f"divisible by groups={groups}"
-            )
+        check_groups(in_channels, out_channels, groups)
         if crow_indices is None or col_indices is None or values is None:
             raise ValueError("crow_indices, col_indices, values: the CSR weight is required")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)

@@ -16,7 +16,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import functional as SF
 from .. import reference
-from .._args import IntOrPair, Padding, as_pair, as_single, check_threshold, conv_padding
+from .._args import IntOrPair, Padding, as_pair, as_single, check_groups, check_threshold, conv_padding
 
 #: True when autocast is on for any device (a private torch helper, 5x cheaper than asking per
 #: device type; the public per-device check where it is missing).
@@ -285,11 +285,7 @@ class Conv2dSVDO(_SVDOMixin, nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        if groups <= 0 or in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"groups: in_channels={in_channels} and out_channels={out_channels} must be "
-                f"divisible by groups={groups}"
-            )
+        check_groups(in_channels, out_channels, groups)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = as_pair(kernel_size, "kernel_size")
@@ -369,11 +365,7 @@ class Conv1dSVDO(_SVDOMixin, nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        if groups <= 0 or in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"groups: in_channels={in_channels} and out_channels={out_channels} must be "
-                f"divisible by groups={groups}"
-            )
+        check_groups(in_channels, out_channels, groups)
         self.in_channels = in_channels
         self.out_channels = out_channels
         # 1-tuples, as nn.Conv1d keeps them
