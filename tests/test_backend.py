@@ -6,7 +6,7 @@ from sample_inputs import fresh_seed, kl_params, linear_inputs
 
 import sparsevd.functional as SF
 from sparsevd import reference as R
-from sparsevd.ops import backend
+from sparsevd.ops import backend, library
 from sparsevd.ops.noise import lrt_noise
 
 
@@ -74,3 +74,16 @@ def test_backend_error_is_a_runtime_error():
     assert issubclass(backend.BackendUnavailableError, RuntimeError)
     with pytest.raises(ValueError, match="backend"):
         backend.register_impl("lrt_linear", "auto", R.lrt_linear)
+
+
+@pytest.mark.parametrize("op", ["lrt_linear", "lrt_linear_backward", "lrt_conv2d",
+                                "lrt_conv2d_backward", "kl_sparse_vd"])
+def test_auto_picks_triton_for_cuda_tensors(monkeypatch, op):
+    """``auto`` sends CUDA tensors to the Triton kernels for every training op (the linear and
+    the conv layers, Conv1dSVDO through lrt_conv2d, and the KL), CPU tensors to native when built."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("SPARSEVD_BACKEND", "auto")
+    name, fn = backend.get_impl(op, torch.device("cuda"))
+    assert name == "triton" and fn.__module__.startswith("sparsevd.ops.triton_")
+    cpu_name, _ = backend.get_impl(op, torch.device("cpu"))
+    assert cpu_name == ("native" if library.available() else "reference")
