@@ -39,6 +39,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <array>
 #include <atomic>
 #include <cmath>
@@ -318,6 +319,13 @@ enum class CompactMode { kAuto, kNever, kAlways };
 // 1.01 at 0.70, 1.14 at 0.80, 1.11 at 0.95 (1 thread; the 2-thread runs of that shared machine were
 // dominated by scheduling stalls, see there).
 constexpr double kCompactMaxFraction = 0.65;
+// ... and (mode auto, linear) only when x has at least this many rows: the gathers of θ, σ² and the
+// scatters of the gradients cost O(N·K) per step whatever the batch, while the GEMM work saved grows
+// with it. LeNet-300-100's fc1 at batch 100 (56 % of its rows occupied) ran 1.2x slower compacted;
+// the 1024x1024 layer at batch 256 gains (benchmarks/NOTES.md, "bench_masked, full run").
+constexpr int64_t kCompactMinRows = 256;
+// The convolutions are not limited (their GEMMs run over N·H_out·W_out positions; not measured).
+constexpr int64_t kNoRowLimit = std::numeric_limits<int64_t>::max();
 
 CompactMode parse_compact(const std::string& s) {
   if (s == "auto") return CompactMode::kAuto;
@@ -402,7 +410,7 @@ at::Tensor indices_of_nonzero(const at::Tensor& count) {
 // The σ² pass over weight / log_sigma2 (θ's shape) in compute dtype ct; `can_compact`: the op can
 // run its products on the occupied rows and columns (linear; conv2d with groups = 1).
 Weights weights_pass(const at::Tensor& weight, const at::Tensor& log_sigma2, at::ScalarType ct,
-                     const c10::optional<double>& clip, bool can_compact) {
+                     const c10::optional<double>& clip, bool can_compact, int64_t rows_of_x) {
   Weights p;
   p.clip = clip.has_value();
   p.R = weight.dim() >= 1 ? weight.size(0) : 1;
@@ -477,8 +485,9 @@ Weights weights_pass(const at::Tensor& weight, const at::Tensor& log_sigma2, at:
   if (can_compact && (!p.all_rows() || !p.all_cols())) {
     const CompactMode mode = compact_mode().load();
     p.compact = mode == CompactMode::kAlways ||
-                (mode == CompactMode::kAuto && static_cast<double>(p.rows.size(0)) * p.cols.size(0) <=
-                                                   kCompactMaxFraction * static_cast<double>(R) * S);
+                (mode == CompactMode::kAuto && rows_of_x >= kCompactMinRows &&
+                 static_cast<double>(p.rows.size(0)) * p.cols.size(0) <=
+                     kCompactMaxFraction * static_cast<double>(R) * S);
   }
   if (p.compact) {
     p.wc = gather_block(p.w, p);
@@ -570,7 +579,8 @@ void weights_remember(const at::Tensor& std_out, const at::Tensor& weight, const
 
 // The σ² pass for the backward that received `std`: the forward's, or run afresh.
 Weights weights_for_backward(const at::Tensor& std, const at::Tensor& weight, const at::Tensor& log_sigma2,
-                             at::ScalarType ct, const c10::optional<double>& clip, bool can_compact) {
+                             at::ScalarType ct, const c10::optional<double>& clip, bool can_compact,
+                             int64_t rows_of_x) {
   if (cacheable(std) && cacheable(log_sigma2) && (!clip.has_value() || cacheable(weight))) {
     Sigma2Cache& cache = sigma2_cache();
     std::lock_guard<std::mutex> lock(cache.mu);
@@ -586,7 +596,7 @@ Weights weights_for_backward(const at::Tensor& std, const at::Tensor& weight, co
       ++cache.misses;
     }
   }
-  return weights_pass(weight, log_sigma2, ct, clip, can_compact);
+  return weights_pass(weight, log_sigma2, ct, clip, can_compact, rows_of_x);
 }
 
 // Switches the cache on or off (off: every backward reruns the σ² pass); clears it and its counters.
@@ -626,7 +636,7 @@ std::tuple<at::Tensor, at::Tensor> lrt_linear(const at::Tensor& x, const at::Ten
   out_shape.back() = N;
 
   const at::Tensor xc = as_compute(x.reshape({M, K}), ct);  // (M, K)
-  const Weights p = weights_pass(weight, log_sigma2, ct, clip, true);
+  const Weights p = weights_pass(weight, log_sigma2, ct, clip, true, M);
   const at::Tensor b = check_bias(bias, N, ct);
   at::Tensor mu, s2;
   if (p.compact) {  // (M, Ka) x (Na, Ka)ᵀ, scattered to the occupied columns of (M, N)
@@ -675,7 +685,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_linear_backward(
   const at::Tensor sd = as_compute(std.reshape({M, N}), ct);
   auto [gs2, gb] = backward_prologue(g, sd, N, 1, key, weight.scalar_type());
   const at::Tensor xc = as_compute(x.reshape({M, K}), ct);
-  const Weights p = weights_for_backward(std, weight, log_sigma2, ct, clip, true);
+  const Weights p = weights_for_backward(std, weight, log_sigma2, ct, clip, true, M);
   // The products on the occupied block (compact) or on everything: rows of θ (n), columns (k).
   const at::Tensor gn = !p.compact || p.all_rows() ? g : g.index_select(1, p.rows);        // (M, n)
   const at::Tensor gs2n = !p.compact || p.all_rows() ? gs2 : gs2.index_select(1, p.rows);  // (M, n)
@@ -773,7 +783,7 @@ std::tuple<at::Tensor, at::Tensor> lrt_conv2d(const at::Tensor& x, const at::Ten
   const std::vector<int64_t> out_shape = conv_out_shape(x, weight, a);
 
   const at::Tensor xc = as_compute(x, ct);
-  const Weights p = weights_pass(weight, log_sigma2, ct, clip, groups == 1);
+  const Weights p = weights_pass(weight, log_sigma2, ct, clip, groups == 1, kNoRowLimit);
   const at::Tensor b = check_bias(bias, C, ct);
   // The products on the occupied channels (compact) or on all of them.
   const at::Tensor xk = !p.compact || p.all_cols() ? xc : xc.index_select(1, p.cols);  // (B, k, H, W)
@@ -821,7 +831,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_conv2d_backward(
   const at::Tensor sd = as_compute(std, ct);
   auto [gs2, gb] = backward_prologue(g, sd, C, y_shape[2] * y_shape[3], key, weight.scalar_type());
   const at::Tensor xc = as_compute(x, ct);
-  const Weights p = weights_for_backward(std, weight, log_sigma2, ct, clip, groups == 1);
+  const Weights p = weights_for_backward(std, weight, log_sigma2, ct, clip, groups == 1, kNoRowLimit);
   // The products on the occupied channels (compact) or on all of them.
   const at::Tensor gn = !p.compact || p.all_rows() ? g : g.index_select(1, p.rows);        // (B, n, Ho, Wo)
   const at::Tensor gs2n = !p.compact || p.all_rows() ? gs2 : gs2.index_select(1, p.rows);
@@ -881,7 +891,7 @@ std::tuple<at::Tensor, at::Tensor> clip_occupancy(const at::Tensor& weight, cons
   check_weights(weight, log_sigma2, weight.dim());
   check_clip(clip);
   const at::ScalarType ct = compute_type(at::promote_types(weight.scalar_type(), log_sigma2.scalar_type()));
-  const Weights p = weights_pass(weight, log_sigma2, ct, clip, false);
+  const Weights p = weights_pass(weight, log_sigma2, ct, clip, false, 0);
   return {p.row_count, p.col_count};
 }
 
