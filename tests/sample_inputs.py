@@ -64,15 +64,16 @@ LINEAR_CASES = [
 
 
 def linear_inputs(lead, k, n, dtype=torch.float32, with_bias=True, contiguous=True, device="cpu"):
-    """x (*lead, k) (a strided view when not ``contiguous``), θ ~ N(0, 1/k), log σ² ~ N(−3, 1)
+    """x (*lead, k) (a strided, misaligned view when not ``contiguous``), θ ~ N(0, 1/k), log σ² ~ N(−3, 1)
     (σ² well away from 0, so the variance path matters), b ~ N(0, 1) or None."""
     if contiguous:
         x = torch.randn(*lead, k, dtype=dtype, device=device)
     else:
-        x = torch.randn(*lead, 2 * k, dtype=dtype, device=device)[..., ::2]  # a strided view
+        # a strided view that also starts one element in (a misaligned data pointer)
+        x = torch.randn(*lead, 2 * k + 1, dtype=dtype, device=device)[..., 1::2]
         if len(lead) > 1:
             x = x.transpose(0, 1).contiguous().transpose(0, 1)
-        assert not x.is_contiguous()
+        assert k == 1 or not x.is_contiguous()  # a single column is contiguous
     w = torch.randn(n, k, dtype=dtype, device=device) / math.sqrt(max(k, 1))
     ls2 = torch.randn(n, k, dtype=dtype, device=device) - 3
     b = torch.randn(n, dtype=dtype, device=device) if with_bias else None

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_close
+from sample_inputs import fresh_seed
 
 import sparsevd
 import sparsevd.functional as SF
@@ -43,10 +44,6 @@ OP_BWD = torch.ops.sparsevd.lrt_conv2d_backward.default
 @pytest.fixture(autouse=True)
 def _triton_backend(monkeypatch):
     monkeypatch.setenv("SPARSEVD_BACKEND", "triton")
-
-
-def fresh_seed() -> torch.Tensor:
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=DEVICE)
 
 
 def make_conv(n, c_in, hw, c_out, k, groups=1, dtype=torch.float32, bias=True):
@@ -88,7 +85,7 @@ def check(actual, expected, name, rtol):
 def run_and_compare(x, w, ls2, b, args, rtol=1e-4, noise_fn=lrt_noise):
     """The op (triton) against the fp64 oracle: y, std, the four gradients, their dtypes and the
     layouts (y and std as the reference backend lays them out, ∂x as x)."""
-    seed = fresh_seed()
+    seed = fresh_seed(DEVICE)
     leaves = [None if t is None else t.detach().requires_grad_() for t in (x, w, ls2, b)]
     y, std = OP(*leaves, seed, *args)
     g = torch.randn(y.shape, dtype=x.dtype, device=x.device)
@@ -246,7 +243,7 @@ def test_empty_batch_launches_nothing(monkeypatch, groups):
         monkeypatch.setattr(TC, name, _NoLaunch())
     x, w, ls2, b = make_conv(0, 3, (5, 5), 6, 3, groups)
     leaves = [t.requires_grad_() for t in (x, w, ls2, b)]
-    y, std = OP(*leaves, fresh_seed(), *op_args(w, 1, 1, 1, groups))
+    y, std = OP(*leaves, fresh_seed(DEVICE), *op_args(w, 1, 1, 1, groups))
     assert y.shape == std.shape == (0, 6, 5, 5)
     y.sum().backward()
     assert leaves[0].grad.shape == x.shape
@@ -268,7 +265,7 @@ def test_noise_is_lrt_noise_in_every_kernel_and_layout():
     offset of the logical (N, C_out, H_out, W_out) output whatever the memory layout of y, in
     the implicit-GEMM and in the direct kernel (θ = 0, log σ² = 0 on x = 1 gives y = ξ·sqrt(1 + 1e-8)
     per tap)."""
-    seed = fresh_seed()
+    seed = fresh_seed(DEVICE)
     shape = (2, 6, 5, 4)
     expected = lrt_noise(seed, shape).to(F64)
     assert_close(TC.lrt_conv_noise(seed, shape), expected, rtol=1e-5, atol=1e-5, name="xi gemm")
@@ -288,7 +285,7 @@ def test_clip_threshold_masks_in_registers(groups):
     ls2 = torch.log(w * w) + torch.empty_like(w).uniform_(-4.0, 4.0)  # log α in (−4, 4)
     thr = 0.5
     args = op_args(w, 1, 1, 1, groups)
-    seed = fresh_seed()
+    seed = fresh_seed(DEVICE)
     leaves = [t.detach().requires_grad_() for t in (x, w, ls2, b)]
     y, std = TC.lrt_conv2d_fwd(*leaves, seed, *args, clip_threshold=thr)
     g = torch.randn_like(y)
@@ -318,7 +315,7 @@ def test_gradcheck_full(case):
     else:
         x, w, ls2, b = make_conv(1, 2, (2, 2), 2, (2, 1), 2, F64)
         conv = dict(padding=(1, 0), groups=2)
-    seed = fresh_seed()
+    seed = fresh_seed(DEVICE)
     inputs = [t.requires_grad_() for t in (x, w, ls2, b)]
     assert torch.autograd.gradcheck(lambda *a: SF.lrt_conv2d(*a, **conv, seed=seed), inputs)
 
@@ -332,7 +329,7 @@ def test_opcheck_channels_last_asymmetric_depthwise():
         t.requires_grad_()
     args = op_args(w, 1, "same", 1, 2)
     assert len(args[1]) == 4
-    seed = fresh_seed()
+    seed = fresh_seed(DEVICE)
     torch.library.opcheck(OP, (x, w, ls2, b, seed, *args))
     y, std = OP(x, w, ls2, b, seed, *args)
     assert y.is_contiguous(memory_format=CL)
@@ -448,7 +445,7 @@ def test_autocast_low_precision_gpu(dtype, layout, shape):
     if layout == "channels_last":
         x = x.to(memory_format=CL)
     args = op_args(w, 1, 1, 1, groups)
-    seed = fresh_seed()
+    seed = fresh_seed(DEVICE)
     leaves = [t.detach().requires_grad_() for t in (x, w, ls2, b)]
     with torch.autocast("cuda", dtype=dtype):
         y, std = OP(*leaves, seed, *args)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_close
+from sample_inputs import fresh_seed
 
 import sparsevd
 from sparsevd import reference as R
@@ -42,10 +43,6 @@ def _triton_backend(monkeypatch):
     monkeypatch.setenv("SPARSEVD_BACKEND", "triton")
 
 
-
-
-def fresh_seed() -> torch.Tensor:
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=DEVICE)
 
 
 def make_params(n, k, bias=True, dtype=torch.float32, device=DEVICE):
@@ -82,7 +79,7 @@ def check(actual, expected, name, rtol=1e-4):
 
 
 def run_and_compare(x, w, ls2, b, rtol=1e-4, noise_fn=lrt_noise):
-    seed = fresh_seed()
+    seed = fresh_seed(DEVICE)
     g = torch.randn(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
     y, std, grads = fused(x, w, ls2, b, seed, g)
     y_ref, grads_ref = oracle(x, w, ls2, b, seed, g, noise_fn)
@@ -191,7 +188,7 @@ def test_empty_batch_launches_nothing(monkeypatch, lead):
     w, ls2, b = make_params(7, 5)
     x = torch.randn(*lead, 5, device=DEVICE, requires_grad=True)
     leaves = [t.requires_grad_() for t in (w, ls2, b)]
-    y, std = OP(x, *leaves, fresh_seed())
+    y, std = OP(x, *leaves, fresh_seed(DEVICE))
     assert y.shape == (*lead, 7) and std.shape == (*lead, 7)
     y.sum().backward()
     assert x.grad.shape == x.shape
@@ -206,7 +203,7 @@ def test_zero_out_features(monkeypatch):
     monkeypatch.setattr(TI, "K", _NoLaunch())
     w, ls2, b = (t.requires_grad_() for t in make_params(0, 5))
     x = torch.randn(2, 3, 5, device=DEVICE, requires_grad=True)
-    y, std = OP(x, w, ls2, b, fresh_seed())
+    y, std = OP(x, w, ls2, b, fresh_seed(DEVICE))
     assert y.shape == std.shape == (2, 3, 0)
     y.sum().backward()
     assert torch.count_nonzero(x.grad) == 0 and w.grad.shape == (0, 5) and b.grad.shape == (0,)
@@ -352,7 +349,7 @@ def test_autocast_low_precision_gpu(dtype, m, k, n):
     (flash-attention's rule) plus a small floor."""
     w, ls2, b = make_params(n, k, device="cuda")
     x = torch.randn(m, k, device="cuda").to(dtype)  # the activations the op receives
-    seed = fresh_seed()
+    seed = fresh_seed(DEVICE)
     g = torch.randn(m, n, device="cuda").to(dtype)
     y_ref, grads_ref = oracle(x, w, ls2, b, seed, g)  # fp64 math on the same rounded inputs
     with torch.autocast("cuda", dtype=dtype):
