@@ -242,7 +242,7 @@ def lrt_linear(
     x = _check_linear(x, weight, log_sigma2, bias, check_finite)
     seed = _prepare_seed(seed, x)
     clip = _clip_arg(clip_threshold)
-    return ops.lrt_linear(x, weight, log_sigma2, bias, seed, clip)[0]
+    return ops.run_lrt_linear(x, weight, log_sigma2, bias, seed, clip)
 
 
 def lrt_conv2d(
@@ -288,8 +288,8 @@ def lrt_conv2d(
     )
     seed = _prepare_seed(seed, x)
     clip = _clip_arg(clip_threshold)
-    y = ops.lrt_conv2d(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups,
-                       clip)[0]
+    y = ops.run_lrt_conv2d(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups,
+                           clip)
     return y.squeeze(0) if unbatched else y
 
 
@@ -443,7 +443,7 @@ def kl_sparse_vd_many(weights: Sequence[Tensor], log_sigma2s: Sequence[Tensor], 
     with_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (*weights, *log_sigma2s)
     )
-    return ops.kl_sparse_vd(weights, log_sigma2s, with_grad)[0]
+    return ops.run_kl_sparse_vd(weights, log_sigma2s, with_grad)
 
 
 def log_alpha(weight: Tensor, log_sigma2: Tensor) -> Tensor:

@@ -1030,6 +1030,121 @@ def test_training_step_matches_reference_backend():
         close(a, e, 1e-4, "grad", atol_rel=1e-5)
 
 
+# ------------------------------------------------------------------------------ eager autograd
+class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that changes nothing: under it the custom ops run (no eager bypass)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _run_both(fn, leaves):
+    """fn(*leaves) and the leaves' gradients of Σ fn·G, once on the eager C++ autograd path and once
+    through the custom ops (under a pass-through dispatch mode); G random, the same for both."""
+    out = {}
+    g = None
+    for path in ("eager", "custom_op"):
+        ls = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+        if path == "eager":
+            y = fn(*ls)
+        else:
+            with _PassThrough():
+                y = fn(*ls)
+        if g is None:
+            g = torch.randn_like(y)
+        (y * g).sum().backward()
+        out[path] = (y.detach(), y.grad_fn.name(), [t.grad for t in ls])
+    return out
+
+
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_eager_linear_equals_custom_op_bitwise(x_grad):
+    """SF.lrt_linear in eager mode runs the C++ autograd op; its output and gradients are the custom
+    op's, bit for bit (the same kernels), with and without clipping and bias, 3-D inputs."""
+    for lead, k, n, bias, clip in (((6,), 33, 17, True, None), ((2, 5), 16, 9, False, None),
+                                   ((7,), 40, 24, True, "clip")):
+        x, w, ls2, b = linear_inputs(lead, k, n, torch.float32, bias)
+        thr = clip_case(w, ls2, dead_rows=(1,), dead_cols=(2,)) if clip else None
+        seed = fresh_seed()
+        x.requires_grad_(x_grad)
+        leaves = [x, w.requires_grad_(), ls2.requires_grad_()] + ([b.requires_grad_()] if bias else [])
+        out = _run_both(lambda x, w, s, *b: SF.lrt_linear(x, w, s, *(b or [None]), seed=seed,
+                                                         clip_threshold=thr), leaves)
+        (y_e, fn_e, g_e), (y_c, fn_c, g_c) = out["eager"], out["custom_op"]
+        assert "LrtLinearFn" in fn_e and "lrt_linear" in fn_c, (fn_e, fn_c)
+        assert torch.equal(y_e, y_c)
+        for a, e in zip(g_e, g_c):
+            assert (a is None and e is None) or torch.equal(a, e)
+        assert (g_e[0] is None) == (not x_grad)
+
+
+@pytest.mark.parametrize("padding,channels_last", [([1, 1], False), ("same", False), ([0, 0], True)])
+def test_eager_conv2d_equals_custom_op_bitwise(padding, channels_last):
+    """The conv layer's eager path: bit-identical to the custom op (values and layout), also with
+    padding="same" on an even kernel (padded explicitly, F.pad's backward crops ∂x) and
+    channels_last inputs."""
+    x, w, ls2, b = conv_inputs((2, 3, 9, 8), (5, 2, 2) if padding == "same" else (5, 3, 3), 1)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    seed = fresh_seed()
+    leaves = [x.requires_grad_(), w.requires_grad_(), ls2.requires_grad_(), b.requires_grad_()]
+    out = _run_both(lambda x, w, s, b: SF.lrt_conv2d(x, w, s, b, padding=padding, seed=seed), leaves)
+    (y_e, fn_e, g_e), (y_c, fn_c, g_c) = out["eager"], out["custom_op"]
+    assert "lrt_conv2d" in fn_c and "lrt_conv2d" not in fn_e, (fn_e, fn_c)
+    assert torch.equal(y_e, y_c) and y_e.stride() == y_c.stride()
+    for a, e in zip(g_e, g_c):
+        assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.37])
+def test_eager_kl_equals_custom_op_bitwise(beta):
+    """The KL's eager path: the same value and gradients as the custom op, at β = 1 (the backward
+    hands out the forward's gradients as they are) and β ≠ 1 (scaled); repeated backward with
+    retain_graph accumulates correctly; the non-finite flags are set."""
+    shapes = [(30, 17), (300, 100), (5,)]
+    params = [_kl_params(s, torch.float32) for s in shapes]
+    res = {}
+    for path in ("eager", "custom_op"):
+        ws = [p[0].clone().requires_grad_() for p in params]
+        ss = [p[1].clone().requires_grad_() for p in params]
+        if path == "eager":
+            kl = SF.kl_sparse_vd_many(ws, ss)
+        else:
+            with _PassThrough():
+                kl = SF.kl_sparse_vd_many(ws, ss)
+        (beta * kl).backward(retain_graph=True)
+        first = [t.grad.clone() for t in (*ws, *ss)]
+        (beta * kl).backward()
+        res[path] = (kl.detach(), first, [t.grad for t in (*ws, *ss)])
+    assert torch.equal(res["eager"][0], res["custom_op"][0])
+    for a, e, twice in zip(res["eager"][1], res["custom_op"][1], res["eager"][2]):
+        assert torch.equal(a, e)
+        assert torch.equal(twice, a + a)
+    assert NI.nonfinite_layers().tolist() == [False] * 3
+
+
+def test_eager_paths_without_grad_inference_and_double_backward():
+    x, w, ls2, b = linear_inputs((4,), 8, 3)
+    seed = fresh_seed()
+    ref = NI.lrt_linear_fwd(x, w, ls2, b, seed)[0]  # the same kernel as the eager op's
+    with torch.no_grad():
+        assert torch.equal(SF.lrt_linear(x, w.requires_grad_(), ls2, b, seed=seed), ref)
+    with torch.inference_mode():
+        assert torch.equal(SF.lrt_linear(x, w, ls2, b, seed=seed), ref)
+        kl = SF.kl_sparse_vd_many([w], [ls2])
+    assert torch.equal(kl, NI.kl_fwd([w.detach()], [ls2], False)[0])
+    # a second derivative raises (as through the custom ops), a first one with create_graph works
+    x.requires_grad_()
+    y = SF.lrt_linear(x, w, ls2, b, seed=seed)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        gx.sum().backward()
+    kl = SF.kl_sparse_vd_many([w], [ls2])
+    (gw,) = torch.autograd.grad(kl, w, create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        gw.sum().backward()
+
+
 # --------------------------------------------------------------------------- argument checks
 def test_cpp_argument_checks_name_the_argument():
     x, w, ls2, b = linear_inputs((3,), 4, 5)

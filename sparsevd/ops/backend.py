@@ -15,7 +15,9 @@ The deployed layers' ``csr_linear`` is no backend op: it is the compiled library
 (:mod:`sparsevd.ops.csr`), with a torch fallback.
 
 Implementations register themselves per (op name, backend) with :func:`register_impl`; the op
-entry points in :mod:`sparsevd.ops` look them up with :func:`get_impl`.
+entry points in :mod:`sparsevd.ops` look them up with :func:`get_impl`. A backend may also register
+an eager autograd implementation of an op under ``"<op>:eager"`` (the native backend's C++
+autograd ops): :func:`eager_impl` hands it out for calls that may bypass the custom op.
 """
 from __future__ import annotations
 
@@ -84,6 +86,29 @@ def _device_ok(backend: str, device: torch.device) -> bool:
     if backend == "native":
         return device.type == "cpu"
     return True
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_impl(op: str, device: torch.device, tensors) -> Optional[Callable]:
+    """The eager autograd implementation of ``op`` that the backend chosen for ``device``
+    registered (as ``"<op>:eager"``), for a call that may bypass the custom op: not traced by
+    torch.compile, no torch-function or dispatch mode and no functorch transform active, and every
+    tensor in ``tensors`` (None entries are skipped) a plain tensor or parameter. None otherwise,
+    or when the backend has none: then the custom op runs.
+
+    Raises: as :func:`get_impl`.
+    """
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active()
+            or torch._C._is_torch_function_mode_enabled()):
+        return None
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TENSORS:
+            return None
+    backend, _ = get_impl(op, device)
+    return _IMPLS.get((op + ":eager", backend))
 
 
 def get_impl(op: str, device: torch.device) -> Tuple[str, Callable]:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as R
-from .backend import get_impl
+from .backend import eager_impl, get_impl
 
 
 @torch.library.custom_op("sparsevd::kl_sparse_vd", mutates_args=())
@@ -59,6 +59,17 @@ def _kl_bwd(ctx, grad_kl, _grads_w, _grads_ls2):
 
 
 kl_sparse_vd.register_autograd(_kl_bwd, setup_context=_kl_setup)
+
+
+def run_kl_sparse_vd(weights: List[Tensor], log_sigma2s: List[Tensor], with_grad: bool) -> Tensor:
+    """The KL of :func:`kl_sparse_vd` (0-dim) with autograd: in eager mode on the native backend
+    through its C++ autograd op (gradients in the forward's pass when grad mode is on and some
+    parameter requires grad, which is what ``with_grad`` says; the backward returns them as they
+    are when the incoming gradient is 1), else through the custom op."""
+    fast = eager_impl("kl_sparse_vd", weights[0].device, (*weights, *log_sigma2s))
+    if fast is not None:
+        return fast(weights, log_sigma2s)
+    return kl_sparse_vd(weights, log_sigma2s, with_grad)[0]
 
 
 @torch.library.custom_op("sparsevd::log_alpha", mutates_args=())

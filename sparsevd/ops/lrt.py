@@ -7,6 +7,11 @@ dispatch at run time to the backend chosen by :func:`sparsevd.ops.backend.get_im
 When the layer's input needs no gradient (a network's first layer), autograd calls the backward
 ops with ``need_grad_x=False``: the backends skip ∂x (the native and Triton kernels do not
 compute it at all) and return an empty tensor in its place.
+
+:func:`run_lrt_linear` and :func:`run_lrt_conv2d` (what :mod:`sparsevd.functional` calls) return y
+with autograd: in eager mode on the native backend through its C++ autograd ops (the same kernels,
+bit-identical results, no Python between forward and backward: ~0.1 ms less per layer and step),
+else through the custom ops (torch.compile, dispatch modes, functorch, the other backends).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from torch import Tensor
 
 from .._args import padding_sides
 from ..reference import conv_out_size
-from .backend import get_impl
+from .backend import eager_impl, get_impl
 
 
 # --------------------------------------------------------------------------------------- linear
@@ -84,6 +89,16 @@ def _lrt_linear_bwd(ctx, grad_y, grad_std):
 
 
 lrt_linear.register_autograd(_lrt_linear_bwd, setup_context=_lrt_linear_setup)
+
+
+def run_lrt_linear(x: Tensor, weight: Tensor, log_sigma2: Tensor, bias: Optional[Tensor],
+                   seed: Tensor, clip_threshold: Optional[float] = None) -> Tensor:
+    """y of :func:`lrt_linear` with autograd, through the backend's eager autograd op when
+    :func:`sparsevd.ops.backend.eager_impl` allows it, else through the custom op."""
+    fast = eager_impl("lrt_linear", x.device, (x, weight, log_sigma2, bias, seed))
+    if fast is not None:
+        return fast(x, weight, log_sigma2, bias, seed, clip_threshold)
+    return lrt_linear(x, weight, log_sigma2, bias, seed, clip_threshold)[0]
 
 
 # --------------------------------------------------------------------------------------- conv2d
@@ -199,3 +214,15 @@ def _lrt_conv2d_bwd(ctx, grad_y, grad_std):
 
 
 lrt_conv2d.register_autograd(_lrt_conv2d_bwd, setup_context=_lrt_conv2d_setup)
+
+
+def run_lrt_conv2d(x: Tensor, weight: Tensor, log_sigma2: Tensor, bias: Optional[Tensor],
+                   seed: Tensor, stride: List[int], padding: List[int], dilation: List[int],
+                   groups: int, clip_threshold: Optional[float] = None) -> Tensor:
+    """y of :func:`lrt_conv2d` with autograd, as :func:`run_lrt_linear` chooses the path."""
+    fast = eager_impl("lrt_conv2d", x.device, (x, weight, log_sigma2, bias, seed))
+    if fast is not None:
+        return fast(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups,
+                    clip_threshold)
+    return lrt_conv2d(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups,
+                      clip_threshold)[0]

@@ -51,6 +51,9 @@ _NATIVE_OPS = (
     "native_lrt_conv2d_backward",
     "native_kl_sparse_vd",
     "native_clip_occupancy",
+    "native_lrt_linear_autograd",
+    "native_lrt_conv2d_autograd",
+    "native_kl_sparse_vd_autograd",
 )
 if not library.available():  # registers torch.ops.sparsevd.native_* when built
     raise ImportError(f"sparsevd._C is not available: {library.unavailable_reason()}")
@@ -121,8 +124,31 @@ def kl_fwd(weights: List[torch.Tensor], log_sigma2s: List[torch.Tensor], with_gr
     return kl, list(grads_w), list(grads_ls2)
 
 
+# Eager autograd (csrc/cpu/autograd_cpu.cpp): forward and backward in C++, no Python in between.
+def lrt_linear_eager(x, weight, log_sigma2, bias, seed, clip_threshold=None):
+    return _ops.native_lrt_linear_autograd(x, weight, log_sigma2, bias, seed, clip_threshold)
+
+
+def lrt_conv2d_eager(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups,
+                     clip_threshold=None):
+    xp, pad, _ = _symmetric(x, padding)  # F.pad's own backward crops ∂x back to x
+    return _ops.native_lrt_conv2d_autograd(xp, weight, log_sigma2, bias, seed, stride, pad, dilation,
+                                           groups, clip_threshold)
+
+
+def kl_eager(weights: List[torch.Tensor], log_sigma2s: List[torch.Tensor]):
+    """The KL (0-dim) with autograd; the gradients are computed in the same pass when grad mode is
+    on and some parameter requires grad."""
+    global last_nonfinite
+    kl, last_nonfinite = _ops.native_kl_sparse_vd_autograd(weights, log_sigma2s)
+    return kl
+
+
 register_impl("lrt_linear", "native", lrt_linear_fwd)
 register_impl("lrt_linear_backward", "native", lrt_linear_bwd)
 register_impl("lrt_conv2d", "native", lrt_conv2d_fwd)
 register_impl("lrt_conv2d_backward", "native", lrt_conv2d_bwd)
 register_impl("kl_sparse_vd", "native", kl_fwd)
+register_impl("lrt_linear:eager", "native", lrt_linear_eager)
+register_impl("lrt_conv2d:eager", "native", lrt_conv2d_eager)
+register_impl("kl_sparse_vd:eager", "native", kl_eager)
