@@ -52,6 +52,7 @@ from . import common
 
 import sparsevd
 import sparsevd.models
+from sparsevd.allocator import keep_freed_memory
 from sparsevd.deploy import dense_twin
 from sparsevd.nn import LinearSVDO, SparseLinear
 
@@ -277,6 +278,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = common.environment(args.device)
+    # the heap settings fit() uses for CPU training (sparsevd.allocator)
+    env["keep_freed_memory"] = args.device == "cpu" and keep_freed_memory()
     rows: List[dict] = []
     if "call" in args.parts:
         rows += bench_call(args, env)

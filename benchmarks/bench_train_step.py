@@ -19,7 +19,10 @@ steps per provider), medians with p20/p80 over the rounds, at each thread count 
 
 Usage: python -m benchmarks.bench_train_step [--workloads lenet300 lenet5 1024 4096]
        [--providers dense reference reference_compiled sparsevd] [--threads 1 2] [--rounds 20]
-       [--steps 10] [--device cpu|cuda] [--quick] [--out FILE] [--no-save] [--dry-run]
+       [--steps 10] [--device cpu|cuda] [--default-heap] [--quick] [--out FILE] [--no-save]
+       [--dry-run]
+CPU runs use the heap settings of sparsevd.allocator.keep_freed_memory() (as fit() does) unless
+--default-heap; every row records which (``keep_freed_memory``).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsevd.allocator import keep_freed_memory
 from sparsevd.train import adam
 
 from . import common
@@ -206,6 +210,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds")
     ap.add_argument("--steps", type=int, default=10, help="steps per provider per round")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--default-heap", action="store_true",
+                    help="keep glibc's default trim/mmap thresholds (no sparsevd.allocator."
+                         "keep_freed_memory(), which fit() calls for CPU training)")
     common.add_common_args(ap)
     args = common.parse_args(ap, argv)
     if args.quick:
@@ -214,6 +221,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device")
     env = common.environment(args.device)
+    # the heap settings fit() uses for CPU training (process-wide: every provider runs under them)
+    env["keep_freed_memory"] = (device.type == "cpu" and not args.default_heap
+                                and keep_freed_memory())
     rows: List[dict] = []
     for threads in args.threads:
         for w in args.workloads:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed, metadata
+from .allocator import keep_freed_memory
 from ._files import atomic_write_bytes, check_writable, digest
 from .checkpoint import (CHECKPOINT_WEIGHTS, TRAIN_STATE, load_train_state, optimizer_state,
                          optimizer_tensors, read_config, save_checkpoint, save_train_state)
@@ -307,7 +308,8 @@ def fit(
         per epoch: loss (SGVLB per image, or cross-entropy), ce, kl_per_image, beta, lr,
         test_accuracy, compression, train_seconds), ``report``, ``train_seconds`` (training
         steps only), step-time quantiles (``median_ms``, ``p20_ms``, ``p80_ms``), the recipe,
-        ``device``, ``backend``, versions, the commit, ``resumed_from_epoch`` and ``predictive``:
+        ``device``, ``backend``, ``keep_freed_memory`` (whether CPU training runs with
+        :func:`sparsevd.allocator.keep_freed_memory`'s heap settings), versions, the commit, ``resumed_from_epoch`` and ``predictive``:
         test accuracy, expected calibration error (15 bins), NLL and mean entropy of the
         deterministic eval-mode prediction (``eval``) and, for sparse VD, of the Monte-Carlo
         predictive mean over ``mc_samples`` LRT samples (``mc``; :func:`sparsevd.predict`).
@@ -341,6 +343,7 @@ def fit(
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
+    kept = keep_freed_memory() if device.type == "cpu" else False  # no page faults per step
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("amp: fp16 needs a CUDA device (its GradScaler); use amp='bf16' on the CPU")
     if train_size is None:
@@ -592,6 +595,7 @@ def fit(
         "device": device.type,
         "device_name": metadata.device_name(device),
         "num_threads": torch.get_num_threads(),
+        "keep_freed_memory": kept,
         "cpu_count": os.cpu_count(),
         "backend": backend,
         **metadata.versions(),

@@ -12,7 +12,7 @@
 // some θ or log σ² is NaN or ±inf (`nonfinite`, a (num_layers,) bool tensor), so no separate
 // isnan() reduction or per-layer host sync is needed.
 //
-// fp32 runs the vectorized kernel of simd/kl_vec.h (own log/exp polynomials, ~1 ulp; one division
+// fp32 runs the vectorized kernel of simd/kl_vec.h (own log/exp polynomials, ~1 ulp; one reciprocal
 // for 1/(1+e^{−z}), 1/(1+e^{−la}) and the log1p correction, one for 1/(θ²+1e-8)), fp64 the C
 // library's functions; bf16/fp16 parameters are computed in fp32 and the gradients rounded once.
 // The sum is accumulated per chunk in fp64 and the chunks are added in a fixed order: the result

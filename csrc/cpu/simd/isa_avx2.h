@@ -14,6 +14,9 @@ struct V {
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  // 1/b: a division (rcpps + one Newton step leaves ~2^-22, too coarse for the KL's documented
+  // accuracy).
+  static F rcp(F b) { return _mm256_div_ps(_mm256_set1_ps(1.0f), b); }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
   static F max(F a, F b) { return _mm256_max_ps(a, b); }

@@ -36,10 +36,10 @@ inline V::F vlog(V::F x) {
   return r;
 }
 
-// exp(x) for |x| <= 87 (the kernels use |x| < 20): x = n ln2 + r, |r| <= ln2/2,
-// exp(r) = 1 + r + r² P(r) (degree-5 P), times 2^n (V::scale2).
-inline V::F vexp(V::F x) {
-  const V::F fn = V::round(V::mul(x, V::set1(1.44269504088896341f)));
+// exp's core for |x| <= 110: x = n ln2 + r, |r| <= ln2/2, returns exp(r) = 1 + r + r² P(r)
+// (degree-5 P) and sets fn = n; the caller applies 2^n.
+inline V::F vexp_core(V::F x, V::F& fn) {
+  fn = V::round(V::mul(x, V::set1(1.44269504088896341f)));
   V::F r = V::fnmadd(fn, V::set1(0.693359375f), x);
   r = V::fnmadd(fn, V::set1(-2.12194440e-4f), r);
   const V::F z = V::mul(r, r);
@@ -48,7 +48,14 @@ inline V::F vexp(V::F x) {
   const V::F b = V::fmadd(V::set1(8.3334519073e-3f), r, V::set1(4.1665795894e-2f));
   const V::F c = V::fmadd(V::set1(1.9875691500e-4f), r, V::set1(1.3981999507e-3f));
   const V::F poly = V::fmadd(c, z2, V::fmadd(b, z, a));
-  return V::scale2(V::add(V::fmadd(poly, z, r), V::set1(1.0f)), fn);
+  return V::add(V::fmadd(poly, z, r), V::set1(1.0f));
+}
+
+// exp(x) for |x| <= 87 (the kernels use |x| < 20): vexp_core times 2^n (V::scale2).
+inline V::F vexp(V::F x) {
+  V::F fn;
+  const V::F p = vexp_core(x, fn);
+  return V::scale2(p, fn);
 }
 
 // cos(t) for t in [0, 8]: t = j pi/2 + r, |r| <= pi/4 (pi/2 in two fp32 parts, FMA), then
@@ -69,22 +76,14 @@ inline V::F vcos_small(V::F t) {
   return V::negate_by_bit1(V::add32(j, V::i32(1)), V::pick_by_bit0(j, s, c));  // j mod 4 in {1, 2}: negate
 }
 
-// exp(x) over the whole fp32 range, for σ² = exp(log σ²) (log σ² is a free parameter): as vexp on
-// x clamped to [-110, 89], with 2^n applied in two exact halves (|n| <= 159 does not fit one
+// exp(x) over the whole fp32 range, for σ² = exp(log σ²) (log σ² is a free parameter): vexp_core
+// of x clamped to [-110, 89], with 2^n applied in two exact halves (|n| <= 159 does not fit one
 // scale2), so exp overflows to +inf above ~88.72 and underflows (through the subnormals, one
 // rounding) to 0 below ~-103.97; exp(+inf) = +inf, exp(-inf) = 0, NaN -> NaN.
 inline V::F vexp_full(V::F x) {
   const V::F xc = V::min(V::set1(89.0f), V::max(V::set1(-110.0f), x));  // NaN stays NaN (data second)
-  const V::F fn = V::round(V::mul(xc, V::set1(1.44269504088896341f)));
-  V::F r = V::fnmadd(fn, V::set1(0.693359375f), xc);
-  r = V::fnmadd(fn, V::set1(-2.12194440e-4f), r);
-  const V::F z = V::mul(r, r);
-  const V::F z2 = V::mul(z, z);
-  const V::F a = V::fmadd(V::set1(1.6666665459e-1f), r, V::set1(5.0000001201e-1f));
-  const V::F b = V::fmadd(V::set1(8.3334519073e-3f), r, V::set1(4.1665795894e-2f));
-  const V::F c = V::fmadd(V::set1(1.9875691500e-4f), r, V::set1(1.3981999507e-3f));
-  const V::F poly = V::fmadd(c, z2, V::fmadd(b, z, a));
-  const V::F p = V::add(V::fmadd(poly, z, r), V::set1(1.0f));
+  V::F fn;
+  const V::F p = vexp_core(xc, fn);
   const V::F hi = V::round(V::mul(fn, V::set1(0.5f)));
   const V::F res = V::mul(V::scale2(p, hi), V::scale2(V::set1(1.0f), V::sub(fn, hi)));
   return V::select(V::lt(x, V::set1(INFINITY)), res, V::add(x, x));  // +inf -> +inf, NaN -> NaN
