@@ -114,17 +114,18 @@ def table(rows: list) -> str:
 
 
 def search_table(rows: list) -> str:
-    """Markdown table of the recipe-search rows (LeNet-300-100 variants, one line per run)."""
+    """Markdown table of the recipe-search rows (LeNet-300-100 variants, one line per run, by
+    epochs)."""
     dense = {(r["model"], r["dataset"], r["epochs"], r.get("seed")): r for r in rows if not r["svd"]}
     lines = [
-        "| method | seed | dense pre-training | KL warm-up | lr decay | test accuracy "
+        "| epochs | method | seed | dense pre-training | KL warm-up | lr decay | test accuracy "
         "| Δ vs dense (same seed) | compression | per-layer sparsity | threads | commit |",
-        "|---|--:|--:|--:|---|--:|--:|--:|---|--:|---|",
+        "|--:|---|--:|--:|--:|---|--:|--:|--:|---|--:|---|",
     ]
 
     def order(r):
-        return (r["svd"], r.get("pretrain_epochs") or 0, r.get("kl_warmup_epochs") or 0,
-                r.get("seed") or 0)
+        return (r["epochs"], r["svd"], r.get("pretrain_epochs") or 0,
+                r.get("kl_warmup_epochs") or 0, r.get("seed") or 0)
 
     for r in sorted(rows, key=order):
         d = dense.get((r["model"], r["dataset"], r["epochs"], r.get("seed")))
@@ -132,7 +133,7 @@ def search_table(rows: list) -> str:
                  if r["svd"] and d is not None else "")
         sparsity = " / ".join(f"{100 * s:.1f}%" for s in r["per_layer_sparsity"])
         lines.append(
-            f"| {'sparse VD' if r['svd'] else 'dense'} | {r.get('seed', '')} "
+            f"| {r['epochs']} | {'sparse VD' if r['svd'] else 'dense'} | {r.get('seed', '')} "
             f"| {r.get('pretrain_epochs') or 0 if r['svd'] else ''} "
             f"| {'' if not r['svd'] else format(r.get('kl_warmup_epochs'), 'g')} "
             f"| {r.get('lr_decay', '')} | {100 * r['test_accuracy']:.2f}% | {delta} "
