@@ -440,10 +440,7 @@ def kl_sparse_vd_many(weights: Sequence[Tensor], log_sigma2s: Sequence[Tensor], 
     for w, s in zip(weights, log_sigma2s):
         check_parameters(w, s, check_finite)
         _check_same_device(w, "weights", weights[0], "weights[0]")
-    with_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (*weights, *log_sigma2s)
-    )
-    return ops.run_kl_sparse_vd(weights, log_sigma2s, with_grad)
+    return ops.run_kl_sparse_vd(weights, log_sigma2s)
 
 
 def log_alpha(weight: Tensor, log_sigma2: Tensor) -> Tensor:

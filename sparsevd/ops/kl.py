@@ -61,14 +61,16 @@ def _kl_bwd(ctx, grad_kl, _grads_w, _grads_ls2):
 kl_sparse_vd.register_autograd(_kl_bwd, setup_context=_kl_setup)
 
 
-def run_kl_sparse_vd(weights: List[Tensor], log_sigma2s: List[Tensor], with_grad: bool) -> Tensor:
+def run_kl_sparse_vd(weights: List[Tensor], log_sigma2s: List[Tensor]) -> Tensor:
     """The KL of :func:`kl_sparse_vd` (0-dim) with autograd: in eager mode on the native backend
-    through its C++ autograd op (gradients in the forward's pass when grad mode is on and some
-    parameter requires grad, which is what ``with_grad`` says; the backward returns them as they
-    are when the incoming gradient is 1), else through the custom op."""
+    through its C++ autograd op, else through the custom op. Either way the gradients are computed
+    in the forward's pass when grad mode is on and some parameter requires grad (the C++ op decides
+    this itself: csrc/cpu/autograd_cpu.cpp, ``kl_sparse_vd_autograd``), and the backward returns
+    them as they are when the incoming gradient is 1."""
     fast = eager_impl("kl_sparse_vd", weights[0].device, (*weights, *log_sigma2s))
     if fast is not None:
         return fast(weights, log_sigma2s)
+    with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*weights, *log_sigma2s))
     return kl_sparse_vd(weights, log_sigma2s, with_grad)[0]
 
 
