@@ -19,10 +19,11 @@ def round_():
     bufs = [torch.ones(2 * 1024 * 1024) for _ in range(4)]
     del bufs
 round_()
+round_()  # the second warm-up round faults in what the kept heap still had to grow by
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+for _ in range(10):
     round_()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
 print(json.dumps({"applied": applied, "again": again, "faults": faults}))
 """
 
@@ -40,15 +41,20 @@ def _run(env_extra):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_removes_the_page_faults_of_reallocation():
     on = _run({})
-    off = _run({"SPARSEVD_KEEP_FREED_MEMORY": "0"})
     assert on["applied"] is True and on["again"] is True
-    assert off["applied"] is False
-    # 4 x 8 MB re-faulted per round by default (~8000 pages), next to none when kept
-    assert off["faults"] > 1000, off
-    assert on["faults"] < 0.1 * off["faults"], (on, off)
+    # A round allocates 4 x 8 MB = 8192 pages of 4 KiB. The measurement itself: with every such
+    # buffer mmapped (the user's glibc setting, so keep_freed_memory stands back) each round
+    # re-faults all of them. (glibc's default, dynamic thresholds re-fault 0-4 buffers a round,
+    # depending on the heap's history, so the default is no fixed baseline.)
+    mapped = _run({"MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert mapped["applied"] is False
+    assert mapped["faults"] > 0.9 * 8192, mapped
+    # kept: next to none (at most one buffer in ten rounds was seen to grow the heap once more)
+    assert on["faults"] < 0.1 * 8192, on
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_respects_the_users_glibc_settings():
     assert _run({"MALLOC_TRIM_THRESHOLD_": "131072"})["applied"] is False
     assert _run({"MALLOC_MMAP_THRESHOLD_": "131072"})["applied"] is False
+    assert _run({"SPARSEVD_KEEP_FREED_MEMORY": "0"})["applied"] is False
