@@ -344,6 +344,7 @@ def fit(
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
     kept = keep_freed_memory() if device.type == "cpu" else False  # no page faults per step
+    commit = metadata.git_commit()  # the code this run starts with, not HEAD at its end
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("amp: fp16 needs a CUDA device (its GradScaler); use amp='bf16' on the CPU")
     if train_size is None:
@@ -599,7 +600,7 @@ def fit(
         "cpu_count": os.cpu_count(),
         "backend": backend,
         **metadata.versions(),
-        "commit": metadata.git_commit(),
+        "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "history": history,
         "report": _json_safe(rep.as_dict()),
