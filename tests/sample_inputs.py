@@ -97,11 +97,14 @@ def clip_case(w, ls2, dead_rows=(), dead_cols=()):
     """Make ``ls2`` (in place) a train-time clipping case and return its ``clip_threshold``:
     the output rows ``dead_rows`` and input columns ``dead_cols`` (dim 1 of θ) get log σ² = 8, or
     log(θ² + 1e-8) + 10 where that is larger (|θ| > e⁻¹), so that log α clamps to 10 there: every
-    weight there dropped), and the threshold is the midpoint of the
+    weight there dropped), every other weight log α <= 9, and the threshold is the midpoint of the
     widest gap between neighbouring log α values in the middle of their range, so that about half
     the other weights are dropped and no weight sits within rounding of the threshold (with a single
     other weight, a threshold 1 above its log α: it is kept)."""
     with torch.no_grad():
+        # every other weight gets log α <= 9 (a θ within ~1e-3 of 0 may draw more): none of them
+        # may look dead, or a case with few live weights could have none
+        ls2.copy_(torch.minimum(ls2, (torch.log(w * w + 1e-8) + 9.0).to(ls2.dtype)))
         dead = torch.clamp(torch.log(w * w + 1e-8) + 10.0, min=8.0).to(ls2.dtype)
         for r in dead_rows:
             ls2[r] = dead[r]
