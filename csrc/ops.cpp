@@ -6,7 +6,7 @@
 // in TORCH_LIBRARY_FRAGMENT blocks; kernels register with TORCH_LIBRARY_IMPL(sparsevd, CPU|CUDA, m).
 #include <torch/extension.h>
 
-#include "cpu/csr_simd.h"
+#include "cpu/csr_linear_cpu.h"
 
 TORCH_LIBRARY(sparsevd, m) {
   // The fake (meta) implementation lives in Python, in sparsevd/ops/csr.py.

@@ -60,7 +60,7 @@
 #endif
 
 #include "../csr_checks.h"
-#include "csr_simd.h"
+#include "csr_linear_cpu.h"
 
 namespace sparsevd {
 namespace cpu {
@@ -794,6 +794,8 @@ void dispatch_indices(const at::Tensor& crow, const at::Tensor& col, F&& f) {
   else with_col(crow.data_ptr<int64_t>());
 }
 
+}  // namespace
+
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
                           const at::Tensor& values, const c10::optional<at::Tensor>& bias) {
   const int64_t N = check_csr_linear_args(x, crow_indices, col_indices, values, bias);
@@ -840,7 +842,6 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, c
   return y.view(out_shape);
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace sparsevd
 

@@ -137,6 +137,57 @@ void clip_grads(T* __restrict gw, T* __restrict t3, const uint8_t* __restrict st
 }
 
 template <typename T>
+void clip_sddmm(const T* __restrict gT, const T* __restrict gs2T, const T* __restrict xT, int64_t M, int64_t K,
+                const int64_t* __restrict crow, const int32_t* __restrict col, const uint8_t* __restrict keep,
+                const T* __restrict s2, T* __restrict gw, T* __restrict t3, int64_t r0, int64_t r1) {
+  // GCC vector extensions (32 bytes: one ymm under AVX2 / AVX-512, two xmm in the portable build):
+  // two vectors of partial sums per dot product; the auto-vectorizer shuffled the batch lanes of
+  // the plain loop (7 cycles per element, measured).
+  typedef T vec __attribute__((vector_size(32)));
+  constexpr int64_t V = 32 / sizeof(T);
+  auto load = [](const T* p) {
+    vec v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  };
+  for (int64_t r = r0; r < r1; ++r) {
+    T* __restrict gwr = gw + r * K;
+    T* __restrict t3r = t3 + r * K;
+    for (int64_t c = 0; c < K; ++c) gwr[c] = T(0);
+    for (int64_t c = 0; c < K; ++c) t3r[c] = T(0);
+    const T* __restrict g = gT + r * M;
+    const T* __restrict s = gs2T + r * M;
+    for (int64_t j = crow[r]; j < crow[r + 1]; ++j) {
+      const int64_t c = col[j];
+      const T* __restrict xr = xT + c * M;
+      vec a0 = {}, a1 = {}, q0 = {}, q1 = {};
+      int64_t b = 0;
+      for (; b + 2 * V <= M; b += 2 * V) {
+        const vec x0 = load(xr + b), x1 = load(xr + b + V);
+        a0 += load(g + b) * x0;
+        a1 += load(g + b + V) * x1;
+        q0 += load(s + b) * (x0 * x0);
+        q1 += load(s + b + V) * (x1 * x1);
+      }
+      a0 += a1;
+      q0 += q1;
+      T a = 0, q = 0;
+      for (int64_t l = 0; l < V; ++l) {
+        a += a0[l];
+        q += q0[l];
+      }
+      for (; b < M; ++b) {
+        const T xv = xr[b];
+        a += g[b] * xv;
+        q += s[b] * (xv * xv);
+      }
+      gwr[c] = a * static_cast<T>(keep[j]);
+      t3r[c] = q * s2[j];
+    }
+  }
+}
+
+template <typename T>
 void add_2x_mul(T* __restrict acc, const T* __restrict x, const T* __restrict t, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] = acc[i] + (static_cast<T>(2) * x[i]) * t[i];
 }
@@ -184,7 +235,7 @@ template <typename T>
 constexpr ElementwiseKernels<T> make_elementwise(void (*sigma2)(const T*, const T*, T, T*, T*, uint8_t*, int64_t),
                                                  KlPartial (*kl)(const T*, const T*, T*, T*, int64_t)) {
   return {&lrt_forward<T>, &lrt_backward_gs2<T>, sigma2, &clip_grads<T>, &add_2x_mul<T>, &mul_inplace<T>,
-          &square<T>, kl};
+          &square<T>, &clip_sddmm<T>, kl};
 }
 
 inline Kernels make_kernels(const char* isa) {

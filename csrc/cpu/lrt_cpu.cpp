@@ -51,6 +51,7 @@
 #include <tuple>
 #include <vector>
 
+#include "csr_linear_cpu.h"
 #include "kernels.h"
 
 namespace sparsevd {
@@ -296,6 +297,15 @@ int64_t leading_rows(const at::Tensor& t) {
 // 0·inf = NaN would. It pays when the products shrink enough to cover the gathers and scatters
 // (benchmarks/NOTES.md, "native train-time clip and compaction"): see kCompactMaxFraction.
 //
+// Sparse products (linear only): when few weights are kept (kSparseMaxDensity), the products run on
+// the CSR of the kept weights instead (state != 0, row-major; values θ ⊙ m and σ² ⊙ m): the forward
+// μ = x (θm)ᵀ and s² = x2 (σ²m)ᵀ and the backward's T1 = g θm, T2 = g_s2 σ²m through the CSR SpMM of
+// the deployed layers (csr_linear_cpu.h; the backward on the transposed CSR, built from the CSR in
+// one O(nnz) pass), ∂θ and ∂log σ² as sampled products (one dot over the batch per kept weight,
+// kernels.h clip_sddmm), zero elsewhere. Exact up to the order of the sums; μ, s² and ∂x keep the
+// dense products' NaN where a dropped weight meets a non-finite input (the SpMM's rule); ∂θ and
+// ∂log σ² of dropped weights are 0 even then, as under compaction.
+//
 // Weights of one op after the σ² pass; θ's shape (R, S[, kH, kW]).
 struct Weights {
   bool clip = false;
@@ -307,11 +317,18 @@ struct Weights {
   int64_t R = 0, S = 0;
   bool compact = false;          // the products use the gathered (rows, cols) blocks below
   at::Tensor wc, s2c, statec;    // compact: θm, σ²m, state at (rows, cols[, kH, kW]), contiguous
+  bool sparse = false;           // the products use the CSR below (linear only)
+  at::Tensor crow, col;          // sparse: int64 (R + 1,) row pointers, int32 (nnz,) columns
+  at::Tensor wv, s2v, keep;      // sparse: θm, σ²m (compute dtype) and [state == 1] (uint8) per entry
   bool all_rows() const { return rows.size(0) == R; }
   bool all_cols() const { return cols.size(0) == S; }
 };
 
-enum class CompactMode { kAuto, kNever, kAlways };
+enum class CompactMode { kAuto, kNever, kAlways, kSparse };
+
+// What an op can run its clipped products on besides the full weights: nothing (the occupancy
+// hook), the gathered blocks (conv2d with groups = 1) or the blocks or the CSR (linear).
+enum class Reduced { kNone, kBlocks, kBlocksOrSparse };
 
 // Compact (mode auto) when occupied rows × occupied columns <= this fraction of R × S. Measured on
 // a 1024×1024 layer at batch 256, forward + backward (benchmarks/NOTES.md, "native train-time clip
@@ -324,6 +341,10 @@ constexpr double kCompactMaxFraction = 0.65;
 // with it. LeNet-300-100's fc1 at batch 100 (56 % of its rows occupied) ran 1.2x slower compacted;
 // the 1024x1024 layer at batch 256 gains (benchmarks/NOTES.md, "bench_masked, full run").
 constexpr int64_t kCompactMinRows = 256;
+// Sparse products (mode auto, linear) when at most this fraction of the weights is kept (state != 0).
+// Measured on the 1024x1024 layer at batch 256 and LeNet-300-100's layers at batch 100, forward +
+// backward, 1 thread (benchmarks/NOTES.md, "native sparse products"): see there.
+constexpr double kSparseMaxDensity = 0.2;
 // The convolutions are not limited (their GEMMs run over N·H_out·W_out positions; not measured).
 constexpr int64_t kNoRowLimit = std::numeric_limits<int64_t>::max();
 
@@ -331,11 +352,13 @@ CompactMode parse_compact(const std::string& s) {
   if (s == "auto") return CompactMode::kAuto;
   if (s == "never") return CompactMode::kNever;
   if (s == "always") return CompactMode::kAlways;
-  TORCH_CHECK(false, "mode: expected 'auto', 'never' or 'always', got '", s, "'");
+  if (s == "sparse") return CompactMode::kSparse;
+  TORCH_CHECK(false, "mode: expected 'auto', 'never', 'always' or 'sparse', got '", s, "'");
 }
 
 const char* compact_name(CompactMode m) {
-  return m == CompactMode::kAuto ? "auto" : m == CompactMode::kNever ? "never" : "always";
+  return m == CompactMode::kAuto ? "auto" : m == CompactMode::kNever ? "never" : m == CompactMode::kAlways ? "always"
+                                                                                                      : "sparse";
 }
 
 std::atomic<CompactMode>& compact_mode() {
@@ -407,10 +430,102 @@ at::Tensor indices_of_nonzero(const at::Tensor& count) {
   return at::tensor(idx, count.options());
 }
 
-// The σ² pass over weight / log_sigma2 (θ's shape) in compute dtype ct; `can_compact`: the op can
-// run its products on the occupied rows and columns (linear; conv2d with groups = 1).
+// The CSR of the clipped weights of a linear layer (Weights::sparse), from the σ² pass's states,
+// θ ⊙ m and σ² ⊙ m and row counts; frees the full-size buffers.
+void build_csr(Weights& p) {
+  const int64_t R = p.R, S = p.S;
+  p.crow = at::empty({R + 1}, p.row_count.options());
+  int64_t* crow = p.crow.data_ptr<int64_t>();
+  const int64_t* counts = p.row_count.data_ptr<int64_t>();
+  crow[0] = 0;
+  for (int64_t r = 0; r < R; ++r) crow[r + 1] = crow[r] + counts[r];
+  const int64_t nnz = crow[R];
+  TORCH_CHECK(S <= std::numeric_limits<int32_t>::max(), "weight: in_features ", S, " exceeds int32");
+  p.col = at::empty({nnz}, p.row_count.options().dtype(at::kInt));
+  p.wv = at::empty({nnz}, p.w.options());
+  p.s2v = at::empty({nnz}, p.w.options());
+  p.keep = at::empty({nnz}, p.state.options());
+  AT_DISPATCH_FLOATING_TYPES(p.w.scalar_type(), "sparsevd_clip_csr", [&] {
+    const scalar_t* pw = p.w.data_ptr<scalar_t>();
+    const scalar_t* ps = p.s2.data_ptr<scalar_t>();
+    const uint8_t* pst = p.state.data_ptr<uint8_t>();
+    int32_t* col = p.col.data_ptr<int32_t>();
+    scalar_t* wv = p.wv.data_ptr<scalar_t>();
+    scalar_t* sv = p.s2v.data_ptr<scalar_t>();
+    uint8_t* keep = p.keep.data_ptr<uint8_t>();
+    parallel_range(R, std::max<int64_t>(1, kGrainPlain / std::max<int64_t>(S, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* st = pst + r * S;
+        int64_t q = crow[r];
+        auto take = [&](int64_t c) {
+          col[q] = static_cast<int32_t>(c);
+          wv[q] = pw[r * S + c];
+          sv[q] = ps[r * S + c];
+          keep[q] = st[c] == 1;
+          ++q;
+        };
+        int64_t c = 0;
+        for (; c + 8 <= S; c += 8) {  // 8 states at a time: most words of a sparse row are all 0
+          uint64_t word;
+          std::memcpy(&word, st + c, 8);
+          if (word == 0) continue;
+          for (int64_t i = c; i < c + 8; ++i)
+            if (st[i] != 0) take(i);
+        }
+        for (; c < S; ++c)
+          if (st[c] != 0) take(c);
+      }
+    });
+  });
+  p.w = p.s2 = p.state = at::Tensor();  // the products need only the CSR
+}
+
+// The transposed CSR (columns of θ) of Weights::sparse, for the backward's ∂x products: column
+// pointers (S + 1,) int64, row indices (nnz,) int32, θm and σ²m by column (rows ascending).
+struct TransposedCsr {
+  at::Tensor ptr, row, wv, s2v;
+};
+
+TransposedCsr transpose_csr(const Weights& p) {
+  const int64_t R = p.R, S = p.S, nnz = p.col.size(0);
+  TransposedCsr t;
+  t.ptr = at::empty({S + 1}, p.crow.options());
+  t.row = at::empty({nnz}, p.col.options());
+  t.wv = at::empty({nnz}, p.wv.options());
+  t.s2v = at::empty({nnz}, p.wv.options());
+  int64_t* ptr = t.ptr.data_ptr<int64_t>();
+  const int64_t* counts = p.col_count.data_ptr<int64_t>();
+  std::vector<int64_t> next(S);
+  ptr[0] = 0;
+  for (int64_t c = 0; c < S; ++c) {
+    next[c] = ptr[c];
+    ptr[c + 1] = ptr[c] + counts[c];
+  }
+  TORCH_CHECK(ptr[S] == nnz, "clipped CSR: column counts do not match the entries");
+  const int64_t* crow = p.crow.data_ptr<int64_t>();
+  const int32_t* col = p.col.data_ptr<int32_t>();
+  int32_t* row = t.row.data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES(p.wv.scalar_type(), "sparsevd_clip_csc", [&] {
+    const scalar_t* wv = p.wv.data_ptr<scalar_t>();
+    const scalar_t* sv = p.s2v.data_ptr<scalar_t>();
+    scalar_t* tw = t.wv.data_ptr<scalar_t>();
+    scalar_t* ts = t.s2v.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t j = crow[r]; j < crow[r + 1]; ++j) {
+        const int64_t q = next[col[j]]++;
+        row[q] = static_cast<int32_t>(r);
+        tw[q] = wv[j];
+        ts[q] = sv[j];
+      }
+    }
+  });
+  return t;
+}
+
+// The σ² pass over weight / log_sigma2 (θ's shape) in compute dtype ct; `reduced`: what else than
+// the full weights the op can run its clipped products on.
 Weights weights_pass(const at::Tensor& weight, const at::Tensor& log_sigma2, at::ScalarType ct,
-                     const c10::optional<double>& clip, bool can_compact, int64_t rows_of_x) {
+                     const c10::optional<double>& clip, Reduced reduced, int64_t rows_of_x) {
   Weights p;
   p.clip = clip.has_value();
   p.R = weight.dim() >= 1 ? weight.size(0) : 1;
@@ -482,9 +597,20 @@ Weights weights_pass(const at::Tensor& weight, const at::Tensor& log_sigma2, at:
   p.col_count = col_parts.sum(0);
   p.rows = indices_of_nonzero(p.row_count);
   p.cols = indices_of_nonzero(p.col_count);
-  if (can_compact && (!p.all_rows() || !p.all_cols())) {
-    const CompactMode mode = compact_mode().load();
-    p.compact = mode == CompactMode::kAlways ||
+  const CompactMode mode = compact_mode().load();
+  if (reduced == Reduced::kBlocksOrSparse && R > 0 && S > 0) {
+    int64_t kept = 0;
+    const int64_t* prow = p.row_count.data_ptr<int64_t>();
+    for (int64_t r = 0; r < R; ++r) kept += prow[r];
+    p.sparse = mode == CompactMode::kSparse ||
+               (mode == CompactMode::kAuto && static_cast<double>(kept) <= kSparseMaxDensity * static_cast<double>(n));
+  }
+  if (p.sparse) {
+    build_csr(p);
+    return p;
+  }
+  if (reduced != Reduced::kNone && (!p.all_rows() || !p.all_cols())) {
+    p.compact = mode == CompactMode::kAlways || mode == CompactMode::kSparse ||
                 (mode == CompactMode::kAuto && rows_of_x >= kCompactMinRows &&
                  static_cast<double>(p.rows.size(0)) * p.cols.size(0) <=
                      kCompactMaxFraction * static_cast<double>(R) * S);
@@ -579,7 +705,7 @@ void weights_remember(const at::Tensor& std_out, const at::Tensor& weight, const
 
 // The σ² pass for the backward that received `std`: the forward's, or run afresh.
 Weights weights_for_backward(const at::Tensor& std, const at::Tensor& weight, const at::Tensor& log_sigma2,
-                             at::ScalarType ct, const c10::optional<double>& clip, bool can_compact,
+                             at::ScalarType ct, const c10::optional<double>& clip, Reduced reduced,
                              int64_t rows_of_x) {
   if (cacheable(std) && cacheable(log_sigma2) && (!clip.has_value() || cacheable(weight))) {
     Sigma2Cache& cache = sigma2_cache();
@@ -596,7 +722,7 @@ Weights weights_for_backward(const at::Tensor& std, const at::Tensor& weight, co
       ++cache.misses;
     }
   }
-  return weights_pass(weight, log_sigma2, ct, clip, can_compact, rows_of_x);
+  return weights_pass(weight, log_sigma2, ct, clip, reduced, rows_of_x);
 }
 
 // Switches the cache on or off (off: every backward reruns the σ² pass); clears it and its counters.
@@ -636,10 +762,13 @@ std::tuple<at::Tensor, at::Tensor> lrt_linear(const at::Tensor& x, const at::Ten
   out_shape.back() = N;
 
   const at::Tensor xc = as_compute(x.reshape({M, K}), ct);  // (M, K)
-  const Weights p = weights_pass(weight, log_sigma2, ct, clip, true, M);
+  const Weights p = weights_pass(weight, log_sigma2, ct, clip, Reduced::kBlocksOrSparse, M);
   const at::Tensor b = check_bias(bias, N, ct);
   at::Tensor mu, s2;
-  if (p.compact) {  // (M, Ka) x (Na, Ka)ᵀ, scattered to the occupied columns of (M, N)
+  if (p.sparse) {  // (M, K) x CSR (N, K)ᵀ
+    mu = csr_linear_cpu(xc, p.crow, p.col, p.wv, c10::nullopt);
+    s2 = csr_linear_cpu(square_of(xc), p.crow, p.col, p.s2v, c10::nullopt);
+  } else if (p.compact) {  // (M, Ka) x (Na, Ka)ᵀ, scattered to the occupied columns of (M, N)
     const at::Tensor xg = p.all_cols() ? xc : xc.index_select(1, p.cols);
     const at::Tensor x2g = square_of(xg);
     at::Tensor mu_c = at::empty({M, p.rows.size(0)}, xc.options());
@@ -685,7 +814,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_linear_backward(
   const at::Tensor sd = as_compute(std.reshape({M, N}), ct);
   auto [gs2, gb] = backward_prologue(g, sd, N, 1, key, weight.scalar_type());
   const at::Tensor xc = as_compute(x.reshape({M, K}), ct);
-  const Weights p = weights_for_backward(std, weight, log_sigma2, ct, clip, true, M);
+  const Weights p = weights_for_backward(std, weight, log_sigma2, ct, clip, Reduced::kBlocksOrSparse, M);
+  if (p.sparse) {
+    at::Tensor gw = at::empty({N, K}, xc.options());
+    at::Tensor t3 = at::empty({N, K}, xc.options());
+    {
+      const at::Tensor gT = g.t().contiguous(), gs2T = gs2.t().contiguous(), xT = xc.t().contiguous();
+      AT_DISPATCH_FLOATING_TYPES(ct, "sparsevd_clip_sddmm", [&] {
+        const auto& k = elementwise<scalar_t>();
+        const int64_t* crow = p.crow.data_ptr<int64_t>();
+        const int64_t work = std::max<int64_t>(1, (p.col.size(0) * M + N * K) / std::max<int64_t>(N, 1));
+        parallel_range(N, std::max<int64_t>(1, kGrainPlain / work), [&](int64_t r0, int64_t r1) {
+          k.clip_sddmm(gT.data_ptr<scalar_t>(), gs2T.data_ptr<scalar_t>(), xT.data_ptr<scalar_t>(), M, K, crow,
+                       p.col.data_ptr<int32_t>(), p.keep.data_ptr<uint8_t>(), p.s2v.data_ptr<scalar_t>(),
+                       gw.data_ptr<scalar_t>(), t3.data_ptr<scalar_t>(), r0, r1);
+        });
+      });
+    }
+    at::Tensor gx = at::empty({0}, x.options());
+    if (input_grad) {
+      const TransposedCsr t = transpose_csr(p);
+      at::Tensor t1 = csr_linear_cpu(g, t.ptr, t.row, t.wv, c10::nullopt);      // g θm   (M, K)
+      const at::Tensor t2 = csr_linear_cpu(gs2, t.ptr, t.row, t.s2v, c10::nullopt);  // g_s2 σ²m
+      add_2x_mul_(t1, xc, t2);  // ∂x = g θm + 2x ⊙ (g_s2 σ²m)
+      gx = to_dtype(t1, x.scalar_type()).view(x.sizes());
+    }
+    return {gx, to_dtype(gw, weight.scalar_type()), to_dtype(t3, log_sigma2.scalar_type()), gb};
+  }
   // The products on the occupied block (compact) or on everything: rows of θ (n), columns (k).
   const at::Tensor gn = !p.compact || p.all_rows() ? g : g.index_select(1, p.rows);        // (M, n)
   const at::Tensor gs2n = !p.compact || p.all_rows() ? gs2 : gs2.index_select(1, p.rows);  // (M, n)
@@ -783,7 +938,8 @@ std::tuple<at::Tensor, at::Tensor> lrt_conv2d(const at::Tensor& x, const at::Ten
   const std::vector<int64_t> out_shape = conv_out_shape(x, weight, a);
 
   const at::Tensor xc = as_compute(x, ct);
-  const Weights p = weights_pass(weight, log_sigma2, ct, clip, groups == 1, kNoRowLimit);
+  const Weights p = weights_pass(weight, log_sigma2, ct, clip, groups == 1 ? Reduced::kBlocks : Reduced::kNone,
+                                 kNoRowLimit);
   const at::Tensor b = check_bias(bias, C, ct);
   // The products on the occupied channels (compact) or on all of them.
   const at::Tensor xk = !p.compact || p.all_cols() ? xc : xc.index_select(1, p.cols);  // (B, k, H, W)
@@ -831,7 +987,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_conv2d_backward(
   const at::Tensor sd = as_compute(std, ct);
   auto [gs2, gb] = backward_prologue(g, sd, C, y_shape[2] * y_shape[3], key, weight.scalar_type());
   const at::Tensor xc = as_compute(x, ct);
-  const Weights p = weights_for_backward(std, weight, log_sigma2, ct, clip, groups == 1, kNoRowLimit);
+  const Weights p = weights_for_backward(std, weight, log_sigma2, ct, clip,
+                                         groups == 1 ? Reduced::kBlocks : Reduced::kNone, kNoRowLimit);
   // The products on the occupied channels (compact) or on all of them.
   const at::Tensor gn = !p.compact || p.all_rows() ? g : g.index_select(1, p.rows);        // (B, n, Ho, Wo)
   const at::Tensor gs2n = !p.compact || p.all_rows() ? gs2 : gs2.index_select(1, p.rows);
@@ -891,7 +1048,7 @@ std::tuple<at::Tensor, at::Tensor> clip_occupancy(const at::Tensor& weight, cons
   check_weights(weight, log_sigma2, weight.dim());
   check_clip(clip);
   const at::ScalarType ct = compute_type(at::promote_types(weight.scalar_type(), log_sigma2.scalar_type()));
-  const Weights p = weights_pass(weight, log_sigma2, ct, clip, false, 0);
+  const Weights p = weights_pass(weight, log_sigma2, ct, clip, Reduced::kNone, 0);
   return {p.row_count, p.col_count};
 }
 

@@ -30,8 +30,9 @@ Extras for tests and benchmarks (``torch.ops.sparsevd``): ``native_isa()`` /
 ``SPARSEVD_CPU_ISA``), ``native_set_products("auto" | "serial" | "concurrent")`` (also
 ``SPARSEVD_NATIVE_PRODUCTS``), ``native_sigma2_cache(enabled)`` and
 ``native_sigma2_cache_stats()`` (hits, misses, entries of the σ² cache),
-``native_set_compact("auto" | "never" | "always")`` (when clipping compacts the products; also
-``SPARSEVD_NATIVE_COMPACT``) and ``native_clip_occupancy(weight, log_sigma2, clip_threshold)``
+``native_set_compact("auto" | "never" | "always" | "sparse")`` (what the clipped products run on:
+the measured rule, the full weights, the occupied rows and columns whenever some are dead, or the
+CSR of the kept weights (linear layers; conv2d then compacts); also ``SPARSEVD_NATIVE_COMPACT``) and ``native_clip_occupancy(weight, log_sigma2, clip_threshold)``
 (the σ² pass's per-row and per-column counts of occupied weights, int64).
 """
 from __future__ import annotations
