@@ -433,6 +433,7 @@ at::Tensor indices_of_nonzero(const at::Tensor& count) {
 // The CSR of the clipped weights of a linear layer (Weights::sparse), from the σ² pass's states,
 // θ ⊙ m and σ² ⊙ m and row counts; frees the full-size buffers.
 void build_csr(Weights& p) {
+  static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "build_csr reads 8 states as a little-endian word");
   const int64_t R = p.R, S = p.S;
   p.crow = at::empty({R + 1}, p.row_count.options());
   int64_t* crow = p.crow.data_ptr<int64_t>();
@@ -468,9 +469,9 @@ void build_csr(Weights& p) {
         for (; c + 8 <= S; c += 8) {  // 8 states at a time: most words of a sparse row are all 0
           uint64_t word;
           std::memcpy(&word, st + c, 8);
-          if (word == 0) continue;
-          for (int64_t i = c; i < c + 8; ++i)
-            if (st[i] != 0) take(i);
+          // bit 0 of each byte: its state (0, 1 or 2) is not 0; then one step per kept weight
+          uint64_t live = (word | (word >> 1)) & 0x0101010101010101ULL;
+          for (; live != 0; live &= live - 1) take(c + (__builtin_ctzll(live) >> 3));
         }
         for (; c < S; ++c)
           if (st[c] != 0) take(c);

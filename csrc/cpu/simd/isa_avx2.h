@@ -28,7 +28,20 @@ struct V {
   }
   static M lt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
   static M gt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  static M ge(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
+  static M le(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LE_OQ); }
   static M mand(M a, M b) { return _mm256_and_ps(a, b); }
+  static M mor(M a, M b) { return _mm256_or_ps(a, b); }
+  static int bits(M m) { return _mm256_movemask_ps(m); }  // bit j: lane j
+  static constexpr int kAllBits = 0xFF;
+  static F iota() { return _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7); }  // lane j: j
+  // base + j for each lane j whose bit is set in `b`, in order, at dst[0, count); writes all W slots
+  // of dst (those from count on are junk); returns count.
+  static int compress_lanes(int32_t* dst, int b, int32_t base) {
+    const __m256i j = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kCompress8.lanes[b])));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_add_epi32(j, _mm256_set1_epi32(base)));
+    return kCompress8.count[b];
+  }
   static F select(M m, F t, F f) { return _mm256_blendv_ps(f, t, m); }
   static F mask_to_one(M m) { return _mm256_and_ps(m, _mm256_set1_ps(1.0f)); }
   static float hsum(F a) {
@@ -54,6 +67,13 @@ struct V {
   }
   static F negate_by_bit1(I k, F a) { return _mm256_xor_ps(a, as_f(_mm256_slli_epi32(_mm256_and_si256(k, i32(2)), 30))); }
   static F cvt_f32(I a) { return _mm256_cvtepi32_ps(a); }
+  // The low byte of each 32-bit lane, W bytes at p (lanes in 0..255).
+  static void store_bytes(uint8_t* p, I a) {
+    const I lo4 = _mm256_shuffle_epi8(a, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                          0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1));
+    const __m128i b = _mm_unpacklo_epi32(_mm256_castsi256_si128(lo4), _mm256_extracti128_si256(lo4, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), b);
+  }
   static I cvt_i32(F a) { return _mm256_cvtps_epi32(a); }
 
   static I u64(uint64_t a) { return _mm256_set1_epi64x(static_cast<long long>(a)); }

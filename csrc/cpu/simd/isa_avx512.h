@@ -40,7 +40,19 @@ struct V {
   static F scale2(F a, F n) { return _mm512_scalef_ps(a, n); }  // a 2^n for an integral float n
   static M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   static M gt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static M ge(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+  static M le(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
   static M mand(M a, M b) { return static_cast<M>(a & b); }
+  static M mor(M a, M b) { return static_cast<M>(a | b); }
+  static int bits(M m) { return m; }  // bit j: lane j
+  static constexpr int kAllBits = 0xFFFF;
+  static F iota() { return _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }  // lane j: j
+  // base + j for each lane j whose bit is set in `b`, in order, at dst[0, count); returns count.
+  static int compress_lanes(int32_t* dst, int b, int32_t base) {
+    const __m512i j = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    _mm512_mask_compressstoreu_epi32(dst, static_cast<__mmask16>(b), _mm512_add_epi32(j, _mm512_set1_epi32(base)));
+    return kCompress8.count[b & 0xFF] + kCompress8.count[b >> 8];
+  }
   static F select(M m, F t, F f) { return _mm512_mask_blend_ps(m, f, t); }  // m ? t : f
   static F mask_to_one(M m) { return _mm512_maskz_mov_ps(m, _mm512_set1_ps(1.0f)); }  // m ? 1 : 0
   static float hsum(F a) { return _mm512_reduce_add_ps(a); }
@@ -64,6 +76,8 @@ struct V {
     return as_f(_mm512_mask_xor_epi32(as_i(a), _mm512_test_epi32_mask(k, i32(2)), as_i(a), i32(INT32_MIN)));
   }
   static F cvt_f32(I a) { return _mm512_cvtepi32_ps(a); }      // int32 -> float, round to nearest
+  // The low byte of each 32-bit lane, W bytes at p (lanes in 0..255).
+  static void store_bytes(uint8_t* p, I a) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(a)); }
   static I cvt_i32(F a) { return _mm512_cvtps_epi32(a); }      // float -> int32, round to nearest
 
   // 64-bit lanes (Philox state).

@@ -54,23 +54,96 @@ inline V::F kl_lanes(V::F w, V::F l, float* gw, float* gls2) {
   return kl;
 }
 
-inline KlPartial kl_f32(const float* w, const float* ls2, float* gw, float* gls2, int64_t n) {
-  constexpr int64_t kFlush = 16;  // vectors summed in fp32 lanes before adding into fp64
+// Clamped lanes: where raw log α lies outside (−10, 10), KL is the constant KL(±10) and both
+// gradients are 0 (∂θ = 0·(−2θ/w2): a signed zero, NaN for |θ| ≥ 2^127). A weight that crossed
+// the clamp gets no KL gradient, and under train-time clipping no data gradient either, so the
+// dropped weights of a sparsifying net gather there. kl_f32 therefore classifies each block of
+// kBlock vectors first (one log per weight): the clamped lanes get those constants, and only the
+// others (and NaN) go through kl_lanes, gathered W at a time by index and scattered back —
+// the same bits per weight as kl_lanes on all of them; only the order of the KL's fp32 partial sums
+// differs. A block with more than a third of its lanes inside runs kl_lanes on all its vectors
+// instead, and then the next 1, 3, 7, ... (at most kMaxSkip) blocks do so without classifying, so
+// a dense layer pays for one classification in kMaxSkip blocks.
+template <bool kGrad>
+inline KlPartial kl_vectors(const float* w, const float* ls2, float* gw, float* gls2, int64_t nvec) {
+  constexpr int64_t kBlock = 16;   // vectors per block; also summed in fp32 lanes before adding into fp64
+  constexpr int kMaxSkip = 31;
+  const V::F kl_hi = kl_lanes<false>(V::set1(1.0f), V::set1(20.0f), nullptr, nullptr);   // KL(10)
+  const V::F kl_lo = kl_lanes<false>(V::set1(1.0f), V::set1(-20.0f), nullptr, nullptr);  // KL(−10)
+  const V::F zero = V::zero();
+  alignas(64) int32_t idx[kBlock * V::W + V::W];
+  alignas(64) float tw[V::W], tl[V::W], tgw[V::W], tgls2[V::W];
   double total = 0;
-  V::F bad = V::zero();
-  int64_t i = 0;
-  while (i + V::W <= n) {
-    V::F acc = V::zero();
-    for (int64_t v = 0; v < kFlush && i + V::W <= n; ++v, i += V::W) {
-      const V::F wv = V::load(w + i), lv = V::load(ls2 + i);
-      bad = V::add(bad, V::add(V::sub(wv, wv), V::sub(lv, lv)));  // NaN in a lane once θ or log σ² is not finite
-      acc = V::add(acc, gw != nullptr ? kl_lanes<true>(wv, lv, gw + i, gls2 + i)
-                                      : kl_lanes<false>(wv, lv, nullptr, nullptr));
+  V::F bad = zero;
+  int skip = 0, backoff = 0;
+  for (int64_t v0 = 0; v0 < nvec; v0 += kBlock) {
+    const int64_t nv = std::min<int64_t>(kBlock, nvec - v0);
+    V::F acc = zero;
+    bool direct = skip > 0;
+    if (direct) {
+      --skip;
+    } else {
+      int64_t k = 0;
+      for (int64_t v = v0; v < v0 + nv; ++v) {
+        const int64_t i = v * V::W;
+        const V::F wv = V::load(w + i), lv = V::load(ls2 + i);
+        bad = V::add(bad, V::add(V::sub(wv, wv), V::sub(lv, lv)));  // NaN in a lane once θ or log σ² is not finite
+        const V::F raw = V::sub(lv, vlog<true>(V::fmadd(wv, wv, V::set1(1e-8f))));
+        const V::M hi = V::ge(raw, V::set1(10.0f));
+        const V::M out = V::mor(hi, V::le(raw, V::set1(-10.0f)));  // NaN lanes: neither
+        acc = V::add(acc, V::select(out, V::select(hi, kl_hi, kl_lo), zero));
+        k += V::compress_lanes(idx + k, ~V::bits(out) & V::kAllBits, static_cast<int32_t>(i));
+        if (kGrad) {
+          V::store(gls2 + i, zero);
+          V::store(gw + i, V::mul(zero, V::mul(V::set1(-2.0f), wv)));
+        }
+      }
+      if (3 * k > nv * V::W) {
+        direct = true;
+        backoff = std::min(2 * backoff + 1, kMaxSkip);
+        skip = backoff;
+        acc = zero;
+      } else {
+        backoff = 0;
+        // Groups of W indices; the last one padded with its first index, whose lanes are then
+        // computed twice (not summed) and written twice with the same bits: fixed trip counts.
+        for (int64_t q = 0; q < k; q += V::W) {
+          const int64_t cnt = std::min<int64_t>(V::W, k - q);
+          int32_t* g = idx + q;
+          for (int64_t t = cnt; t < V::W; ++t) g[t] = g[0];
+          for (int t = 0; t < V::W; ++t) {
+            tw[t] = w[g[t]];
+            tl[t] = ls2[g[t]];
+          }
+          const V::F kl = kl_lanes<kGrad>(V::load(tw), V::load(tl), tgw, tgls2);
+          acc = V::add(acc, V::select(V::lt(V::iota(), V::set1(static_cast<float>(cnt))), kl, zero));
+          if (kGrad) {
+            for (int t = 0; t < V::W; ++t) {
+              gw[g[t]] = tgw[t];
+              gls2[g[t]] = tgls2[t];
+            }
+          }
+        }
+      }
+    }
+    if (direct) {
+      for (int64_t v = v0; v < v0 + nv; ++v) {
+        const int64_t i = v * V::W;
+        const V::F wv = V::load(w + i), lv = V::load(ls2 + i);
+        bad = V::add(bad, V::add(V::sub(wv, wv), V::sub(lv, lv)));
+        acc = V::add(acc, kl_lanes<kGrad>(wv, lv, kGrad ? gw + i : nullptr, kGrad ? gls2 + i : nullptr));
+      }
     }
     total += static_cast<double>(V::hsum(acc));
   }
   const float b = V::hsum(bad);
-  KlPartial out{total, !(b == 0.0f)};
+  return KlPartial{total, !(b == 0.0f)};
+}
+
+inline KlPartial kl_f32(const float* w, const float* ls2, float* gw, float* gls2, int64_t n) {
+  const int64_t nvec = n / V::W, i = nvec * V::W;
+  KlPartial out = gw != nullptr ? kl_vectors<true>(w, ls2, gw, gls2, nvec)
+                                : kl_vectors<false>(w, ls2, nullptr, nullptr, nvec);
   if (i < n) {
     const KlPartial tail = kl_libm<float>(w + i, ls2 + i, gw ? gw + i : nullptr, gls2 ? gls2 + i : nullptr, n - i);
     out.sum += tail.sum;

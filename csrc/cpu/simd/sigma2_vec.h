@@ -8,9 +8,8 @@
 
 inline void sigma2_lanes(const float* w, const float* ls2, V::F thr, float* wm, float* s2, uint8_t* state) {
   const V::F l = V::load(ls2);
-  const V::F e = vexp_full(l);
   if (state == nullptr) {
-    V::store(s2, e);
+    V::store(s2, vexp_full(l));
     return;
   }
   const V::F wv = V::load(w);
@@ -19,15 +18,15 @@ inline void sigma2_lanes(const float* w, const float* ls2, V::F thr, float* wm, 
   const V::F la = V::min(V::set1(10.0f), V::max(V::set1(-10.0f), raw));
   const V::M keep = V::lt(la, thr);
   const V::F m = V::mask_to_one(keep);
-  const V::F a = V::mul(wv, m), b = V::mul(e, m);
+  // Every lane dropped and e^l finite (l < 88): σ²·m is +0 without the exp.
+  const V::F b = V::mul(vexp_full(l), m);
+  const V::F a = V::mul(wv, m);
   V::store(wm, a);
   V::store(s2, b);
   // state: 1 kept; dropped: a + b is ±0, or NaN when θ·0 or σ²·0 is (then 2, else 0).
   const V::F t = V::add(a, b);
   const V::F st = V::select(keep, V::set1(1.0f), V::select(V::lt(t, V::set1(1.0f)), V::zero(), V::set1(2.0f)));
-  alignas(64) float sf[V::W];
-  V::store(sf, st);
-  for (int j = 0; j < V::W; ++j) state[j] = static_cast<uint8_t>(static_cast<int>(sf[j]));
+  V::store_bytes(state, V::cvt_i32(st));
 }
 
 inline void sigma2_f32(const float* w, const float* ls2, float thr, float* wm, float* s2, uint8_t* state,
