@@ -18,9 +18,7 @@ inline void sigma2_lanes(const float* w, const float* ls2, V::F thr, float* wm, 
   const V::F la = V::min(V::set1(10.0f), V::max(V::set1(-10.0f), raw));
   const V::M keep = V::lt(la, thr);
   const V::F m = V::mask_to_one(keep);
-  // Every lane dropped and e^l finite (l < 88): σ²·m is +0 without the exp.
-  const V::F b = V::mul(vexp_full(l), m);
-  const V::F a = V::mul(wv, m);
+  const V::F a = V::mul(wv, m), b = V::mul(vexp_full(l), m);
   V::store(wm, a);
   V::store(s2, b);
   // state: 1 kept; dropped: a + b is ±0, or NaN when θ·0 or σ²·0 is (then 2, else 0).
