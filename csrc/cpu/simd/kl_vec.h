@@ -63,7 +63,8 @@ inline V::F kl_lanes(V::F w, V::F l, float* gw, float* gls2) {
 // the same bits per weight as kl_lanes on all of them; only the order of the KL's fp32 partial sums
 // differs. A block with more than a third of its lanes inside runs kl_lanes on all its vectors
 // instead, and then the next 1, 3, 7, ... (at most kMaxSkip) blocks do so without classifying, so
-// a dense layer pays for one classification in kMaxSkip blocks.
+// a dense layer pays for one classification in kMaxSkip + 1 blocks. Indices are int32: callers pass
+// chunks (kl_cpu.cpp: 16384 weights).
 template <bool kGrad>
 inline KlPartial kl_vectors(const float* w, const float* ls2, float* gw, float* gls2, int64_t nvec) {
   constexpr int64_t kBlock = 16;   // vectors per block; also summed in fp32 lanes before adding into fp64
