@@ -676,12 +676,13 @@ def _run(config: TrainConfig, on_start, on_epoch, resume: bool) -> Tuple[nn.Modu
     try:
         if device.type == "cuda" and world > 1:
             device = torch.device("cuda", torch.cuda.current_device())
-        return _run_on(config, on_start, on_epoch, resume, device, rank, world)
+        result = _run_on(config, on_start, on_epoch, resume, device, rank, world)
+        if own_group:
+            distributed.barrier()  # every rank done (rank 0 writes the files) before the group goes
+        return result
     finally:
         if own_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            distributed.close_group()
 
 
 def _run_on(config: TrainConfig, on_start, on_epoch, resume: bool, device, rank: int,
