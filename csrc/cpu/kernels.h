@@ -46,6 +46,8 @@ struct ElementwiseKernels {
   void (*add_2x_mul)(T* acc, const T* x, const T* t, int64_t n);  // acc = acc + (2x)·t
   void (*mul_inplace)(T* a, const T* b, int64_t n);                 // a = a·b
   void (*square)(const T* x, T* out, int64_t n);                    // out = x·x
+  // dst (cols, rows) = src (rows, cols)ᵀ, both row-major, for the rows [c0, c1) of dst.
+  void (*transpose)(const T* src, int64_t rows, int64_t cols, T* dst, int64_t c0, int64_t c1);
   // Weight gradients of the clipped linear backward on the CSR of the kept weights (lrt_cpu.cpp,
   // "sparse products"): for the rows r in [r0, r1) of θ, rows r of gw and t3 (N, K) are written
   // whole, 0 except at the CSR entries j in [crow[r], crow[r + 1]), where with c = col[j]
