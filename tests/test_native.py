@@ -723,6 +723,36 @@ def test_clip_occupancy_equals_torch(isa):
         torch.set_num_threads(threads)
 
 
+def test_clip_mask_near_the_threshold_equals_torch(isa):
+    """The fp32 σ² pass decides most vectors from a bracket of log α without the log
+    (simd/sigma2_vec.h, vec_math.h vlog_lower) and runs the exact lanes where a lane lies within
+    ~0.07 of the threshold. One candidate weight per row at log α = thr + u, u in ±0.15 (both sides
+    of the bracket's band; |u| ≥ 1e-4, clear of the ulp ties), the rest of the row far dropped or
+    far kept, some candidates with θ² = inf or log σ² > 88: each row's count is its candidate's
+    decision, and it equals sparsevd.reference.clip_mask's."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    R_, S = 512, 24
+    for thr in (3.0, 0.0, -9.95, 9.95, 10.0):
+        w = torch.randn(R_, S, generator=gen) * 0.3
+        log_w2 = torch.log(w * w + 1e-8)
+        far = torch.where(torch.arange(R_) % 2 == 0, 5.0, -5.0)[:, None].expand(R_, S)
+        u = (torch.rand(R_, generator=gen) * 0.146 + 0.004) * torch.where(torch.rand(R_, generator=gen) < 0.5, 1, -1)
+        col = torch.randint(0, S, (R_,), generator=gen)
+        la = far.clone()
+        la[torch.arange(R_), col] = thr + u
+        ls2 = la + log_w2
+        w[7, col[7]] = 1e20  # θ² = inf: log α = −inf, kept
+        ls2[8, col[8]] = 95.0  # e^{log σ²} = inf
+        ls2[9, col[9]] = float("nan")
+        rows, _ = torch.ops.sparsevd.native_clip_occupancy(w, ls2, thr)
+        m = R.clip_mask(w, ls2, thr)
+        expected = m.sum(1).long()
+        expected[8:10] += 1  # dropped, but σ²·0 is NaN: the weight still occupies its row
+        assert torch.equal(rows, expected), thr
+        decided = m[torch.arange(R_), col]
+        assert 0 < int(decided.sum()) < R_, "both decisions present"
+
+
 def test_clip_occupancy_counts_nonfinite_dropped_weights(isa):
     """A dropped weight whose θ·0 or σ²·0 is NaN (log σ² NaN, +inf or above 88.7, where e^{log σ²}
     is inf in fp32; θ NaN) still occupies its row and column, so the compacted products keep the
@@ -947,6 +977,37 @@ def test_kl_near_the_clamp_and_tiny_weights():
         assert (gs[0][~inside] == 0).all() and (gw[0][~inside] == 0).all()
         assert_close(gs[0], gs_o[0], rtol=rtol, atol=rtol * scale_of(gs_o[0]), name=f"gls2 {dtype}")
         assert_close(gw[0], gw_o[0], rtol=rtol, atol=rtol * scale_of(gw_o[0]), name=f"gw {dtype}")
+
+
+def test_kl_lanes_near_the_clamp_have_the_full_lanes_bits(isa):
+    """The KL's classification brackets raw log α without the log (vec_math.h vlog_lower): lanes
+    within ~0.07 of ±10, NaN and θ² = inf are computed, the others get the constants. Weights with
+    raw log α = ±10 + u, u in ±0.1 (and exactly ±10, one fp32 step either side, θ = 1e20), an
+    eighth of the lanes among far-clamped ones (blocks classified, the band's lanes gathered),
+    against the same weights in blocks over half inside (every lane computed): the same bits."""
+    n = 8 * 16 * 40 + 13
+    w = 0.3 * torch.randn(n)
+    log_w2 = torch.log(w * w + 1e-8)
+    edge = torch.zeros(n, dtype=torch.bool)
+    edge[::8] = True
+    sign = torch.where(torch.rand(n) < 0.5, 1.0, -1.0)
+    raw = sign * torch.where(edge, 10 + 0.2 * torch.rand(n) - 0.1, 12 + torch.rand(n))
+    ten = torch.tensor(10.0)
+    raw[0:64:8] = torch.tensor([10.0, -10.0, torch.nextafter(ten, ten + 1), torch.nextafter(ten, ten - 1),
+                                -torch.nextafter(ten, ten + 1), -torch.nextafter(ten, ten - 1), 10.05, -10.05])
+    w[64:128:8] = 1e20
+    s = raw + log_w2
+    dense = s.clone()
+    fill = ~edge & (torch.arange(n) % 8 < 6)
+    dense[fill] = (4 * torch.rand(n) - 2)[fill] + log_w2[fill]  # 6/8 of each block inside
+    kl, gw, gs = NI.kl_fwd([w], [s], True)
+    kl_r, _, _ = RI.kl_fwd([w.double()], [s.double()], True)
+    close(kl, kl_r, 1e-6, "kl")
+    _, gw_d, gs_d = NI.kl_fwd([w], [dense], True)
+    for a, e, name in ((gw[0], gw_d[0], "gw"), (gs[0], gs_d[0], "gls2")):
+        assert torch.equal(a.view(torch.int32)[edge], e.view(torch.int32)[edge]), name
+    inside = gs[0][edge] != 0
+    assert inside.any() and (~inside).any(), "both sides of the clamp"
 
 
 def test_kl_clamped_lanes_have_the_full_lanes_bits(isa):

@@ -58,8 +58,9 @@ inline V::F kl_lanes(V::F w, V::F l, float* gw, float* gls2) {
 // gradients are 0 (∂θ = 0·(−2θ/w2): a signed zero, NaN for |θ| ≥ 2^127). A weight that crossed
 // the clamp gets no KL gradient, and under train-time clipping no data gradient either, so the
 // dropped weights of a sparsifying net gather there. kl_f32 therefore classifies each block of
-// kBlock vectors first (one log per weight): the clamped lanes get those constants, and only the
-// others (and NaN) go through kl_lanes, gathered W at a time by index and scattered back —
+// kBlock vectors first, without a log: the lanes whose bracket of raw log α (vlog_lower, vec_math.h)
+// lies wholly outside (−10, 10) get those constants, and only the others (those within ~0.07 of
+// the clamp's edges, NaN, θ² = inf) go through kl_lanes, gathered W at a time by index and scattered back —
 // the same bits per weight as kl_lanes on all of them; only the order of the KL's fp32 partial sums
 // differs. A block with more than a third of its lanes inside runs kl_lanes on all its vectors
 // instead, and then the next 1, 3, 7, ... (at most kMaxSkip) blocks do so without classifying, so
@@ -89,9 +90,11 @@ inline KlPartial kl_vectors(const float* w, const float* ls2, float* gw, float* 
         const int64_t i = v * V::W;
         const V::F wv = V::load(w + i), lv = V::load(ls2 + i);
         bad = V::add(bad, V::add(V::sub(wv, wv), V::sub(lv, lv)));  // NaN in a lane once θ or log σ² is not finite
-        const V::F raw = V::sub(lv, vlog<true>(V::fmadd(wv, wv, V::set1(1e-8f))));
-        const V::M hi = V::ge(raw, V::set1(10.0f));
-        const V::M out = V::mor(hi, V::le(raw, V::set1(-10.0f)));  // NaN lanes: neither
+        const V::F w2 = V::fmadd(wv, wv, V::set1(1e-8f));
+        const V::F d = V::sub(lv, vlog_lower(w2));  // brackets raw log α (vec_math.h)
+        const V::M hi = V::ge(d, V::set1(10.0f + kSureAtLeast));
+        const V::M out = V::mand(V::mor(hi, V::lt(d, V::set1(-10.0f - kSureBelow))),
+                                 V::lt(w2, V::set1(INFINITY)));  // NaN lanes and θ² = inf: inside
         acc = V::add(acc, V::select(out, V::select(hi, kl_hi, kl_lo), zero));
         k += V::compress_lanes(idx + k, ~V::bits(out) & V::kAllBits, static_cast<int32_t>(i));
         if (kGrad) {
