@@ -212,7 +212,8 @@ std::tuple<at::Tensor, at::Tensor> backward_prologue(const at::Tensor& g, const 
   at::Tensor gs2 = at::empty_like(g, at::MemoryFormat::Contiguous);
   const int64_t n = g.numel();
   const int64_t parts = (n <= kGrainNoise || at::in_parallel_region()) ? 1 : at::get_num_threads();
-  at::Tensor gb_parts = at::zeros({parts, C}, g.options().dtype(at::kDouble));
+  at::Tensor gb_parts = at::empty({parts, C}, g.options().dtype(at::kDouble));
+  std::fill_n(gb_parts.data_ptr<double>(), parts * C, 0.0);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sparsevd_lrt_backward", [&] {
     const scalar_t* pg = g.data_ptr<scalar_t>();
     const scalar_t* ps = sd.data_ptr<scalar_t>();
@@ -440,11 +441,13 @@ at::Tensor scatter_block(const at::Tensor& c, const Weights& p, at::IntArrayRef 
 at::Tensor indices_of_nonzero(const at::Tensor& count) {
   const int64_t n = count.size(0);
   const int64_t* c = count.data_ptr<int64_t>();
-  std::vector<int64_t> idx;
-  idx.reserve(n);
+  int64_t k = 0;
+  for (int64_t i = 0; i < n; ++i) k += c[i] != 0;
+  at::Tensor out = at::empty({k}, count.options());  // no at::tensor(vector): a dispatched copy
+  int64_t* o = out.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
-    if (c[i] != 0) idx.push_back(i);
-  return at::tensor(idx, count.options());
+    if (c[i] != 0) *o++ = i;
+  return out;
 }
 
 // The CSR of the clipped weights of a linear layer (Weights::sparse), from the σ² pass's states,
@@ -574,7 +577,7 @@ Weights weights_pass(const at::Tensor& weight, const at::Tensor& log_sigma2, at:
   // int32 counters (the linear loop below vectorizes 8 to 16 states per instruction at the baseline ISA)
   TORCH_CHECK(L <= std::numeric_limits<int32_t>::max() && R * win <= std::numeric_limits<int32_t>::max(),
               "weight: more than 2^31 - 1 weights in one row or column, too many for the clipped occupancy counts");
-  at::Tensor col_parts = at::zeros({parts, S}, p.row_count.options().dtype(at::kInt));
+  std::vector<int32_t> col_parts(static_cast<size_t>(parts * S), 0);
   AT_DISPATCH_FLOATING_TYPES(ct, "sparsevd_sigma2_clip", [&] {
     const scalar_t* pw = w.data_ptr<scalar_t>();
     const scalar_t* pl = ls2.data_ptr<scalar_t>();
@@ -582,7 +585,7 @@ Weights weights_pass(const at::Tensor& weight, const at::Tensor& log_sigma2, at:
     scalar_t* ps = p.s2.data_ptr<scalar_t>();
     uint8_t* pst = p.state.data_ptr<uint8_t>();
     int64_t* prow = p.row_count.data_ptr<int64_t>();
-    int32_t* pcol = col_parts.data_ptr<int32_t>();
+    int32_t* pcol = col_parts.data();
     const scalar_t thr = static_cast<scalar_t>(*clip);  // torch rounds the scalar to the tensor's dtype
     const auto& k = elementwise<scalar_t>();
     auto body = [&](int64_t r0, int64_t r1) {
@@ -615,7 +618,13 @@ Weights weights_pass(const at::Tensor& weight, const at::Tensor& log_sigma2, at:
       at::parallel_for(0, R, std::max<int64_t>(1, kGrainNoise / std::max<int64_t>(L, 1)), body);
     }
   });
-  p.col_count = col_parts.sum(0, /*keepdim=*/false, at::kLong);
+  p.col_count = at::empty({S}, p.row_count.options());  // Σ over the parts, in int64
+  int64_t* pcc = p.col_count.data_ptr<int64_t>();
+  for (int64_t c = 0; c < S; ++c) {
+    int64_t total = 0;
+    for (int64_t q = 0; q < parts; ++q) total += col_parts[q * S + c];
+    pcc[c] = total;
+  }
   p.rows = indices_of_nonzero(p.row_count);
   p.cols = indices_of_nonzero(p.col_count);
   const CompactMode mode = compact_mode().load();

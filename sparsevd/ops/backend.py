@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
 
@@ -37,6 +37,7 @@ _PROVIDERS = {
     "native": "sparsevd.ops.native_impl",
 }
 _PROVIDER_ERRORS: Dict[str, str] = {}
+_PROVIDERS_LOADED: Set[str] = set()  # imported once: get_impl runs on every layer call
 
 
 class BackendUnavailableError(RuntimeError):
@@ -67,6 +68,8 @@ def interpreter_enabled() -> bool:
 
 
 def _load_provider(backend: str) -> bool:
+    if backend in _PROVIDERS_LOADED:
+        return True
     module = _PROVIDERS.get(backend)
     if module is None:
         return False
@@ -77,6 +80,7 @@ def _load_provider(backend: str) -> bool:
     except ImportError as exc:  # triton or the compiled extension missing
         _PROVIDER_ERRORS[backend] = str(exc)
         return False
+    _PROVIDERS_LOADED.add(backend)
     return True
 
 
