@@ -46,15 +46,16 @@ struct ElementwiseKernels {
   void (*add_2x_mul)(T* acc, const T* x, const T* t, int64_t n);  // acc = acc + (2x)·t
   void (*mul_inplace)(T* a, const T* b, int64_t n);                 // a = a·b
   void (*square)(const T* x, T* out, int64_t n);                    // out = x·x
-  // dst (cols, rows) = src (rows, cols)ᵀ, both row-major, for the rows [c0, c1) of dst.
-  void (*transpose)(const T* src, int64_t rows, int64_t cols, T* dst, int64_t c0, int64_t c1);
+  // dst (cols, ld) = src (rows, cols)ᵀ, both row-major, for the rows [c0, c1) of dst, whose
+  // columns [rows, ld) are set to 0 (ld ≥ rows).
+  void (*transpose)(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld, int64_t c0, int64_t c1);
   // Weight gradients of the clipped linear backward on the CSR of the kept weights (lrt_cpu.cpp,
   // "sparse products"): for the rows r in [r0, r1) of θ, rows r of gw and t3 (N, K) are written
   // whole, 0 except at the CSR entries j in [crow[r], crow[r + 1]), where with c = col[j]
   //   gw[r, c] = (Σ_b gT[r, b] xT[c, b]) · keep[j],   t3[r, c] = (Σ_b gs2T[r, b] (xT[c, b])²) · s2[j]
-  // (∂θ ⊙ m and ∂log σ² = σ²m ⊙ (g_s2ᵀ x2) at the kept weights only); gT, gs2T (N, M) and xT (K, M)
-  // row-major: g, g_s2 and x transposed.
-  void (*clip_sddmm)(const T* gT, const T* gs2T, const T* xT, int64_t M, int64_t K, const int64_t* crow,
+  // (∂θ ⊙ m and ∂log σ² = σ²m ⊙ (g_s2ᵀ x2) at the kept weights only); gT, gs2T (N, ld) and xT (K, ld)
+  // row-major: g, g_s2 and x (M rows) transposed, each row zero padded from M to ld, a multiple of 8.
+  void (*clip_sddmm)(const T* gT, const T* gs2T, const T* xT, int64_t ld, int64_t K, const int64_t* crow,
                      const int32_t* col, const uint8_t* keep, const T* s2, T* gw, T* t3, int64_t r0, int64_t r1);
   // Sparse-VD KL of n weights (eq. 14) and, when gw != nullptr, its gradients (see kl_cpu.cpp).
   KlPartial (*kl)(const T* w, const T* ls2, T* gw, T* gls2, int64_t n);

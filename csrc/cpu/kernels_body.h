@@ -136,13 +136,35 @@ void clip_grads(T* __restrict gw, T* __restrict t3, const uint8_t* __restrict st
   }
 }
 
+// a[u] summed over its lanes, u < 4: out[u]. fp32: two rounds of in-lane pair sums (the shuffles
+// of _mm256_hadd_ps), then the two 128-bit halves.
+template <typename T, typename vec>
+inline void hsum4(const vec (&a)[4], T (&out)[4]) {
+  if constexpr (sizeof(T) == 4 && sizeof(vec) == 32) {
+    typedef int32_t ivec __attribute__((vector_size(32)));
+    const ivec even = {0, 2, 8, 10, 4, 6, 12, 14}, odd = {1, 3, 9, 11, 5, 7, 13, 15};
+    const vec p = __builtin_shuffle(a[0], a[1], even) + __builtin_shuffle(a[0], a[1], odd);
+    const vec q = __builtin_shuffle(a[2], a[3], even) + __builtin_shuffle(a[2], a[3], odd);
+    const vec h = __builtin_shuffle(p, q, even) + __builtin_shuffle(p, q, odd);  // [Σ a_u lanes 0-3 | 4-7]
+    for (int u = 0; u < 4; ++u) out[u] = h[u] + h[u + 4];
+  } else {
+    constexpr int V = sizeof(vec) / sizeof(T);
+    for (int u = 0; u < 4; ++u) {
+      T acc = 0;
+      for (int l = 0; l < V; ++l) acc += a[u][l];
+      out[u] = acc;
+    }
+  }
+}
+
 template <typename T>
-void clip_sddmm(const T* __restrict gT, const T* __restrict gs2T, const T* __restrict xT, int64_t M, int64_t K,
+void clip_sddmm(const T* __restrict gT, const T* __restrict gs2T, const T* __restrict xT, int64_t ld, int64_t K,
                 const int64_t* __restrict crow, const int32_t* __restrict col, const uint8_t* __restrict keep,
                 const T* __restrict s2, T* __restrict gw, T* __restrict t3, int64_t r0, int64_t r1) {
-  // GCC vector extensions (32 bytes: one ymm under AVX2 / AVX-512, two xmm in the portable build):
-  // two vectors of partial sums per dot product; the auto-vectorizer shuffled the batch lanes of
-  // the plain loop (7 cycles per element, measured).
+  // GCC vector extensions (32 bytes: one ymm under AVX2 / AVX-512, two xmm in the portable build).
+  // Four kept weights of a row at a time share the loads of g and g_s2 (8 accumulators); the rows
+  // of length ld (a multiple of 8, zero padded) need no tail; the four dot products are reduced
+  // together (hsum4). A row's last group repeats its last weight (computed twice, written once).
   typedef T vec __attribute__((vector_size(32)));
   constexpr int64_t V = 32 / sizeof(T);
   auto load = [](const T* p) {
@@ -155,45 +177,47 @@ void clip_sddmm(const T* __restrict gT, const T* __restrict gs2T, const T* __res
     T* __restrict t3r = t3 + r * K;
     for (int64_t c = 0; c < K; ++c) gwr[c] = T(0);
     for (int64_t c = 0; c < K; ++c) t3r[c] = T(0);
-    const T* __restrict g = gT + r * M;
-    const T* __restrict s = gs2T + r * M;
-    for (int64_t j = crow[r]; j < crow[r + 1]; ++j) {
-      const int64_t c = col[j];
-      const T* __restrict xr = xT + c * M;
-      vec a0 = {}, a1 = {}, q0 = {}, q1 = {};
-      int64_t b = 0;
-      for (; b + 2 * V <= M; b += 2 * V) {
-        const vec x0 = load(xr + b), x1 = load(xr + b + V);
-        a0 += load(g + b) * x0;
-        a1 += load(g + b + V) * x1;
-        q0 += load(s + b) * (x0 * x0);
-        q1 += load(s + b + V) * (x1 * x1);
+    const T* __restrict g = gT + r * ld;
+    const T* __restrict s = gs2T + r * ld;
+    const int64_t e = crow[r + 1];
+    for (int64_t j = crow[r]; j < e; j += 4) {
+      int64_t c[4];
+      const T* xr[4];
+      for (int u = 0; u < 4; ++u) {
+        c[u] = col[j + u < e ? j + u : e - 1];
+        xr[u] = xT + c[u] * ld;
       }
-      a0 += a1;
-      q0 += q1;
-      T a = 0, q = 0;
-      for (int64_t l = 0; l < V; ++l) {
-        a += a0[l];
-        q += q0[l];
+      vec a[4] = {}, q[4] = {};
+      for (int64_t b = 0; b < ld; b += V) {
+        const vec gv = load(g + b), sv = load(s + b);
+        for (int u = 0; u < 4; ++u) {
+          const vec xv = load(xr[u] + b);
+          a[u] += gv * xv;
+          q[u] += sv * (xv * xv);
+        }
       }
-      for (; b < M; ++b) {
-        const T xv = xr[b];
-        a += g[b] * xv;
-        q += s[b] * (xv * xv);
+      T as[4], qs[4];
+      hsum4(a, as);
+      hsum4(q, qs);
+      for (int u = 0; u < 4 && j + u < e; ++u) {
+        gwr[c[u]] = as[u] * static_cast<T>(keep[j + u]);
+        t3r[c[u]] = qs[u] * s2[j + u];
       }
-      gwr[c] = a * static_cast<T>(keep[j]);
-      t3r[c] = q * s2[j];
     }
   }
 }
 
-// dst (cols, rows) = src (rows, cols)ᵀ, row-major both, for the rows [c0, c1) of dst. fp32: 8x8
+// dst (cols, ld) = src (rows, cols)ᵀ, row-major both, for the rows [c0, c1) of dst; the columns
+// [rows, ld) of those rows are set to 0 (ld ≥ rows: padding for fixed-width loops). fp32: 8x8
 // blocks transposed in registers (GCC vector shuffles: unpack, shuffle and 128-bit lane moves under
 // AVX2, like _mm256_unpack*_ps / _mm256_shuffle_ps / _mm256_permute2f128_ps); a strip of 8 columns
 // of src reads every row once (its other half-line is hit in L1 by the next strip); the edges and
 // fp64 one element at a time.
 template <typename T>
-void transpose(const T* __restrict src, int64_t rows, int64_t cols, T* __restrict dst, int64_t c0, int64_t c1) {
+void transpose(const T* __restrict src, int64_t rows, int64_t cols, T* __restrict dst, int64_t ld, int64_t c0,
+               int64_t c1) {
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t r = rows; r < ld; ++r) dst[c * ld + r] = T(0);
   int64_t c = c0;
   if constexpr (sizeof(T) == 4) {
     typedef T vec __attribute__((vector_size(32)));
@@ -216,17 +240,17 @@ void transpose(const T* __restrict src, int64_t rows, int64_t cols, T* __restric
         for (int j = 0; j < 4; ++j) {  // a[j] / a[j + 4]: columns j / j + 4 of rows r .. r + 4 and r + 4 .. r + 8
           const vec lo = __builtin_shuffle(a[j], a[j + 4], ivec{0, 1, 2, 3, 8, 9, 10, 11});
           const vec hi = __builtin_shuffle(a[j], a[j + 4], ivec{4, 5, 6, 7, 12, 13, 14, 15});
-          std::memcpy(dst + (c + j) * rows + r, &lo, sizeof(vec));
-          std::memcpy(dst + (c + j + 4) * rows + r, &hi, sizeof(vec));
+          std::memcpy(dst + (c + j) * ld + r, &lo, sizeof(vec));
+          std::memcpy(dst + (c + j + 4) * ld + r, &hi, sizeof(vec));
         }
       }
       for (; r < rows; ++r) {
-        for (int j = 0; j < 8; ++j) dst[(c + j) * rows + r] = src[r * cols + c + j];
+        for (int j = 0; j < 8; ++j) dst[(c + j) * ld + r] = src[r * cols + c + j];
       }
     }
   }
   for (; c < c1; ++c) {
-    for (int64_t r = 0; r < rows; ++r) dst[c * rows + r] = src[r * cols + c];
+    for (int64_t r = 0; r < rows; ++r) dst[c * ld + r] = src[r * cols + c];
   }
 }
 

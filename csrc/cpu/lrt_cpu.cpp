@@ -233,18 +233,19 @@ std::tuple<at::Tensor, at::Tensor> backward_prologue(const at::Tensor& g, const 
   return {gs2, bias_grad(gb_parts, gb_dtype)};
 }
 
-// tᵀ (cols, rows), contiguous, of a contiguous compute-dtype (rows, cols) tensor; parallel over
-// strips of 8 columns of t (ATen's transposing copy is serial and ~4x slower at these sizes).
-at::Tensor transposed(const at::Tensor& t) {
+// tᵀ (cols, ld) of a contiguous compute-dtype (rows, cols) tensor, each row zero padded from rows
+// to ld; parallel over strips of 8 columns of t (ATen's transposing copy is serial and ~4x slower
+// at these sizes).
+at::Tensor transposed(const at::Tensor& t, int64_t ld) {
   const int64_t rows = t.size(0), cols = t.size(1);
-  at::Tensor out = at::empty({cols, rows}, t.options());
+  at::Tensor out = at::empty({cols, ld}, t.options());
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "sparsevd_transpose", [&] {
     const scalar_t* src = t.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     const auto& k = elementwise<scalar_t>();
     const int64_t strips = (cols + 7) / 8;
-    parallel_range(strips, std::max<int64_t>(1, kGrainPlain / std::max<int64_t>(8 * rows, 1)), [&](int64_t b, int64_t e) {
-      k.transpose(src, rows, cols, dst, 8 * b, std::min(cols, 8 * e));
+    parallel_range(strips, std::max<int64_t>(1, kGrainPlain / std::max<int64_t>(8 * ld, 1)), [&](int64_t b, int64_t e) {
+      k.transpose(src, rows, cols, dst, ld, 8 * b, std::min(cols, 8 * e));
     });
   });
   return out;
@@ -849,13 +850,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_linear_backward(
     at::Tensor gw = at::empty({N, K}, xc.options());
     at::Tensor t3 = at::empty({N, K}, xc.options());
     {
-      const at::Tensor gT = transposed(g), gs2T = transposed(gs2), xT = transposed(xc);
+      const int64_t ld = (M + 7) / 8 * 8;  // clip_sddmm's rows: whole vectors
+      const at::Tensor gT = transposed(g, ld), gs2T = transposed(gs2, ld), xT = transposed(xc, ld);
       AT_DISPATCH_FLOATING_TYPES(ct, "sparsevd_clip_sddmm", [&] {
         const auto& k = elementwise<scalar_t>();
         const int64_t* crow = p.crow.data_ptr<int64_t>();
         const int64_t work = std::max<int64_t>(1, (p.col.size(0) * M + N * K) / std::max<int64_t>(N, 1));
         parallel_range(N, std::max<int64_t>(1, kGrainPlain / work), [&](int64_t r0, int64_t r1) {
-          k.clip_sddmm(gT.data_ptr<scalar_t>(), gs2T.data_ptr<scalar_t>(), xT.data_ptr<scalar_t>(), M, K, crow,
+          k.clip_sddmm(gT.data_ptr<scalar_t>(), gs2T.data_ptr<scalar_t>(), xT.data_ptr<scalar_t>(), ld, K, crow,
                        p.col.data_ptr<int32_t>(), p.keep.data_ptr<uint8_t>(), p.s2v.data_ptr<scalar_t>(),
                        gw.data_ptr<scalar_t>(), t3.data_ptr<scalar_t>(), r0, r1);
         });
