@@ -61,6 +61,7 @@
 
 #include "../csr_checks.h"
 #include "csr_linear_cpu.h"
+#include "simd/transpose8.h"
 
 namespace sparsevd {
 namespace cpu {
@@ -393,26 +394,6 @@ SVD_AVX2 inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// In-register 8x8 transpose: r[i][j] -> r[j][i].
-SVD_AVX2 inline void transpose8(__m256 r[8]) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
-  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
-  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
-  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
-  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-}
-
 // flush_rows for fp32 with 8x8 register transposes: y[i, rr] = buf[rr, i] + b[rr].
 SVD_AVX2 inline void flush_rows_avx2(const float* buf, int nr, int tm, int64_t mt, float* y, int64_t ldy,
                                      const float* b) {
@@ -425,7 +406,7 @@ SVD_AVX2 inline void flush_rows_avx2(const float* buf, int nr, int tm, int64_t m
     for (int i0 = 0; i0 < tm; i0 += 8) {
       __m256 r[8];
       for (int q = 0; q < 8; ++q) r[q] = _mm256_load_ps(buf + (r0 + q) * tm + i0);
-      transpose8(r);  // r[c] = buf[r0 .. r0+8, i0 + c]
+      transpose8x8(r);  // r[c] = buf[r0 .. r0+8, i0 + c]
       for (int c = 0; c < 8; ++c) _mm256_storeu_ps(y + (i0 + c) * ldy + r0, _mm256_add_ps(r[c], bias));
     }
   }
@@ -454,7 +435,7 @@ SVD_AVX2 void pack_block_avx2(const float* x, int64_t M, int64_t K, int64_t sxm,
       for (; k + 8 <= k1; k += 8) {
         __m256 r[8];
         for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(src[q] + k);
-        transpose8(r);  // r[c] = x[m0 .. m0+8, k + c]
+        transpose8x8(r);  // r[c] = x[m0 .. m0+8, k + c]
         for (int c = 0; c < 8; c += 2) {
           z0 = _mm256_fmadd_ps(r[c], zero, z0);
           z1 = _mm256_fmadd_ps(r[c + 1], zero, z1);

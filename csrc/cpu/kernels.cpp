@@ -18,6 +18,7 @@
 #include <string>
 
 #include "kernels.h"
+#include "simd/transpose8.h"
 
 // The SIMD builds need GCC or Clang (target pragmas, __builtin_cpu_supports) on x86-64; elsewhere
 // only the portable build exists.

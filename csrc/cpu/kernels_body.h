@@ -209,10 +209,8 @@ void clip_sddmm(const T* __restrict gT, const T* __restrict gs2T, const T* __res
 
 // dst (cols, ld) = src (rows, cols)ᵀ, row-major both, for the rows [c0, c1) of dst; the columns
 // [rows, ld) of those rows are set to 0 (ld ≥ rows: padding for fixed-width loops). fp32: 8x8
-// blocks transposed in registers (GCC vector shuffles: unpack, shuffle and 128-bit lane moves under
-// AVX2, like _mm256_unpack*_ps / _mm256_shuffle_ps / _mm256_permute2f128_ps); a strip of 8 columns
-// of src reads every row once (its other half-line is hit in L1 by the next strip); the edges and
-// fp64 one element at a time.
+// blocks transposed in registers (simd/transpose8.h); a strip of 8 columns of src reads every row
+// once (its other half-line is hit in L1 by the next strip); the edges and fp64 one element at a time.
 template <typename T>
 void transpose(const T* __restrict src, int64_t rows, int64_t cols, T* __restrict dst, int64_t ld, int64_t c0,
                int64_t c1) {
@@ -221,28 +219,13 @@ void transpose(const T* __restrict src, int64_t rows, int64_t cols, T* __restric
   int64_t c = c0;
   if constexpr (sizeof(T) == 4) {
     typedef T vec __attribute__((vector_size(32)));
-    typedef int32_t ivec __attribute__((vector_size(32)));
     for (; c + 8 <= c1; c += 8) {
       int64_t r = 0;
       for (; r + 8 <= rows; r += 8) {
-        vec a[8], t[8];
+        vec a[8];
         for (int i = 0; i < 8; ++i) std::memcpy(&a[i], src + (r + i) * cols + c, sizeof(vec));
-        for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved, per 128-bit half
-          t[i] = __builtin_shuffle(a[i], a[i + 1], ivec{0, 8, 1, 9, 4, 12, 5, 13});
-          t[i + 1] = __builtin_shuffle(a[i], a[i + 1], ivec{2, 10, 3, 11, 6, 14, 7, 15});
-        }
-        for (int i = 0; i < 8; i += 4) {  // then quadruples
-          a[i] = __builtin_shuffle(t[i], t[i + 2], ivec{0, 1, 8, 9, 4, 5, 12, 13});
-          a[i + 1] = __builtin_shuffle(t[i], t[i + 2], ivec{2, 3, 10, 11, 6, 7, 14, 15});
-          a[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], ivec{0, 1, 8, 9, 4, 5, 12, 13});
-          a[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], ivec{2, 3, 10, 11, 6, 7, 14, 15});
-        }
-        for (int j = 0; j < 4; ++j) {  // a[j] / a[j + 4]: columns j / j + 4 of rows r .. r + 4 and r + 4 .. r + 8
-          const vec lo = __builtin_shuffle(a[j], a[j + 4], ivec{0, 1, 2, 3, 8, 9, 10, 11});
-          const vec hi = __builtin_shuffle(a[j], a[j + 4], ivec{4, 5, 6, 7, 12, 13, 14, 15});
-          std::memcpy(dst + (c + j) * ld + r, &lo, sizeof(vec));
-          std::memcpy(dst + (c + j + 4) * ld + r, &hi, sizeof(vec));
-        }
+        transpose8x8(a);  // a[j] = src[r .. r + 8, c + j]
+        for (int j = 0; j < 8; ++j) std::memcpy(dst + (c + j) * ld + r, &a[j], sizeof(vec));
       }
       for (; r < rows; ++r) {
         for (int j = 0; j < 8; ++j) dst[(c + j) * ld + r] = src[r * cols + c + j];
