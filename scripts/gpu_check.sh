@@ -8,6 +8,10 @@
 #                                                # command exists, its tests are collected and
 #                                                # its benchmarks accept their arguments
 #
+# Where one command may run at most 10 minutes (the device tool), two back-to-back calls on the
+# same warm machine: GPU_CHECK_STAGES="env build tests", then GPU_CHECK_STAGES="sanitizer bench"
+# (the build stays in the tree between them).
+#
 # Stages: env (nvidia-smi, torch, triton, nvcc), build (the package and sparsevd._C with its CUDA
 # kernels, against the torch that is installed: nothing is downloaded or reinstalled), tests (the
 # GPU tests, compiled kernels: TRITON_INTERPRET=0), sanitizer (compute-sanitizer memcheck on the
@@ -31,10 +35,13 @@ SUMMARY="$OUT/gpu_check.json"
 STAGES=${GPU_CHECK_STAGES:-env build tests sanitizer bench}
 
 # The GPU tests: every backend-parametrized op test (the Triton backend runs on the GPU there),
-# the Triton-specific tests and the CUDA csr_linear kernels.
+# the Triton-specific tests, the CUDA csr_linear kernels, the train-time clipping tests, CUDA
+# mixed-precision training (bf16, fp16 with its GradScaler) and 2 NCCL ranks (skipped with one GPU).
 GPU_TESTS=(tests/test_lrt_linear.py tests/test_lrt_linear_triton.py tests/test_lrt_conv.py
            tests/test_lrt_conv_triton.py tests/test_kl.py tests/test_kl_triton.py
-           tests/test_csr_linear_cuda.py)
+           tests/test_csr_linear_cuda.py tests/test_masked.py
+           tests/test_amp.py::test_cuda_training_run_follows_the_fp32_run
+           tests/test_distributed.py::test_two_nccl_ranks_match_one_process_with_the_global_batch)
 # Under compute-sanitizer (slow: a subset that launches every kernel).
 SANITIZER_TESTS=(tests/test_csr_linear_cuda.py tests/test_lrt_linear_triton.py tests/test_kl_triton.py
                  tests/test_lrt_conv_triton.py)
@@ -47,6 +54,7 @@ BENCHMARKS=(
   "bench_lrt_conv --quick"
   "bench_kl --quick"
   "bench_csr_linear --device cuda --quick --skip-lenet"
+  "bench_masked --device cuda --quick"
 )
 
 RESULTS=()

@@ -42,6 +42,10 @@ def init_from_env(device_type: str) -> Tuple[int, int, bool]:
 
     Returns:
         (rank, world size, whether this call initialized the group, so the caller destroys it).
+
+    Raises:
+        RuntimeError: CUDA training with more processes on this node than visible GPUs (NCCL
+            takes one GPU per process); the message names ``--nproc-per-node``.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or not dist.is_available():
@@ -49,7 +53,13 @@ def init_from_env(device_type: str) -> Tuple[int, int, bool]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
     if device_type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise RuntimeError(
+                f"--nproc-per-node: process LOCAL_RANK={local_rank} has no GPU of its own ({gpus} "
+                "visible); NCCL needs one GPU per process: start at most that many per node, or "
+                "train on the CPU (gloo)")
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), True
 

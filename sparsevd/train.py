@@ -50,6 +50,15 @@ LR_DECAYS = ("linear", "none")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def fp16_init_scale(loss_scale: float) -> float:
+    """The initial scale of fp16 training's GradScaler for a loss of magnitude ``loss_scale`` per
+    image: 2¹⁶ (GradScaler's default) for a mean cross-entropy (1), 2¹⁶ / 2^⌈log₂ N⌉ for the SGVLB
+    N · CE + β · KL, whose ∂/∂logit is N/B times larger (paper, eq. 3): with the default, the first
+    fp16 gradients of a 60 000-image data term overflow (N/B · 2¹⁶ > 65 504) and GradScaler would
+    skip some ten steps backing off. A power of two, so scaling is exact."""
+    return 2.0 ** (16 - math.ceil(math.log2(max(loss_scale, 1.0))))
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """The settings of one ``sparsevd train`` run (the CLI's options, same names and defaults).
@@ -295,7 +304,7 @@ def fit(
         resume: continue the run saved in ``checkpoint_dir``.
         mc_samples: S of the Monte-Carlo predictive evaluation at the end (sparse VD only; 0: none).
         amp: mixed precision: None (fp32), "bf16" (autocast, CPU or CUDA) or "fp16" (autocast and
-            a GradScaler, CUDA only). The parameters, the KL and the LRT variance path stay fp32
+            a GradScaler, CUDA only, its initial scale :func:`fp16_init_scale` of each phase's loss). The parameters, the KL and the LRT variance path stay fp32
             (σ² ≈ e⁻¹⁰ would underflow fp16); evaluation runs in fp32.
         train_clip: train-time clipping of the sparse-VD layers (``sparsevd.convert(...,
             train_clip=)``: the weights with log α ≥ ``threshold`` leave the LRT forward and
@@ -355,7 +364,11 @@ def fit(
                   kl_warmup_epochs=kl_warmup_epochs if svd else None, threshold=threshold,
                   train_size=train_size, steps_per_epoch=steps_per_epoch, amp=amp,
                   train_clip=train_clip)
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+
+    def grad_scaler(svd_phase: bool) -> Optional[torch.amp.GradScaler]:
+        if amp != "fp16":
+            return None
+        return torch.amp.GradScaler("cuda", init_scale=fp16_init_scale(train_size if svd_phase else 1.0))
 
     def autocast():
         if amp is None:
@@ -392,6 +405,7 @@ def fit(
     # resumes after the epoch whose start converted the model (resuming right at that epoch, the
     # loop converts it, as the uninterrupted run did)
     in_svd_phase = svd and (not pretrain or start_epoch > pretrain)
+    scaler = grad_scaler(in_svd_phase)
 
     def to_svd() -> None:  # convert, then the layers' train-time clipping as asked
         if not svdo_layers(model):
@@ -481,6 +495,7 @@ def fit(
             to_svd()
             net = data_parallel()
             opt, sched = optimizer(epoch * steps_per_epoch)
+            scaler = grad_scaler(True)  # the SGVLB is N times the dense loss
             crit = SGVLB(model, train_size, kl_warmup_epochs=kl_warmup_epochs)
         for sampler in _loader_samplers(train_loader):
             if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle every epoch

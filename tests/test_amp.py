@@ -1,6 +1,8 @@
 """Mixed precision: bf16 autocast on the CPU (``fit(amp="bf16")``, ``sparsevd train --amp bf16``)
 against fp32, by the rule of ../shared/STYLE.md: the error of sparsevd in bf16 is at most 2× the
 error of the same computation done by PyTorch in bf16 (plus a small floor)."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,12 +82,17 @@ def test_conv_under_bf16_autocast(monkeypatch, backend):
     assert _err(y, exact) <= 2.0 * _err(pt, exact) + 1e-3 * exact.abs().max().item()
 
 
-def _curve(amp, method):
+def _curve(amp, method, device="cpu"):
     torch.manual_seed(0)
     model = sparsevd.models.LeNet300(svd=False)
     s = fit(model, _Loader(scale=1.0, n=6), _Loader(scale=1.0, n=2), epochs=3, method=method,
-            kl_warmup_epochs=0, amp=amp, mc_samples=0)
+            kl_warmup_epochs=0, amp=amp, mc_samples=0, device=device)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master parameters
     return torch.tensor([h["loss"] for h in s["history"]], dtype=F64), s
+
+
+def _rel(a, b):
+    return ((a - b).abs() / b.abs()).max().item()
 
 
 def test_bf16_training_run_follows_the_fp32_run():
@@ -96,9 +103,39 @@ def test_bf16_training_run_follows_the_fp32_run():
     d32, _ = _curve(None, "dense")
     d16, _ = _curve("bf16", "dense")
     assert s16["amp"] == "bf16" and s32["amp"] is None
-    rel = lambda a, b: ((a - b).abs() / b.abs()).max().item()  # noqa: E731
-    assert rel(svd16, svd32) <= 2.0 * rel(d16, d32) + 0.02, (svd16, svd32, d16, d32)
+    assert _rel(svd16, svd32) <= 2.0 * _rel(d16, d32) + 0.02, (svd16, svd32, d16, d32)
     assert torch.isfinite(svd16).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast and GradScaler need a GPU")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_training_run_follows_the_fp32_run(amp):
+    """On the GPU (the Triton kernels): a sparse-VD run under CUDA autocast, fp16 with
+    fit's GradScaler, stays as close to its fp32 run as a dense PyTorch run in that precision stays
+    to its fp32 run (2× plus a floor), per epoch; the KL and the variance path stay fp32, so
+    σ² ≈ e⁻¹⁰ does not underflow and no step is skipped for inf gradients after the first."""
+    svd32, s32 = _curve(None, "sparse_vd", "cuda")
+    svd16, s16 = _curve(amp, "sparse_vd", "cuda")
+    d32, _ = _curve(None, "dense", "cuda")
+    d16, _ = _curve(amp, "dense", "cuda")
+    assert s16["amp"] == amp and s16["device"].startswith("cuda") and s16["backend"] == "triton"
+    assert torch.isfinite(svd16).all()
+    assert _rel(svd16, svd32) <= 2.0 * _rel(d16, d32) + 0.02, (svd16, svd32, d16, d32)
+    assert all(math.isfinite(h["kl_per_image"]) for h in s16["history"])
+
+
+@pytest.mark.parametrize("n", [1, 48, 1000, 60000, 2**20 + 1])
+def test_fp16_init_scale_keeps_the_first_sgvlb_gradients_finite(n):
+    """fp16's GradScaler starts at 2¹⁶ for a mean loss and at 2¹⁶ / 2^⌈log₂ N⌉ for the SGVLB: the
+    scaled ∂(N · CE)/∂logit, at most N/B in size, then fits fp16 (≤ 65 504) for any batch
+    B ≥ 2, and the scale is a power of two."""
+    from sparsevd.train import fp16_init_scale
+
+    s = fp16_init_scale(n)
+    assert math.log2(s) == round(math.log2(s))
+    assert n * s <= 2.0**16 <= 2 * n * s  # as large as fits
+    assert torch.isfinite(torch.tensor(float(n) * s / 2).half())  # B = 2
+    assert fp16_init_scale(1.0) == 2.0**16  # GradScaler's default for the dense phase
 
 
 def test_amp_arguments(data_dir, tmp_path, capsys):  # noqa: F811

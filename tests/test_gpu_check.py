@@ -18,6 +18,6 @@ def test_gpu_check_dry_run(tmp_path):
     assert summary["dry_run"] is True and summary["ok"] is True
     names = [s["stage"] for s in summary["stages"]]
     assert "tests-collect" in names and "sanitizer-collect" in names
-    assert sum(n.startswith("bench_") for n in names) >= 3
+    assert sum(n.startswith("bench_") for n in names) >= 3 and "bench_masked-args" in names
     assert all(s["status"] == "ok" for s in summary["stages"])
     assert "stage tests-collect: ok" in (tmp_path / "gpu_check.log").read_text()

@@ -23,14 +23,18 @@ def _expected(layer, x):
     return F.conv2d(x.double(), w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
-def _layer(kind):
+def _layer(kind, device="cpu"):
     if kind == "linear":
         layer, x = LinearSVDO(20, 12), torch.randn(2, 5, 20)
     else:
         layer, x = Conv2dSVDO(3, 6, 3, padding=1), torch.randn(2, 3, 7, 7)
     with torch.no_grad():
         layer.log_sigma2.uniform_(-12.0, 6.0)  # a third or so of the weights dropped
-    return layer.eval(), x
+    return layer.to(device).eval(), x.to(device)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a GPU"))]
 
 
 def _check(layer, x, name):
@@ -40,9 +44,10 @@ def _check(layer, x, name):
         assert_close(y, e, rtol=1e-5, atol=1e-5 * e.abs().max().item(), name=name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_eval_follows_every_change_of_the_parameters(kind):
-    layer, x = _layer(kind)
+def test_eval_follows_every_change_of_the_parameters(kind, device):
+    layer, x = _layer(kind, device)
     _check(layer, x, "first call")
     _check(layer, x, "cached")
     with torch.no_grad():  # in-place edits of each parameter
@@ -56,11 +61,18 @@ def test_eval_follows_every_change_of_the_parameters(kind):
     _check(layer, x, "bias edited in place")
     layer.threshold = 0.0
     _check(layer, x, "threshold changed")
-    other, _ = _layer(kind)
+    other, _ = _layer(kind)  # on the CPU: load_state_dict copies across devices
     layer.load_state_dict(other.state_dict())
     _check(layer, x, "load_state_dict")
     layer.weight.data = torch.randn_like(layer.weight)
     _check(layer, x, ".data replaced")
+    if device != "cpu":  # moved away and back: the cache follows the device
+        layer.cpu()
+        _check(layer, x.cpu(), ".cpu()")
+        with torch.no_grad():
+            layer.weight.neg_()
+        layer.to(device)
+        _check(layer, x, f".to({device!r}) after an edit on the CPU")
     layer.double()
     _check(layer, x.double(), ".double()")
     layer.float()
