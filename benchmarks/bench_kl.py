@@ -25,8 +25,6 @@ Usage: python -m benchmarks.bench_kl [--models 0.27M 15M 100M] [--modes fwd bwd 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -106,30 +104,14 @@ def bench_model(name: str, shapes, device: str, providers, modes) -> List[Dict]:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
-    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                    help="cuda (default); cpu implies --smoke")
-    common.add_common_args(ap)
-    ap.add_argument("--smoke", action="store_true",
-                    help="a tiny model on CPU (kernels in Triton's interpreter), nothing saved")
+    common.add_triton_args(ap, MODES, PROVIDERS, smoke="a tiny model")
     args = common.parse_args(ap, argv)
 
-    if args.smoke or args.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        os.environ["SPARSEVD_BACKEND"] = "triton"
-        device, save = "cpu", False
-        models = {"smoke": SMOKE_MODEL}
-        providers = [p for p in args.providers if p != "reference_compiled"]
-    else:
-        if not torch.cuda.is_available():
-            print("bench_kl: needs a CUDA GPU (the fused kernel is a GPU kernel; on CPU it only runs "
-                  "in Triton's interpreter). Run with --smoke for a tiny CPU check of the harness.",
-                  file=sys.stderr)
-            return 2
-        os.environ.setdefault("SPARSEVD_BACKEND", "triton")
-        device, save, providers = "cuda", not args.no_save, args.providers
-        models = {m: MODELS[m] for m in args.models}
+    where = common.triton_device(args, "bench_kl", args.providers)
+    if where is None:
+        return 2
+    device, save, providers = where
+    models = {"smoke": SMOKE_MODEL} if device == "cpu" else {m: MODELS[m] for m in args.models}
     rows = []
     for name, shapes in models.items():
         rows += bench_model(name, shapes, device, providers, args.modes)

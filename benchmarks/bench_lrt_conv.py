@@ -34,8 +34,6 @@ Usage: python -m benchmarks.bench_lrt_conv [--shapes vgg64 vgg128 vgg256 vgg512]
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -117,83 +115,35 @@ def _make_forward(provider: str, compiled: Dict[str, Callable]) -> Callable:
 
 
 def bench_shape(b, c, hw, dtype, autocast, device, providers, modes, compiled) -> List[Dict]:
-    env = common.environment(device)
-    timer = common.grad_timer(device)
-    rows = []
-    shape = f"B={b},C={c},H=W={hw},k=3,p=1"
     dtype_name = ("autocast-" if autocast else "") + str(dtype).replace("torch.", "")
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         dtype_name += "-tf32"
     act_bytes = torch.empty((), dtype=dtype).element_size()
-    gen = torch.Generator(device=device).manual_seed(0)
-    fan_in = c * KERNEL * KERNEL
-    x0 = torch.randn(b, c, hw, hw, device=device, generator=gen).to(dtype)
-    w = (torch.randn(c, c, KERNEL, KERNEL, device=device, generator=gen) / fan_in**0.5).requires_grad_()
-    ls2 = torch.empty(c, c, KERNEL, KERNEL, device=device).uniform_(-12.0, -4.0, generator=gen).requires_grad_()
-    bias = torch.randn(c, device=device, generator=gen).requires_grad_()
-    g = torch.randn(b, c, hw, hw, device=device, generator=gen).to(dtype)
-    if not autocast:  # fp32 end to end; under autocast the parameters stay fp32
-        w.data, ls2.data, bias.data = w.data.to(dtype), ls2.data.to(dtype), bias.data.to(dtype)
-    x = x0.clone().requires_grad_()
-    ctx = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=dtype)) if autocast else None
-    for provider in providers:
-        fwd_fn = _make_forward(provider, compiled)
-        leaves = [x, w, bias] if provider == "dense" else [x, w, ls2, bias]
-
-        def forward():
-            if ctx is None:
-                return fwd_fn(x, w, ls2, bias)
-            with ctx():
-                return fwd_fn(x, w, ls2, bias)
-
-        for mode in modes:
-            if mode == "fwd":
-                fn = forward
-            elif mode == "bwd":
-                y = forward()
-                fn = lambda y=y: y.backward(g, retain_graph=True)  # noqa: E731
-            else:
-                fn = lambda: forward().backward(g)  # noqa: E731
-            times = timer(fn, leaves)
-            rows.append(common.make_row(
-                "lrt_conv2d", shape, dtype_name, mode, provider, times, env, batch=b,
-                nbytes=byte_floor(provider, mode, b, c, hw, act_bytes),
-                flops=flops(provider, mode, b, c, hw),
-                **({"compile_mode": "default"} if provider == "reference_compiled" else {}),
-            ))
-            common.print_rows(rows[-1:])
-    return rows
+    return common.time_lrt_modes(
+        "lrt_conv2d", f"B={b},C={c},H=W={hw},k=3,p=1", dtype_name, common.environment(device),
+        providers, modes, lambda p: _make_forward(p, compiled),
+        common.lrt_inputs((b, c, hw, hw), (c, c, KERNEL, KERNEL), (b, c, hw, hw), dtype, autocast, device),
+        dtype if autocast else None, batch=b,
+        nbytes=lambda p, mode: byte_floor(p, mode, b, c, hw, act_bytes),
+        flops=lambda p, mode: flops(p, mode, b, c, hw))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
     ap.add_argument("--tf32", action="store_true",
                     help="fp32 rows with TF32 for every provider (default: IEEE fp32 for every provider)")
-    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                    help="cuda (default); cpu implies --smoke")
-    common.add_common_args(ap)
-    ap.add_argument("--smoke", action="store_true",
-                    help="a tiny shape on CPU (kernels in Triton's interpreter), nothing saved")
+    common.add_triton_args(ap, MODES, PROVIDERS, smoke="a tiny shape")
     args = common.parse_args(ap, argv)
 
-    if args.smoke or args.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        os.environ["SPARSEVD_BACKEND"] = "triton"
-        device, shapes, save = "cpu", SMOKE_SHAPES, False
-        dtypes = [DTYPES["fp32"]]  # bf16 dots run on a GPU only
-        providers = [p for p in args.providers if p != "reference_compiled"]  # skip the C++ build
+    where = common.triton_device(args, "bench_lrt_conv", args.providers)
+    if where is None:
+        return 2
+    device, save, providers = where
+    if device == "cpu":
+        shapes, dtypes = SMOKE_SHAPES, [DTYPES["fp32"]]  # bf16 dots run on a GPU only
     else:
-        if not torch.cuda.is_available():
-            print("bench_lrt_conv: needs a CUDA GPU (the fused kernels are GPU kernels; on CPU they "
-                  "only run in Triton's interpreter). Run with --smoke for a tiny CPU check of the "
-                  "harness.", file=sys.stderr)
-            return 2
-        os.environ.setdefault("SPARSEVD_BACKEND", "triton")
-        device, save, providers = "cuda", not args.no_save, args.providers
         shapes = [SHAPES[name] for name in args.shapes]
         dtypes = [DTYPES[name] for name in args.dtypes]
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)

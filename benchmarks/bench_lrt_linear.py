@@ -27,8 +27,6 @@ Usage: python -m benchmarks.bench_lrt_linear [--shapes lenet 1024 4096] [--modes
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -96,77 +94,28 @@ def _make_forward(provider: str, compiled: Dict[str, Callable]) -> Callable:
 
 
 def bench_shape(m, k, n, dtype, autocast, device, providers, modes, compiled) -> List[Dict]:
-    env = common.environment(device)
-    timer = common.grad_timer(device)
-    rows = []
-    shape = f"M={m},K={k},N={n}"
     dtype_name = ("autocast-" if autocast else "") + str(dtype).replace("torch.", "")
     act_bytes = torch.empty((), dtype=dtype).element_size()
-    gen = torch.Generator(device=device).manual_seed(0)
-    x0 = torch.randn(m, k, device=device, generator=gen).to(dtype)
-    w = (torch.randn(n, k, device=device, generator=gen) / k**0.5).requires_grad_()
-    ls2 = torch.empty(n, k, device=device).uniform_(-12.0, -4.0, generator=gen).requires_grad_()
-    b = torch.randn(n, device=device, generator=gen).requires_grad_()
-    g = torch.randn(m, n, device=device, generator=gen).to(dtype)
-    if not autocast:  # fp32 end to end; under autocast the parameters stay fp32
-        w.data, ls2.data, b.data = w.data.to(dtype), ls2.data.to(dtype), b.data.to(dtype)
-    x = x0.clone().requires_grad_()
-    ctx = (lambda: torch.autocast(device_type=device.split(":")[0], dtype=dtype)) if autocast else None
-    for provider in providers:
-        fwd_fn = _make_forward(provider, compiled)
-        leaves = [x, w, b] if provider == "dense" else [x, w, ls2, b]
-
-        def forward():
-            if ctx is None:
-                return fwd_fn(x, w, ls2, b)
-            with ctx():
-                return fwd_fn(x, w, ls2, b)
-
-        for mode in modes:
-            if mode == "fwd":
-                fn = forward
-            elif mode == "bwd":
-                y = forward()
-                fn = lambda y=y: y.backward(g, retain_graph=True)  # noqa: E731
-            else:
-                fn = lambda: forward().backward(g)  # noqa: E731
-            times = timer(fn, leaves)
-            rows.append(common.make_row(
-                "lrt_linear", shape, dtype_name, mode, provider, times, env, batch=m,
-                nbytes=byte_floor(provider, mode, m, k, n, act_bytes),
-                flops=flops(provider, mode, m, k, n),
-                **({"compile_mode": "default"} if provider == "reference_compiled" else {}),
-            ))
-            common.print_rows(rows[-1:])
-    return rows
+    return common.time_lrt_modes(
+        "lrt_linear", f"M={m},K={k},N={n}", dtype_name, common.environment(device), providers, modes,
+        lambda p: _make_forward(p, compiled),
+        common.lrt_inputs((m, k), (n, k), (m, n), dtype, autocast, device),
+        dtype if autocast else None, batch=m,
+        nbytes=lambda p, mode: byte_floor(p, mode, m, k, n, act_bytes),
+        flops=lambda p, mode: flops(p, mode, m, k, n))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
-    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                    help="cuda (default); cpu implies --smoke")
-    common.add_common_args(ap)
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny shapes on CPU (kernels in Triton's interpreter), nothing saved")
+    common.add_triton_args(ap, MODES, PROVIDERS, smoke="tiny shapes")
     args = common.parse_args(ap, argv)
 
-    if args.smoke or args.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        os.environ["SPARSEVD_BACKEND"] = "triton"
-        device, shapes, save = "cpu", SMOKE_SHAPES, False
-        providers = [p for p in args.providers if p != "reference_compiled"]  # skip the C++ build
-    else:
-        if not torch.cuda.is_available():
-            print("bench_lrt_linear: needs a CUDA GPU (the fused kernels are GPU kernels; on CPU they "
-                  "only run in Triton's interpreter). Run with --smoke for a tiny CPU check of the "
-                  "harness.", file=sys.stderr)
-            return 2
-        os.environ.setdefault("SPARSEVD_BACKEND", "triton")
-        device, save, providers = "cuda", not args.no_save, args.providers
-        shapes = [s for name in args.shapes for s in SHAPES[name]]
+    where = common.triton_device(args, "bench_lrt_linear", args.providers)
+    if where is None:
+        return 2
+    device, save, providers = where
+    shapes = SMOKE_SHAPES if device == "cpu" else [s for name in args.shapes for s in SHAPES[name]]
     rows, compiled = [], {}
     for m, k, n, dtype, autocast in shapes:
         rows += bench_shape(m, k, n, dtype, autocast, device, providers, args.modes, compiled)

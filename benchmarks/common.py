@@ -137,6 +137,102 @@ def grad_timer(device: str) -> Callable[[Callable[[], object], List[torch.Tensor
     return run_cpu
 
 
+def add_triton_args(ap: argparse.ArgumentParser, modes: Sequence[str], providers: Sequence[str],
+                    smoke: str) -> argparse.ArgumentParser:
+    """The options of a benchmark of the Triton kernels: --modes, --providers, --device
+    (cuda, or cpu: the smoke run), the common ones and --smoke (``smoke``: what it runs)."""
+    ap.add_argument("--modes", nargs="+", default=list(modes), choices=list(modes))
+    ap.add_argument("--providers", nargs="+", default=list(providers), choices=list(providers))
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cuda (default); cpu implies --smoke")
+    add_common_args(ap)
+    ap.add_argument("--smoke", action="store_true",
+                    help=f"{smoke} on CPU (kernels in Triton's interpreter), nothing saved")
+    return ap
+
+
+def triton_device(args: argparse.Namespace, name: str,
+                  providers: Sequence[str]) -> Optional[tuple]:
+    """Where a benchmark of the Triton kernels runs: ``(device, save, providers)``. With
+    ``--smoke`` or ``--device cpu``: the CPU, the kernels in Triton's interpreter
+    (TRITON_INTERPRET=1, SPARSEVD_BACKEND=triton), nothing saved, no ``reference_compiled`` (its
+    C++ build); else a CUDA GPU, the rows saved unless ``--no-save``. None, after a message on
+    stderr, when the GPU is asked for and there is none (the caller exits with 2)."""
+    if args.smoke or args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ["SPARSEVD_BACKEND"] = "triton"
+        return "cpu", False, [p for p in providers if p != "reference_compiled"]
+    if not torch.cuda.is_available():
+        print(f"{name}: needs a CUDA GPU (the fused kernels are GPU kernels; on CPU they only run in "
+              "Triton's interpreter). Run with --smoke for a tiny CPU check of the harness.",
+              file=sys.stderr)
+        return None
+    os.environ.setdefault("SPARSEVD_BACKEND", "triton")
+    return "cuda", not args.no_save, list(providers)
+
+
+def lrt_inputs(x_shape: Sequence[int], w_shape: Sequence[int], y_shape: Sequence[int],
+               dtype: torch.dtype, autocast: bool, device: str) -> List[torch.Tensor]:
+    """[x, θ, log σ², b, g] of an LRT op benchmark, from a generator seeded 0: x (leaf, requires
+    grad) and the upstream gradient g in ``dtype``, θ ~ N(0, 1/fan_in), log σ² ~ U(−12, −4), b ~
+    N(0, 1) (out,), leaves requiring grad, in ``dtype`` too unless ``autocast`` (then fp32, as
+    autocast keeps parameters)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    fan_in = 1
+    for d in w_shape[1:]:
+        fan_in *= d
+    x0 = torch.randn(*x_shape, device=device, generator=gen).to(dtype)
+    w = (torch.randn(*w_shape, device=device, generator=gen) / fan_in**0.5).requires_grad_()
+    ls2 = torch.empty(*w_shape, device=device).uniform_(-12.0, -4.0, generator=gen).requires_grad_()
+    b = torch.randn(w_shape[0], device=device, generator=gen).requires_grad_()
+    g = torch.randn(*y_shape, device=device, generator=gen).to(dtype)
+    if not autocast:  # fp32 end to end; under autocast the parameters stay fp32
+        w.data, ls2.data, b.data = w.data.to(dtype), ls2.data.to(dtype), b.data.to(dtype)
+    return [x0.clone().requires_grad_(), w, ls2, b, g]
+
+
+def time_lrt_modes(benchmark: str, shape: str, dtype_name: str, env: Dict[str, object],
+                   providers: Sequence[str], modes: Sequence[str],
+                   make_forward: Callable[[str], Callable], tensors: List[torch.Tensor],
+                   autocast_dtype: Optional[torch.dtype], batch: int,
+                   nbytes: Callable[[str, str], float], flops: Callable[[str, str], float]
+                   ) -> List[Dict[str, object]]:
+    """Rows of an LRT op (``make_forward(provider)(x, θ, log σ², b)``) per provider and mode:
+    "fwd", "bwd" (the backward of one retained forward) and "fwd+bwd", timed by
+    :func:`grad_timer` (the leaves' gradients reset per call), under autocast to
+    ``autocast_dtype`` when given; ``tensors`` = :func:`lrt_inputs`; ``nbytes`` / ``flops`` of
+    (provider, mode) give each row's floor. The "dense" provider gets no log σ² leaf."""
+    x, w, ls2, b, g = tensors
+    device_type = x.device.type
+    timer = grad_timer(device_type)
+    rows: List[Dict[str, object]] = []
+    for provider in providers:
+        fwd_fn = make_forward(provider)
+        leaves = [x, w, b] if provider == "dense" else [x, w, ls2, b]
+
+        def forward():
+            if autocast_dtype is None:
+                return fwd_fn(x, w, ls2, b)
+            with torch.autocast(device_type=device_type, dtype=autocast_dtype):
+                return fwd_fn(x, w, ls2, b)
+
+        for mode in modes:
+            if mode == "fwd":
+                fn = forward
+            elif mode == "bwd":
+                y = forward()
+                fn = lambda y=y: y.backward(g, retain_graph=True)  # noqa: E731
+            else:
+                fn = lambda: forward().backward(g)  # noqa: E731
+            rows.append(make_row(
+                benchmark, shape, dtype_name, mode, provider, timer(fn, leaves), env, batch=batch,
+                nbytes=nbytes(provider, mode), flops=flops(provider, mode),
+                **({"compile_mode": "default"} if provider == "reference_compiled" else {}),
+            ))
+            print_rows(rows[-1:])
+    return rows
+
+
 def cpu_time_samples(fn: Callable[[], object], min_run_time: float) -> List[float]:
     """Per-call thread CPU times (ms) of blocks of calls of >= 2 ms, for min_run_time seconds."""
     out: List[float] = []
