@@ -304,8 +304,9 @@ def fit(
         resume: continue the run saved in ``checkpoint_dir``.
         mc_samples: S of the Monte-Carlo predictive evaluation at the end (sparse VD only; 0: none).
         amp: mixed precision: None (fp32), "bf16" (autocast, CPU or CUDA) or "fp16" (autocast and
-            a GradScaler, CUDA only, its initial scale :func:`fp16_init_scale` of each phase's loss). The parameters, the KL and the LRT variance path stay fp32
-            (σ² ≈ e⁻¹⁰ would underflow fp16); evaluation runs in fp32.
+            a GradScaler per phase starting at :func:`fp16_init_scale` of its loss, CUDA only).
+            The parameters, the KL and the LRT variance path stay fp32 (σ² ≈ e⁻¹⁰ would
+            underflow fp16); evaluation runs in fp32.
         train_clip: train-time clipping of the sparse-VD layers (``sparsevd.convert(...,
             train_clip=)``: the weights with log α ≥ ``threshold`` leave the LRT forward and
             backward); True / False is set on every sparse-VD layer, None keeps what the model's
