@@ -1,6 +1,8 @@
 """Shared benchmark helpers: timing (GPU: CUDA events via triton.testing.do_bench, L2 flushed;
 CPU: torch.utils.benchmark, or thread CPU time), interleaved timing of several providers
-(``time_interleaved``), the result rows of ../shared/BENCHMARKS.md and their JSON files.
+(``time_interleaved``), the result rows of ../shared/BENCHMARKS.md and their JSON files; for the
+benchmarks of the Triton kernels their options and device (``add_triton_args``, ``triton_device``),
+and for the LRT ops their inputs and fwd / bwd / fwd+bwd rows (``lrt_inputs``, ``time_lrt_modes``).
 
 Every row: benchmark, shape, dtype, mode, provider, median_ms, p20_ms, p80_ms, device, torch,
 triton, commit, plus optional sparsity, batch, gbps, tflops, threads.
