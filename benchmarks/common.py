@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import re
 import sys
@@ -180,9 +181,7 @@ def lrt_inputs(x_shape: Sequence[int], w_shape: Sequence[int], y_shape: Sequence
     N(0, 1) (out,), leaves requiring grad, in ``dtype`` too unless ``autocast`` (then fp32, as
     autocast keeps parameters)."""
     gen = torch.Generator(device=device).manual_seed(0)
-    fan_in = 1
-    for d in w_shape[1:]:
-        fan_in *= d
+    fan_in = math.prod(w_shape[1:])
     x0 = torch.randn(*x_shape, device=device, generator=gen).to(dtype)
     w = (torch.randn(*w_shape, device=device, generator=gen) / fan_in**0.5).requires_grad_()
     ls2 = torch.empty(*w_shape, device=device).uniform_(-12.0, -4.0, generator=gen).requires_grad_()
