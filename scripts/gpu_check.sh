@@ -40,7 +40,8 @@ STAGES=${GPU_CHECK_STAGES:-env build tests sanitizer bench}
 GPU_TESTS=(tests/test_lrt_linear.py tests/test_lrt_linear_triton.py tests/test_lrt_conv.py
            tests/test_lrt_conv_triton.py tests/test_kl.py tests/test_kl_triton.py
            tests/test_csr_linear_cuda.py tests/test_masked.py
-           tests/test_amp.py::test_cuda_training_run_follows_the_fp32_run
+           "tests/test_amp.py::test_training_run_follows_the_fp32_run[cuda-bf16]"
+           "tests/test_amp.py::test_training_run_follows_the_fp32_run[cuda-fp16]"
            "tests/test_distributed.py::test_two_ranks_match_one_process_with_the_global_batch[nccl]")
 # Under compute-sanitizer (slow: a subset that launches every kernel).
 SANITIZER_TESTS=(tests/test_csr_linear_cuda.py tests/test_lrt_linear_triton.py tests/test_kl_triton.py

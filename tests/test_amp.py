@@ -95,30 +95,28 @@ def _rel(a, b):
     return ((a - b).abs() / b.abs()).max().item()
 
 
-def test_bf16_training_run_follows_the_fp32_run():
-    """A sparse-VD run under bf16 autocast stays as close to its fp32 run as a dense PyTorch run in
-    bf16 stays to its fp32 run (2× plus a floor), per epoch."""
-    svd32, s32 = _curve(None, "sparse_vd")
-    svd16, s16 = _curve("bf16", "sparse_vd")
-    d32, _ = _curve(None, "dense")
-    d16, _ = _curve("bf16", "dense")
-    assert s16["amp"] == "bf16" and s32["amp"] is None
-    assert _rel(svd16, svd32) <= 2.0 * _rel(d16, d32) + 0.02, (svd16, svd32, d16, d32)
-    assert torch.isfinite(svd16).all()
+_NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="CUDA autocast and GradScaler need a GPU")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast and GradScaler need a GPU")
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_cuda_training_run_follows_the_fp32_run(amp):
-    """On the GPU (the Triton kernels): a sparse-VD run under CUDA autocast, fp16 with
-    fit's GradScaler, stays as close to its fp32 run as a dense PyTorch run in that precision stays
-    to its fp32 run (2× plus a floor), per epoch; the KL and the variance path stay fp32, so
-    σ² ≈ e⁻¹⁰ does not underflow and no step is skipped for inf gradients after the first."""
-    svd32, s32 = _curve(None, "sparse_vd", "cuda")
-    svd16, s16 = _curve(amp, "sparse_vd", "cuda")
-    d32, _ = _curve(None, "dense", "cuda")
-    d16, _ = _curve(amp, "dense", "cuda")
-    assert s16["amp"] == amp and s16["device"].startswith("cuda") and s16["backend"] == "triton"
+@pytest.mark.parametrize("device,amp", [
+    ("cpu", "bf16"),
+    pytest.param("cuda", "bf16", marks=_NEEDS_GPU),
+    pytest.param("cuda", "fp16", marks=_NEEDS_GPU),
+])
+def test_training_run_follows_the_fp32_run(device, amp):
+    """A sparse-VD run under autocast (bf16 on the CPU with the native backend; bf16, and fp16 with
+    fit's GradScaler, on CUDA with the Triton kernels) stays as close to its fp32 run as a dense
+    PyTorch run in that precision stays to its fp32 run (2× plus a floor), per epoch; the KL and
+    the variance path stay fp32, so σ² ≈ e⁻¹⁰ does not underflow and the KL stays finite."""
+    svd32, s32 = _curve(None, "sparse_vd", device)
+    svd16, s16 = _curve(amp, "sparse_vd", device)
+    d32, _ = _curve(None, "dense", device)
+    d16, _ = _curve(amp, "dense", device)
+    assert s16["amp"] == amp and s32["amp"] is None
+    assert s16["device"].startswith(device)
+    if device == "cuda":
+        assert s16["backend"] == "triton"
     assert torch.isfinite(svd16).all()
     assert _rel(svd16, svd32) <= 2.0 * _rel(d16, d32) + 0.02, (svd16, svd32, d16, d32)
     assert all(math.isfinite(h["kl_per_image"]) for h in s16["history"])
