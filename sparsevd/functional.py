@@ -52,7 +52,8 @@ def _check_same_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None
 
 def _check_finite(t: Tensor, name: str, enabled: Optional[bool]) -> None:
     enabled = CHECK_NAN if enabled is None else enabled
-    if enabled and not torch.compiler.is_compiling() and not bool(torch.isfinite(t).all()):
+    if (enabled and not t.is_meta and not torch.compiler.is_compiling()
+            and not bool(torch.isfinite(t).all())):
         kind = "NaN" if bool(torch.isnan(t).any()) else "infinite"
         raise ValueError(f"{name}: contains {kind} values; the training has diverged")
 
@@ -100,7 +101,7 @@ def _prepare_input(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
                 f"bias: expected shape ({weight.shape[0]},) (out_features), got {tuple(bias.shape)}"
             )
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta: shapes only
         # Low-precision activations, fp32 parameters and accumulation (mixed precision).
         return x.to(torch.get_autocast_dtype(device_type))
     if x.dtype != weight.dtype:

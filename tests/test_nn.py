@@ -411,6 +411,36 @@ def test_empty_batch(make, x_shape, y_shape, train):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+@pytest.mark.parametrize("train_clip", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("make,x_shape", [
+    (lambda **kw: LinearSVDO(6, 4, **kw), (3, 2, 6)),
+    (lambda **kw: Conv2dSVDO(4, 6, 3, groups=2, padding="same", **kw), (2, 4, 7, 7)),
+    (lambda **kw: Conv1dSVDO(2, 4, 3, stride=2, **kw), (2, 2, 9)),
+])
+def test_meta_device_gives_shapes_then_materialises(make, x_shape, train, train_clip):
+    """Built on the meta device (deferred initialisation), a layer runs forward, KL and backward
+    for shapes only, with the shapes of the same layer on the CPU; ``to_empty`` and
+    ``reset_parameters`` then give a working layer (finite output and gradients)."""
+    with torch.device("meta"):
+        layer = make(train_clip=train_clip).train(train)
+    cpu = make(train_clip=train_clip).train(train)
+    x = torch.randn(x_shape, device="meta", requires_grad=True)
+    y = layer(x)
+    assert y.device.type == "meta" and y.shape == cpu(torch.randn(x_shape)).shape
+    (y.sum() + layer.kl()).backward()
+    assert x.grad.shape == x_shape
+    for name, p in layer.named_parameters():
+        assert p.grad.device.type == "meta" and p.grad.shape == p.shape, name
+    layer = layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    layer.zero_grad(set_to_none=True)
+    y = layer(torch.randn(x_shape))
+    assert torch.isfinite(y).all() and y.shape == cpu(torch.randn(x_shape)).shape
+    (y.sum() + layer.kl()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
 # --------------------------------------------------------------------------------- training
 def test_conv_net_with_bias_trains_without_nan():
     torch.manual_seed(int(torch.randint(0, 2**31, ())))

@@ -98,13 +98,14 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 def eager_impl(op: str, device: torch.device, tensors) -> Optional[Callable]:
     """The eager autograd implementation of ``op`` that the backend chosen for ``device``
     registered (as ``"<op>:eager"``), for a call that may bypass the custom op: not traced by
-    torch.compile, no torch-function or dispatch mode and no functorch transform active, and every
+    torch.compile, no torch-function or dispatch mode and no functorch transform active, not on the
+    meta device (the custom op's fake implementation gives the shapes there), and every
     tensor in ``tensors`` (None entries are skipped) a plain tensor or parameter. None otherwise,
     or when the backend has none: then the custom op runs.
 
     Raises: as :func:`get_impl`.
     """
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+    if (device.type == "meta" or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._are_functorch_transforms_active()
             or torch._C._is_torch_function_mode_enabled()):
         return None
