@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from sparsevd._files import atomic_write_bytes
 from sparsevd.metadata import cpu_name, git_commit
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -313,7 +314,7 @@ def save_rows(rows: List[Dict[str, object]], device: str, path: Optional[Path] =
     key = lambda r: tuple(r.get(k) for k in keys)  # noqa: E731
     new_keys = {key(r) for r in rows}
     merged = [r for r in old if key(r) not in new_keys] + list(rows)
-    path.write_text(json.dumps(merged, indent=1) + "\n")
+    atomic_write_bytes(path, (json.dumps(merged, indent=1) + "\n").encode())  # never half a file
     return path
 
 

@@ -41,6 +41,7 @@ def run(device: str = "cpu", threads: Optional[int] = None, out: Optional[str] =
 
     Raises:
         ValueError: an unknown ``device``.
+        OSError: ``out`` cannot be written (FileWriteError, naming it).
     """
     import importlib
     import json
@@ -48,6 +49,8 @@ def run(device: str = "cpu", threads: Optional[int] = None, out: Optional[str] =
     from pathlib import Path
 
     import torch
+
+    from sparsevd._files import atomic_write_bytes
 
     if device not in SUITE:
         raise ValueError(f"device: expected one of {sorted(SUITE)}, got {device!r}")
@@ -65,9 +68,8 @@ def run(device: str = "cpu", threads: Optional[int] = None, out: Optional[str] =
                 mod.main(argv)
         if path.is_file():
             rows = json.loads(path.read_text())
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(rows, indent=1) + "\n")
+    if out:  # atomic; a full disk raises one FileWriteError (an OSError) naming the file
+        atomic_write_bytes(out, (json.dumps(rows, indent=1) + "\n").encode())
     return rows
 
 

@@ -12,13 +12,27 @@ A checkpoint is a directory holding
 - ``train_state.safetensors`` (written by ``sparsevd train`` at the end of every epoch): what
   ``--resume`` continues from: the model, the optimizer's tensors, the RNG states and, in its
   metadata, the run's settings, the epoch, the learning-rate schedule and the history, with a
-  digest over all of it.
+  digest over all of it; beside it ``timings.json``, the run's wall-clock measurements (step
+  times, seconds per epoch), the one file that differs between two identical runs.
+
+**One atomic unit.** The files of a checkpoint are written together into a fresh version
+directory ``.checkpoint-<n>`` and committed by replacing one symlink, ``checkpoint`` →
+``.checkpoint-<n>`` (:func:`sparsevd._files.write_unit`); ``model.safetensors``, ``config.json`` and
+``train_state.safetensors`` in the directory are symlinks to ``checkpoint/<name>``, so tools that
+open them by name read the current version. A crash, SIGKILL or Ctrl-C at any point of a save
+leaves the previous checkpoint whole; a full disk raises one :class:`sparsevd._files.FileWriteError`
+(an OSError naming the file) and changes nothing. Readers resolve ``checkpoint`` once and read
+every file from that version. Directories written before (the files themselves in the directory,
+no ``checkpoint`` link) still load, and the next save turns them into this layout.
+
+**Byte-reproducible.** JSON is written with sorted keys, the safetensors headers with sorted
+metadata, and nothing time-dependent goes into the files the digests cover: the same model and
+settings give the same bytes of ``model.safetensors``, ``config.json`` and
+``train_state.safetensors``.
 
 Integrity: any changed byte of either file is detected when the checkpoint is read (a weight: the
 ``weights_sha256`` of config.json; the config: the ``config_sha256`` of model.safetensors) and
-reported with the file's name. Every file is written atomically (a temporary file beside it, then
-a rename), so a crash or a Ctrl-C leaves the previous version whole. Format 1 checkpoints (no
-digests) still load, with a warning.
+reported with the file's name. Format 1 checkpoints (no digests) still load, with a warning.
 
 A deployed (inference) model is another format: :func:`sparsevd.save` / :func:`sparsevd.load`.
 """
@@ -26,30 +40,42 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import warnings
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from ._files import atomic_save_safetensors, atomic_write_bytes, digest, read_safetensors
+from ._files import (digest, read_safetensors, save_safetensors_new, unit_dir, write_bytes_new,
+                     write_unit)
 from .models import build_model
 from .nn import DEFAULT_THRESHOLD
 
-__all__ = ["CHECKPOINT_CONFIG", "CHECKPOINT_FORMAT", "CHECKPOINT_WEIGHTS", "DEFAULT_INPUT_SHAPE",
-           "TRAIN_STATE", "input_shape", "load_checkpoint", "load_train_state", "optimizer_state",
-           "optimizer_tensors", "read_config", "save_checkpoint", "save_train_state"]
+__all__ = ["CHECKPOINT_CONFIG", "CHECKPOINT_FORMAT", "CHECKPOINT_POINTER", "CHECKPOINT_WEIGHTS",
+           "DEFAULT_INPUT_SHAPE", "TIMINGS", "TRAIN_STATE", "TrainState", "checkpoint_owning",
+           "input_shape", "load_checkpoint", "load_train_state", "optimizer_state",
+           "optimizer_tensors", "read_config", "saved_epoch", "save_checkpoint"]
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_CONFIG = "config.json"
 TRAIN_STATE = "train_state.safetensors"
+TIMINGS = "timings.json"
+#: The symlink whose replacement commits a new version of a checkpoint (see the module docstring).
+CHECKPOINT_POINTER = "checkpoint"
+#: The files of a checkpoint; the first three get a symlink in the checkpoint directory.
+UNIT_FILES = (CHECKPOINT_WEIGHTS, CHECKPOINT_CONFIG, TRAIN_STATE, TIMINGS)
 CHECKPOINT_FORMAT = 2
 WEIGHTS_FORMAT = "sparsevd.checkpoint"
 STATE_FORMAT = "sparsevd.train_state"
 #: One input sample of the models of sparsevd.models (28x28 grey images), for a config without
 #: ``input_shape``.
 DEFAULT_INPUT_SHAPE = (1, 28, 28)
+#: Keys of the training state's metadata that hold wall-clock measurements (at the top level and
+#: in lists of rows such as the history): written to timings.json, not into the digested state.
+_MEASURED = re.compile(r".*_(seconds|ms)$")
 
 PathLike = Union[str, Path]
 
@@ -62,53 +88,97 @@ def _state_tensors(model: nn.Module) -> Dict[str, Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
-def save_checkpoint(model: nn.Module, out_dir: PathLike, config: dict) -> Path:
+def _json_bytes(obj, **kw) -> bytes:
+    return (json.dumps(obj, sort_keys=True, **kw) + "\n").encode()
+
+
+def save_checkpoint(model: nn.Module, out_dir: PathLike, config: Optional[dict],
+                    train_state: Optional[Tuple[Dict[str, Tensor], dict]] = None) -> Path:
     """Save ``model``'s state_dict as ``out_dir/model.safetensors`` and ``config`` as
-    ``out_dir/config.json``, with the digests that make any later change of either detectable.
+    ``out_dir/config.json``, with the digests that make any later change of either detectable,
+    and, given ``train_state``, the training state, all as one atomic unit (module docstring).
 
     Args:
         model: a model from :func:`sparsevd.models.build_model`.
         out_dir: directory, created if missing.
         config: must hold ``model`` (name), ``svd`` (bool) and ``threshold`` (float); saved with
-            ``format`` and ``weights_sha256`` added.
+            ``format`` and ``weights_sha256`` added. None: only the training state is written.
+        train_state: ``(tensors, meta)``: further tensors (optimizer state, RNG states) by name,
+            and JSON-serializable settings and counters (epoch, schedule, history, ...; entries
+            named ``*_seconds`` / ``*_ms`` go to ``timings.json``), stored with the model's
+            state_dict as ``train_state.safetensors``.
 
     Returns:
-        The path of the ``.safetensors`` file.
+        The path of ``model.safetensors`` (of ``train_state.safetensors`` without ``config``).
 
     Raises:
-        OSError: ``out_dir`` cannot be created or written.
+        ValueError: neither ``config`` nor ``train_state``.
+        FileWriteError (an OSError): a file cannot be written (a full disk, permissions): the
+            message names it; the previous checkpoint is unchanged, nothing temporary is left.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = _state_tensors(model)
-    cfg = dict(config, format=CHECKPOINT_FORMAT, weights_sha256=digest(state))
-    cfg_bytes = (json.dumps(cfg, indent=2) + "\n").encode()
-    # config first: a crash between the two renames leaves a mismatch that load reports, never a
-    # silently inconsistent pair
-    atomic_write_bytes(out / CHECKPOINT_CONFIG, cfg_bytes)
-    path = atomic_save_safetensors(state, out / CHECKPOINT_WEIGHTS, {
-        "format": WEIGHTS_FORMAT, "config_sha256": _sha256(cfg_bytes)})
-    return path
+    files: Dict[str, Callable[[Path], None]] = {}
+    if config is not None:
+        state = _state_tensors(model)
+        cfg_bytes = _json_bytes(dict(config, format=CHECKPOINT_FORMAT, weights_sha256=digest(state)),
+                                indent=2)
+        meta = {"format": WEIGHTS_FORMAT, "config_sha256": _sha256(cfg_bytes)}
+        files[CHECKPOINT_CONFIG] = lambda p: write_bytes_new(p, cfg_bytes)
+        files[CHECKPOINT_WEIGHTS] = lambda p: save_safetensors_new(state, p, meta)
+    if train_state is not None:
+        files.update(_train_state_files(model, *train_state))
+    if not files:
+        raise ValueError("save_checkpoint: nothing to save (config and train_state are None)")
+    write_unit(out, CHECKPOINT_POINTER, files, links=tuple(n for n in UNIT_FILES[:3] if n in files))
+    return out / (CHECKPOINT_WEIGHTS if config is not None else TRAIN_STATE)
+
+
+def _read_dir(directory: Path) -> Path:
+    """The directory holding the files of the checkpoint in ``directory``: the version its
+    ``checkpoint`` link names (resolved once), or ``directory`` (the older layout)."""
+    return unit_dir(directory, CHECKPOINT_POINTER)
 
 
 def _paths(path: PathLike) -> Tuple[Path, Path, Path]:
-    """(directory, weights file, config file) of the checkpoint that ``path`` names: the
-    directory itself, or its ``.safetensors`` or ``.json`` file.
+    """(directory read, weights file, config file) of the checkpoint that ``path`` names: the
+    directory itself, or its ``.safetensors`` or ``.json`` file (also through the ``checkpoint``
+    link).
 
     Raises:
         FileNotFoundError: ``path`` names nothing (the message names it).
     """
     p = Path(path)
     if p.is_dir():
-        return p, p / CHECKPOINT_WEIGHTS, p / CHECKPOINT_CONFIG
-    if p.is_file() and p.suffix == ".safetensors":
-        return p.parent, p, p.parent / CHECKPOINT_CONFIG
-    if p.is_file() and p.suffix == ".json":
-        return p.parent, p.parent / CHECKPOINT_WEIGHTS, p
+        d = _read_dir(p)
+        return d, d / CHECKPOINT_WEIGHTS, d / CHECKPOINT_CONFIG
+    if p.is_file() and p.suffix in (".safetensors", ".json"):
+        d = p.parent
+        if d.is_symlink():  # <run>/checkpoint/<file>: the version the link names now
+            d = d.parent / os.readlink(d)
+        elif p.name in UNIT_FILES:  # <run>/model.safetensors, ...: the version of <run>/checkpoint
+            d = _read_dir(d)
+        if p.name in UNIT_FILES:
+            return d, d / CHECKPOINT_WEIGHTS, d / CHECKPOINT_CONFIG
+        if p.suffix == ".safetensors":
+            return d, d / p.name, d / CHECKPOINT_CONFIG
+        return d, d / CHECKPOINT_WEIGHTS, d / p.name
     if p.exists():
         raise FileNotFoundError(f"{p}: not a checkpoint (expected a directory written by "
                                 "`sparsevd train --out DIR`, or its .safetensors / .json file)")
     raise FileNotFoundError(f"{p}: no such checkpoint directory or file")
+
+
+def _read_settled(locate: Callable[[], tuple], read: Callable[..., tuple]) -> tuple:
+    """``read(*locate())``, again (twice at most) when a file vanished because a writer committed
+    a new version meanwhile and removed the one being read (the location changed)."""
+    for attempt in range(3):
+        where = locate()
+        try:
+            return read(*where)
+        except FileNotFoundError:
+            if attempt == 2 or locate() == where:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _read_config_bytes(cfg_path: Path) -> Tuple[bytes, dict]:
@@ -158,9 +228,10 @@ def load_checkpoint(path: PathLike, device="cpu") -> nn.Module:
             not JSON / not safetensors / truncated, a config without a known ``model`` or of a
             newer ``format``, or weights that do not fit the model.
     """
-    _, weights, cfg_path = _paths(path)
-    raw, cfg = _read_config_bytes(cfg_path)
-    state, meta = read_safetensors(weights)
+    def read(_, weights: Path, cfg_path: Path):
+        return weights, cfg_path, *_read_config_bytes(cfg_path), *read_safetensors(weights)
+
+    weights, cfg_path, raw, cfg, state, meta = _read_settled(lambda: _paths(path), read)
     fmt = cfg.get("format", 1)
     if fmt >= 2:
         if meta.get("format") != WEIGHTS_FORMAT:
@@ -206,38 +277,88 @@ def input_shape(path: PathLike) -> tuple:
 
 
 # ------------------------------------------------------------------------------ training state
-def save_train_state(path: PathLike, model: nn.Module, tensors: Dict[str, Tensor],
-                     meta: dict) -> Path:
-    """Write the resumable state of a training run to ``path`` atomically.
+class TrainState(NamedTuple):
+    """A training state as :func:`load_train_state` reads it."""
 
-    Args:
-        path: the file (``<out_dir>/train_state.safetensors``).
-        model: the model being trained (its state_dict is stored under ``model.``).
-        tensors: further tensors (optimizer state, RNG states), by name.
-        meta: JSON-serializable settings and counters (epoch, schedule, history, ...).
+    model: Dict[str, Tensor]  #: the model's state_dict
+    tensors: Dict[str, Tensor]  #: the other tensors (optimizer, RNG states)
+    meta: dict  #: settings, counters and history, with the measurements of timings.json merged in
+    path: Path  #: the file read
 
-    Returns:
-        ``path``.
-    """
+
+def _split_measured(meta: dict) -> Tuple[dict, dict]:
+    """(``meta`` without its wall-clock measurements, the measurements): the keys matching
+    :data:`_MEASURED` at the top level and in lists of rows (the history)."""
+    kept, measured = {}, {}
+    for k, v in meta.items():
+        if _MEASURED.match(k):
+            measured[k] = v
+        elif isinstance(v, list) and v and all(isinstance(r, dict) for r in v):
+            rows = [_split_measured(r) for r in v]
+            kept[k] = [r[0] for r in rows]
+            if any(r[1] for r in rows):
+                measured[k] = [r[1] for r in rows]
+        else:
+            kept[k] = v
+    return kept, measured
+
+
+def _merge_measured(meta: dict, measured: dict) -> dict:
+    """The inverse of :func:`_split_measured`."""
+    out = dict(meta)
+    for k, v in measured.items():
+        if isinstance(v, list) and isinstance(out.get(k), list) and all(isinstance(r, dict) for r in v):
+            out[k] = [dict(row, **m) for row, m in zip(out[k], v)]
+        else:
+            out[k] = v
+    return out
+
+
+def _train_state_files(model: nn.Module, tensors: Dict[str, Tensor], meta: dict
+                       ) -> Dict[str, Callable[[Path], None]]:
+    """The writers of ``train_state.safetensors`` (model, ``tensors``, the deterministic part of
+    ``meta`` and a digest over all of it) and ``timings.json`` (the measurements of ``meta``)."""
     all_tensors = {f"model.{k}": v for k, v in _state_tensors(model).items()}
     all_tensors.update({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
-    text = json.dumps(meta, separators=(",", ":"))
-    return atomic_save_safetensors(all_tensors, path, {
-        "format": STATE_FORMAT, "state": text, "sha256": digest(all_tensors, STATE_FORMAT, text)})
+    kept, measured = _split_measured(meta)
+    text = json.dumps(kept, separators=(",", ":"), sort_keys=True)
+    header = {"format": STATE_FORMAT, "state": text, "sha256": digest(all_tensors, STATE_FORMAT, text)}
+    timings = _json_bytes(measured)
+    return {TRAIN_STATE: lambda p: save_safetensors_new(all_tensors, p, header),
+            TIMINGS: lambda p: write_bytes_new(p, timings)}
 
 
-def load_train_state(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], dict]:
-    """Read what :func:`save_train_state` wrote: (model state_dict, other tensors, meta).
+def _state_path(path: PathLike) -> Path:
+    """The training state file of the run directory ``path`` (through its ``checkpoint`` link);
+    ``path`` itself when it names another file."""
+    p = Path(path)
+    if p.is_dir():
+        return _read_dir(p) / TRAIN_STATE
+    if p.name in UNIT_FILES and p.parent.exists():
+        return _paths(p.parent)[0] / TRAIN_STATE
+    return p
+
+
+def load_train_state(path: PathLike) -> TrainState:
+    """Read the training state that :func:`save_checkpoint` wrote with ``train_state``.
+
+    Args:
+        path: the run directory (``sparsevd train --out DIR``) or its train_state.safetensors.
 
     Raises:
         FileNotFoundError: no such file (the run has no completed epoch to resume from).
-        ValueError: corrupted (digest mismatch, truncated) or not a training state.
+        ValueError: corrupted (digest mismatch, truncated, a timings.json that is not JSON) or
+            not a training state.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no training state to resume from (a run writes it at the "
-                                "end of every epoch)")
-    tensors, meta = read_safetensors(path)
+    def read(file: Path):
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no training state to resume from (a run writes it at "
+                                    "the end of every epoch)")
+        timings = file.parent / TIMINGS
+        return (file, *read_safetensors(file),
+                timings.read_bytes() if file.name == TRAIN_STATE and timings.is_file() else None)
+
+    path, tensors, meta, timings = _read_settled(lambda: (_state_path(path),), read)
     if meta.get("format") != STATE_FORMAT:
         raise ValueError(f"{path}: not a sparsevd training state (format={meta.get('format')!r})")
     text = meta.get("state", "")
@@ -247,9 +368,63 @@ def load_train_state(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, Tenso
         state = json.loads(text)
     except ValueError as e:
         raise ValueError(f"{path}: corrupted training state ({e})") from None
+    if timings is not None:
+        try:
+            state = _merge_measured(state, json.loads(timings))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path.parent / TIMINGS}: corrupted measurements ({e})") from None
     model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     other = {k: v for k, v in tensors.items() if not k.startswith("model.")}
-    return model, other, state
+    return TrainState(model, other, state, path)
+
+
+def saved_epoch(run_dir: PathLike) -> Optional[Tuple[int, Optional[int], tuple]]:
+    """``(epoch, epochs, version)`` of the training state in ``run_dir`` (the last completed
+    epoch, the run's total, and an identity of the file that changes with every save), read
+    from its metadata only; None when there is none or it cannot be read."""
+    from safetensors import safe_open
+
+    file = _state_path(run_dir)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            state = json.loads((f.metadata() or {}).get("state", ""))
+        st = os.stat(file)
+        return int(state["epoch"]), state.get("recipe", {}).get("epochs"), (st.st_ino, st.st_mtime_ns)
+    except Exception:  # missing, unreadable, corrupted: no state to tell about
+        return None
+
+
+def checkpoint_owning(path: PathLike, run_dir: Optional[PathLike] = None) -> Optional[Path]:
+    """The training checkpoint directory that writing ``path`` would damage, or None.
+
+    ``path`` would damage a checkpoint when it is one of its files (``model.safetensors``,
+    ``config.json``, ``train_state.safetensors``, ``timings.json`` of a checkpoint directory, or
+    of ``run_dir``, the directory a run is about to write; also through symlinks), lies in one of
+    its version directories, or is a file holding a training checkpoint or state (its safetensors
+    metadata says so, wherever it was copied).
+    """
+    p = Path(path)
+    real = Path(os.path.realpath(p))
+    run = None if run_dir is None else os.path.realpath(run_dir)
+    version = re.compile(re.escape(f".{CHECKPOINT_POINTER}-") + r"\d+$")
+    for d, name in ((p.parent, p.name), (real.parent, real.name)):
+        if version.match(d.name) or d.name == CHECKPOINT_POINTER:
+            return d.parent
+        if name in UNIT_FILES and ((d / CHECKPOINT_POINTER).is_dir() or (d / TRAIN_STATE).is_file()
+                                   or (d / CHECKPOINT_CONFIG).is_file() and (d / CHECKPOINT_WEIGHTS).is_file()
+                                   or os.path.realpath(d) == run):
+            return d
+    if real.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(real), framework="pt") as f:
+                fmt = (f.metadata() or {}).get("format")
+        except Exception:  # not a safetensors file: nothing of a checkpoint
+            return None
+        if fmt in (WEIGHTS_FORMAT, STATE_FORMAT):
+            return real.parent
+    return None
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, Tensor], dict]:

@@ -17,23 +17,33 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ._cli_args import finite_float, nonneg_float, nonneg_int, positive_float, positive_int, seed
+from ._files import atomic_write_bytes, check_writable
+from .checkpoint import read_config, saved_epoch
 from .convert import report
 from .data import DATASETS
 from .models import MODELS
 from .plots import plot_run
-from .train import TrainConfig, TrainingDiverged, resolve_recipe, run
+from .train import RUNTIME_FIELDS, TrainConfig, TrainingDiverged, resolve_recipe, resume_conflicts, run
 
 __all__ = ["build_parser", "main", "train"]
 
 #: Defaults of ``sparsevd train``: those of :class:`sparsevd.train.TrainConfig`.
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+#: The options a resumed run may take besides --resume (sparsevd.train.RUNTIME_FIELDS).
+_FLAGS = {"threads": "--threads", "progress": "--no-progress", "json": "--json",
+          "data_dir": "--data-dir", "download": "--no-download", "device": "--device"}
+_RUNTIME_FLAGS = [_FLAGS[k] for k in RUNTIME_FIELDS]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--threshold leave the LRT forward and backward (as in the authors' code)")
     t.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run saved in DIR (a checkpoint is written at the end of "
-                        "every epoch) with its own settings; only --threads, --no-progress, "
-                        "--json, --data-dir and --no-download are taken from this command line")
+                        "every epoch) with its own settings; only " + ", ".join(_RUNTIME_FLAGS)
+                        + " may be given besides (bit-identical to the uninterrupted run with the "
+                        "same --threads and --device); any other option that differs from the "
+                        "saved run is an error")
     parser.train_parser = t  # for errors that name the train subcommand
     be = sub.add_parser("bench", help="run the benchmark suite in a quick mode and print the ratios",
                         description="Run the benchmarks of the README in a quick mode on this "
@@ -146,10 +158,11 @@ def _print_epoch(row: dict, svd: bool) -> None:
           f"compression {compression:.1f}x  ({row['train_seconds']:.1f} s)", flush=True)
 
 
-def train(args: argparse.Namespace) -> Tuple[nn.Module, dict]:
+def train(args: argparse.Namespace, given: Optional[set] = None) -> Tuple[nn.Module, dict]:
     """Run ``sparsevd train`` with ``args`` from :func:`build_parser` (``train`` subcommand): the
     per-epoch lines, the report table and the final line are printed; the work is
-    :func:`sparsevd.train.run`'s.
+    :func:`sparsevd.train.run`'s. ``given``: with ``--resume``, the dests of the options the
+    command line gave (the others are the saved run's; default: all).
 
     Returns:
         ``(model, summary)`` as :func:`sparsevd.train.run`.
@@ -157,7 +170,7 @@ def train(args: argparse.Namespace) -> Tuple[nn.Module, dict]:
     Raises:
         as :func:`sparsevd.train.run`.
     """
-    config = _config(args)
+    config = _config(args, given)
     svd = [not config.dense]
 
     def start(info):
@@ -183,12 +196,74 @@ def train(args: argparse.Namespace) -> Tuple[nn.Module, dict]:
     return model, summary
 
 
-def _config(args: argparse.Namespace) -> TrainConfig:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
+def _fields(args: argparse.Namespace, given=None) -> dict:
+    """TrainConfig fields from ``args`` (of the option dests in ``given`` only, when set)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names and (given is None or k in given)}
+    for field, dest in (("download", "no_download"), ("progress", "no_progress")):
+        if given is None or dest in given:
+            values[field] = not getattr(args, dest)
+    return values
+
+
+def _config(args: argparse.Namespace, given=None) -> TrainConfig:
+    """The TrainConfig of ``args``; of a resumed run (``--resume``), the options in ``given``
+    only (the rest is the saved run's)."""
+    values = _fields(args, given if args.resume is not None else None)
     if args.resume is not None:
         values["out"] = args.resume
-    return TrainConfig(**values, download=not args.no_download, progress=not args.no_progress)
+    return TrainConfig(**values)
+
+
+def _given_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
+    """The dests of the ``train`` options that ``argv`` gives (abbreviated or ``--opt=value``
+    forms included): ``argv`` parsed again with every default suppressed."""
+    actions = parser.train_parser._actions
+    defaults = [a.default for a in actions]
+    try:
+        for a in actions:
+            a.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for a, d in zip(actions, defaults):
+            a.default = d
+    return set(vars(given)) - {"command", "resume"}
+
+
+def _resume_conflicts(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set) -> list:
+    """The options given with ``--resume DIR`` that contradict the saved run, as
+    "--flag VALUE (saved: VALUE)" strings; an unreadable checkpoint is left to the run to report."""
+    try:
+        saved = read_config(args.resume).get("train_config")
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
+        return []
+    flags = {a.dest: a.option_strings[0] for a in parser.train_parser._actions if a.option_strings}
+    out = []
+    if "out" in given and Path(args.out).resolve() != Path(args.resume).resolve():
+        out.append(f"--out {args.out} (a resumed run writes into {args.resume})")
+    for field, old, new in resume_conflicts(saved, _fields(args, given)):
+        dest = {"download": "no_download", "progress": "no_progress"}.get(field, field)
+        value = "" if isinstance(new, bool) else f" {new}"
+        out.append(f"{flags.get(dest, field)}{value} (saved: {old})")
+    return out
+
+
+def _interrupted(out: Path, before, resumed: bool) -> str:
+    """The message after Ctrl-C: what the run directory holds now, and what to do."""
+    now = saved_epoch(out)
+    if now is None:
+        return (f"sparsevd train: interrupted before the first epoch ended; nothing was saved in "
+                f"{out}, so there is nothing to resume: run the same command again to start over")
+    epoch, epochs, version = now
+    of = f" of {epochs}" if epochs else ""
+    if not resumed and before is not None and version == before[2]:
+        return (f"sparsevd train: interrupted before the first epoch ended; nothing of this run was "
+                f"saved ({out} still holds the checkpoint of epoch {epoch}{of} of an earlier run, "
+                f"which `sparsevd train --resume {out}` would continue)")
+    return (f"sparsevd train: interrupted; the checkpoint of epoch {epoch}{of} is in {out}: "
+            f"continue with `sparsevd train --resume {out}`")
 
 
 # --------------------------------------------------------------------------------------- main
@@ -224,22 +299,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":
-        resolve_recipe(args)
-        if not args.dense and args.pretrain_epochs >= args.epochs:
-            parser.train_parser.error(f"argument --pretrain-epochs: {args.pretrain_epochs} leaves no sparse-VD "
-                         f"epoch of --epochs {args.epochs}; use fewer")
+        given = None
+        if args.resume is not None:  # the saved run's settings; only the runtime ones may change
+            given = _given_options(parser, argv)
+            conflicts = _resume_conflicts(parser, args, given)
+            if conflicts:
+                parser.train_parser.error(
+                    f"argument --resume: options that contradict the run saved in {args.resume}: "
+                    + "; ".join(conflicts) + f"; a resumed run takes only {', '.join(_RUNTIME_FLAGS)}")
+        else:
+            resolve_recipe(args)
+            if not args.dense and args.pretrain_epochs >= args.epochs:
+                parser.train_parser.error(f"argument --pretrain-epochs: {args.pretrain_epochs} leaves no "
+                                          f"sparse-VD epoch of --epochs {args.epochs}; use fewer")
         if args.device == "cuda" and not torch.cuda.is_available():
             parser.train_parser.error("argument --device: cuda requested but torch.cuda.is_available() is "
                          "False")
+        out = _config(args, given).out_dir()
+        before = saved_epoch(out)
         try:
-            train(args)
+            train(args, given)
         except TrainingDiverged as e:
             print(f"sparsevd train: {e}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            out = _config(args).out_dir()
-            print(f"\nsparsevd train: interrupted; the checkpoint of the last completed epoch is in "
-                  f"{out}: continue with `sparsevd train --resume {out}`", file=sys.stderr)
+            print("\n" + _interrupted(out, before, args.resume is not None), file=sys.stderr)
             return 130
         except (FileNotFoundError, ValueError, OSError) as e:
             print(f"sparsevd train: {e}", file=sys.stderr)
@@ -252,8 +336,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         print(f"sparsevd bench: quick suite on {args.device} ({torch.get_num_threads() if not args.threads else args.threads} "
               "threads); a minute or two ...", flush=True)
-        rows = suite.run(args.device, args.threads, args.out, args.verbose)
-        print(suite.ratio_table(rows))
+        try:
+            if args.out:
+                check_writable(args.out, "--out", directory=False)
+            rows = suite.run(args.device, args.threads, None, args.verbose)
+            print(suite.ratio_table(rows))
+            if args.out:  # after the table: a full disk loses the file, not the results
+                atomic_write_bytes(args.out, (json.dumps(rows, indent=1) + "\n").encode())
+        except OSError as e:  # --out not writable; a full disk: FileWriteError names the file
+            print(f"sparsevd bench: {e}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "plot":
         try:

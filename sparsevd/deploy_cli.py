@@ -9,8 +9,10 @@ model with :func:`sparsevd.save`, and prints
   batch 1 and 64 (median of interleaved runs, ms), and the largest output difference.
 
 Exit status: 0 on success, 1 when the checkpoint cannot be read (missing, truncated, not
-safetensors, changed after it was written: the message says which file and what) or ``--out``
-cannot be written (checked first), 2 for usage errors.
+safetensors, changed after it was written: the message says which file and what), ``--out`` is a
+file of a training checkpoint (refused before anything is written: the deployed model would
+replace the checkpoint's weights) or cannot be written (checked first; a full disk while
+writing: one line naming the file, the previous file unchanged), 2 for usage errors.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 
 from ._cli_args import finite_float, positive_float, positive_int
 from ._files import check_writable
-from .checkpoint import input_shape, load_checkpoint
+from .checkpoint import checkpoint_owning, input_shape, load_checkpoint
 from .deploy import SPARSE_LAYERS, deploy, deployed_bytes, dense_bytes, dense_twin, latency
 from .io import save
 from .nn.sparse import SparseLinear
@@ -61,6 +63,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(e.code or 0)
     if args.threads:
         torch.set_num_threads(args.threads)
+    owner = checkpoint_owning(args.out)
+    if owner is not None:
+        print(f"sparsevd deploy: --out {args.out} is a file of the training checkpoint in {owner}: "
+              "the deployed model would replace it; choose another file", file=sys.stderr)
+        return 1
     try:
         check_writable(args.out, "--out", directory=False)
     except OSError as e:
@@ -83,7 +90,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model.eval()
     example = torch.randn(1, *shape)
     deployed = deploy(model, example, cost_model=args.cost_model)
-    out = save(deployed, args.out)
+    try:
+        out = save(deployed, args.out)
+    except OSError as e:  # a full disk: FileWriteError names the file, the old one is unchanged
+        print(f"sparsevd deploy: {e}", file=sys.stderr)
+        return 1
     dense = dense_twin(model)
 
     db, sb = dense_bytes(model), deployed_bytes(deployed)

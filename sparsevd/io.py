@@ -167,7 +167,8 @@ def save(model: nn.Module, path: PathLike) -> Path:
 
     Args:
         model: a SparseLinear / SparseConv2d, or an nn.Sequential tree of supported modules.
-        path: the file to write (parent directories are created; written atomically).
+        path: the file to write (parent directories are created; written atomically: a crash
+            leaves the previous file whole). The same model gives the same bytes (sorted keys).
 
     Returns:
         The path written.
@@ -175,10 +176,12 @@ def save(model: nn.Module, path: PathLike) -> Path:
     Raises:
         ValueError: a module that cannot be stored (the message names it; training layers
             LinearSVDO / Conv2dSVDO ask for ``deploy`` first).
+        FileWriteError (an OSError, errno ENOSPC for a full disk): the file cannot be written;
+            the message names it, the previous file is unchanged, no temporary file is left.
     """
     tensors: Dict[str, Tensor] = {}
     spec = _describe(model, "", tensors)
-    config = json.dumps(spec, separators=(",", ":"))
+    config = json.dumps(spec, separators=(",", ":"), sort_keys=True)  # the same model, the same bytes
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),

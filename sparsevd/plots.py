@@ -11,6 +11,7 @@ checkpoint); ``sparsevd train`` calls it at the end and ``sparsevd plot DIR`` re
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ._files import atomic_write_bytes
 from .nn import SVDO_LAYERS, LinearSVDO
 
 __all__ = ["kept_masks", "plot_curves", "plot_masks", "plot_run"]
@@ -33,6 +35,18 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, path: PathLike) -> Path:
+    """Write ``fig`` to ``path`` (format from its suffix, PNG by default) atomically: a full disk
+    raises one FileWriteError (an OSError) naming the file and keeps the previous picture."""
+    path = Path(path)
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format=path.suffix[1:].lower() or "png", dpi=110)
+    finally:
+        plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_curves(history: Sequence[dict], path: PathLike, title: str = "") -> Path:
@@ -67,10 +81,7 @@ def plot_curves(history: Sequence[dict], path: PathLike, title: str = "") -> Pat
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 @torch.no_grad()
@@ -132,10 +143,7 @@ def plot_masks(model: nn.Module, path: PathLike, input_shape: Optional[Tuple[int
         ax.set_ylabel("outputs")
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_run(run_dir: PathLike) -> Tuple[Path, Path]:

@@ -31,8 +31,8 @@ from torch import nn
 from . import distributed, metadata
 from .allocator import keep_freed_memory
 from ._files import atomic_write_bytes, check_writable, digest
-from .checkpoint import (CHECKPOINT_WEIGHTS, TRAIN_STATE, load_train_state, optimizer_state,
-                         optimizer_tensors, read_config, save_checkpoint, save_train_state)
+from .checkpoint import (CHECKPOINT_WEIGHTS, checkpoint_owning, load_train_state, optimizer_state,
+                         optimizer_tensors, read_config, save_checkpoint)
 from .convert import convert, report
 from .data import make_loaders
 from .loss import SGVLB, kl_divergence, svdo_layers
@@ -392,8 +392,8 @@ def fit(
     start_epoch = 0
     saved = None
     if resume:
-        saved = load_train_state(ckpt_dir / TRAIN_STATE)
-        meta = saved[2]
+        saved = load_train_state(ckpt_dir)
+        meta = saved.meta
         different = [k for k in _RECIPE_KEYS if meta["recipe"].get(k) != recipe[k]]
         if different:
             raise ValueError("resume: the saved run in " f"{ckpt_dir} has other settings: "
@@ -431,9 +431,14 @@ def fit(
 
     opt, sched = optimizer(pretrain * steps_per_epoch if in_svd_phase and pretrain else 0)
     if saved is not None:
-        model_state, tensors, meta = saved
-        model.load_state_dict(model_state, strict=True)
-        opt.load_state_dict(optimizer_state(tensors, meta["optimizer"]))
+        model_state, tensors, meta, state_path = saved
+        try:
+            model.load_state_dict(model_state, strict=True)
+            opt.load_state_dict(optimizer_state(tensors, meta["optimizer"]))
+        except (RuntimeError, ValueError, KeyError) as e:
+            why = "; ".join(line.strip() for line in str(e).splitlines()[1:4] if line.strip())
+            raise ValueError(f"{state_path}: the training state does not fit this run's model "
+                             f"(another run's state copied here?): {why or e}") from None
         if sched is not None:
             sched.load_state_dict(meta["scheduler"])
         if scaler is not None and meta.get("scaler"):
@@ -475,15 +480,16 @@ def fit(
                 tensors[f"rng.cuda{suffix}"] = cuda_state
         for i, g in enumerate(generators):
             tensors[f"rng.loader{i}"] = g.get_state()
-        save_train_state(ckpt_dir / TRAIN_STATE, model, tensors, {
+        state = (tensors, {
             "epoch": epoch_done, "recipe": recipe, "optimizer": opt_meta,
             "scheduler": sched.state_dict() if sched is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "history": history, "step_ms": step_ms, "train_seconds": train_seconds,
             "eval_seconds": eval_seconds, "svd_phase": bool(svdo_layers(model)), "world_size": world,
         })
-        if checkpoint_config is not None:
-            save_checkpoint(model, ckpt_dir, dict(checkpoint_config, svd=bool(svdo_layers(model))))
+        # model, config and training state: one atomic unit (a crash keeps the previous epoch's)
+        config = None if checkpoint_config is None else dict(checkpoint_config, svd=bool(svdo_layers(model)))
+        save_checkpoint(model, ckpt_dir, config, train_state=state)
 
     from tqdm.auto import tqdm
 
@@ -640,8 +646,9 @@ def run(config: TrainConfig, on_start: Optional[Callable[[dict], None]] = None,
             backend, threads, the epoch it resumes from).
         on_epoch: passed to :func:`fit`.
         resume: continue the run saved in ``config.out``: its settings come from its
-            ``config.json``; of ``config``, only ``threads``, ``progress``, ``json``, ``data_dir``
-            and ``download`` are used, where they differ from the defaults.
+            ``config.json``; of ``config``, only the :data:`RUNTIME_FIELDS` (threads, progress,
+            json, data_dir, download, device) are used, where they differ from the defaults; any
+            other field that differs from both its default and the saved run is an error.
 
     Returns:
         ``(model, summary)``: the trained model (eval mode) and the summary (a JSON-safe dict).
@@ -649,7 +656,11 @@ def run(config: TrainConfig, on_start: Optional[Callable[[dict], None]] = None,
     Raises:
         FileNotFoundError: the data set cannot be found, downloaded or installed; ``resume`` of a
             directory without a checkpoint.
-        ValueError: an invalid setting (see :func:`fit`), a corrupted checkpoint.
+        ValueError: an invalid setting (see :func:`fit`), a corrupted checkpoint, ``resume`` with
+            settings that contradict the saved run's (the message names them), a ``json`` path
+            that is a file of a training checkpoint.
+        FileWriteError (an OSError): a file cannot be written (a full disk): the message names
+            it; the checkpoint of the last completed epoch is kept whole.
         TrainingDiverged: the run diverged (the last good checkpoint is kept).
     """
     if resume:
@@ -664,8 +675,29 @@ def run(config: TrainConfig, on_start: Optional[Callable[[dict], None]] = None,
         torch.set_num_threads(threads)
 
 
-#: Settings of a run that a resumed run may change (they do not change the result).
-RUNTIME_FIELDS = ("threads", "progress", "json", "data_dir", "download")
+#: Settings a resumed run may change: where the data are, what is shown and written besides the
+#: checkpoint, and where and on how many threads it runs. Every other setting is the recipe and
+#: must be the saved run's. (The result equals the uninterrupted run's bit for bit only on the
+#: same device with the same thread count: both change the rounding.)
+RUNTIME_FIELDS = ("threads", "progress", "json", "data_dir", "download", "device")
+#: Settings not stored in a checkpoint's ``train_config``: where the run writes (a resumed run
+#: writes into the directory it continues), the summary's extra copy, the progress bar. Runs
+#: that differ in them only write byte-identical checkpoints.
+UNSAVED_FIELDS = ("out", "json", "progress")
+
+
+def saved_settings(config: TrainConfig) -> dict:
+    """The ``train_config`` that a run's checkpoint stores (every field but :data:`UNSAVED_FIELDS`)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in UNSAVED_FIELDS}
+
+
+def resume_conflicts(saved: dict, given: dict) -> List[Tuple[str, object, object]]:
+    """The settings of ``given`` (field name → value) that contradict the saved run's
+    ``train_config`` ``saved``: ``(field, saved value, given value)`` for every field outside
+    :data:`RUNTIME_FIELDS` and ``out`` whose value differs."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return [(k, saved.get(k, defaults.get(k)), v) for k, v in given.items()
+            if k not in RUNTIME_FIELDS and k != "out" and saved.get(k, defaults.get(k)) != v]
 
 
 def _resumed_config(given: TrainConfig) -> TrainConfig:
@@ -676,7 +708,13 @@ def _resumed_config(given: TrainConfig) -> TrainConfig:
         raise ValueError(f"{given.out}: this checkpoint records no training settings to resume "
                          "(written by an older sparsevd?)")
     fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in saved.items() if k in fields}
+    asked = {k: v for k, v in dataclasses.asdict(given).items() if v != fields[k]}
+    conflicts = resume_conflicts(saved, asked)
+    if conflicts:
+        raise ValueError(f"resume: the saved run in {given.out} has other settings: "
+                         + ", ".join(f"{k} = {s!r} (given {v!r})" for k, s, v in conflicts)
+                         + f"; a resumed run may change only {', '.join(RUNTIME_FIELDS)}")
+    values = {k: v for k, v in saved.items() if k in fields and k not in UNSAVED_FIELDS}
     # a runtime setting given (other than its default) replaces the saved one
     values.update({k: getattr(given, k) for k in RUNTIME_FIELDS if getattr(given, k) != fields[k]},
                   out=given.out)
@@ -709,6 +747,10 @@ def _run_on(config: TrainConfig, on_start, on_epoch, resume: bool, device, rank:
         check_writable(out_dir, "output directory", directory=True)
         if config.json:
             check_writable(config.json, "summary file", directory=False)
+            owner = checkpoint_owning(config.json, run_dir=out_dir)
+            if owner is not None:
+                raise ValueError(f"summary file {config.json} is a file of the training checkpoint "
+                                 f"in {owner}: writing it would damage the checkpoint; choose another")
     else:  # only rank 0 prints and writes
         on_start = on_epoch = None
     torch.manual_seed(config.seed)
@@ -739,7 +781,7 @@ def _run_on(config: TrainConfig, on_start, on_epoch, resume: bool, device, rank:
     checkpoint_config = {
         "model": config.model, "svd": svd, "threshold": config.threshold,
         "dataset": config.dataset, "num_classes": 10, "input_shape": [1, 28, 28],
-        "train_config": dataclasses.asdict(config)}
+        "train_config": saved_settings(config)}
     fitted = fit(
         model, train_loader, test_loader, epochs=config.epochs, lr=config.lr,
         lr_decay=config.lr_decay, method="dense" if config.dense else "sparse_vd",

@@ -8,6 +8,7 @@ test_sparse_layers.py and test_csr_linear.py.
 import json
 import math
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -149,8 +150,9 @@ CHECKPOINT_CORRUPTIONS = {
         (ck / "model.safetensors").read_bytes()[:1000]), ValueError, "corrupted or not a safetensors"),
     "weights a pickle": (lambda ck: torch.save(LeNet300().state_dict(), ck / "model.safetensors"),
                          ValueError, "corrupted or not a safetensors file"),
-    "config missing": (lambda ck: (ck / "config.json").unlink(), FileNotFoundError, "config.json"),
-    "weights missing": (lambda ck: (ck / "model.safetensors").unlink(), FileNotFoundError,
+    "config missing": (lambda ck: (ck / "config.json").resolve().unlink(), FileNotFoundError,
+                       "config.json"),
+    "weights missing": (lambda ck: (ck / "model.safetensors").resolve().unlink(), FileNotFoundError,
                         "model.safetensors: no such file"),
 }
 
@@ -337,6 +339,8 @@ def test_resume_gives_the_uninterrupted_result_bit_for_bit(tmp_path, data_dir, m
     assert s_cut["resumed_from_epoch"] == stop_after
     assert [h["loss"] for h in s_cut["history"]] == [h["loss"] for h in s_full["history"]]
     assert s_cut["test_accuracy"] == s_full["test_accuracy"]
+    for name in ("model.safetensors", "config.json", "train_state.safetensors"):  # the files too
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes(), name
 
 
 def test_resume_refuses_other_settings_and_missing_state(tmp_path):
@@ -354,6 +358,185 @@ def test_resume_refuses_other_settings_and_missing_state(tmp_path):
     with pytest.raises(ValueError, match="corrupted training state"):
         fit(LeNet300(svd=False), _Loader(scale=1.0), _Loader(scale=1.0), epochs=2,
             pretrain_epochs=1, checkpoint_dir=tmp_path / "run", resume=True)
+
+
+def test_resume_with_another_models_training_state_names_the_file(tmp_path, data_dir, capsys):  # noqa: F811
+    """A LeNet-5 run's train_state.safetensors copied into a LeNet-300-100 run: `--resume` says
+    which file does not fit the model (no RuntimeError traceback); nothing is written."""
+    args = ("--epochs", "2", "--pretrain-epochs", "1", "--threads", "1")
+    assert cli.main(_train_args(data_dir, tmp_path / "a", *args)) == 0
+    assert cli.main(_train_args(data_dir, tmp_path / "b", "--model", "lenet5", *args)) == 0
+    shutil.copyfile(tmp_path / "b" / "train_state.safetensors", tmp_path / "a" / "train_state.safetensors")
+    before = _tree_bytes(tmp_path / "a")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(tmp_path / "a"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{tmp_path / 'a'}/" in err and "train_state.safetensors: the training state does not fit this " \
+        "run's model" in err and "size mismatch" in err
+    assert _tree_bytes(tmp_path / "a") == before
+
+
+def _tree_bytes(directory: Path) -> dict:
+    """Every file under ``directory`` (links followed once) and its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, data_dir):  # noqa: F811
+    """A finished one-epoch `sparsevd train` run (LeNet-300-100, sparse VD, 1 pre-training epoch of 2)."""
+    run = tmp_path_factory.mktemp("saved") / "run"
+    assert cli.main(_train_args(data_dir, run, "--epochs", "2", "--pretrain-epochs", "1", "--threads", "1")) == 0
+    return run
+
+
+#: Options given with `--resume DIR` that contradict the saved run -> what the error names.
+RESUME_CONFLICTS = {
+    "another model": (["--model", "lenet5"], "--model lenet5 (saved: lenet300)"),
+    "more epochs": (["--epochs", "5"], "--epochs 5 (saved: 2)"),
+    "another output directory": (["--out", "{tmp}/other"], "--out {tmp}/other (a resumed run writes into"),
+    "another learning rate, --opt=value": (["--lr=0.01"], "--lr 0.01 (saved: 0.001)"),
+    "an abbreviated option": (["--batch", "50"], "--batch-size 50 (saved: 100)"),
+    "dense instead of sparse VD": (["--dense"], "--dense (saved: False)"),
+    "train-time clipping": (["--train-clip"], "--train-clip (saved: False)"),
+    "another seed": (["--seed", "3"], "--seed 3 (saved: 0)"),
+    "another subset": (["--subset", "10"], "--subset 10 (saved: 300)"),
+    "mixed precision": (["--amp", "bf16"], "--amp bf16 (saved: None)"),
+    "another threshold": (["--threshold", "2"], "--threshold 2.0 (saved: 3.0)"),
+    "three at once": (["--model", "lenet5", "--epochs", "5", "--out", "{tmp}/other"],
+                      "--out {tmp}/other (a resumed run writes into {run}); --model lenet5 (saved: "
+                      "lenet300); --epochs 5 (saved: 2)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(RESUME_CONFLICTS))
+def test_resume_refuses_options_that_contradict_the_saved_run(saved_run, tmp_path, capsys, kind):
+    extra, message = RESUME_CONFLICTS[kind]
+    fill = lambda t: t.format(tmp=tmp_path, run=saved_run)  # noqa: E731
+    before = _tree_bytes(saved_run)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--resume", str(saved_run), *map(fill, extra)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"contradict the run saved in {saved_run}: {fill(message)}" in err, err
+    assert "a resumed run takes only --threads, --no-progress, --json, --data-dir, --no-download, --device" in err
+    assert _tree_bytes(saved_run) == before and not (tmp_path / "other").exists()
+
+
+def test_resume_takes_the_runtime_options_and_repeated_settings(saved_run, tmp_path, data_dir):  # noqa: F811
+    """--threads, --no-progress, --json, --device, --data-dir, --no-download may change, and the
+    recipe options may be repeated with the saved values (also --out DIR itself)."""
+    rc = cli.main(["train", "--resume", str(saved_run), "--threads", "1", "--no-progress", "--json",
+                   str(tmp_path / "s.json"), "--device", "cpu", "--data-dir", str(data_dir),
+                   "--no-download", "--out", str(saved_run), "--epochs", "2", "--model", "lenet300"])
+    assert rc == 0 and json.loads((tmp_path / "s.json").read_text())["resumed_from_epoch"] == 2
+
+
+def _stop_in_evaluation(monkeypatch, epoch):
+    """Ctrl-C during the evaluation of epoch ``epoch`` (after its steps, before its checkpoint)."""
+    from sparsevd import train
+
+    evaluate, calls = train.evaluate, []
+
+    def stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", stop)
+
+
+#: Where Ctrl-C stops a run -> what the message says (and whether it offers --resume).
+INTERRUPTIONS = {
+    "in epoch 1 of a new run": (
+        None, 1, "interrupted before the first epoch ended; nothing was saved in {run}, so there is "
+                 "nothing to resume: run the same command again to start over", False),
+    "in epoch 1 of a new run over an earlier run's directory": (
+        "earlier", 1, "interrupted before the first epoch ended; nothing of this run was saved ({run} "
+                      "still holds the checkpoint of epoch 1 of 1 of an earlier run", True),
+    "in epoch 2": (None, 2, "interrupted; the checkpoint of epoch 1 of 2 is in {run}: continue with "
+                            "`sparsevd train --resume {run}`", True),
+    "in the first epoch of a resumed run": (
+        "resumed", 1, "interrupted; the checkpoint of epoch 1 of 2 is in {run}: continue with "
+                      "`sparsevd train --resume {run}`", True),
+}
+
+
+@pytest.mark.parametrize("kind", list(INTERRUPTIONS))
+def test_ctrl_c_says_what_the_run_directory_holds(tmp_path, data_dir, monkeypatch, capsys, kind):  # noqa: F811
+    before, epoch, message, resumable = INTERRUPTIONS[kind]
+    run = tmp_path / "run"
+    args = ["--epochs", "2", "--pretrain-epochs", "1", "--threads", "1"]
+    argv = _train_args(data_dir, run, *args)
+    if before == "earlier":
+        assert cli.main(_train_args(data_dir, run, "--epochs", "1", "--threads", "1")) == 0
+    if before == "resumed":
+        _stop_in_evaluation(monkeypatch, 2)
+        assert cli.main(argv) == 130
+        monkeypatch.undo()
+        argv = ["train", "--resume", str(run), "--no-progress"]
+    capsys.readouterr()
+    _stop_in_evaluation(monkeypatch, epoch)
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert message.format(run=run) in err, err
+    assert ("--resume" in err) == resumable and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------ outputs over checkpoints
+def _older_layout_copy(ck: Path, where: Path) -> Path:
+    """The checkpoint ``ck`` as the older layout stores it: its files directly in a directory."""
+    where.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        shutil.copyfile(ck / name, where / name)
+    return where
+
+
+#: Output paths that are files of a training checkpoint -> (path given the checkpoint `ck` and tmp).
+CHECKPOINT_OUTPUTS = {
+    "its model.safetensors": lambda ck, tmp: ck / "model.safetensors",
+    "its config.json": lambda ck, tmp: ck / "config.json",
+    "its train_state.safetensors": lambda ck, tmp: ck / "train_state.safetensors",
+    "its weights through the checkpoint link": lambda ck, tmp: ck / "checkpoint" / "model.safetensors",
+    "a new file in its version directory": lambda ck, tmp: ck / "checkpoint" / "deployed.safetensors",
+    "another training checkpoint": lambda ck, tmp: _other_checkpoint(tmp) / "model.safetensors",
+    "a copy of checkpoint weights elsewhere": lambda ck, tmp: Path(
+        shutil.copyfile(ck / "model.safetensors", tmp / "best.safetensors")),
+    "a checkpoint of the older layout": lambda ck, tmp: _older_layout_copy(ck, tmp / "old") / "model.safetensors",
+}
+
+
+def _other_checkpoint(tmp: Path) -> Path:
+    save_checkpoint(LeNet300(svd=True), tmp / "other", {"model": "lenet300", "svd": True, "threshold": 3.0})
+    return tmp / "other"
+
+
+@pytest.mark.parametrize("kind", list(CHECKPOINT_OUTPUTS))
+def test_deploy_refuses_to_write_over_a_training_checkpoint(checkpoint, tmp_path, capsys, kind):
+    out = CHECKPOINT_OUTPUTS[kind](checkpoint, tmp_path)
+    before = _tree_bytes(tmp_path)
+    rc = deploy_cli.main([str(checkpoint), "--out", str(out), "--cost-model", "csr", "--min-time", "0.01"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"--out {out} is a file of the training checkpoint in" in err, err
+    assert err.count("\n") == 1 and _tree_bytes(tmp_path) == before
+    load_checkpoint(checkpoint)
+
+
+def test_outputs_beside_a_checkpoint_are_fine_and_train_json_over_it_is_refused(
+        checkpoint, tmp_path, data_dir, capsys):  # noqa: F811
+    out = checkpoint / "deployed.safetensors"
+    assert deploy_cli.main([str(checkpoint), "--out", str(out), "--cost-model", "csr", "--batch", "1",
+                            "--min-time", "0.01"]) == 0
+    assert isinstance(sparsevd.load(out), nn.Module) and isinstance(load_checkpoint(checkpoint), nn.Module)
+    for target in (checkpoint / "config.json", tmp_path / "new" / "model.safetensors"):
+        # the directory of a finished run, or the one this run is about to write
+        before = _tree_bytes(tmp_path)
+        run = checkpoint if target.parent == checkpoint else target.parent
+        rc = cli.main(_train_args(data_dir, run, "--json", str(target)))
+        out_, err = capsys.readouterr()
+        assert rc == 1 and f"summary file {target} is a file of the training checkpoint" in err, err
+        assert "epoch" not in out_ and _tree_bytes(tmp_path) == before
 
 
 # ------------------------------------------------------------------------------ clear errors
