@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -73,13 +74,25 @@ def predict(model: nn.Module, x: Tensor, samples: int = 10, seed: Optional[int] 
 
     Returns:
         :class:`Prediction`: ``probs`` (B, C) in fp32 or wider, rows summing to 1, ``entropy``
-        (B,) in nats.
+        (B,) in nats, ``samples``: S, or 0 when the prediction is deterministic.
+
+    Warns:
+        RuntimeWarning: ``samples`` > 0 for a model without sparse-VD layers (a dense model, a
+            deployed one: nothing to sample); the deterministic eval-mode prediction is returned,
+            labelled ``samples=0``.
 
     Raises:
         ValueError: ``samples`` < 0 or not an int; logits that are not (B, C).
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise ValueError(f"samples: expected an int ≥ 0, got {samples!r}")
+    if samples and not any(isinstance(m, SVDO_LAYERS) for m in model.modules()):
+        warnings.warn(f"predict: the model has no sparse-VD layers (LinearSVDO, Conv2dSVDO, "
+                      f"Conv1dSVDO; a dense or a deployed model), so nothing is sampled: the "
+                      f"prediction is deterministic (the eval-mode softmax, returned with "
+                      f"samples=0), not a {samples}-sample Monte-Carlo mean", RuntimeWarning,
+                      stacklevel=3)
+        samples = 0
     was = {m: m.training for m in model.modules()}
     try:
         if samples == 0:
@@ -155,6 +168,7 @@ def evaluate_predictive(model: nn.Module, loader, device, samples: int = 0, bins
     for i, (x, y) in enumerate(loader):
         x = x.to(device, non_blocking=True)
         pred = predict(model, x, samples, seed=None if seed is None else seed + i)
+        samples = pred.samples  # 0 when the model has nothing to sample (predict warns)
         probs.append(pred.probs.double().cpu())
         labels.append(y.cpu())
     p, y = torch.cat(probs), torch.cat(labels)

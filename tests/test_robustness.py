@@ -564,3 +564,101 @@ def test_clear_errors_instead_of_tracebacks(tmp_path, checkpoint, data_dir, caps
         sparsevd.nn.SparseConv2d.from_dense(torch.randn(2, 1, 3, 3), stride=0)
     with pytest.raises(ValueError, match="^groups"):
         sparsevd.nn.Conv2dSVDO(3, 4, 3, groups=2)
+
+
+# ------------------------------------------------------------------------- inference mode
+def _deployed(build, mode, shape):
+    """(the deployed ``build()`` with trained-looking log σ², in ``mode``, the input shape)."""
+    model = build()
+    for m in model.modules():
+        if isinstance(m, sparsevd.nn.svdo.SVDO_LAYERS):
+            with torch.no_grad():
+                m.log_sigma2.copy_(torch.randn_like(m.log_sigma2) * 3 - 3)
+    return sparsevd.deploy(model.eval(), cost_model=mode), shape
+
+
+def _mlp():
+    return nn.Sequential(sparsevd.nn.LinearSVDO(12, 9), nn.Tanh(), sparsevd.nn.LinearSVDO(9, 7))
+
+
+#: Layers whose eval forward keeps a cache: name -> build(), returning (module, input shape).
+#: (The deployed layers' "csr" mode keeps none: it runs the CSR kernel on the buffers.)
+CACHED_LAYERS = {
+    "LinearSVDO": lambda: (sparsevd.nn.LinearSVDO(12, 7), (5, 12)),
+    "Conv2dSVDO": lambda: (sparsevd.nn.Conv2dSVDO(3, 4, 3, padding=1), (2, 3, 6, 6)),
+    "Conv1dSVDO": lambda: (sparsevd.nn.Conv1dSVDO(3, 4, 3), (2, 3, 9)),
+    "SparseLinear, dense": lambda: _deployed(_mlp, "dense", (5, 12)),
+    "SparseLinear, masked": lambda: _deployed(_mlp, "masked", (5, 12)),
+    "SparseConv2d, dense": lambda: _deployed(
+        lambda: nn.Sequential(sparsevd.nn.Conv2dSVDO(3, 4, 3)), "dense", (2, 3, 6, 6)),
+    "SparseConv1d, dense": lambda: _deployed(
+        lambda: nn.Sequential(sparsevd.nn.Conv1dSVDO(3, 4, 3)), "dense", (2, 3, 9)),
+}
+
+
+@pytest.mark.parametrize("kind", list(CACHED_LAYERS))
+def test_an_inference_mode_call_does_not_poison_the_eval_cache(kind):
+    """Frozen layer in eval mode, called under torch.inference_mode() right after its parameters
+    (buffers) changed in place, so that its cache is rebuilt there; then an input that requires
+    grad: the output and the input gradient are those of a copy that never saw inference mode
+    (nn.Linear handles the same sequence)."""
+    import copy
+
+    module, shape = CACHED_LAYERS[kind]()
+    module.eval().requires_grad_(False)
+    twin = copy.deepcopy(module)
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    twin_tensors = [t for t in (*twin.parameters(), *twin.buffers()) if t.is_floating_point()]
+    with torch.no_grad():
+        for t, u in zip(tensors, twin_tensors):
+            t.mul_(1.5)
+            u.mul_(1.5)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        y_inf = module(x)
+    xg = x.clone().requires_grad_(True)
+    y = module(xg)
+    g = torch.randn_like(y)
+    y.backward(g)
+    xt = x.clone().requires_grad_(True)
+    y_twin = twin(xt)
+    y_twin.backward(g)
+    assert torch.equal(y.detach(), y_twin.detach()) and torch.equal(y_inf, y_twin.detach())
+    assert xg.grad is not None and torch.equal(xg.grad, xt.grad)
+    assert xg.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------- predict
+#: Models with nothing to sample -> build(), returning the model (input (4, 1, 28, 28)).
+DETERMINISTIC_MODELS = {
+    "dense": lambda: LeNet300(svd=False),
+    "deployed": lambda: sparsevd.deploy(LeNet300(svd=True).eval(), cost_model="csr"),
+}
+
+
+@pytest.mark.parametrize("kind", list(DETERMINISTIC_MODELS))
+def test_predict_without_sparse_vd_layers_warns_and_says_deterministic(kind):
+    model = DETERMINISTIC_MODELS[kind]().eval()
+    x = torch.randn(4, 1, 28, 28)
+    with pytest.warns(RuntimeWarning, match="no sparse-VD layers.*deterministic.*not a 10-sample"):
+        pred = sparsevd.predict(model, x, samples=10)
+    assert pred.samples == 0
+    with torch.no_grad():
+        assert torch.equal(pred.probs, torch.softmax(model(x), -1))
+
+
+def test_predict_with_sparse_vd_layers_samples_without_a_warning():
+    model = LeNet300(svd=True)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, sparsevd.nn.LinearSVDO):
+                m.log_sigma2.fill_(-2.0)
+    x = torch.randn(4, 1, 28, 28)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pred = sparsevd.predict(model, x, samples=10, seed=0)
+    assert pred.samples == 10
+    with torch.no_grad():
+        assert not torch.allclose(pred.probs, torch.softmax(model.eval()(x), -1))

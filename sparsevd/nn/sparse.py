@@ -303,8 +303,11 @@ class _SparseBase(nn.Module):
         # the compiled kernel for the buffers' device (x must be there too), the dense caches, and
         # the fast path: (weight, bias) of the one F.linear / F.conv2d call that the plan makes at
         # every batch size, or None (CSR, gathered columns, or modes by batch size)
+        # (built outside inference mode even during a call under torch.inference_mode(), so that
+        # a later call with an input that requires grad can save them for the backward)
         self._use_kernel = kernel_available(self.values.device)
-        self._build_caches()
+        with torch.inference_mode(False), torch.no_grad():
+            self._build_caches()
         self._fast = self._fast_args()
 
     def _fast_args(self) -> Optional[tuple]:

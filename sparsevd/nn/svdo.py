@@ -44,6 +44,12 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+def _version(t: Tensor) -> int:
+    """The version counter of ``t``; -1 for an inference tensor (it has none, and cannot change
+    outside inference mode: a layer built under torch.inference_mode())."""
+    return -1 if t.is_inference() else t._version
+
+
 class _SVDOMixin:
     """What LinearSVDO and Conv2dSVDO share: log α, the KL, the mask and the sparsity."""
 
@@ -99,14 +105,18 @@ class _SVDOMixin:
         changes or another dtype is asked for (autocast); the parameters are checked for NaN / inf
         when the cache is (re)built, once per change. An update that none of these sees (a custom
         kernel writing the parameters in place without bumping their versions) needs
-        ``module.train(); module.eval()`` or ``del module._eval_cache`` afterwards."""
+        ``module.train(); module.eval()`` or ``del module._eval_cache`` afterwards.
+
+        The cache is never an inference tensor: built during a call under
+        ``torch.inference_mode()``, it is made outside that mode, so that a later call with an
+        input that requires grad can save it for the backward (as nn.Linear's weight can be)."""
         p = self._parameters  # (not self.weight: nn.Module.__getattr__ costs a microsecond)
         w, s, b = p["weight"], p["log_sigma2"], p.get("bias")
-        key = (w._version, s._version, w.data_ptr(), s.data_ptr(), self._threshold, dtype,
-               None if b is None else (b._version, b.data_ptr()), _optimizer_steps[0])
+        key = (_version(w), _version(s), w.data_ptr(), s.data_ptr(), self._threshold, dtype,
+               None if b is None else (_version(b), b.data_ptr()), _optimizer_steps[0])
         cache = self.__dict__.get("_eval_cache")
         if cache is None or cache[0] != key:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():
                 wm = (w.detach() * self.mask().to(w.dtype)).to(dtype)
                 bm = None if b is None else b.detach().to(dtype)
             cache = (key, wm, bm)
