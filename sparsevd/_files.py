@@ -55,7 +55,7 @@ class FileWriteError(OSError):
         return self.message
 
 
-def write_error(path: PathLike, exc: BaseException, kept: str = "the previous file is unchanged"
+def write_error(path: PathLike, exc: BaseException, kept: str = "nothing was changed"
                 ) -> FileWriteError:
     """The :class:`FileWriteError` for a failed write of ``path``: from an OSError, or from the
     safetensors writer's SafetensorError ("I/O error: No space left on device (os error 28)")."""
@@ -239,11 +239,19 @@ def _version_re(pointer: str) -> "re.Pattern[str]":
     return re.compile(re.escape(f".{pointer}-") + r"(\d+)$")
 
 
+def _next_version(directory: Path, pointer: str) -> Path:
+    """``directory/.<pointer>-<n>`` with n above every version directory there."""
+    numbers = [int(m.group(1)) for m in map(_version_re(pointer).match, os.listdir(directory)) if m]
+    return directory / f".{pointer}-{max(numbers, default=0) + 1}"
+
+
 def unit_dir(directory: PathLike, pointer: str) -> Path:
     """The directory to read a unit's files from: the version ``directory/pointer`` names (read
     once, so that every file comes from the same version), or ``directory`` itself when it has no
     pointer (files written before units existed, or a copy made with ``cp -L``)."""
     directory = Path(directory)
+    if directory.is_symlink() and directory.name == pointer:  # the link itself: its version
+        return directory.parent / os.readlink(directory)
     link = directory / pointer
     if link.is_symlink():
         return directory / os.readlink(link)
@@ -272,14 +280,12 @@ def write_unit(directory: PathLike, pointer: str, files: Dict[str, Callable[[Pat
             previous version is unchanged and the new version directory removed.
     """
     directory = Path(directory)
-    pattern = _version_re(pointer)
     version = link = None
     name = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
         _adopt_real_pointer(directory, pointer)
-        numbers = [int(m.group(1)) for m in map(pattern.match, os.listdir(directory)) if m]
-        version = directory / f".{pointer}-{max(numbers, default=0) + 1}"
+        version = _next_version(directory, pointer)
         os.mkdir(version)
         for name, write in files.items():
             write(version / name)
@@ -296,7 +302,7 @@ def write_unit(directory: PathLike, pointer: str, files: Dict[str, Callable[[Pat
             shutil.rmtree(version, ignore_errors=True)
         if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
             where = directory / name if name is not None else directory
-            raise write_error(where, e, f"the previous version in {directory} is unchanged") from e
+            raise write_error(where, e, f"nothing in {directory} was changed") from e
         raise
     _fsync_dir(directory, strict=False)
     _finish_unit(directory, pointer, links)
@@ -309,8 +315,7 @@ def _adopt_real_pointer(directory: Path, pointer: str) -> None:
     see the files of the directory itself, copies of the same version."""
     link = directory / pointer
     if link.is_dir() and not link.is_symlink():
-        numbers = [int(m.group(1)) for m in map(_version_re(pointer).match, os.listdir(directory)) if m]
-        os.rename(link, directory / f".{pointer}-{max(numbers, default=0) + 1}")
+        os.rename(link, _next_version(directory, pointer))
 
 
 def _finish_unit(directory: Path, pointer: str, links: Tuple[str, ...]) -> None:
@@ -328,8 +333,9 @@ def _finish_unit(directory: Path, pointer: str, links: Tuple[str, ...]) -> None:
             os.symlink(target, tmp)
             try:
                 os.replace(tmp, top)
-            finally:
+            except OSError:
                 _unlink_quietly(tmp)
+                raise
         pattern = _version_re(pointer)
         # the temporary links of _temp_beside(...,".link") that a killed writer left
         stale = re.compile(r"\.(?:%s)\.\d+\.[^.]+\.link$" % "|".join(map(re.escape, (pointer, *links))))

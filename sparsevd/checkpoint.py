@@ -408,7 +408,7 @@ def checkpoint_owning(path: PathLike, run_dir: Optional[PathLike] = None) -> Opt
     run = None if run_dir is None else os.path.realpath(run_dir)
     version = re.compile(re.escape(f".{CHECKPOINT_POINTER}-") + r"\d+$")
     for d, name in ((p.parent, p.name), (real.parent, real.name)):
-        if version.match(d.name) or d.name == CHECKPOINT_POINTER:
+        if version.match(d.name):  # (<run>/checkpoint/<any> resolves to one)
             return d.parent
         if name in UNIT_FILES and ((d / CHECKPOINT_POINTER).is_dir() or (d / TRAIN_STATE).is_file()
                                    or (d / CHECKPOINT_CONFIG).is_file() and (d / CHECKPOINT_WEIGHTS).is_file()

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ._files import atomic_save_safetensors, digest, read_safetensors
+from .checkpoint import checkpoint_owning
 from .nn.sparse import SparseConv1d, SparseConv2d, SparseLinear
 from .nn.svdo import SVDO_LAYERS
 
@@ -178,7 +179,13 @@ def save(model: nn.Module, path: PathLike) -> Path:
             LinearSVDO / Conv2dSVDO ask for ``deploy`` first).
         FileWriteError (an OSError, errno ENOSPC for a full disk): the file cannot be written;
             the message names it, the previous file is unchanged, no temporary file is left.
+        FileExistsError: ``path`` is a file of a training checkpoint (its model.safetensors, ...;
+            :func:`sparsevd.checkpoint.checkpoint_owning`), which the deployed model would replace.
     """
+    owner = checkpoint_owning(path)
+    if owner is not None:
+        raise FileExistsError(f"{path}: a file of the training checkpoint in {owner}; save the "
+                              "deployed model elsewhere")
     tensors: Dict[str, Tensor] = {}
     spec = _describe(model, "", tensors)
     config = json.dumps(spec, separators=(",", ":"), sort_keys=True)  # the same model, the same bytes

@@ -273,12 +273,14 @@ def fit(
     and calls ``on_epoch``; the summary records ``world_size`` and whether the ranks ended with
     identical parameters (``ranks_in_sync``). See :mod:`sparsevd.distributed`.
 
-    Checkpoints (``checkpoint_dir``): at the end of every epoch, atomically, the training state
-    (``train_state.safetensors``: model, Adam, schedule, RNG states of torch and of the loaders'
-    generators, epoch, history; :mod:`sparsevd.checkpoint`) and, with ``checkpoint_config``, the
-    model checkpoint (``model.safetensors`` + ``config.json``). ``resume=True`` continues from the
-    training state in ``checkpoint_dir``: the same settings, the same model architecture (as built
-    before training; a sparse-VD phase is converted again) and, for a result equal bit for bit to
+    Checkpoints (``checkpoint_dir``): at the end of every epoch, as one atomic unit
+    (:func:`sparsevd.checkpoint.save_checkpoint`: a crash keeps the previous epoch's whole), the
+    training state (``train_state.safetensors``: model, Adam, schedule, RNG states of torch and of
+    the loaders' generators, epoch, history; the measured times in ``timings.json``) and, with
+    ``checkpoint_config``, the model checkpoint (``model.safetensors`` + ``config.json``).
+    ``resume=True`` continues from the training state in ``checkpoint_dir``: the same settings, the
+    same model architecture (as built before training; a sparse-VD phase is converted again; a
+    state of another model is a ValueError naming the file) and, for a result equal bit for bit to
     the uninterrupted run, the same thread count.
 
     Args:

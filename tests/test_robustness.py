@@ -514,13 +514,17 @@ def _other_checkpoint(tmp: Path) -> Path:
 
 @pytest.mark.parametrize("kind", list(CHECKPOINT_OUTPUTS))
 def test_deploy_refuses_to_write_over_a_training_checkpoint(checkpoint, tmp_path, capsys, kind):
+    """`sparsevd deploy --out` (and sparsevd.save) over a file of a training checkpoint: refused
+    before anything is written, every file as it was."""
     out = CHECKPOINT_OUTPUTS[kind](checkpoint, tmp_path)
     before = _tree_bytes(tmp_path)
     rc = deploy_cli.main([str(checkpoint), "--out", str(out), "--cost-model", "csr", "--min-time", "0.01"])
     err = capsys.readouterr().err
     assert rc == 1 and f"--out {out} is a file of the training checkpoint in" in err, err
     assert err.count("\n") == 1 and _tree_bytes(tmp_path) == before
-    load_checkpoint(checkpoint)
+    with pytest.raises(FileExistsError, match="a file of the training checkpoint in"):  # the library too
+        sparsevd.save(sparsevd.deploy(load_checkpoint(checkpoint), cost_model="csr"), out)
+    assert _tree_bytes(tmp_path) == before
 
 
 def test_outputs_beside_a_checkpoint_are_fine_and_train_json_over_it_is_refused(
