@@ -22,6 +22,7 @@ from ._args import check_threshold
 from .nn import (DEFAULT_THRESHOLD, LOG_SIGMA2_INIT, SVDO_LAYERS, Conv1dSVDO, Conv2dSVDO, LinearSVDO,
                  SplitMultiheadAttention)
 from .reference import EPS_THETA
+from .hf_integration import attach as attach_hf_quantizer
 from .surgery import set_origin
 
 NameFilter = Union[None, str, Callable[[str], bool], Iterable[str]]
@@ -304,6 +305,7 @@ def convert(
     for m in model.modules():  # their nested-tensor fast path calls the layers' packed weights
         if isinstance(m, nn.TransformerEncoder) and any(isinstance(s, SVDO_LAYERS) for s in m.modules()):
             m.use_nested_tensor = False
+    attach_hf_quantizer(model)  # save_pretrained writes a model from_pretrained rebuilds
     return (model, rep) if return_report else model
 
 
@@ -312,7 +314,9 @@ def _replace_named(model: nn.Module, todo: set, which, threshold: float, train_c
     module reachable under several names becomes one new module at all of them."""
     new: dict = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        for child_name, child in list(module.named_children()):
+        for child_name, child in list(module._modules.items()):  # (named_children skips repeats)
+            if child is None:
+                continue
             full = f"{name}.{child_name}" if name else child_name
             if id(child) in new:
                 setattr(module, child_name, new[id(child)])

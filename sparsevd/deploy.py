@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from .nn.sparse import CONV_MODES, LINEAR_MODES, SparseConv1d, SparseConv2d, SparseLinear, used_columns
 from .nn.svdo import SVDO_LAYERS, Conv1dSVDO, LinearSVDO
+from .hf_integration import attach as attach_hf_quantizer
 from .surgery import deployed_layer, replace_layers
 from .ops import library
 from .ops.library import kernel_available
@@ -352,7 +353,9 @@ def deploy(
 
     Returns:
         The deployed model, in eval mode, on the device and in the dtype of ``model``. Its outputs
-        equal the eval-mode outputs of ``model`` up to floating-point rounding.
+        equal the eval-mode outputs of ``model`` up to floating-point rounding. A Hugging Face
+        model (or one inside it) gets the sparsevd quantizer: its ``save_pretrained`` writes a
+        checkpoint that ``from_pretrained`` reloads exactly (:mod:`sparsevd.hf_integration`).
 
     Warns:
         RuntimeWarning when the compiled kernels (sparsevd._C) are missing: the deployed layers
@@ -407,6 +410,7 @@ def _deploy(model, example_input, cost_model, threshold, buckets, trace) -> nn.M
             if mode == "csr" and isinstance(m, SparseConv2d) and m.groups != 1:
                 mode = "dense"
             m.set_plan(mode)
+    attach_hf_quantizer(new)  # save_pretrained writes a model from_pretrained rebuilds
     return new
 
 

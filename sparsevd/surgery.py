@@ -56,11 +56,13 @@ from ._args import conv_padding
 from .nn.sparse import SparseConv1d, SparseConv2d, SparseLinear
 from .nn.svdo import SVDO_LAYERS, Conv1dSVDO, Conv2dSVDO, LinearSVDO
 
-__all__ = ["ORIGIN_ATTR", "dense_state", "deployed_layer", "mask_from_runs", "origin",
+__all__ = ["FOLDED_BIAS", "ORIGIN_ATTR", "dense_state", "identity_bn_state", "deployed_layer", "mask_from_runs", "origin",
            "replace_layers", "runs", "set_origin", "sparse_layer"]
 
 #: The attribute holding a module's origin record (see the module docstring).
 ORIGIN_ATTR = "sparsevd_origin"
+#: The key of :func:`dense_state` for a folded batch norm's shift kept by a convolution without bias.
+FOLDED_BIAS = "folded_bias"
 
 # Modules that act on every channel (feature) separately and map a per-channel constant to a
 # per-channel constant. Dropout is the identity at inference.
@@ -704,8 +706,11 @@ def replace_layers(model: nn.Module, threshold: Optional[float], trace: bool = T
             _set(model, bn_name, set_origin(nn.Identity(), {
                 "type": type(bn).__name__, "dense_shape": [bn.num_features], "folded_into": conv,
                 "eps": bn.eps, "dtype": str(bn.running_var.dtype).replace("torch.", "")}))
-    links = []
+    links, seen = [], set()
     for a, b, ops in finder.links:  # a folded batch norm is the identity in its chain now
+        if (a, b) in seen:  # (the same pair seen by two traces, e.g. forward and feed_forward_chunk)
+            continue
+        seen.add((a, b))
         ops = [(n, model.get_submodule(n) if n in folded else o) for n, o in ops]
         link = _make_link(pending[a].module, [o for _, o in ops], pending[b].module)
         if link is not None:
@@ -756,15 +761,17 @@ def dense_state(m: nn.Module, name: str = "module") -> Dict[str, Tensor]:
     batch norm folded into its convolution as an exact identity (μ = 0, γ = 1, β = 0, σ² with
     σ² + ε = 1 in its dtype).
 
+    A convolution without bias that a batch norm was folded into returns its folded shift
+    under :data:`FOLDED_BIAS`: it belongs to the identity batch norm's β.
+
     Raises:
         ValueError: ``m`` has a bias its original did not have (dead neurons of a layer without
-            bias folded into it, or a batch norm folded into a convolution without bias): no
-            state of the original computes it (``name`` in the message).
+            bias folded into it): no state of the original computes it (``name`` in the message).
     """
     rec = origin(m) or {}
     kind = rec.get("type")
     if isinstance(m, nn.Identity) and "folded_into" in rec:
-        return _identity_bn(rec, m)
+        return identity_bn_state(rec)
     if isinstance(m, _BATCHNORMS):
         return _expanded_bn(m, rec)
     if isinstance(m, (SparseLinear, SparseConv2d)):
@@ -791,15 +798,15 @@ def dense_state(m: nn.Module, name: str = "module") -> Dict[str, Tensor]:
     had_bias = rec.get("bias", b is not None)
     if b is not None:
         bias = _expand(b.reshape(-1, 1), rows, None, 1, [shape[0], 1]).flatten()
-        if not had_bias:
-            if bool((bias != 0).any()):
-                raise ValueError(
-                    f"{name}: deploy gave this layer a bias (folded constants of dead neurons or of "
-                    f"a batch norm) that its original {kind} does not have; no dense state of the "
-                    "original computes the deployed model: save it with sparsevd.save / "
-                    "sparsevd.hf.save_pretrained instead")
-        else:
+        if had_bias:
             state["bias"] = bias
+        elif "folded_bn" in rec:  # the folded shift: the identity batch norm's β (the caller's)
+            state[FOLDED_BIAS] = bias
+        elif bool((bias != 0).any()):
+            raise ValueError(
+                f"{name}: deploy gave this layer a bias (the folded constants of dead neurons) that "
+                f"its original {kind} does not have; no dense state of the original computes the "
+                "deployed model: save it with sparsevd.save / sparsevd.hf.save_pretrained instead")
     elif had_bias:
         state["bias"] = torch.zeros(shape[0], dtype=full.dtype, device=full.device)
     return state
@@ -823,7 +830,7 @@ def _expanded_bn(bn: nn.Module, rec: dict) -> Dict[str, Tensor]:
     return state
 
 
-def _identity_bn(rec: dict, m: nn.Module) -> Dict[str, Tensor]:
+def identity_bn_state(rec: dict) -> Dict[str, Tensor]:
     """Batch-norm statistics under which eval-mode batch norm is the identity: (x − 0) /
     sqrt(v + ε) · 1 + 0 with fl(v + ε) = 1 in float32 (exact for float32 batch norms, whose
     kernels add ε in float32; float16 / bfloat16 ones, which store v rounded, within a relative
