@@ -41,11 +41,12 @@ import torch
 from torch import Tensor, nn
 
 from . import overlay
-from .nn import SVDO_LAYERS, Conv1dSVDO, Conv2dSVDO, LinearSVDO, SparseConv1d, SparseConv2d, SparseLinear
-from .nn import SplitMultiheadAttention
-from .surgery import (FOLDED_BIAS, dense_state, identity_bn_state, mask_from_runs, origin, set_origin)
+from .nn import (SVDO_LAYERS, Conv1dSVDO, Conv2dSVDO, LinearSVDO, SparseConv1d, SparseConv2d, SparseLinear,
+                 SplitMultiheadAttention)
+from .surgery import FOLDED_BIAS, dense_state, identity_bn_state, mask_from_runs, origin, set_origin
 
-__all__ = ["QUANT_METHOD", "attach", "dense_state_dict", "pretrained_models", "register"]
+__all__ = ["QUANT_METHOD", "attach", "dense_state_dict", "pretrained_models", "rebuild", "records",
+           "register"]
 
 QUANT_METHOD = "sparsevd"
 #: Version of the ``modules`` records in ``quantization_config``.
@@ -73,8 +74,13 @@ def attach(model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------- saving
-def _records(model: nn.Module) -> Dict[str, dict]:
-    """name → record of every module sparsevd made in ``model`` (see the module docstring)."""
+def records(model: nn.Module) -> Dict[str, dict]:
+    """name → record (JSON-able) of every module sparsevd made in ``model``: what
+    :func:`rebuild` needs besides the dense-equivalent weights (see the module docstring).
+
+    Raises:
+        ValueError: a module without a dense equivalent (named).
+    """
     out: Dict[str, dict] = {}
     first: Dict[int, str] = {}
     for name, m in overlay.recorded(model):
@@ -267,13 +273,19 @@ def _rebuild_batch_norm(model: nn.Module, name: str, rec: dict) -> nn.Module:
 
 
 @torch.no_grad()
-def rebuild(model: nn.Module, records: Dict[str, dict]) -> None:
-    """Turn the dense-equivalent modules loaded by from_pretrained back into sparsevd's."""
+def rebuild(model: nn.Module, recs: Dict[str, dict]) -> None:
+    """Turn the dense modules of ``model`` (which hold a :func:`dense_state_dict`) back into the
+    modules sparsevd made, as :func:`records` describes them (in place).
+
+    Raises:
+        ValueError: dense weights that are not zero where the sparse module had nothing, a folded
+            batch norm that is not the identity, an unknown kind of record (named).
+    """
     built: Dict[str, nn.Module] = {}
-    order = sorted(records, key=lambda n: (records[n].get("kind") in ("batch_norm", "folded_batch_norm"),
-                                           n.count(".")))
+    order = sorted(recs, key=lambda n: (recs[n].get("kind") in ("batch_norm", "folded_batch_norm"),
+                                        n.count(".")))
     for name in order:
-        rec = records[name]
+        rec = recs[name]
         if "same_as" in rec:
             continue
         kind = rec.get("kind")
@@ -291,17 +303,17 @@ def rebuild(model: nn.Module, records: Dict[str, dict]) -> None:
                              "(written by a newer sparsevd?)")
         overlay.put(model, name, new)
         built[name] = new
-    for name, rec in records.items():
+    for name, rec in recs.items():
         if "same_as" in rec:
             overlay.put(model, name, built[rec["same_as"]])
     if any(isinstance(m, _SPARSE) for m in built.values()):
         model.eval().requires_grad_(False)
 
 
-def _prepare(model: nn.Module, records: Dict[str, dict]) -> None:
+def _prepare(model: nn.Module, recs: Dict[str, dict]) -> None:
     """Before the weights load: the dense modules of sparse-VD layers get buffers for their
     log σ² and pruned θ (loaded by name with the rest)."""
-    for name, rec in records.items():
+    for name, rec in recs.items():
         if rec.get("kind") != "sparse_vd":
             continue
         dense = model.get_submodule(name)
@@ -367,7 +379,7 @@ def register():
                     "sparsevd: every floating-point tensor of this model is a buffer of a deployed "
                     "layer, and transformers' save_pretrained reads the model's dtype from a "
                     "parameter; save it with sparsevd.hf.save_pretrained(model, directory)")
-            model.config.quantization_config = SparseVDConfig(_records(model))
+            model.config.quantization_config = SparseVDConfig(records(model))
             return dense_state_dict(model), {}
 
         def is_serializable(self, *args, **kwargs) -> bool:

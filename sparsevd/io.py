@@ -42,7 +42,7 @@ from .hf_integration import attach as attach_hf_quantizer
 from ._files import atomic_save_safetensors, digest, read_safetensors
 from .nn import SplitMultiheadAttention
 from .nn.sparse import SparseConv1d, SparseConv2d, SparseLinear
-from .nn.svdo import SVDO_LAYERS, Conv1dSVDO, Conv2dSVDO, LinearSVDO
+from .nn.svdo import Conv1dSVDO, Conv2dSVDO, LinearSVDO
 from .surgery import origin, set_origin
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "save", "SUPPORTED_MODULES"]

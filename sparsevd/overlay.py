@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from .nn import SVDO_LAYERS, SparseConv1d, SparseConv2d, SparseLinear, SplitMultiheadAttention
 from .surgery import origin
 
-__all__ = ["check_into", "describe_origin", "made_by_sparsevd", "state_tensors"]
+__all__ = ["check_into", "describe_origin", "device_of", "load_rest", "made_by_sparsevd", "put", "recorded",
+           "state_tensors"]
 
 _SPARSE = (SparseLinear, SparseConv2d, SparseConv1d)
 _TWIN = {"SparseLinear": "Linear", "SparseConv2d": "Conv2d", "SparseConv1d": "Conv1d",

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import prune
 from torch import nn
 
 import sparsevd
@@ -15,14 +16,6 @@ from sparsevd.nn import LinearSVDO, SparseLinear
 
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("sparsevd.hf")
-
-
-def prune(model, p=0.7):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, sparsevd.nn.SVDO_LAYERS):
-                m.log_sigma2[torch.rand_like(m.log_sigma2) < p] = 20.0
-    return model
 
 
 def _bert_config(intermediate=48):
@@ -237,3 +230,47 @@ def test_sentence_transformer_round_trips(tmp_path):
     assert torch.equal(reloaded.encode(text, convert_to_tensor=True), expected)
     into = sparsevd.load(sparsevd.save(deployed, tmp_path / "st.safetensors"), model=build())
     assert torch.equal(into.encode(text, convert_to_tensor=True), expected)
+
+
+def test_dense_equivalent_of_a_user_model_computes_the_same_and_rebuilds_exactly():
+    """The machinery under save_pretrained on a model with an attention, a batch norm folded into
+    a convolution without bias and a compacted MLP: the dense-equivalent state loads into the
+    plain architecture and gives the same outputs; rebuilt, the modules are the deployed ones."""
+    import torch.nn.functional as F
+
+    from sparsevd.hf_integration import dense_state_dict, rebuild, records
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc1, self.fc2 = nn.Linear(8, 24), nn.Linear(24, 8)
+            with torch.no_grad():
+                self.bn.running_mean.normal_(0, 0.5)
+                self.bn.running_var.uniform_(0.5, 2.0)
+                self.bn.weight.normal_(1, 0.3)
+                self.bn.bias.normal_(0, 0.3)
+
+        def forward(self, img):
+            t = F.relu(self.bn(self.conv(img))).flatten(2).transpose(1, 2)
+            t = t + self.attn(t, t, t, need_weights=False)[0]
+            return t + self.fc2(F.gelu(self.fc1(t)))
+
+    model = prune(sparsevd.convert(Net()).eval(), 0.6)
+    with torch.no_grad():
+        model.fc1.log_sigma2[:6] = 20.0
+    deployed = sparsevd.deploy(model, cost_model="csr")
+    assert isinstance(deployed.bn, nn.Identity) and deployed.fc1.out_features <= 18
+    recs = json.loads(json.dumps(records(deployed)))  # what config.json holds
+    dense = Net()
+    dense.load_state_dict(dense_state_dict(deployed), strict=True)
+    img = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = deployed(img)
+        torch.testing.assert_close(dense.eval()(img), expected, rtol=1e-5, atol=1e-5)
+    rebuild(dense, recs)
+    assert isinstance(dense.attn.k_proj, SparseLinear) and isinstance(dense.bn, nn.Identity)
+    _same_state(dense, deployed)
+    with torch.no_grad():
+        assert torch.equal(dense(img), expected)

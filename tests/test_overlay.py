@@ -5,6 +5,7 @@ a changed byte are errors naming the file."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import prune
 from torch import nn
 
 import sparsevd
@@ -37,11 +38,8 @@ class UserNet(nn.Module):
 
 
 def _trained(hidden=16):
-    model = sparsevd.convert(UserNet(hidden)).eval()
+    model = prune(sparsevd.convert(UserNet(hidden)).eval(), 0.6)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, sparsevd.nn.SVDO_LAYERS):
-                m.log_sigma2[torch.rand_like(m.log_sigma2) < 0.6] = 20.0
         model.fc1.log_sigma2[:8] = 20.0  # dead MLP neurons: compacted
     return model
 

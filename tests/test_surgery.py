@@ -6,7 +6,7 @@ model it came from on fresh inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import assert_close, prune
 from torch import nn
 
 import sparsevd
@@ -14,15 +14,6 @@ from sparsevd.nn import LinearSVDO, SparseConv2d, SparseLinear, SplitMultiheadAt
 from sparsevd.surgery import origin
 
 transformers = pytest.importorskip("transformers")
-
-
-def prune(model, p=0.7):
-    """Drop a random share ``p`` of every sparse-VD layer's weights (log σ² = 20: log α = 10)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, sparsevd.nn.SVDO_LAYERS):
-                m.log_sigma2[torch.rand_like(m.log_sigma2) < p] = 20.0
-    return model
 
 
 def keep_entries(layer, rows, cols):
