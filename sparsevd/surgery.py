@@ -529,17 +529,21 @@ def _pending(m: nn.Module, threshold: Optional[float]) -> _Pending:
 
 
 @torch.no_grad()
-def _fold_bn(p: _Pending, bn: nn.Module, bn_name: str) -> None:
+def _fold_bn(p: _Pending, bn: nn.Module, bn_name: str) -> bool:
+    """Fold ``bn`` into the convolution ``p``; False (nothing changed) when a scale
+    γ / sqrt(σ² + ε) or a shift is not finite (the batch norm then stays as it is)."""
     s = bn.weight.detach().double() if bn.affine else torch.ones_like(p.b)
     s = s / torch.sqrt(bn.running_var.double() + bn.eps)
     shift = bn.bias.detach().double() if bn.affine else torch.zeros_like(p.b)
-    if not bool(torch.isfinite(s).all()):
-        raise ValueError(f"model: batch norm {bn_name} has a non-finite scale γ / sqrt(σ² + ε)")
+    if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(bn.running_mean).all())
+            and bool(torch.isfinite(shift).all())):
+        return False
     shape = (-1,) + (1,) * (p.w.dim() - 1)
     p.w = (p.w.double() * s.view(shape)).to(p.w.dtype).contiguous()
     p.b = (p.b - bn.running_mean.double()) * s + shift
     p.has_bias = True
     p.record["folded_bn"] = bn_name
+    return True
 
 
 @torch.no_grad()
@@ -701,7 +705,8 @@ def replace_layers(model: nn.Module, threshold: Optional[float], trace: bool = T
     for conv, bn_name in finder.folds:
         if conv in pending and bn_name not in folded and "folded_bn" not in pending[conv].record:
             bn = model.get_submodule(bn_name)
-            _fold_bn(pending[conv], bn, bn_name)
+            if not _fold_bn(pending[conv], bn, bn_name):
+                continue
             folded.add(bn_name)
             _set(model, bn_name, set_origin(nn.Identity(), {
                 "type": type(bn).__name__, "dense_shape": [bn.num_features], "folded_into": conv,
