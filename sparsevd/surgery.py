@@ -4,7 +4,7 @@ whose output is a constant, are removed between layers (docs/design.md, "Deploym
 
 **Where.** Pairs of layers are found in two ways:
 
-- ``nn.Sequential`` children in order: layer, channel-wise modules, layer (as before);
+- ``nn.Sequential`` children in order: layer, channel-wise modules, layer;
 - inside any other module whose ``forward`` (and, where it has one, ``feed_forward_chunk``, the
   MLP half of Hugging Face BERT-family layers) :mod:`torch.fx` can trace with its submodules as
   leaves: a layer's output that flows, through elementwise operations only and used by nothing
@@ -34,7 +34,7 @@ from a module other than the plain torch one, carries ``sparsevd_origin``: a JSO
 output ``rows`` and input channels ``cols`` as index runs, ``col_block`` columns per input
 channel, ``folded_bn``, ...). :mod:`sparsevd.io` stores it, and :func:`dense_state` uses it to
 write a deployed module back as the state of the module it replaced (the dense-equivalent
-weights of ``save_pretrained``, :mod:`sparsevd.hf`).
+weights of ``save_pretrained``, :mod:`sparsevd.hf_integration`).
 
 Source: Molchanov, Ashukha, Vetrov, "Variational Dropout Sparsifies Deep Neural Networks",
 ICML 2017 (arXiv:1701.05369), sec. 5 (weights with log α > 3 are dropped at test time).
