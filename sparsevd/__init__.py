@@ -9,8 +9,10 @@ Molchanov, Ashukha, Vetrov, "Variational Dropout Sparsifies Deep Neural Networks
 
 Layout (docs/design.md): ``reference`` (the math), ``ops`` (custom ops and their backends),
 ``functional`` (checked entry points), ``nn`` (layers), ``loss``, ``convert``, ``train`` (the
-training loop), ``checkpoint``, ``deploy`` and ``io`` (sparse inference models), ``data``,
-``models``, ``metadata``; ``cli`` and ``deploy_cli`` are the command line only.
+training loop), ``checkpoint``, ``deploy`` (with ``surgery``) and ``io`` (with ``overlay``:
+sparse inference models of any architecture), ``hf`` (Hugging Face models; imported on first
+use, it needs transformers), ``data``, ``models``, ``metadata``; ``cli`` and ``deploy_cli`` are
+the command line only.
 """
 from . import functional, nn, ops, reference
 from ._version import __version__
@@ -22,6 +24,15 @@ from . import checkpoint, data, distributed, metadata, models, plots, train, unc
 from .checkpoint import load_checkpoint, save_checkpoint
 from .train import fit
 from .uncertainty import predict
+
+
+def __getattr__(name: str):
+    if name == "hf":  # transformers is an optional extra: imported on first use only
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module 'sparsevd' has no attribute {name!r}")
+
 
 __all__ = [
     "SGVLB",

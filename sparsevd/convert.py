@@ -1,5 +1,14 @@
 """Model surgery: ``convert`` dense layers to sparse-VD layers (``plan_conversion`` says what it
-would do and why), and ``report`` the sparsity."""
+would do and why), and ``report`` the sparsity.
+
+Converted: exact ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Conv1d``; Hugging Face's
+``transformers.pytorch_utils.Conv1D`` (GPT-2 family: y = x W + b with W (in, out)) as a
+LinearSVDO holding Wᵀ (its origin record says so: ``save_pretrained`` writes it back as
+Conv1D, :mod:`sparsevd.hf`); ``nn.MultiheadAttention`` by its split twin
+:class:`~sparsevd.nn.SplitMultiheadAttention`, whose q / k / v / out projections convert. Left
+dense, with the reason in the report: layers whose weight is the same Parameter as another
+module's (tied weights, GPT-2's ``lm_head`` and its input embedding: converting would untie them),
+embeddings, normalizations, subclasses, and the types without a twin."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +19,11 @@ import torch
 from torch import nn
 
 from ._args import check_threshold
-from .nn import DEFAULT_THRESHOLD, LOG_SIGMA2_INIT, SVDO_LAYERS, Conv1dSVDO, Conv2dSVDO, LinearSVDO
+from .nn import (DEFAULT_THRESHOLD, LOG_SIGMA2_INIT, SVDO_LAYERS, Conv1dSVDO, Conv2dSVDO, LinearSVDO,
+                 SplitMultiheadAttention)
 from .reference import EPS_THETA
+from .hf_integration import attach as attach_hf_quantizer
+from .surgery import set_origin
 
 NameFilter = Union[None, str, Callable[[str], bool], Iterable[str]]
 
@@ -33,11 +45,21 @@ def _name_filter(patterns: NameFilter, default: bool) -> Callable[[str], bool]:
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in pats)
 
 
+#: The projections of SplitMultiheadAttention, the replacement of nn.MultiheadAttention.
+_MHA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """transformers.pytorch_utils.Conv1D (exact type), recognised without importing transformers."""
+    return type(m).__name__ == "Conv1D" and type(m).__module__ == "transformers.pytorch_utils"
+
+
+def _convertible(m: nn.Module) -> bool:
+    return type(m) in CONVERTIBLE or _is_hf_conv1d(m)
+
+
 #: Why a module with parameters is left dense, by type (for the conversion report).
 _DENSE_REASONS = (
-    (nn.MultiheadAttention, "its q/k/v projections are one packed in_proj_weight used by "
-                            "F.multi_head_attention_forward, not nn.Linear layers (write them as "
-                            "nn.Linear to convert them)"),
     (nn.Embedding, "a lookup table: no matrix product to sparsify"),
     (nn.EmbeddingBag, "a lookup table: no matrix product to sparsify"),
     ((nn.LayerNorm, nn.GroupNorm, nn.RMSNorm) if hasattr(nn, "RMSNorm") else (nn.LayerNorm, nn.GroupNorm),
@@ -107,33 +129,78 @@ def plan_conversion(model: nn.Module, include: NameFilter = None,
         exclude: patterns (or a predicate) of layers to leave dense even when included.
 
     Returns:
-        A :class:`ConversionReport`: every exact nn.Linear / nn.Conv2d / nn.Conv1d ("convert", or "dense" with
-        the pattern that kept it dense), every sparse-VD layer already there, and every other
-        module holding parameters of its own ("dense", with the reason: a packed attention
-        projection, an embedding, a normalization, ...). Parameters inside a module left dense
-        (the out_proj of nn.MultiheadAttention) are not listed separately.
+        A :class:`ConversionReport`: every exact nn.Linear / nn.Conv2d / nn.Conv1d and
+        transformers ``Conv1D`` ("convert", or "dense" with the pattern that kept it dense, or
+        the module its weight is tied to), every nn.MultiheadAttention ("convert": replaced by
+        :class:`~sparsevd.nn.SplitMultiheadAttention`, followed by its four projections
+        ``<name>.q_proj``, ``.k_proj``, ``.v_proj``, ``.out_proj`` as layers of their own; "dense"
+        when include / exclude keep all four dense), every sparse-VD layer already there, and
+        every other module holding parameters of its own ("dense", with the reason: an
+        embedding, a normalization, ...). Parameters inside a module left dense are not listed
+        separately.
     """
     keep = _name_filter(include, True)
     drop = _name_filter(exclude, False)
+    tied = _tied(model)
     report = ConversionReport()
     skip_under: List[str] = []
+
+    def layer(name: str, kind: str, why_converted: str = "", m: Optional[nn.Module] = None) -> ConversionEntry:
+        if not keep(name):
+            return ConversionEntry(name, kind, "dense", "not matched by include")
+        if drop(name):
+            return ConversionEntry(name, kind, "dense", "matched by exclude")
+        if m is not None and id(m) in tied:
+            return ConversionEntry(name, kind, "dense", tied[id(m)])
+        return ConversionEntry(name, kind, "convert", why_converted)
+
     for name, m in model.named_modules():
         if any(name.startswith(p + ".") for p in skip_under):
             continue
         kind = type(m).__name__
         if isinstance(m, SVDO_LAYERS):
             report.append(ConversionEntry(name, kind, "sparse VD", "already a sparse-VD layer"))
-        elif type(m) in CONVERTIBLE:
-            if not keep(name):
-                report.append(ConversionEntry(name, kind, "dense", "not matched by include"))
-            elif drop(name):
-                report.append(ConversionEntry(name, kind, "dense", "matched by exclude"))
+        elif _convertible(m):
+            why = ("transformers Conv1D (weight (in, out)): a LinearSVDO holding the transposed "
+                   "weight" if _is_hf_conv1d(m) else "")
+            report.append(layer(name, kind, why, m))
+        elif type(m) is nn.MultiheadAttention:
+            skip_under.append(name)
+            projections = [layer(f"{name}.{p}", "Linear") for p in _MHA_PROJECTIONS]
+            if any(e.action == "convert" for e in projections):
+                report.append(ConversionEntry(name, kind, "convert", "replaced by "
+                              "sparsevd.nn.SplitMultiheadAttention: the packed in_proj_weight "
+                              "as q_proj, k_proj, v_proj layers (same outputs)"))
+                report.extend(projections)
             else:
-                report.append(ConversionEntry(name, kind, "convert"))
-        elif any(True for _ in m.parameters(recurse=False)) or isinstance(m, nn.MultiheadAttention):
+                report.append(ConversionEntry(name, kind, "dense", "none of its projections "
+                              f"({', '.join(_MHA_PROJECTIONS)}) is included"))
+        elif any(True for _ in m.parameters(recurse=False)):
             report.append(ConversionEntry(name, kind, "dense", _dense_reason(m)))
             skip_under.append(name)
     return report
+
+
+def _tied(model: nn.Module) -> dict:
+    """id(layer) → the reason a convertible layer stays dense: one of its parameters is also a
+    parameter of another module (tied weights)."""
+    owners: dict = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        for pname, p in m._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((m, f"{name}.{pname}" if name else pname))
+    out = {}
+    for name, m in model.named_modules():
+        if not _convertible(m):
+            continue
+        for pname, p in m._parameters.items():
+            others = [full for mod, full in owners.get(id(p), []) if mod is not m] if p is not None else []
+            if others:
+                out[id(m)] = (f"its {pname} is the same Parameter as {others[0]} (tied weights): "
+                              "converting would untie them; untie them first to convert it (e.g. "
+                              "tie_word_embeddings=False in a Hugging Face config)")
+                break
+    return out
 
 
 def _init_log_sigma2(new: nn.Module, threshold: float) -> None:
@@ -149,7 +216,17 @@ def _init_log_sigma2(new: nn.Module, threshold: float) -> None:
 
 
 def _convert_one(name: str, m: nn.Module, threshold: float, train_clip: bool) -> nn.Module:
+    if type(m) is nn.MultiheadAttention:
+        return set_origin(SplitMultiheadAttention.from_module(m), {"type": "MultiheadAttention"})
     factory = {"device": m.weight.device, "dtype": m.weight.dtype, "train_clip": train_clip}
+    if _is_hf_conv1d(m):  # y = x W + b, W (in, out): a LinearSVDO with Wᵀ
+        new = LinearSVDO(m.weight.shape[0], m.weight.shape[1], m.bias is not None, threshold, **factory)
+        with torch.no_grad():
+            new.weight.copy_(m.weight.t())
+            if m.bias is not None:
+                new.bias.copy_(m.bias)
+        _init_log_sigma2(new, threshold)
+        return set_origin(new.train(m.training), {"type": "Conv1D"})
     if isinstance(m, nn.Linear):
         new = LinearSVDO(m.in_features, m.out_features, m.bias is not None, threshold, **factory)
     else:
@@ -174,7 +251,10 @@ def convert(
     exclude: NameFilter = None, *, train_clip: bool = False, return_report: bool = False,
 ):
     """Replace the ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Conv1d`` layers of ``model`` by their sparse-VD twins, in
-    place (exact types only: subclasses may change forward and are left alone).
+    place (exact types only: subclasses may change forward and are left alone); also
+    transformers ``Conv1D`` (a LinearSVDO with the transposed weight) and the projections of
+    ``nn.MultiheadAttention`` (replaced by :class:`~sparsevd.nn.SplitMultiheadAttention`). Layers
+    whose weight is tied to another module's stay dense (see :func:`plan_conversion`).
 
     θ and b are copied; log σ² starts at −10 (paper, sec. 5), lowered for the tiny weights that
     −10 would drop at once (|θ| ≲ e^(−(10 + threshold)/2) ≈ 1.5e-3) to log α = threshold − 1. So
@@ -182,7 +262,8 @@ def convert(
     the same up to LRT noise of std ≤ e⁻⁵·sqrt(Σ x²) per output.
 
     Args:
-        model: any module (a bare nn.Linear / nn.Conv2d / nn.Conv1d is converted and returned).
+        model: any module (a bare nn.Linear / nn.Conv2d / nn.Conv1d / Conv1D is converted and
+            returned; a bare nn.MultiheadAttention becomes a converted SplitMultiheadAttention).
         include: which layers: None (all), a module-name glob pattern or a collection of patterns
             (names as in ``named_modules``, e.g. ``"encoder.*.ffn.*"``; an exact name matches
             itself), or a predicate on the name.
@@ -207,7 +288,10 @@ def convert(
     threshold = check_threshold(threshold)
     if not isinstance(train_clip, bool):
         raise TypeError(f"train_clip: expected a bool, got {train_clip!r}")
-    if isinstance(model, CONVERTIBLE) and type(model) in CONVERTIBLE:
+    if type(model) is nn.MultiheadAttention:  # its split twin, whose projections convert
+        return convert(_convert_one("", model, threshold, train_clip), include, threshold, exclude,
+                       train_clip=train_clip, return_report=return_report)
+    if _convertible(model):
         keep = _name_filter(include, True)("") and not _name_filter(exclude, False)("")
         out = _convert_one("", model, threshold, train_clip) if keep else model
         rep = ConversionReport([ConversionEntry("", type(model).__name__, "convert" if keep else "dense",
@@ -215,12 +299,30 @@ def convert(
         return (out, rep) if return_report else out
     rep = plan_conversion(model, include, exclude)
     todo = set(rep.converted())
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if full in todo:
-                setattr(module, child_name, _convert_one(full, child, threshold, train_clip))
+    _replace_named(model, todo, lambda full, child: type(child) is nn.MultiheadAttention,
+                   threshold, train_clip)
+    _replace_named(model, todo, lambda full, child: _convertible(child), threshold, train_clip)
+    for m in model.modules():  # their nested-tensor fast path calls the layers' packed weights
+        if isinstance(m, nn.TransformerEncoder) and any(isinstance(s, SVDO_LAYERS) for s in m.modules()):
+            m.use_nested_tensor = False
+    attach_hf_quantizer(model)  # save_pretrained writes a model from_pretrained rebuilds
     return (model, rep) if return_report else model
+
+
+def _replace_named(model: nn.Module, todo: set, which, threshold: float, train_clip: bool) -> None:
+    """Convert the modules named in ``todo`` that ``which(name, module)`` selects, in place; a
+    module reachable under several names becomes one new module at all of them."""
+    new: dict = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(module._modules.items()):  # (named_children skips repeats)
+            if child is None:
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            if id(child) in new:
+                setattr(module, child_name, new[id(child)])
+            elif full in todo and which(full, child):
+                new[id(child)] = _convert_one(full, child, threshold, train_clip)
+                setattr(module, child_name, new[id(child)])
 
 
 class _Counts:

@@ -3,11 +3,14 @@
 Steps (docs/design.md, "Deployment"):
 
 1. Every LinearSVDO / Conv2dSVDO keeps the weights with log α < threshold (its eval-mode weight).
-2. Chains. Inside an ``nn.Sequential``, consecutive SVD layers joined only by channel-wise modules
-   (elementwise activations, dropout, batch norm with running statistics (its per-channel tensors
-   are sliced with the kept channels), max/avg pooling, one ``Flatten`` between a convolution and
-   a linear layer) form a chain; between two layers of a chain, a neuron (a feature, or a channel)
-   is removed when
+2. Batch norms right after a convolution (its only user) are folded into it
+   (:mod:`sparsevd.surgery`).
+3. Chains. Consecutive SVD layers joined only by channel-wise modules (elementwise activations,
+   dropout, batch norm with running statistics (its per-channel tensors are sliced with the kept
+   channels), max/avg pooling, one ``Flatten`` between a convolution and a linear layer) form a
+   chain: inside an ``nn.Sequential``, and inside any module whose code torch.fx traces (the MLP
+   of a BERT layer or of GPT-2, a user's ``fc2(act(fc1(x)))``; :mod:`sparsevd.surgery`). Between
+   two layers of a chain, a neuron (a feature, or a channel) is removed when
    - its column in the next layer is all zero (nobody reads it), or
    - its row in this layer is all zero (a *dead* neuron): its output is the constant act(b), which
      is folded into the next layer's bias, b' = b + Σ W_next[:, neuron] · act(b) (summed over the
@@ -18,10 +21,10 @@ Steps (docs/design.md, "Deployment"):
    The activations between the layers of a chain stay compact; the chain's input and output keep
    their sizes, so the model's interface is unchanged. SVD layers outside chains are converted
    one by one, dead rows kept as empty CSR rows (their output is the bias).
-3. What remains is stored as CSR (:class:`~sparsevd.nn.SparseLinear` / :class:`~sparsevd.nn.SparseConv2d`):
+4. What remains is stored as CSR (:class:`~sparsevd.nn.SparseLinear` / :class:`~sparsevd.nn.SparseConv2d`):
    values in the layer's dtype, int32 row pointers, int16 column indices when a layer has at most
    32768 input columns (else int32).
-4. A cost model picks, per layer and batch size, the CSR kernel, compacted dense or masked dense
+5. A cost model picks, per layer and batch size, the CSR kernel, compacted dense or masked dense
    (see :func:`plan_layer`): masked dense, the dense model's own product, unless a sparse mode
    measures clearly faster, so the deployed model runs no slower than the dense one.
 
@@ -31,7 +34,6 @@ ICML 2017 (arXiv:1701.05369): weights with log α > 3 are dropped at test time (
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 import warnings
@@ -41,8 +43,9 @@ import torch
 from torch import Tensor, nn
 
 from .nn.sparse import CONV_MODES, LINEAR_MODES, SparseConv1d, SparseConv2d, SparseLinear, used_columns
-from ._args import conv_padding
-from .nn.svdo import SVDO_LAYERS, Conv1dSVDO, Conv2dSVDO, LinearSVDO
+from .nn.svdo import SVDO_LAYERS, Conv1dSVDO, LinearSVDO
+from .hf_integration import attach as attach_hf_quantizer
+from .surgery import deployed_layer, replace_layers
 from .ops import library
 from .ops.library import kernel_available
 
@@ -64,271 +67,6 @@ SPARSE_LAYERS = (SparseLinear, SparseConv2d)
 #: Batch sizes the cost model measures; a batch b uses the plan of the nearest bucket on a log
 #: scale (b ≤ 2 → 1, ≤ 8 → 4, ≤ 32 → 16, ≤ 128 → 64, else 256).
 BATCH_BUCKETS: Tuple[int, ...] = (1, 4, 16, 64, 256)
-
-# Modules that act on every channel (feature) separately and map a per-channel constant to a
-# per-channel constant. Dropout is the identity at inference.
-_ELEMENTWISE = (
-    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus,
-    nn.Softsign, nn.Tanhshrink, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
-)
-_IDENTITY_AT_EVAL = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
-_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)
-# Batch norm at inference is a per-channel affine map (running statistics): it passes a chain,
-# and its per-channel tensors are sliced with the channels the compaction keeps.
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-
-
-def _bn_eval(bn: nn.Module, h: Tensor) -> Tensor:
-    """Batch norm in eval mode on a per-channel vector h (C,)."""
-    rm, rv = bn.running_mean.to(h.dtype), bn.running_var.to(h.dtype)
-    out = (h - rm) / torch.sqrt(rv + bn.eps)
-    if bn.affine:
-        out = out * bn.weight.detach().to(h.dtype) + bn.bias.detach().to(h.dtype)
-    return out
-
-
-def _slice_bn(bn: nn.Module, keep: Tensor) -> nn.Module:
-    """A copy of ``bn`` over the kept channels only."""
-    new = type(bn)(int(keep.sum()), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                   track_running_stats=True, device=bn.running_mean.device,
-                   dtype=bn.running_mean.dtype)
-    with torch.no_grad():
-        new.running_mean.copy_(bn.running_mean[keep])
-        new.running_var.copy_(bn.running_var[keep])
-        new.num_batches_tracked.copy_(bn.num_batches_tracked)
-        if bn.affine:
-            new.weight.copy_(bn.weight[keep])
-            new.bias.copy_(bn.bias[keep])
-    return new.eval()
-
-
-# ------------------------------------------------------------------------------------ chains
-@dataclasses.dataclass
-class _Link:
-    """What joins layer i to layer i+1 of a chain."""
-
-    ops: List[nn.Module]  # the modules in between (elementwise, batch norm, pools, flatten)
-    kind: str  # "ll" linear→linear, "cc" conv→conv, "cl" conv→(pool)→flatten→linear
-    const_ok: bool  # a dead channel's constant reaches the next layer as a uniform constant
-    names: List[str] = dataclasses.field(default_factory=list)  # the ops' names in the Sequential
-
-    def act(self, b: Tensor) -> Tensor:
-        """The constant output of dead channels with bias ``b`` after the elementwise modules and
-        batch norms."""
-        h = b
-        for op in self.ops:
-            if isinstance(op, _IDENTITY_AT_EVAL):
-                continue
-            if isinstance(op, _BATCHNORMS):
-                h = _bn_eval(op, h)
-            elif isinstance(op, _ELEMENTWISE):
-                h = op(h)
-        return h
-
-
-def _passable(m: nn.Module) -> bool:
-    if isinstance(m, _BATCHNORMS):
-        return m.track_running_stats and m.running_mean is not None
-    return isinstance(m, _ELEMENTWISE + _POOLS + (nn.Flatten,))
-
-
-def _out_channels(m: nn.Module) -> int:
-    return m.out_features if isinstance(m, LinearSVDO) else m.out_channels
-
-
-def _make_link(prev: nn.Module, ops: List[nn.Module], nxt: nn.Module) -> Optional[_Link]:
-    """The link prev → ops → nxt, or None when the neurons of prev cannot be compacted through it."""
-    conv_prev = isinstance(prev, Conv2dSVDO)
-    if conv_prev and prev.groups != 1:
-        return None
-    const_ok, flatten = True, False
-    for op in ops:
-        if isinstance(op, _BATCHNORMS):  # per channel of prev's output, before any flatten
-            if flatten or op.num_features != _out_channels(prev) or \
-                    isinstance(op, nn.BatchNorm2d) != conv_prev:
-                return None
-            continue
-        if isinstance(op, _ELEMENTWISE):
-            continue
-        if isinstance(op, _POOLS):
-            if not conv_prev or flatten:
-                return None
-            if isinstance(op, nn.AvgPool2d) and op.count_include_pad and op.padding not in (0, (0, 0)):
-                const_ok = False
-            continue
-        if isinstance(op, nn.Flatten):
-            if flatten or op.start_dim != 1 or op.end_dim != -1:
-                return None
-            flatten = True
-            continue
-        return None
-    if isinstance(prev, LinearSVDO) and isinstance(nxt, LinearSVDO):
-        return _Link(ops, "ll", const_ok) if nxt.in_features == prev.out_features else None
-    if conv_prev and isinstance(nxt, Conv2dSVDO) and not flatten:
-        if nxt.groups != 1 or nxt.in_channels != prev.out_channels:
-            return None
-        return _Link(ops, "cc", const_ok and tuple(nxt.padding_sides) == (0, 0, 0, 0))
-    if conv_prev and isinstance(nxt, LinearSVDO) and flatten:
-        c = prev.out_channels
-        if c == 0 or nxt.in_features % c:
-            return None
-        return _Link(ops, "cl", const_ok)
-    return None
-
-
-def _chains(seq: nn.Sequential) -> List[Tuple[List[str], List[_Link]]]:
-    """Maximal chains (child names of the SVD layers, links between them) of a Sequential."""
-    chains: List[Tuple[List[str], List[_Link]]] = []
-    names: List[str] = []
-    links: List[_Link] = []
-    ops: List[nn.Module] = []
-    op_names: List[str] = []
-    prev: Optional[nn.Module] = None
-    for name, m in seq.named_children():
-        if isinstance(m, SVDO_LAYERS):
-            link = _make_link(prev, ops, m) if prev is not None else None
-            if link is not None:
-                link.names = op_names
-                names.append(name)
-                links.append(link)
-            else:
-                if names:
-                    chains.append((names, links))
-                names, links = [name], []
-            prev, ops, op_names = m, [], []
-        elif prev is not None and _passable(m):
-            ops.append(m)
-            op_names.append(name)
-        else:
-            if names:
-                chains.append((names, links))
-            names, links, ops, op_names, prev = [], [], [], [], None
-    if names:
-        chains.append((names, links))
-    return chains
-
-
-# ------------------------------------------------------------------------------- compaction
-@torch.no_grad()
-def _masked(m: nn.Module, threshold: Optional[float]) -> Tuple[Tensor, Tensor, bool]:
-    w = (m.weight.detach() * m.mask(threshold)).contiguous()  # θ ⊙ mask: the eval-mode weight
-    has_bias = m.bias is not None
-    b = m.bias.detach().double() if has_bias else torch.zeros(w.shape[0], dtype=torch.float64,
-                                                              device=w.device)
-    return w, b, has_bias
-
-
-@torch.no_grad()
-def _compact_chain(layers: List[nn.Module], links: List[_Link], threshold: Optional[float]
-                   ) -> List[nn.Module]:
-    ws, bs, has_bias = [], [], []
-    for m in layers:
-        w, b, hb = _masked(m, threshold)
-        ws.append(w)
-        bs.append(b)
-        has_bias.append(hb)
-    keep = [torch.ones(_out_channels(m), dtype=torch.bool, device=ws[0].device) for m in layers[:-1]]
-
-    def consumer_view(i: int) -> Tensor:  # (out, channels of link i, positions) view of W[i+1]
-        w = ws[i + 1]
-        return w.view(w.shape[0], keep[i].numel(), -1)
-
-    changed = True
-    while changed:
-        changed = False
-        # forward: dead rows of layer i fold into the bias of layer i+1, or are dropped
-        for i, link in enumerate(links):
-            rows = ws[i].view(ws[i].shape[0], -1)
-            dead = keep[i] & ~(rows != 0).any(1)
-            if not bool(dead.any()):
-                continue
-            cv = consumer_view(i)
-            const = link.act(bs[i].to(ws[i].dtype)).double()
-            foldable = dead & ((const == 0) | ~(cv != 0).any(dim=(0, 2)) | link.const_ok)
-            if not bool(foldable.any()):
-                continue
-            idx = foldable.nonzero(as_tuple=True)[0]
-            colsum = cv[:, idx, :].double().sum(-1)  # (out, dead channels)
-            contrib = colsum * const[idx]
-            if bool((contrib != 0).any()):
-                bs[i + 1] += contrib.sum(1)
-                has_bias[i + 1] = True
-            cv[:, idx, :] = 0
-            keep[i][idx] = False
-            changed = True
-        # backward: neurons nobody reads are dropped with their rows
-        for i in reversed(range(len(links))):
-            cv = consumer_view(i)
-            unread = keep[i] & ~(cv != 0).any(dim=(0, 2))
-            if bool(unread.any()):
-                ws[i].view(ws[i].shape[0], -1)[unread] = 0
-                keep[i][unread] = False
-                changed = True
-    for k in keep:  # never leave a zero-size activation: one (zero-weight) neuron stays
-        if not bool(k.any()):
-            k[0] = True
-
-    for link, k in zip(links, keep):  # the batch norms between the layers keep their channels
-        for j, op in enumerate(link.ops):
-            if isinstance(op, _BATCHNORMS) and not bool(k.all()):
-                link.ops[j] = _slice_bn(op, k)
-
-    out = []
-    for i, m in enumerate(layers):
-        w, b = ws[i], bs[i]
-        if i < len(layers) - 1:
-            w, b = w[keep[i]], b[keep[i]]
-        if i > 0:
-            c = keep[i - 1].numel()
-            w = w.view(w.shape[0], c, -1)[:, keep[i - 1]].reshape(w.shape[0], -1, *w.shape[2:])
-            if isinstance(m, LinearSVDO):
-                w = w.reshape(w.shape[0], -1)
-        out.append(_sparse_layer(m, w.contiguous(), b.to(w.dtype) if has_bias[i] else None))
-    return out
-
-
-def _sparse_layer(m: nn.Module, w: Tensor, b: Optional[Tensor]) -> nn.Module:
-    common = dict(dense_shape=tuple(m.weight.shape), num_weights=m.weight.numel())
-    if isinstance(m, LinearSVDO):
-        return SparseLinear.from_dense(w, b, **common)
-    if isinstance(m, Conv1dSVDO):
-        pad = m.padding if isinstance(m.padding, str) else (0, m.padding[0])
-        _, _, left, right = conv_padding(pad, (1, m.kernel_size[0]), (1, m.stride[0]),
-                                         (1, m.dilation[0]))
-        if left != right:
-            raise ValueError(
-                f"model: a Conv1dSVDO uses padding={m.padding!r} with kernel_size={m.kernel_size} "
-                f"(asymmetric padding {left}+{right}); SparseConv1d supports symmetric padding")
-        return SparseConv1d.from_dense(w, b, m.stride, left, m.dilation, m.groups, **common)
-    t, bottom, left, right = m.padding_sides
-    if (t, left) != (bottom, right):
-        raise ValueError(
-            f"model: a Conv2dSVDO uses padding={m.padding!r} with kernel_size={m.kernel_size} "
-            f"(asymmetric padding {m.padding_sides}); SparseConv2d supports symmetric padding"
-        )
-    return SparseConv2d.from_dense(w, b, m.stride, (t, left), m.dilation, m.groups, **common)
-
-
-def _replace(module: nn.Module, threshold: Optional[float], built: List[nn.Module]) -> None:
-    """Replace the SVD layers under ``module`` (in place), chains compacted."""
-    if isinstance(module, nn.Sequential):
-        for names, links in _chains(module):
-            layers = [module._modules[n] for n in names]
-            for n, new in zip(names, _compact_chain(layers, links, threshold)):
-                module._modules[n] = new
-                built.append(new)
-            for link in links:  # sliced batch norms
-                for n, op in zip(link.names, link.ops):
-                    module._modules[n] = op
-    for name, child in list(module.named_children()):
-        if isinstance(child, SVDO_LAYERS):
-            new = _compact_chain([child], [], threshold)[0]
-            module._modules[name] = new
-            built.append(new)
-        elif not isinstance(child, SPARSE_LAYERS):
-            _replace(child, threshold, built)
-
 
 # ---------------------------------------------------------------------------------- planning
 def _bucket_bounds(buckets: Sequence[int]) -> List[Optional[int]]:
@@ -592,9 +330,11 @@ def deploy(
     cost_model: str = "measure",
     threshold: Optional[float] = None,
     buckets: Sequence[int] = BATCH_BUCKETS,
+    trace: bool = True,
 ) -> nn.Module:
     """A new inference model in which every LinearSVDO / Conv2dSVDO becomes a SparseLinear /
-    SparseConv2d (CSR weights; dead neurons removed and folded, see the module docstring).
+    SparseConv2d (CSR weights; batch norms folded, dead neurons removed and folded, see the
+    module docstring and :mod:`sparsevd.surgery`).
 
     Args:
         model: a module with sparse-VD layers (e.g. ``sparsevd.models.LeNet300()`` after
@@ -607,10 +347,15 @@ def deploy(
             the mode is "masked").
         threshold: log α pruning threshold for every layer; default: each layer's own.
         buckets: batch sizes the plan distinguishes.
+        trace: also fold batch norms and remove dead neurons inside modules other than
+            nn.Sequential, found by torch.fx traces of their code (BERT / GPT-2 MLP blocks, a
+            user's ``fc2(act(fc1(x)))``; :mod:`sparsevd.surgery`); False: Sequential chains only.
 
     Returns:
         The deployed model, in eval mode, on the device and in the dtype of ``model``. Its outputs
-        equal the eval-mode outputs of ``model`` up to floating-point rounding.
+        equal the eval-mode outputs of ``model`` up to floating-point rounding. A Hugging Face
+        model (or one inside it) gets the sparsevd quantizer: its ``save_pretrained`` writes a
+        checkpoint that ``from_pretrained`` reloads exactly (:mod:`sparsevd.hf_integration`).
 
     Warns:
         RuntimeWarning when the compiled kernels (sparsevd._C) are missing: the deployed layers
@@ -626,19 +371,18 @@ def deploy(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _deploy(model, example_input, cost_model, threshold, buckets)
+        return _deploy(model, example_input, cost_model, threshold, buckets, trace)
     finally:
         torch.set_num_threads(threads)
 
 
-def _deploy(model, example_input, cost_model, threshold, buckets) -> nn.Module:
+def _deploy(model, example_input, cost_model, threshold, buckets, trace) -> nn.Module:
     if isinstance(model, SVDO_LAYERS):
-        new = _compact_chain([model], [], threshold)[0]
+        new = deployed_layer(model, threshold)
         built = [new]
     else:
         new = copy.deepcopy(model)
-        built: List[nn.Module] = []
-        _replace(new, threshold, built)
+        built = replace_layers(new, threshold, trace)
     if not built:
         warnings.warn("deploy: the model has no LinearSVDO / Conv2dSVDO layers; nothing to deploy",
                       RuntimeWarning, stacklevel=4)
@@ -666,6 +410,7 @@ def _deploy(model, example_input, cost_model, threshold, buckets) -> nn.Module:
             if mode == "csr" and isinstance(m, SparseConv2d) and m.groups != 1:
                 mode = "dense"
             m.set_plan(mode)
+    attach_hf_quantizer(new)  # save_pretrained writes a model from_pretrained rebuilds
     return new
 
 

@@ -1,23 +1,31 @@
-"""``save(model, path)`` / ``load(path)``: deployed sparse models as one safetensors file.
+"""``save(model, path)`` / ``load(path)`` / ``load(path, model=...)``: deployed (and converted)
+models of any architecture as one safetensors file.
 
-The file holds every tensor of the model (CSR row pointers, column indices, values, biases, the
-weights of dense layers left as they are) and, in the safetensors metadata,
+The file holds every tensor of the model (its state_dict: CSR row pointers, column indices,
+values, biases, log σ² of sparse-VD layers, the weights of dense layers left as they are; a
+tied weight once) and, in the safetensors metadata,
 
-- ``format``: ``"sparsevd.deployed"`` and ``format_version``: ``"1"``;
-- ``config``: JSON describing the module tree (types, sizes, hyper-parameters, each sparse
-  layer's plan), so that :func:`load` rebuilds the model without pickle and without the code
-  that built it;
+- ``format``: ``"sparsevd.deployed"`` and ``format_version``: ``"3"``;
+- ``config``: JSON with two parts: ``tree``, the module tree (types, sizes, hyper-parameters,
+  each sparse layer's plan) when every module is of a supported type, so that :func:`load`
+  rebuilds the model without pickle and without the code that built it; and ``model``, for any
+  model: its class name, the spec of every module sparsevd made by module name (with what it
+  stands for: the type and weight shape of the module it replaced) and the tied tensors'
+  aliases, so that ``load(path, model=MyNet())`` puts them into the architecture the user's own
+  constructor built (:mod:`sparsevd.overlay`);
 - ``sha256``: a digest of all tensor names, dtypes, shapes and bytes and of the config, so that
   any changed byte (a weight, or the config: an activation renamed, a child renamed) is reported
   instead of silently giving other outputs.
 
 The file is written atomically (a temporary file beside it, then a rename): a reader sees the old
 file or the new one, never half of one. Files of format version 1 (whose digest did not cover the
-config) still load, with a warning.
+config) still load, with a warning; files of version 1 and 2 hold the tree only.
 
-Supported modules: nn.Sequential, SparseLinear, SparseConv2d, SparseConv1d, nn.Linear, nn.Conv2d, batch norm
-(1-D and 2-D, with running statistics), elementwise activations, dropout, pooling,
-Flatten/Unflatten, Softmax/LogSoftmax (exact types, not subclasses). A loaded model gives bit-identical outputs: same tensors, same plans, same kernels.
+Modules of the tree (exact types, not subclasses): nn.Sequential, SparseLinear, SparseConv2d,
+SparseConv1d, LinearSVDO, Conv2dSVDO, Conv1dSVDO, nn.Linear, nn.Conv2d, batch norm (1-D and 2-D,
+with running statistics), elementwise activations, dropout, pooling, Flatten/Unflatten,
+Softmax/LogSoftmax. A loaded model gives bit-identical outputs: same tensors, same plans, same
+kernels.
 """
 from __future__ import annotations
 
@@ -29,15 +37,19 @@ from typing import Dict, List, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from . import overlay
+from .hf_integration import attach as attach_hf_quantizer
 from ._files import atomic_save_safetensors, digest, read_safetensors
 from .checkpoint import checkpoint_owning
+from .nn import SplitMultiheadAttention
 from .nn.sparse import SparseConv1d, SparseConv2d, SparseLinear
-from .nn.svdo import SVDO_LAYERS
+from .nn.svdo import Conv1dSVDO, Conv2dSVDO, LinearSVDO
+from .surgery import origin, set_origin
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "save", "SUPPORTED_MODULES"]
 
 FORMAT = "sparsevd.deployed"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: A config nested deeper than this is refused (a ValueError, not a RecursionError).
 MAX_DEPTH = 64
 
@@ -79,8 +91,9 @@ _SIMPLE: Dict[str, tuple] = {
     "LogSoftmax": (nn.LogSoftmax, ("dim",)),
 }
 _BATCHNORMS = {"BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d}
-SUPPORTED_MODULES = ("Sequential", "SparseLinear", "SparseConv2d", "SparseConv1d", "Linear", "Conv2d", *_BATCHNORMS,
-                     *_SIMPLE)
+_SVDO = {"LinearSVDO": LinearSVDO, "Conv2dSVDO": Conv2dSVDO, "Conv1dSVDO": Conv1dSVDO}
+SUPPORTED_MODULES = ("Sequential", "SparseLinear", "SparseConv2d", "SparseConv1d", *_SVDO, "Linear", "Conv2d",
+                     *_BATCHNORMS, *_SIMPLE)
 
 
 def _key(prefix: str, name: str) -> str:
@@ -131,6 +144,19 @@ def _describe(m: nn.Module, prefix: str, tensors: Dict[str, Tensor]) -> dict:
                         kernel_size=list(m.kernel_size), stride=list(m.stride),
                         padding=list(m.padding), dilation=list(m.dilation), groups=m.groups)
         return spec
+    if type(m) in _SVDO.values():
+        for name in ("weight", "log_sigma2", "bias"):
+            put(name, getattr(m, name))
+        spec = {"type": kind, "bias": m.bias is not None, "threshold": m.threshold,
+                "train_clip": m.train_clip}
+        if isinstance(m, LinearSVDO):
+            spec.update(in_features=m.in_features, out_features=m.out_features)
+        else:
+            spec.update(in_channels=m.in_channels, out_channels=m.out_channels,
+                        kernel_size=list(m.kernel_size), stride=list(m.stride),
+                        padding=m.padding if isinstance(m.padding, str) else list(m.padding),
+                        dilation=list(m.dilation), groups=m.groups)
+        return spec
     if type(m) is nn.Linear:
         put("weight", m.weight)
         put("bias", m.bias)
@@ -156,18 +182,19 @@ def _describe(m: nn.Module, prefix: str, tensors: Dict[str, Tensor]) -> dict:
                 "momentum": m.momentum, "affine": m.affine}
     if kind in _SIMPLE and type(m) is _SIMPLE[kind][0]:
         return {"type": kind, "args": {a: _json_value(getattr(m, a)) for a in _SIMPLE[kind][1]}}
-    if isinstance(m, SVDO_LAYERS):
-        raise ValueError(f"save: module {where} is a {kind} (a training layer); deploy the model "
-                         "first: sparsevd.save(sparsevd.deploy(model), path)")
     raise ValueError(f"save: cannot store module {where} of type {kind}; supported types: "
                      f"{', '.join(SUPPORTED_MODULES)}")
 
 
 def save(model: nn.Module, path: PathLike) -> Path:
-    """Write a deployed model (from :func:`sparsevd.deploy`) to ``path`` (one .safetensors file).
+    """Write a deployed (:func:`sparsevd.deploy`) or converted (:func:`sparsevd.convert`) model
+    of any architecture to ``path`` (one .safetensors file; no pickle).
 
     Args:
-        model: a SparseLinear / SparseConv2d, or an nn.Sequential tree of supported modules.
+        model: any module. A tree of the supported modules (:data:`SUPPORTED_MODULES`: an
+            nn.Sequential of sparse, sparse-VD and plain layers, ...) loads back by itself
+            (``load(path)``); any other model (a Hugging Face model, a user's nn.Module) loads
+            into the architecture its constructor builds (``load(path, model=...)``).
         path: the file to write (parent directories are created; written atomically: a crash
             leaves the previous file whole). The same model gives the same bytes (sorted keys).
 
@@ -175,8 +202,7 @@ def save(model: nn.Module, path: PathLike) -> Path:
         The path written.
 
     Raises:
-        ValueError: a module that cannot be stored (the message names it; training layers
-            LinearSVDO / Conv2dSVDO ask for ``deploy`` first).
+        ValueError: a module sparsevd made that this version cannot describe (named).
         FileWriteError (an OSError, errno ENOSPC for a full disk): the file cannot be written;
             the message names it, the previous file is unchanged, no temporary file is left.
         FileExistsError: ``path`` is a file of a training checkpoint (its model.safetensors, ...;
@@ -187,7 +213,7 @@ def save(model: nn.Module, path: PathLike) -> Path:
         raise FileExistsError(f"{path}: a file of the training checkpoint in {owner}; save the "
                               "deployed model elsewhere")
     tensors: Dict[str, Tensor] = {}
-    spec = _describe(model, "", tensors)
+    spec = _file_config(model, tensors)
     config = json.dumps(spec, separators=(",", ":"), sort_keys=True)  # the same model, the same bytes
     metadata = {
         "format": FORMAT,
@@ -196,6 +222,84 @@ def save(model: nn.Module, path: PathLike) -> Path:
         "sha256": digest(tensors, FORMAT, str(FORMAT_VERSION), config),
     }
     return atomic_save_safetensors(tensors, path, metadata)
+
+
+def _file_config(model: nn.Module, tensors: Dict[str, Tensor]) -> dict:
+    """The file's config (``tree`` or None, ``model``); ``tensors`` receives the model's tensors."""
+    state, aliases = overlay.state_tensors(model)
+    tensors.update(state)
+    tree: Optional[dict] = None
+    scratch: Dict[str, Tensor] = {}
+    try:
+        tree = _describe(model, "", scratch)
+    except ValueError as e:
+        reason = str(e).removeprefix("save: ")
+    else:
+        reason = ""
+        if aliases or set(scratch) != set(state):  # (tied or extra tensors: not a plain tree)
+            tree, reason = None, "its tensors are not those of a plain module tree"
+    modules: Dict[str, dict] = {}
+    first: Dict[int, str] = {}
+    for name, m in overlay.recorded(model):
+        if id(m) in first:  # the same module under another name
+            modules[name] = {"same_as": first[id(m)]}
+            continue
+        first[id(m)] = name
+        modules[name] = _module_spec(m, name)
+    cls = type(model)
+    return {"tree": tree, "model": {"class": f"{cls.__module__}.{cls.__qualname__}", "modules": modules,
+                                    "aliases": aliases, "not_a_tree": reason}}
+
+
+def _module_spec(m: nn.Module, name: str) -> dict:
+    """The spec of one module sparsevd made (its children not included), with ``stands_for``
+    (what it replaced) and its ``origin`` record."""
+    if isinstance(m, SplitMultiheadAttention):
+        spec = {"type": "SplitMultiheadAttention", "embed_dim": m.embed_dim, "num_heads": m.num_heads,
+                "dropout": m.dropout, "bias": m.q_proj.bias is not None,
+                "add_bias_kv": m.bias_k is not None, "add_zero_attn": m.add_zero_attn,
+                "kdim": m.kdim, "vdim": m.vdim, "batch_first": m.batch_first}
+    else:
+        spec = _describe(m, name, {})
+    spec["stands_for"] = overlay.describe_origin(m)
+    if origin(m) is not None:
+        spec["origin"] = origin(m)
+    return spec
+
+
+def _load_into(model: nn.Module, part: dict, tensors: Dict[str, Tensor], path: Path) -> nn.Module:
+    """Put the modules of the file's ``model`` part into ``model`` and load every tensor."""
+    modules, aliases = part.get("modules"), part.get("aliases", {})
+    if not isinstance(modules, dict) or not isinstance(aliases, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v in tensors for k, v in aliases.items()):
+        raise ValueError(f"{path}: corrupted config: 'model' needs 'modules' and 'aliases' objects")
+    builder = _Builder(tensors, path)
+    built: Dict[str, nn.Module] = {}
+    deployed = False
+    for name in sorted(modules, key=lambda n: n.count(".")):
+        spec = modules[name]
+        if not isinstance(spec, dict):
+            raise ValueError(f"{path}: corrupted config: module {name!r} is not an object")
+        if "same_as" in spec:
+            if spec["same_as"] not in built:
+                raise ValueError(f"{path}: corrupted config: {name!r} is the same as an unknown module")
+            overlay.put(model, name, built[spec["same_as"]])
+            continue
+        old = overlay.check_into(model, name, spec.get("stands_for", {}), path)
+        new = builder.build({k: v for k, v in spec.items() if k not in ("stands_for", "origin")}, name)
+        if "origin" in spec:
+            set_origin(new, spec["origin"])
+        device = overlay.device_of(old)
+        new = new.to(device) if device is not None else new
+        deployed = deployed or isinstance(new, (SparseLinear, SparseConv2d))
+        new.train(old.training and not deployed)
+        overlay.put(model, name, new)
+        built[name] = new
+    overlay.load_rest(model, tensors, aliases, builder.used, path)
+    if deployed:  # an inference model, as deploy returns it
+        model.eval().requires_grad_(False)
+    attach_hf_quantizer(model)
+    return model
 
 
 class _Builder:
@@ -245,6 +349,25 @@ class _Builder:
             return conv(spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]),
                         tuple(spec["stride"]), tuple(spec["padding"]), tuple(spec["dilation"]),
                         spec["groups"], crow, col, values, bias, **common)
+        if kind in _SVDO:
+            w = self.take(prefix, "weight")
+            names = ["weight", "log_sigma2"] + (["bias"] if spec["bias"] else [])
+            state = {n: w if n == "weight" else self.take(prefix, n) for n in names}
+            common = dict(bias=spec["bias"], threshold=spec["threshold"], train_clip=spec["train_clip"],
+                          device="meta", dtype=w.dtype)
+            if kind == "LinearSVDO":
+                m = LinearSVDO(spec["in_features"], spec["out_features"], **common)
+            else:
+                padding = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
+                m = _SVDO[kind](spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]),
+                                tuple(spec["stride"]), padding, tuple(spec["dilation"]), spec["groups"],
+                                **common)
+            m.load_state_dict(state, strict=True, assign=True)
+            return m
+        if kind == "SplitMultiheadAttention":
+            args = {k: spec[k] for k in ("embed_dim", "num_heads", "dropout", "bias", "add_bias_kv",
+                                         "add_zero_attn", "kdim", "vdim", "batch_first")}
+            return SplitMultiheadAttention(**args)
         if kind in ("Linear", "Conv2d"):
             w = self.take(prefix, "weight")
             b = self.take(prefix, "bias") if spec["bias"] else None
@@ -276,16 +399,24 @@ class _Builder:
         raise ValueError(f"{self.path}: corrupted or newer config: unknown module type {kind!r}")
 
 
-def load(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.Module:
+def load(path: PathLike, device: Union[str, torch.device] = "cpu", *,
+         model: Optional[nn.Module] = None) -> nn.Module:
     """Read a model written by :func:`save`.
 
     Args:
         path: the .safetensors file.
-        device: where to put the tensors.
+        device: where to put the tensors (without ``model``).
+        model: the architecture to load into, built by the user's own constructor (e.g.
+            ``BertForSequenceClassification(config)``, ``MyNet()``), dense, converted or deployed:
+            the modules sparsevd made are put at their names (each checked to replace a module of
+            the same type and weight shape) and every tensor is loaded (names, shapes and dtypes
+            checked one to one). Tensors go to the devices of the modules they land in. Needed
+            for models that are not a tree of supported modules.
 
     Returns:
-        The deployed model, in eval mode: outputs identical to the saved model's (same device,
-        dtype and thread count).
+        The model (``model`` itself, changed in place, when given); a model with deployed
+        layers is in eval mode without gradients, as :func:`sparsevd.deploy` returns it; outputs
+        identical to the saved model's (same device, dtype and thread count).
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -293,7 +424,9 @@ def load(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.Module:
             corrupted (checksum of tensors and config, truncation, invalid indices, a config
             nested deeper than :data:`MAX_DEPTH`, a repeated child name), comes from elsewhere (a
             training checkpoint, another library: no sparsevd metadata), or has a newer format
-            version. The message names the file and says which.
+            version; a file of a model that is not a tree without ``model``; a ``model`` that is
+            not the saved architecture (a module missing or of another type or shape, tensors
+            that differ). The message names the file and says which.
     """
     path = Path(path)
     tensors, meta = read_safetensors(path)
@@ -330,6 +463,29 @@ def load(path: PathLike, device: Union[str, torch.device] = "cpu") -> nn.Module:
         raise ValueError(f"{path}: corrupted config: modules nested deeper than {MAX_DEPTH}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: corrupted config ({type(e).__name__}: {e})") from e
+    part = None
+    if version >= 3:
+        if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+            raise ValueError(f"{path}: corrupted config: expected an object with 'tree' and 'model'")
+        spec, part = spec.get("tree"), spec["model"]
+    if model is not None:
+        if part is None:
+            raise ValueError(f"{path}: written by an older sparsevd (format version {version}) that "
+                             "did not record its modules by name; load it with sparsevd.load(path)")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        try:
+            return _load_into(model, part, tensors, path)
+        except ValueError as e:
+            if str(e).startswith(str(path)):
+                raise
+            raise ValueError(f"{path}: corrupted file: {e}") from e
+        except (KeyError, TypeError, RuntimeError, AttributeError) as e:
+            raise ValueError(f"{path}: corrupted config ({type(e).__name__}: {e})") from e
+    if spec is None:
+        raise ValueError(f"{path}: the saved model, a {part.get('class')}, is not a tree of the modules "
+                         f"sparsevd rebuilds by itself ({part.get('not_a_tree')}); build its "
+                         "architecture and load into it: sparsevd.load(path, model=...)")
     try:
         builder = _Builder(tensors, path)
         model = builder.build(spec, "")

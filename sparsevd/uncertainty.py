@@ -17,7 +17,8 @@ import contextlib
 import dataclasses
 import math
 import warnings
-from typing import Iterator, Optional
+from collections.abc import Mapping
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -58,7 +59,8 @@ def _entropy(p: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: Tensor, samples: int = 10, seed: Optional[int] = None) -> Prediction:
+def predict(model: nn.Module, x, samples: int = 10, seed: Optional[int] = None,
+            logits: Union[None, str, int] = None) -> Prediction:
     """The Monte-Carlo predictive distribution of a classifier with sparse-VD layers.
 
     p(y | x) ≈ (1/S) Σ_s softmax(f(x; w_s)), w_s ~ q(w | θ, α), drawn through the LRT (each layer
@@ -66,11 +68,17 @@ def predict(model: nn.Module, x: Tensor, samples: int = 10, seed: Optional[int] 
     prediction softmax(f(x; θ ⊙ [log α < threshold])).
 
     Args:
-        model: maps x to logits (B, C); its own train/eval modes are restored afterwards.
-        x: a batch of inputs on the model's device.
+        model: maps x to logits (B, C), or to a dict, a Hugging Face ``ModelOutput`` or a tuple
+            holding them (see ``logits``); its own train/eval modes are restored afterwards.
+        x: a batch of inputs on the model's device: a tensor (``model(x)``) or a dict of
+            keyword arguments such as a tokenizer's output (``model(**x)``).
         samples: S ≥ 0.
         seed: seeds the noise (``torch.manual_seed`` inside a forked RNG state, so the caller's
             generator is untouched); None draws from the current generator.
+        logits: where the logits are in the model's output: a key of a dict / ModelOutput, or
+            an index of a tuple. Default: the output itself when it is a tensor, its
+            ``"logits"`` entry for a dict / ModelOutput, its first element for a tuple (where
+            transformers puts the logits when no labels are given).
 
     Returns:
         :class:`Prediction`: ``probs`` (B, C) in fp32 or wider, rows summing to 1, ``entropy``
@@ -82,7 +90,8 @@ def predict(model: nn.Module, x: Tensor, samples: int = 10, seed: Optional[int] 
             labelled ``samples=0``.
 
     Raises:
-        ValueError: ``samples`` < 0 or not an int; logits that are not (B, C).
+        ValueError: ``samples`` < 0 or not an int; logits that are not (B, C); an output whose
+            logits are not found (the message lists its keys).
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise ValueError(f"samples: expected an int ≥ 0, got {samples!r}")
@@ -95,24 +104,25 @@ def predict(model: nn.Module, x: Tensor, samples: int = 10, seed: Optional[int] 
         samples = 0
     was = {m: m.training for m in model.modules()}
     try:
+        run = _caller(model, x, logits)
         if samples == 0:
             model.eval()
-            logits = model(x)
-            _check_logits(logits)
-            probs = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16)
-                                  else logits, -1)
+            out = run()
+            probs = torch.softmax(out.float() if out.dtype in (torch.float16, torch.bfloat16)
+                                  else out, -1)
             return Prediction(probs, _entropy(probs), 0)
-        devices = [x.device] if x.device.type == "cuda" else []
+        device = next((v.device for v in (x.values() if isinstance(x, Mapping) else [x])
+                       if isinstance(v, Tensor)), torch.device("cpu"))
+        devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
             with sampling(model):
                 total = None
                 for _ in range(samples):
-                    logits = model(x)
-                    _check_logits(logits)
-                    p = torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16)
-                                      else logits, -1)
+                    out = run()
+                    p = torch.softmax(out.float() if out.dtype in (torch.float16, torch.bfloat16)
+                                      else out, -1)
                     total = p if total is None else total + p
         probs = total / samples
         return Prediction(probs, _entropy(probs), samples)
@@ -121,7 +131,38 @@ def predict(model: nn.Module, x: Tensor, samples: int = 10, seed: Optional[int] 
             m.train(mode)
 
 
-def _check_logits(logits: Tensor) -> None:
+def _caller(model: nn.Module, x, key: Union[None, str, int]):
+    """A function running the model on x and returning its checked (B, C) logits."""
+    def run() -> Tensor:
+        out = model(**x) if isinstance(x, Mapping) else model(x)
+        logits = _find_logits(out, key)
+        _check_logits(logits)
+        return logits
+    return run
+
+
+def _find_logits(out, key: Union[None, str, int]) -> Tensor:
+    """The logits in a model's output (see :func:`predict`, ``logits``)."""
+    if isinstance(out, Tensor) and key is None:
+        return out
+    if isinstance(out, Mapping):  # dicts and transformers' ModelOutput (an OrderedDict)
+        name = "logits" if key is None else key
+        if name not in out:
+            raise ValueError(f"model: its output ({type(out).__name__}) has no {name!r} entry; its "
+                             f"entries are {list(out.keys())}: pass logits=<the key of the logits>")
+        return out[name]
+    if isinstance(out, (tuple, list)):
+        index = 0 if key is None else key
+        if not isinstance(index, int) or not -len(out) <= index < len(out):
+            raise ValueError(f"logits: expected an index of the model's {len(out)}-tuple output, got {key!r}")
+        return out[index]
+    raise ValueError(f"model: expected logits as a tensor, a dict / ModelOutput or a tuple, got "
+                     f"{type(out).__name__}" + (f" (logits={key!r} needs a dict or a tuple)" if key is not None else ""))
+
+
+def _check_logits(logits) -> None:
+    if not isinstance(logits, Tensor):
+        raise ValueError(f"model: expected logits as a tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
         raise ValueError(f"model: expected logits of shape (B, C), got {tuple(logits.shape)}")
 

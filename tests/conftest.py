@@ -83,3 +83,15 @@ def simd(request):
     old = C.set_cpu_simd(request.param)
     yield request.param
     C.set_cpu_simd(old)
+
+
+def prune(model, p=0.7):
+    """Drop a random share ``p`` of every sparse-VD layer's weights (log σ² = 20: log α = 10)
+    under no_grad; returns ``model``."""
+    import sparsevd
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, sparsevd.nn.SVDO_LAYERS):
+                m.log_sigma2[torch.rand_like(m.log_sigma2) < p] = 20.0
+    return model

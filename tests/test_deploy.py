@@ -162,7 +162,7 @@ def test_lenet5_measured_plan(lenet5):
 
 
 class Custom(nn.Module):
-    """Not a Sequential: layers are deployed one by one, nothing compacted."""
+    """Not a Sequential: its trace links a → relu → b's first layer (sparsevd/surgery.py)."""
 
     def __init__(self):
         super().__init__()
@@ -368,11 +368,20 @@ def test_save_load_other_modules(tmp_path):
         assert_close(dep(x), model(x), RTOL, ATOL)
 
 
-def test_save_rejects_training_and_unknown_modules(tmp_path):
-    with pytest.raises(ValueError, match="deploy the model first"):
-        sparsevd.save(LeNet300(), tmp_path / "a.safetensors")
-    with pytest.raises(ValueError, match="cannot store module <root> of type Custom"):
-        sparsevd.save(sparsevd.deploy(Custom(), cost_model="csr"), tmp_path / "b.safetensors")
+def test_save_training_layers_and_models_that_are_not_trees(tmp_path):
+    model = prune(LeNet300().eval(), 0.5)  # sparse-VD layers: a tree, log σ² and all
+    loaded = sparsevd.load(sparsevd.save(model, tmp_path / "a.safetensors"))
+    assert type(loaded[1]) is LinearSVDO and loaded[1].threshold == model[1].threshold
+    for (n1, t1), (n2, t2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2)
+    dep = sparsevd.deploy(prune(Custom().eval(), 0.5), cost_model="csr")
+    path = sparsevd.save(dep, tmp_path / "b.safetensors")
+    with pytest.raises(ValueError, match=r"a test_deploy\.Custom, is not a tree.*model=\.\.\."):
+        sparsevd.load(path)
+    into = sparsevd.load(path, model=Custom())  # the user's constructor builds the architecture
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        assert torch.equal(into(x), dep(x))
 
 
 @pytest.fixture
@@ -428,7 +437,7 @@ def test_load_bad_config(saved):
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     spec = json.loads(meta["config"])
-    spec["children"][1][1]["type"] = "FancyLinear"
+    spec["tree"]["children"][1][1]["type"] = "FancyLinear"
 
     def signed(config):  # a file whose checksum is consistent (a newer writer, a buggy one)
         return dict(meta, config=config, sha256=digest(tensors, FORMAT, str(FORMAT_VERSION), config))

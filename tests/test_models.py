@@ -122,7 +122,8 @@ def test_vgglike_shapes_counts_and_width():
 
 def test_vgglike_trains_on_the_cpu_and_deploys(tmp_path):
     """A narrow VGG-like net on generated CIFAR-10-shaped data: dense pre-training, conversion,
-    SGVLB, then deploy (one chain through the batch norms) and save/load with the eval outputs."""
+    SGVLB, then deploy (batch norms folded into the convolutions, one chain through them) and
+    save/load with the eval outputs."""
     from sparsevd.models import VGGLike
     from sparsevd.train import fit
 
@@ -147,9 +148,10 @@ def test_vgglike_trains_on_the_cpu_and_deploys(tmp_path):
     model.eval()
     dep = sparsevd.deploy(model, x[:1], cost_model="rule")
     kept = [l.out_channels for l in dep if isinstance(l, sparsevd.nn.SparseConv2d)]
-    bns = [l.num_features for l in dep if isinstance(l, torch.nn.BatchNorm2d)]
-    assert kept[:-1] == bns[:len(kept) - 1] and sum(kept) < sum(
-        c.out_channels for c in model if isinstance(c, sparsevd.nn.Conv2dSVDO))  # compacted
+    folded = [l for l in dep if isinstance(l, torch.nn.Identity) and "folded_into" in l.sparsevd_origin]
+    assert not any(isinstance(l, torch.nn.BatchNorm2d) for l in dep)
+    assert len(folded) == sum(isinstance(l, torch.nn.BatchNorm2d) for l in model) > 0
+    assert sum(kept) < sum(c.out_channels for c in model if isinstance(c, sparsevd.nn.Conv2dSVDO))  # compacted
     with torch.no_grad():
         ref = model(x[:8])
         assert torch.allclose(dep(x[:8]), ref, rtol=1e-4, atol=1e-4)

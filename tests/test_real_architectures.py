@@ -75,7 +75,7 @@ def test_include_exclude_patterns_and_the_report_of_what_stays_dense():
     assert isinstance(m2.blocks[1].fc1, LinearSVDO) and type(m2.blocks[1].fc2) is nn.Linear
 
 
-def test_multihead_attention_and_subclasses_are_reported_dense():
+def test_multihead_attention_is_split_and_subclasses_are_reported_dense():
     model = nn.Sequential(nn.Embedding(10, 8), nn.MultiheadAttention(8, 2, batch_first=True))
 
     class MyLinear(nn.Linear):
@@ -84,11 +84,16 @@ def test_multihead_attention_and_subclasses_are_reported_dense():
     model.append(MyLinear(8, 8))
     model.append(nn.Linear(8, 3))
     by_name = {e.name: e for e in plan_conversion(model)}
-    assert "in_proj_weight" in by_name["1"].reason and by_name["1"].action == "dense"
-    assert "1.out_proj" not in by_name  # inside the attention module: not listed separately
+    assert "SplitMultiheadAttention" in by_name["1"].reason and by_name["1"].action == "convert"
+    assert all(by_name[f"1.{p}"].action == "convert" for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
     assert "subclass" in by_name["2"].reason and by_name["3"].action == "convert"
-    sparsevd.convert(model)
-    assert type(model[1].out_proj) is not LinearSVDO and isinstance(model[3], LinearSVDO)
+    # all four projections excluded: the attention stays as it is
+    kept = {e.name: e for e in plan_conversion(model, exclude="1.*")}
+    assert kept["1"].action == "dense" and "projections" in kept["1"].reason
+    sparsevd.convert(model, exclude="1.out_proj")
+    assert isinstance(model[1], sparsevd.nn.SplitMultiheadAttention)
+    assert isinstance(model[1].q_proj, LinearSVDO) and type(model[1].out_proj) is nn.Linear
+    assert type(model[2]) is MyLinear and isinstance(model[3], LinearSVDO)
 
 
 def test_trains_with_sgvlb_then_deploys_with_the_eval_outputs():

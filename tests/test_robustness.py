@@ -76,16 +76,21 @@ def _config(path: Path) -> dict:
         return json.loads(f.metadata()["config"])
 
 
+def _with_tree(tree: str) -> str:
+    """A (format 3) config holding ``tree`` (JSON text) and an empty record of named modules."""
+    return '{"tree":' + tree + ',"model":{"class":"x","modules":{},"aliases":{}}}'
+
+
 def _nested(depth: int) -> str:
     """A config of ``depth`` Sequentials, each holding the next (built as text: too deep for
     json.dumps)."""
-    return ('{"type":"Sequential","children":[["0",' * depth + '{"type":"Identity","args":{}}'
-            + "]]}" * depth)
+    return _with_tree('{"type":"Sequential","children":[["0",' * depth + '{"type":"Identity","args":{}}'
+                      + "]]}" * depth)
 
 
 def _duplicate_child(path: Path) -> str:
     spec = _config(path)
-    spec["children"][2][0] = spec["children"][0][0]
+    spec["tree"]["children"][2][0] = spec["tree"]["children"][0][0]
     return json.dumps(spec)
 
 
@@ -100,8 +105,10 @@ DEPLOYED_CORRUPTIONS = {
         lambda p: _resign(p, _duplicate_child(p)), ValueError, "repeated"),
     "a config nested 10000 deep, consistently signed": (
         lambda p: _resign(p, _nested(10000)), ValueError, "nested deeper than"),
+    "a module tree that is a JSON list, consistently signed": (
+        lambda p: _resign(p, _with_tree("[1, 2]")), ValueError, "not an object with a 'type'"),
     "a config that is a JSON list, consistently signed": (
-        lambda p: _resign(p, "[1, 2]"), ValueError, "not an object with a 'type'"),
+        lambda p: _resign(p, "[1, 2]"), ValueError, "expected an object with 'tree' and 'model'"),
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[:-7]), ValueError,
                   "corrupted or not a safetensors file"),
     "a pickle": (lambda p: p.write_bytes(pickle.dumps({"w": torch.ones(3)})), ValueError,

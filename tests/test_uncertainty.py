@@ -99,3 +99,56 @@ def test_evaluate_predictive_over_a_loader():
         assert r["ece"] == pytest.approx(expected_calibration_error(probs, labels))
         assert r["nll"] == pytest.approx(float(-probs.double().gather(1, labels[:, None]).log().mean()),
                                          rel=1e-6)
+
+
+def test_models_returning_a_model_output_a_dict_or_a_tuple():
+    """A Hugging Face classifier (ModelOutput, keyword inputs from a dict) and models returning
+    dicts or tuples: predict finds the logits (or takes the name / index given)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32,
+                                  max_position_embeddings=16, num_labels=4)
+    model = sparsevd.convert(transformers.BertForSequenceClassification(cfg))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, sparsevd.nn.LinearSVDO):
+                m.log_sigma2.uniform_(-6.0, -2.0)
+    x = {"input_ids": torch.randint(0, 40, (5, 7)), "attention_mask": torch.ones(5, 7, dtype=torch.long)}
+    x["attention_mask"][0, 4:] = 0
+    det = predict(model, x, samples=0)
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()(**x).logits, -1)
+    assert_close(det.probs, expected, rtol=1e-6, atol=1e-7, name="deterministic")
+    pred = predict(model, x, samples=4, seed=5)
+    torch.manual_seed(5)
+    with torch.no_grad(), sampling(model):
+        manual = torch.stack([torch.softmax(model(**x).logits, -1) for _ in range(4)]).mean(0)
+    assert_close(pred.probs, manual, rtol=1e-6, atol=1e-7, name="Monte Carlo")
+    assert not torch.equal(pred.probs, det.probs)
+
+    class DictOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _model()
+
+        def forward(self, x):
+            return {"features": x, "scores": self.net(x)}
+
+    wrapped, xs = DictOut(), torch.randn(3, 12)
+    with torch.no_grad():
+        scores = torch.softmax(wrapped.eval()(xs)["scores"], -1)
+    assert_close(predict(wrapped, xs, samples=0, logits="scores").probs, scores, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"no 'logits' entry.*\['features', 'scores'\]"):
+        predict(wrapped, xs, samples=0)
+    tupled = nn.Sequential(_model(), Tuple())
+    with torch.no_grad():
+        first = torch.softmax(tupled.eval()(xs)[0], -1)
+    assert_close(predict(tupled, xs, samples=0).probs, first, rtol=1e-6, atol=1e-7, name="tuple")
+    with pytest.raises(ValueError, match="index of the model's 2-tuple"):
+        predict(tupled, xs, samples=0, logits=2)
+
+
+class Tuple(nn.Module):
+    def forward(self, x):
+        return x, x.sum(-1)

@@ -1,0 +1,276 @@
+"""Hugging Face models (sparsevd/hf.py, sparsevd/hf_integration.py), built from tiny configs
+(nothing downloaded): a converted or deployed model round-trips exactly through transformers'
+own save_pretrained / from_pretrained (and sparsevd.hf's compact pair, and sparsevd.save /
+load(model=...)); without sparsevd's quantizer, transformers loads the dense model with the same
+outputs, never another one."""
+import contextlib
+import json
+
+import pytest
+import torch
+from conftest import prune
+from torch import nn
+
+import sparsevd
+from sparsevd.nn import LinearSVDO, SparseLinear
+
+transformers = pytest.importorskip("transformers")
+hf = pytest.importorskip("sparsevd.hf")
+
+
+def _bert_config(intermediate=48):
+    return transformers.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=intermediate,
+                                   max_position_embeddings=24, num_labels=3)
+
+
+def _bert():
+    model = prune(sparsevd.convert(transformers.BertForSequenceClassification(_bert_config())).eval())
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            layer.intermediate.dense.log_sigma2[:10] = 20.0  # dead neurons: compacted at deploy
+    return model
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(vocab_size=60, n_embd=16, n_layer=2, n_head=2, n_positions=24,
+                                  bos_token_id=0, eos_token_id=0)
+    return prune(sparsevd.convert(transformers.GPT2LMHeadModel(cfg)).eval())
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@contextlib.contextmanager
+def without_sparsevd_quantizer():
+    """transformers as a process that never imported sparsevd sees it."""
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    saved = AUTO_QUANTIZER_MAPPING.pop("sparsevd"), AUTO_QUANTIZATION_CONFIG_MAPPING.pop("sparsevd")
+    try:
+        yield
+    finally:
+        AUTO_QUANTIZER_MAPPING["sparsevd"], AUTO_QUANTIZATION_CONFIG_MAPPING["sparsevd"] = saved
+
+
+def tokens(n=3, t=11):
+    tok = torch.randint(0, 60, (n, t))
+    mask = torch.ones_like(tok)
+    mask[0, 7:] = 0
+    return tok, mask
+
+
+def test_converted_bert_round_trips_through_save_pretrained(tmp_path):
+    model = _bert()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "sparsevd"
+    assert config["modules"]["bert.encoder.layer.0.intermediate.dense"]["kind"] == "sparse_vd"
+    loaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.bert.encoder.layer[1].output.dense, LinearSVDO)
+    _same_state(loaded, model)  # θ (dropped weights included), log σ², biases: bit for bit
+    tok, mask = tokens()
+    with torch.no_grad():
+        assert torch.equal(loaded(tok, attention_mask=mask).logits, model(tok, attention_mask=mask).logits)
+    with without_sparsevd_quantizer():  # transformers alone: the pruned dense model
+        dense = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert type(dense.bert.encoder.layer[0].intermediate.dense) is nn.Linear
+    with torch.no_grad():
+        assert torch.equal(dense(tok, attention_mask=mask).logits, model(tok, attention_mask=mask).logits)
+
+
+def test_deployed_bert_round_trips_through_save_pretrained(tmp_path):
+    deployed = sparsevd.deploy(_bert(), cost_model="csr")
+    assert deployed.bert.encoder.layer[0].intermediate.dense.out_features < 48
+    deployed.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert not loaded.training
+    layer = loaded.bert.encoder.layer[0]
+    assert isinstance(layer.intermediate.dense, SparseLinear)
+    assert layer.intermediate.dense.plan == deployed.bert.encoder.layer[0].intermediate.dense.plan
+    _same_state(loaded, deployed)
+    tok, mask = tokens()
+    with torch.no_grad():
+        expected = deployed(tok, attention_mask=mask).logits
+        assert torch.equal(loaded(tok, attention_mask=mask).logits, expected)
+    with without_sparsevd_quantizer():
+        dense = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert type(dense.bert.encoder.layer[0].intermediate.dense) is nn.Linear
+    assert dense.bert.encoder.layer[0].intermediate.dense.out_features == 48
+    with torch.no_grad():
+        torch.testing.assert_close(dense(tok, attention_mask=mask).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compact_save_pretrained_and_sparsevd_load_into_the_config_architecture(tmp_path):
+    deployed = sparsevd.deploy(prune(_bert(), 0.9), cost_model="csr")
+    hf.save_pretrained(deployed, tmp_path / "compact")
+    deployed.save_pretrained(tmp_path / "dense")
+    compact = (tmp_path / "compact" / hf.WEIGHTS_NAME).stat().st_size
+    assert compact < (tmp_path / "dense" / "model.safetensors").stat().st_size
+    assert "quantization_config" not in json.loads((tmp_path / "compact" / "config.json").read_text())
+    tok, mask = tokens()
+    with torch.no_grad():
+        expected = deployed(tok, attention_mask=mask).logits
+    for directory in ("compact", "dense"):  # sparsevd.hf.from_pretrained reads both layouts
+        loaded = hf.from_pretrained(tmp_path / directory)
+        _same_state(loaded, deployed)
+        with torch.no_grad():
+            assert torch.equal(loaded(tok, attention_mask=mask).logits, expected), directory
+    with pytest.raises(OSError):  # transformers' own loader finds no weights it knows: refused
+        transformers.BertForSequenceClassification.from_pretrained(tmp_path / "compact")
+    path = sparsevd.save(deployed, tmp_path / "bert.safetensors")
+    into = sparsevd.load(path, model=transformers.BertForSequenceClassification(_bert_config()))
+    with torch.no_grad():
+        assert torch.equal(into(tok, attention_mask=mask).logits, expected)
+    with pytest.raises(ValueError, match=r"bert\.safetensors: module 'bert\.encoder\.layer\.0\.intermediate\.dense'"):
+        sparsevd.load(path, model=transformers.BertForSequenceClassification(_bert_config(32)))
+
+
+def test_gpt2_conv1d_and_tied_head_round_trip(tmp_path):
+    deployed = sparsevd.deploy(_gpt2(), cost_model="csr")
+    tok = torch.randint(0, 60, (2, 9))
+    with torch.no_grad():
+        expected = deployed(tok).logits
+    deployed.save_pretrained(tmp_path / "hf")
+    hf.save_pretrained(deployed, tmp_path / "compact")
+    with without_sparsevd_quantizer():
+        dense = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert type(dense.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # (in, out) weights again
+    for loaded in (transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf"),
+                   hf.from_pretrained(tmp_path / "compact"), dense):
+        assert loaded.lm_head.weight is loaded.transformer.wte.weight
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(tok).logits, expected, rtol=1e-5, atol=1e-6)
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    assert isinstance(loaded.transformer.h[1].mlp.c_proj, SparseLinear)
+    _same_state(loaded, deployed)
+
+
+def _resnet(exclude=None):
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                    num_channels=3, num_labels=4)
+    model = transformers.ResNetForImageClassification(cfg).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):  # fresh random running statistics
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.3)
+                m.bias.normal_(0, 0.3)
+    return prune(sparsevd.convert(model, exclude=exclude), 0.5)
+
+
+def test_resnet_batch_norms_fold_and_round_trip(tmp_path):
+    x = torch.randn(2, 3, 32, 32)
+    model = _resnet(exclude="resnet.embedder.*")
+    with torch.no_grad():
+        expected = model(x).logits
+    deployed = sparsevd.deploy(model, x, cost_model="dense")
+    layer = deployed.resnet.encoder.stages[0].layers[0].layer[0]
+    assert isinstance(layer.normalization, nn.Identity)  # folded into the bias-free convolution
+    with torch.no_grad():
+        out = deployed(x).logits
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    deployed.save_pretrained(tmp_path)
+    loaded = transformers.ResNetForImageClassification.from_pretrained(tmp_path)
+    assert isinstance(loaded.resnet.encoder.stages[0].layers[0].layer[0].normalization, nn.Identity)
+    with without_sparsevd_quantizer():
+        dense = transformers.ResNetForImageClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, out)
+        torch.testing.assert_close(dense(x).logits, out, rtol=1e-5, atol=1e-5)
+    # every layer deployed, every batch norm folded: no parameter left for transformers' dtype
+    everything = sparsevd.deploy(_resnet(), x, cost_model="dense")
+    with pytest.raises(ValueError, match="sparsevd.hf.save_pretrained"):
+        everything.save_pretrained(tmp_path / "all")
+    hf.save_pretrained(everything, tmp_path / "compact")
+    with torch.no_grad():
+        assert torch.equal(hf.from_pretrained(tmp_path / "compact")(x).logits, everything(x).logits)
+
+
+def test_weights_edited_after_saving_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    deployed = sparsevd.deploy(_bert(), cost_model="csr")
+    deployed.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    key = "bert.encoder.layer.0.intermediate.dense.weight"
+    state[key][0, 0] = 1.0  # a neuron the deployed model had removed
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"intermediate\.dense'.*removed.*weights changed"):
+        transformers.BertForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_sentence_transformer_round_trips(tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    modules = pytest.importorskip("sentence_transformers.sentence_transformer.modules")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat"]
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "vocab.txt").write_text("\n".join(words + [f"w{i}" for i in range(30)]))
+    transformers.BertTokenizerFast(vocab_file=str(base / "vocab.txt")).save_pretrained(base)
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=48, max_position_embeddings=32)).save_pretrained(base)
+
+    def build():
+        return st.SentenceTransformer(modules=[modules.Transformer(str(base)), modules.Pooling(16)],
+                                      device="cpu")
+
+    deployed = sparsevd.deploy(prune(sparsevd.convert(build().eval())), cost_model="csr")
+    text = ["the cat sat on the mat", "w1 w2 w3", "cat"]
+    expected = deployed.encode(text, convert_to_tensor=True)
+    deployed.save(str(tmp_path / "st"))  # the inner model's save_pretrained: sparsevd's quantizer
+    reloaded = st.SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert isinstance(reloaded[0].auto_model.encoder.layer[0].intermediate.dense, SparseLinear)
+    assert torch.equal(reloaded.encode(text, convert_to_tensor=True), expected)
+    into = sparsevd.load(sparsevd.save(deployed, tmp_path / "st.safetensors"), model=build())
+    assert torch.equal(into.encode(text, convert_to_tensor=True), expected)
+
+
+def test_dense_equivalent_of_a_user_model_computes_the_same_and_rebuilds_exactly():
+    """The machinery under save_pretrained on a model with an attention, a batch norm folded into
+    a convolution without bias and a compacted MLP: the dense-equivalent state loads into the
+    plain architecture and gives the same outputs; rebuilt, the modules are the deployed ones."""
+    import torch.nn.functional as F
+
+    from sparsevd.hf_integration import dense_state_dict, rebuild, records
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc1, self.fc2 = nn.Linear(8, 24), nn.Linear(24, 8)
+            with torch.no_grad():
+                self.bn.running_mean.normal_(0, 0.5)
+                self.bn.running_var.uniform_(0.5, 2.0)
+                self.bn.weight.normal_(1, 0.3)
+                self.bn.bias.normal_(0, 0.3)
+
+        def forward(self, img):
+            t = F.relu(self.bn(self.conv(img))).flatten(2).transpose(1, 2)
+            t = t + self.attn(t, t, t, need_weights=False)[0]
+            return t + self.fc2(F.gelu(self.fc1(t)))
+
+    model = prune(sparsevd.convert(Net()).eval(), 0.6)
+    with torch.no_grad():
+        model.fc1.log_sigma2[:6] = 20.0
+    deployed = sparsevd.deploy(model, cost_model="csr")
+    assert isinstance(deployed.bn, nn.Identity) and deployed.fc1.out_features <= 18
+    recs = json.loads(json.dumps(records(deployed)))  # what config.json holds
+    dense = Net()
+    dense.load_state_dict(dense_state_dict(deployed), strict=True)
+    img = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = deployed(img)
+        torch.testing.assert_close(dense.eval()(img), expected, rtol=1e-5, atol=1e-5)
+    rebuild(dense, recs)
+    assert isinstance(dense.attn.k_proj, SparseLinear) and isinstance(dense.bn, nn.Identity)
+    _same_state(dense, deployed)
+    with torch.no_grad():
+        assert torch.equal(dense(img), expected)

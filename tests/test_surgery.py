@@ -1,0 +1,261 @@
+"""Deploy-time surgery beyond nn.Sequential (sparsevd/surgery.py): dead neurons removed inside
+traced modules (a user's MLP, BERT's intermediate/output pair, GPT-2's MLP), batch norms folded
+into convolutions, transformers Conv1D and tied weights in convert, nn.MultiheadAttention split
+into projections that convert and deploy. Every deployed model is compared with the eval-mode
+model it came from on fresh inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, prune
+from torch import nn
+
+import sparsevd
+from sparsevd.nn import LinearSVDO, SparseConv2d, SparseLinear, SplitMultiheadAttention
+from sparsevd.surgery import origin
+
+transformers = pytest.importorskip("transformers")
+
+
+def keep_entries(layer, rows, cols):
+    """Keep the weights at (rows[i], cols[i]) (θ = 0.5, log σ² = −10: log α ≈ −8.6)."""
+    with torch.no_grad():
+        layer.weight[rows, cols] = 0.5
+        layer.log_sigma2[rows, cols] = -10.0
+
+
+def kill_rows(layer, rows):
+    """Make output neurons ``rows`` of a sparse-VD layer dead (every weight dropped)."""
+    with torch.no_grad():
+        layer.log_sigma2[rows] = 20.0
+
+
+class MLPBlock(nn.Module):
+    """x + fc2(act(fc1(x))), not a Sequential."""
+
+    def __init__(self, d=12, h=40, act=F.gelu):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(d, h), nn.Linear(h, d), act
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, act=F.gelu):
+        super().__init__()
+        self.block = MLPBlock(act=act)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+@pytest.mark.parametrize("act", [F.gelu, torch.sigmoid], ids=["gelu", "sigmoid"])
+def test_traced_mlp_compaction_of_a_user_module(act):
+    model = prune(sparsevd.convert(Net(act)).eval())
+    kill_rows(model.block.fc1, slice(0, 9))  # 9 dead neurons: constant act(b) folded into fc2's bias
+    with torch.no_grad():
+        model.block.fc2.log_sigma2[:, 30:] = 20.0  # 10 neurons nobody reads
+    live = torch.arange(9, 30)
+    keep_entries(model.block.fc1, live, live % 12)  # the others stay alive and read
+    keep_entries(model.block.fc2, live % 12, live)
+    deployed = sparsevd.deploy(model, cost_model="csr")
+    fc1, fc2 = deployed.block.fc1, deployed.block.fc2
+    assert fc1.out_features == fc2.in_features == 40 - 19
+    assert origin(fc1)["rows"] == [[9, 30]] and origin(fc2)["cols"] == [[9, 30]]
+    for shape in [(5, 12), (2, 7, 12), (1, 12)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert_close(deployed(x), model(x), rtol=1e-5, atol=1e-6, name=f"{shape}")
+    # trace=False: only nn.Sequential chains, so nothing is compacted here
+    plain = sparsevd.deploy(model, cost_model="csr", trace=False)
+    assert plain.block.fc1.out_features == 40
+
+
+def test_a_layer_output_used_twice_is_not_compacted():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return self.fc2(F.relu(h)) + h  # fc1's neurons are read by the residual too
+
+    model = prune(sparsevd.convert(Twice()).eval())
+    kill_rows(model.fc1, slice(0, 3))
+    deployed = sparsevd.deploy(model, cost_model="masked")
+    assert deployed.fc1.out_features == 8 and deployed.fc2.in_features == 8
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert_close(deployed(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def _bert(num_layers=2):
+    cfg = transformers.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=num_layers,
+                                  num_attention_heads=2, intermediate_size=48,
+                                  max_position_embeddings=24, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def test_bert_intermediate_neurons_are_removed_from_both_matrices():
+    model = prune(sparsevd.convert(_bert()).eval(), 0.6)
+    for i, layer in enumerate(model.bert.encoder.layer):
+        kill_rows(layer.intermediate.dense, slice(0, 10 + 5 * i))
+        live = torch.arange(10 + 5 * i, 48)
+        keep_entries(layer.intermediate.dense, live, live % 16)
+        keep_entries(layer.output.dense, live % 16, live)
+    deployed = sparsevd.deploy(model, cost_model="csr")
+    for i, layer in enumerate(deployed.bert.encoder.layer):
+        assert layer.intermediate.dense.out_features == 48 - 10 - 5 * i
+        assert layer.output.dense.in_features == 48 - 10 - 5 * i
+        assert layer.output.dense.out_features == 16  # the block's interface is unchanged
+    tok = torch.randint(0, 60, (3, 11))
+    mask = torch.ones_like(tok)
+    mask[0, 7:] = 0
+    with torch.no_grad():
+        assert_close(deployed(tok, attention_mask=mask).logits, model(tok, attention_mask=mask).logits,
+                     rtol=1e-5, atol=1e-5, name="BERT logits")
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(vocab_size=60, n_embd=16, n_layer=2, n_head=2, n_positions=24,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def test_gpt2_conv1d_converts_deploys_and_the_tied_head_stays_dense():
+    model = _gpt2()
+    tok = torch.randint(0, 60, (2, 9))
+    with torch.no_grad():
+        dense = model(tok).logits
+    converted, report = sparsevd.convert(model, return_report=True)
+    by_name = {e.name: e for e in report}
+    assert by_name["transformer.h.0.attn.c_attn"].action == "convert"
+    assert "transposed" in by_name["transformer.h.1.mlp.c_proj"].reason
+    assert by_name["lm_head"].action == "dense" and "transformer.wte.weight" in by_name["lm_head"].reason
+    c_fc = converted.transformer.h[0].mlp.c_fc
+    assert isinstance(c_fc, LinearSVDO) and origin(c_fc) == {"type": "Conv1D"}
+    assert converted.lm_head.weight is converted.transformer.wte.weight
+    with torch.no_grad():
+        assert_close(converted(tok).logits, dense, rtol=1e-5, atol=1e-5, name="converted")
+    prune(converted, 0.7)
+    for block in converted.transformer.h:
+        kill_rows(block.mlp.c_fc, slice(0, 12))
+        live = torch.arange(12, 64)
+        keep_entries(block.mlp.c_fc, live, live % 16)
+        keep_entries(block.mlp.c_proj, live % 16, live)
+    deployed = sparsevd.deploy(converted, cost_model="csr")
+    assert deployed.lm_head.weight is deployed.transformer.wte.weight  # still tied
+    for block in deployed.transformer.h:
+        assert isinstance(block.attn.c_attn, SparseLinear)
+        assert block.mlp.c_fc.out_features == block.mlp.c_proj.in_features == 64 - 12
+    with torch.no_grad():
+        assert_close(deployed(tok).logits, converted(tok).logits, rtol=1e-5, atol=1e-5, name="deployed")
+
+
+def _fresh_bn(bn):
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.3, 3.0)
+        bn.weight.normal_(1, 0.3)
+        bn.bias.normal_(0, 0.3)
+    return bn
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c=4, mid=8):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid)
+        self.c2, self.b2 = nn.Conv2d(mid, c, 1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(x + self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
+
+
+def test_batch_norms_fold_into_convolutions():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), ResBlock(),
+                          nn.Conv2d(4, 6, 3, groups=2), nn.BatchNorm2d(6), nn.Flatten(),
+                          nn.Linear(6 * 6 * 6, 5))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            _fresh_bn(m)
+    model = prune(sparsevd.convert(model).eval(), 0.5)
+    kill_rows(model[3].c1, slice(0, 3))
+    with torch.no_grad():  # the other channels of c1 stay alive and read
+        model[3].c1.weight[3:, :, 1, 1] = 0.5
+        model[3].c1.log_sigma2[3:, :, 1, 1] = -10.0
+        model[3].c2.weight[:, 3:] = 0.5
+        model[3].c2.log_sigma2[:, 3:] = -10.0
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        expected = model(x)
+    for cost_model in ("dense", "csr"):
+        deployed = sparsevd.deploy(model, x, cost_model=cost_model)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+        assert origin(deployed[1])["folded_into"] == "0" and origin(deployed[0])["folded_bn"] == "1"
+        assert deployed[3].c1.out_channels == 5 and deployed[3].c2.in_channels == 5  # through b1
+        assert isinstance(deployed[4], SparseConv2d) and deployed[4].groups == 2
+        with torch.no_grad():
+            assert_close(deployed(x), expected, rtol=1e-5, atol=1e-5, name=cost_model)
+
+
+def test_conv1d_batch_norm_folds():
+    model = nn.Sequential(nn.Conv1d(3, 5, 3, padding=1), _fresh_bn(nn.BatchNorm1d(5)), nn.GELU())
+    model = prune(sparsevd.convert(model).eval(), 0.4)
+    deployed = sparsevd.deploy(model, cost_model="dense")
+    assert isinstance(deployed[1], nn.Identity)
+    x = torch.randn(4, 3, 9)
+    with torch.no_grad():
+        assert_close(deployed(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("options", [{}, {"add_bias_kv": True, "add_zero_attn": True},
+                                     {"kdim": 5, "vdim": 7}, {"bias": False}],
+                         ids=["plain", "bias_kv_zero_attn", "kdim_vdim", "no_bias"])
+def test_split_attention_equals_multihead_attention(batch_first, options):
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first, **options).eval()
+    split = SplitMultiheadAttention.from_module(mha).eval()
+    n, t, s = 3, 4, 6
+
+    def seq(length, dim):
+        return torch.randn(n, length, dim) if batch_first else torch.randn(length, n, dim)
+
+    q, k, v = seq(t, 8), seq(s, mha.kdim), seq(s, mha.vdim)
+    kpm = torch.rand(n, s) < 0.3
+    kpm[:, 0] = False
+    for kwargs in ({}, {"key_padding_mask": kpm}, {"attn_mask": torch.randn(t, s)},
+                   {"attn_mask": torch.rand(t, s) < 0.3, "need_weights": False},
+                   {"key_padding_mask": kpm, "average_attn_weights": False}):
+        with torch.no_grad():
+            a, b = mha(q, k, v, **kwargs), split(q, k, v, **kwargs)
+        assert_close(b[0], a[0], rtol=1e-5, atol=1e-6, name=f"output {kwargs.keys()}")
+        assert (a[1] is None) == (b[1] is None)
+        if a[1] is not None:
+            assert_close(b[1], a[1], rtol=1e-5, atol=1e-6, name=f"weights {kwargs.keys()}")
+
+
+def test_multihead_attention_converts_and_deploys_in_a_transformer_encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2), nn.Linear(16, 3)).eval()
+    x = torch.randn(3, 7, 16)
+    causal = nn.Transformer.generate_square_subsequent_mask(7)
+    with torch.no_grad():
+        dense = model[0](x, mask=causal, is_causal=True)
+    converted = sparsevd.convert(model)
+    attn = converted[0].layers[0].self_attn
+    assert isinstance(attn, SplitMultiheadAttention) and isinstance(attn.q_proj, LinearSVDO)
+    assert origin(attn) == {"type": "MultiheadAttention"}
+    with torch.no_grad():
+        assert_close(converted[0](x, mask=causal, is_causal=True), dense, rtol=1e-5, atol=1e-5,
+                     name="converted")
+    prune(converted)
+    deployed = sparsevd.deploy(converted, cost_model="csr")
+    assert isinstance(deployed[0].layers[1].self_attn.v_proj, SparseLinear)
+    with torch.no_grad():
+        assert_close(deployed(x), converted(x), rtol=1e-5, atol=1e-5, name="deployed")
+        assert_close(deployed[0](x, mask=causal, is_causal=True),
+                     converted[0](x, mask=causal, is_causal=True), rtol=1e-5, atol=1e-5,
+                     name="deployed, causal")
