@@ -267,6 +267,18 @@ def _module_spec(m: nn.Module, name: str) -> dict:
     return spec
 
 
+def _load_order(model: nn.Module, modules: dict) -> List[str]:
+    """The names of the file's modules in the order they are put into ``model``: parents before
+    children, then in the model's own module order (so an error names the first module that
+    differs, as the model lists them); aliases (``same_as``) last, after what they name."""
+    order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
+
+    def key(name):
+        alias = isinstance(modules[name], dict) and "same_as" in modules[name]
+        return alias, name.count("."), order.get(name, len(order)), name
+    return sorted(modules, key=key)
+
+
 def _load_into(model: nn.Module, part: dict, tensors: Dict[str, Tensor], path: Path) -> nn.Module:
     """Put the modules of the file's ``model`` part into ``model`` and load every tensor."""
     modules, aliases = part.get("modules"), part.get("aliases", {})
@@ -276,7 +288,7 @@ def _load_into(model: nn.Module, part: dict, tensors: Dict[str, Tensor], path: P
     builder = _Builder(tensors, path)
     built: Dict[str, nn.Module] = {}
     deployed = False
-    for name in sorted(modules, key=lambda n: n.count(".")):
+    for name in _load_order(model, modules):
         spec = modules[name]
         if not isinstance(spec, dict):
             raise ValueError(f"{path}: corrupted config: module {name!r} is not an object")
