@@ -181,7 +181,7 @@ def test_nonfinite_strided_and_explicit_zeros(simd, batch):
     crow, col, val = csr_of(w)
     val = val.clone()
     val[::5] = 0.0
-    w = sparsevd.nn.sparse._csr_to_dense(crow, col, val, 20, 64)
+    w = csr_mod.csr_to_dense(crow, col, val, 20, 64)
     base = inject_nonfinite(torch.randn(batch, 64), cols, "mixed")
     for x in (base.t().contiguous().t(), torch.stack([base, base], -1)[..., 0]):  # column-major, stride 2
         assert_ieee_close(csr_linear(x, crow, col, val), F.linear(x, w), *TOL[torch.float32])

@@ -38,10 +38,11 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .._args import IntOrPair, as_pair, as_single, check_groups
 from ..reference import conv_out_size
-from ..ops.csr import csr_linear_torch, validate_csr, warn_fallback
+from ..ops.csr import csr_linear_torch, csr_to_dense, validate_csr, warn_fallback
 from ..ops.library import kernel_available
 from .svdo import conv_repr
 
@@ -80,17 +81,6 @@ def to_csr(
     crow[1:] = torch.cumsum(counts, 0)
     crow_dtype = torch.int32 if values.numel() < 2**31 else torch.int64
     return crow.to(crow_dtype), cols.to(index_dtype).contiguous(), values
-
-
-def _csr_to_dense(crow: Tensor, col: Tensor, values: Tensor, n: int, k: int) -> Tensor:
-    w = torch.zeros(n, k, dtype=values.dtype, device=values.device)
-    if values.numel():
-        rows = torch.repeat_interleave(
-            torch.arange(n, device=values.device), (crow[1:] - crow[:-1]).long(),
-            output_size=values.numel(),
-        )
-        w[rows, col.long()] = values
-    return w
 
 
 def used_columns(col_indices: Tensor, in_cols: int) -> Tensor:
@@ -314,6 +304,14 @@ class _SparseBase(nn.Module):
             return weight._version == version
         return crow._version + col._version + values._version == version
 
+    def _order_buffers(self) -> None:
+        """The stored buffers first, the None ones after, in ``_BUFFERS`` order (torch.export of
+        a root module numbers its buffers counting the None ones (torch 2.13): a None before a
+        tensor shifts the names, or raises an IndexError)."""
+        b = self._buffers
+        for k in sorted(_BUFFERS, key=lambda k: b[k] is None):
+            b[k] = b.pop(k)
+
     def _conform_storage(self, check_indices: bool = True) -> bool:
         """Convert the stored weight to the format the plan needs (:func:`storage_for`); True when
         it changed. The CSR is validated first (``check_indices``) unless the caller did.
@@ -324,13 +322,14 @@ class _SparseBase(nn.Module):
         """
         want = storage_for(self.plan)
         if want == self.storage:
+            self._order_buffers()
             return False
         b = self._buffers
         if want == "dense":
             crow, col, values = (b[k] for k in _CSR_BUFFERS)
             if check_indices:
                 validate_csr(crow, col, values, self._cols, b["bias"])
-            w = _csr_to_dense(crow, col, values, self._rows, self._cols).reshape(self._weight_shape())
+            w = csr_to_dense(crow, col, values, self._rows, self._cols).reshape(self._weight_shape())
             b["weight"] = w
             for k in _CSR_BUFFERS:
                 b[k] = None
@@ -342,6 +341,7 @@ class _SparseBase(nn.Module):
             for k, t in zip(_CSR_BUFFERS, to_csr(w.reshape(self._rows, self._cols))):
                 b[k] = t
             b["weight"] = None
+        self._order_buffers()
         return True
 
     # -- report() attributes
@@ -406,12 +406,22 @@ class _SparseBase(nn.Module):
         self._fast = self._fast_args()
 
     def mode_for(self, batch: int) -> str:
-        """The mode the plan gives for a batch of ``batch`` samples."""
+        """The mode the plan gives for a batch of ``batch`` samples.
+
+        A symbolic batch (torch.export / torch.compile with a dynamic batch dimension) is not
+        guarded on: a bound that the batch's range decides is used, else the mode for the largest
+        batches (the plan's last), so the traced graph holds one kernel for every batch size."""
         plan = self.plan
         if len(plan) == 1:
             return plan[0][1]
+        symbolic = isinstance(batch, torch.SymInt)
         for bound, mode in plan:
-            if bound is None or batch <= bound:
+            if bound is None:
+                return mode
+            if symbolic:
+                if statically_known_true(batch <= bound):
+                    return mode
+            elif batch <= bound:
                 return mode
         return plan[-1][1]
 
@@ -426,7 +436,7 @@ class _SparseBase(nn.Module):
         b = self._buffers
         if b["weight"] is not None:
             return b["weight"].reshape(self._rows, self._cols).clone()
-        return _csr_to_dense(b["crow_indices"], b["col_indices"], b["values"], self._rows, self._cols)
+        return csr_to_dense(b["crow_indices"], b["col_indices"], b["values"], self._rows, self._cols)
 
     def csr(self) -> Tuple[Tensor, Tensor, Tensor]:
         """The weight as CSR (crow_indices, col_indices, values), see :func:`to_csr`: the buffers
@@ -458,7 +468,7 @@ class _SparseBase(nn.Module):
         if b["weight"] is not None:
             w = b["weight"]
             return w if w.dim() == 2 else w.view(self._rows, self._cols)
-        return _csr_to_dense(b["crow_indices"], b["col_indices"], b["values"], self._rows, self._cols)
+        return csr_to_dense(b["crow_indices"], b["col_indices"], b["values"], self._rows, self._cols)
 
     def _reject_meta(self, mode: str) -> None:
         """The error for a meta x (called only for one): the CSR kernel reads x, and the dense modes
@@ -469,12 +479,25 @@ class _SparseBase(nn.Module):
                              f"meta tensor" + (" (mode 'csr' reads x)" if mode == "csr" else ""))
 
     def _run_csr(self, x: Tensor) -> Tensor:
+        if torch.onnx.is_in_onnx_export():  # standard ONNX ops, see sparsevd.export
+            return F.linear(x, self._traced_dense_weight(), self.bias)
         if self._use_kernel:
             return torch.ops.sparsevd.csr_linear.default(
                 x, self.crow_indices, self.col_indices, self.values, self.bias
             )
         warn_fallback(type(self).__name__)
         return csr_linear_torch(x, self.crow_indices, self.col_indices, self.values, self.bias)
+
+    def _traced_dense_weight(self) -> Tensor:
+        """The zero-filled (rows, cols) weight rebuilt from the CSR buffers in traceable ops
+        (:func:`~sparsevd.ops.csr.csr_to_dense`): the ONNX form of the CSR mode."""
+        b = self._buffers
+        if b["col_indices"].dtype == torch.uint16 and torch.jit.is_tracing():
+            raise TypeError(
+                "col_indices: the TorchScript-based ONNX exporter (torch.onnx.export(..., "
+                "dynamo=False)) cannot store uint16 tensors; export with dynamo=True (the default), "
+                "or give the layer int32 indices first: layer.col_indices = layer.col_indices.int()")
+        return csr_to_dense(b["crow_indices"], b["col_indices"], b["values"], self._rows, self._cols)
 
     def _refresh(self) -> None:
         # the compiled kernel for the buffers' device (x must be there too), the dense caches, and
@@ -487,6 +510,15 @@ class _SparseBase(nn.Module):
     def _fast_args(self) -> Optional[tuple]:
         """The arguments after x of the one F.linear / F.conv2d call of the plan, or None."""
         raise NotImplementedError
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: the layer's Python (validation, plans by batch size)
+        # is not TorchScript; say what works instead of a parser error
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script (TorchScript, deprecated "
+            "in torch). torch.jit.trace works (the trace runs the plan's mode at the example's "
+            "batch size); so do torch.export, torch.compile and torch.onnx.export "
+            "(sparsevd.export_onnx)")
 
     def _apply(self, fn, recurse=True):
         # Moving or casting the module keeps the column indices integral; the buffers are new
@@ -844,7 +876,10 @@ class SparseConv2d(_SparseBase):
         mode = self.mode_for(x.shape[0])
         if x.is_meta:
             self._reject_meta(mode)
-        if mode == "csr":
+        if mode == "csr" and torch.onnx.is_in_onnx_export():  # standard ONNX ops: a dense conv
+            y = F.conv2d(x, self._traced_dense_weight().view(self._weight_shape()), self.bias,
+                         self.stride, self.padding, self.dilation, self.groups)
+        elif mode == "csr":
             n, _, h, w = x.shape
             (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
                                                       self.dilation)

@@ -45,6 +45,7 @@ _warned = False
 __all__ = [
     "csr_linear",
     "csr_linear_torch",
+    "csr_to_dense",
     "validate_csr",
     "warn_fallback",
 ]
@@ -72,6 +73,31 @@ if library.available():
         torch._check(crow_indices.dim() == 1, lambda: "crow_indices must be 1-D")
         torch._check(x.dim() >= 1, lambda: "x must have at least 1 dimension")
         return x.new_empty((*x.shape[:-1], crow_indices.shape[0] - 1))
+
+
+def csr_to_dense(crow_indices: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
+                 in_features: int) -> Tensor:
+    """The zero-filled dense W (out_features, in_features) of a CSR weight, in ops that trace:
+    ``torch.export`` keeps the sizes symbolic-free (no data-dependent shape) and ONNX gets
+    ScatterElements (add), CumSum and ScatterND, which onnxruntime folds into a constant when the
+    CSR is one (the deployed layers' ONNX form, see :mod:`sparsevd.export`).
+
+    The row of nonzero j is the number of rows that end at or before j: a histogram of
+    crow[1:] over [0, nnz], summed up. Expects a valid CSR (:func:`validate_csr`); out-of-range
+    indices raise in torch's indexing (never a read out of bounds).
+
+    Returns:
+        (out_features, in_features) tensor of ``values``' dtype and device.
+    """
+    nnz = values.shape[0]
+    crow = crow_indices.long()
+    # new_zeros / new_ones: ONNX ConstantOfShape, which exporters keep as it is (a zero-filled
+    # (out, in) constant would make the file bigger than the dense layer)
+    ends = crow.new_zeros(nnz + 1).scatter_add(0, crow[1:], crow.new_ones(out_features))
+    rows = ends.cumsum(0)[:nnz]
+    flat = rows * in_features + col_indices.long()
+    w = values.new_zeros(out_features * in_features)
+    return w.index_put((flat,), values).view(out_features, in_features)
 
 
 def _name_dtype(dtypes) -> str:
