@@ -530,6 +530,27 @@ SVD_AVX2 inline void row_tile_avx2(const float* xp, const I* col, const float* v
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) acc[u][v] = _mm256_setzero_ps();
   }
+  if constexpr (sizeof(I) == 2) {
+    // 16-bit indices: four per 64-bit load (fewer load-port slots per nonzero); indices checked
+    // in [0, K) before, so the unsigned 16 bits are the column
+    constexpr int G = U > 4 ? U : 4;
+    for (; j + G <= e; j += G) {
+#pragma GCC unroll 2
+      for (int h = 0; h < G; h += 4) {
+        uint64_t q;
+        std::memcpy(&q, col + j + h, sizeof(q));
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+          const float* p = xp + static_cast<int64_t>((q >> (16 * u)) & 0xFFFFu) * TM;
+          const __m256 w = _mm256_broadcast_ss(val + j + h + u);
+#pragma GCC unroll 8
+          for (int v = 0; v < V; ++v) {
+            acc[(h + u) % U][v] = _mm256_fmadd_ps(w, _mm256_load_ps(p + 8 * v), acc[(h + u) % U][v]);
+          }
+        }
+      }
+    }
+  }
   for (; j + U <= e; j += U) {
 #pragma GCC unroll 8
     for (int u = 0; u < U; ++u) {
