@@ -352,6 +352,9 @@ CSR_MAX_DENSITY = 0.5
 #: Layers whose dense product has at most this many multiply-adds (at a bucket's batch) never use
 #: CSR (call overheads).
 CSR_MIN_MACS = 16384
+#: A SparseLinear is timed at most at this many input rows (a larger bucket is timed here): the
+#: cost per row of the dense GEMM and of the CSR SpMM is flat from a few hundred rows on.
+MAX_TIMED_ROWS = 1024
 
 
 def _used_columns(layer: nn.Module) -> int:
@@ -503,15 +506,16 @@ def plan_layer(layer: nn.Module, input_shape: Optional[Sequence[int]] = None,
 
     Args:
         layer: a SparseLinear or SparseConv2d.
-        input_shape: one sample's input shape for a SparseConv2d, (C, H, W) (needed to measure;
-            without it the rule decides); ignored for SparseLinear.
+        input_shape: one sample's input shape: (C, H, W) for a SparseConv2d (needed to measure;
+            without it the rule decides); (..., in_features) for a SparseLinear, whose leading
+            dims are the rows per sample (e.g. (T, in_features): T tokens; default one row).
         cost_model: ``"measure"``: time CSR and the dense product at each bucket's batch size
-            (input rows for SparseLinear: a (B, T, in) input has B·T) on random inputs on the
-            layer's device, interleaved, smallest batch first (stopping where CSR loses; see
+            (a SparseLinear at batch · rows-per-sample input rows, at most ``MAX_TIMED_ROWS``
+            (1024): past that both kernels' cost per row is flat) on random inputs on the layer's
+            device, interleaved, smallest batch first (stopping where CSR loses; see
             ``_measure``); ``"rule"``: :func:`rule_mode`; or a mode name to force it (stored in
             that mode's format).
-        buckets: the batch sizes to decide for.
-        cache: a dict shared by the layers of one model (:func:`plan_model`): layers with the same
+        buckets: the batch sizes (samples) to decide for.        cache: a dict shared by the layers of one model (:func:`plan_model`): layers with the same
             sizes, density bin, dtype, device and threads (``_cost_key``) reuse one measurement.
         threads: intra-op threads the model will run on (default: ``torch.get_num_threads()``);
             recorded as ``layer.plan_threads`` when measured.
@@ -531,21 +535,24 @@ def plan_layer(layer: nn.Module, input_shape: Optional[Sequence[int]] = None,
     plain = _plain_mode(layer)
     used = _used_columns(layer)
     macs = layer._rows * max(used, 1) * (math.prod(input_shape[1:]) if conv and input_shape else 1)
+    # the batch sizes as the layer sees them: SparseLinear input rows (batch · rows per sample)
+    rows = 1 if conv or not input_shape else math.prod(input_shape[:-1])
+    sizes = sorted({n if conv else min(n * rows, max(MAX_TIMED_ROWS, rows)) for n in buckets})
     possible = (kernel_available(device) and not (conv and layer.groups != 1)
                 and csr_bytes(layer) < dense_weight_bytes(layer))
     if cost_model == "rule" or (conv and input_shape is None):
-        csr = possible and all(rule_mode(layer, n, device) == "csr" for n in buckets)
+        csr = possible and all(rule_mode(layer, n, device) == "csr" for n in sizes)
         layer.set_plan("csr" if csr else plain)
         return
     if not (possible and _density(layer, used) <= CSR_MAX_DENSITY
-            and all(macs * n > CSR_MIN_MACS for n in buckets)):
+            and all(macs * n > CSR_MIN_MACS for n in sizes)):
         layer.set_plan(plain)  # CSR cannot win everywhere: no timing
         return
     layer.set_plan([(0, "csr"), (None, plain)])  # both storages while timing
     cache = {} if cache is None else cache
     csr = True
-    for n in sorted(buckets):
-        key = _cost_key(layer, used, input_shape, n, threads)
+    for n in sizes:
+        key = _cost_key(layer, used, input_shape if conv else None, n, threads)
         if key not in cache:
             shape = (n, layer.in_features) if not conv else (n, *input_shape)
             x = torch.randn(shape, device=device, dtype=layer._stored().dtype)
@@ -569,21 +576,31 @@ def plan_model(model: nn.Module, example_input: Optional[Tensor] = None, cost_mo
                buckets: Sequence[int] = BATCH_BUCKETS, threads: Optional[int] = None) -> nn.Module:
     """Set the plan of every deployed layer of ``model`` (see :func:`plan_layer`), in place.
 
-    ``example_input`` (any batch size) gives the input shapes of the convolutions; it is run once
-    through the model. ``threads``: the intra-op threads the model will run on (default
-    ``torch.get_num_threads()``). Returns ``model``.
+    ``example_input`` (any batch size, batch first) is run once through the model: it gives the
+    input shapes of the convolutions and the input rows per sample of the linear layers (T for a
+    transformer's (B, T) token ids), so the buckets are timed at the sizes the layers see.
+    ``threads``: the intra-op threads the model will run on (default ``torch.get_num_threads()``).
+    Returns ``model``.
     """
     threads = _check_threads(threads)
     shapes: Dict[nn.Module, Tuple[int, ...]] = {}
     layers = [m for m in model.modules() if isinstance(m, SPARSE_LAYERS)]
-    if example_input is not None and any(isinstance(m, SparseConv2d) for m in layers):
+    if example_input is not None and layers:
+        batch = example_input.shape[0] if isinstance(example_input, Tensor) and example_input.dim() else 1
+
+        def record(mod, args):
+            x = args[0]
+            if isinstance(mod, SparseConv2d):  # one sample: (C, L) / (C, H, W)
+                shapes[mod] = tuple(x.shape[-(2 if isinstance(mod, SparseConv1d) else 3):])
+            else:  # rows per sample, as (rows, in_features)
+                shapes[mod] = (max(1, x.numel() // max(mod.in_features, 1) // max(batch, 1)),
+                               mod.in_features)
+
         hooks = []
         for m in layers:
             if isinstance(m, SparseConv2d):
                 m.set_plan("dense")
-                dims = 2 if isinstance(m, SparseConv1d) else 3  # one sample: (C, L) / (C, H, W)
-                hooks.append(m.register_forward_pre_hook(
-                    lambda mod, args, dims=dims: shapes.__setitem__(mod, tuple(args[0].shape[-dims:]))))
+            hooks.append(m.register_forward_pre_hook(record))
         try:
             was_training = model.training
             model.eval()
@@ -616,8 +633,10 @@ def deploy(
     Args:
         model: a module with sparse-VD layers (e.g. ``sparsevd.models.LeNet300()`` after
             training); left unchanged. Other modules are copied as they are.
-        example_input: a batch of inputs of the model (any batch size, e.g. (1, 1, 28, 28)); used
-            to measure the convolutions at their real input size. Optional.
+        example_input: a batch of inputs of the model (any batch size, batch first, e.g.
+            (1, 1, 28, 28) images or (1, T) token ids); used to measure the convolutions at their
+            real input size and the linear layers at their rows per sample (T tokens). Optional
+            (without it a linear layer's bucket is that many rows).
         cost_model: ``"measure"`` (time CSR against the dense product on this machine at each
             batch bucket, on ``threads`` threads; see :func:`plan_layer`), ``"rule"``
             (:func:`rule_mode`, no timing), or a mode ("csr", "dense", "masked") forced on every

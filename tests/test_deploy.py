@@ -357,6 +357,30 @@ def test_planner_times_with_the_model_threads_and_needs_every_bucket(monkeypatch
         sparsevd.deploy(model, threads=0)
 
 
+def test_planner_times_linear_layers_at_the_rows_of_the_example_input(monkeypatch):
+    """With an example input (B, T, ...) the linear layers see B·T rows per batch of B: the buckets
+    are timed at bucket·T rows (at most MAX_TIMED_ROWS), not at bucket rows (a transformer never
+    runs a single row, where call overheads can make CSR lose)."""
+    import importlib
+    deploy_mod = importlib.import_module("sparsevd.deploy")
+    rows = []
+
+    def fake(fns, device, threads=1, **kw):
+        y = fns["csr"]()  # runs the layer on the timing input: its rows
+        rows.append(y.shape[:-1].numel())
+        return {"masked": 1.0, "csr": 0.5}
+
+    monkeypatch.setattr(deploy_mod, "_measure", fake)
+    model = nn.Sequential(LinearSVDO(256, 256), nn.ReLU(), LinearSVDO(256, 64)).eval()
+    prune(model, 0.9, torch.Generator().manual_seed(3))
+    dep = sparsevd.deploy(model, torch.randn(2, 16, 256), buckets=(1, 16, 256))
+    assert rows and set(rows) == {16, 256, deploy_mod.MAX_TIMED_ROWS}, rows
+    assert all(m.plan == ((None, "csr"),) for m in dep if isinstance(m, SparseLinear))
+    rows.clear()
+    sparsevd.deploy(model, buckets=(1, 16))  # no example: a bucket is that many rows
+    assert set(rows) == {1, 16}, rows
+
+
 def test_planner_keeps_dense_where_csr_is_not_smaller(monkeypatch):
     """fp16 at density 0.6: CSR (4 bytes per weight) would outgrow the dense weight (2 bytes per
     weight): dense, and nothing is timed."""
