@@ -18,21 +18,29 @@ in ``device``):
   ``--batch`` (default 1, 32), providers ``dense`` (``sparsevd.deploy.dense_twin``: nn.Linear with
   the pruned weights, the rest of the model the same) and ``sparsevd`` (deployed) with
   ``ratio`` = deployed / dense (below 1 is faster): the median over rounds of the per-round ratio
-  of the two providers' median times. The two alternate in each round, in one process, on the
-  same input; one thread: the calling thread's CPU time (other processes on the shared cores do
-  not add to it), more threads: wall time.
+  of the two providers' times. The two alternate in each round, in one process, on the same
+  input; one thread: the median block of the calling thread's CPU time (other processes on the
+  shared cores do not add to it), more threads: the fastest block of wall time (other processes
+  only add time; ``timer`` says which).
+
+``--readme README.md --table FILE [--table-threads 1]`` writes the markdown table of the rows of
+FILE (of those thread counts) between the README's ``<!-- minilm:begin -->`` and
+``<!-- minilm:end -->`` markers (nothing is timed).
 
 Usage: python -m benchmarks.bench_minilm_deploy [--sparsity 0.1 0.5 0.9 0.98] [--threads 1 2]
        [--batch 1 32] [--seq 32] [--rounds 7] [--min-time 0.2] [--quick] [--out FILE]
-       [--no-save] [--dry-run]
+       [--no-save] [--dry-run] [--readme README.md --table FILE [--table-threads N ...]]
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
+import re
 import statistics
 import time
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -67,7 +75,9 @@ def magnitude_prune(model: torch.nn.Module, sparsity: float) -> None:
 
 
 def _samples(fn, min_time: float, cpu_timer: bool) -> float:
-    """Median ms per call over blocks of calls for ``min_time`` seconds."""
+    """ms per call over blocks of calls for ``min_time`` seconds: the median block (CPU time), or
+    the fastest (wall time: other processes only add time, and a 2-thread region on the shared
+    cores often waits for a descheduled thread)."""
     clock = time.thread_time if cpu_timer else time.perf_counter
     out: List[float] = []
     start = clock()
@@ -79,7 +89,7 @@ def _samples(fn, min_time: float, cpu_timer: bool) -> float:
             if clock() - t0 >= 0.01:
                 break
         out.append(1e3 * (clock() - t0) / calls)
-    return statistics.median(out)
+    return statistics.median(out) if cpu_timer else min(out)
 
 
 def time_pair(fns: Dict[str, callable], rounds: int, min_time: float, cpu_timer: bool):
@@ -98,6 +108,39 @@ def time_pair(fns: Dict[str, callable], rounds: int, min_time: float, cpu_timer:
     return med, statistics.median(ratios), (min(ratios), max(ratios))
 
 
+def markdown_table(rows: List[dict], threads: Optional[Sequence[int]] = None) -> str:
+    """The README table of the rows of one run: per sparsity the linear layers' deployed / dense
+    bytes and layers stored as CSR (per thread count when the plans differ), and the deployed /
+    dense latency per batch and thread count (``threads``: only those thread counts)."""
+    rows = [r for r in rows if threads is None or r["threads"] in threads]
+    sizes = {(r["sparsity"], r["threads"]): r for r in rows if r["benchmark"] == "minilm_deploy_size"}
+    infer = {(r["sparsity"], r["threads"], r["batch"]): r for r in rows
+             if r["benchmark"] == "minilm_infer" and r["provider"] == "sparsevd"}
+    sparsities = sorted({k[0] for k in sizes})
+    threads = sorted({k[1] for k in sizes})
+    batches = sorted({k[2] for k in infer})
+    cols = [(b, t) for t in threads for b in batches]
+    head = ("| sparsity | linear layers: deployed / dense bytes | layers CSR | "
+            + " | ".join(f"B={b}, {t} thread{'s' if t > 1 else ''}" for b, t in cols) + " |")
+    lines = [head, "|" + "---|" * 3 + "--:|" * len(cols)]
+    for s in sparsities:
+        by_t = [sizes[(s, t)] for t in threads if (s, t) in sizes]
+        size = " / ".join(sorted({f"{r['deployed_bytes'] / 1e6:.1f} MB / {r['dense_bytes'] / 1e6:.1f} MB "
+                                  f"({r['bytes_ratio']:.3f})" for r in by_t}))
+        csr = " / ".join(sorted({f"{r['layers_csr']}/{r['layers']}" for r in by_t}))
+        ratios = [f"{infer[(s, t, b)]['ratio']:.2f}" if (s, t, b) in infer else "" for b, t in cols]
+        lines.append(f"| {100 * s:g} % | {size} | {csr} | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path, table: str) -> None:
+    text = readme.read_text()
+    pattern = re.compile(r"(<!-- minilm:begin -->\n).*?(<!-- minilm:end -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{readme}: no <!-- minilm:begin --> ... <!-- minilm:end --> markers")
+    readme.write_text(pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="bench_minilm_deploy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.1, 0.5, 0.9, 0.98])
@@ -106,8 +149,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--seq", type=int, default=32, help="tokens per sequence (default 32)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--min-time", type=float, default=0.2, help="seconds per sample block set")
+    ap.add_argument("--readme", type=Path, default=None, help="write the table of --table into it")
+    ap.add_argument("--table", type=Path, default=None, help="results JSON for --readme")
+    ap.add_argument("--table-threads", type=int, nargs="+", default=None,
+                    help="with --readme: only the rows of these thread counts")
     common.add_common_args(ap)
     args = common.parse_args(ap, argv)
+    if args.readme or args.table:
+        if not (args.readme and args.table):
+            raise SystemExit("--readme and --table go together")
+        write_readme(args.readme, markdown_table(json.loads(args.table.read_text()), args.table_threads))
+        return
     if args.quick:
         args.rounds, args.min_time = min(args.rounds, 2), 0.02
     torch.manual_seed(0)
@@ -155,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     rows.append(common.make_row(
                         "minilm_infer", shape.replace("B=*", f"B={b}"), "float32", "infer", prov, t,
                         tenv, sparsity=s, batch=b, seq=args.seq, rounds=args.rounds,
-                        timer="cpu" if threads == 1 else "wall", load1=round(os.getloadavg()[0], 2),
+                        timer="cpu-median" if threads == 1 else "wall-min", load1=round(os.getloadavg()[0], 2),
                         **extra))
                 print(f"  B={b:<3} dense {med['dense'][0]:8.2f} ms  deployed {med['sparsevd'][0]:8.2f} ms"
                       f"  ratio {ratio:.3f} ({lo:.3f}-{hi:.3f})  max|diff| {err:.1e}  "

@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .nn.sparse import CONV_MODES, LINEAR_MODES, SparseConv1d, SparseConv2d, SparseLinear, used_columns
+from .nn.sparse import CONV_MODES, LINEAR_MODES, SparseConv1d, SparseConv2d, SparseLinear
 from ._args import conv_padding
 from .nn.svdo import SVDO_LAYERS, Conv1dSVDO, Conv2dSVDO, LinearSVDO
 from .ops import library
@@ -63,8 +63,8 @@ __all__ = [
 
 SPARSE_LAYERS = (SparseLinear, SparseConv2d)
 
-#: Batch sizes the cost model measures; a batch b uses the plan of the nearest bucket on a log
-#: scale (b ≤ 2 → 1, ≤ 8 → 4, ≤ 32 → 16, ≤ 128 → 64, else 256).
+#: Batch sizes at which the cost model times CSR against the dense product (CSR must win at every
+#: one; a linear layer sees batch × rows per sample input rows, see :func:`plan_layer`).
 BATCH_BUCKETS: Tuple[int, ...] = (1, 4, 16, 64, 256)
 
 # Modules that act on every channel (feature) separately and map a per-channel constant to a
@@ -333,14 +333,6 @@ def _replace(module: nn.Module, threshold: Optional[float], built: List[nn.Modul
 
 
 # ---------------------------------------------------------------------------------- planning
-def _bucket_bounds(buckets: Sequence[int]) -> List[Optional[int]]:
-    bounds: List[Optional[int]] = []
-    for a, b in zip(buckets, buckets[1:]):
-        bounds.append(int((a * b) ** 0.5))
-    bounds.append(None)
-    return bounds
-
-
 #: CSR is chosen only when it measures at most this fraction of the dense product's time at every
 #: batch bucket, on the thread count the model will run on: a margin for the timing noise of a
 #: shared machine and for layers that share a measurement within a density bin of ±5 % (see

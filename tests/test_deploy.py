@@ -8,7 +8,7 @@ from conftest import assert_close
 from torch import nn
 
 import sparsevd
-from sparsevd.deploy import BATCH_BUCKETS, _bucket_bounds, dense_twin, rule_mode
+from sparsevd.deploy import dense_twin, rule_mode
 from sparsevd.models import LeNet5, LeNet300
 from sparsevd.nn import Conv1dSVDO, Conv2dSVDO, LinearSVDO, SparseConv1d, SparseConv2d, SparseLinear
 from sparsevd.nn.svdo import SVDO_LAYERS
@@ -274,7 +274,6 @@ def test_threshold_argument(lenet300):
 def test_plan_buckets_and_modes():
     layer = SparseLinear.from_dense(torch.randn(6, 5), plan=[(2, "masked"), (None, "csr")])
     assert layer.mode_for(1) == "masked" and layer.mode_for(3) == "csr"
-    assert _bucket_bounds(BATCH_BUCKETS) == [2, 8, 32, 128, None]
     layer.set_plan([(8, "csr"), (2, "csr"), (None, "dense")])
     assert layer.plan == ((8, "csr"), (None, "dense"))
     with pytest.raises(ValueError, match="plan: unknown mode 'fast'"):
