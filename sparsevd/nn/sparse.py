@@ -1,10 +1,12 @@
 """Deployed (inference) layers of sparse VD: SparseLinear, SparseConv2d and SparseConv1d, weights
-stored as CSR.
+stored as CSR or dense, as their plan needs.
 
 :func:`sparsevd.deploy` builds them from trained LinearSVDO / Conv2dSVDO layers: weights with
 log α ≥ threshold dropped, dead rows and columns removed, what remains stored as CSR (values in
 the layer's dtype, int32 row pointers, uint16 column indices when in_features ≤ 65536, else
-int32). Each layer carries a *plan*: which kernel runs at which batch size,
+int32) where the cost model picks the CSR kernel, else as the zero-filled dense ``weight`` (one
+format per layer, never both: ``_SparseBase``). Each layer carries a *plan*: which kernel runs at
+which batch size,
 
 - ``"csr"``: the sparse kernel :func:`sparsevd.ops.csr_linear` (compiled library sparsevd._C);
 - ``"dense"``: compacted dense: the used input columns gathered, then a dense matmul with the
