@@ -182,7 +182,8 @@ def bench_lenet(args, env) -> List[dict]:
 
 # ------------------------------------------------------------------ builds of other revisions
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_SOURCES = ("csrc/cpu/csr_linear_cpu.cpp", "csrc/cpu/csr_simd.h", "csrc/csr_checks.h")
+KERNEL_SOURCES = ("csrc/cpu/csr_linear_cpu.cpp", "csrc/cpu/csr_linear_cpu.h", "csrc/cpu/simd/transpose8.h",
+                  "csrc/csr_checks.h")
 SCHEMA = "csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias) -> Tensor"
 
 

@@ -30,8 +30,8 @@ inline int64_t check_csr_linear_args(
   const auto ct = crow_indices.scalar_type();
   TORCH_CHECK(ct == at::kInt || ct == at::kLong, "csr_linear: crow_indices must be int32 or int64, got ", ct);
   const auto it = col_indices.scalar_type();
-  TORCH_CHECK(it == at::kShort || it == at::kInt || it == at::kLong,
-              "csr_linear: col_indices must be int16, int32 or int64, got ", it);
+  TORCH_CHECK(it == at::kUInt16 || it == at::kShort || it == at::kInt || it == at::kLong,
+              "csr_linear: col_indices must be uint16, int16, int32 or int64, got ", it);
   TORCH_CHECK(crow_indices.device() == x.device() && col_indices.device() == x.device() &&
                   values.device() == x.device(),
               "csr_linear: x, crow_indices, col_indices and values must be on one device, got ", x.device(),
@@ -47,6 +47,8 @@ inline int64_t check_csr_linear_args(
   }
   TORCH_CHECK(it != at::kShort || x.size(-1) <= 32768,
               "csr_linear: int16 col_indices address at most 32768 input features, x has ", x.size(-1));
+  TORCH_CHECK(it != at::kUInt16 || x.size(-1) <= 65536,
+              "csr_linear: uint16 col_indices address at most 65536 input features, x has ", x.size(-1));
   return n;
 }
 

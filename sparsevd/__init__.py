@@ -9,18 +9,19 @@ Molchanov, Ashukha, Vetrov, "Variational Dropout Sparsifies Deep Neural Networks
 
 Layout (docs/design.md): ``reference`` (the math), ``ops`` (custom ops and their backends),
 ``functional`` (checked entry points), ``nn`` (layers), ``loss``, ``convert``, ``train`` (the
-training loop), ``checkpoint``, ``deploy`` (with ``surgery``) and ``io`` (with ``overlay``:
-sparse inference models of any architecture), ``hf`` (Hugging Face models; imported on first
-use, it needs transformers), ``data``, ``models``, ``metadata``; ``cli`` and ``deploy_cli`` are
-the command line only.
+training loop), ``checkpoint``, ``deploy`` (with ``surgery``), ``io`` (with ``overlay``: sparse
+inference models of any architecture) and ``export`` (ONNX), ``hf`` (Hugging Face models; imported
+on first use, it needs transformers), ``data``, ``models``, ``metadata``; ``cli`` and
+``deploy_cli`` are the command line only.
 """
 from . import functional, nn, ops, reference
 from ._version import __version__
 from .convert import ConversionReport, Report, convert, plan_conversion, report
 from .deploy import deploy
+from .export import export_onnx
 from .io import load, save
 from .loss import SGVLB, kl_divergence
-from . import checkpoint, data, distributed, metadata, models, plots, train, uncertainty  # noqa: E402
+from . import checkpoint, data, distributed, export, metadata, models, plots, train, uncertainty  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint
 from .train import fit
 from .uncertainty import predict
@@ -43,6 +44,8 @@ __all__ = [
     "convert",
     "data",
     "deploy",
+    "export",
+    "export_onnx",
     "fit",
     "functional",
     "kl_divergence",

@@ -21,12 +21,13 @@ Steps (docs/design.md, "Deployment"):
    The activations between the layers of a chain stay compact; the chain's input and output keep
    their sizes, so the model's interface is unchanged. SVD layers outside chains are converted
    one by one, dead rows kept as empty CSR rows (their output is the bias).
-4. What remains is stored as CSR (:class:`~sparsevd.nn.SparseLinear` / :class:`~sparsevd.nn.SparseConv2d`):
-   values in the layer's dtype, int32 row pointers, int16 column indices when a layer has at most
-   32768 input columns (else int32).
-5. A cost model picks, per layer and batch size, the CSR kernel, compacted dense or masked dense
-   (see :func:`plan_layer`): masked dense, the dense model's own product, unless a sparse mode
-   measures clearly faster, so the deployed model runs no slower than the dense one.
+4. What remains becomes a :class:`~sparsevd.nn.SparseLinear` / :class:`~sparsevd.nn.SparseConv2d`.
+5. A cost model (see :func:`plan_layer`) picks per layer, on the thread count the model will run
+   on, one format for every batch size: CSR (values in the layer's dtype, int32 row pointers,
+   uint16 column indices when a layer has at most 65536 input columns, else int32) where it is
+   smaller than the dense weight and measures faster than the dense product at every batch
+   bucket, else the zero-filled dense weight and the dense model's own product. A deployed layer
+   is so never bigger and never measured slower than the dense one.
 
 Source: Molchanov, Ashukha, Vetrov, "Variational Dropout Sparsifies Deep Neural Networks",
 ICML 2017 (arXiv:1701.05369): weights with log α > 3 are dropped at test time (sec. 5).
@@ -42,11 +43,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .nn.sparse import CONV_MODES, LINEAR_MODES, SparseConv1d, SparseConv2d, SparseLinear, used_columns
+from .nn.sparse import CONV_MODES, LINEAR_MODES, SparseConv1d, SparseConv2d, SparseLinear
 from .nn.svdo import SVDO_LAYERS, Conv1dSVDO, LinearSVDO
 from .hf_integration import attach as attach_hf_quantizer
 from .surgery import deployed_layer, replace_layers
 from .ops import library
+from .ops.csr import UINT16_MAX_FEATURES
 from .ops.library import kernel_available
 
 __all__ = [
@@ -64,34 +66,29 @@ __all__ = [
 
 SPARSE_LAYERS = (SparseLinear, SparseConv2d)
 
-#: Batch sizes the cost model measures; a batch b uses the plan of the nearest bucket on a log
-#: scale (b ≤ 2 → 1, ≤ 8 → 4, ≤ 32 → 16, ≤ 128 → 64, else 256).
+#: Batch sizes at which the cost model times CSR against the dense product (CSR must win at every
+#: one; a linear layer sees batch × rows per sample input rows, see :func:`plan_layer`).
 BATCH_BUCKETS: Tuple[int, ...] = (1, 4, 16, 64, 256)
 
 # ---------------------------------------------------------------------------------- planning
-def _bucket_bounds(buckets: Sequence[int]) -> List[Optional[int]]:
-    bounds: List[Optional[int]] = []
-    for a, b in zip(buckets, buckets[1:]):
-        bounds.append(int((a * b) ** 0.5))
-    bounds.append(None)
-    return bounds
-
-
-#: A sparse mode (CSR, or compacted dense with its gather and finiteness check) is chosen only
-#: when it measures at most this fraction of the plain dense product's time: the cost model times
-#: one thread, the model may run on more, where dense GEMM scales better (1.6-1.8x on 2 threads
-#: vs 1.3-1.5x for the CSR SpMM, benchmarks/NOTES.md), and layers share measurements within a
-#: density bin of ±5 % (see ``_cost_key``).
-SPARSE_MARGIN = 0.8
+#: CSR is chosen only when it measures at most this fraction of the dense product's time at every
+#: batch bucket, on the thread count the model will run on: a margin for the timing noise of a
+#: shared machine and for layers that share a measurement within a density bin of ±5 % (see
+#: ``_cost_key``), so that a deployed layer is never slower than the dense one.
+SPARSE_MARGIN = 0.9
 #: CSR is not timed above this density (nnz / (rows · used columns)): the measured crossovers
-#: are at 0.15-0.5 on one thread (benchmarks/NOTES.md, "Cost model").
+#: are at 0.15-0.5 (benchmarks/NOTES.md, "Cost model").
 CSR_MAX_DENSITY = 0.5
-#: Layers whose dense product has at most this many multiply-adds never use CSR (call overheads).
+#: Layers whose dense product has at most this many multiply-adds (at a bucket's batch) never use
+#: CSR (call overheads).
 CSR_MIN_MACS = 16384
+#: A SparseLinear is timed at most at this many input rows (a larger bucket is timed here): the
+#: cost per row of the dense GEMM and of the CSR SpMM is flat from a few hundred rows on.
+MAX_TIMED_ROWS = 1024
 
 
 def _used_columns(layer: nn.Module) -> int:
-    return int(used_columns(layer.col_indices, layer._cols).sum())
+    return int(layer.used_input_columns().sum())
 
 
 def _density(layer: nn.Module, used: int) -> float:
@@ -101,11 +98,26 @@ def _density(layer: nn.Module, used: int) -> float:
 def _plain_mode(layer: nn.Module) -> str:
     """The mode that is the dense model's own product: one F.linear on the zero-filled weight
     (SparseLinear "masked"), one F.conv2d (SparseConv2d "dense")."""
-    return "masked" if isinstance(layer, SparseLinear) else "dense"
+    return layer.PLAIN
+
+
+def csr_bytes(layer: nn.Module) -> int:
+    """Bytes the layer's weight takes as CSR (row pointers, column indices, values; the bias not
+    counted): its CSR buffers, or what :func:`sparsevd.nn.sparse.to_csr` would write."""
+    if layer.storage == "csr":
+        return sum(t.numel() * t.element_size() for t in layer.csr())
+    nnz, rows, cols = layer.num_nonzero, layer._rows, layer._cols
+    index = 2 if cols <= UINT16_MAX_FEATURES else 4
+    return (rows + 1) * 4 + nnz * (index + layer.weight.element_size())
+
+
+def dense_weight_bytes(layer: nn.Module) -> int:
+    """Bytes of the layer's zero-filled dense weight (the bias not counted)."""
+    return layer._rows * layer._cols * layer._stored().element_size()
 
 
 def rule_mode(layer: nn.Module, batch: int, device: Union[str, torch.device] = "cpu") -> str:
-    """The documented rule used when nothing is measured (``cost_model="rule"``).
+    """The documented rule used when nothing is measured (``cost_model="rule"``), per batch size.
 
     SparseLinear, with the compiled kernel for ``device``: CSR when the density
     nnz / (out_features · used input columns) is at most 0.10 for batches ≤ 2 and at most 0.20 for
@@ -114,26 +126,25 @@ def rule_mode(layer: nn.Module, batch: int, device: Union[str, torch.device] = "
     and 4096² weights, benchmarks/NOTES.md; the limits sit below those crossovers because dense
     GEMM scales better with threads); on CUDA, until measured there, 0.10 / 0.02.
     Layers whose dense product has at most 16384 multiply-adds at that batch never use CSR (the
-    call overheads dominate). Otherwise compacted dense ("dense") when at most half of the input
-    columns are used and the product is larger than that (the gather and the finiteness check of
-    x cost a few µs), else masked dense ("masked"): the dense model's own F.linear.
+    call overheads dominate). Otherwise the dense model's own product ("masked": one F.linear).
 
     SparseConv2d: always "dense" (dense conv2d on the compacted channels). The CSR path of a
     convolution materializes the im2col patches (F.unfold), a kH·kW-fold copy of the input, and
     measured slower than the dense convolution at every density for batches ≥ 16 (≈1.2x faster
     only at batch 1 on LeNet-5's layers); ``cost_model="measure"`` still picks it where it wins.
+
+    :func:`plan_layer` stores CSR only where this rule gives "csr" at every batch bucket.
     """
     device = torch.device(device)
     if isinstance(layer, SparseConv2d):
         return "dense"
-    rows, cols = layer._rows, layer._cols
     used = _used_columns(layer)
-    big = rows * used * batch > CSR_MIN_MACS
+    big = layer._rows * used * batch > CSR_MIN_MACS
     if kernel_available(device) and big:
         limit = (0.10 if batch <= 2 else 0.20) if device.type == "cpu" else (0.10 if batch <= 2 else 0.02)
         if _density(layer, used) <= limit:
             return "csr"
-    return "dense" if used <= 0.5 * cols and big else "masked"
+    return "masked"
 
 
 def _sync(device: torch.device) -> None:
@@ -141,23 +152,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _measure(fns: Dict[str, Callable[[], object]], device: torch.device, budget_s: float = 0.015,
-             min_reps: int = 2, max_reps: int = 15) -> Dict[str, float]:
+def _measure(fns: Dict[str, Callable[[], object]], device: torch.device, threads: int = 1,
+             budget_s: float = 0.015, min_reps: int = 3, max_reps: int = 15) -> Dict[str, float]:
     """Seconds per call of each fn: the least over interleaved (round-robin) samples, after a
-    warm-up call; a candidate slower than 4x the best so far stops being timed.
+    warm-up call.
 
-    CUDA: wall time with synchronization. CPU: the calling thread's CPU time (time.thread_time)
-    with torch on one thread, each sample a loop of calls of at least 2 ms. CPU time does not
-    count the time other processes hold the core, so the ranking stays right on a shared machine
-    (wall time of a parallel region there includes waits for descheduled threads, and process
-    CPU time counts idle OpenMP workers spinning); the kernels compared (MKL GEMM/GEMV and the
-    OpenMP CSR kernels) scale alike with the thread count.
+    CUDA: wall time with synchronization. CPU: torch on ``threads`` intra-op threads. One thread:
+    samples are loops of calls of at least 2 ms timed by the calling thread's CPU time
+    (time.thread_time), which does not count the time other processes hold the core, so the
+    ranking stays right on a shared machine; a candidate slower than 4x the best so far stops
+    being timed. More threads: wall time of single calls, at least 10 samples each within a
+    budget of 0.1 s (up to 60): a parallel region on shared cores waits for its descheduled
+    threads, often for milliseconds, and the least of many single calls is the one where no
+    thread was descheduled (on a loaded 2-core machine, CSR / dense time of MiniLM-shaped layers
+    at 90 %: 0.57–1.00 as least 2 ms loops, 0.08–0.77 as least single calls, 0.16–0.52 on one
+    thread: benchmarks/NOTES.md, "Two threads on this machine").
     """
     cpu = device.type == "cpu"
-    threads = torch.get_num_threads()
+    parallel = cpu and threads > 1
+    if parallel:
+        budget_s, min_reps, max_reps = max(budget_s, 0.1), max(min_reps, 10), max(max_reps, 60)
+    old_threads = torch.get_num_threads()
     if cpu:
-        torch.set_num_threads(1)
-    clock = time.thread_time if cpu else time.perf_counter
+        torch.set_num_threads(threads)
+    clock = time.thread_time if cpu and not parallel else time.perf_counter
+    block_s = 2e-3 if cpu and not parallel else 0.0
     try:
         for fn in fns.values():
             fn()
@@ -168,7 +187,7 @@ def _measure(fns: Dict[str, Callable[[], object]], device: torch.device, budget_
         while reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget_s):
             lead = min(best.values())
             for k, fn in fns.items():
-                if reps > 0 and best[k] > 4 * lead:
+                if reps > 0 and not parallel and best[k] > 4 * lead:
                     continue
                 calls, t0 = 0, clock()
                 while True:
@@ -176,137 +195,151 @@ def _measure(fns: Dict[str, Callable[[], object]], device: torch.device, budget_
                     calls += 1
                     _sync(device)
                     elapsed = clock() - t0
-                    if not cpu or elapsed >= 2e-3:
+                    if elapsed >= block_s:
                         break
                 best[k] = min(best[k], elapsed / calls)
             reps += 1
     finally:
         if cpu:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(old_threads)
     return best
 
 
-def _cost_key(layer: nn.Module, used: int, input_shape, batch: int) -> tuple:
+def _cost_key(layer: nn.Module, used: int, input_shape, batch: int, threads: int) -> tuple:
     """What the cost of a layer's modes depends on: type, sizes, used columns, density (in bins of
-    ±5 %), dtype, device, the convolution's geometry and input, the batch size. Layers with the
-    same key share one measurement (a transformer's q/k/v/o projections, its MLPs)."""
+    ±5 %), dtype, device, the convolution's geometry and input, the batch size, the threads.
+    Layers with the same key share one measurement (a transformer's q/k/v/o projections, its MLPs)."""
     density = _density(layer, used)
     bin_ = None if density == 0 else round(math.log(density) / math.log(1.1))
     conv = (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups,
             tuple(input_shape)) if isinstance(layer, SparseConv2d) else None
-    return (type(layer).__name__, layer._rows, layer._cols, used, bin_, layer.values.dtype,
-            layer.values.device, conv, batch)
+    stored = layer._stored()
+    return (type(layer).__name__, layer._rows, layer._cols, used, bin_, stored.dtype, stored.device,
+            conv, batch, threads)
+
+
+def _check_threads(threads: Optional[int]) -> int:
+    if threads is None:
+        return torch.get_num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads: expected a positive int or None, got {threads!r}")
+    return threads
 
 
 @torch.no_grad()
 def plan_layer(layer: nn.Module, input_shape: Optional[Sequence[int]] = None,
                cost_model: str = "measure", buckets: Sequence[int] = BATCH_BUCKETS,
-               cache: Optional[Dict[tuple, tuple]] = None) -> None:
-    """Choose the kernel per batch size of one deployed layer and set its plan.
+               cache: Optional[Dict[tuple, float]] = None, threads: Optional[int] = None) -> None:
+    """Choose the weight format and kernel of one deployed layer and set its plan: CSR (mode
+    ``"csr"``) or the dense layer's own product (SparseLinear ``"masked"``: F.linear on the
+    zero-filled weight; SparseConv2d ``"dense"``: F.conv2d), one for every batch size.
 
-    The plain dense product (SparseLinear "masked": F.linear on the zero-filled weight;
-    SparseConv2d "dense": F.conv2d) is the default at every batch size; a sparse mode replaces it
-    only where it measures at most ``SPARSE_MARGIN`` (0.8) of its time, so a plan is never slower
-    than the dense layer. Candidates that cannot win are not timed: CSR above density
-    ``CSR_MAX_DENSITY`` (0.5) or at ≤ 16384 dense multiply-adds, compacted dense when more than 80 %
-    of the columns are used. A layer with no candidate left (every layer of a model at low
-    sparsity) gets the plain plan without any timing.
+    CSR is chosen only when it is smaller than the dense weight (:func:`csr_bytes` <
+    :func:`dense_weight_bytes`) and faster than the dense product at every bucket of ``buckets``
+    (``cost_model="measure"``: at most ``SPARSE_MARGIN`` (0.9) of its time on ``threads`` threads;
+    ``"rule"``: :func:`rule_mode` gives "csr" at every bucket); otherwise the layer stores the dense
+    weight. So a planned layer is never bigger than the dense one, never holds a dense copy beside
+    its CSR, and never measured slower than it at the buckets. Candidates that cannot win are not
+    timed: density above ``CSR_MAX_DENSITY`` (0.5), CSR not smaller, or ≤ ``CSR_MIN_MACS``
+    (16384) dense multiply-adds at some bucket; then nothing is timed.
 
     Args:
         layer: a SparseLinear or SparseConv2d.
-        input_shape: one sample's input shape for a SparseConv2d, (C, H, W) (needed to measure;
-            without it the rule decides); ignored for SparseLinear.
-        cost_model: ``"measure"``: time the candidate modes at each bucket's batch size (input rows
-            for SparseLinear: a (B, T, in) input has B·T) on random inputs on the layer's device
-            (CPU: CPU time on one thread, see ``_measure``), interleaved; a mode 2x slower than the
-            best is not timed at larger batches; ``"rule"``: :func:`rule_mode`; or a mode name to
-            force it.
-        buckets: the batch sizes to decide for.
-        cache: a dict shared by the layers of one model (:func:`plan_model`): layers with the same
-            sizes, density bin, dtype and device (``_cost_key``) reuse one measurement.
+        input_shape: one sample's input shape: (C, H, W) for a SparseConv2d (needed to measure;
+            without it the rule decides); (..., in_features) for a SparseLinear, whose leading
+            dims are the rows per sample (e.g. (T, in_features): T tokens; default one row).
+        cost_model: ``"measure"``: time CSR and the dense product at each bucket's batch size
+            (a SparseLinear at batch · rows-per-sample input rows, at most ``MAX_TIMED_ROWS``
+            (1024): past that both kernels' cost per row is flat) on random inputs on the layer's
+            device, interleaved, smallest batch first (stopping where CSR loses; see
+            ``_measure``); ``"rule"``: :func:`rule_mode`; or a mode name to force it (stored in
+            that mode's format).
+        buckets: the batch sizes (samples) to decide for.        cache: a dict shared by the layers of one model (:func:`plan_model`): layers with the same
+            sizes, density bin, dtype, device and threads (``_cost_key``) reuse one measurement.
+        threads: intra-op threads the model will run on (default: ``torch.get_num_threads()``);
+            recorded as ``layer.plan_threads`` when measured.
 
     Raises:
-        ValueError: unknown ``cost_model``.
+        ValueError: unknown ``cost_model``, bad ``threads``.
     """
     modes = LINEAR_MODES if isinstance(layer, SparseLinear) else CONV_MODES
     if cost_model in modes:
         layer.set_plan(cost_model)
         return
-    device, dtype = layer.values.device, layer.values.dtype
-    bounds = _bucket_bounds(buckets)
-    conv = isinstance(layer, SparseConv2d)
-    if cost_model == "rule" or (conv and input_shape is None and cost_model == "measure"):
-        layer.set_plan([(b, rule_mode(layer, n, device)) for b, n in zip(bounds, buckets)])
-        return
-    if cost_model != "measure":
+    if cost_model not in ("measure", "rule"):
         raise ValueError(f"cost_model: expected 'measure', 'rule' or a mode, got {cost_model!r}")
+    threads = _check_threads(threads)
+    device = layer._stored().device
+    conv = isinstance(layer, SparseConv2d)
     plain = _plain_mode(layer)
     used = _used_columns(layer)
-    density = _density(layer, used)
-    others = []
-    if kernel_available(device) and density <= CSR_MAX_DENSITY and not (conv and layer.groups != 1):
-        others.append("csr")  # (the torch.sparse fallback is never faster)
-    if not conv and used <= SPARSE_MARGIN * layer.in_features:
-        others.append("dense")  # compacted dense: saves at most the unused columns' share
-    macs = layer._rows * max(used, 1) * (math.prod(input_shape[1:]) if conv else 1)
-
-    def candidates(n: int, live: List[str]) -> List[str]:
-        return [m for m in live if m != "csr" or macs * n > CSR_MIN_MACS]
-
-    if not any(candidates(n, others) for n in buckets):
-        layer.set_plan(plain)  # nothing can beat the dense product: no timing
+    macs = layer._rows * max(used, 1) * (math.prod(input_shape[1:]) if conv and input_shape else 1)
+    # the batch sizes as the layer sees them: SparseLinear input rows (batch · rows per sample)
+    rows = 1 if conv or not input_shape else math.prod(input_shape[:-1])
+    sizes = sorted({n if conv else min(n * rows, max(MAX_TIMED_ROWS, rows)) for n in buckets})
+    possible = (kernel_available(device) and not (conv and layer.groups != 1)
+                and csr_bytes(layer) < dense_weight_bytes(layer))
+    if cost_model == "rule" or (conv and input_shape is None):
+        csr = possible and all(rule_mode(layer, n, device) == "csr" for n in sizes)
+        layer.set_plan("csr" if csr else plain)
         return
-    # build the caches of every candidate, then switch modes without rebuilding them
-    layer.set_plan([(i, m) for i, m in enumerate(others)] + [(None, plain)])
+    if not (possible and _density(layer, used) <= CSR_MAX_DENSITY
+            and all(macs * n > CSR_MIN_MACS for n in sizes)):
+        layer.set_plan(plain)  # CSR cannot win everywhere: no timing
+        return
+    layer.set_plan([(0, "csr"), (None, plain)])  # both storages while timing
     cache = {} if cache is None else cache
-    plan = []
-    live = list(others)
-    for bound, n in zip(bounds, buckets):
-        cands = candidates(n, live)
-        if not cands:
-            plan.append((bound, plain))
-            continue
-        key = _cost_key(layer, used, input_shape, n)
+    csr = True
+    for n in sizes:
+        key = _cost_key(layer, used, input_shape if conv else None, n, threads)
         if key not in cache:
             shape = (n, layer.in_features) if not conv else (n, *input_shape)
-            x = torch.randn(shape, device=device, dtype=dtype)
+            x = torch.randn(shape, device=device, dtype=layer._stored().dtype)
             fns = {}
-            for m in [plain] + cands:
+            for m in (plain, "csr"):
                 def run(m=m):
                     layer._use_mode(m)
                     return layer(x)
                 fns[m] = run
-            t = _measure(fns, device)
-            best = plain
-            for m in cands:
-                if t[m] <= SPARSE_MARGIN * t[plain] and t[m] < t[best]:
-                    best = m
-            # a mode 2x slower than the best is not timed at larger batches (costs grow with the batch)
-            cache[key] = (best, tuple(m for m in cands if t[m] > 2 * t[best]))
-        best, slow = cache[key]
-        plan.append((bound, best))
-        live = [m for m in live if m not in slow]
-    layer.set_plan(plan)
+            t = _measure(fns, device, threads=threads)
+            cache[key] = t["csr"] / t[plain]  # CSR time / dense time
+        if cache[key] > SPARSE_MARGIN:
+            csr = False
+            break
+    layer.set_plan("csr" if csr else plain)
+    layer.plan_threads = threads
 
 
 @torch.no_grad()
 def plan_model(model: nn.Module, example_input: Optional[Tensor] = None, cost_model: str = "measure",
-               buckets: Sequence[int] = BATCH_BUCKETS) -> nn.Module:
+               buckets: Sequence[int] = BATCH_BUCKETS, threads: Optional[int] = None) -> nn.Module:
     """Set the plan of every deployed layer of ``model`` (see :func:`plan_layer`), in place.
 
-    ``example_input`` (any batch size) gives the input shapes of the convolutions; it is run once
-    through the model. Returns ``model``.
+    ``example_input`` (any batch size, batch first) is run once through the model: it gives the
+    input shapes of the convolutions and the input rows per sample of the linear layers (T for a
+    transformer's (B, T) token ids), so the buckets are timed at the sizes the layers see.
+    ``threads``: the intra-op threads the model will run on (default ``torch.get_num_threads()``).
+    Returns ``model``.
     """
+    threads = _check_threads(threads)
     shapes: Dict[nn.Module, Tuple[int, ...]] = {}
     layers = [m for m in model.modules() if isinstance(m, SPARSE_LAYERS)]
-    if example_input is not None and any(isinstance(m, SparseConv2d) for m in layers):
+    if example_input is not None and layers:
+        batch = example_input.shape[0] if isinstance(example_input, Tensor) and example_input.dim() else 1
+
+        def record(mod, args):
+            x = args[0]
+            if isinstance(mod, SparseConv2d):  # one sample: (C, L) / (C, H, W)
+                shapes[mod] = tuple(x.shape[-(2 if isinstance(mod, SparseConv1d) else 3):])
+            else:  # rows per sample, as (rows, in_features)
+                shapes[mod] = (max(1, x.numel() // max(mod.in_features, 1) // max(batch, 1)),
+                               mod.in_features)
+
         hooks = []
         for m in layers:
             if isinstance(m, SparseConv2d):
                 m.set_plan("dense")
-                dims = 2 if isinstance(m, SparseConv1d) else 3  # one sample: (C, L) / (C, H, W)
-                hooks.append(m.register_forward_pre_hook(
-                    lambda mod, args, dims=dims: shapes.__setitem__(mod, tuple(args[0].shape[-dims:]))))
+            hooks.append(m.register_forward_pre_hook(record))
         try:
             was_training = model.training
             model.eval()
@@ -315,9 +348,9 @@ def plan_model(model: nn.Module, example_input: Optional[Tensor] = None, cost_mo
         finally:
             for h in hooks:
                 h.remove()
-    cache: Dict[tuple, tuple] = {}  # layers of the same sizes and density share measurements
+    cache: Dict[tuple, float] = {}  # layers of the same sizes and density share measurements
     for m in layers:
-        plan_layer(m, shapes.get(m), cost_model, buckets, cache)
+        plan_layer(m, shapes.get(m), cost_model, buckets, cache, threads)
     return model
 
 
@@ -331,25 +364,32 @@ def deploy(
     threshold: Optional[float] = None,
     buckets: Sequence[int] = BATCH_BUCKETS,
     trace: bool = True,
+    threads: Optional[int] = None,
 ) -> nn.Module:
     """A new inference model in which every LinearSVDO / Conv2dSVDO becomes a SparseLinear /
-    SparseConv2d (CSR weights; batch norms folded, dead neurons removed and folded, see the
-    module docstring and :mod:`sparsevd.surgery`).
+    SparseConv2d (batch norms folded, dead neurons removed and folded, see the module docstring
+    and :mod:`sparsevd.surgery`), its weight stored as CSR where that is smaller and faster than
+    the dense layer, else dense (see :func:`plan_layer`).
 
     Args:
         model: a module with sparse-VD layers (e.g. ``sparsevd.models.LeNet300()`` after
             training); left unchanged. Other modules are copied as they are.
-        example_input: a batch of inputs of the model (any batch size, e.g. (1, 1, 28, 28)); used
-            to measure the convolutions at their real input size. Optional.
-        cost_model: ``"measure"`` (time the kernels that can beat the dense product on this
-            machine, at each batch bucket; see :func:`plan_layer`), ``"rule"`` (:func:`rule_mode`, no timing), or a mode ("csr", "dense",
-            "masked") forced on every layer that has it (convolutions fall back to "dense" when
-            the mode is "masked").
+        example_input: a batch of inputs of the model (any batch size, batch first, e.g.
+            (1, 1, 28, 28) images or (1, T) token ids); used to measure the convolutions at their
+            real input size and the linear layers at their rows per sample (T tokens). Optional
+            (without it a linear layer's bucket is that many rows).
+        cost_model: ``"measure"`` (time CSR against the dense product on this machine at each
+            batch bucket, on ``threads`` threads; see :func:`plan_layer`), ``"rule"``
+            (:func:`rule_mode`, no timing), or a mode ("csr", "dense", "masked") forced on every
+            layer that has it (convolutions fall back to "dense" when the mode is "masked").
         threshold: log α pruning threshold for every layer; default: each layer's own.
         buckets: batch sizes the plan distinguishes.
         trace: also fold batch norms and remove dead neurons inside modules other than
             nn.Sequential, found by torch.fx traces of their code (BERT / GPT-2 MLP blocks, a
             user's ``fc2(act(fc1(x)))``; :mod:`sparsevd.surgery`); False: Sequential chains only.
+        threads: intra-op threads the deployed model will run on, which the cost model measures
+            with (default: ``torch.get_num_threads()`` at the call); recorded on each measured
+            layer as ``plan_threads``.
 
     Returns:
         The deployed model, in eval mode, on the device and in the dtype of ``model``. Its outputs
@@ -363,20 +403,21 @@ def deploy(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    run_threads = _check_threads(threads)
     # One intra-op thread while deploying (restored after): the build is many small tensor ops
     # (masks, nonzero, CSR, checks), and on shared cores each OpenMP region of a multi-threaded
     # op waits for its descheduled threads: the 37 layers of a 6-layer transformer deployed in
     # 19 s on 2 loaded cores vs 1.3 s on one (benchmarks/NOTES.md, "Deployed overhead"). The
-    # cost model times on one thread anyway.
-    threads = torch.get_num_threads()
+    # cost model sets the model's thread count while it times.
+    old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _deploy(model, example_input, cost_model, threshold, buckets, trace)
+        return _deploy(model, example_input, cost_model, threshold, buckets, trace, run_threads)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(old)
 
 
-def _deploy(model, example_input, cost_model, threshold, buckets, trace) -> nn.Module:
+def _deploy(model, example_input, cost_model, threshold, buckets, trace, threads) -> nn.Module:
     if isinstance(model, SVDO_LAYERS):
         new = deployed_layer(model, threshold)
         built = [new]
@@ -386,7 +427,7 @@ def _deploy(model, example_input, cost_model, threshold, buckets, trace) -> nn.M
     if not built:
         warnings.warn("deploy: the model has no LinearSVDO / Conv2dSVDO layers; nothing to deploy",
                       RuntimeWarning, stacklevel=4)
-    devices = {m.values.device for m in built}
+    devices = {m._stored().device for m in built}
     for d in devices:
         if not kernel_available(d):
             warnings.warn(
@@ -397,7 +438,7 @@ def _deploy(model, example_input, cost_model, threshold, buckets, trace) -> nn.M
             )
     new.eval().requires_grad_(False)  # an inference model (csr_linear has no autograd formula)
     if cost_model in ("measure", "rule"):
-        plan_model(new, example_input, cost_model, buckets)
+        plan_model(new, example_input, cost_model, buckets, threads)
     else:
         for m in built:
             mode = cost_model

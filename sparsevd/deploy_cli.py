@@ -44,12 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log α pruning threshold (default: the checkpoint's)")
     p.add_argument("--cost-model", default="measure",
                    choices=("measure", "rule", "csr", "dense", "masked"),
-                   help="how each layer's kernel is chosen per batch size (default: measure)")
+                   help="how each layer's format and kernel are chosen (default: measure)")
     p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 64], metavar="B",
                    help="batch sizes of the latency table (default: 1 64)")
     p.add_argument("--min-time", type=positive_float, default=0.3, metavar="S",
                    help="seconds of timing per model and batch size (default: 0.3)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads, which the cost model measures with (default: torch's)")
     return p
 
 
@@ -103,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"kernels    : {'sparsevd._C (compiled)' if extension_available() else 'torch fallback'}, "
           f"{torch.get_num_threads()} threads, cost model {args.cost_model}")
     print(f"dense size : {db} bytes (fp weights + biases)")
-    print(f"sparse size: {sb} bytes (CSR values + indices + biases), {db / max(sb, 1):.1f}x smaller")
+    print(f"sparse size: {sb} bytes (CSR or dense weights + biases), {db / max(sb, 1):.1f}x smaller")
     print()
     print("layers:")
     for name, m in deployed.named_modules():

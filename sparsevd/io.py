@@ -1,11 +1,11 @@
 """``save(model, path)`` / ``load(path)`` / ``load(path, model=...)``: deployed (and converted)
 models of any architecture as one safetensors file.
 
-The file holds every tensor of the model (its state_dict: CSR row pointers, column indices,
-values, biases, log σ² of sparse-VD layers, the weights of dense layers left as they are; a
-tied weight once) and, in the safetensors metadata,
+The file holds every tensor of the model (its state_dict: each sparse layer's stored weight, CSR
+row pointers, column indices and values, or its dense weight; biases; log σ² of sparse-VD layers;
+the weights of dense layers left as they are; a tied weight once) and, in the safetensors metadata,
 
-- ``format``: ``"sparsevd.deployed"`` and ``format_version``: ``"3"``;
+- ``format``: ``"sparsevd.deployed"`` and ``format_version`` (:data:`FORMAT_VERSION`);
 - ``config``: JSON with two parts: ``tree``, the module tree (types, sizes, hyper-parameters,
   each sparse layer's plan) when every module is of a supported type, so that :func:`load`
   rebuilds the model without pickle and without the code that built it; and ``model``, for any
@@ -49,6 +49,9 @@ from .surgery import origin, set_origin
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "save", "SUPPORTED_MODULES"]
 
 FORMAT = "sparsevd.deployed"
+#: 3: any model (a ``tree`` and a ``model`` part), uint16 column indices and dense-storage
+#: sparse layers (``weight`` instead of the CSR tensors); 2: the digest covers the config;
+#: 1: the first format. Older files load.
 FORMAT_VERSION = 3
 #: A config nested deeper than this is refused (a ValueError, not a RecursionError).
 MAX_DEPTH = 64
@@ -129,10 +132,12 @@ def _describe(m: nn.Module, prefix: str, tensors: Dict[str, Tensor]) -> dict:
         return {"type": "Sequential",
                 "children": [[n, _describe(c, _key(prefix, n), tensors)] for n, c in m.named_children()]}
     if type(m) in (SparseLinear, SparseConv2d, SparseConv1d):
-        for name in ("crow_indices", "col_indices", "values", "bias"):
+        for name in ("crow_indices", "col_indices", "values", "weight", "bias"):  # CSR or dense
             put(name, getattr(m, name))
         spec = {"type": kind, "dense_shape": list(m.dense_shape), "num_weights": m.num_weights,
                 "plan": _plan_json(m), "bias": m.bias is not None}
+        if m.plan_threads is not None:
+            spec["threads"] = m.plan_threads
         if isinstance(m, SparseLinear):
             spec.update(in_features=m.in_features, out_features=m.out_features)
         elif isinstance(m, SparseConv1d):  # the 1-D arguments (the second of each stored pair)
@@ -347,20 +352,22 @@ class _Builder:
                 seq.add_module(name, self.build(child, _key(prefix, name), depth + 1))
             return seq
         if kind in ("SparseLinear", "SparseConv2d", "SparseConv1d"):
-            crow = self.take(prefix, "crow_indices")
-            col = self.take(prefix, "col_indices")
-            values = self.take(prefix, "values")
+            weight = self.take(prefix, "weight", required=False)  # dense storage (version 3)
+            csr = [self.take(prefix, name, required=weight is None)
+                   for name in ("crow_indices", "col_indices", "values")]
             bias = self.take(prefix, "bias") if spec["bias"] else None
             plan = [(b, m) for b, m in spec["plan"]]
-            common = dict(dense_shape=tuple(spec["dense_shape"]), num_weights=spec["num_weights"],
-                          plan=plan)
+            common = dict(weight=weight, dense_shape=tuple(spec["dense_shape"]),
+                          num_weights=spec["num_weights"], plan=plan)
             if kind == "SparseLinear":
-                return SparseLinear(spec["in_features"], spec["out_features"], crow, col, values, bias,
-                                    **common)
-            conv = SparseConv1d if kind == "SparseConv1d" else SparseConv2d
-            return conv(spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]),
-                        tuple(spec["stride"]), tuple(spec["padding"]), tuple(spec["dilation"]),
-                        spec["groups"], crow, col, values, bias, **common)
+                m = SparseLinear(spec["in_features"], spec["out_features"], *csr, bias, **common)
+            else:
+                conv = SparseConv1d if kind == "SparseConv1d" else SparseConv2d
+                m = conv(spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]),
+                         tuple(spec["stride"]), tuple(spec["padding"]), tuple(spec["dilation"]),
+                         spec["groups"], *csr, bias, **common)
+            m.plan_threads = spec.get("threads")
+            return m
         if kind in _SVDO:
             w = self.take(prefix, "weight")
             names = ["weight", "log_sigma2"] + (["bias"] if spec["bias"] else [])

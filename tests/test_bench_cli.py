@@ -53,3 +53,28 @@ def test_bench_masked_quick_on_tiny_sizes(tmp_path, capsys):
     assert "the 0 % step" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench_masked.main(["--heads", "5", "--no-save"])
+
+
+def test_minilm_table_goes_between_the_readme_markers(tmp_path):
+    """benchmarks/bench_minilm_deploy.py --readme: the rows become the README's table (bytes, CSR
+    layers, a ratio per batch and thread count), between the markers, the rest untouched."""
+    from sparsevd.benchmarks import bench_minilm_deploy as bench
+
+    rows = []
+    for s, csr, ratio in ((0.1, 0, 1.01), (0.9, 36, 0.34)):
+        rows.append({"benchmark": "minilm_deploy_size", "sparsity": s, "threads": 1, "layers": 37,
+                     "layers_csr": csr, "deployed_bytes": int(43.1e6 * (1 - s)), "dense_bytes": int(43.1e6),
+                     "bytes_ratio": round(1 - s, 4)})
+        for b in (1, 32):
+            rows.append({"benchmark": "minilm_infer", "provider": "sparsevd", "sparsity": s, "threads": 1,
+                         "batch": b, "ratio": ratio + b / 1000})
+    rows.append(dict(rows[0], threads=2))
+    table = tmp_path / "t.json"
+    table.write_text(__import__("json").dumps(rows))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- minilm:begin -->\nold\n<!-- minilm:end -->\nrest\n")
+    bench.main(["--readme", str(readme), "--table", str(table), "--table-threads", "1"])
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- minilm:begin -->\n| sparsity |") and text.endswith("<!-- minilm:end -->\nrest\n")
+    assert "old" not in text and "2 threads" not in text
+    assert "| 90 % | 4.3 MB / 43.1 MB (0.100) | 36/37 | 0.34 | 0.37 |" in text  # ratios at B=1, B=32

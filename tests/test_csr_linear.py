@@ -62,7 +62,7 @@ def test_batch_tiles(simd, batch):
     assert_close(csr_linear(x, *csr_of(w), b), F.linear(x, w, b), *TOL[torch.float32])
 
 
-@pytest.mark.parametrize("col_dtype", [torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("col_dtype", [torch.uint16, torch.int16, torch.int32, torch.int64])
 @pytest.mark.parametrize("crow_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("batch", [1, 12])
 def test_index_dtypes(simd, col_dtype, crow_dtype, batch):
@@ -181,7 +181,7 @@ def test_nonfinite_strided_and_explicit_zeros(simd, batch):
     crow, col, val = csr_of(w)
     val = val.clone()
     val[::5] = 0.0
-    w = sparsevd.nn.sparse._csr_to_dense(crow, col, val, 20, 64)
+    w = csr_mod.csr_to_dense(crow, col, val, 20, 64)
     base = inject_nonfinite(torch.randn(batch, 64), cols, "mixed")
     for x in (base.t().contiguous().t(), torch.stack([base, base], -1)[..., 0]):  # column-major, stride 2
         assert_ieee_close(csr_linear(x, crow, col, val), F.linear(x, w), *TOL[torch.float32])
@@ -254,15 +254,20 @@ def _bad_index_case(col_dtype=None, crow_dtype=torch.int32):
 
 
 @pytest.mark.parametrize("batch", [1, 5, 40])
-@pytest.mark.parametrize("col_dtype", [torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("col_dtype", [torch.uint16, torch.int16, torch.int32, torch.int64])
 @pytest.mark.parametrize("bad", [20000, -1, 40])
 @pytest.mark.parametrize("at", ["first", "middle", "last"])
 def test_kernel_rejects_bad_columns(simd, batch, col_dtype, bad, at):
-    """The op checks every column index itself (no read out of bounds, a RuntimeError naming it)."""
+    """The op checks every column index itself (no read out of bounds, a RuntimeError naming it);
+    uint16 indices are read unsigned (-1 is stored as 65535)."""
     crow, col, val = _bad_index_case(col_dtype)
     j = {"first": 0, "middle": col.numel() // 2, "last": col.numel() - 1}[at]
     col = col.clone()
-    col[j] = bad
+    if col_dtype == torch.uint16 and bad < 0:
+        bad += 65536
+        col[j:j + 1] = torch.tensor([bad], dtype=torch.int32).to(torch.uint16)
+    else:
+        col[j] = bad
     x = torch.randn(batch, 40)
     with pytest.raises(RuntimeError, match=rf"csr_linear: col_indices\[{j}\] = {bad} is outside "
                                            r"\[0, in_features=40\)"):
@@ -362,12 +367,41 @@ def test_errors_name_the_argument(change, exc, match):
         csr_linear(a["x"], a["crow"], a["col"], a["values"], a["bias"])
 
 
-def test_int16_needs_small_in_features():
-    x = torch.randn(1, 40000)
+def test_16_bit_indices_need_small_in_features():
+    """int16 indices address 32768 input features, uint16 65536 (the checked op and the raw op)."""
     crow = torch.tensor([0, 1], dtype=torch.int32)
     col = torch.tensor([3], dtype=torch.int16)
     with pytest.raises(TypeError, match="col_indices: int16 indices address at most 32768"):
-        csr_linear(x, crow, col, torch.ones(1))
+        csr_linear(torch.randn(1, 40000), crow, col, torch.ones(1))
+    with pytest.raises(RuntimeError, match="int16 col_indices address at most 32768 input features"):
+        torch.ops.sparsevd.csr_linear(torch.randn(1, 40000), crow, col, torch.ones(1), None)
+    col = col.to(torch.uint16)
+    with pytest.raises(TypeError, match="col_indices: uint16 indices address at most 65536"):
+        csr_linear(torch.randn(1, 65537), crow, col, torch.ones(1))
+    with pytest.raises(RuntimeError, match="uint16 col_indices address at most 65536 input features"):
+        torch.ops.sparsevd.csr_linear(torch.randn(1, 65537), crow, col, torch.ones(1), None)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 40])
+@pytest.mark.parametrize("k", [32769, 65536])
+def test_uint16_indices_above_int16_range(simd, batch, k):
+    """to_csr writes uint16 indices up to 65536 input features (2 bytes per stored weight, where
+    int16 stopped at 32768); columns ≥ 32768 are read unsigned by every kernel path, and a bad
+    one is still named."""
+    w = random_weight(24, k, 0.002)
+    w[:, -3:] = torch.randn(24, 3)  # the highest columns, whose int16 view would be negative
+    crow, col, val = to_csr(w)
+    assert col.dtype == torch.uint16
+    x = torch.randn(batch, k)
+    b = torch.randn(24)
+    assert_close(csr_linear(x, crow, col, val, b), F.linear(x, w, b), *TOL[torch.float32])
+    x[0, -1] = float("nan")  # the NaN semantics read the same columns
+    assert_ieee_close(csr_linear(x, crow, col, val, b), F.linear(x, w, b), *TOL[torch.float32])
+    if k < 65536:
+        col = col.clone()
+        col[-1:] = torch.tensor([k], dtype=torch.int32).to(torch.uint16)
+        with pytest.raises(RuntimeError, match=rf"col_indices\[{col.numel() - 1}\] = {k} is outside"):
+            torch.ops.sparsevd.csr_linear(x, crow, col, val, None)
 
 
 def test_raw_op_checks():
@@ -379,7 +413,7 @@ def test_raw_op_checks():
         torch.ops.sparsevd.csr_linear(x, crow, col, val, b[:3])
     with pytest.raises(RuntimeError, match="crow_indices must start at 0 and end at nnz"):
         torch.ops.sparsevd.csr_linear(x, crow + 1, col, val, b)
-    with pytest.raises(RuntimeError, match="col_indices must be int16, int32 or int64"):
+    with pytest.raises(RuntimeError, match="col_indices must be uint16, int16, int32 or int64"):
         torch.ops.sparsevd.csr_linear(x, crow, col.to(torch.uint8), val, b)
 
 

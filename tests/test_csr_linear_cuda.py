@@ -45,7 +45,7 @@ def test_matches_dense(n, k, density, empty_rows, batch, dtype):
     assert_close(y.float(), expected, *TOL[dtype])
 
 
-@pytest.mark.parametrize("col_dtype", [torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("col_dtype", [torch.uint16, torch.int16, torch.int32, torch.int64])
 @pytest.mark.parametrize("crow_dtype", [torch.int32, torch.int64])
 def test_index_dtypes_and_layouts(col_dtype, crow_dtype):
     w = random_weight(50, 90, 0.2)

@@ -8,7 +8,7 @@ from conftest import assert_close
 from torch import nn
 
 import sparsevd
-from sparsevd.deploy import BATCH_BUCKETS, _bucket_bounds, dense_twin, rule_mode
+from sparsevd.deploy import dense_twin, rule_mode
 from sparsevd.models import LeNet5, LeNet300
 from sparsevd.nn import Conv1dSVDO, Conv2dSVDO, LinearSVDO, SparseConv1d, SparseConv2d, SparseLinear
 from sparsevd.nn.svdo import SVDO_LAYERS
@@ -120,8 +120,8 @@ def test_lenet300_compaction(lenet300):
     assert fc1.in_features == 784 and fc3.out_features == 10
     assert fc1.out_features <= 300 - 60 and fc2.in_features == fc1.out_features
     assert fc2.out_features <= 100 - 10 and fc3.in_features == fc2.out_features
-    # CSR storage: int32 row pointers, int16 columns (≤ 32768 inputs), fp32 values
-    assert fc1.crow_indices.dtype == torch.int32 and fc1.col_indices.dtype == torch.int16
+    # CSR storage: int32 row pointers, uint16 columns (≤ 65536 inputs), fp32 values
+    assert fc1.crow_indices.dtype == torch.int32 and fc1.col_indices.dtype == torch.uint16
     assert fc1.values.dtype == torch.float32
     # report() counts the deployed layers against the trained shapes
     r_svd, r_dep = sparsevd.report(lenet300), sparsevd.report(dep)
@@ -274,7 +274,6 @@ def test_threshold_argument(lenet300):
 def test_plan_buckets_and_modes():
     layer = SparseLinear.from_dense(torch.randn(6, 5), plan=[(2, "masked"), (None, "csr")])
     assert layer.mode_for(1) == "masked" and layer.mode_for(3) == "csr"
-    assert _bucket_bounds(BATCH_BUCKETS) == [2, 8, 32, 128, None]
     layer.set_plan([(8, "csr"), (2, "csr"), (None, "dense")])
     assert layer.plan == ((8, "csr"), (None, "dense"))
     with pytest.raises(ValueError, match="plan: unknown mode 'fast'"):
@@ -298,6 +297,132 @@ def test_rule_mode_follows_density():
     assert rule_mode(tiny, 1) != "csr"  # call overheads dominate
     conv = SparseConv2d.from_dense(torch.randn(4, 2, 3, 3) * (torch.rand(4, 2, 3, 3) < 0.1))
     assert rule_mode(conv, 1) == "dense"
+
+
+# ------------------------------------------------------------ never bigger, never slower
+def _dense_layer_bytes(m):
+    return m._rows * m._cols * m._stored().element_size() + (0 if m.bias is None else m.bias.nbytes)
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9, 0.98])
+@pytest.mark.parametrize("cost_model,dtype", [("measure", torch.float32), ("rule", torch.float32),
+                                              ("rule", torch.bfloat16)])
+def test_deployed_layers_are_never_bigger_than_dense(sparsity, cost_model, dtype):
+    """Each deployed layer stores one format, CSR or the dense weight, never both, and never more
+    bytes than the dense layer of its shape (CSR only where it is smaller: uint16 columns)."""
+    torch.manual_seed(11)
+    model = prune(LeNet300().to(dtype).eval(), sparsity)
+    dep = sparsevd.deploy(model, cost_model=cost_model, buckets=(1, 16))
+    layers = [m for m in dep.modules() if isinstance(m, SparseLinear)]
+    assert len(layers) == 3
+    for m in layers:
+        assert len(m.plan) == 1 and m.storage == ("csr" if m.plan[0][1] == "csr" else "dense")
+        assert (m.weight is None) == (m.values is not None)
+        assert m.nbytes() <= _dense_layer_bytes(m), (m, m.nbytes())
+    if sparsity == 0.1:
+        assert all(m.storage == "dense" for m in layers)  # CSR would take 5.4 bytes per weight
+    x = torch.randn(3, 1, 28, 28, dtype=dtype)
+    with torch.no_grad():
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert_close(dep(x), model(x), tol, tol)
+
+
+def test_planner_times_with_the_model_threads_and_needs_every_bucket(monkeypatch):
+    """The cost model times on the thread count the model will run on (recorded in the plan), and
+    CSR must beat the dense product at every bucket: a loss at the largest makes the layer dense."""
+    import importlib
+    deploy_mod = importlib.import_module("sparsevd.deploy")
+    calls = []
+
+    def fake(fns, device, threads=1, **kw):  # CSR wins at the first two buckets, loses at the third
+        calls.append(threads)
+        return {"masked": 1.0, "csr": 0.5 if len(calls) % 3 else 1.2}
+
+    monkeypatch.setattr(deploy_mod, "_measure", fake)
+    w = torch.randn(256, 256) * (torch.rand(256, 256) < 0.05)
+    layer = SparseLinear.from_dense(w)
+    deploy_mod.plan_layer(layer, buckets=(1, 16, 64), threads=2)
+    assert calls == [2, 2, 2] and layer.plan == ((None, "masked"),) and layer.storage == "dense"
+    assert layer.plan_threads == 2
+    calls.clear()
+    deploy_mod.plan_layer(layer, buckets=(1, 16), threads=3)
+    assert calls == [3, 3] and layer.plan == ((None, "csr"),) and layer.storage == "csr"
+    model = nn.Sequential(LinearSVDO(256, 256)).eval()
+    prune(model, 0.95)
+    calls.clear()
+    dep = sparsevd.deploy(model, buckets=(1, 16), threads=1)
+    assert calls == [1, 1] and dep[0].plan_threads == 1 and dep[0].storage == "csr"
+    with pytest.raises(ValueError, match="threads: expected a positive int"):
+        sparsevd.deploy(model, threads=0)
+
+
+def test_planner_times_linear_layers_at_the_rows_of_the_example_input(monkeypatch):
+    """With an example input (B, T, ...) the linear layers see B·T rows per batch of B: the buckets
+    are timed at bucket·T rows (at most MAX_TIMED_ROWS), not at bucket rows (a transformer never
+    runs a single row, where call overheads can make CSR lose)."""
+    import importlib
+    deploy_mod = importlib.import_module("sparsevd.deploy")
+    rows = []
+
+    def fake(fns, device, threads=1, **kw):
+        y = fns["csr"]()  # runs the layer on the timing input: its rows
+        rows.append(y.shape[:-1].numel())
+        return {"masked": 1.0, "csr": 0.5}
+
+    monkeypatch.setattr(deploy_mod, "_measure", fake)
+    model = nn.Sequential(LinearSVDO(256, 256), nn.ReLU(), LinearSVDO(256, 64)).eval()
+    prune(model, 0.9, torch.Generator().manual_seed(3))
+    dep = sparsevd.deploy(model, torch.randn(2, 16, 256), buckets=(1, 16, 256))
+    assert rows and set(rows) == {16, 256, deploy_mod.MAX_TIMED_ROWS}, rows
+    assert all(m.plan == ((None, "csr"),) for m in dep if isinstance(m, SparseLinear))
+    rows.clear()
+    sparsevd.deploy(model, buckets=(1, 16))  # no example: a bucket is that many rows
+    assert set(rows) == {1, 16}, rows
+
+
+def test_planner_keeps_dense_where_csr_is_not_smaller(monkeypatch):
+    """fp16 at density 0.6: CSR (4 bytes per weight) would outgrow the dense weight (2 bytes per
+    weight): dense, and nothing is timed."""
+    import importlib
+    deploy_mod = importlib.import_module("sparsevd.deploy")
+    monkeypatch.setattr(deploy_mod, "_measure", lambda *a, **k: pytest.fail("timed a layer"))
+    monkeypatch.setattr(deploy_mod, "CSR_MAX_DENSITY", 1.0)
+    w = (torch.randn(128, 128) * (torch.rand(128, 128) < 0.6)).half()
+    layer = SparseLinear.from_dense(w)
+    assert deploy_mod.csr_bytes(layer) > deploy_mod.dense_weight_bytes(layer)
+    deploy_mod.plan_layer(layer, buckets=(1, 16))
+    assert layer.plan == ((None, "masked"),) and layer.storage == "dense"
+
+
+def test_load_version_2_files(tmp_path):
+    """Files of format version 2 (int16 columns, CSR beside a masked plan) still load: the layer
+    takes its plan's storage, the outputs are the saved model's."""
+    from safetensors.torch import save_file
+
+    from sparsevd._files import digest
+    from sparsevd.io import FORMAT
+
+    torch.manual_seed(12)
+    w = torch.randn(12, 40) * (torch.rand(12, 40) < 0.4)
+    b = torch.randn(12)
+    crow, col, val = sparsevd.nn.sparse.to_csr(w, torch.int16)
+    tensors = {"0.crow_indices": crow, "0.col_indices": col, "0.values": val, "0.bias": b}
+    spec = {"type": "Sequential", "children": [["0", {
+        "type": "SparseLinear", "dense_shape": [12, 40], "num_weights": 480, "bias": True,
+        "in_features": 40, "out_features": 12, "plan": [[1, "csr"], [None, "masked"]]}],
+        ["1", {"type": "ReLU", "args": {"inplace": False}}]]}
+    for plan, storage in (([[1, "csr"], [None, "masked"]], "csr"), ([[None, "masked"]], "dense")):
+        spec["children"][0][1]["plan"] = plan
+        config = json.dumps(spec)
+        path = tmp_path / f"v2-{storage}.safetensors"
+        save_file(tensors, str(path), metadata={"format": FORMAT, "format_version": "2", "config": config,
+                                                "sha256": digest(tensors, FORMAT, "2", config)})
+        loaded = sparsevd.load(path)
+        assert loaded[0].storage == storage
+        x = torch.randn(5, 40)
+        with torch.no_grad():
+            assert_close(loaded(x), torch.relu(x @ w.T + b), RTOL, ATOL, name=storage)
+            assert_close(loaded(x[:1]), torch.relu(x[:1] @ w.T + b), RTOL, ATOL, name=storage)
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -517,5 +642,5 @@ def test_deployed_model_copies_pickles_and_casts(lenet300, tmp_path):
         torch.save(dep, tmp_path / "m.pt")
         assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(x), y)
         d64 = copy.deepcopy(dep).double()
-        assert d64[1].values.dtype == torch.float64 and d64[1].col_indices.dtype == torch.int16
+        assert d64[1].values.dtype == torch.float64 and d64[1].col_indices.dtype == torch.uint16
         assert_close(d64(x.double()), y, RTOL, ATOL)

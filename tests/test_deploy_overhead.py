@@ -139,7 +139,7 @@ def test_fast_path_follows_edits_and_reassignment():
     layer = SparseLinear.from_dense(w, torch.zeros(6), plan="masked")
     x = torch.randn(3, 5)
     with torch.no_grad():
-        layer.values.mul_(2)  # in place: version counter
+        layer.weight.mul_(2)  # in place: version counter (the masked plan stores the dense weight)
         assert_close(layer(x), x @ (2 * w).T, 1e-5, 1e-5, name="values edited")
         layer.bias = torch.ones(6)  # reassigned buffer
         assert_close(layer(x), x @ (2 * w).T + 1, 1e-5, 1e-5, name="bias reassigned")

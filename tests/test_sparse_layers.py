@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import assert_ieee_close
 
 from sparsevd.nn import SparseConv2d, SparseLinear
+from sparsevd.nn.sparse import to_csr
 from sparsevd.ops import csr as csr_mod
 from sparsevd.ops import library
 
@@ -169,7 +170,7 @@ def test_load_state_dict_assign_and_valid_loads():
     bad["col_indices"][0] = -1
     with pytest.raises(RuntimeError, match="col_indices: expected values in"):
         layer.load_state_dict(bad, assign=True)
-    assert layer.col_indices.dtype == torch.int16 and torch.equal(layer(x), other(x))
+    assert layer.col_indices.dtype == torch.uint16 and torch.equal(layer(x), other(x))
 
 
 def test_load_state_dict_nested_prefix():
@@ -180,10 +181,16 @@ def test_load_state_dict_nested_prefix():
         model.load_state_dict(sd)
 
 
-@pytest.mark.parametrize("mode", ["csr", "dense", "masked"])
-def test_inplace_edits_are_followed(mode):
+#: Plans that keep the CSR buffers: CSR alone, and CSR beside each dense mode's cache (mixed plans;
+#: batch 2 and up run the dense mode), whose caches must follow edits of the CSR.
+CSR_PLANS = {"csr": "csr", "csr+dense": [(1, "csr"), (None, "dense")],
+             "csr+masked": [(1, "csr"), (None, "masked")]}
+
+
+@pytest.mark.parametrize("plan", list(CSR_PLANS))
+def test_inplace_edits_are_followed(plan):
     """In-place edits of values, col and crow (version counters): outputs follow, caches rebuilt."""
-    layer = _layer(mode)
+    layer = _layer(CSR_PLANS[plan])
     x = torch.randn(3, 40)
     with torch.no_grad():
         layer.values.mul_(2.0)
@@ -197,15 +204,31 @@ def test_inplace_edits_are_followed(mode):
         assert (layer.to_dense()[1] == 0).all()
 
 
-@pytest.mark.parametrize("mode", ["csr", "dense", "masked"])
+@pytest.mark.parametrize("mode", ["dense", "masked"])
+def test_inplace_edits_of_the_dense_weight_are_followed(mode):
+    """A dense plan stores the zero-filled weight; edits of it (version counter) reach the output."""
+    layer = _layer(mode)
+    assert layer.storage == "dense" and layer.values is None and layer.weight.shape == (16, 40)
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+        assert_ieee_close(layer(x), reference(layer, x), *TOL[torch.float32], name="scaled")
+        assert layer.to_dense()[1, 1] == 4.0
+        layer.weight[0, 39] = 5.0  # a new nonzero (an unused column before)
+        assert_ieee_close(layer(x), reference(layer, x), *TOL[torch.float32], name="new nonzero")
+        assert layer.num_nonzero == 17
+
+
+@pytest.mark.parametrize("plan", list(CSR_PLANS))
 @pytest.mark.parametrize("edit,match", [
     (lambda l: l.col_indices.__setitem__(3, 20000), r"col_indices: expected values in \[0, in_features=40\)"),
-    (lambda l: l.col_indices.__setitem__(3, -5), "col_indices: expected values in"),
+    (lambda l: l.col_indices.__setitem__(slice(3, 4), torch.tensor([65531]).to(torch.uint16)),
+     "col_indices: expected values in"),
     (lambda l: l.crow_indices.__setitem__(5, 10**8), "crow_indices: expected a non-decreasing"),
     (lambda l: l.crow_indices.__setitem__(16, 3), r"crow_indices: expected crow\[0\] = 0 and crow\[-1\] = nnz"),
 ])
-def test_bad_inplace_edits_raise_at_forward(mode, edit, match):
-    layer = _layer(mode)
+def test_bad_inplace_edits_raise_at_forward(plan, edit, match):
+    layer = _layer(CSR_PLANS[plan])
     with torch.no_grad():
         edit(layer)
     with pytest.raises(ValueError, match=match):
@@ -253,7 +276,7 @@ def test_to_float64_and_back():
     x = torch.randn(6, 30)
     y = [layer(x[:b]) for b in (1, 3, 6)]
     d = layer.to(torch.float64)
-    assert d.values.dtype == torch.float64 and d.col_indices.dtype == torch.int16
+    assert d.values.dtype == torch.float64 and d.col_indices.dtype == torch.uint16
     for b, yb in zip((1, 3, 6), y):
         assert_ieee_close(d(x[:b].double()), yb, 1e-6, 1e-6, name=f"fp64 batch {b}")
     f = d.float()
@@ -313,14 +336,18 @@ def test_meta_input_names_x(mode):
 
 
 def test_meta_layer_shapes_in_dense_modes():
-    """A layer on meta computes shapes in the dense modes; the CSR kernel needs data."""
+    """A layer on meta computes shapes in the dense modes; the CSR kernel needs data, and so
+    does building a CSR from a meta dense weight."""
     src = _layer()
     layer = SparseLinear(40, 16, src.crow_indices, src.col_indices, src.values, src.bias,
                          plan="masked").to("meta")
     assert layer(torch.empty(3, 40, device="meta")).shape == (3, 16)
-    layer.set_plan("csr")
+    with pytest.raises(ValueError, match="plan: storing the weight as CSR needs its data"):
+        layer.set_plan("csr")
+    assert layer.plan == ((None, "masked"),)  # unchanged
+    csr = SparseLinear(40, 16, src.crow_indices, src.col_indices, src.values, src.bias).to("meta")
     with pytest.raises(ValueError, match="x: expected a tensor with data on meta"):
-        layer(torch.empty(3, 40, device="meta"))
+        csr(torch.empty(3, 40, device="meta"))
 
 
 @pytest.mark.parametrize("name,value", [("stride", 0), ("stride", (1, -1)), ("padding", -1),
@@ -340,12 +367,94 @@ def test_conv_csr_bad_columns_through_data():
         conv(x)
 
 
-def test_state_dict_roundtrip_through_numpy():
+@pytest.mark.parametrize("plan,key", [("dense", "weight"), ("csr+dense", "values")])
+def test_state_dict_roundtrip_through_numpy(plan, key):
     """A state dict edited as numpy arrays and loaded back (copy_ bumps the versions)."""
-    layer = _layer("dense")
+    layer = _layer(CSR_PLANS.get(plan, plan))
     sd = {k: torch.from_numpy(np.array(v.numpy())) for k, v in layer.state_dict().items()}
-    sd["values"] *= 3.0
+    sd[key] *= 3.0
     layer.load_state_dict(sd)
     x = torch.randn(2, 40)
     assert_ieee_close(layer(x), reference(layer, x), *TOL[torch.float32])
     assert layer.to_dense()[0, 0] == 3.0
+
+
+# --------------------------------------------------------------- storage follows the plan
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_storage_follows_the_plan_exactly(dtype):
+    """CSR plans store the CSR only, dense plans the zero-filled weight only (the dense layer's
+    bytes, no CSR beside it); set_plan converts both ways without changing a weight."""
+    w, _ = structured_weight(20, 30, dtype)
+    b = torch.randn(20, dtype=dtype)
+    layer = SparseLinear.from_dense(w, b)
+    crow, col, val = (t.clone() for t in layer.csr())
+    assert layer.storage == "csr" and layer.weight is None
+    x = torch.randn(5, 30, dtype=dtype)
+    y = layer(x)
+    for mode in ("masked", "dense"):
+        layer.set_plan(mode)
+        assert layer.storage == "dense" and layer.values is None and layer.col_indices is None
+        assert torch.equal(layer.weight, w)
+        assert layer.nbytes() == w.numel() * w.element_size() + b.numel() * b.element_size()
+        assert set(layer.state_dict()) == {"weight", "bias"}
+        assert layer.num_nonzero == int((w != 0).sum())
+        assert_ieee_close(layer(x), y, *TOL[dtype], name=mode)
+        layer.set_plan("csr")
+        assert layer.storage == "csr" and layer.weight is None
+        assert all(torch.equal(a, b_) for a, b_ in zip(layer.csr(), (crow, col, val)))
+        assert torch.equal(layer(x), y)
+
+
+def test_weight_constructor_and_conv_storage():
+    w, _ = structured_weight(12, 18)
+    layer = SparseLinear(18, 12, weight=w)
+    assert layer.plan == ((None, "masked"),) and layer.storage == "dense"
+    assert layer._fast[0] is layer.weight  # the fast path runs on the stored weight, no copy
+    with pytest.raises(ValueError, match="weight: give the CSR weight .* or a dense weight, not both"):
+        SparseLinear(18, 12, *to_csr(w), weight=w)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(12, 18\)"):
+        SparseLinear(18, 12, weight=w.t())
+    with pytest.raises(ValueError, match="the CSR weight \\(or weight=\\) is required"):
+        SparseLinear(18, 12)
+    cw = _conv_weight(6, 3, 3)
+    conv = SparseConv2d.from_dense(cw, plan="dense")
+    assert conv.storage == "dense" and conv.weight.shape == (6, 3, 3, 3) and conv._fast[0] is conv.weight
+    x = torch.randn(2, 3, 8, 8)
+    assert_ieee_close(conv(x), F.conv2d(x, cw), *TOL[torch.float32])
+    conv.set_plan("csr")
+    assert conv.storage == "csr" and conv.weight is None
+    assert_ieee_close(conv(x), F.conv2d(x, cw), *TOL[torch.float32], name="csr")
+
+
+@pytest.mark.parametrize("src_plan,dst_plan", [("csr", "masked"), ("masked", "csr"), ("dense", "masked")])
+@pytest.mark.parametrize("assign", [False, True])
+def test_load_state_dict_across_storages(src_plan, dst_plan, assign):
+    """A state dict of the other storage loads (the layer keeps its plan's storage); a bad one is
+    rejected with the layer unchanged."""
+    w, _ = structured_weight(16, 40)
+    src = SparseLinear.from_dense(w, torch.randn(16), plan=src_plan)
+    dst = _layer(dst_plan)
+    x = torch.randn(3, 40)
+    before = dst(x)
+    storage = dst.storage
+    dst.load_state_dict(src.state_dict(), assign=assign)
+    assert dst.storage == storage and dst.plan == SparseLinear.from_dense(w, plan=dst_plan).plan
+    assert_ieee_close(dst(x), F.linear(x, w, src.bias), *TOL[torch.float32])
+    bad = {k: v.clone() for k, v in _layer(src_plan).state_dict().items()}
+    if "weight" in bad:
+        bad["weight"] = bad["weight"][:, :30]
+        match = "weight: expected shape|size mismatch"
+    else:
+        bad["col_indices"][0] = 40
+        match = r"col_indices: expected values in \[0, in_features=40\)"
+    with pytest.raises(RuntimeError, match=match):
+        dst.load_state_dict(bad, assign=assign)
+    assert_ieee_close(dst(x), F.linear(x, w, src.bias), *TOL[torch.float32], name="after a bad load")
+    assert before.shape == dst(x).shape
+
+
+def test_dense_and_csr_buffers_together_are_rejected():
+    layer = _layer("masked")
+    layer.values = torch.ones(16)
+    with pytest.raises(ValueError, match="weight: the layer stores its weight as CSR"):
+        layer(torch.randn(2, 40))

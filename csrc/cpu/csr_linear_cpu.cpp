@@ -4,7 +4,7 @@
 // row ranges balanced by nnz + rows:
 //
 // * M == 1, SpMV: y[r] = b[r] + sum_{j in row r} v_j x[c_j]. fp32 with AVX2: 8 nonzeros at a time,
-//   column indices widened from int16/int32, x gathered (vgatherdps), two accumulators; the last
+//   column indices widened from 16-bit (uint16, or int16) or int32, x gathered (vgatherdps), two accumulators; the last
 //   < 8 nonzeros of a row as one masked step (not one scalar step each: 4-20 % faster at 90-99 %).
 // * M > 1, tiled SpMM: x is packed, transposed, into tiles xp[t] of shape (K, TM), TM batch rows per
 //   tile (zero padded; TM = 8 or 16 for M <= 8 or 16, else 32, or 16 when a (K, 32) tile would
@@ -110,8 +110,9 @@ inline __attribute__((always_inline)) bool rows_ordered_impl(const C* crow, int6
   return bad == 0;
 }
 
-// max over j < n of the unsigned view of col[j] (int16 -> uint16, int32 -> uint32, int64 -> uint64):
-// every index is in [0, K) iff it is < K (K <= 32768 for int16 indices).
+// max over j < n of the unsigned view of col[j] (int16 -> uint16, int32 -> uint32, int64 -> uint64;
+// uint16 as it is): every index is in [0, K) iff it is < K (K <= 32768 for int16 indices, <= 65536
+// for uint16).
 template <typename I>
 inline __attribute__((always_inline)) uint64_t col_umax_impl(const I* col, int64_t n) {
   using U = std::make_unsigned_t<I>;
@@ -124,10 +125,12 @@ inline __attribute__((always_inline)) uint64_t col_umax_impl(const I* col, int64
 template <typename C>
 SVD_AVX2 bool rows_ordered_avx2(const C* crow, int64_t n) { return rows_ordered_impl(crow, n); }
 
-// Whether every col[j], j in [b, e), is in [0, K): unsigned maxima of 16 (int16) or 8 (int32)
+// Whether every col[j], j in [b, e), is in [0, K): unsigned maxima of 16 (16-bit) or 8 (int32)
 // indices per vector, two accumulators, the last vector ending at e (it may reread entries
-// before b: column indices too). Needs e >= the vector width.
-SVD_AVX2 bool cols_ok_avx2(const int16_t* col, int64_t b, int64_t e, int64_t K) {
+// before b: column indices too). Needs e >= the vector width. 16-bit indices: uint16, or int16
+// read as unsigned (a negative int16 reads as >= 32768 >= K: int16 is used only for K <= 32768).
+template <typename I16>
+SVD_AVX2 bool cols_ok16_avx2(const I16* col, int64_t b, int64_t e, int64_t K) {
   __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
   int64_t j = b;
   for (; j + 32 <= e; j += 32) {
@@ -136,9 +139,16 @@ SVD_AVX2 bool cols_ok_avx2(const int16_t* col, int64_t b, int64_t e, int64_t K) 
   }
   if (j + 16 <= e) m0 = _mm256_max_epu16(m0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + j)));
   if (j < e) m1 = _mm256_max_epu16(m1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + e - 16)));
-  const __m256i kmax = _mm256_set1_epi16(static_cast<int16_t>(K - 1));  // K <= 32768 for int16
+  // K - 1 <= 65535: its low 16 bits, compared unsigned
+  const __m256i kmax = _mm256_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(K - 1)));
   const __m256i m = _mm256_max_epu16(_mm256_max_epu16(m0, m1), kmax);
   return _mm256_movemask_epi8(_mm256_cmpeq_epi16(m, kmax)) == -1;
+}
+SVD_AVX2 bool cols_ok_avx2(const int16_t* col, int64_t b, int64_t e, int64_t K) {
+  return cols_ok16_avx2(col, b, e, K);
+}
+SVD_AVX2 bool cols_ok_avx2(const uint16_t* col, int64_t b, int64_t e, int64_t K) {
+  return cols_ok16_avx2(col, b, e, K);
 }
 SVD_AVX2 bool cols_ok_avx2(const int32_t* col, int64_t b, int64_t e, int64_t K) {
   __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
@@ -373,6 +383,9 @@ void spmm_part_generic(const T* xpt, const C* crow, const I* col, const T* val, 
 SVD_AVX2 inline __m256i load_idx8(const int16_t* p) {
   return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+SVD_AVX2 inline __m256i load_idx8(const uint16_t* p) {
+  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 SVD_AVX2 inline __m256i load_idx8(const int32_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
@@ -516,6 +529,27 @@ SVD_AVX2 inline void row_tile_avx2(const float* xp, const I* col, const float* v
   for (int u = 0; u < U; ++u) {
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) acc[u][v] = _mm256_setzero_ps();
+  }
+  if constexpr (sizeof(I) == 2) {
+    // 16-bit indices: four per 64-bit load (fewer load-port slots per nonzero); indices checked
+    // in [0, K) before, so the unsigned 16 bits are the column
+    constexpr int G = U > 4 ? U : 4;
+    for (; j + G <= e; j += G) {
+#pragma GCC unroll 2
+      for (int h = 0; h < G; h += 4) {
+        uint64_t q;
+        std::memcpy(&q, col + j + h, sizeof(q));
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+          const float* p = xp + static_cast<int64_t>((q >> (16 * u)) & 0xFFFFu) * TM;
+          const __m256 w = _mm256_broadcast_ss(val + j + h + u);
+#pragma GCC unroll 8
+          for (int v = 0; v < V; ++v) {
+            acc[(h + u) % U][v] = _mm256_fmadd_ps(w, _mm256_load_ps(p + 8 * v), acc[(h + u) % U][v]);
+          }
+        }
+      }
+    }
   }
   for (; j + U <= e; j += U) {
 #pragma GCC unroll 8
@@ -767,6 +801,7 @@ void dispatch_indices(const at::Tensor& crow, const at::Tensor& col, F&& f) {
   auto with_col = [&](auto* crow_ptr) {
     switch (col.scalar_type()) {
       case at::kShort: f(crow_ptr, col.data_ptr<int16_t>()); break;
+      case at::kUInt16: f(crow_ptr, col.data_ptr<uint16_t>()); break;
       case at::kInt: f(crow_ptr, col.data_ptr<int32_t>()); break;
       default: f(crow_ptr, col.data_ptr<int64_t>()); break;
     }

@@ -13,7 +13,7 @@ bool simd_enabled();                   // available and not switched off
 bool set_simd_enabled(bool enabled);   // returns the previous setting
 
 // y (*, N) = x (*, K) Wᵀ + bias, W (N, K) as CSR (crow_indices int32/int64 (N + 1,), col_indices
-// int16/int32/int64 (nnz,), values (nnz,) in x's dtype); checks its arguments (csr_checks.h and the
+// uint16/int16/int32/int64 (nnz,), values (nnz,) in x's dtype); checks its arguments (csr_checks.h and the
 // index data), raises on bad ones.
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
                           const at::Tensor& values, const c10::optional<at::Tensor>& bias);

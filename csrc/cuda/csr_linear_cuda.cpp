@@ -1,7 +1,7 @@
 // torch bindings of the CUDA kernels of sparsevd::csr_linear (csr_linear_kernels.cu).
 //
 // Validates the arguments (metadata: the kernels check the index data themselves, without a host
-// sync), narrows int64 indices to the kernels' int32 (row pointers) and int16/int32 (columns) after
+// sync), narrows int64 indices to the kernels' int32 (row pointers) and uint16/int16/int32 (columns) after
 // clamping them, so that a bad value stays bad, allocates the scratch (x transposed, counts of
 // non-finite inputs) and launches on the current stream.
 #include <ATen/ATen.h>
@@ -85,7 +85,9 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices, 
   a.nnz = nnz;
   a.value_type = vt;
   a.crow_type = IndexType::kInt32;
-  a.col_type = col.scalar_type() == at::kShort ? IndexType::kInt16 : IndexType::kInt32;
+  a.col_type = col.scalar_type() == at::kShort    ? IndexType::kInt16
+               : col.scalar_type() == at::kUInt16 ? IndexType::kUInt16
+                                                  : IndexType::kInt32;
   a.workspace = ws.data_ptr();
   const int err = launch_csr_linear(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "csr_linear (CUDA): kernel launch failed: ", error_string(err));

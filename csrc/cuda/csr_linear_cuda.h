@@ -10,7 +10,7 @@ namespace sparsevd {
 namespace cuda {
 
 enum class ValueType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-enum class IndexType : int { kInt16 = 0, kInt32 = 1, kInt64 = 2 };
+enum class IndexType : int { kInt16 = 0, kInt32 = 1, kInt64 = 2, kUInt16 = 3 };
 
 // y (M, N) = x (M, K) W^T + bias, W (N, K) in CSR form. All pointers are device pointers. The index
 // data is not trusted: bad row ranges and columns are skipped, their outputs set to NaN.
@@ -18,7 +18,7 @@ struct CsrLinearArgs {
   const void* x = nullptr;     // (M, K), element (m, k) at x[m * ldx + k]; contiguous when M == 1
   int64_t M = 0, K = 0, ldx = 0;  // K >= 1
   const void* crow = nullptr;  // (N + 1,), crow_type: int32 (kInt32) only
-  const void* col = nullptr;   // (nnz,), col_type: int16 or int32, sorted or not (distinct in a row)
+  const void* col = nullptr;   // (nnz,), col_type: uint16, int16 or int32, sorted or not (distinct in a row)
   const void* values = nullptr;  // (nnz,), value_type
   const void* bias = nullptr;  // (N,), value_type, or nullptr
   void* y = nullptr;           // (M, N) contiguous, value_type

@@ -1,7 +1,7 @@
 // CUDA kernels of sparsevd::csr_linear: y (M, N) = x (M, K) W^T + b with W (N, K) in CSR form.
 //
 // Values fp32, fp16 or bf16 (x, values, bias and y share the dtype); accumulation in fp32.
-// Row pointers int32, column indices int16 or int32 (the bindings narrow int64 indices, which keeps
+// Row pointers int32, column indices uint16, int16 or int32 (the bindings narrow int64 indices, which keeps
 // the number of template instances, and the compile time, down). Built for sm_80 and sm_90.
 //
 // * M == 1, SpMV (csr_spmv_kernel): a subwarp of SUB lanes per row (SUB a power of two from the
@@ -331,10 +331,12 @@ void launch_typed(const CsrLinearArgs& a, cudaStream_t s) {
   }
 }
 
-// Row pointers int32, column indices int16 or int32 (the bindings narrow wider indices first).
+// Row pointers int32, column indices uint16, int16 or int32 (the bindings narrow wider indices
+// first). col_ok reads a uint16 index zero-extended.
 template <typename T>
 void launch_value(const CsrLinearArgs& a, cudaStream_t s) {
   if (a.col_type == IndexType::kInt16) launch_typed<T, int32_t, int16_t>(a, s);
+  else if (a.col_type == IndexType::kUInt16) launch_typed<T, int32_t, uint16_t>(a, s);
   else launch_typed<T, int32_t, int32_t>(a, s);
 }
 

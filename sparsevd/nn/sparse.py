@@ -1,10 +1,12 @@
 """Deployed (inference) layers of sparse VD: SparseLinear, SparseConv2d and SparseConv1d, weights
-stored as CSR.
+stored as CSR or dense, as their plan needs.
 
 :func:`sparsevd.deploy` builds them from trained LinearSVDO / Conv2dSVDO layers: weights with
 log α ≥ threshold dropped, dead rows and columns removed, what remains stored as CSR (values in
-the layer's dtype, int32 row pointers, int16 column indices when in_features ≤ 32768, else
-int32). Each layer carries a *plan*: which kernel runs at which batch size,
+the layer's dtype, int32 row pointers, uint16 column indices when in_features ≤ 65536, else
+int32) where the cost model picks the CSR kernel, else as the zero-filled dense ``weight`` (one
+format per layer, never both: ``_SparseBase``). Each layer carries a *plan*: which kernel runs at
+which batch size,
 
 - ``"csr"``: the sparse kernel :func:`sparsevd.ops.csr_linear` (compiled library sparsevd._C);
 - ``"dense"``: compacted dense: the used input columns gathered, then a dense matmul with the
@@ -38,10 +40,11 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .._args import IntOrPair, as_pair, as_single, check_groups
 from ..reference import conv_out_size
-from ..ops.csr import csr_linear_torch, validate_csr, warn_fallback
+from ..ops.csr import csr_linear_torch, csr_to_dense, validate_csr, warn_fallback
 from ..ops.library import kernel_available
 from .svdo import conv_repr
 
@@ -60,7 +63,7 @@ def to_csr(
 
     Args:
         weight: (out_features, in_features), any floating dtype and device.
-        index_dtype: dtype of the column indices; default int16 when in_features ≤ 32768 (half
+        index_dtype: dtype of the column indices; default uint16 when in_features ≤ 65536 (half
             the index bytes), else int32 (int64 beyond 2³¹ columns).
 
     Returns:
@@ -71,7 +74,7 @@ def to_csr(
         raise ValueError(f"weight: expected a 2-D tensor, got shape {tuple(weight.shape)}")
     n, k = weight.shape
     if index_dtype is None:
-        index_dtype = torch.int16 if k <= 32768 else (torch.int32 if k < 2**31 else torch.int64)
+        index_dtype = torch.uint16 if k <= 65536 else (torch.int32 if k < 2**31 else torch.int64)
     rows, cols = weight.nonzero(as_tuple=True)
     values = weight[rows, cols].contiguous()
     counts = torch.bincount(rows, minlength=n) if rows.numel() else torch.zeros(n, dtype=torch.long,
@@ -80,17 +83,6 @@ def to_csr(
     crow[1:] = torch.cumsum(counts, 0)
     crow_dtype = torch.int32 if values.numel() < 2**31 else torch.int64
     return crow.to(crow_dtype), cols.to(index_dtype).contiguous(), values
-
-
-def _csr_to_dense(crow: Tensor, col: Tensor, values: Tensor, n: int, k: int) -> Tensor:
-    w = torch.zeros(n, k, dtype=values.dtype, device=values.device)
-    if values.numel():
-        rows = torch.repeat_interleave(
-            torch.arange(n, device=values.device), (crow[1:] - crow[:-1]).long(),
-            output_size=values.numel(),
-        )
-        w[rows, col.long()] = values
-    return w
 
 
 def used_columns(col_indices: Tensor, in_cols: int) -> Tensor:
@@ -131,7 +123,14 @@ def normalize_plan(plan, modes: Sequence[str]) -> Plan:
     return tuple(merged)
 
 
-_BUFFERS = ("crow_indices", "col_indices", "values", "bias")
+_CSR_BUFFERS = ("crow_indices", "col_indices", "values")
+_BUFFERS = ("crow_indices", "col_indices", "values", "weight", "bias")
+
+
+def storage_for(plan: Plan) -> str:
+    """The weight format a plan needs: ``"csr"`` when one of its modes is ``"csr"`` (the kernel
+    reads the CSR buffers), else ``"dense"`` (a zero-filled dense ``weight`` buffer)."""
+    return "csr" if any(mode == "csr" for _, mode in plan) else "dense"
 
 
 def _version_sum(tensors) -> int:
@@ -142,36 +141,103 @@ def _version_sum(tensors) -> int:
     return sum(t._version for t in tensors)
 
 
+def _dense_plan(plan, groups: int) -> bool:
+    """Whether a layer built with ``plan`` (None: the default, CSR unless groups > 1) stores its
+    weight dense: from_dense then skips building a CSR."""
+    if plan is None:
+        return groups != 1
+    try:
+        return storage_for(normalize_plan(plan, LINEAR_MODES)) == "dense"
+    except ValueError:
+        return False  # the constructor names the error
+
+
 class _SparseBase(nn.Module):
-    """CSR storage, plan and the report() attributes shared by SparseLinear and SparseConv2d."""
+    """Weight storage (CSR or dense, as the plan needs), plan and the report() attributes shared by
+    SparseLinear and SparseConv2d.
+
+    Storage follows the plan (:func:`storage_for`): a plan with a ``"csr"`` mode keeps the CSR
+    buffers ``crow_indices``, ``col_indices``, ``values`` (``weight`` is None); any other plan keeps
+    the zero-filled dense ``weight`` (the CSR buffers are None), so a layer planned dense stores
+    exactly the dense layer's bytes, and never a CSR copy beside it. :meth:`set_plan` converts
+    between the two (exactly: the same nonzeros). Only a plan that mixes ``"csr"`` with a dense mode
+    keeps a dense cache beside the CSR (not a buffer; :func:`sparsevd.deploy` never makes one).
+    """
 
     MODES: Tuple[str, ...] = ()
-    crow_indices: Tensor
-    col_indices: Tensor
-    values: Tensor
+    PLAIN = ""  # the mode that is the dense layer's own product
+    crow_indices: Optional[Tensor]
+    col_indices: Optional[Tensor]
+    values: Optional[Tensor]
+    weight: Optional[Tensor]
     bias: Optional[Tensor]
 
-    def _init_storage(self, crow_indices, col_indices, values, bias, in_cols, dense_shape,
-                      num_weights, plan, check) -> None:
-        n = validate_csr(crow_indices, col_indices, values, in_cols, bias, check_indices=check)
-        self.register_buffer("crow_indices", crow_indices.contiguous())
-        self.register_buffer("col_indices", col_indices.contiguous())
-        self.register_buffer("values", values.contiguous())
-        self.register_buffer("bias", None if bias is None else bias.contiguous())
-        self._rows, self._cols = n, in_cols
+    def _init_storage(self, crow_indices, col_indices, values, weight, bias, rows, in_cols,
+                      dense_shape, num_weights, plan, check) -> None:
+        self._rows, self._cols = rows, in_cols
+        plan = normalize_plan(("csr" if weight is None else self.PLAIN) if plan is None else plan,
+                              self.MODES)
+        self._check_plan(plan)
+        csr = (crow_indices, col_indices, values)
+        if weight is None:
+            if any(t is None for t in csr):
+                raise ValueError("crow_indices, col_indices, values: the CSR weight (or weight=) is "
+                                 "required")
+            validate_csr(*csr, in_cols, bias, check_indices=check)
+        else:
+            if any(t is not None for t in csr):
+                raise ValueError("weight: give the CSR weight (crow_indices, col_indices, values) or "
+                                 "a dense weight, not both")
+            self._check_dense(weight, bias)
+        for name, t in zip(_BUFFERS, (*csr, weight, bias)):
+            self.register_buffer(name, None if t is None else t.contiguous())
         self.dense_shape = tuple(int(s) for s in dense_shape)
         self.num_weights = int(num_weights) if num_weights is not None else math.prod(self.dense_shape)
-        # (crow, col, values, bias, version sum of crow, col, values) of the last validated
-        # buffers, or None: forward validates again when a buffer is not that object any more, or
-        # (dense modes) when crow, col or values was edited in place.
+        #: Intra-op threads the plan was measured with (set by sparsevd.deploy), or None.
+        self.plan_threads: Optional[int] = None
+        # (crow, col, values, weight, bias, version sum of the stored weight's tensors, dtype) of
+        # the last validated buffers, or None: forward validates again when a buffer is not that
+        # object any more, or when the stored weight was edited in place.
         self._synced: Optional[tuple] = None
-        self.plan: Plan = normalize_plan("csr" if plan is None else plan, self.MODES)
-        self._check_plan(self.plan)
+        self.plan: Plan = plan
+        self._conform_storage(check_indices=not check)  # (checked above when check)
         self._refresh()
         if check:
             self._mark_synced()
 
+    def _weight_shape(self) -> Tuple[int, ...]:
+        """Shape of the dense ``weight`` buffer."""
+        raise NotImplementedError
+
+    @property
+    def storage(self) -> str:
+        """``"csr"`` (the CSR buffers) or ``"dense"`` (the zero-filled ``weight`` buffer)."""
+        return "csr" if self._buffers["values"] is not None else "dense"
+
+    def _stored(self) -> Tensor:
+        """The floating tensor of the stored weight (values, or weight): dtype and device."""
+        b = self._buffers
+        return b["values"] if b["values"] is not None else b["weight"]
+
     # -- validation of the buffers
+    def _check_dense(self, weight, bias) -> None:
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight: expected a floating-point tensor, got dtype {weight.dtype}")
+        if tuple(weight.shape) != self._weight_shape():
+            raise ValueError(f"weight: expected shape {self._weight_shape()}, got {tuple(weight.shape)}")
+        if bias is not None:
+            if not isinstance(bias, Tensor):
+                raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+            if bias.dtype != weight.dtype:
+                raise TypeError(f"bias: expected dtype {weight.dtype} (the dtype of weight), got {bias.dtype}")
+            if tuple(bias.shape) != (self._rows,):
+                raise ValueError(f"bias: expected shape ({self._rows},) (out features), got {tuple(bias.shape)}")
+            if bias.device != weight.device:
+                raise ValueError(f"bias: expected a tensor on {weight.device} (the device of weight), "
+                                 f"got {bias.device}")
+
     def _check_buffers(self) -> None:
         """Validate the current buffers (index data included; a GPU sync for CUDA tensors).
 
@@ -179,27 +245,42 @@ class _SparseBase(nn.Module):
             TypeError / ValueError naming the buffer.
         """
         b = self._buffers
-        crow = b["crow_indices"]
-        if isinstance(crow, Tensor) and crow.numel() != self._rows + 1:
-            raise ValueError(f"crow_indices: expected {self._rows + 1} entries (out features + 1), "
-                             f"got {crow.numel()}")
-        validate_csr(crow, b["col_indices"], b["values"], self._cols, b["bias"])
+        present = [k for k in _CSR_BUFFERS if b[k] is not None]
+        if present:
+            if b["weight"] is not None:
+                raise ValueError(f"weight: the layer stores its weight as CSR ({', '.join(present)}); a "
+                                 "dense weight cannot be stored beside it (set_plan converts)")
+            if len(present) < 3:
+                missing = [k for k in _CSR_BUFFERS if b[k] is None]
+                raise ValueError(f"{missing[0]}: the CSR weight is incomplete ({missing[0]} is None)")
+            crow = b["crow_indices"]
+            if isinstance(crow, Tensor) and crow.numel() != self._rows + 1:
+                raise ValueError(f"crow_indices: expected {self._rows + 1} entries (out features + 1), "
+                                 f"got {crow.numel()}")
+            validate_csr(crow, b["col_indices"], b["values"], self._cols, b["bias"])
+        elif b["weight"] is None:
+            raise ValueError("weight: the layer stores no weight (neither the CSR buffers nor weight)")
+        else:
+            self._check_dense(b["weight"], b["bias"])
 
     def _mark_synced(self) -> None:
         b = self._buffers
         ts = tuple(b[k] for k in _BUFFERS)
-        self._synced = (*ts, _version_sum(ts[:3]))
+        stored = [t for t in ts[:4] if t is not None]
+        self._synced = (*ts, _version_sum(stored), self._stored().dtype)
 
     def _sync(self) -> None:
-        """Validate the buffers, rebuild the caches, remember the buffers as validated."""
+        """Validate the buffers, give them the plan's storage, rebuild the caches, remember the
+        buffers as validated."""
         self._synced = None
         self._check_buffers()
+        self._conform_storage(check_indices=False)
         self._refresh()
         self._mark_synced()
 
     def _ensure_synced(self) -> None:
-        """_sync() when a buffer was reassigned or crow, col or values was edited in place since
-        the last one (identities, ~0.15 µs, and three version counters, ~0.12 µs each); skipped
+        """_sync() when a buffer was reassigned or the stored weight was edited in place since
+        the last one (identities, ~0.15 µs, and the version counters, ~0.12 µs each); skipped
         while torch.compile traces. The bias is never cached: an in-place edit of it is followed
         anyway."""
         if torch.compiler.is_compiling():  # traced (torch.compile, torch.export): the buffers
@@ -208,22 +289,78 @@ class _SparseBase(nn.Module):
             self._sync()
 
     def _unchanged(self) -> bool:
-        """The buffers are the validated ones and crow, col, values were not edited in place
-        (identities and version counters; O(1), no tensor data read). Not under tracing."""
+        """The buffers are the validated ones and the stored weight (crow, col, values, or weight)
+        was not edited in place (identities and version counters; O(1), no tensor data read). Not
+        under tracing."""
         s = self._synced
         if s is None:
             return False
         b = self._buffers
-        crow, col, values, bias, version = s
-        return (b["values"] is values and b["col_indices"] is col and b["crow_indices"] is crow
-                and b["bias"] is bias
-                and (version < 0 or crow._version + col._version + values._version == version))
+        crow, col, values, weight, bias, version, _ = s
+        if not (b["values"] is values and b["weight"] is weight and b["col_indices"] is col
+                and b["crow_indices"] is crow and b["bias"] is bias):
+            return False
+        if version < 0:
+            return True
+        if weight is not None:
+            return weight._version == version
+        return crow._version + col._version + values._version == version
+
+    def _order_buffers(self) -> None:
+        """The stored buffers first, the None ones after, in ``_BUFFERS`` order (torch.export of
+        a root module numbers its buffers counting the None ones (torch 2.13): a None before a
+        tensor shifts the names, or raises an IndexError)."""
+        b = self._buffers
+        for k in sorted(_BUFFERS, key=lambda k: b[k] is None):
+            b[k] = b.pop(k)
+
+    def _conform_storage(self, check_indices: bool = True) -> bool:
+        """Convert the stored weight to the format the plan needs (:func:`storage_for`); True when
+        it changed. The CSR is validated first (``check_indices``) unless the caller did.
+
+        Raises:
+            ValueError: a dense weight on the meta device cannot become CSR (no data), or invalid
+            CSR buffers (named).
+        """
+        want = storage_for(self.plan)
+        if want == self.storage:
+            self._order_buffers()
+            return False
+        b = self._buffers
+        if want == "dense":
+            crow, col, values = (b[k] for k in _CSR_BUFFERS)
+            if check_indices:
+                validate_csr(crow, col, values, self._cols, b["bias"])
+            w = csr_to_dense(crow, col, values, self._rows, self._cols).reshape(self._weight_shape())
+            b["weight"] = w
+            for k in _CSR_BUFFERS:
+                b[k] = None
+        else:
+            w = b["weight"]
+            if w.is_meta:
+                raise ValueError("plan: storing the weight as CSR needs its data; the layer is on the "
+                                 "meta device (load its weights first)")
+            for k, t in zip(_CSR_BUFFERS, to_csr(w.reshape(self._rows, self._cols))):
+                b[k] = t
+            b["weight"] = None
+        self._order_buffers()
+        return True
 
     # -- report() attributes
     @property
     def num_nonzero(self) -> int:
-        """Number of stored weights (nnz of the CSR)."""
-        return self.values.numel()
+        """Number of nonzero weights stored (nnz of the CSR, or of the dense weight).
+
+        Raises:
+            ValueError: a dense weight on the meta device (no data to count).
+        """
+        values = self._buffers["values"]
+        if values is not None:
+            return values.numel()
+        w = self._buffers["weight"]
+        if w.is_meta:
+            raise ValueError("num_nonzero: the layer's dense weight is on the meta device (no data)")
+        return int(torch.count_nonzero(w))
 
     @property
     def sparsity(self) -> float:
@@ -231,11 +368,10 @@ class _SparseBase(nn.Module):
         return 1.0 - self.num_nonzero / max(self.num_weights, 1)
 
     def nbytes(self) -> int:
-        """Bytes of the stored tensors (CSR and bias), what :func:`sparsevd.save` writes."""
-        ts = [self.crow_indices, self.col_indices, self.values]
-        if self.bias is not None:
-            ts.append(self.bias)
-        return sum(t.numel() * t.element_size() for t in ts)
+        """Bytes of the stored tensors (the weight, CSR or dense, and the bias), what
+        :func:`sparsevd.save` writes. Caches of mixed plans are not counted."""
+        return sum(t.numel() * t.element_size() for t in (self._buffers[k] for k in _BUFFERS)
+                   if t is not None)
 
     # -- plan
     def set_plan(self, plan) -> None:
@@ -243,14 +379,24 @@ class _SparseBase(nn.Module):
 
         The batch size is the number of rows of the matmul's input divided by the positions per
         sample: x.numel() / in_features for SparseLinear, the number of images for SparseConv2d.
+        The stored weight takes the plan's format (:func:`storage_for`, converted exactly).
 
         Raises:
-            ValueError: unknown mode or malformed pairs.
+            ValueError: unknown mode or malformed pairs; a meta layer asked for CSR storage.
         """
         plan = normalize_plan(plan, self.MODES)
         self._check_plan(plan)
+        self._ensure_synced()
+        previous = self.plan
         self.plan = plan
+        try:
+            changed = self._conform_storage(check_indices=False)
+        except ValueError:
+            self.plan = previous
+            raise
         self._refresh()
+        if changed and self._synced is not None:
+            self._mark_synced()
 
     def _check_plan(self, plan: Plan) -> None:
         pass
@@ -262,36 +408,81 @@ class _SparseBase(nn.Module):
         self._fast = self._fast_args()
 
     def mode_for(self, batch: int) -> str:
-        """The mode the plan gives for a batch of ``batch`` samples."""
+        """The mode the plan gives for a batch of ``batch`` samples.
+
+        A symbolic batch (torch.export / torch.compile with a dynamic batch dimension) is not
+        guarded on: a bound that the batch's range decides is used, else the mode for the largest
+        batches (the plan's last), so the traced graph holds one kernel for every batch size."""
         plan = self.plan
         if len(plan) == 1:
             return plan[0][1]
+        symbolic = isinstance(batch, torch.SymInt)
         for bound, mode in plan:
-            if bound is None or batch <= bound:
+            if bound is None:
+                return mode
+            if symbolic:
+                if statically_known_true(batch <= bound):
+                    return mode
+            elif batch <= bound:
                 return mode
         return plan[-1][1]
 
     def to_dense(self) -> Tensor:
-        """The stored weight as a dense (out_features, in_features · kernel) tensor, zeros filled.
+        """The stored weight as a dense (out_features, in_features · kernel) tensor, zeros filled
+        (a new tensor).
 
         Raises:
             ValueError / TypeError: the buffers were edited into an invalid CSR.
         """
         self._ensure_synced()
-        return _csr_to_dense(self.crow_indices, self.col_indices, self.values, self._rows, self._cols)
+        b = self._buffers
+        if b["weight"] is not None:
+            return b["weight"].reshape(self._rows, self._cols).clone()
+        return csr_to_dense(b["crow_indices"], b["col_indices"], b["values"], self._rows, self._cols)
+
+    def csr(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """The weight as CSR (crow_indices, col_indices, values), see :func:`to_csr`: the buffers
+        with CSR storage, else built from the dense weight (a new tensor each call)."""
+        self._ensure_synced()
+        b = self._buffers
+        if b["values"] is not None:
+            return b["crow_indices"], b["col_indices"], b["values"]
+        return to_csr(b["weight"].reshape(self._rows, self._cols))
+
+    def used_input_columns(self) -> Tensor:
+        """(in_features · kernel,) bool: the columns of the 2-D weight that hold a stored weight."""
+        self._ensure_synced()
+        return self._used_mask()
+
+    def _used_mask(self) -> Tensor:
+        b = self._buffers
+        if b["col_indices"] is not None:
+            return used_columns(b["col_indices"], self._cols)
+        return (b["weight"].reshape(self._rows, self._cols) != 0).any(0)
 
     def _build_caches(self) -> None:
         raise NotImplementedError
 
+    def _dense_weight(self) -> Tensor:
+        """The zero-filled weight of the 2-D product, (rows, cols): the buffer itself with dense
+        storage (no copy), else built from the CSR (a cache for the dense modes of a mixed plan)."""
+        b = self._buffers
+        if b["weight"] is not None:
+            w = b["weight"]
+            return w if w.dim() == 2 else w.view(self._rows, self._cols)
+        return csr_to_dense(b["crow_indices"], b["col_indices"], b["values"], self._rows, self._cols)
+
     def _reject_meta(self, mode: str) -> None:
         """The error for a meta x (called only for one): the CSR kernel reads x, and the dense modes
         of a layer with data would mix devices. A layer on meta gives shapes in the dense modes."""
-        device = self._buffers["values"].device
+        device = self._stored().device
         if mode == "csr" or device.type != "meta":
             raise ValueError(f"x: expected a tensor with data on {device} (the layer's device), got a "
                              f"meta tensor" + (" (mode 'csr' reads x)" if mode == "csr" else ""))
 
     def _run_csr(self, x: Tensor) -> Tensor:
+        if torch.onnx.is_in_onnx_export():  # standard ONNX ops, see sparsevd.export
+            return F.linear(x, self._traced_dense_weight(), self.bias)
         if self._use_kernel:
             return torch.ops.sparsevd.csr_linear.default(
                 x, self.crow_indices, self.col_indices, self.values, self.bias
@@ -299,13 +490,24 @@ class _SparseBase(nn.Module):
         warn_fallback(type(self).__name__)
         return csr_linear_torch(x, self.crow_indices, self.col_indices, self.values, self.bias)
 
+    def _traced_dense_weight(self) -> Tensor:
+        """The zero-filled (rows, cols) weight rebuilt from the CSR buffers in traceable ops
+        (:func:`~sparsevd.ops.csr.csr_to_dense`): the ONNX form of the CSR mode."""
+        b = self._buffers
+        if b["col_indices"].dtype == torch.uint16 and torch.jit.is_tracing():
+            raise TypeError(
+                "col_indices: the TorchScript-based ONNX exporter (torch.onnx.export(..., "
+                "dynamo=False)) cannot store uint16 tensors; export with dynamo=True (the default), "
+                "or give the layer int32 indices first: layer.col_indices = layer.col_indices.int()")
+        return csr_to_dense(b["crow_indices"], b["col_indices"], b["values"], self._rows, self._cols)
+
     def _refresh(self) -> None:
         # the compiled kernel for the buffers' device (x must be there too), the dense caches, and
         # the fast path: (weight, bias) of the one F.linear / F.conv2d call that the plan makes at
         # every batch size, or None (CSR, gathered columns, or modes by batch size)
         # (built outside inference mode even during a call under torch.inference_mode(), so that
         # a later call with an input that requires grad can save them for the backward)
-        self._use_kernel = kernel_available(self.values.device)
+        self._use_kernel = kernel_available(self._stored().device)
         with torch.inference_mode(False), torch.no_grad():
             self._build_caches()
         self._fast = self._fast_args()
@@ -313,6 +515,15 @@ class _SparseBase(nn.Module):
     def _fast_args(self) -> Optional[tuple]:
         """The arguments after x of the one F.linear / F.conv2d call of the plan, or None."""
         raise NotImplementedError
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: the layer's Python (validation, plans by batch size)
+        # is not TorchScript; say what works instead of a parser error
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script (TorchScript, deprecated "
+            "in torch). torch.jit.trace works (the trace runs the plan's mode at the example's "
+            "batch size); so do torch.export, torch.compile and torch.onnx.export "
+            "(sparsevd.export_onnx)")
 
     def _apply(self, fn, recurse=True):
         # Moving or casting the module keeps the column indices integral; the buffers are new
@@ -327,42 +538,62 @@ class _SparseBase(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Copies into the buffers (or assigns them), then validates what they hold; on an error
-        # the layer gets its previous buffers back and the message joins load_state_dict's.
+        # A state dict of the other storage (a dense `weight` into a CSR layer, or the CSR into a
+        # dense one) gets buffers of its own format to load into; the plan's storage is restored
+        # by the validation after. Copies into the buffers (or assigns them), then validates what
+        # they hold; on an error (torch's, e.g. a size mismatch, or the validation's) the layer
+        # gets all its previous buffers back and the message joins load_state_dict's.
         old = {k: self._buffers[k] for k in _BUFFERS}
         saved = {k: t.clone() for k, t in old.items() if t is not None}
+        incoming = ("dense" if prefix + "weight" in state_dict else
+                    "csr" if prefix + "values" in state_dict else None)
+        if incoming is not None and incoming != self.storage:
+            device = self._stored().device
+            names = ("weight",) if incoming == "dense" else _CSR_BUFFERS
+            for k in ("weight", *_CSR_BUFFERS):
+                t = state_dict.get(prefix + k) if k in names else None
+                self._buffers[k] = torch.empty_like(t, device=device) if isinstance(t, Tensor) else None
+        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        try:
-            self._sync()
-        except (TypeError, ValueError) as exc:
-            error_msgs.append(f"{prefix}{exc}")
-            for k, t in old.items():
-                if t is not None and self._buffers[k] is t:
-                    with torch.no_grad():
-                        t.copy_(saved[k])
-                else:
-                    self._buffers[k] = t
+        if len(error_msgs) == errors:  # else, e.g. a size mismatch: nothing of this layer is kept
             try:
                 self._sync()
-            except (TypeError, ValueError):
-                self._synced = None  # invalid before the load too: forward raises
+                return
+            except (TypeError, ValueError) as exc:
+                error_msgs.append(f"{prefix}{exc}")
+        for k, t in old.items():
+            if t is not None and self._buffers[k] is t:
+                with torch.no_grad():
+                    t.copy_(saved[k])
+            else:
+                self._buffers[k] = t
+        try:
+            self._sync()
+        except (TypeError, ValueError):
+            self._synced = None  # invalid before the load too: forward raises
 
 
 class SparseLinear(_SparseBase):
-    """Deployed linear layer: y = x Wᵀ + b with W (out_features, in_features) stored as CSR.
+    """Deployed linear layer: y = x Wᵀ + b with W (out_features, in_features) stored as CSR, or
+    dense where that is smaller or faster (the storage follows the plan, see ``_SparseBase``).
 
-    Buffers: ``crow_indices`` (out_features + 1,) int32, ``col_indices`` (nnz,) int16/int32,
-    ``values`` (nnz,) and ``bias`` (out_features,) or None, both in the layer's dtype.
+    Buffers, CSR storage (a plan with mode ``"csr"``): ``crow_indices`` (out_features + 1,) int32,
+    ``col_indices`` (nnz,) uint16 (in_features ≤ 65536; int16 and int32 read too), ``values``
+    (nnz,); dense storage (any other plan): ``weight`` (out_features, in_features), zero-filled;
+    ``bias`` (out_features,) or None; floating buffers in the layer's dtype, absent ones None.
     Attributes for :func:`sparsevd.report`: ``dense_shape`` (the trained layer's weight shape,
     before compaction), ``num_weights`` (its number of weights), ``num_nonzero`` (nnz).
 
     Args:
         in_features, out_features: the deployed (compacted) sizes; input (*, in_features),
-            output (*, out_features), dtype of ``values``.
-        crow_indices, col_indices, values, bias: the CSR weight (see :func:`to_csr`).
+            output (*, out_features), dtype of ``values`` / ``weight``.
+        crow_indices, col_indices, values, bias: the CSR weight (see :func:`to_csr`), or None
+            when ``weight`` is given.
+        weight: the zero-filled dense weight (out_features, in_features), instead of the CSR.
         dense_shape, num_weights: of the original layer (default: (out_features, in_features)).
-        plan: mode per batch size (see :meth:`set_plan`); default ``"csr"``.
+        plan: mode per batch size (see :meth:`set_plan`); default ``"csr"`` (``"masked"`` when
+            ``weight`` is given). The weight is stored in the plan's format, converted if needed.
         check: validate the CSR's index data at construction (else at the first forward).
 
     Non-finite inputs: every mode gives ``F.linear(x, self.to_dense(), self.bias)`` in IEEE
@@ -371,56 +602,67 @@ class SparseLinear(_SparseBase):
     "dense" (which skips the unused columns) checks those columns when x is not all finite.
 
     Raises:
-        TypeError / ValueError (naming the argument): inconsistent CSR or sizes at construction;
-        at forward, an input of the wrong last dimension, dtype or device (a meta tensor), or
-        buffers edited into an invalid CSR (named).
+        TypeError / ValueError (naming the argument): inconsistent CSR, weight or sizes at
+        construction; at forward, an input of the wrong last dimension, dtype or device (a meta
+        tensor), or buffers edited into an invalid CSR (named).
     """
 
     MODES = LINEAR_MODES
+    PLAIN = "masked"
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
-        crow_indices: Tensor,
-        col_indices: Tensor,
-        values: Tensor,
+        crow_indices: Optional[Tensor] = None,
+        col_indices: Optional[Tensor] = None,
+        values: Optional[Tensor] = None,
         bias: Optional[Tensor] = None,
         *,
+        weight: Optional[Tensor] = None,
         dense_shape: Optional[Sequence[int]] = None,
         num_weights: Optional[int] = None,
         plan=None,
         check: bool = True,
     ) -> None:
         super().__init__()
-        if crow_indices.numel() != out_features + 1:
+        if isinstance(crow_indices, Tensor) and crow_indices.numel() != out_features + 1:
             raise ValueError(
                 f"crow_indices: expected out_features + 1 = {out_features + 1} entries, got "
                 f"{crow_indices.numel()}"
             )
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self._init_storage(crow_indices, col_indices, values, bias, self.in_features,
-                           dense_shape or (out_features, in_features), num_weights, plan, check)
+        self._init_storage(crow_indices, col_indices, values, weight, bias, self.out_features,
+                           self.in_features, dense_shape or (out_features, in_features),
+                           num_weights, plan, check)
+
+    def _weight_shape(self) -> Tuple[int, ...]:
+        return (self.out_features, self.in_features)
 
     @classmethod
     def from_dense(cls, weight: Tensor, bias: Optional[Tensor] = None, *, index_dtype=None,
                    **kwargs) -> "SparseLinear":
-        """A SparseLinear storing the nonzeros of ``weight`` (out_features, in_features); kwargs
-        as the constructor (dense_shape, num_weights, plan)."""
-        crow, col, val = to_csr(weight.detach(), index_dtype)
+        """A SparseLinear storing the nonzeros of ``weight`` (out_features, in_features), as CSR
+        (``index_dtype``: see :func:`to_csr`) or dense as its plan needs; kwargs as the
+        constructor (dense_shape, num_weights, plan)."""
+        weight = weight.detach()
         b = None if bias is None else bias.detach().to(weight.dtype)
-        return cls(weight.shape[1], weight.shape[0], crow, col, val, b, **kwargs)
+        n, k = weight.shape
+        if _dense_plan(kwargs.get("plan"), 1):
+            return cls(k, n, None, None, None, b, weight=weight.clone(), **kwargs)
+        crow, col, val = to_csr(weight, index_dtype)
+        return cls(k, n, crow, col, val, b, **kwargs)
 
     def _build_caches(self) -> None:
         modes = {m for _, m in self.plan}
         self._w_dense = self._w_masked = self._used_cols = self._unused_cols = None
         if not modes & {"dense", "masked"}:
             return
-        w = _csr_to_dense(self.crow_indices, self.col_indices, self.values, self._rows, self._cols)
+        w = self._dense_weight()
         if "masked" in modes:
             self._w_masked = w
         if "dense" in modes:
-            mask = used_columns(self.col_indices, self.in_features)
+            mask = self._used_mask()
             used = mask.nonzero().flatten()
             if used.numel() < self.in_features:
                 self._used_cols, self._unused_cols = used, (~mask).nonzero().flatten()
@@ -472,7 +714,7 @@ class SparseLinear(_SparseBase):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected shape (*, {self.in_features}), got {tuple(x.shape)}")
         self._ensure_synced()
-        dtype = self._synced[2].dtype  # of values (faster than self.values)
+        dtype = self._synced[-1]  # of the stored weight (faster than reading the buffer)
         if x.dtype != dtype:
             raise TypeError(f"x: expected dtype {dtype} (the layer's), got {x.dtype}")
 
@@ -530,6 +772,7 @@ class SparseConv2d(_SparseBase):
     """
 
     MODES = CONV_MODES
+    PLAIN = "dense"
 
     def __init__(
         self,
@@ -545,6 +788,7 @@ class SparseConv2d(_SparseBase):
         values: Optional[Tensor] = None,
         bias: Optional[Tensor] = None,
         *,
+        weight: Optional[Tensor] = None,
         dense_shape: Optional[Sequence[int]] = None,
         num_weights: Optional[int] = None,
         plan=None,
@@ -552,34 +796,38 @@ class SparseConv2d(_SparseBase):
     ) -> None:
         super().__init__()
         check_groups(in_channels, out_channels, groups)
-        if crow_indices is None or col_indices is None or values is None:
-            raise ValueError("crow_indices, col_indices, values: the CSR weight is required")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = as_pair(kernel_size, "kernel_size", 1)
         self.stride, self.padding = as_pair(stride, "stride", 1), as_pair(padding, "padding", 0)
         self.dilation, self.groups = as_pair(dilation, "dilation", 1), int(groups)
-        if crow_indices.numel() != out_channels + 1:
+        if isinstance(crow_indices, Tensor) and crow_indices.numel() != out_channels + 1:
             raise ValueError(
                 f"crow_indices: expected out_channels + 1 = {out_channels + 1} entries, got "
                 f"{crow_indices.numel()}"
             )
         cols = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
-        shape = (out_channels, in_channels // groups, *self.kernel_size)
-        if plan is None:
-            plan = "csr" if self.groups == 1 else "dense"
-        self._init_storage(crow_indices, col_indices, values, bias, cols, dense_shape or shape,
-                           num_weights, plan, check)
+        if plan is None and (self.groups != 1 or weight is not None):
+            plan = "dense"
+        self._init_storage(crow_indices, col_indices, values, weight, bias, self.out_channels, cols,
+                           dense_shape or self._weight_shape(), num_weights, plan, check)
+
+    def _weight_shape(self) -> Tuple[int, ...]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
     @classmethod
     def from_dense(cls, weight: Tensor, bias: Optional[Tensor] = None, stride: IntOrPair = 1,
                    padding: IntOrPair = 0, dilation: IntOrPair = 1, groups: int = 1, *,
                    index_dtype=None, **kwargs) -> "SparseConv2d":
-        """A SparseConv2d storing the nonzeros of ``weight`` (out, in/groups, kH, kW)."""
+        """A SparseConv2d storing the nonzeros of ``weight`` (out, in/groups, kH, kW), as CSR or
+        dense as its plan needs (default: CSR for groups = 1)."""
         out_c, in_g, kh, kw = weight.shape
-        crow, col, val = to_csr(weight.detach().reshape(out_c, -1), index_dtype)
+        weight = weight.detach()
         b = None if bias is None else bias.detach().to(weight.dtype)
-        return cls(in_g * groups, out_c, (kh, kw), stride, padding, dilation, groups, crow, col, val,
-                   b, **kwargs)
+        args = (in_g * groups, out_c, (kh, kw), stride, padding, dilation, groups)
+        if _dense_plan(kwargs.get("plan"), groups):
+            return cls(*args, None, None, None, b, weight=weight.clone(), **kwargs)
+        crow, col, val = to_csr(weight.reshape(out_c, -1), index_dtype)
+        return cls(*args, crow, col, val, b, **kwargs)
 
     def _check_plan(self, plan: Plan) -> None:
         if self.groups != 1 and any(m == "csr" for _, m in plan):
@@ -588,9 +836,8 @@ class SparseConv2d(_SparseBase):
     def _build_caches(self) -> None:
         self._w_dense = None
         if any(m == "dense" for _, m in self.plan):
-            w = _csr_to_dense(self.crow_indices, self.col_indices, self.values, self._rows, self._cols)
-            self._w_dense = w.reshape(self.out_channels, self.in_channels // self.groups,
-                                      *self.kernel_size)
+            w = self._buffers["weight"]
+            self._w_dense = w if w is not None else self._dense_weight().view(self._weight_shape())
 
     def _fast_args(self):
         if self.plan != ((None, "dense"),):
@@ -611,7 +858,7 @@ class SparseConv2d(_SparseBase):
                 f"got {tuple(x.shape)}"
             )
         self._ensure_synced()
-        dtype = self._synced[2].dtype
+        dtype = self._synced[-1]
         if x.dtype != dtype:
             raise TypeError(f"x: expected dtype {dtype} (the layer's), got {x.dtype}")
 
@@ -634,7 +881,10 @@ class SparseConv2d(_SparseBase):
         mode = self.mode_for(x.shape[0])
         if x.is_meta:
             self._reject_meta(mode)
-        if mode == "csr":
+        if mode == "csr" and torch.onnx.is_in_onnx_export():  # standard ONNX ops: a dense conv
+            y = F.conv2d(x, self._traced_dense_weight().view(self._weight_shape()), self.bias,
+                         self.stride, self.padding, self.dilation, self.groups)
+        elif mode == "csr":
             n, _, h, w = x.shape
             (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
                                                       self.dilation)
@@ -666,6 +916,8 @@ class SparseConv1d(SparseConv2d):
             are those pairs).
         crow_indices, col_indices, values, bias, dense_shape, num_weights, plan, check: as
             :class:`SparseConv2d`; the CSR matrix is (out_channels, in_channels/groups · k).
+        weight: the zero-filled dense weight (out_channels, in_channels/groups, k), stored as
+            the (out_channels, in_channels/groups, 1, k) weight of the 2-D convolution.
 
     Input (N, in_channels, L) or (in_channels, L); output (N, out_channels, L').
 
@@ -676,29 +928,36 @@ class SparseConv1d(SparseConv2d):
                  stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
                  groups: int = 1, crow_indices: Optional[Tensor] = None,
                  col_indices: Optional[Tensor] = None, values: Optional[Tensor] = None,
-                 bias: Optional[Tensor] = None, *, dense_shape: Optional[Sequence[int]] = None,
-                 num_weights: Optional[int] = None, plan=None, check: bool = True) -> None:
+                 bias: Optional[Tensor] = None, *, weight: Optional[Tensor] = None,
+                 dense_shape: Optional[Sequence[int]] = None, num_weights: Optional[int] = None,
+                 plan=None, check: bool = True) -> None:
         k = as_single(kernel_size, "kernel_size", 1)
         if dense_shape is None and groups > 0:
             dense_shape = (out_channels, in_channels // groups, k)
+        if isinstance(weight, Tensor) and weight.dim() == 3:
+            weight = weight.unsqueeze(-2)
         super().__init__(in_channels, out_channels, (1, k), (1, as_single(stride, "stride", 1)),
                          (0, as_single(padding, "padding", 0)),
                          (1, as_single(dilation, "dilation", 1)), groups, crow_indices,
-                         col_indices, values, bias, dense_shape=dense_shape,
+                         col_indices, values, bias, weight=weight, dense_shape=dense_shape,
                          num_weights=num_weights, plan=plan, check=check)
 
     @classmethod
     def from_dense(cls, weight: Tensor, bias: Optional[Tensor] = None, stride: IntOrPair = 1,
                    padding: IntOrPair = 0, dilation: IntOrPair = 1, groups: int = 1, *,
                    index_dtype=None, **kwargs) -> "SparseConv1d":
-        """A SparseConv1d storing the nonzeros of ``weight`` (out, in/groups, k)."""
+        """A SparseConv1d storing the nonzeros of ``weight`` (out, in/groups, k), as CSR or dense
+        as its plan needs."""
         if weight.dim() != 3:
             raise ValueError(f"weight: expected a 3-D (out, in/groups, k) tensor, got {tuple(weight.shape)}")
         out_c, in_g, k = weight.shape
-        crow, col, val = to_csr(weight.detach().reshape(out_c, -1), index_dtype)
+        weight = weight.detach()
         b = None if bias is None else bias.detach().to(weight.dtype)
-        return cls(in_g * groups, out_c, k, stride, padding, dilation, groups, crow, col, val, b,
-                   **kwargs)
+        args = (in_g * groups, out_c, k, stride, padding, dilation, groups)
+        if _dense_plan(kwargs.get("plan"), groups):
+            return cls(*args, None, None, None, b, weight=weight.clone(), **kwargs)
+        crow, col, val = to_csr(weight.reshape(out_c, -1), index_dtype)
+        return cls(*args, crow, col, val, b, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() not in (2, 3) or x.shape[-2] != self.in_channels:

@@ -32,9 +32,12 @@ from torch import Tensor
 
 from . import library
 
-INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
+INDEX_DTYPES = (torch.uint16, torch.int16, torch.int32, torch.int64)
 CROW_DTYPES = (torch.int32, torch.int64)
-#: Largest in_features that int16 column indices can address.
+#: Largest in_features that uint16 column indices (what :func:`~sparsevd.nn.sparse.to_csr` writes
+#: for in_features ≤ 65536: 2 bytes per stored weight) can address.
+UINT16_MAX_FEATURES = 65536
+#: Largest in_features that int16 column indices (read, e.g. from older files) can address.
 INT16_MAX_FEATURES = 32768
 
 _warned = False
@@ -42,6 +45,7 @@ _warned = False
 __all__ = [
     "csr_linear",
     "csr_linear_torch",
+    "csr_to_dense",
     "validate_csr",
     "warn_fallback",
 ]
@@ -71,6 +75,31 @@ if library.available():
         return x.new_empty((*x.shape[:-1], crow_indices.shape[0] - 1))
 
 
+def csr_to_dense(crow_indices: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
+                 in_features: int) -> Tensor:
+    """The zero-filled dense W (out_features, in_features) of a CSR weight, in ops that trace:
+    ``torch.export`` keeps the sizes symbolic-free (no data-dependent shape) and ONNX gets
+    ScatterElements (add), CumSum and ScatterND, which onnxruntime folds into a constant when the
+    CSR is one (the deployed layers' ONNX form, see :mod:`sparsevd.export`).
+
+    The row of nonzero j is the number of rows that end at or before j: a histogram of
+    crow[1:] over [0, nnz], summed up. Expects a valid CSR (:func:`validate_csr`); out-of-range
+    indices raise in torch's indexing (never a read out of bounds).
+
+    Returns:
+        (out_features, in_features) tensor of ``values``' dtype and device.
+    """
+    nnz = values.shape[0]
+    crow = crow_indices.long()
+    # new_zeros / new_ones: ONNX ConstantOfShape, which exporters keep as it is (a zero-filled
+    # (out, in) constant would make the file bigger than the dense layer)
+    ends = crow.new_zeros(nnz + 1).scatter_add(0, crow[1:], crow.new_ones(out_features))
+    rows = ends.cumsum(0)[:nnz]
+    flat = rows * in_features + col_indices.long()
+    w = values.new_zeros(out_features * in_features)
+    return w.index_put((flat,), values).view(out_features, in_features)
+
+
 def _name_dtype(dtypes) -> str:
     return " or ".join(str(d).replace("torch.", "") for d in dtypes)
 
@@ -87,7 +116,8 @@ def validate_csr(
 
     Args:
         crow_indices: (out_features + 1,) int32 or int64, crow[0] = 0, non-decreasing, crow[-1] = nnz.
-        col_indices: (nnz,) int16 (in_features ≤ 32768), int32 or int64, each in [0, in_features).
+        col_indices: (nnz,) uint16 (in_features ≤ 65536), int16 (in_features ≤ 32768), int32 or
+            int64, each in [0, in_features).
         values: (nnz,) floating.
         in_features: K, the number of columns of W.
         bias: (out_features,) of ``values``' dtype, or None.
@@ -113,11 +143,12 @@ def validate_csr(
         raise TypeError(
             f"col_indices: expected dtype {_name_dtype(INDEX_DTYPES)}, got {col_indices.dtype}"
         )
-    if col_indices.dtype == torch.int16 and in_features > INT16_MAX_FEATURES:
-        raise TypeError(
-            f"col_indices: int16 indices address at most {INT16_MAX_FEATURES} input features, "
-            f"got in_features={in_features}; use int32"
-        )
+    for dt, most in ((torch.int16, INT16_MAX_FEATURES), (torch.uint16, UINT16_MAX_FEATURES)):
+        if col_indices.dtype == dt and in_features > most:
+            raise TypeError(
+                f"col_indices: {str(dt).replace('torch.', '')} indices address at most {most} input "
+                f"features, got in_features={in_features}; use int32"
+            )
     if crow_indices.numel() < 1:
         raise ValueError("crow_indices: expected out_features + 1 >= 1 entries, got an empty tensor")
     nnz = values.numel()
@@ -149,7 +180,8 @@ def validate_csr(
         if n > 0 and bool((crow[1:] < crow[:-1]).any()):
             raise ValueError("crow_indices: expected a non-decreasing sequence (row lengths >= 0)")
         if nnz > 0:
-            lo, hi = int(col_indices.min()), int(col_indices.max())
+            col = col_indices.int() if col_indices.dtype == torch.uint16 else col_indices  # no min/max
+            lo, hi = int(col.min()), int(col.max())
             if lo < 0 or hi >= in_features:
                 raise ValueError(
                     f"col_indices: expected values in [0, in_features={in_features}), found range "
@@ -227,7 +259,8 @@ def csr_linear(
         x: (*, in_features), floating (fp32, fp64; fp16/bf16 computed in fp32), any strides.
         crow_indices: (out_features + 1,) int32 or int64 row pointers: row r of W holds the
             nonzeros crow[r] .. crow[r+1]-1.
-        col_indices: (nnz,) int16 (in_features ≤ 32768), int32 or int64 column of each nonzero.
+        col_indices: (nnz,) uint16 (in_features ≤ 65536), int16 (≤ 32768), int32 or int64 column
+            of each nonzero.
         values: (nnz,) the nonzeros, dtype of x.
         bias: (out_features,) dtype of x, or None.
         check_indices: validate the index data too (see :func:`validate_csr`), for a ValueError
