@@ -92,7 +92,8 @@ def records(model: nn.Module) -> Dict[str, dict]:
         if isinstance(m, _SPARSE):
             rec.update(kind="deployed", layer=type(m).__name__, dense_shape=list(m.dense_shape),
                        num_weights=m.num_weights, plan=[[b, mode] for b, mode in m.plan],
-                       index_dtype=str(m.col_indices.dtype).replace("torch.", ""))
+                       index_dtype=None if m.col_indices is None  # dense storage (its plan)
+                       else str(m.col_indices.dtype).replace("torch.", ""))
             if isinstance(m, SparseConv2d):
                 rec.update(stride=list(m.stride), padding=list(m.padding), dilation=list(m.dilation),
                            groups=m.groups)
@@ -199,6 +200,11 @@ def _compact(w: Tensor, rec: dict, name: str) -> Tensor:
     return flat.reshape(flat.shape[0], *w.shape[1:]).contiguous() if w.dim() > 2 else flat.contiguous()
 
 
+#: The column-index dtypes a record may name (None: a dense-stored layer, no CSR).
+_INDEX_DTYPES = {None: None, "uint16": torch.uint16, "int16": torch.int16, "int32": torch.int32,
+                 "int64": torch.int64}
+
+
 def _rebuild_deployed(model: nn.Module, name: str, rec: dict) -> nn.Module:
     dense = model.get_submodule(name)
     orig = rec["origin"]
@@ -214,8 +220,12 @@ def _rebuild_deployed(model: nn.Module, name: str, rec: dict) -> nn.Module:
         if bool((b[~keep] != 0).any()):
             raise _fail(name, "nonzero biases of output rows the deployed layer had removed")
         b = b[keep]
+    index_dtype = rec.get("index_dtype")
+    if index_dtype not in _INDEX_DTYPES:
+        raise ValueError(f"sparsevd: module {name!r} of this checkpoint: index_dtype {index_dtype!r} "
+                         f"in quantization_config is none of {sorted(k for k in _INDEX_DTYPES if k)}")
     kwargs = dict(dense_shape=tuple(rec["dense_shape"]), num_weights=rec["num_weights"],
-                  plan=[tuple(p) for p in rec["plan"]], index_dtype=getattr(torch, rec["index_dtype"]))
+                  plan=[tuple(p) for p in rec["plan"]], index_dtype=_INDEX_DTYPES[index_dtype])
     if rec["layer"] == "SparseLinear":
         new = SparseLinear.from_dense(w.reshape(w.shape[0], -1), b, **kwargs)
     elif rec["layer"] == "SparseConv1d":
