@@ -1,8 +1,9 @@
 """What the Triton launchers of every op family share: the dot precision and accumulator dtype
 of a call, the autotuning switch, tile configs and the elementwise block size.
 
-Used by :mod:`sparsevd.ops.triton_impl` (lrt_linear, kl) and :mod:`sparsevd.ops.triton_conv`
-(lrt_conv2d). Importing it needs triton (an ImportError makes the triton backend unavailable).
+Used by the families' triton backends (:mod:`sparsevd.ops.lrt_linear.triton`,
+:mod:`sparsevd.ops.lrt_conv2d.triton`, :mod:`sparsevd.ops.kl.triton`). Importing it needs triton
+(an ImportError makes the triton backend unavailable).
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def acc_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def precision(x: torch.Tensor) -> str:
-    """``input_precision`` of the dots for activations x (docs: sparsevd.ops.triton_impl)."""
+    """``input_precision`` of the dots for activations x (docs: sparsevd.ops.lrt_linear.triton)."""
     if x.dtype == torch.float16:
         return "tf32"  # the variance products of fp16 inputs run on fp32 operands
     if x.dtype != torch.float32:
