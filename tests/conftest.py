@@ -180,15 +180,22 @@ def assert_ieee_close(actual, expected, rtol, atol, name="output"):
 _SUPPORTED_ISAS = None
 
 
-@pytest.fixture(params=["avx512", "avx2", "scalar"])
-def isa(request):
-    """Run the test with each kernel set of the compiled CPU kernels that this CPU runs."""
+def supported_isas():
+    """The kernel sets this CPU runs (sparsevd.ops.library.supported_cpu_isas, asked once)."""
     from sparsevd.ops import library
 
     global _SUPPORTED_ISAS
     if _SUPPORTED_ISAS is None:
         _SUPPORTED_ISAS = library.supported_cpu_isas()
-    if request.param not in _SUPPORTED_ISAS:
+    return _SUPPORTED_ISAS
+
+
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
+def isa(request):
+    """Run the test with each kernel set of the compiled CPU kernels that this CPU runs."""
+    from sparsevd.ops import library
+
+    if request.param not in supported_isas():
         pytest.skip(f"this CPU does not run the {request.param} kernels (or sparsevd._C is not built)")
     old = library.set_cpu_isa(request.param)
     yield request.param
@@ -197,17 +204,17 @@ def isa(request):
 
 @pytest.fixture(params=[True, False], ids=["avx2", "portable"])
 def simd(request):
-    """Run fp32 cases of the compiled CPU kernels with the AVX2 code and with the portable C++."""
+    """Run fp32 cases of the compiled CSR kernels with their AVX2 code and with the portable C++
+    (the one CPU ISA switch, sparsevd.ops.library.set_cpu_isa: "avx2" or "scalar")."""
     from sparsevd.ops import library
 
-    C = library.module()
-    if C is None:
+    if not library.available():
         pytest.skip(f"sparsevd._C not built ({library.unavailable_reason()})")
-    if request.param and not C.cpu_simd_available():
+    if request.param and "avx2" not in supported_isas():
         pytest.skip("no AVX2+FMA on this CPU")
-    old = C.set_cpu_simd(request.param)
+    old = library.set_cpu_isa("avx2" if request.param else "scalar")
     yield request.param
-    C.set_cpu_simd(old)
+    library.set_cpu_isa(old)
 
 
 @pytest.fixture(params=["never", "always", "sparse", "auto"])

@@ -3,6 +3,7 @@
 the library or the benchmarks, one loader of the compiled library, and each op family found under
 one name in every folder."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -150,8 +151,8 @@ OPS_SHARED = ("__init__.py", "backend.py", "library.py", "weights.py", "conv_geo
 
 def family_paths(family):
     """Every file of ``family`` outside its package, under its one name."""
-    return [f"triton_kernels/{family}.py", f"tests/test_{family}.py", f"tests/test_{family}_native.py",
-            f"tests/test_{family}_triton.py", f"benchmarks/bench_{family}.py"]
+    return [f"triton_kernels/{family}.py", f"csrc/cpu/{family}_cpu.cpp", f"tests/test_{family}.py",
+            f"tests/test_{family}_native.py", f"tests/test_{family}_triton.py", f"benchmarks/bench_{family}.py"]
 
 
 @pytest.mark.parametrize("family", OP_FAMILIES)
@@ -201,11 +202,32 @@ def test_one_name_for_the_math_and_one_for_the_backend_that_runs_it():
     assert not list((ROOT / "sparsevd" / "ops").rglob("reference*.py"))
 
 
+def test_every_cpp_schema_is_in_one_block_of_ops_cpp():
+    """csrc/ops.cpp holds the one TORCH_LIBRARY(sparsevd, m) block and every m.def; the kernels
+    register with TORCH_LIBRARY_IMPL in their own files (no TORCH_LIBRARY_FRAGMENT)."""
+    sources = sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cpp", ".cu", ".h"))
+    assert sources
+    for path in sources:
+        text = path.read_text()
+        rel = path.relative_to(ROOT).as_posix()
+        assert "TORCH_LIBRARY_FRAGMENT(" not in text, rel
+        if rel == "csrc/ops.cpp":
+            assert text.count("TORCH_LIBRARY(sparsevd, m)") == 1
+            continue
+        assert "TORCH_LIBRARY(" not in text and "m.def(" not in text, f"{rel} defines a schema"
+    registered = set()
+    for path in sources:
+        registered |= set(re.findall(r'm\.impl\("(\w+)"', path.read_text()))
+    defined = set(re.findall(r'm\.def\("(\w+)\(', (ROOT / "csrc" / "ops.cpp").read_text()))
+    assert registered <= defined, sorted(registered - defined)
+
+
 def test_docstrings_cite_the_design_document_of_this_repo():
     """Every citation of a design document names docs/design.md, which exists."""
     assert (ROOT / "docs" / "design.md").is_file()
     for path in list((ROOT / "sparsevd").rglob("*.py")) + list((ROOT / "triton_kernels").glob("*.py")) \
-            + list((ROOT / "tests").glob("*.py")) + list((ROOT / "benchmarks").glob("*.py")):
+            + list((ROOT / "tests").glob("*.py")) + list((ROOT / "benchmarks").glob("*.py")) \
+            + [p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cpp", ".cu", ".h")]:
         text = path.read_text()
         for i, line in enumerate(text.splitlines(), 1):
             if "DESIGN.md" in line and path.name != "test_structure.py":

@@ -132,9 +132,4 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
 }  // namespace cpu
 }  // namespace sparsevd
 
-TORCH_LIBRARY_FRAGMENT(sparsevd, m) {
-  m.def("native_kl_sparse_vd(Tensor[] weights, Tensor[] log_sigma2s, bool with_grad) "
-        "-> (Tensor, Tensor[], Tensor[], Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(sparsevd, CPU, m) { m.impl("native_kl_sparse_vd", &sparsevd::cpu::kl_sparse_vd); }
