@@ -21,16 +21,14 @@ def _kl_terms(weight: torch.Tensor, log_sigma2: torch.Tensor):
     dt = torch.promote_types(weight.dtype, torch.float32)
     w = weight.to(dt)
     ls2 = log_sigma2.to(dt)
-    raw = ls2 - torch.log(w * w + W.EPS_THETA)
-    la = torch.clamp(raw, -W.LOG_ALPHA_CLAMP, W.LOG_ALPHA_CLAMP)
+    la = W.log_alpha(w, ls2)
     kl = -W.neg_kl_from_log_alpha(la).sum()
-    # d KL / d log α = -(k1 k3 σ'(k2 + k3 la) + ½ σ(-la)); zero where the clamp is active.
+    # d KL / d log α = -(k1 k3 σ'(k2 + k3 la) + ½ σ(-la)); the chain rule through log α (zero
+    # where the clamp is active) is weights.log_alpha_backward.
     z = W.K2 + W.K3 * la
     # σ'(z) = σ(z)·σ(−z): no cancellation in 1 − σ(z) near log α = 10.
     dla = -(W.K1 * W.K3 * torch.sigmoid(z) * torch.sigmoid(-z) + 0.5 * torch.sigmoid(-la))
-    dla = dla * ((raw > -W.LOG_ALPHA_CLAMP) & (raw < W.LOG_ALPHA_CLAMP)).to(dt)
-    grad_ls2 = dla
-    grad_w = dla * (-2.0 * w / (w * w + W.EPS_THETA))
+    grad_w, grad_ls2 = W.log_alpha_backward(w, ls2, dla)
     return kl, grad_w, grad_ls2
 
 

@@ -100,10 +100,7 @@ def _la_setup(ctx, inputs, output):
 
 def _la_bwd(ctx, grad):
     weight, log_sigma2 = ctx.saved_tensors
-    raw = log_sigma2 - torch.log(weight * weight + W.EPS_THETA)
-    inside = ((raw > -W.LOG_ALPHA_CLAMP) & (raw < W.LOG_ALPHA_CLAMP)).to(grad.dtype)
-    g = grad * inside
-    return g * (-2.0 * weight / (weight * weight + W.EPS_THETA)), g
+    return W.log_alpha_backward(weight, log_sigma2, grad)
 
 
 log_alpha.register_autograd(_la_bwd, setup_context=_la_setup)
