@@ -107,6 +107,76 @@ def grads_of(fn, x, w, ls2, b, g):
     return y, [t.grad for t in leaves] + ([] if bl is None else [bl.grad])
 
 
+class PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that changes nothing: under it the custom ops run (no eager bypass of the
+    native backend's C++ autograd ops)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def eager_and_custom_op(fn, leaves):
+    """fn(*leaves) and the leaves' gradients of Σ fn·G, once on the eager C++ autograd path and once
+    through the custom ops (under PassThrough); G random, the same for both. Returns
+    {"eager" | "custom_op": (y, y.grad_fn's name, [gradients])}."""
+    out = {}
+    g = None
+    for path in ("eager", "custom_op"):
+        ls = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+        if path == "eager":
+            y = fn(*ls)
+        else:
+            with PassThrough():
+                y = fn(*ls)
+        if g is None:
+            g = torch.randn_like(y)
+        (y * g).sum().backward()
+        out[path] = (y.detach(), y.grad_fn.name(), [t.grad for t in ls])
+    return out
+
+
+def compiled_equals_eager(model, loss_fn, seed=1234):
+    """loss_fn(model) -> (output, loss) run eagerly and through torch.compile(fullgraph=True,
+    backend="aot_eager": AOTAutograd forward and backward graphs, no Inductor C++ build) under the
+    same torch seed (the LRT seeds are drawn inside the graph): the same outputs and gradients."""
+    torch._dynamo.reset()
+
+    def step(fn):
+        model.zero_grad()
+        torch.manual_seed(seed)
+        out, loss = fn(model)
+        loss.backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    out_c, grads_c = step(torch.compile(loss_fn, fullgraph=True, backend="aot_eager"))
+    out_e, grads_e = step(loss_fn)
+    assert_close(out_c, out_e, rtol=1e-5, atol=1e-6, name="compiled output")
+    for gc, ge in zip(grads_c, grads_e):
+        assert_close(gc, ge, rtol=1e-5, atol=1e-6, name="compiled grad")
+
+
+def train_sgvlb(model, xs, ys, steps, batch, noise_seed, every=None):
+    """Adam (lr 1e-2) on the SGVLB (β = 1, train_size 10⁴) for ``steps`` batches of ``batch`` rows
+    of (xs, ys), the LRT seeds drawn after torch.manual_seed(noise_seed): the loss per step and,
+    every ``every`` steps (if given), ``every(model)``."""
+    import sparsevd
+
+    loss_fn = sparsevd.SGVLB(model, train_size=10_000, kl_warmup_epochs=0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(noise_seed)
+    losses, seen = [], []
+    for step in range(steps):
+        i = (step * batch) % xs.shape[0]
+        loss = loss_fn(model(xs[i:i + batch]), ys[i:i + batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if every is not None and step % every[0] == every[0] - 1:
+            seen.append(every[1](model))
+    return torch.tensor(losses), seen
+
+
 class NoLaunch:
     """Stands in for a kernel module or launcher and fails the test if anything is launched."""
 

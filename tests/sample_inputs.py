@@ -366,3 +366,34 @@ def check_kl(kl, grads_w, grads_l, weights, log_sigma2s, rtol=1e-4):
 def amax(t) -> float:
     """max |t| (0 for an empty tensor)."""
     return t.abs().max().item() if t.numel() else 0.0
+
+
+# --------------------------------------------------------------------------------- csr_linear
+#: The non-finite values the deployed layers' tests put into inputs.
+NONFINITE = (float("nan"), float("inf"), float("-inf"))
+
+
+def structured_weight(n, k, dtype=torch.float32):
+    """W (n, k) with three kinds of columns: unused (all zero), partial (zero in about half the
+    rows) and full (nonzero in every row); returns W and the three index sets."""
+    w = torch.randn(n, k, dtype=dtype)
+    perm = torch.randperm(k)
+    unused, partial, full = perm[: k // 4], perm[k // 4: k // 2], perm[k // 2:]
+    w[:, unused] = 0
+    drop = torch.zeros(n, k, dtype=torch.bool)
+    drop[:, partial] = torch.rand(n, partial.numel()) < 0.5
+    w[drop] = 0
+    return w, {"unused": unused, "partial": partial, "full": full}
+
+
+def inject_nonfinite(x, cols, where):
+    """Rows 0, 2, ... of x (*, K) get 1-3 values from NaN, +inf, -inf at columns of kind ``where``
+    (``"mixed"``: any kind); the other rows stay finite. Returns a new tensor."""
+    x = x.clone()
+    flat = x.view(-1, x.shape[-1])
+    kinds = list(cols) if where == "mixed" else [where]
+    for b in range(0, flat.shape[0], 2):
+        for _ in range(int(torch.randint(1, 4, ()))):
+            c = cols[kinds[int(torch.randint(len(kinds), ()))]]
+            flat[b, c[int(torch.randint(c.numel(), ()))]] = NONFINITE[int(torch.randint(3, ()))]
+    return x

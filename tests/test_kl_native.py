@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close, close, scale_of
+from conftest import PassThrough, assert_close, close, scale_of
 from sample_inputs import F64, KL_SHAPES, kl_params, linear_inputs
 
 import sparsevd.functional as SF
@@ -209,13 +209,6 @@ def test_noncontiguous_parameters_keep_their_strides():
     close(gw[0], gw_r[0], 5e-6, "gw")
 
 
-class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
-    """A dispatch mode that changes nothing: under it the custom ops run (no eager bypass)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("beta", [1.0, 0.37])
 def test_eager_kl_equals_custom_op_bitwise(beta):
     """The KL's eager path: the same value and gradients as the custom op, at β = 1 (the backward
@@ -230,7 +223,7 @@ def test_eager_kl_equals_custom_op_bitwise(beta):
         if path == "eager":
             kl = SF.kl_sparse_vd_many(ws, ss)
         else:
-            with _PassThrough():
+            with PassThrough():
                 kl = SF.kl_sparse_vd_many(ws, ss)
         (beta * kl).backward(retain_graph=True)
         first = [t.grad.clone() for t in (*ws, *ss)]

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, grads_of
+from conftest import assert_close, compiled_equals_eager, grads_of
 from sample_inputs import (F64, CONV1D_CASES, CONV_CASES, CONV_CLIP_CASES, as_list, clip_case, conv1d_inputs,
                            conv_inputs, op_noise)
 
@@ -316,26 +316,13 @@ class _Net(torch.nn.Module):
 
 def test_torch_compile_fullgraph_training_step(device):
     """Conv2dSVDO (padding="same"; strided depthwise) + LinearSVDO forward, the KL and the backward
-    compile with fullgraph=True (aot_eager: AOTAutograd forward and backward graphs, no Inductor
-    C++ build) and give eager's outputs and gradients under the same torch seed."""
-    torch._dynamo.reset()
+    compile with fullgraph=True and give eager's outputs and gradients under the same torch
+    seed."""
     model = _Net().to(device)
     x = torch.randn(3, 2, 6, 6, device=device)
 
-    def loss_fn(m, inp):
-        out = m(inp)
+    def loss_fn(m):
+        out = m(x)
         return out, out.square().sum() + 0.1 * sparsevd.loss.kl_divergence(m)
 
-    def step(fn):
-        model.zero_grad()
-        torch.manual_seed(1234)
-        out, loss = fn(model, x)
-        loss.backward()
-        return out.detach(), [p.grad.clone() for p in model.parameters()]
-
-    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
-    out_c, grads_c = step(compiled)
-    out_e, grads_e = step(loss_fn)
-    assert_close(out_c, out_e, rtol=1e-5, atol=1e-6, name="compiled output")
-    for gc, ge in zip(grads_c, grads_e):
-        assert_close(gc, ge, rtol=1e-5, atol=1e-6, name="compiled grad")
+    compiled_equals_eager(model, loss_fn)

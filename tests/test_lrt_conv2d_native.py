@@ -10,7 +10,7 @@ every backend passes are in test_lrt_conv2d.py.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, close, grad_scale, with_compact
+from conftest import assert_close, close, eager_and_custom_op, grad_scale, with_compact
 from sample_inputs import (CLIP_CONV_STRUCTURE_CASES, CONV_BOUNDARY_CASES, CONV_CASES, F64, as_list, clip_case,
                            conv_inputs)
 
@@ -204,32 +204,6 @@ def test_two_threads_and_product_modes(mode):
         torch.ops.sparsevd.native_set_products(old)
 
 
-class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
-    """A dispatch mode that changes nothing: under it the custom ops run (no eager bypass)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
-def _run_both(fn, leaves):
-    """fn(*leaves) and the leaves' gradients of Σ fn·G, once on the eager C++ autograd path and once
-    through the custom ops (under a pass-through dispatch mode); G random, the same for both."""
-    out = {}
-    g = None
-    for path in ("eager", "custom_op"):
-        ls = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
-        if path == "eager":
-            y = fn(*ls)
-        else:
-            with _PassThrough():
-                y = fn(*ls)
-        if g is None:
-            g = torch.randn_like(y)
-        (y * g).sum().backward()
-        out[path] = (y.detach(), y.grad_fn.name(), [t.grad for t in ls])
-    return out
-
-
 @pytest.mark.parametrize("padding,channels_last", [([1, 1], False), ("same", False), ([0, 0], True)])
 def test_eager_conv2d_equals_custom_op_bitwise(padding, channels_last):
     """The conv layer's eager path: bit-identical to the custom op (values and layout), also with
@@ -240,7 +214,7 @@ def test_eager_conv2d_equals_custom_op_bitwise(padding, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     seed = draw_seed()
     leaves = [x.requires_grad_(), w.requires_grad_(), ls2.requires_grad_(), b.requires_grad_()]
-    out = _run_both(lambda x, w, s, b: SF.lrt_conv2d(x, w, s, b, padding=padding, seed=seed), leaves)
+    out = eager_and_custom_op(lambda x, w, s, b: SF.lrt_conv2d(x, w, s, b, padding=padding, seed=seed), leaves)
     (y_e, fn_e, g_e), (y_c, fn_c, g_c) = out["eager"], out["custom_op"]
     assert "lrt_conv2d" in fn_c and "lrt_conv2d" not in fn_e, (fn_e, fn_c)
     assert torch.equal(y_e, y_c) and y_e.stride() == y_c.stride()

@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from conftest import NoLaunch, assert_close
+from conftest import NoLaunch, assert_close, train_sgvlb
 from sample_inputs import (CONV_DIRECT_TILE_CASES, CONV_OPTION_CASES, CONV_SMALL_DIRECT_TILES,
                            CONV_SMALL_TILES, CONV_TILE_CASES, F64, conv_inputs,
                            op_noise)
@@ -325,20 +325,9 @@ def _train_lenet5(backend_name, init_state, data, steps, monkeypatch):
     monkeypatch.setenv("SPARSEVD_BACKEND", backend_name)
     model = sparsevd.models.LeNet5(svd=True).to(DEVICE)
     model.load_state_dict(init_state)
-    xs, ys = data
-    loss_fn = sparsevd.SGVLB(model, train_size=10_000, kl_warmup_epochs=0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    torch.manual_seed(7)  # the seeds of the LRT noise
-    losses = []
-    for step in range(steps):
-        i = (step * 2) % xs.shape[0]
-        loss = loss_fn(model(xs[i:i + 2]), ys[i:i + 2])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, _ = train_sgvlb(model, *data, steps, batch=2, noise_seed=7)
     convs = [m for m in model.modules() if isinstance(m, sparsevd.nn.Conv2dSVDO)]
-    return torch.tensor(losses), torch.tensor([m.sparsity for m in convs])
+    return losses, torch.tensor([m.sparsity for m in convs])
 
 
 def test_lenet5_training_matches_reference(monkeypatch):

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close, grads_of
+from conftest import assert_close, compiled_equals_eager, grads_of
 from sample_inputs import F64, LINEAR_CASES, LINEAR_CLIP_CASES, clip_case, linear_inputs, op_noise
 
 import sparsevd
@@ -340,25 +340,15 @@ class _MLP(torch.nn.Module):
 def test_torch_compile_fullgraph(device):
     """A 2-layer LinearSVDO MLP compiles with fullgraph=True (no graph break: the ops have fake
     impls, the seed is drawn inside the graph) and gives eager's outputs and gradients under the
-    same torch seed. aot_eager runs AOTAutograd (forward and backward graphs) without Inductor's
-    C++ build."""
-    torch._dynamo.reset()
+    same torch seed."""
     model = _MLP().to(device)
     x = torch.randn(8, 12, device=device)
 
-    def step(fn):
-        model.zero_grad()
-        torch.manual_seed(1234)
-        out = fn(x)
-        out.square().sum().backward()
-        return out.detach(), [p.grad.clone() for p in model.parameters()]
+    def loss_fn(m):
+        out = m(x)
+        return out, out.square().sum()
 
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    out_c, grads_c = step(compiled)
-    out_e, grads_e = step(model)
-    assert_close(out_c, out_e, rtol=1e-5, atol=1e-6, name="compiled output")
-    for gc, ge in zip(grads_c, grads_e):
-        assert_close(gc, ge, rtol=1e-5, atol=1e-6, name="compiled grad")
+    compiled_equals_eager(model, loss_fn)
 
 
 # ------------------------------------------------------------------------ naive math by hand

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, close, grad_scale, with_compact
+from conftest import assert_close, close, eager_and_custom_op, grad_scale, with_compact
 from sample_inputs import CLIP_STRUCTURE_CASES, F64, LINEAR_BOUNDARY_CASES, clip_case, linear_inputs
 
 import sparsevd
@@ -576,32 +576,6 @@ def test_training_step_matches_reference_backend():
         close(a, e, 1e-4, "grad", atol_rel=1e-5)
 
 
-class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
-    """A dispatch mode that changes nothing: under it the custom ops run (no eager bypass)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
-def _run_both(fn, leaves):
-    """fn(*leaves) and the leaves' gradients of Σ fn·G, once on the eager C++ autograd path and once
-    through the custom ops (under a pass-through dispatch mode); G random, the same for both."""
-    out = {}
-    g = None
-    for path in ("eager", "custom_op"):
-        ls = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
-        if path == "eager":
-            y = fn(*ls)
-        else:
-            with _PassThrough():
-                y = fn(*ls)
-        if g is None:
-            g = torch.randn_like(y)
-        (y * g).sum().backward()
-        out[path] = (y.detach(), y.grad_fn.name(), [t.grad for t in ls])
-    return out
-
-
 @pytest.mark.parametrize("x_grad", [True, False])
 def test_eager_linear_equals_custom_op_bitwise(x_grad):
     """SF.lrt_linear in eager mode runs the C++ autograd op; its output and gradients are the custom
@@ -613,7 +587,7 @@ def test_eager_linear_equals_custom_op_bitwise(x_grad):
         seed = draw_seed()
         x.requires_grad_(x_grad)
         leaves = [x, w.requires_grad_(), ls2.requires_grad_()] + ([b.requires_grad_()] if bias else [])
-        out = _run_both(lambda x, w, s, *b: SF.lrt_linear(x, w, s, *(b or [None]), seed=seed,
+        out = eager_and_custom_op(lambda x, w, s, *b: SF.lrt_linear(x, w, s, *(b or [None]), seed=seed,
                                                          clip_threshold=thr), leaves)
         (y_e, fn_e, g_e), (y_c, fn_c, g_c) = out["eager"], out["custom_op"]
         assert "LrtLinearFn" in fn_e and "lrt_linear" in fn_c, (fn_e, fn_c)

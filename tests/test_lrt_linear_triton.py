@@ -16,7 +16,7 @@ import os
 
 import pytest
 import torch
-from conftest import NoLaunch, assert_close
+from conftest import NoLaunch, assert_close, train_sgvlb
 from sample_inputs import (CLIP_TILE_CASES, F64, LINEAR_TILE_CASES, clip_case,
                            dead_tiles, linear_inputs, op_noise)
 from triton_aot import compile_for_gpu
@@ -400,21 +400,9 @@ def _train(backend_name, init_state, data, steps, monkeypatch):
     model = _lenet300().to(DEVICE)
     model.load_state_dict(init_state)
     layers = [m for m in model.modules() if isinstance(m, sparsevd.nn.LinearSVDO)]
-    xs, ys = data
-    loss_fn = sparsevd.SGVLB(model, train_size=10_000, kl_warmup_epochs=0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    torch.manual_seed(99)  # the seeds of the LRT noise
-    losses, sparsities = [], []
-    for step in range(steps):
-        i = (step * 25) % xs.shape[0]
-        loss = loss_fn(model(xs[i:i + 25]), ys[i:i + 25])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 10 == 9:
-            sparsities.append([m.sparsity for m in layers])
-    return torch.tensor(losses), torch.tensor(sparsities)
+    losses, sparsities = train_sgvlb(model, *data, steps, batch=25, noise_seed=99,
+                                     every=(10, lambda m: [layer.sparsity for layer in layers]))
+    return losses, torch.tensor(sparsities)
 
 
 def test_lenet300_training_matches_reference(monkeypatch):

@@ -146,7 +146,7 @@ FAMILY_PACKAGE = ("__init__.py", "naive.py", "op.py", "native.py", "triton.py")
 BACKEND_MODULES = ("native", "triton")
 #: What the families share, beside their packages.
 OPS_SHARED = ("__init__.py", "backend.py", "library.py", "weights.py", "conv_geometry.py", "noise.py",
-              "triton_common.py", "csr.py")
+              "lrt_common.py", "triton_common.py", "csr.py")
 
 
 def family_paths(family):

@@ -197,6 +197,16 @@ struct TransposedCsr {
 };
 TransposedCsr transpose_csr(const Weights& p);
 
+// The epilogue of both backward ops, after their products: ∂θ ⊙ m (under clipping) and
+// ∂log σ² = σ²(⊙ m) ⊙ T3 from gw and t3 (on the occupied block when p.compact: scattered back to
+// θ's shape); with input_grad, ∂x = T1 + 2x ⊙ T2 from t1, t2 and xk (on the occupied entries of
+// dim 1 when p.compact: scattered back to `in_size`), in x's shape and dtype, else an empty tensor;
+// gb (∂b) as it is. The gradients in the parameters' dtypes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_epilogue(
+    at::Tensor gw, at::Tensor t3, at::Tensor t1, const at::Tensor& t2, const at::Tensor& xk, const at::Tensor& gb,
+    const Weights& p, const at::Tensor& s2k, int64_t in_size, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& log_sigma2, bool input_grad);
+
 // ---------------------------------------------------------------------------------- controls
 // For tests and benchmarks; schemas in csrc/ops.cpp (native_set_products, native_set_compact,
 // native_sigma2_cache, native_sigma2_cache_stats, native_clip_occupancy).

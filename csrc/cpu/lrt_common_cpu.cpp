@@ -659,6 +659,30 @@ std::vector<int64_t> sigma2_cache_stats() {
   return {cache.hits, cache.misses, static_cast<int64_t>(cache.entries.size())};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_epilogue(
+    at::Tensor gw, at::Tensor t3, at::Tensor t1, const at::Tensor& t2, const at::Tensor& xk, const at::Tensor& gb,
+    const Weights& p, const at::Tensor& s2k, int64_t in_size, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& log_sigma2, bool input_grad) {
+  if (p.clip) {
+    clip_grads_(gw, t3, p.compact ? p.statec : p.state, s2k);
+  } else {
+    mul_(t3, s2k);
+  }
+  if (p.compact) {
+    gw = scatter_block(gw, p, weight.sizes());
+    t3 = scatter_block(t3, p, weight.sizes());
+  }
+  at::Tensor gx;
+  if (input_grad) {
+    add_2x_mul_(t1, xk, t2);
+    if (p.compact) t1 = scatter_dim(t1, 1, p.cols, in_size);
+    gx = to_dtype(t1, x.scalar_type()).view(x.sizes());
+  } else {
+    gx = at::empty({0}, x.options());
+  }
+  return {gx, to_dtype(gw, weight.scalar_type()), to_dtype(t3, log_sigma2.scalar_type()), gb};
+}
+
 // ------------------------------------------------------------------------------------ test hook
 // The occupancy of the σ² pass: weight / log_sigma2 (R, S) or (R, S, kH, kW), a finite threshold
 //   -> (per-row counts (R,), per-column counts (S,)), int64: the weights of each row / column of θ

@@ -147,25 +147,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_conv2d_backward(
     };
     run_products({[&] { back(gn, xk, wk, t1, gw); }, [&] { back(gs2n, x2k, s2k, t2, t3); }}, false);
   }
-  if (p.clip) {
-    clip_grads_(gw, t3, p.compact ? p.statec : p.state, s2k);  // ∂θ ⊙ m, ∂log σ² = σ²m ⊙ conv_weight_grad(x2, g_s2)
-  } else {
-    mul_(t3, s2k);  // ∂log σ² = σ² ⊙ conv_weight_grad(x2, g_s2)
-  }
-  if (p.compact) {
-    gw = scatter_block(gw, p, weight.sizes());
-    t3 = scatter_block(t3, p, weight.sizes());
-  }
-  at::Tensor gx;
-  if (input_grad) {
-    add_2x_mul_(t1, xk, t2);  // ∂x = conv_input_grad(θ, g) + 2x ⊙ conv_input_grad(σ², g_s2)
-    if (p.compact) t1 = scatter_dim(t1, 1, p.cols, C_in);
-    gx = to_dtype(t1, x.scalar_type());
-  } else {
-    gx = at::empty({0}, x.options());
-  }
-  return {gx, to_dtype(gw, weight.scalar_type()), to_dtype(t3, log_sigma2.scalar_type()),
-          gb};
+  // ∂θ (⊙ m), ∂log σ² = σ²(m) ⊙ conv_weight_grad(x2, g_s2),
+  // ∂x = conv_input_grad(θ, g) + 2x ⊙ conv_input_grad(σ², g_s2)
+  return backward_epilogue(gw, t3, t1, t2, xk, gb, p, s2k, C_in, x, weight, log_sigma2, input_grad);
 }
 
 }  // namespace

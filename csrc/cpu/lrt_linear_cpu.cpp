@@ -138,25 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_linear_backward(
     jobs.push_back([&] { at::mm_out(t2, gs2n, s2k); });
   }
   run_products(jobs, true);
-  if (p.clip) {
-    clip_grads_(gw, t3, p.compact ? p.statec : p.state, s2k);  // ∂θ ⊙ m, ∂log σ² = σ²m ⊙ (g_s2ᵀ x2)
-  } else {
-    mul_(t3, s2k);  // ∂log σ² = σ² ⊙ (g_s2ᵀ x2)
-  }
-  if (p.compact) {
-    gw = scatter_block(gw, p, weight.sizes());
-    t3 = scatter_block(t3, p, weight.sizes());
-  }
-  at::Tensor gx;
-  if (input_grad) {
-    add_2x_mul_(t1, xk, t2);  // ∂x = g θ + 2x ⊙ (g_s2 σ²)
-    if (p.compact) t1 = scatter_dim(t1, 1, p.cols, K);
-    gx = to_dtype(t1, x.scalar_type()).view(x.sizes());
-  } else {
-    gx = at::empty({0}, x.options());
-  }
-  return {gx, to_dtype(gw, weight.scalar_type()), to_dtype(t3, log_sigma2.scalar_type()),
-          gb};
+  // ∂θ (⊙ m), ∂log σ² = σ²(m) ⊙ (g_s2ᵀ x2), ∂x = g θ + 2x ⊙ (g_s2 σ²)
+  return backward_epilogue(gw, t3, t1, t2, xk, gb, p, s2k, K, x, weight, log_sigma2, input_grad);
 }
 
 }  // namespace

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import weights as W
 from ..conv_geometry import conv2d, conv_memory_format, crop_grad_x, symmetric_padding
+from ..lrt_common import in_parameter_dtypes
 from ..noise import lrt_noise
 
 
@@ -79,9 +80,4 @@ def naive_lrt_conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, log_sigma
                              x, sides)
     else:
         grad_x = x.new_empty((0,))
-    return (
-        grad_x,
-        grad_w.to(weight.dtype),
-        grad_ls2.to(log_sigma2.dtype),
-        grad_b.to(weight.dtype),
-    )
+    return in_parameter_dtypes(grad_x, grad_w, grad_ls2, grad_b, weight, log_sigma2)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..backend import eager_impl, get_impl, no_autocast, register_family, register_impl
 from ..conv_geometry import conv2d_out_shape, conv_memory_format
+from ..lrt_common import backward_outputs_like
 from .naive import naive_lrt_conv2d, naive_lrt_conv2d_backward
 
 register_family("lrt_conv2d", ("lrt_conv2d", "lrt_conv2d_backward"))
@@ -88,12 +89,7 @@ def lrt_conv2d_backward(
 @lrt_conv2d_backward.register_fake
 def _(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups, need_grad_x=True,
       clip_threshold=None):
-    return (
-        torch.empty_like(x) if need_grad_x else x.new_empty((0,)),
-        torch.empty_like(weight),
-        torch.empty_like(log_sigma2),
-        weight.new_empty((weight.shape[0],)),
-    )
+    return backward_outputs_like(x, weight, log_sigma2, need_grad_x)
 
 
 def _setup_context(ctx, inputs, output):

@@ -35,7 +35,7 @@ from sparsevd.triton_kernels import lrt_conv2d as KC
 
 from ..backend import interpreter_enabled, register_impl
 from ..conv_geometry import conv2d_out_shape, conv_memory_format, padding_sides
-from ..triton_common import acc_dtype, autotune_enabled, dot_kind, m_key, make_config, precision
+from ..triton_common import acc_dtype, autotune_enabled, dot_kind, m_key, precision, tile_configs
 
 # ------------------------------------------------------------------------------------ autotuning
 #: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the implicit-GEMM kernels per kind of dot
@@ -88,15 +88,7 @@ def gemm_configs(kernel: str) -> List[triton.Config]:
     """Autotuning candidates of the "fwd" or "bwd" implicit-GEMM kernel: one config when
     interpreting (used when FIT_INTERPRETER_TILES is off), else the union of :data:`TILES` for
     it, narrowed per call by the pruner."""
-    if interpreter_enabled():
-        return [make_config(INTERPRETER_TILES)]
-    seen, out = set(), []
-    for (k, _), tiles in TILES.items():
-        for t in tiles if k == kernel else ():
-            if t not in seen:
-                seen.add(t)
-                out.append(make_config(t))
-    return out
+    return tile_configs(TILES, kernel, INTERPRETER_TILES)
 
 
 def direct_configs(kernel: str) -> List[triton.Config]:

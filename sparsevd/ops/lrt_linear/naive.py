@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import weights as W
+from ..lrt_common import in_parameter_dtypes
 from ..noise import lrt_noise
 
 
@@ -75,9 +76,4 @@ def naive_lrt_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, log_sigma
         grad_x = (g @ w + 2.0 * x2 * (g_s2 @ sigma2)).reshape(x.shape).to(x.dtype)
     else:
         grad_x = x.new_empty((0,))
-    return (
-        grad_x,
-        grad_w.to(weight.dtype),
-        grad_ls2.to(log_sigma2.dtype),
-        grad_b.to(weight.dtype),
-    )
+    return in_parameter_dtypes(grad_x, grad_w, grad_ls2, grad_b, weight, log_sigma2)

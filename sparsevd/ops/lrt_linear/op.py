@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..backend import eager_impl, get_impl, no_autocast, register_family, register_impl
+from ..lrt_common import backward_outputs_like
 from .naive import naive_lrt_linear, naive_lrt_linear_backward
 
 register_family("lrt_linear", ("lrt_linear", "lrt_linear_backward"))
@@ -68,12 +69,7 @@ def lrt_linear_backward(
 
 @lrt_linear_backward.register_fake
 def _(grad, x, weight, log_sigma2, std, seed, need_grad_x=True, clip_threshold=None):
-    return (
-        torch.empty_like(x) if need_grad_x else x.new_empty((0,)),
-        torch.empty_like(weight),
-        torch.empty_like(log_sigma2),
-        weight.new_empty((weight.shape[0],)),
-    )
+    return backward_outputs_like(x, weight, log_sigma2, need_grad_x)
 
 
 def _setup_context(ctx, inputs, output):

@@ -37,9 +37,9 @@ import triton
 
 from sparsevd.triton_kernels import lrt_linear as K
 
-from ..backend import interpreter_enabled, register_impl
-from ..triton_common import (acc_dtype, autotune_enabled, dot_kind, elementwise_block, m_key,
-                             make_config, precision)
+from ..backend import register_impl
+from ..triton_common import (acc_dtype, autotune_enabled, dot_kind, elementwise_block, m_key, precision,
+                             tile_configs)
 
 
 # ------------------------------------------------------------------------------------ autotuning
@@ -73,16 +73,8 @@ INTERPRETER_TILES = (32, 256, 512, 4, 1)
 def matmul_configs(kernel: str) -> List[triton.Config]:
     """The autotuning candidates of the "fwd" or "bwd" LRT kernel: a single configuration when
     interpreting (TRITON_INTERPRET=1), otherwise the union of :data:`TILES` for that kernel,
-    narrowed per call by :func:`_prune`."""
-    if interpreter_enabled():
-        return [make_config(INTERPRETER_TILES)]
-    seen, out = set(), []
-    for (k, _), tiles in TILES.items():
-        for t in tiles if k == kernel else ():
-            if t not in seen:
-                seen.add(t)
-                out.append(make_config(t))
-    return out
+    narrowed per call by :func:`_pruner`."""
+    return tile_configs(TILES, kernel, INTERPRETER_TILES)
 
 
 def _pruner(kernel: str):
