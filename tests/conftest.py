@@ -297,6 +297,18 @@ def compact(request):
     torch.ops.sparsevd.native_set_compact(old)
 
 
+@pytest.fixture(params=["serial", "concurrent"])
+def two_threads(request):
+    """2 intra-op threads and each way the native LRT kernels run their products on them
+    (native_set_products): one after the other on all threads, or concurrently, one per thread."""
+    threads = torch.get_num_threads()
+    old = torch.ops.sparsevd.native_set_products(request.param)
+    torch.set_num_threads(2)
+    yield request.param
+    torch.set_num_threads(threads)
+    torch.ops.sparsevd.native_set_products(old)
+
+
 def with_compact(mode, fn):
     """fn() with the native LRT kernels' clipped products run as ``mode`` (see ``compact``)."""
     old = torch.ops.sparsevd.native_set_compact(mode)

@@ -108,3 +108,14 @@ def test_every_family_declares_its_ops():
     for op in TRAINING_OPS:
         assert backend._FAMILY_OF[op] in backend.families()
         assert (op, "reference") in backend._IMPLS
+
+
+@pytest.mark.parametrize("op", TRAINING_OPS)
+def test_triton_forced_runs_cpu_tensors_under_the_interpreter(monkeypatch, op):
+    """SPARSEVD_BACKEND=triton runs every training op's kernels on CPU tensors when Triton's
+    interpreter is on (how the tests check them without a GPU), from the family's triton module."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SPARSEVD_BACKEND", "triton")
+    name, fn = backend.get_impl(op, torch.device("cpu"))
+    assert name == "triton" and fn.__module__ == f"sparsevd.ops.{backend._FAMILY_OF[op]}.triton"

@@ -181,27 +181,19 @@ def test_clip_gradcheck(mode):
         torch.ops.sparsevd.native_set_compact(old)
 
 
-@pytest.mark.parametrize("mode", ["serial", "concurrent"])
-def test_two_threads_and_product_modes(mode):
+def test_two_threads_and_product_modes(two_threads):
     """The parallel passes (per-thread bias-gradient partials) and both ways of running the
     products give the reference's results on 2 threads."""
-    threads = torch.get_num_threads()
-    old = torch.ops.sparsevd.native_set_products(mode)
-    torch.set_num_threads(2)
-    try:
-        seed = draw_seed()
-        cx, cw, cs, cb = conv_inputs((4, 3, 20, 20), (8, 3, 3), 1)
-        args = ([1, 1], [1, 1], [1, 1], 1)
-        yc_r, stdc_r = naive_lrt_conv2d(cx, cw, cs, cb, seed, *args)
-        yc, _ = N.native_lrt_conv2d(cx, cw, cs, cb, seed, *args)
-        close(yc, yc_r, 2e-5, "conv y")
-        gc = torch.randn_like(yc)
-        for name, a, e in zip(("gx", "gw", "gls2", "gb"), N.native_lrt_conv2d_backward(gc, cx, cw, cs, stdc_r, seed, *args),
-                              naive_lrt_conv2d_backward(gc, cx, cw, cs, stdc_r, seed, *args)):
-            close(a, e, 2e-5, f"conv {name}")
-    finally:
-        torch.set_num_threads(threads)
-        torch.ops.sparsevd.native_set_products(old)
+    seed = draw_seed()
+    cx, cw, cs, cb = conv_inputs((4, 3, 20, 20), (8, 3, 3), 1)
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    yc_r, stdc_r = naive_lrt_conv2d(cx, cw, cs, cb, seed, *args)
+    yc, _ = N.native_lrt_conv2d(cx, cw, cs, cb, seed, *args)
+    close(yc, yc_r, 2e-5, "conv y")
+    gc = torch.randn_like(yc)
+    for name, a, e in zip(("gx", "gw", "gls2", "gb"), N.native_lrt_conv2d_backward(gc, cx, cw, cs, stdc_r, seed, *args),
+                          naive_lrt_conv2d_backward(gc, cx, cw, cs, stdc_r, seed, *args)):
+        close(a, e, 2e-5, f"conv {name}")
 
 
 @pytest.mark.parametrize("padding,channels_last", [([1, 1], False), ("same", False), ([0, 0], True)])

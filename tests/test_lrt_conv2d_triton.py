@@ -23,7 +23,6 @@ from triton_aot import compile_for_gpu
 
 import sparsevd
 import sparsevd.functional as SF
-from sparsevd.ops import backend
 from sparsevd.ops import weights as W
 from sparsevd.ops.conv_geometry import conv2d, conv2d_out_shape, conv_padding, padding_arg
 from sparsevd.ops.lrt_conv2d import naive_lrt_conv2d
@@ -285,15 +284,6 @@ def test_opcheck_channels_last_asymmetric_depthwise():
     assert y.is_contiguous(memory_format=CL)
     torch.library.opcheck(
         OP_BWD, (torch.randn_like(y), x.detach(), w.detach(), ls2.detach(), std.detach(), seed, *args))
-
-
-def test_triton_backend_forced_and_auto():
-    name, impl = backend.get_impl("lrt_conv2d", torch.device(DEVICE))
-    assert name == "triton" and impl is TC.triton_lrt_conv2d
-    os.environ["SPARSEVD_BACKEND"] = "auto"  # restored by monkeypatch
-    assert backend.get_impl("lrt_conv2d_backward", torch.device("cpu"))[0] != "triton"
-    if CUDA:
-        assert backend.get_impl("lrt_conv2d_backward", torch.device("cuda"))[1] is TC.triton_lrt_conv2d_backward
 
 
 def test_gpu_config_pruning():

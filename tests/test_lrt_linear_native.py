@@ -534,25 +534,17 @@ def test_clip_argument_checks():
         torch.ops.sparsevd.native_set_compact("sometimes")
 
 
-@pytest.mark.parametrize("mode", ["serial", "concurrent"])
-def test_two_threads_and_product_modes(mode):
+def test_two_threads_and_product_modes(two_threads):
     """The parallel passes (per-thread bias-gradient partials) and both ways of running the
     products give the reference's results on 2 threads."""
-    threads = torch.get_num_threads()
-    old = torch.ops.sparsevd.native_set_products(mode)
-    torch.set_num_threads(2)
-    try:
-        x, w, ls2, b = linear_inputs((200,), 150, 90)
-        seed = draw_seed()
-        (y_r, std_r), (y, std) = _fwd_both(x, w, ls2, b, seed)
-        close(y, y_r, 1e-5, "y", atol_rel=2e-6)
-        g = torch.randn_like(y)
-        for name, a, e in zip(("gx", "gw", "gls2", "gb"), N.native_lrt_linear_backward(g, x, w, ls2, std_r, seed),
-                              naive_lrt_linear_backward(g, x, w, ls2, std_r, seed)):
-            close(a, e, 2e-5, name, atol_rel=2e-6)
-    finally:
-        torch.set_num_threads(threads)
-        torch.ops.sparsevd.native_set_products(old)
+    x, w, ls2, b = linear_inputs((200,), 150, 90)
+    seed = draw_seed()
+    (y_r, std_r), (y, std) = _fwd_both(x, w, ls2, b, seed)
+    close(y, y_r, 1e-5, "y", atol_rel=2e-6)
+    g = torch.randn_like(y)
+    for name, a, e in zip(("gx", "gw", "gls2", "gb"), N.native_lrt_linear_backward(g, x, w, ls2, std_r, seed),
+                          naive_lrt_linear_backward(g, x, w, ls2, std_r, seed)):
+        close(a, e, 2e-5, name, atol_rel=2e-6)
 
 
 def test_training_step_matches_reference_backend():

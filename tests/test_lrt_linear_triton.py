@@ -22,7 +22,6 @@ from sample_inputs import (CLIP_TILE_CASES, F64, LINEAR_TILE_CASES, clip_case,
 from triton_aot import compile_for_gpu
 
 import sparsevd
-from sparsevd.ops import backend
 from sparsevd.ops import weights as W
 from sparsevd.ops.lrt_linear import lrt_linear, lrt_linear_backward, naive_lrt_linear
 from sparsevd.ops.noise import draw_seed, lrt_noise
@@ -237,17 +236,6 @@ def test_fp64_is_computed_in_fp64():
     the kernels' own ξ here, since the torch twin may differ from it in the last fp32 ulp."""
     x = torch.randn(7, 45, dtype=F64, device=DEVICE)
     run_and_compare(x, *make_params(9, 45, dtype=F64), rtol=1e-10, noise_fn=kernel_noise)
-
-
-def test_triton_backend_forced_and_auto():
-    """SPARSEVD_BACKEND=triton runs the kernels on CPU tensors under the interpreter; auto uses
-    them for CUDA tensors only."""
-    name, impl = backend.get_impl("lrt_linear", torch.device(DEVICE))
-    assert name == "triton" and impl is TI.triton_lrt_linear
-    os.environ["SPARSEVD_BACKEND"] = "auto"  # restored by monkeypatch
-    assert backend.get_impl("lrt_linear_backward", torch.device("cpu"))[0] != "triton"
-    if CUDA:
-        assert backend.get_impl("lrt_linear_backward", torch.device("cuda"))[1] is TI.triton_lrt_linear_backward
 
 
 # ----------------------------------------------------------- train-time clipping: dead tiles
