@@ -58,7 +58,7 @@ def test_forward_and_gradients_equal_reference(device, xs, ws, stride, padding, 
 
 
 def test_noise_is_lrt_noise(device):
-    """ξ of the conv op is sparsevd.ops.lrt_noise(seed, y.shape), indexed by the row-major
+    """ξ of the conv op is sparsevd.ops.noise.lrt_noise(seed, y.shape), indexed by the row-major
     offset of the (N, C_out, H_out, W_out) output."""
     seed = draw_seed(device)
     assert_close(_conv_noise((2, 3, 5, 4), seed), lrt_noise(seed, (2, 3, 5, 4)), rtol=1e-5,

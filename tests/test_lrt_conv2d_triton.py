@@ -210,7 +210,7 @@ def test_index_range_is_checked():
 
 # ----------------------------------------------------------------------------------- noise
 def test_noise_is_lrt_noise_in_every_kernel_and_layout():
-    """ξ of the conv kernels is sparsevd.ops.lrt_noise(seed, y.shape), indexed by the row-major
+    """ξ of the conv kernels is sparsevd.ops.noise.lrt_noise(seed, y.shape), indexed by the row-major
     offset of the logical (N, C_out, H_out, W_out) output whatever the memory layout of y, in
     the implicit-GEMM and in the direct kernel (θ = 0, log σ² = 0 on x = 1 gives y = ξ·sqrt(1 + 1e-8)
     per tap)."""

@@ -72,7 +72,7 @@ def test_gradients_equal_reference_autograd(device, backend, lead, k, n, with_bi
 
 
 def test_op_noise_is_lrt_noise(device):
-    """(y − μ)/std of the forward is sparsevd.ops.lrt_noise(seed, y.shape) (the torch
+    """(y − μ)/std of the forward is sparsevd.ops.noise.lrt_noise(seed, y.shape) (the torch
     specification of tl.randn), element by element."""
     x = torch.randn(2, 23, 50, device=device)
     w, ls2, b = linear_inputs((1,), 50, 70, device=device)[1:]
