@@ -291,10 +291,9 @@ def as_list(v):
 
 
 # ----------------------------------------------------------------------------------------- KL
-#: Layer shapes of the KL tests: LeNet-300-100's, conv weights, single weights, partial blocks and
-#: vectors.
-KL_SHAPES = [(300, 784), (100, 300), (10, 100), (1,), (7, 3, 5, 5), (129,), (256,), (1, 1), (7, 5),
-             (3, 2, 3, 3), (17,)]
+#: Layer shapes of the KL tests: LeNet-300-100's, a conv weight, single weights, partial blocks and
+#: vectors (of the kernels' 16-lane vectors, blocks of 256 or 1024).
+KL_SHAPES = [(300, 784), (100, 300), (10, 100), (1,), (7, 3, 5, 5), (129,), (256,)]
 
 
 #: Layers that span several blocks of 256 weights and end in a partial one, and an empty one

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import assert_close
 from sample_inputs import KL_BLOCK_CASES, KL_SHAPES, amax, check_kl, kl_layer, kl_reference
-from triton_aot import compile_for_gpu
+import triton_aot
 
 import sparsevd
 from sparsevd.ops.kl import naive_kl_sparse_vd
@@ -119,10 +119,11 @@ for dt in ("fp32", "bf16", "fp64"):
           dict(base_ptr="*" + dt, table_ptr="*i64", partial_ptr="*fp64" if dt == "fp64" else "*fp32"),
           dict(ACC_F64=dt == "fp64", WITH_GRAD=True, ALIGN=4, L_PAD=4, BLOCK=1024), 8, 3)
 """
+triton_aot.register("kl", _AOT)
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU the other tests compile and run the kernel")
 def test_kernel_compiles_for_gpu_without_a_gpu():
     """The KL kernel, for fp32, bf16 and fp64 parameters, lowers to a cubin for sm_90
     (tests/triton_aot.py)."""
-    assert compile_for_gpu(_AOT) == 3
+    assert triton_aot.compiled_for_gpu("kl") == 3

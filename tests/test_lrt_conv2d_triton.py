@@ -19,7 +19,7 @@ from conftest import NoLaunch, assert_close, train_sgvlb
 from sample_inputs import (CONV_DIRECT_TILE_CASES, CONV_OPTION_CASES, CONV_SMALL_DIRECT_TILES,
                            CONV_SMALL_TILES, CONV_TILE_CASES, F64, conv_inputs,
                            op_noise)
-from triton_aot import compile_for_gpu
+import triton_aot
 
 import sparsevd
 import sparsevd.functional as SF
@@ -428,12 +428,12 @@ for x, f64, clip in [("bf16", False, True), ("fp64", True, False)]:  # no dots: 
                gb_ptr="*" + w),
           dict(ACC_F64=f64, BLOCK=1024), 4, 2)
 """
+triton_aot.register("lrt_conv2d", _AOT)
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU the other tests compile and run the kernels")
 def test_conv_kernels_compile_for_gpu_without_a_gpu():
     """Every conv kernel lowers to a cubin for sm_90 (tests/triton_aot.py), the GEMM kernels for
     every kind of dot (fp32 FMA, bf16, fp16 with TF32 variance products, fp64; both reduction
-    orders; the CLIP variant), the others in a low-precision and an fp64 variant (small tiles;
-    two compiler processes)."""
-    assert compile_for_gpu(_AOT, parts=2) == 13
+    orders; the CLIP variant), the others in a low-precision and an fp64 variant (small tiles)."""
+    assert triton_aot.compiled_for_gpu("lrt_conv2d") == 13

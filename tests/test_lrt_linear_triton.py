@@ -19,7 +19,7 @@ import torch
 from conftest import NoLaunch, assert_close, train_sgvlb
 from sample_inputs import (CLIP_TILE_CASES, F64, LINEAR_TILE_CASES, clip_case,
                            dead_tiles, linear_inputs, op_noise)
-from triton_aot import compile_for_gpu
+import triton_aot
 
 import sparsevd
 from sparsevd.ops import weights as W
@@ -474,6 +474,7 @@ for x, v, prec, f64, clips in [
           dict(g_ptr="*" + x, std_ptr="*" + w, seed_ptr="*i64", gs2_ptr="*" + v),
           dict(ACC_F64=f64, BLOCK=1024), 4, 3)
 """
+triton_aot.register("lrt_linear", _AOT)
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU the other tests compile and run the kernels")
@@ -481,4 +482,4 @@ def test_kernels_compile_for_gpu_without_a_gpu():
     """Every lrt_linear kernel, in every dtype variant (and the clipped kernels, with their
     dead-tile branches and, in bf16, the skip counter's atomics), lowers to a cubin for sm_90
     (tests/triton_aot.py; small tiles, to stay fast)."""
-    assert compile_for_gpu(_AOT) == 16
+    assert triton_aot.compiled_for_gpu("lrt_linear") == 16
