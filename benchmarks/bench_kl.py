@@ -6,7 +6,7 @@ Models (fp32 parameters θ and log σ²):
   - ``100M``: eight 4096x3072 layers (100.7M).
 Modes: fwd (the KL with autograd recording, as in training: the fused op computes value and both
 gradients here), bwd (the backward of that KL), full (both). Providers:
-  - ``reference``: Σ sparsevd.reference.kl_sparse_vd per layer, autograd backward;
+  - ``reference``: Σ over layers of the naive KL (sparsevd/ops/kl/naive.py), autograd backward;
   - ``reference_compiled``: torch.compile of that sum (default mode);
   - ``sparsevd``: sparsevd.functional.kl_sparse_vd_many (one torch.ops.sparsevd.kl_sparse_vd
     call: one kernel launch for all layers plus the sum of its partials), SPARSEVD_BACKEND=triton;
@@ -48,13 +48,9 @@ def byte_floor(mode: str, n_weights: int, elem: int = 4) -> float:
 
 
 def _reference_kl(weights: Sequence[torch.Tensor], log_sigma2s: Sequence[torch.Tensor]) -> torch.Tensor:
-    from sparsevd import reference as R
+    from sparsevd.ops.kl import naive_kl_sparse_vd
 
-    total = None
-    for w, s in zip(weights, log_sigma2s):
-        kl = R.kl_sparse_vd(w, s)
-        total = kl if total is None else total + kl
-    return total
+    return naive_kl_sparse_vd(list(weights), list(log_sigma2s), False)[0]
 
 
 def bench_model(name: str, shapes, device: str, providers, modes) -> List[Dict]:

@@ -7,8 +7,9 @@ Shapes (M = batch rows, K = in_features, N = out_features):
 Modes: fwd (forward with autograd recording, as in training), bwd (the backward of that forward),
 full (forward + backward). Providers:
   - ``dense``: F.linear (nn.Linear's forward) on x, θ, b, the same dtype / autocast;
-  - ``reference``: sparsevd.reference.lrt_linear with ξ = torch.randn_like (the authors' naive
-    formulation: two matmuls and ~10 elementwise passes forward, autograd backward);
+  - ``reference``: the naive formulation written out in torch ops (the authors': two matmuls and
+    ~10 elementwise passes forward, autograd backward; the math of
+    sparsevd/ops/lrt_linear/naive.py) with ξ = torch.randn_like;
   - ``reference_compiled``: torch.compile of that function (default mode);
   - ``sparsevd``: the fused op torch.ops.sparsevd.lrt_linear with a fresh seed per call (the seed
     draw is timed too), SPARSEVD_BACKEND=triton.
@@ -70,10 +71,10 @@ def byte_floor(provider: str, mode: str, m: int, k: int, n: int, act_bytes: int)
 
 
 def _reference_fn(x, w, ls2, b):
-    from sparsevd import reference as R
-
-    mu_like = torch.empty((*x.shape[:-1], w.shape[0]), device=x.device, dtype=x.dtype)
-    return R.lrt_linear(x, w, ls2, b, torch.randn_like(mu_like))
+    """The naive LRT (sparsevd/ops/lrt_linear/naive.py's math) in plain torch ops, under the
+    caller's autocast as PyTorch runs it, with torch's own ξ."""
+    mu = F.linear(x, w, b)
+    return mu + torch.sqrt(F.linear(x * x, ls2.exp()) + 1e-8) * torch.randn_like(mu)
 
 
 def _make_forward(provider: str, compiled: Dict[str, Callable]) -> Callable:
@@ -86,10 +87,10 @@ def _make_forward(provider: str, compiled: Dict[str, Callable]) -> Callable:
             compiled["ref"] = torch.compile(_reference_fn)
         return compiled["ref"]
     if provider == "sparsevd":
-        from sparsevd import ops
-        from sparsevd.functional import draw_seed
+        from sparsevd.ops.lrt_linear import lrt_linear
+        from sparsevd.ops.noise import draw_seed
 
-        return lambda x, w, ls2, b: ops.lrt_linear(x, w, ls2, b, draw_seed(x.device))[0]
+        return lambda x, w, ls2, b: lrt_linear(x, w, ls2, b, draw_seed(x.device))[0]
     raise ValueError(f"provider: unknown {provider!r}")
 
 

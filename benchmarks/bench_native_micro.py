@@ -161,7 +161,7 @@ def bench_kl(args, rows):
     def op(name):
         def run():
             with backend(name):
-                sparsevd.ops.kl_sparse_vd(ws, ls, True)
+                torch.ops.sparsevd.kl_sparse_vd(ws, ls, True)
         return run
 
     def full(name):

@@ -1,30 +1,98 @@
-// The sparsevd op library: schemas (TORCH_LIBRARY) and the Python module sparsevd._C.
+// The sparsevd op library: every C++ schema (one TORCH_LIBRARY block) and the Python module
+// sparsevd._C.
 //
-// This is the only TORCH_LIBRARY(sparsevd, ...) block of the project: the Python side defines its
-// own ops in the same namespace with torch.library.custom_op, which registers FRAGMENT libraries,
-// so both coexist (tests/test_csr.py imports both in either order). Further C++ schemas go here or
-// in TORCH_LIBRARY_FRAGMENT blocks; kernels register with TORCH_LIBRARY_IMPL(sparsevd, CPU|CUDA, m).
+// The kernels register themselves per dispatch key in their own files (TORCH_LIBRARY_IMPL):
+// csr_linear (cpu/csr_linear_cpu.cpp, cuda/csr_linear_cuda.cpp), philox_randn_ (cpu/noise_cpu.cpp),
+// the native backend of each op family (cpu/lrt_linear_cpu.cpp, cpu/lrt_conv2d_cpu.cpp,
+// cpu/kl_cpu.cpp, cpu/lrt_common_cpu.cpp) and its eager autograd (cpu/autograd_cpu.cpp). The ops
+// without tensor arguments (the switches for tests and benchmarks) get their kernels here.
+//
+// The Python side defines its own ops in the same namespace with torch.library.custom_op
+// (sparsevd/ops/<family>/op.py: lrt_linear, lrt_conv2d, kl_sparse_vd, log_alpha and the backward
+// ops; they must exist without this library), which registers FRAGMENT libraries, so both coexist
+// (tests/test_csr_linear.py imports both in either order).
 #include <torch/extension.h>
 
+#include <string>
+
 #include "cpu/csr_linear_cpu.h"
+#include "cpu/kernels.h"
+#include "cpu/lrt_common.h"
+
+namespace {
+
+std::string cpu_isa() { return sparsevd::cpu::kernels().isa; }
+
+// The one CPU ISA switch: the kernel table of the LRT, KL and noise kernels (cpu/kernels.cpp) and the
+// AVX2 path of the CSR kernels, which have no AVX-512 code ("avx512" runs their AVX2 code,
+// "scalar" their portable code). SPARSEVD_CPU_ISA sets it when the library loads.
+std::string set_cpu_isa(const std::string& isa) {
+  TORCH_CHECK(sparsevd::cpu::isa_supported(isa), "isa: '", isa,
+              "' is not one of auto, avx512, avx2, scalar supported by this CPU");
+  const std::string previous = sparsevd::cpu::set_isa(isa);
+  sparsevd::cpu::set_simd_enabled(std::string(sparsevd::cpu::kernels().isa) != "scalar");
+  return previous;
+}
+
+}  // namespace
 
 TORCH_LIBRARY(sparsevd, m) {
+  // ------------------------------------------------------------------------------- csr_linear
   // The fake (meta) implementation lives in Python, in sparsevd/ops/csr.py.
   m.set_python_module("sparsevd.ops.csr");
   // y (*, N) = x (*, K) @ W^T + bias with W (N, K) in CSR form (crow (N+1,), col (nnz,), values (nnz,)).
   m.def("csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias) -> Tensor");
+
+  // ------------------------------------------------------------------------------------ noise
+  // out[i] = ξ(seed, offset + i), fp32, contiguous CPU tensor (sparsevd/ops/noise.py).
+  m.def("philox_randn_(Tensor(a!) out, int seed, int offset=0) -> ()");
+
+  // ---------------------------------------------------------- lrt_linear (native backend)
+  // The signatures of sparsevd/ops/lrt_linear/naive.py (input_grad = need_grad_x).
+  m.def("native_lrt_linear(Tensor x, Tensor weight, Tensor log_sigma2, Tensor? bias, Tensor seed, "
+        "float? clip_threshold=None) -> (Tensor, Tensor)");
+  m.def("native_lrt_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor log_sigma2, Tensor std, "
+        "Tensor seed, bool input_grad=True, float? clip_threshold=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // y with its backward in C++ (autograd_cpu.cpp), for the eager path of the layers.
+  m.def("native_lrt_linear_autograd(Tensor x, Tensor weight, Tensor log_sigma2, Tensor? bias, Tensor seed, "
+        "float? clip_threshold=None) -> Tensor");
+
+  // ---------------------------------------------------------- lrt_conv2d (native backend)
+  // The signatures of sparsevd/ops/lrt_conv2d/naive.py, padding symmetric [p_h, p_w].
+  m.def("native_lrt_conv2d(Tensor x, Tensor weight, Tensor log_sigma2, Tensor? bias, Tensor seed, int[] stride, "
+        "int[] padding, int[] dilation, int groups, float? clip_threshold=None) -> (Tensor, Tensor)");
+  m.def("native_lrt_conv2d_backward(Tensor grad, Tensor x, Tensor weight, Tensor log_sigma2, Tensor std, "
+        "Tensor seed, int[] stride, int[] padding, int[] dilation, int groups, bool input_grad=True, "
+        "float? clip_threshold=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("native_lrt_conv2d_autograd(Tensor x, Tensor weight, Tensor log_sigma2, Tensor? bias, Tensor seed, "
+        "int[] stride, int[] padding, int[] dilation, int groups, float? clip_threshold=None) -> Tensor");
+
+  // ------------------------------------------------------------------ kl (native backend)
+  // (kl, grads_weight, grads_log_sigma2, per-layer non-finite flags); sparsevd/ops/kl/naive.py.
+  m.def("native_kl_sparse_vd(Tensor[] weights, Tensor[] log_sigma2s, bool with_grad) "
+        "-> (Tensor, Tensor[], Tensor[], Tensor)");
+  m.def("native_kl_sparse_vd_autograd(Tensor[] weights, Tensor[] log_sigma2s) -> (Tensor, Tensor)");
+
+  // --------------------------------------------------- the LRT weight pass (lrt_common.h)
+  // Per-row and per-column counts of the weights a clipped op keeps (a test hook).
+  m.def("native_clip_occupancy(Tensor weight, Tensor log_sigma2, float clip_threshold) -> (Tensor, Tensor)");
+
+  // ---------------------------------------------------- switches (catch-all kernels here)
+  m.def("native_isa() -> str", &cpu_isa);
+  m.def("native_set_isa(str isa) -> str", &set_cpu_isa);
+  m.def("native_set_products(str mode) -> str", &sparsevd::cpu::lrt::set_products);
+  m.def("native_set_compact(str mode) -> str", &sparsevd::cpu::lrt::set_compact);
+  m.def("native_sigma2_cache(bool enabled) -> bool", &sparsevd::cpu::lrt::set_sigma2_cache);
+  m.def("native_sigma2_cache_stats() -> int[]", &sparsevd::cpu::lrt::sigma2_cache_stats);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "sparsevd native op library: registers torch.ops.sparsevd.csr_linear (CPU, and CUDA when built).";
+  m.doc() = "sparsevd native op library: registers the C++ ops under torch.ops.sparsevd (CPU, and CUDA when built).";
 #ifdef SPARSEVD_WITH_CUDA
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;
 #endif
-  m.def("cpu_simd_available", &sparsevd::cpu::simd_available,
-        "True when the AVX2+FMA fp32 kernels can run on this CPU.");
-  m.def("cpu_simd_enabled", &sparsevd::cpu::simd_enabled, "True when the AVX2+FMA fp32 kernels are in use.");
-  m.def("set_cpu_simd", &sparsevd::cpu::set_simd_enabled,
-        "Use (True) or bypass (False) the AVX2+FMA fp32 kernels; returns the previous setting. For tests.");
+  // The CSR kernels follow the kernel set SPARSEVD_CPU_ISA chose (the one switch above).
+  sparsevd::cpu::set_simd_enabled(std::string(sparsevd::cpu::kernels().isa) != "scalar");
 }

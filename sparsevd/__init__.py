@@ -7,7 +7,8 @@ Molchanov, Ashukha, Vetrov, "Variational Dropout Sparsifies Deep Neural Networks
     loss = sparsevd.SGVLB(model, train_size)(logits, y)    # data term + β·KL
     print(sparsevd.report(model))                          # per-layer sparsity and compression
 
-Layout (docs/design.md): ``reference`` (the math), ``ops`` (custom ops and their backends),
+Layout (docs/design.md): ``ops`` (one package per op family: its math, custom ops and backends;
+``reference`` re-exports the per-weight math),
 ``functional`` (checked entry points), ``nn`` (layers), ``loss``, ``convert``, ``train`` (the
 training loop), ``checkpoint``, ``deploy`` (with ``surgery``), ``io`` (with ``overlay``: sparse
 inference models of any architecture) and ``export`` (ONNX), ``hf`` (Hugging Face models; imported

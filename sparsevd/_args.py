@@ -1,6 +1,8 @@
 """Checks of scalar arguments shared by the layers, the functional API, deployment and the CLI.
 
-Each rule lives here once; every error names the argument.
+Each rule lives here once; every error names the argument. What a convolution's padding resolves
+to is :mod:`sparsevd.ops.conv_geometry`; the checks of tensor arguments are
+:mod:`sparsevd.functional`'s.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ IntOrPair = Union[int, Sequence[int]]
 #: A convolution's padding: an int, a pair of ints (H, W), or the string "same" or "valid".
 Padding = Union[int, Sequence[int], str]
 
-__all__ = ["IntOrPair", "Padding", "as_pair", "as_single", "check_groups", "check_threshold", "conv_padding", "padding_arg", "padding_sides"]
+__all__ = ["IntOrPair", "Padding", "as_pair", "as_single", "check_groups", "check_threshold"]
 
 
 def as_pair(value: IntOrPair, name: str, minimum: Optional[int] = None) -> Tuple[int, int]:
@@ -24,7 +26,8 @@ def as_pair(value: IntOrPair, name: str, minimum: Optional[int] = None) -> Tuple
         minimum: the smallest value allowed, or None.
 
     Raises:
-        ValueError: a string (convolution padding strings go through :func:`conv_padding`), a sequence that is not two ints, or a value
+        ValueError: a string (convolution padding strings go through
+            :func:`sparsevd.ops.conv_geometry.conv_padding`), a sequence that is not two ints, or a value
             below ``minimum``.
     """
     if isinstance(value, str):
@@ -69,60 +72,6 @@ def check_groups(in_channels: int, out_channels: int, groups: int) -> None:
             f"groups: in_channels={in_channels} and out_channels={out_channels} must be "
             f"divisible by groups={groups}"
         )
-
-
-def conv_padding(padding: Padding, kernel_size: IntOrPair, stride: IntOrPair = 1,
-                 dilation: IntOrPair = 1) -> Tuple[int, int, int, int]:
-    """Per-side zero padding (top, bottom, left, right) of a 2-D convolution, as torch resolves it.
-
-    - an int p or a pair (p_h, p_w): symmetric, (p_h, p_h, p_w, p_w);
-    - "valid": no padding;
-    - "same": the output has the input's size (stride 1 only): along each dim the total padding
-      is dilation·(kernel − 1), of which ⌊total / 2⌋ goes before and the rest after (odd kernels
-      pad symmetrically, even kernels one more at the bottom / right), as ``nn.Conv2d`` and
-      ``F.conv2d(padding="same")`` do.
-
-    Args:
-        padding: the argument as the user gave it.
-        kernel_size, stride, dilation: an int or a pair each (checked here only as far as "same"
-            needs them).
-
-    Raises:
-        ValueError: an unknown string, "same" with a stride other than 1, or what :func:`as_pair`
-            rejects (the message names ``padding``, or ``stride`` for "same" with a stride).
-    """
-    if isinstance(padding, str):
-        if padding == "valid":
-            return 0, 0, 0, 0
-        if padding != "same":
-            raise ValueError(f"padding: expected an int, a pair of ints, 'same' or 'valid', got {padding!r}")
-        if as_pair(stride, "stride", 1) != (1, 1):
-            raise ValueError(
-                f"stride: padding='same' needs stride 1 (as in torch), got stride={stride!r}"
-            )
-        sides = []
-        for k, d in zip(as_pair(kernel_size, "kernel_size", 1), as_pair(dilation, "dilation", 1)):
-            total = d * (k - 1)
-            sides += [total // 2, total - total // 2]
-        return tuple(sides)  # type: ignore[return-value]
-    ph, pw = as_pair(padding, "padding", 0)
-    return ph, ph, pw, pw
-
-
-def padding_arg(sides: Sequence[int]) -> list:
-    """The ``padding`` list the conv ops take for per-side padding (top, bottom, left, right):
-    [p_h, p_w] when symmetric, else the four sides."""
-    t, b, l, r = (int(v) for v in sides)
-    return [t, l] if (t, l) == (b, r) else [t, b, l, r]
-
-
-def padding_sides(padding: Sequence[int]) -> Tuple[int, int, int, int]:
-    """(top, bottom, left, right) from an op's ``padding`` list of 2 or 4 ints (:func:`padding_arg`)."""
-    if len(padding) == 2:
-        return int(padding[0]), int(padding[0]), int(padding[1]), int(padding[1])
-    if len(padding) == 4:
-        return tuple(int(v) for v in padding)  # type: ignore[return-value]
-    raise ValueError(f"padding: expected 2 or 4 ints, got {list(padding)!r}")
 
 
 def check_threshold(value, name: str = "threshold") -> float:

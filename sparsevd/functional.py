@@ -1,23 +1,29 @@
 """Functional interface of sparse variational dropout, with argument checks.
 
 Every function validates its arguments (dtype, device, shape, NaN parameters) and raises an error
-that names the offending argument, then calls the ``sparsevd`` custom ops
-(:mod:`sparsevd.ops`), which run the fused kernels or the reference math depending on the device
-and ``SPARSEVD_BACKEND``.
+that names the offending argument, then calls the ``sparsevd`` custom ops of the op families
+(:mod:`sparsevd.ops.lrt_linear`, :mod:`sparsevd.ops.lrt_conv2d`, :mod:`sparsevd.ops.kl`), which run
+the fused kernels or the reference math depending on the device and ``SPARSEVD_BACKEND``. The
+checks are public (:func:`check_parameters`, :func:`check_linear_input`,
+:func:`check_conv2d_args`, :func:`check_conv1d_args`): the layers call them too.
 
 Source: Molchanov, Ashukha, Vetrov, "Variational Dropout Sparsifies Deep Neural Networks",
 ICML 2017 (arXiv:1701.05369).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import ops, reference
-from ._args import (IntOrPair, Padding, as_pair, as_single, check_threshold, conv_padding, padding_arg,
-                    padding_sides)
+from ._args import IntOrPair, Padding, as_pair, as_single, check_threshold
+from .ops import kl as _kl
+from .ops.conv_geometry import conv2d, conv_padding, padding_arg
+from .ops.lrt_conv2d import run_lrt_conv2d
+from .ops.lrt_linear import run_lrt_linear
+from .ops.noise import draw_seed
+from .ops.weights import masked_weight
 
 #: Check ``log_sigma2`` and ``weight`` for NaN and ±inf at every call of the functions below (one
 #: reduction per parameter, and a host sync on GPU), unless a call passes ``check_finite=False``.
@@ -25,15 +31,6 @@ from ._args import (IntOrPair, Padding, as_pair, as_single, check_threshold, con
 #: do not check per call: a diverging run is stopped by the training loop (sparsevd.train.fit,
 #: from the loss of every step, with the layer named).
 CHECK_NAN = True
-
-
-def draw_seed(device: Union[str, torch.device, None] = None) -> Tensor:
-    """A fresh one-element int64 seed tensor on ``device``, drawn from torch's generator there.
-
-    ``torch.manual_seed`` therefore makes the noise reproducible, and a CUDA-graph replay draws a
-    new seed (docs/design.md, "Noise").
-    """
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
 def _check_float(t: Tensor, name: str) -> None:
@@ -147,8 +144,17 @@ def check_linear_input(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Ten
     return x
 
 
-def _check_conv2d(x, weight, log_sigma2, bias, stride, padding, dilation, groups,
-                  check_finite: Optional[bool] = None):
+def check_conv2d_args(x: Tensor, weight: Tensor, log_sigma2: Tensor, bias: Optional[Tensor],
+                      stride: IntOrPair, padding: Padding, dilation: IntOrPair, groups: int,
+                      check_finite: Optional[bool] = None):
+    """Validate the arguments of a 2-D sparse-VD convolution as :func:`lrt_conv2d` takes them and
+    return what its op takes: (x (N, C_in, H, W), cast to the autocast dtype under autocast; whether
+    x came unbatched (C_in, H, W); stride [s_h, s_w]; padding, the op's list (symmetric [p_h, p_w]
+    or [top, bottom, left, right], :func:`sparsevd.ops.conv_geometry.padding_arg`); dilation).
+
+    Raises:
+        TypeError / ValueError: as :func:`lrt_conv2d`, each naming the argument.
+    """
     check_parameters(weight, log_sigma2, check_finite)
     if weight.dim() != 4:
         raise ValueError(
@@ -181,11 +187,18 @@ def _check_conv2d(x, weight, log_sigma2, bias, stride, padding, dilation, groups
     return x, unbatched, stride_p, padding_arg(sides), dilation_p
 
 
-def _check_conv1d(x, weight, log_sigma2, bias, stride, padding, dilation, groups,
-                  check_finite: Optional[bool] = None):
+def check_conv1d_args(x: Tensor, weight: Tensor, log_sigma2: Tensor, bias: Optional[Tensor],
+                      stride: IntOrPair, padding: Padding, dilation: IntOrPair, groups: int,
+                      check_finite: Optional[bool] = None):
     """A 1-D convolution as the 2-D one over (N, C, 1, L) with a (1, k) kernel: checks the 1-D
-    shapes (each message names the argument) and returns the arguments of the 2-D ops,
-    (x4, weight4, log_sigma2_4, stride, padding, dilation, unbatched), the tensors as views."""
+    shapes and returns the arguments of the 2-D convolution, (x4 (N, C_in, 1, L) or (C_in, 1, L),
+    weight4 and log_sigma2_4 (C_out, C_in / groups, 1, k), stride (1, s), padding (0, p) or the
+    string, dilation (1, d), whether x came unbatched), the tensors as views; the 2-D checks
+    (:func:`check_conv2d_args`) come after.
+
+    Raises:
+        TypeError / ValueError: as :func:`lrt_conv1d`, each naming the argument.
+    """
     check_parameters(weight, log_sigma2, check_finite)
     if weight.dim() != 3:
         raise ValueError(
@@ -243,7 +256,7 @@ def lrt_linear(
     x = _check_linear(x, weight, log_sigma2, bias, check_finite)
     seed = _prepare_seed(seed, x)
     clip = _clip_arg(clip_threshold)
-    return ops.run_lrt_linear(x, weight, log_sigma2, bias, seed, clip)
+    return run_lrt_linear(x, weight, log_sigma2, bias, seed, clip)
 
 
 def lrt_conv2d(
@@ -284,13 +297,12 @@ def lrt_conv2d(
             dilation or groups that is not a (pair of) int(s) in range, an unknown padding string,
             or padding="same" with a stride (each message names the argument).
     """
-    x, unbatched, stride, padding, dilation = _check_conv2d(
+    x, unbatched, stride, padding, dilation = check_conv2d_args(
         x, weight, log_sigma2, bias, stride, padding, dilation, groups, check_finite
     )
     seed = _prepare_seed(seed, x)
     clip = _clip_arg(clip_threshold)
-    y = ops.run_lrt_conv2d(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups,
-                           clip)
+    y = run_lrt_conv2d(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups, clip)
     return y.squeeze(0) if unbatched else y
 
 
@@ -328,7 +340,7 @@ def lrt_conv1d(
     Raises:
         TypeError / ValueError as :func:`lrt_conv2d`, each naming the argument.
     """
-    x4, w4, s4, stride, padding, dilation, unbatched = _check_conv1d(
+    x4, w4, s4, stride, padding, dilation, unbatched = check_conv1d_args(
         x, weight, log_sigma2, bias, stride, padding, dilation, groups, check_finite)
     y = lrt_conv2d(x4, w4, s4, bias, stride, padding, dilation, groups, seed=seed,
                    check_finite=False, clip_threshold=clip_threshold)
@@ -351,7 +363,7 @@ def masked_linear(
         TypeError / ValueError as :func:`lrt_linear`.
     """
     x = _check_linear(x, weight, log_sigma2, bias)
-    w = reference.masked_weight(weight, log_sigma2, threshold)
+    w = masked_weight(weight, log_sigma2, threshold)
     return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
@@ -371,12 +383,12 @@ def masked_conv2d(
 
     Shapes and errors as :func:`lrt_conv2d`.
     """
-    x, unbatched, stride, padding, dilation = _check_conv2d(
+    x, unbatched, stride, padding, dilation = check_conv2d_args(
         x, weight, log_sigma2, bias, stride, padding, dilation, groups
     )
-    w = reference.masked_weight(weight, log_sigma2, threshold).to(x.dtype)
+    w = masked_weight(weight, log_sigma2, threshold).to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
-    y = reference.conv2d(x, w, b, stride, padding_sides(padding), dilation, groups)
+    y = conv2d(x, w, b, stride, padding, dilation, groups)
     return y.squeeze(0) if unbatched else y
 
 
@@ -396,7 +408,7 @@ def masked_conv1d(
 
     Shapes and errors as :func:`lrt_conv1d`.
     """
-    x4, w4, s4, stride, padding, dilation, _ = _check_conv1d(
+    x4, w4, s4, stride, padding, dilation, _ = check_conv1d_args(
         x, weight, log_sigma2, bias, stride, padding, dilation, groups, check_finite=False)
     return masked_conv2d(x4, w4, s4, bias, stride, padding, dilation, groups,
                          threshold=threshold).squeeze(-2)
@@ -441,7 +453,7 @@ def kl_sparse_vd_many(weights: Sequence[Tensor], log_sigma2s: Sequence[Tensor], 
     for w, s in zip(weights, log_sigma2s):
         check_parameters(w, s, check_finite)
         _check_same_device(w, "weights", weights[0], "weights[0]")
-    return ops.run_kl_sparse_vd(weights, log_sigma2s)
+    return _kl.run_kl_sparse_vd(weights, log_sigma2s)
 
 
 def log_alpha(weight: Tensor, log_sigma2: Tensor) -> Tensor:
@@ -451,11 +463,13 @@ def log_alpha(weight: Tensor, log_sigma2: Tensor) -> Tensor:
         TypeError / ValueError: see :func:`check_parameters`.
     """
     check_parameters(weight, log_sigma2)
-    return ops.log_alpha(weight, log_sigma2)
+    return _kl.log_alpha(weight, log_sigma2)
 
 
 __all__ = [
     "CHECK_NAN",
+    "check_conv1d_args",
+    "check_conv2d_args",
     "check_linear_input",
     "check_parameters",
     "draw_seed",

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._args import conv_padding
+from .ops.conv_geometry import conv_padding
 from .nn.sparse import SparseConv1d, SparseConv2d, SparseLinear
 from .nn.svdo import SVDO_LAYERS, Conv1dSVDO, Conv2dSVDO, LinearSVDO
 

@@ -1,54 +1,18 @@
-"""One set of sample inputs per op family, shared by the tests of every backend.
-
-``backends_for(op)`` lists the backends that run ``op`` on this machine (``reference`` always;
-``triton`` under Triton's interpreter or on a GPU; further backends as they register), so a test
-parametrized with it checks each of them on the same inputs against the same oracle.
+"""The sample inputs of every op family, in one place: the shape cases and the builders of their
+tensors, shared by the tests of every backend and device (tests/test_<family>.py runs each case on
+each backend against the family's naive math; tests/test_<family>_<backend>.py adds the cases
+particular to a backend's kernels, named here too). Seeds come from
+:func:`sparsevd.ops.noise.draw_seed` (tests seed torch per test, conftest.py).
 """
 import math
-import os
 
 import torch
 from conftest import assert_close
 
-from sparsevd import reference as R
-from sparsevd.ops import backend as B
+from sparsevd.ops import weights as W
+from sparsevd.ops.kl import naive_kl_sparse_vd
 
-CUDA = torch.cuda.is_available()
 F64 = torch.float64
-
-
-def device_for(backend: str) -> str:
-    """Where a backend's tests run: the Triton kernels on the GPU when there is one (else in the
-    interpreter on CPU tensors), every other backend on the CPU."""
-    return "cuda" if backend == "triton" and CUDA else "cpu"
-
-
-def backends_for(op: str):
-    """Names of the backends (``SPARSEVD_BACKEND`` values) that can run ``op`` here, each on
-    :func:`device_for` its name."""
-    old = os.environ.get(B.ENV_VAR)
-    found = []
-    try:
-        for name in B.BACKENDS:
-            if name == "auto":
-                continue
-            os.environ[B.ENV_VAR] = name
-            try:
-                B.get_impl(op, torch.device(device_for(name)))
-            except B.BackendUnavailableError:
-                continue
-            found.append(name)
-    finally:
-        if old is None:
-            os.environ.pop(B.ENV_VAR, None)
-        else:
-            os.environ[B.ENV_VAR] = old
-    return found
-
-
-def fresh_seed(device="cpu") -> torch.Tensor:
-    """A fresh one-element int64 seed from torch's generator (tests seed it per test)."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
 # ------------------------------------------------------------------------------------- linear
@@ -60,6 +24,24 @@ LINEAR_CASES = [
     ((2, 3), 16, 9, True, True),
     ((4, 5), 11, 3, False, False),
     ((6,), 10, 8, True, False),
+]
+#: Linear shapes at the boundaries of the native CPU kernels (test_lrt_linear_native.py): (leading
+#: dims of x, in_features, out_features), each run with and without bias and contiguity.
+LINEAR_BOUNDARY_CASES = [
+    ((1,), 1, 1),
+    ((37,), 129, 65),          # primes, just over 8/16/64-element vectors
+    ((2, 3, 5), 17, 33),       # 3-D input
+    ((9,), 65, 17),
+    ((3,), 16, 481),           # output rows longer than a noise chunk (480)
+    ((70,), 31, 300),          # M·N > the parallel grain, rows cross chunks
+]
+
+
+#: Ranges of ξ (numel, first index) for the generators (test_noise.py): block tails, the 2^32 wrap
+#: of the counter, a multi-chunk range.
+NOISE_RANGES = [
+    (1, 0), (15, 3), (47, 0), (48, 1), (49, 2**31), (97, 2**32 - 50), (1000, 2**32 - 1),
+    (4099, 2**32 - 4000), (4099, 2**32 - 50), (100_003, 0), (33, 2**32 + 5),
 ]
 
 
@@ -80,16 +62,24 @@ def linear_inputs(lead, k, n, dtype=torch.float32, with_bias=True, contiguous=Tr
     return x, w, ls2, b
 
 
-def op_noise(shape, seed) -> torch.Tensor:
-    """ξ of an LRT output of ``shape`` exactly as the current backend's ``lrt_linear`` draws it:
-    the op on x = 1 (K = 1) with θ = 0, log σ² = 0 and no bias gives y = sqrt(1 + 1e-8)·ξ, which
-    is ξ in fp32. Returned in fp64."""
-    from sparsevd import ops
+def op_noise(shape, seed, op: str = "lrt_linear") -> torch.Tensor:
+    """ξ of an LRT output of ``shape`` exactly as the current backend's kernels of ``op`` draw it
+    ("lrt_linear": (*, N); "lrt_conv2d": (N, C, H, W)): the op on x = 1 with a unit kernel,
+    θ = 0, log σ² = 0 and no bias gives y = sqrt(1 + 1e-8)·ξ, which is ξ in fp32. Returned in
+    fp64. (:func:`sparsevd.ops.noise.lrt_noise` is the same ξ computed outside the kernels.)"""
+    shape = tuple(int(s) for s in shape)
+    dev = seed.device
+    if op == "lrt_linear":
+        from sparsevd.ops.lrt_linear import lrt_linear
 
-    shape = tuple(shape)
-    x = torch.ones(*shape[:-1], 1, device=seed.device)
-    z = torch.zeros(shape[-1], 1, device=seed.device)
-    y, _ = ops.lrt_linear(x, z, z, None, seed)
+        z = torch.zeros(shape[-1], 1, device=dev)
+        y, _ = lrt_linear(torch.ones(*shape[:-1], 1, device=dev), z, z, None, seed)
+    else:
+        from sparsevd.ops.lrt_conv2d import lrt_conv2d
+
+        n, c, h, w = shape
+        z = torch.zeros(c, 1, 1, 1, device=dev)
+        y, _ = lrt_conv2d(torch.ones(n, 1, h, w, device=dev), z, z, None, seed, [1, 1], [0, 0], [1, 1], 1)
     return y.to(F64)
 
 
@@ -110,9 +100,7 @@ def clip_case(w, ls2, dead_rows=(), dead_cols=()):
             ls2[r] = dead[r]
         for c in dead_cols:
             ls2[:, c] = dead[:, c]
-        from sparsevd import reference as R
-
-        la = R.log_alpha(w.double(), ls2.double()).flatten()
+        la = W.log_alpha(w.double(), ls2.double()).flatten()
         la = la[la < 9.5].sort().values
         if la.numel() == 1:
             return float(la[0]) + 1.0
@@ -124,10 +112,21 @@ def clip_case(w, ls2, dead_rows=(), dead_cols=()):
         return float((la[i] + la[min(i + 1, la.numel() - 1)]) / 2)
 
 
-#: Tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages; GROUP_M = 2) of the clipped Triton linear
-#: tests: small, so that the cases below span several weight tiles [BLOCK_N, BLOCK_K] of θ.
-CLIP_TILES = (16, 32, 32, 4, 1)
-#: Linear clipping cases with whole dead weight tiles at CLIP_TILES: (lead, in_features,
+#: Tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages; GROUP_M = 2) of the Triton linear kernels in the
+#: tests (fixture linear_small_tiles): small, so that small shapes span many tiles, K steps and tile
+#: groups, and the clipping cases several weight tiles [BLOCK_N, BLOCK_K] of θ.
+LINEAR_SMALL_TILES = (16, 32, 32, 4, 1)
+#: (M, K, N) against LINEAR_SMALL_TILES (test_lrt_linear_triton.py).
+LINEAR_TILE_CASES = [
+    (1, 1, 1),
+    (37, 129, 65),  # primes and odd sizes: every tile masked
+    (16, 32, 32),  # exactly one tile
+    (15, 31, 31),  # just under the tile sizes
+    (17, 33, 33),  # just over
+    (48, 95, 97),  # three row tiles (two groups), K just under three steps, N just over three tiles
+    (3, 100, 7),  # a K loop of four steps, tiny output
+]
+#: Linear clipping cases with whole dead weight tiles at LINEAR_SMALL_TILES: (lead, in_features,
 #: out_features, dead output rows, dead input columns), as ``clip_case`` takes them.
 CLIP_TILE_CASES = [
     # a dead row block (the last, partial block [64, 70) too) and a dead column block
@@ -137,6 +136,16 @@ CLIP_TILE_CASES = [
     # the first row block dead, K just over one tile
     ((17,), 33, 40, tuple(range(32)), ()),
 ]
+
+
+#: Train-time clipping of the linear layer on every backend (test_lrt_linear.py): (lead,
+#: in_features, out_features, dead output rows, dead input columns).
+LINEAR_CLIP_CASES = [
+    ((5,), 7, 4, (), ()),
+    ((33,), 123, 17, (0, 5, 16), (1, 2, 64, 122)),
+    ((2, 3), 16, 9, (3,), (0,)),
+    ((9,), 40, 20, tuple(range(0, 20, 2)), tuple(range(1, 40, 3))),
+] + CLIP_TILE_CASES  # whole dead weight tiles at LINEAR_SMALL_TILES
 
 
 def dead_tiles(mask: torch.Tensor, block_n: int, block_k: int) -> int:
@@ -150,7 +159,7 @@ def dead_tiles(mask: torch.Tensor, block_n: int, block_k: int) -> int:
 
 
 #: Train-time clipping of the linear layer by structure, for the backends that compact what is
-#: dead (test_native.py): (lead, in_features, out_features, dead output rows, dead input columns).
+#: dead (test_lrt_linear_native.py): (lead, in_features, out_features, dead output rows, dead input columns).
 CLIP_STRUCTURE_CASES = [
     ((5,), 7, 4, (), ()),                                              # no whole row or column dead
     ((33,), 123, 17, (0, 5, 16), (1, 2, 64, 122)),                     # dead rows and columns
@@ -171,9 +180,22 @@ CONV_CASES = [
     ((3, 4, 5, 5), (4, 3, 3), 1, 1, 1, 4),
     ((1, 1, 4, 4), (1, 1, 1), 1, 0, 1, 1),
 ]
+#: Conv shapes particular to the native CPU kernels (test_lrt_conv2d_native.py), as CONV_CASES.
+CONV_BOUNDARY_CASES = [
+    ((3, 6, 9, 9), (6, 3, 3), 1, 1, 1, 6),     # depthwise
+    ((2, 5, 23, 23), (17, 5, 5), 1, 0, 1, 1),  # planes 19x19, C_out prime
+]
 
 
-#: Train-time clipping of conv2d by structure (test_native.py): x shape, (C_out, kH, kW), stride,
+#: Train-time clipping of conv2d on every backend (test_lrt_conv2d.py): x shape, (C_out, kH, kW),
+#: stride, padding, dilation, groups, dead output channels, dead input channels (dim 1 of θ).
+CONV_CLIP_CASES = [
+    ((2, 3, 7, 7), (4, 3, 3), 1, 0, 1, 1, (), ()),
+    ((2, 4, 8, 9), (6, 3, 2), (2, 1), (1, 0), (1, 2), 2, (0, 5), (1,)),
+    ((3, 4, 5, 5), (4, 3, 3), 1, 1, 1, 4, (2,), ()),
+    ((1, 5, 6, 6), (7, 3, 3), 1, 1, 1, 1, (1, 2, 6), (0, 3)),
+]
+#: Train-time clipping of conv2d by structure (test_lrt_conv2d_native.py): x shape, (C_out, kH, kW), stride,
 #: padding, dilation, groups, dead output channels, dead input channels (dim 1 of θ).
 CLIP_CONV_STRUCTURE_CASES = [
     ((2, 3, 7, 7), (4, 3, 3), 1, 0, 1, 1, (), ()),
@@ -198,6 +220,50 @@ def conv_inputs(xs, ws, groups, dtype=torch.float32, with_bias=True, contiguous=
     ls2 = torch.randn(co, c // groups, kh, kw, dtype=dtype, device=device) - 3
     b = torch.randn(co, dtype=dtype, device=device) if with_bias else None
     return x, w, ls2, b
+
+
+#: Tiles of the Triton conv kernels in the odd-shape tests (test_lrt_conv2d_triton.py, fixture small_tiles):
+#: implicit GEMM (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages; GROUP_M = 2) and direct (BLOCK_M,
+#: BLOCK_C, warps).
+CONV_SMALL_TILES = (16, 16, 16, 4, 1)
+CONV_SMALL_DIRECT_TILES = (16, 4, 4)
+#: (N, C_in, (H, W), C_out, kernel, stride, padding, dilation, groups) against CONV_SMALL_TILES:
+#: the implicit-GEMM kernels, then the direct ones.
+CONV_TILE_CASES = [
+    (1, 1, (1, 1), 1, 1, 1, 0, 1, 1),  # everything 1
+    (2, 17, (5, 3), 17, 3, 1, 1, 1, 1),  # channels just over a tile; K = 153: ten K steps
+    (1, 3, (13, 11), 19, (3, 2), 2, (1, 0), 1, 1),  # primes, M = 42 (three row tiles, two groups)
+    (3, 5, (4, 4), 33, 1, 1, 0, 1, 1),  # 1x1 conv, C_out just over two tiles
+    (2, 6, (9, 7), 4, (2, 3), 3, 2, 2, 2),  # stride 3 (9 phases) with dilation 2, groups 2
+]
+CONV_DIRECT_TILE_CASES = [
+    (1, 5, (7, 6), 5, 3, 1, 1, 1, 5),  # depthwise
+    (1, 3, (6, 5), 6, 3, 2, 1, 2, 3),  # channel multiplier 2, stride 2, dilation 2
+    (2, 17, (4, 3), 17, (1, 3), 1, (0, 1), 1, 17),  # channels just over 4 tiles of 4
+]
+
+
+
+#: Every convolution option, fp64 (test_lrt_conv2d_triton.py): name -> (N, C_in, (H, W), C_out,
+#: kernel, stride, padding, dilation, groups, layout: None, "x" channels_last, "both" x and θ
+#: channels_last, "sliced" a strided view of x).
+CONV_OPTION_CASES = {
+    "stride_pair": (2, 3, (7, 8), 4, 3, (2, 3), 1, 1, 1, None),
+    "padding_int": (1, 2, (5, 5), 3, 3, 1, 2, 1, 1, None),
+    "padding_pair": (1, 2, (5, 6), 3, 3, 1, (2, 0), 1, 1, None),
+    "same_odd": (2, 3, (6, 5), 4, 3, 1, "same", 1, 1, None),
+    "same_even_dilated": (1, 3, (6, 7), 2, (2, 4), 1, "same", (1, 2), 1, None),
+    "same_even_depthwise": (1, 4, (5, 6), 4, 2, 1, "same", 1, 4, None),
+    "valid": (2, 2, (5, 4), 3, 2, 1, "valid", 1, 1, None),
+    "dilation": (1, 2, (9, 8), 3, 3, 1, 1, (2, 3), 1, None),
+    "groups": (2, 6, (5, 5), 9, 3, 1, 1, 1, 3, None),
+    "depthwise": (2, 4, (6, 6), 4, 3, 2, 1, 1, 4, None),
+    "channels_last": (2, 4, (5, 6), 5, 3, 1, 1, 1, 1, "x"),
+    "channels_last_model": (2, 4, (5, 6), 5, 3, 2, 1, 1, 1, "both"),
+    "channels_last_depthwise": (1, 3, (5, 4), 6, 3, 1, 1, 1, 3, "both"),
+    "sliced_input": (2, 3, (6, 5), 4, 3, 1, 1, 1, 1, "sliced"),
+    "batch_1": (1, 3, (4, 4), 2, 3, 1, 1, 1, 1, None),
+}
 
 
 #: Conv1d: (N, C_in, L), (C_out, k), stride, padding, dilation, groups
@@ -225,8 +291,14 @@ def as_list(v):
 
 
 # ----------------------------------------------------------------------------------------- KL
-#: Layer shapes of the KL tests: LeNet-300-100's, a conv weight, single weights, partial blocks.
+#: Layer shapes of the KL tests: LeNet-300-100's, a conv weight, single weights, partial blocks and
+#: vectors (of the kernels' 16-lane vectors, blocks of 256 or 1024).
 KL_SHAPES = [(300, 784), (100, 300), (10, 100), (1,), (7, 3, 5, 5), (129,), (256,)]
+
+
+#: Layers that span several blocks of 256 weights and end in a partial one, and an empty one
+#: (test_kl_triton.py, fixture small_blocks).
+KL_BLOCK_CASES = [(17, 31), (256,), (3, 100), (0, 5), (1,), (40, 13)]
 
 
 def kl_layer(shape, dtype=torch.float32, spread=8.0, device="cpu"):
@@ -251,7 +323,7 @@ def kl_params(shape, dtype=F64, device="cpu"):
 
 
 def kl_reference(weights, log_sigma2s):
-    """fp64 KL and gradients from sparsevd.reference with autograd (the clamp masks the gradient).
+    """fp64 KL and gradients of the naive math by autograd (the clamp masks the gradient).
 
     Which weights sit inside the clamp (−10 < raw log α < 10) is decided in the parameters' own
     dtype, as the backends decide it: a raw log α within an fp32 rounding of ±10 falls on either
@@ -260,19 +332,19 @@ def kl_reference(weights, log_sigma2s):
     for w, s in zip(weights, log_sigma2s):
         w64 = w.detach().to(F64).requires_grad_()
         s64 = s.detach().to(F64).requires_grad_()
-        kl = R.kl_sparse_vd(w64, s64)
+        kl = naive_kl_sparse_vd([w64], [s64], False)[0]
         gw, gs = torch.autograd.grad(kl, (w64, s64))
-        raw = (s.detach() - torch.log(w.detach() * w.detach() + R.EPS_THETA))
-        raw64 = s64.detach() - torch.log(w64.detach() ** 2 + R.EPS_THETA)
-        inside = (raw > -R.LOG_ALPHA_CLAMP) & (raw < R.LOG_ALPHA_CLAMP)
-        inside64 = (raw64 > -R.LOG_ALPHA_CLAMP) & (raw64 < R.LOG_ALPHA_CLAMP)
+        raw = (s.detach() - torch.log(w.detach() * w.detach() + W.EPS_THETA))
+        raw64 = s64.detach() - torch.log(w64.detach() ** 2 + W.EPS_THETA)
+        inside = (raw > -W.LOG_ALPHA_CLAMP) & (raw < W.LOG_ALPHA_CLAMP)
+        inside64 = (raw64 > -W.LOG_ALPHA_CLAMP) & (raw64 < W.LOG_ALPHA_CLAMP)
         if not torch.equal(inside, inside64):  # recompute the gradient on the dtype's side
-            la = torch.clamp(raw64, -R.LOG_ALPHA_CLAMP, R.LOG_ALPHA_CLAMP)
-            z = R.K2 + R.K3 * la
-            dla = -(R.K1 * R.K3 * torch.sigmoid(z) * torch.sigmoid(-z) + 0.5 * torch.sigmoid(-la))
+            la = torch.clamp(raw64, -W.LOG_ALPHA_CLAMP, W.LOG_ALPHA_CLAMP)
+            z = W.K2 + W.K3 * la
+            dla = -(W.K1 * W.K3 * torch.sigmoid(z) * torch.sigmoid(-z) + 0.5 * torch.sigmoid(-la))
             dla = dla * inside.to(F64)
             gs = dla
-            gw = dla * (-2.0 * w64.detach() / (w64.detach() ** 2 + R.EPS_THETA))
+            gw = dla * (-2.0 * w64.detach() / (w64.detach() ** 2 + W.EPS_THETA))
         total = total + kl.detach()
         gws.append(gw)
         gls.append(gs)
@@ -293,3 +365,34 @@ def check_kl(kl, grads_w, grads_l, weights, log_sigma2s, rtol=1e-4):
 def amax(t) -> float:
     """max |t| (0 for an empty tensor)."""
     return t.abs().max().item() if t.numel() else 0.0
+
+
+# --------------------------------------------------------------------------------- csr_linear
+#: The non-finite values the deployed layers' tests put into inputs.
+NONFINITE = (float("nan"), float("inf"), float("-inf"))
+
+
+def structured_weight(n, k, dtype=torch.float32):
+    """W (n, k) with three kinds of columns: unused (all zero), partial (zero in about half the
+    rows) and full (nonzero in every row); returns W and the three index sets."""
+    w = torch.randn(n, k, dtype=dtype)
+    perm = torch.randperm(k)
+    unused, partial, full = perm[: k // 4], perm[k // 4: k // 2], perm[k // 2:]
+    w[:, unused] = 0
+    drop = torch.zeros(n, k, dtype=torch.bool)
+    drop[:, partial] = torch.rand(n, partial.numel()) < 0.5
+    w[drop] = 0
+    return w, {"unused": unused, "partial": partial, "full": full}
+
+
+def inject_nonfinite(x, cols, where):
+    """Rows 0, 2, ... of x (*, K) get 1-3 values from NaN, +inf, -inf at columns of kind ``where``
+    (``"mixed"``: any kind); the other rows stay finite. Returns a new tensor."""
+    x = x.clone()
+    flat = x.view(-1, x.shape[-1])
+    kinds = list(cols) if where == "mixed" else [where]
+    for b in range(0, flat.shape[0], 2):
+        for _ in range(int(torch.randint(1, 4, ()))):
+            c = cols[kinds[int(torch.randint(len(kinds), ()))]]
+            flat[b, c[int(torch.randint(c.numel(), ()))]] = NONFINITE[int(torch.randint(3, ()))]
+    return x

@@ -6,16 +6,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from sample_inputs import backends_for, fresh_seed, op_noise
+from sample_inputs import op_noise
 
 import sparsevd
-from sparsevd import reference as R
+from sparsevd.ops.lrt_conv2d import naive_lrt_conv2d
+from sparsevd.ops.lrt_linear import naive_lrt_linear
+from sparsevd.ops.noise import draw_seed, lrt_noise
 from sparsevd.train import fit
 from test_robustness import _Loader
 
 F64 = torch.float64
 #: CPU backends with bf16 autocast on the CPU (the Triton kernels' bf16 dots run on a GPU only).
-CPU_BACKENDS = [b for b in backends_for("lrt_linear") if b != "triton"]
+CPU_BACKENDS = ["reference", pytest.param("native", marks=pytest.mark.skipif(
+    not sparsevd.ops.library.available(), reason="sparsevd._C not built"))]
 
 
 def _err(a, e):
@@ -26,17 +29,17 @@ def _err(a, e):
 @pytest.mark.parametrize("m,k,n", [(100, 784, 300), (37, 129, 65)])
 def test_linear_under_bf16_autocast(monkeypatch, backend, m, k, n):
     """y and every gradient of a LinearSVDO under CPU bf16 autocast, against fp64 math on the same
-    bf16 inputs and noise: within 2× PyTorch's own bf16 error (R.lrt_linear under autocast)."""
+    bf16 inputs and noise: within 2× PyTorch's own bf16 error (the naive math under autocast)."""
     monkeypatch.setenv("SPARSEVD_BACKEND", backend)
     layer = sparsevd.nn.LinearSVDO(k, n)
     with torch.no_grad():
         layer.log_sigma2.uniform_(-6.0, 0.0)
     x = torch.randn(m, k).bfloat16()
     g = torch.randn(m, n).bfloat16()
-    seed = fresh_seed()
+    seed = draw_seed()
     xi = op_noise((m, n), seed)
     leaves64 = [t.detach().double().requires_grad_() for t in (x, layer.weight, layer.log_sigma2, layer.bias)]
-    y64 = R.lrt_linear(*leaves64, xi)
+    y64 = naive_lrt_linear(*leaves64, None, noise=xi)[0]
     y64.backward(g.double())
     exact = [y64.detach()] + [t.grad for t in leaves64]
 
@@ -50,7 +53,7 @@ def test_linear_under_bf16_autocast(monkeypatch, backend, m, k, n):
 
     leaves = [t.detach().clone().requires_grad_() for t in (x, layer.weight, layer.log_sigma2, layer.bias)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_pt = R.lrt_linear(*leaves, xi.bfloat16())  # PyTorch's own autocast version of the math
+        y_pt = naive_lrt_linear(*leaves, None, noise=xi.bfloat16())[0]  # PyTorch's own autocast version
     y_pt.backward(g)
     theirs = [y_pt] + [t.grad for t in leaves]
     for name, a, e, p in zip(("y", "grad_x", "grad_weight", "grad_log_sigma2", "grad_bias"),
@@ -62,23 +65,23 @@ def test_linear_under_bf16_autocast(monkeypatch, backend, m, k, n):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_conv_under_bf16_autocast(monkeypatch, backend):
     """A Conv2dSVDO forward under CPU bf16 autocast against fp64 math on the same inputs and noise:
-    within 2× the error of PyTorch's own autocast version of the math (R.lrt_conv2d)."""
+    within 2× the error of PyTorch's own autocast version of the math (the naive math under autocast)."""
     monkeypatch.setenv("SPARSEVD_BACKEND", backend)
     layer = sparsevd.nn.Conv2dSVDO(3, 8, 3, padding=1)
     with torch.no_grad():
         layer.log_sigma2.uniform_(-6.0, 0.0)
     x = torch.randn(4, 3, 12, 12).bfloat16()
-    seed = fresh_seed()
+    seed = draw_seed()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = sparsevd.functional.lrt_conv2d(x, layer.weight, layer.log_sigma2, layer.bias, padding=1,
                                            seed=seed)
     assert y.dtype == torch.bfloat16
-    xi = sparsevd.ops.lrt_noise(seed, y.shape).double()
+    xi = lrt_noise(seed, y.shape).double()
     p64 = [t.detach().double() for t in (x, layer.weight, layer.log_sigma2, layer.bias)]
-    exact = R.lrt_conv2d(*p64, xi, padding=1)
+    exact = naive_lrt_conv2d(*p64, None, [1, 1], [1, 1], [1, 1], 1, noise=xi)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        pt = R.lrt_conv2d(x, layer.weight.detach(), layer.log_sigma2.detach(), layer.bias.detach(),
-                          xi.bfloat16(), padding=1)
+        pt = naive_lrt_conv2d(x, layer.weight.detach(), layer.log_sigma2.detach(), layer.bias.detach(),
+                              None, [1, 1], [1, 1], [1, 1], 1, noise=xi.bfloat16())[0]
     assert _err(y, exact) <= 2.0 * _err(pt, exact) + 1e-3 * exact.abs().max().item()
 
 

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from conftest import assert_close
 
 import sparsevd.functional as SF
-from sparsevd import ops
-from sparsevd import reference as R
-from sparsevd.ops.noise import lrt_noise
+from sparsevd.ops import weights as W
+from sparsevd.ops.kl import naive_kl_sparse_vd
+from sparsevd.ops.lrt_conv2d import naive_lrt_conv2d
+from sparsevd.ops.lrt_linear import lrt_linear, naive_lrt_linear
 
 
 
@@ -202,8 +203,7 @@ def test_lrt_linear_noise_is_indexed_by_output_element():
     assert y3.shape == (3, 4, 3)
     y2 = SF.lrt_linear(x3.reshape(12, 5), w, s, b, seed=seed)
     assert_close(y3.reshape(12, 3), y2, rtol=1e-6, atol=1e-6)  # same noise element for element
-    expected = R.lrt_linear(x3.double(), w.double(), s.double(), b.double(),
-                            lrt_noise(seed, (3, 4, 3)).double())
+    expected = naive_lrt_linear(x3.double(), w.double(), s.double(), b.double(), seed)[0]
     assert_close(y3, expected, rtol=1e-4, atol=1e-5)
     y1 = SF.lrt_linear(x3[0, 0], w, s, b, seed=seed)  # 1-D input: (in_features,) → (out_features,)
     assert_close(y1, expected[0, 0], rtol=1e-4, atol=1e-5)
@@ -222,8 +222,8 @@ def test_lrt_conv2d_unbatched_and_noncontiguous():
     # Same noise element for element (channels-last convs may round differently).
     assert_close(y_nc, SF.lrt_conv2d(xs.contiguous(), w, s, b, stride=2, seed=seed), rtol=1e-5,
                  atol=1e-6)
-    expected = R.lrt_conv2d(xs.double(), w.double(), s.double(), b.double(),
-                            lrt_noise(seed, y_nc.shape).double(), stride=2)
+    expected = naive_lrt_conv2d(xs.double(), w.double(), s.double(), b.double(), seed, [2, 2], [0, 0],
+                                [1, 1], 1)[0]
     assert_close(y_nc, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -235,14 +235,14 @@ def test_masked_linear_equals_dense_of_masked_weight():
     x = torch.randn(2, 5, 9)
     for threshold in (3.0, 0.0):
         manual = w.clone()
-        manual[R.log_alpha(w, s) >= threshold] = 0.0
+        manual[W.log_alpha(w, s) >= threshold] = 0.0
         assert 0 < int((manual == 0).sum()) < manual.numel()
         expected = F.linear(x.double(), manual.double(), b.double())
         y = SF.masked_linear(x, w, s, b, threshold)
         assert_close(y, expected, rtol=1e-5, atol=1e-6)
         assert torch.equal(y, SF.masked_linear(x, w, s, b, threshold))
     assert_close(SF.masked_linear(x, w, s, None, 3.0),
-                 F.linear(x.double(), R.masked_weight(w, s, 3.0).double()), rtol=1e-5, atol=1e-6)
+                 F.linear(x.double(), W.masked_weight(w, s, 3.0).double()), rtol=1e-5, atol=1e-6)
 
 
 def test_masked_conv2d_equals_dense_of_masked_weight():
@@ -251,7 +251,7 @@ def test_masked_conv2d_equals_dense_of_masked_weight():
     b = torch.randn(4)
     x = torch.randn(2, 2, 7, 6)
     manual = w.clone()
-    manual[R.log_alpha(w, s) >= 3.0] = 0.0
+    manual[W.log_alpha(w, s) >= 3.0] = 0.0
     expected = F.conv2d(x.double(), manual.double(), b.double(), 2, 1, 1, 2)
     y = SF.masked_conv2d(x, w, s, b, 2, 1, 1, 2, threshold=3.0)
     assert_close(y, expected, rtol=1e-5, atol=1e-6)
@@ -265,7 +265,7 @@ def test_masked_linear_gradients_only_reach_kept_weights():
     w.requires_grad_()
     x = torch.randn(3, 6)
     SF.masked_linear(x, w, s, None, 3.0).sum().backward()
-    keep = R.log_alpha(w.detach(), s) < 3.0
+    keep = W.log_alpha(w.detach(), s) < 3.0
     assert_close(w.grad, keep.float() * x.sum(0), rtol=1e-6, atol=1e-6)
 
 
@@ -279,12 +279,11 @@ def test_autocast_bf16_linear_and_conv():
         y = SF.lrt_linear(x, *params, seed=seed)
         ym = SF.masked_linear(x, *params, 3.0)
         # The op computes in fp32 (its fake impl promises an fp32 std) even under autocast.
-        std = ops.lrt_linear(x.bfloat16(), w, s, b, seed)[1]
+        std = lrt_linear(x.bfloat16(), w, s, b, seed)[1]
     assert y.dtype == torch.bfloat16 and ym.dtype == torch.bfloat16
     assert std.dtype == torch.float32
-    expected = R.lrt_linear(x.detach().bfloat16().double(), w.detach().double(),
-                            s.detach().double(), b.detach().double(),
-                            lrt_noise(seed, (4, 5)).double())
+    expected = naive_lrt_linear(x.detach().bfloat16().double(), w.detach().double(),
+                                s.detach().double(), b.detach().double(), seed)[0]
     # bf16 output: one rounding of a value computed in fp32 (2⁻⁸ relative).
     assert_close(y, expected, rtol=2 ** -8, atol=1e-3)
     y.float().sum().backward()
@@ -321,12 +320,12 @@ def test_empty_batch_linear_and_conv_forward_and_backward():
 def test_kl_and_log_alpha_values():
     w, s, _ = lin(k=30, n=20)
     s = s * 4
-    assert_close(SF.kl_sparse_vd(w, s), R.kl_sparse_vd(w.double(), s.double()), rtol=1e-5,
+    assert_close(SF.kl_sparse_vd(w, s), naive_kl_sparse_vd([w.double()], [s.double()], False)[0], rtol=1e-5,
                  atol=1e-5)
     w2, s2 = torch.randn(3, 2, 3, 3), torch.randn(3, 2, 3, 3)
     assert_close(SF.kl_sparse_vd_many([w, w2], [s, s2]),
-                 R.kl_sparse_vd(w.double(), s.double()) + R.kl_sparse_vd(w2.double(), s2.double()),
+                 naive_kl_sparse_vd([w.double(), w2.double()], [s.double(), s2.double()], False)[0],
                  rtol=1e-5, atol=1e-5)
-    assert_close(SF.log_alpha(w, s), R.log_alpha(w.double(), s.double()), rtol=1e-5, atol=1e-5)
+    assert_close(SF.log_alpha(w, s), W.log_alpha(w.double(), s.double()), rtol=1e-5, atol=1e-5)
     assert SF.kl_sparse_vd(w.double(), s.double()).dtype == torch.float64
     assert SF.kl_sparse_vd(w, s).dtype == torch.float32

@@ -1,148 +1,142 @@
-"""The op family ``kl`` (sparsevd.ops.kl: ``sparsevd::kl_sparse_vd``, the sparse-VD KL of many
-layers with its gradients in one pass, and ``sparsevd::log_alpha``) on every backend that runs
-it here, against the fp64 reference math (sparsevd.reference, eq. 14).
+"""The op family ``kl`` (sparsevd/ops/kl: ``sparsevd::kl_sparse_vd``, the sparse-VD KL of many layers
+with its gradients in one pass, and ``sparsevd::log_alpha``) on every backend and device that run
+here (conftest.py: ``backend``, ``device``), against the family's naive math (sparsevd.ops.kl.naive,
+eq. 14) in fp64.
 
-Backend-specific tests (launch counts, blocks): test_kl_<backend>.py.
+Backend-only tests (kernel sets, flags, launch counts, blocks): test_kl_native.py,
+test_kl_triton.py; the per-weight math by hand: test_weights.py.
 """
 import pytest
 import torch
 from conftest import assert_close
-from sample_inputs import (F64, KL_SHAPES, backends_for, check_kl, device_for, kl_layer, kl_params,
-                           kl_reference)
+from sample_inputs import F64, KL_SHAPES, check_kl, kl_layer, kl_params, kl_reference
 
 import sparsevd.functional as SF
-from sparsevd import ops
-from sparsevd import reference as R
+from sparsevd.ops import weights as W
+from sparsevd.ops.kl import kl_sparse_vd, log_alpha, naive_kl_sparse_vd
 
-OP = torch.ops.sparsevd.kl_sparse_vd.default
-BACKENDS = backends_for("kl_sparse_vd")
-
-
-@pytest.fixture(params=BACKENDS, autouse=True)
-def backend(request, monkeypatch):
-    """Every test of this module runs once per backend (SPARSEVD_BACKEND)."""
-    monkeypatch.setenv("SPARSEVD_BACKEND", request.param)
-    return request.param
+OP = "kl_sparse_vd"
+KL_OP = torch.ops.sparsevd.kl_sparse_vd.default
 
 
-@pytest.fixture
-def dev(backend):
-    return device_for(backend)
+def _naive_kl(weights, log_sigma2s):
+    """The KL value of the naive math (differentiable by autograd)."""
+    return naive_kl_sparse_vd(weights, log_sigma2s, False)[0]
 
 
-def test_many_layers(dev):
+def test_many_layers(device):
     """Layers of different shapes (LeNet-300-100's, a conv weight, single weights, partial
     blocks): the KL and both gradients equal the fp64 reference."""
-    layers = [kl_layer(s, device=dev) for s in KL_SHAPES]
+    layers = [kl_layer(s, device=device) for s in KL_SHAPES]
     ws, ls = [w for w, _ in layers], [s for _, s in layers]
-    kl, gws, gls = OP(ws, ls, True)
+    kl, gws, gls = KL_OP(ws, ls, True)
     check_kl(kl, gws, gls, ws, ls)
 
 
-def test_value_only(dev):
-    layers = [kl_layer(s, device=dev) for s in [(50, 20), (33,)]]
+def test_value_only(device):
+    layers = [kl_layer(s, device=device) for s in [(50, 20), (33,)]]
     ws, ls = [w for w, _ in layers], [s for _, s in layers]
-    kl, gws, gls = OP(ws, ls, False)
+    kl, gws, gls = KL_OP(ws, ls, False)
     assert gws == [] and gls == []
     assert_close(kl, kl_reference(ws, ls)[0], rtol=1e-4, atol=0.0, name="kl")
 
 
-def test_clamp_masks_gradient(dev):
+def test_clamp_masks_gradient(device):
     """Where log σ² − log(θ² + 1e-8) is outside (−10, 10) both gradients are exactly 0."""
-    w = torch.full((64,), 0.5, device=dev)
-    ls2 = torch.cat([torch.full((32,), 20.0), torch.full((32,), -30.0)]).to(dev)
-    kl, gws, gls = OP([w], [ls2], True)
+    w = torch.full((64,), 0.5, device=device)
+    ls2 = torch.cat([torch.full((32,), 20.0), torch.full((32,), -30.0)]).to(device)
+    kl, gws, gls = KL_OP([w], [ls2], True)
     assert torch.count_nonzero(gws[0]) == 0 and torch.count_nonzero(gls[0]) == 0
     check_kl(kl, gws, gls, [w], [ls2])
 
 
-def test_non_contiguous_and_mixed_dtypes(dev):
+def test_non_contiguous_and_mixed_dtypes(device):
     """A transposed weight (gradients come back in its layout) and an fp64 layer beside fp32 ones:
     one launch per dtype, the KL in promote(weights[0].dtype, fp32)."""
-    w1, s1 = kl_layer((20, 30), device=dev)
-    w2, s2 = kl_layer((40, 9), dtype=F64, device=dev)
-    w3, s3 = kl_layer((30, 20), device=dev)
+    w1, s1 = kl_layer((20, 30), device=device)
+    w2, s2 = kl_layer((40, 9), dtype=F64, device=device)
+    w3, s3 = kl_layer((30, 20), device=device)
     ws, ls = [w1, w2, w3.t(), w1], [s1, s2, s3.t(), s1]
-    kl, gws, gls = OP(ws, ls, True)
+    kl, gws, gls = KL_OP(ws, ls, True)
     assert gws[2].stride() == w3.t().stride()
     check_kl(kl, gws, gls, ws, ls)
 
 
-def test_fp64_is_computed_in_fp64(dev):
-    layers = [kl_layer(s, dtype=F64, device=dev) for s in [(30, 20), (11,)]]
+def test_fp64_is_computed_in_fp64(device):
+    layers = [kl_layer(s, dtype=F64, device=device) for s in [(30, 20), (11,)]]
     ws, ls = [w for w, _ in layers], [s for _, s in layers]
-    kl, gws, gls = OP(ws, ls, True)
+    kl, gws, gls = KL_OP(ws, ls, True)
     check_kl(kl, gws, gls, ws, ls, rtol=1e-10)
 
 
-def test_functional_single_layer(dev):
-    w, s = kl_layer((8, 9), device=dev)
+def test_functional_single_layer(device):
+    w, s = kl_layer((8, 9), device=device)
     assert_close(SF.kl_sparse_vd(w, s), kl_reference([w], [s])[0], rtol=1e-4, atol=0.0, name="kl")
 
 
-def test_gradcheck_kl_sparse_vd(dev):
-    w1, s1 = kl_params((4, 3), device=dev)
-    w2, s2 = kl_params((2, 1, 2, 2), device=dev)
+def test_gradcheck_kl_sparse_vd(device):
+    w1, s1 = kl_params((4, 3), device=device)
+    w2, s2 = kl_params((2, 1, 2, 2), device=device)
     inputs = [t.requires_grad_() for t in (w1, s1, w2, s2)]
     assert torch.autograd.gradcheck(SF.kl_sparse_vd, inputs[:2])
     assert torch.autograd.gradcheck(lambda a, b, c, d: SF.kl_sparse_vd_many([a, c], [b, d]), inputs)
-    assert torch.autograd.gradcheck(lambda a, b, c, d: ops.kl_sparse_vd([a, c], [b, d], True)[0],
+    assert torch.autograd.gradcheck(lambda a, b, c, d: kl_sparse_vd([a, c], [b, d], True)[0],
                                     inputs)
 
 
-def test_gradcheck_log_alpha(dev):
-    w, ls2 = kl_params((5, 4), device=dev)
+def test_gradcheck_log_alpha(device):
+    w, ls2 = kl_params((5, 4), device=device)
     inputs = [t.requires_grad_() for t in (w, ls2)]
-    assert torch.autograd.gradcheck(ops.log_alpha, inputs)
+    assert torch.autograd.gradcheck(log_alpha, inputs)
     assert torch.autograd.gradcheck(SF.log_alpha, inputs)
 
 
-def test_kl_op_value_and_gradients_equal_reference(dev):
+def test_kl_op_value_and_gradients_equal_reference(device):
     shapes = [(7, 5), (3, 2, 3, 3), (1, 1)]
-    params = [kl_params(s, device=dev) for s in shapes]
+    params = [kl_params(s, device=device) for s in shapes]
     ws = [p[0].requires_grad_() for p in params]
     ss = [p[1].requires_grad_() for p in params]
-    kl = ops.kl_sparse_vd(ws, ss, True)[0]
+    kl = kl_sparse_vd(ws, ss, True)[0]
     g_op = torch.autograd.grad(kl * 1.7, ws + ss)
-    kl_ref = sum(R.kl_sparse_vd(w, s) for w, s in zip(ws, ss))
+    kl_ref = _naive_kl(ws, ss)
     g_ref = torch.autograd.grad(kl_ref * 1.7, ws + ss)
     assert_close(kl, kl_ref, rtol=1e-12, atol=1e-12, name="kl")
     for i, (a, e) in enumerate(zip(g_op, g_ref)):
         assert_close(a, e, rtol=1e-10, atol=1e-12, name=f"grad {i}")
     # with_grad=False: the same value, no gradients, and differentiating it is an error.
-    kl_ng, gw, gs = ops.kl_sparse_vd([w.detach() for w in ws], [s.detach() for s in ss], False)
+    kl_ng, gw, gs = kl_sparse_vd([w.detach() for w in ws], [s.detach() for s in ss], False)
     assert gw == [] and gs == []
     assert_close(kl_ng, kl_ref, rtol=1e-12, atol=1e-12, name="kl without grad")
     with pytest.raises(RuntimeError, match="with_grad=True"):
-        ops.kl_sparse_vd(ws, ss, False)[0].backward()
+        kl_sparse_vd(ws, ss, False)[0].backward()
 
 
-def test_kl_op_fp32_against_fp64(dev):
-    w, s = kl_params((40, 30), device=dev)
-    kl32 = ops.kl_sparse_vd([w.float()], [s.float()], False)[0]
+def test_kl_op_fp32_against_fp64(device):
+    w, s = kl_params((40, 30), device=device)
+    kl32 = kl_sparse_vd([w.float()], [s.float()], False)[0]
     assert kl32.dtype == torch.float32
-    assert_close(kl32, R.kl_sparse_vd(w, s), rtol=1e-5, atol=1e-5, name="kl fp32")
+    assert_close(kl32, _naive_kl([w], [s]), rtol=1e-5, atol=1e-5, name="kl fp32")
 
 
-def test_log_alpha_op_equals_reference(dev):
-    w = torch.randn(9, 8, device=dev)
-    ls2 = torch.randn(9, 8, device=dev) * 12
-    assert_close(ops.log_alpha(w, ls2), R.log_alpha(w.double(), ls2.double()), rtol=1e-5,
+def test_log_alpha_op_equals_reference(device):
+    w = torch.randn(9, 8, device=device)
+    ls2 = torch.randn(9, 8, device=device) * 12
+    assert_close(log_alpha(w, ls2), W.log_alpha(w.double(), ls2.double()), rtol=1e-5,
                  atol=1e-5, name="log_alpha")
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
-def test_opcheck_kl_sparse_vd(dev, dtype):
-    p1, p2 = kl_params((4, 3), device=dev), kl_params((2, 1, 2, 2), device=dev)
+def test_opcheck_kl_sparse_vd(device, dtype):
+    p1, p2 = kl_params((4, 3), device=device), kl_params((2, 1, 2, 2), device=device)
     ws = [p1[0].to(dtype), p2[0].to(dtype)]
     ss = [p1[1].to(dtype), p2[1].to(dtype)]
-    torch.library.opcheck(ops.kl_sparse_vd, (ws, ss, False))
+    torch.library.opcheck(kl_sparse_vd, (ws, ss, False))
     ws = [w.requires_grad_() for w in ws]
     ss = [s.requires_grad_() for s in ss]
-    torch.library.opcheck(ops.kl_sparse_vd, (ws, ss, True))
+    torch.library.opcheck(kl_sparse_vd, (ws, ss, True))
 
 
-def test_opcheck_log_alpha(dev):
-    w, ls2 = kl_params((5, 4), device=dev)
-    torch.library.opcheck(ops.log_alpha, (w.requires_grad_(), ls2.requires_grad_()))
-    torch.library.opcheck(ops.log_alpha, (w.detach().float(), ls2.detach().float()))
+def test_opcheck_log_alpha(device):
+    w, ls2 = kl_params((5, 4), device=device)
+    torch.library.opcheck(log_alpha, (w.requires_grad_(), ls2.requires_grad_()))
+    torch.library.opcheck(log_alpha, (w.detach().float(), ls2.detach().float()))

@@ -1,6 +1,6 @@
-"""The fused sparse-VD KL kernel (sparsevd.triton_kernels.kl, launched by sparsevd.ops.triton_impl):
-what is particular to the Triton backend (one launch for many layers, blocks and partial blocks).
-The tests every backend passes are in test_kl.py.
+"""The ``triton`` backend of ``kl_sparse_vd`` (the fused kernel in sparsevd.triton_kernels.kl, launched
+by sparsevd.ops.kl.triton): what is particular to the Triton backend (one launch for many layers,
+blocks and partial blocks, GPU compilation). The tests every backend passes are in test_kl.py.
 
 Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 """
@@ -8,15 +8,17 @@ Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py sets TR
 import pytest
 import torch
 from conftest import assert_close
-from sample_inputs import KL_SHAPES, amax, check_kl, kl_layer, kl_reference
+from sample_inputs import KL_BLOCK_CASES, KL_SHAPES, amax, check_kl, kl_layer, kl_reference
+import triton_aot
 
 import sparsevd
-from sparsevd.ops import reference_impl as RI
+from sparsevd.ops.kl import naive_kl_sparse_vd
 
 triton = pytest.importorskip("triton")
-from sparsevd.ops import triton_impl as TI  # noqa: E402
+from sparsevd.ops.kl import triton as TI  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
 OP = torch.ops.sparsevd.kl_sparse_vd.default
 
 
@@ -25,15 +27,11 @@ def _triton_backend(monkeypatch):
     monkeypatch.setenv("SPARSEVD_BACKEND", "triton")
 
 
-
-
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of 256 weights, so that small layers span several blocks and end in a partial one
     (the interpreter's default block is 65536)."""
     monkeypatch.setattr(TI, "elementwise_block", lambda dtype=torch.float32: (256, 4))
-
-
 
 
 class _Counter:
@@ -61,8 +59,7 @@ def test_many_layers_one_launch(monkeypatch):
 
 def test_blocks_and_partial_blocks(small_blocks):
     """Every layer spans several blocks and ends in a partial one; an empty layer has none."""
-    shapes = [(17, 31), (256,), (3, 100), (0, 5), (1,), (40, 13)]
-    layers = [kl_layer(s, device=DEVICE) for s in shapes]
+    layers = [kl_layer(s, device=DEVICE) for s in KL_BLOCK_CASES]
     ws, ls = [w for w, _ in layers], [s for _, s in layers]
     kl, gws, gls = OP(ws, ls, True)
     check_kl(kl, gws, gls, ws, ls)
@@ -101,13 +98,32 @@ def test_kl_divergence_of_a_model_matches_reference(monkeypatch):
 
 
 def test_matches_reference_backend_impl():
-    """The triton impl and the reference impl (the op's other backend) agree, lists and dtypes."""
+    """The triton implementation and the naive math (the reference backend) agree, lists and
+    dtypes."""
     layers = [kl_layer(s, device=DEVICE) for s in [(13, 17), (5,)]]
     ws, ls = [w for w, _ in layers], [s for _, s in layers]
-    kl_t, gw_t, gl_t = TI.kl_fwd(ws, ls, True)
-    kl_r, gw_r, gl_r = RI.kl_fwd(ws, ls, True)
+    kl_t, gw_t, gl_t = TI.triton_kl_sparse_vd(ws, ls, True)
+    kl_r, gw_r, gl_r = naive_kl_sparse_vd(ws, ls, True)
     assert kl_t.dtype == kl_r.dtype
     assert_close(kl_t, kl_r, rtol=1e-4, atol=0.0, name="kl")
     for a, e in zip(gw_t + gl_t, gw_r + gl_r):
         assert a.dtype == e.dtype
         assert_close(a, e, rtol=1e-3, atol=1e-3 * amax(e), name="grad")
+
+
+_AOT = """
+from sparsevd.triton_kernels import kl as KK
+
+for dt in ("fp32", "bf16", "fp64"):
+    build(KK.kl_sparse_vd_kernel,
+          dict(base_ptr="*" + dt, table_ptr="*i64", partial_ptr="*fp64" if dt == "fp64" else "*fp32"),
+          dict(ACC_F64=dt == "fp64", WITH_GRAD=True, ALIGN=4, L_PAD=4, BLOCK=1024), 8, 3)
+"""
+triton_aot.register("kl", _AOT)
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the other tests compile and run the kernel")
+def test_kernel_compiles_for_gpu_without_a_gpu():
+    """The KL kernel, for fp32, bf16 and fp64 parameters, lowers to a cubin for sm_90
+    (tests/triton_aot.py)."""
+    assert triton_aot.compiled_for_gpu("kl") == 3

@@ -1,38 +1,37 @@
-"""The fused Triton LRT linear kernels (sparsevd.triton_kernels.lrt_linear, launched by
-sparsevd.ops.triton_impl) against the reference math on identical noise: what is particular to
-the Triton backend (tiles, launches, dot precision, GPU compilation). The tests every backend
-passes (values, gradients, noise, gradcheck, opcheck, torch.compile) are in test_lrt_linear.py.
+"""The ``triton`` backend of ``lrt_linear`` (the kernels in sparsevd.triton_kernels.lrt_linear, launched
+by sparsevd.ops.lrt_linear.triton) against the family's naive math on identical noise: what is
+particular to the Triton backend (tiles, launches, dot precision, dead-tile skipping under
+train-time clipping, GPU compilation). The tests every backend passes (values, gradients, noise,
+gradcheck, opcheck, torch.compile) are in test_lrt_linear.py.
 
 Without a GPU every kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
-the shape tests use 16x32x32 tiles (fixture small_tiles) and sit on, under and over them; one test
-crosses the interpreter's default 32x256x512 tiles. bf16/fp16 autocast and the autotuned GPU
-configs are tested on a GPU only; without one, a test compiles every kernel for sm_90.
-The oracle is sparsevd.reference.lrt_linear in fp64 with autograd, fed the noise of
-sparsevd.ops.noise (the torch twin of tl.randn).
+the shape tests use 16x32x32 tiles (fixture linear_small_tiles) and sit on, under and over them
+(sample_inputs.LINEAR_TILE_CASES); one test crosses the interpreter's default 32x256x512 tiles.
+bf16/fp16 autocast and the autotuned GPU configs are tested on a GPU only; without one, a test
+compiles every kernel for sm_90. The oracle is the naive math in fp64 with autograd, fed the noise
+of sparsevd.ops.noise.lrt_noise (the torch twin of tl.randn) or the kernels' own.
 """
 import math
 import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_close
-from sample_inputs import fresh_seed
+from conftest import NoLaunch, assert_close, train_sgvlb
+from sample_inputs import (CLIP_TILE_CASES, F64, LINEAR_TILE_CASES, clip_case,
+                           dead_tiles, linear_inputs, op_noise)
+import triton_aot
 
 import sparsevd
-from sparsevd import reference as R
-from sparsevd.ops import backend
-from sparsevd.ops.noise import lrt_noise
+from sparsevd.ops import weights as W
+from sparsevd.ops.lrt_linear import lrt_linear, lrt_linear_backward, naive_lrt_linear
+from sparsevd.ops.noise import draw_seed, lrt_noise
 
 triton = pytest.importorskip("triton")
-from sparsevd.ops import triton_impl as TI  # noqa: E402
+from sparsevd.ops.lrt_linear import triton as TI  # noqa: E402
+from sparsevd.ops.triton_common import AUTOTUNE_ENV, FP32_PRECISION_ENV, make_config, precision  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-F64 = torch.float64
 N_SE = 5.0  # statistical bounds, in standard errors (a false alarm about once in 10⁶ runs)
 OP = torch.ops.sparsevd.lrt_linear.default
 OP_BWD = torch.ops.sparsevd.lrt_linear_backward.default
@@ -43,23 +42,22 @@ def _triton_backend(monkeypatch):
     monkeypatch.setenv("SPARSEVD_BACKEND", "triton")
 
 
-
-
 def make_params(n, k, bias=True, dtype=torch.float32, device=DEVICE):
-    """θ ~ N(0, 1/k), log σ² ~ U(−6, 0) (σ² well away from 0, so the variance path matters),
-    b ~ N(0, 1)."""
-    w = torch.randn(n, k, dtype=dtype, device=device) / math.sqrt(max(k, 1))
-    ls2 = torch.empty(n, k, dtype=dtype, device=device).uniform_(-6.0, 0.0)
-    b = torch.randn(n, dtype=dtype, device=device) if bias else None
-    return w, ls2, b
+    """θ, log σ², b of an (n, k) layer as sample_inputs.linear_inputs draws them."""
+    return linear_inputs((1,), k, n, dtype, bias, device=device)[1:]
+
+
+def kernel_noise(seed, shape):
+    """ξ of an output of ``shape`` as the kernels draw it (sample_inputs.op_noise)."""
+    return op_noise(shape, seed)
 
 
 def oracle(x, w, ls2, b, seed, g, noise_fn=lrt_noise):
-    """fp64 y and (∂x, ∂θ, ∂log σ², ∂b) of the reference math on the op's noise (from
-    sparsevd.ops.noise, or from the kernels' own generator with noise_fn=TI.lrt_noise)."""
+    """fp64 y and (∂x, ∂θ, ∂log σ², ∂b) of the naive math on the op's noise (from
+    sparsevd.ops.noise.lrt_noise, or the kernels' own with noise_fn=kernel_noise)."""
     leaves = [None if t is None else t.detach().to(F64).requires_grad_() for t in (x, w, ls2, b)]
     noise = noise_fn(seed, (*x.shape[:-1], w.shape[0])).to(F64)
-    y = R.lrt_linear(*leaves, noise)
+    y = naive_lrt_linear(*leaves, None, noise=noise)[0]
     y.backward(g.to(F64))
     return y.detach(), [None if t is None else t.grad for t in leaves]
 
@@ -79,14 +77,14 @@ def check(actual, expected, name, rtol=1e-4):
 
 
 def run_and_compare(x, w, ls2, b, rtol=1e-4, noise_fn=lrt_noise):
-    seed = fresh_seed(DEVICE)
+    seed = draw_seed(DEVICE)
     g = torch.randn(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device)
     y, std, grads = fused(x, w, ls2, b, seed, g)
     y_ref, grads_ref = oracle(x, w, ls2, b, seed, g, noise_fn)
     assert y.dtype == x.dtype and std.dtype == torch.promote_types(x.dtype, w.dtype)
     check(y, y_ref, "y", rtol)
     x64 = x.detach().to(F64)
-    std_ref = torch.sqrt(torch.nn.functional.linear(x64 * x64, torch.exp(ls2.detach().to(F64))) + R.EPS_VAR)
+    std_ref = torch.sqrt(torch.nn.functional.linear(x64 * x64, torch.exp(ls2.detach().to(F64))) + W.EPS_VAR)
     check(std, std_ref, "std", rtol)
     for name, a, e in zip(("grad_x", "grad_weight", "grad_log_sigma2", "grad_bias"), grads, grads_ref):
         if e is None:
@@ -97,31 +95,8 @@ def run_and_compare(x, w, ls2, b, rtol=1e-4, noise_fn=lrt_noise):
 
 
 # ------------------------------------------------------------------------------ values, fp32
-SMALL_TILES = (16, 32, 32, 4, 1)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages; GROUP_M = 2
-
-
-@pytest.fixture
-def small_tiles(monkeypatch):
-    """16x32x32 tiles in groups of 2 row tiles instead of the interpreter's big default tiles, so
-    that small shapes span many tiles, K steps and tile groups."""
-    cfg = [TI._config(SMALL_TILES, group_m=2)]
-    monkeypatch.setattr(TI, "_fwd_kernel", TI._autotuned(TI.K.lrt_linear_fwd_kernel, "fwd", cfg))
-    monkeypatch.setattr(TI, "_bwd_kernel", TI._autotuned(TI.K.lrt_linear_bwd_kernel, "bwd", cfg))
-
-
-SHAPES = [  # (M, K, N) against 16x32x32 tiles
-    (1, 1, 1),
-    (37, 129, 65),  # primes and odd sizes: every tile masked
-    (16, 32, 32),  # exactly one tile
-    (15, 31, 31),  # just under the tile sizes
-    (17, 33, 33),  # just over
-    (48, 95, 97),  # three row tiles (two groups), K just under three steps, N just over three tiles
-    (3, 100, 7),  # a K loop of four steps, tiny output
-]
-
-
-@pytest.mark.parametrize("m,k,n", SHAPES, ids=[f"{m}x{k}x{n}" for m, k, n in SHAPES])
-def test_forward_and_gradients_match_reference(small_tiles, m, k, n):
+@pytest.mark.parametrize("m,k,n", LINEAR_TILE_CASES, ids=[f"{m}x{k}x{n}" for m, k, n in LINEAR_TILE_CASES])
+def test_forward_and_gradients_match_reference(linear_small_tiles, m, k, n):
     x = torch.randn(m, k, device=DEVICE)
     run_and_compare(x, *make_params(n, k))
 
@@ -133,7 +108,7 @@ def test_default_interpreter_tiles():
     run_and_compare(x, *make_params(257, 513))
 
 
-def test_no_bias(small_tiles):
+def test_no_bias(linear_small_tiles):
     x = torch.randn(19, 70, device=DEVICE)
     run_and_compare(x, *make_params(33, 70, bias=False))
 
@@ -155,7 +130,7 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_input_layouts(small_tiles, layout):
+def test_input_layouts(linear_small_tiles, layout):
     """Any leading shape and non-contiguous x: read through its strides (one or two leading dims)
     or, for more leading dims that do not flatten, through a copy; ∂x comes back in x's layout."""
     k, n = 37, 11
@@ -163,32 +138,22 @@ def test_input_layouts(small_tiles, layout):
     run_and_compare(x, *make_params(n, k))
 
 
-def test_non_contiguous_parameters(small_tiles):
+def test_non_contiguous_parameters(linear_small_tiles):
     x = torch.randn(13, 40, device=DEVICE)
     w, ls2, b = make_params(40, 17)
     w, ls2, b = w.t(), ls2.t(), torch.randn(34, device=DEVICE)[::2]  # (17, 40) views, strided bias
     run_and_compare(x, w, ls2, b)
 
 
-class _NoLaunch:
-    """Stands in for a kernel module or launcher and fails the test if anything is launched."""
-
-    def __getattr__(self, name):
-        raise AssertionError(f"a kernel was launched for an empty batch ({name})")
-
-    def __getitem__(self, grid):
-        raise AssertionError("a kernel was launched for an empty batch")
-
-
 @pytest.mark.parametrize("lead", [(0,), (3, 0)])
 def test_empty_batch_launches_nothing(monkeypatch, lead):
-    monkeypatch.setattr(TI, "_fwd_kernel", _NoLaunch())
-    monkeypatch.setattr(TI, "_bwd_kernel", _NoLaunch())
-    monkeypatch.setattr(TI, "K", _NoLaunch())
+    monkeypatch.setattr(TI, "_fwd_kernel", NoLaunch())
+    monkeypatch.setattr(TI, "_bwd_kernel", NoLaunch())
+    monkeypatch.setattr(TI, "K", NoLaunch())
     w, ls2, b = make_params(7, 5)
     x = torch.randn(*lead, 5, device=DEVICE, requires_grad=True)
     leaves = [t.requires_grad_() for t in (w, ls2, b)]
-    y, std = OP(x, *leaves, fresh_seed(DEVICE))
+    y, std = OP(x, *leaves, draw_seed(DEVICE))
     assert y.shape == (*lead, 7) and std.shape == (*lead, 7)
     y.sum().backward()
     assert x.grad.shape == x.shape
@@ -198,12 +163,12 @@ def test_empty_batch_launches_nothing(monkeypatch, lead):
 
 def test_zero_out_features(monkeypatch):
     """N = 0: empty y and std, ∂x = 0, empty ∂θ, ∂log σ², ∂b; nothing launched."""
-    monkeypatch.setattr(TI, "_fwd_kernel", _NoLaunch())
-    monkeypatch.setattr(TI, "_bwd_kernel", _NoLaunch())
-    monkeypatch.setattr(TI, "K", _NoLaunch())
+    monkeypatch.setattr(TI, "_fwd_kernel", NoLaunch())
+    monkeypatch.setattr(TI, "_bwd_kernel", NoLaunch())
+    monkeypatch.setattr(TI, "K", NoLaunch())
     w, ls2, b = (t.requires_grad_() for t in make_params(0, 5))
     x = torch.randn(2, 3, 5, device=DEVICE, requires_grad=True)
-    y, std = OP(x, w, ls2, b, fresh_seed(DEVICE))
+    y, std = OP(x, w, ls2, b, draw_seed(DEVICE))
     assert y.shape == std.shape == (2, 3, 0)
     y.sum().backward()
     assert torch.count_nonzero(x.grad) == 0 and w.grad.shape == (0, 5) and b.grad.shape == (0,)
@@ -215,24 +180,24 @@ def test_tf32_flag_path():
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        assert TI._precision(torch.empty(1)) == "tf32"
+        assert precision(torch.empty(1)) == "tf32"
         x = torch.randn(9, 33, device=DEVICE)
         run_and_compare(x, *make_params(10, 33), rtol=1e-4 if not CUDA else 3e-2)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-    assert TI._precision(torch.empty(1)) == ("tf32" if old else "ieee")
+    assert precision(torch.empty(1)) == ("tf32" if old else "ieee")
 
 
 def test_fp32_precision_override(monkeypatch):
     """SPARSEVD_FP32_PRECISION=tf32x3 (about fp32 accuracy on tensor cores) runs; bad values raise."""
-    monkeypatch.setenv(TI.FP32_PRECISION_ENV, "tf32x3")
-    assert TI._precision(torch.empty(1)) == "tf32x3"
-    assert TI._precision(torch.empty(1, dtype=torch.bfloat16)) == "ieee"
+    monkeypatch.setenv(FP32_PRECISION_ENV, "tf32x3")
+    assert precision(torch.empty(1)) == "tf32x3"
+    assert precision(torch.empty(1, dtype=torch.bfloat16)) == "ieee"
     x = torch.randn(9, 33, device=DEVICE)
     run_and_compare(x, *make_params(10, 33), rtol=1e-4 if not CUDA else 1e-3)
-    monkeypatch.setenv(TI.FP32_PRECISION_ENV, "fast")
+    monkeypatch.setenv(FP32_PRECISION_ENV, "fast")
     with pytest.raises(ValueError, match="SPARSEVD_FP32_PRECISION"):
-        TI._precision(torch.empty(1))
+        precision(torch.empty(1))
 
 
 def test_gpu_config_pruning():
@@ -240,7 +205,7 @@ def test_gpu_config_pruning():
     kind (IEEE fp32 FMA tiles have BLOCK_K ≤ 16; fp64 tiles are small) and only row tiles ≤ 32
     for batches ≤ 32."""
     for kernel in ("fwd", "bwd"):
-        union = [TI._config(t) for kind in ("tc", "tc32", "ieee", "fp64") for t in TI.TILES[(kernel, kind)]]
+        union = [make_config(t) for kind in ("tc", "tc32", "ieee", "fp64") for t in TI.TILES[(kernel, kind)]]
         prune = TI._pruner(kernel)
 
         def tiles(dtype, precision, f64, m_key):
@@ -257,11 +222,11 @@ def test_gpu_config_pruning():
         small = tiles(torch.bfloat16, "ieee", False, 16)
         assert small and all(t[0] <= 32 for t in small)
         assert prune(union[:1], {}, PRECISION="ieee", ACC_F64=False) == union[:1]
-        os.environ[TI.AUTOTUNE_ENV] = "0"  # restored below
+        os.environ[AUTOTUNE_ENV] = "0"  # restored below
         try:
             assert tiles(torch.float32, "ieee", False, 256) == {TI.TILES[(kernel, "ieee")][0]}
         finally:
-            del os.environ[TI.AUTOTUNE_ENV]
+            del os.environ[AUTOTUNE_ENV]
 
 
 # ---------------------------------------------------------------------------- fp64, gradcheck
@@ -270,19 +235,138 @@ def test_fp64_is_computed_in_fp64():
     1e-10, which an fp32 computation could not reach. ξ itself is fp32 (tl.randn); the oracle takes
     the kernels' own ξ here, since the torch twin may differ from it in the last fp32 ulp."""
     x = torch.randn(7, 45, dtype=F64, device=DEVICE)
-    run_and_compare(x, *make_params(9, 45, dtype=F64), rtol=1e-10, noise_fn=TI.lrt_noise)
+    run_and_compare(x, *make_params(9, 45, dtype=F64), rtol=1e-10, noise_fn=kernel_noise)
 
 
-def test_triton_backend_forced_and_auto():
-    """SPARSEVD_BACKEND=triton runs the kernels on CPU tensors under the interpreter; auto uses
-    them for CUDA tensors only."""
-    name, impl = backend.get_impl("lrt_linear", torch.device(DEVICE))
-    assert name == "triton" and impl is TI.lrt_linear_fwd
-    assert backend.get_impl("kl_sparse_vd", torch.device(DEVICE))[1] is TI.kl_fwd
-    os.environ["SPARSEVD_BACKEND"] = "auto"  # restored by monkeypatch
-    assert backend.get_impl("lrt_linear_backward", torch.device("cpu"))[0] != "triton"
-    if CUDA:
-        assert backend.get_impl("lrt_linear_backward", torch.device("cuda"))[1] is TI.lrt_linear_bwd
+# ----------------------------------------------------------- train-time clipping: dead tiles
+def _nan_alloc(monkeypatch):
+    """Every floating tensor that torch.empty, torch.empty_like and Tensor.new_empty allocate
+    from now on starts as NaN: outputs a kernel leaves unwritten show up."""
+    def filled(fn):
+        def alloc(*args, **kwargs):
+            t = fn(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return alloc
+
+    monkeypatch.setattr(torch, "empty", filled(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", filled(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", filled(torch.Tensor.new_empty))
+
+
+def _clip_run(x, w, ls2, b, seed, thr, g, need_grad_x=True):
+    y, std = lrt_linear(x, w, ls2, b, seed, thr)
+    return (y, std, *lrt_linear_backward(g, x, w, ls2, std, seed, need_grad_x, thr))
+
+
+@pytest.mark.parametrize("need_grad_x", [True, False], ids=["dx", "no_dx"])
+@pytest.mark.parametrize("lead,k,n,dead_rows,dead_cols", CLIP_TILE_CASES + [((5,), 7, 4, (), ())])
+def test_clip_tile_skipping_equals_no_skipping(linear_small_tiles, monkeypatch, need_grad_x,
+                                               lead, k, n, dead_rows, dead_cols):
+    """Triton: skipping the all-dropped weight tiles (default) gives bit for bit what the kernels
+    give without skipping (SPARSEVD_TRITON_CLIP_SKIP=0); the skipping path is taken exactly for
+    the dead tiles (count_skipped_tiles: forward K steps and ∂x N steps once per row tile, dead
+    ∂θ programs once each); every element of every output is written (NaN-filled allocations)
+    and the dropped weights' gradients are exactly 0."""
+    x, w, ls2, b = linear_inputs(lead, k, n, torch.float32, True, True, DEVICE)
+    thr = clip_case(w, ls2, dead_rows, dead_cols)
+    keep = W.eval_mask(w, ls2, thr)
+    seed = draw_seed(DEVICE)
+    g = torch.randn(*lead, n, device=DEVICE)
+    _nan_alloc(monkeypatch)
+    monkeypatch.setenv(TI.CLIP_SKIP_ENV, "1")
+    with TI.count_skipped_tiles(DEVICE) as skipped:
+        out = _clip_run(x, w, ls2, b, seed, thr, g, need_grad_x)
+    monkeypatch.setenv(TI.CLIP_SKIP_ENV, "0")
+    with TI.count_skipped_tiles(DEVICE) as not_skipped:
+        out_ref = _clip_run(x, w, ls2, b, seed, thr, g, need_grad_x)
+    names = ("y", "std", "grad x", "grad weight", "grad log_sigma2", "grad bias")
+    for name, a, e in zip(names, out, out_ref):
+        assert torch.isfinite(a).all(), f"{name}: unwritten (NaN) elements"
+        assert torch.equal(a, e), f"{name}: skipping changed the result"
+    assert torch.all(out[3][~keep] == 0) and torch.all(out[4][~keep] == 0)
+    bm, bn, bk = linear_small_tiles[:3]
+    dead = dead_tiles(keep, bn, bk)
+    row_tiles = -(-math.prod(lead) // bm)
+    assert (dead > 0) == bool(dead_rows or dead_cols)  # the cases are what they claim
+    assert skipped.tolist() == [row_tiles * dead, row_tiles * dead * need_grad_x, dead]
+    assert not_skipped.tolist() == [0, 0, 0]
+
+
+def test_clip_tile_skipping_all_dead_and_none_dead(linear_small_tiles):
+    """Triton: every tile dead (threshold −11: y = b + 1e-4 ξ, ∂x = ∂θ = ∂log σ² = 0, ∂b = Σ g)
+    and no tile dead (threshold 11: the unclipped kernels' results, bit for bit)."""
+    lead, k, n = (20,), 70, 40
+    x, w, ls2, b = linear_inputs(lead, k, n, torch.float32, True, True, DEVICE)
+    seed = draw_seed(DEVICE)
+    g = torch.randn(*lead, n, device=DEVICE)
+    bm, bn, bk = linear_small_tiles[:3]
+    tiles = -(-n // bn) * -(-k // bk)
+    with TI.count_skipped_tiles(DEVICE) as skipped:
+        y, std, gx, gw, gl, gb = _clip_run(x, w, ls2, b, seed, -11.0, g)
+    assert skipped.tolist() == [2 * tiles, 2 * tiles, tiles]
+    xi = op_noise(y.shape, seed)
+    assert_close(y, b + math.sqrt(1e-8) * xi, rtol=1e-6, atol=1e-7, name="all dead")
+    assert torch.all(gx == 0) and torch.all(gw == 0) and torch.all(gl == 0)
+    assert_close(gb, g.sum(0), rtol=1e-5, atol=1e-6, name="grad bias")
+    with TI.count_skipped_tiles(DEVICE) as skipped:
+        clipped = _clip_run(x, w, ls2, b, seed, 11.0, g)
+    assert skipped.tolist() == [0, 0, 0]
+    for a, e in zip(clipped, _clip_run(x, w, ls2, b, seed, None, g)):
+        assert torch.equal(a, e)
+
+
+def test_clip_skip_env_is_validated(monkeypatch):
+    """Triton: SPARSEVD_TRITON_CLIP_SKIP takes 0 or 1; another value is an error naming it (only
+    clipped calls read it)."""
+    x, w, ls2, b = linear_inputs((3,), 4, 2, torch.float32, True, True, DEVICE)
+    monkeypatch.setenv(TI.CLIP_SKIP_ENV, "yes")
+    with pytest.raises(ValueError, match=TI.CLIP_SKIP_ENV):
+        lrt_linear(x, w, ls2, b, draw_seed(DEVICE), 0.0)
+    lrt_linear(x, w, ls2, b, draw_seed(DEVICE))  # unclipped: not read
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0·inf
+def test_clip_tile_skipping_keeps_nonfinite_inputs(linear_small_tiles, monkeypatch):
+    """Triton: an inf in x (or g) that meets only dropped weights still makes its rows NaN, as
+    0·inf does in the dots without skipping and in the reference (F.linear with θ ⊙ m)."""
+    lead, k, n, dead_rows, dead_cols = CLIP_TILE_CASES[0]
+    x, w, ls2, b = linear_inputs(lead, k, n, torch.float32, True, True, DEVICE)
+    thr = clip_case(w, ls2, dead_rows, dead_cols)
+    x[3, 5] = float("inf")  # column 5: in the dead column block
+    seed = draw_seed(DEVICE)
+    g = torch.randn(*lead, n, device=DEVICE)
+    g[7, 40] = float("inf")  # output 40: in the dead row block
+    outs = []
+    for skip in ("1", "0"):
+        monkeypatch.setenv(TI.CLIP_SKIP_ENV, skip)
+        outs.append(_clip_run(x, w, ls2, b, seed, thr, g))
+    for a, e in zip(*outs):
+        assert torch.equal(a.isnan(), e.isnan()) and torch.equal(a.nan_to_num(), e.nan_to_num())
+    y, gx = outs[0][0], outs[0][2]
+    wm, s2m = W.clip_parameters(w, ls2, thr)
+    y_ref = torch.nn.functional.linear(x, wm, b)
+    assert torch.equal(y.isnan(), y_ref.isnan()) and y[3].isnan().all()
+    assert gx[7].isnan().all()
+
+
+@pytest.mark.parametrize("case", [0, 2])
+def test_clip_tile_gradcheck_and_opcheck(linear_small_tiles, case):
+    """fp64 gradcheck (fast mode: random projections) and opcheck through the kernels on cases
+    with whole dead weight tiles."""
+    lead, k, n, dead_rows, dead_cols = CLIP_TILE_CASES[case]
+    lead = (3,)  # few rows: the check's cost grows with the batch
+    x, w, ls2, b = linear_inputs(lead, k, n, F64, True, True, DEVICE)
+    thr = clip_case(w, ls2, dead_rows, dead_cols)
+    seed = draw_seed(DEVICE)
+    leaves = tuple(t.requires_grad_() for t in (x, w, ls2, b))
+    assert torch.autograd.gradcheck(lambda *a: lrt_linear(*a, seed, thr)[0], leaves,
+                                    fast_mode=True)
+    if case == 0:
+        torch.library.opcheck(lrt_linear, (*leaves, seed, thr))
+        y, std = lrt_linear(*leaves, seed, thr)
+        torch.library.opcheck(lrt_linear_backward,
+                              (torch.randn_like(y), *(t.detach() for t in leaves[:3]), std.detach(),
+                               seed, False, thr))
 
 
 # ------------------------------------------------------------------------------ convergence
@@ -304,21 +388,9 @@ def _train(backend_name, init_state, data, steps, monkeypatch):
     model = _lenet300().to(DEVICE)
     model.load_state_dict(init_state)
     layers = [m for m in model.modules() if isinstance(m, sparsevd.nn.LinearSVDO)]
-    xs, ys = data
-    loss_fn = sparsevd.SGVLB(model, train_size=10_000, kl_warmup_epochs=0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    torch.manual_seed(99)  # the seeds of the LRT noise
-    losses, sparsities = [], []
-    for step in range(steps):
-        i = (step * 25) % xs.shape[0]
-        loss = loss_fn(model(xs[i:i + 25]), ys[i:i + 25])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 10 == 9:
-            sparsities.append([m.sparsity for m in layers])
-    return torch.tensor(losses), torch.tensor(sparsities)
+    losses, sparsities = train_sgvlb(model, *data, steps, batch=25, noise_seed=99,
+                                     every=(10, lambda m: [layer.sparsity for layer in layers]))
+    return losses, torch.tensor(sparsities)
 
 
 def test_lenet300_training_matches_reference(monkeypatch):
@@ -349,14 +421,14 @@ def test_autocast_low_precision_gpu(dtype, m, k, n):
     (flash-attention's rule) plus a small floor."""
     w, ls2, b = make_params(n, k, device="cuda")
     x = torch.randn(m, k, device="cuda").to(dtype)  # the activations the op receives
-    seed = fresh_seed(DEVICE)
+    seed = draw_seed(DEVICE)
     g = torch.randn(m, n, device="cuda").to(dtype)
     y_ref, grads_ref = oracle(x, w, ls2, b, seed, g)  # fp64 math on the same rounded inputs
     with torch.autocast("cuda", dtype=dtype):
         y, std, grads = fused(x, w, ls2, b, seed, g)
         leaves = [t.detach().requires_grad_() for t in (x, w, ls2, b)]
         noise = lrt_noise(seed, (m, n), device="cuda")
-        y_pt = R.lrt_linear(*leaves, noise.to(dtype))  # PyTorch's autocast version of the math
+        y_pt = naive_lrt_linear(*leaves, None, noise=noise.to(dtype))[0]  # PyTorch's autocast version
         y_pt.backward(g)
     assert y.dtype == dtype and std.dtype == torch.float32
     assert all(t.dtype == torch.float32 for t in grads[1:])
@@ -374,74 +446,40 @@ def test_large_shapes_gpu():
 
 
 # ------------------------------------------------------------------- GPU compile, without a GPU
-_AOT = textwrap.dedent(
-    """
-    import os, sys
-    os.environ["TRITON_INTERPRET"] = "0"
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from sparsevd.triton_kernels import kl as KK, lrt_linear as K
+_AOT = """
+from sparsevd.triton_kernels import lrt_linear as K
 
-    cap = int(sys.argv[1])
-
-    def build(fn, types, consts, warps):
-        sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
-        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names
-                 if sig[n].startswith("*")}
-        c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": 3})
-        assert "cubin" in c.asm
-        print("compiled", fn.__name__, consts.get("PRECISION", ""), types.get("x_ptr", types.get("base_ptr")),
-              "clip" if consts.get("CLIP") else "")
-
-    ones = dict(stride_xk=1, stride_wk=1, stride_lk=1, stride_b=1, stride_gxk=1, stride_gwk=1, stride_glk=1)
-    clip_types = dict(clip_threshold="fp64", cnt_ptr="*i64")
-    unclipped = dict(CLIP=False, SKIP_DEAD=False, COUNT_SKIPS=False)
-    for x, v, prec, f64, clips in [
-            ("fp32", "fp32", "ieee", False, [unclipped, dict(CLIP=True, SKIP_DEAD=True, COUNT_SKIPS=False)]),
-            ("bf16", "bf16", "ieee", False, [unclipped, dict(CLIP=True, SKIP_DEAD=True, COUNT_SKIPS=True)]),
-            ("fp16", "fp32", "tf32", False, [unclipped]), ("fp64", "fp64", "ieee", True, [unclipped])]:
-        w = "fp64" if f64 else "fp32"
-        tiles = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)
-        fwd = {k: v_ for k, v_ in ones.items() if k in K.lrt_linear_fwd_kernel.arg_names}
-        bwd = {k: v_ for k, v_ in ones.items() if k in K.lrt_linear_bwd_kernel.arg_names}
-        for clip in clips:
-            build(K.lrt_linear_fwd_kernel,
-                  dict(x_ptr="*" + x, w_ptr="*" + w, ls2_ptr="*" + w, b_ptr="*" + w, seed_ptr="*i64",
-                       y_ptr="*" + x, std_ptr="*" + w, **clip_types),
-                  dict(HAS_BIAS=True, ACC_F64=f64, VAR_LOWP=x == "bf16", PRECISION=prec, **clip, **tiles,
-                       **fwd), 4)
-            build(K.lrt_linear_bwd_kernel,
-                  dict(g_ptr="*" + x, gs2_ptr="*" + v, x_ptr="*" + x, w_ptr="*" + w, ls2_ptr="*" + w,
-                       gx_ptr="*" + x, gw_ptr="*" + w, gl_ptr="*" + w, gb_ptr="*" + w, **clip_types),
-                  dict(ACC_F64=f64, PRECISION=prec, WITH_DX=True, **clip, **tiles, **bwd), 4)
-        build(K.lrt_linear_bwd_gs2_kernel,
-              dict(g_ptr="*" + x, std_ptr="*" + w, seed_ptr="*i64", gs2_ptr="*" + v),
-              dict(ACC_F64=f64, BLOCK=1024), 4)
-    for dt in ("fp32", "bf16", "fp64"):
-        build(KK.kl_sparse_vd_kernel,
-              dict(base_ptr="*" + dt, table_ptr="*i64", partial_ptr="*fp64" if dt == "fp64" else "*fp32"),
-              dict(ACC_F64=dt == "fp64", WITH_GRAD=True, ALIGN=4, L_PAD=4, BLOCK=1024), 8)
-    build(K.lrt_noise_kernel, dict(seed_ptr="*i64", out_ptr="*fp32"), dict(BLOCK=1024), 4)
-    """
-)
+ones = dict(stride_xk=1, stride_wk=1, stride_lk=1, stride_b=1, stride_gxk=1, stride_gwk=1, stride_glk=1)
+clip_types = dict(clip_threshold="fp64", cnt_ptr="*i64")
+unclipped = dict(CLIP=False, SKIP_DEAD=False, COUNT_SKIPS=False)
+for x, v, prec, f64, clips in [
+        ("fp32", "fp32", "ieee", False, [unclipped, dict(CLIP=True, SKIP_DEAD=True, COUNT_SKIPS=False)]),
+        ("bf16", "bf16", "ieee", False, [unclipped, dict(CLIP=True, SKIP_DEAD=True, COUNT_SKIPS=True)]),
+        ("fp16", "fp32", "tf32", False, [unclipped]), ("fp64", "fp64", "ieee", True, [unclipped])]:
+    w = "fp64" if f64 else "fp32"
+    tiles = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)
+    fwd = {k: v_ for k, v_ in ones.items() if k in K.lrt_linear_fwd_kernel.arg_names}
+    bwd = {k: v_ for k, v_ in ones.items() if k in K.lrt_linear_bwd_kernel.arg_names}
+    for clip in clips:
+        build(K.lrt_linear_fwd_kernel,
+              dict(x_ptr="*" + x, w_ptr="*" + w, ls2_ptr="*" + w, b_ptr="*" + w, seed_ptr="*i64",
+                   y_ptr="*" + x, std_ptr="*" + w, **clip_types),
+              dict(HAS_BIAS=True, ACC_F64=f64, VAR_LOWP=x == "bf16", PRECISION=prec, **clip, **tiles,
+                   **fwd), 4, 3)
+        build(K.lrt_linear_bwd_kernel,
+              dict(g_ptr="*" + x, gs2_ptr="*" + v, x_ptr="*" + x, w_ptr="*" + w, ls2_ptr="*" + w,
+                   gx_ptr="*" + x, gw_ptr="*" + w, gl_ptr="*" + w, gb_ptr="*" + w, **clip_types),
+              dict(ACC_F64=f64, PRECISION=prec, WITH_DX=True, **clip, **tiles, **bwd), 4, 3)
+    build(K.lrt_linear_bwd_gs2_kernel,
+          dict(g_ptr="*" + x, std_ptr="*" + w, seed_ptr="*i64", gs2_ptr="*" + v),
+          dict(ACC_F64=f64, BLOCK=1024), 4, 3)
+"""
+triton_aot.register("lrt_linear", _AOT)
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU the other tests compile and run the kernels")
 def test_kernels_compile_for_gpu_without_a_gpu():
-    """Every kernel, in every dtype variant (and the clipped LRT kernels, with their dead-tile
-    branches and, in bf16, the skip counter's atomics), lowers to a cubin for sm_90 with Triton's
-    bundled ptxas: catches type and lowering errors the interpreter cannot (small tiles, to stay
-    fast)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    try:
-        get_ptxas(90).path
-    except Exception as exc:  # pragma: no cover - no bundled ptxas
-        pytest.skip(f"no ptxas: {exc}")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    out = subprocess.run([sys.executable, "-c", _AOT, "90"], capture_output=True, text=True, env=env,
-                         cwd=Path(__file__).resolve().parents[1], timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("compiled") == 20, out.stdout
+    """Every lrt_linear kernel, in every dtype variant (and the clipped kernels, with their
+    dead-tile branches and, in bf16, the skip counter's atomics), lowers to a cubin for sm_90
+    (tests/triton_aot.py; small tiles, to stay fast)."""
+    assert triton_aot.compiled_for_gpu("lrt_linear") == 16

@@ -9,14 +9,14 @@ import torch.nn.functional as F
 from conftest import assert_close
 
 import sparsevd
-from sparsevd import reference as R
+from sparsevd.ops import weights as W
 from sparsevd.nn import Conv2dSVDO, LinearSVDO
 
 
 def _expected(layer, x):
     """The masked dense reference: the mask from the parameters in their own dtype (so that a
     log α right at the threshold is decided as the layer decides it), the product in fp64."""
-    w = R.masked_weight(layer.weight.detach(), layer.log_sigma2.detach(), layer.threshold).double()
+    w = W.masked_weight(layer.weight.detach(), layer.log_sigma2.detach(), layer.threshold).double()
     b = None if layer.bias is None else layer.bias.detach().double()
     if isinstance(layer, LinearSVDO):
         return F.linear(x.double(), w, b)

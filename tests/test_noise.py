@@ -1,17 +1,17 @@
 """The LRT noise ξ (sparsevd.ops.noise): the torch specification of Philox against Triton's
-tl.randn, the compiled CPU generator (csrc/cpu/noise_cpu.cpp) against the specification, and the
-statistics of the stream."""
+tl.randn, the compiled CPU generator (csrc/cpu/noise_cpu.cpp) against the specification with every
+kernel set this CPU runs (``isa``) and on 2 threads, and the statistics of the stream."""
 import math
 
 import pytest
 import torch
 from conftest import assert_close
-from sample_inputs import fresh_seed
+from sample_inputs import NOISE_RANGES
 
 from sparsevd.ops import library
-from sparsevd.ops.noise import lrt_noise, randn_like_index, randn_torch
+from sparsevd.ops.noise import draw_seed, lrt_noise, randn_torch
 
-N_SE = 5.0  # statistical bound, in standard errors (see test_reference.py)
+N_SE = 5.0  # statistical bound, in standard errors (see test_weights.py)
 
 
 triton = pytest.importorskip("triton")
@@ -36,32 +36,32 @@ def triton_randn(seed: int, n: int, offset: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("seed_kind", ["fresh", "small", "high_word_only", "max"])
 def test_noise_equals_triton_randn(seed_kind):
     seed = {
-        "fresh": int(fresh_seed()),
+        "fresh": int(draw_seed()),
         "small": int(torch.randint(0, 1000, ())),
         "high_word_only": int(torch.randint(1, 2**30, ())) << 32,
         "max": 2**63 - 1,
     }[seed_kind]
     n = 3001
     expected = triton_randn(seed, n)
-    assert_close(randn_like_index(seed, n), expected, rtol=1e-5, atol=1e-5, name="noise")
+    assert_close(lrt_noise(seed, (n,)), expected, rtol=1e-5, atol=1e-5, name="noise")
     got = lrt_noise(torch.tensor([seed]), (3, 1000, 1))
     assert got.shape == (3, 1000, 1) and got.dtype == torch.float32
     assert_close(got.reshape(-1), expected[:3000], rtol=1e-5, atol=1e-5, name="lrt_noise")
 
 
 def test_noise_equals_triton_randn_at_an_offset():
-    seed, offset = int(fresh_seed()), int(torch.randint(1, 2**30, ()))
+    seed, offset = int(draw_seed()), int(torch.randint(1, 2**30, ()))
     expected = triton_randn(seed, 777, offset)
-    assert_close(randn_like_index(seed, 777, offset=offset), expected, rtol=1e-5, atol=1e-5,
+    assert_close(lrt_noise(seed, (777,), offset=offset), expected, rtol=1e-5, atol=1e-5,
                  name="noise at offset")
     # The offset form is a slice of the long sequence.
-    assert torch.equal(randn_like_index(seed, 50, offset=offset + 10),
-                       randn_like_index(seed, 777, offset=offset)[10:60])
+    assert torch.equal(lrt_noise(seed, (50,), offset=offset + 10),
+                       lrt_noise(seed, (777,), offset=offset)[10:60])
 
 
 def test_noise_moments():
     n = 1 << 20
-    xi = randn_like_index(int(fresh_seed()), n).double()
+    xi = lrt_noise(int(draw_seed()), (n,)).double()
     assert torch.isfinite(xi).all()
     se = 1.0 / math.sqrt(n)
     assert abs(xi.mean().item()) < N_SE * se
@@ -83,15 +83,15 @@ def test_noise_moments():
 
 def test_noise_streams_of_two_seeds_are_uncorrelated():
     n = 1 << 18
-    s = int(fresh_seed())
-    a = randn_like_index(s, n).double()
-    b = randn_like_index(s ^ 1, n).double()
+    s = int(draw_seed())
+    a = lrt_noise(s, (n,)).double()
+    b = lrt_noise(s ^ 1, (n,)).double()
     r = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
     assert abs(r) < N_SE / math.sqrt(n)
 
 
 def test_noise_same_seed_same_output_different_seed_different():
-    s = fresh_seed()
+    s = draw_seed()
     a = lrt_noise(s, (64, 33))
     assert torch.equal(a, lrt_noise(s.clone(), (64, 33)))
     for other in (s + 1, s ^ (1 << 40)):  # low word and high word of the 64-bit key
@@ -102,13 +102,49 @@ def test_noise_same_seed_same_output_different_seed_different():
 # ------------------------------------------------------------------- compiled CPU generator
 @pytest.mark.skipif(not library.has_op("philox_randn_"), reason="sparsevd._C not built")
 @pytest.mark.parametrize("seed", [0, 12345, 2**32 + 7, 2**62 - 1, -3])
-@pytest.mark.parametrize("numel,offset", [(1, 0), (100_003, 0), (4099, 2**32 - 50)])
-def test_native_matches_torch_spec(seed, numel, offset):
-    native = randn_like_index(seed, numel, offset=offset)
+@pytest.mark.parametrize("numel,offset", NOISE_RANGES)
+def test_native_matches_torch_spec(isa, seed, numel, offset):
+    """philox_randn_ (the vectorized generator of each kernel set) against randn_torch, across
+    the 2^32 wrap of the counter and for every tail length of the 16/48-element blocks; every
+    element written (the output starts as NaN)."""
+    out = torch.full((numel,), float("nan"))
+    torch.ops.sparsevd.philox_randn_(out, seed, offset)
     spec = randn_torch(seed, numel, offset=offset)
-    assert native.shape == (numel,) and native.dtype == torch.float32
-    assert torch.isfinite(native).all()
-    torch.testing.assert_close(native, spec, rtol=1e-5, atol=2e-6)
+    assert torch.isfinite(out).all(), "unwritten elements"
+    assert_close(out, spec, rtol=1e-5, atol=2e-6, name=f"noise {isa}")
+    fast = lrt_noise(seed, (numel,), offset=offset)  # what the library calls
+    assert fast.shape == (numel,) and fast.dtype == torch.float32 and torch.equal(fast, out)
+
+
+@pytest.mark.skipif(not library.has_op("philox_randn_"), reason="sparsevd._C not built")
+def test_native_kernel_sets_agree_with_each_other():
+    """All kernel sets give the same numbers to an ulp or two of log/cos, at every offset of a
+    block (the Philox integer part is exact: any difference there would be O(1))."""
+    seed, n = int(draw_seed()), 3001
+    isas = library.supported_cpu_isas()
+    outs = {}
+    old = library.cpu_isa()
+    try:
+        for isa in isas:
+            library.set_cpu_isa(isa)
+            outs[isa] = lrt_noise(seed, (n,), offset=2**32 - 1500)
+    finally:
+        library.set_cpu_isa(old)
+    for isa, o in outs.items():
+        assert_close(o, outs[isas[-1]], rtol=2e-6, atol=1e-6, name=f"{isa} vs {isas[-1]}")
+
+
+@pytest.mark.skipif(not library.has_op("philox_randn_"), reason="sparsevd._C not built")
+def test_native_threads_same_numbers():
+    seed, n = int(draw_seed()), 200_001
+    one = lrt_noise(seed, (n,))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = lrt_noise(seed, (n,))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
 
 
 @pytest.mark.skipif(not library.has_op("philox_randn_"), reason="sparsevd._C not built")
@@ -117,3 +153,10 @@ def test_native_rejects_bad_output():
         torch.ops.sparsevd.philox_randn_(torch.empty(4, dtype=torch.float64), 1, 0)
     with pytest.raises(RuntimeError, match="out"):
         torch.ops.sparsevd.philox_randn_(torch.empty(4, 2).t(), 1, 0)
+
+
+@pytest.mark.skipif(not library.has_op("native_set_isa"), reason="sparsevd._C not built")
+def test_cpu_isa_switch_names_the_argument():
+    with pytest.raises(RuntimeError, match="isa"):
+        library.set_cpu_isa("sse9")
+    assert library.cpu_isa() in library.CPU_ISAS

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_ieee_close
+from sample_inputs import NONFINITE, inject_nonfinite, structured_weight
 
 from sparsevd.nn import SparseConv2d, SparseLinear
 from sparsevd.nn.sparse import to_csr
@@ -14,35 +15,8 @@ from sparsevd.ops import csr as csr_mod
 from sparsevd.ops import library
 
 TOL = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-12, 1e-10)}  # (rtol, atol)
-NONFINITE = (float("nan"), float("inf"), float("-inf"))
 needs_kernel = pytest.mark.skipif(not library.available(),
                                   reason=f"sparsevd._C not built ({library.unavailable_reason()})")
-
-
-def structured_weight(n, k, dtype=torch.float32):
-    """W (n, k) with unused columns (all zero), partial ones (zero in about half the rows) and full
-    ones (nonzero in every row), and the three index sets."""
-    w = torch.randn(n, k, dtype=dtype)
-    perm = torch.randperm(k)
-    unused, partial, full = perm[: k // 4], perm[k // 4: k // 2], perm[k // 2:]
-    w[:, unused] = 0
-    drop = torch.zeros(n, k, dtype=torch.bool)
-    drop[:, partial] = torch.rand(n, partial.numel()) < 0.5
-    w[drop] = 0
-    return w, {"unused": unused, "partial": partial, "full": full}
-
-
-def inject_nonfinite(x, cols, where):
-    """Rows 0, 2, ... of x (*, K) get 1-3 values from NaN, +inf, -inf at columns of kind ``where``
-    (``"mixed"``: any kind); the other rows stay finite."""
-    x = x.clone()
-    flat = x.view(-1, x.shape[-1])
-    kinds = list(cols) if where == "mixed" else [where]
-    for b in range(0, flat.shape[0], 2):
-        for _ in range(int(torch.randint(1, 4, ()))):
-            c = cols[kinds[int(torch.randint(len(kinds), ()))]]
-            flat[b, c[int(torch.randint(c.numel(), ()))]] = NONFINITE[int(torch.randint(3, ()))]
-    return x
 
 
 def reference(layer, x):

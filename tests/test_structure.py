@@ -3,6 +3,7 @@
 the library or the benchmarks, one loader of the compiled library, and each op family found under
 one name in every folder."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -136,33 +137,98 @@ def test_one_loader_of_the_compiled_library():
     assert loaders == ["sparsevd.ops.library"], loaders
 
 
-#: Each op family under one name: (op module, kernels, tests, benchmark).
-OP_FAMILIES = {
-    "lrt_linear": ["sparsevd/ops/lrt.py", "triton_kernels/lrt_linear.py", "tests/test_lrt_linear.py",
-                   "benchmarks/bench_lrt_linear.py"],
-    "lrt_conv": ["sparsevd/ops/lrt.py", "triton_kernels/lrt_conv.py", "sparsevd/ops/triton_conv.py",
-                 "tests/test_lrt_conv.py", "tests/test_lrt_conv_triton.py", "benchmarks/bench_lrt_conv.py"],
-    "kl": ["sparsevd/ops/kl.py", "triton_kernels/kl.py", "tests/test_kl.py", "benchmarks/bench_kl.py"],
-    "csr_linear": ["sparsevd/ops/csr.py", "csrc/cpu/csr_linear_cpu.cpp",
-                   "csrc/cuda/csr_linear_kernels.cu", "tests/test_csr_linear.py",
-                   "benchmarks/bench_csr_linear.py"],
-    "noise": ["sparsevd/ops/noise.py", "csrc/cpu/noise_cpu.cpp", "tests/test_noise.py"],
-}
+#: The op families, each under one name in every folder (docs/design.md, "Op families"): its package
+#: sparsevd/ops/<family>/ (FAMILY_PACKAGE), its Triton kernels, its tests and its benchmark.
+OP_FAMILIES = ("lrt_linear", "lrt_conv2d", "kl")
+#: The files of a family's package: the math (the reference backend), the custom ops, one module per
+#: other backend.
+FAMILY_PACKAGE = ("__init__.py", "naive.py", "op.py", "native.py", "triton.py")
+#: The backend modules of a family, which only sparsevd.ops.backend imports (on first use).
+BACKEND_MODULES = ("native", "triton")
+#: What the families share, beside their packages.
+OPS_SHARED = ("__init__.py", "backend.py", "library.py", "weights.py", "conv_geometry.py", "noise.py",
+              "lrt_common.py", "triton_common.py", "csr.py")
 
 
-@pytest.mark.parametrize("family", list(OP_FAMILIES))
-def test_op_family_paths_exist_and_are_documented(family):
+def family_paths(family):
+    """Every file of ``family`` outside its package, under its one name."""
+    return [f"triton_kernels/{family}.py", f"csrc/cpu/{family}_cpu.cpp", f"tests/test_{family}.py",
+            f"tests/test_{family}_native.py", f"tests/test_{family}_triton.py", f"benchmarks/bench_{family}.py"]
+
+
+@pytest.mark.parametrize("family", OP_FAMILIES)
+def test_op_family_has_its_files_under_one_name_and_they_are_documented(family):
     design = (ROOT / "docs" / "design.md").read_text()
-    for rel in OP_FAMILIES[family]:
-        assert (ROOT / rel).is_file(), rel
+    package = ROOT / "sparsevd" / "ops" / family
+    assert sorted(p.name for p in package.glob("*.py")) == sorted(FAMILY_PACKAGE), family
+    for rel in [f"sparsevd/ops/{family}/"] + family_paths(family):
+        assert (ROOT / rel).exists(), rel
         assert rel in design, f"docs/design.md does not list {rel} ({family})"
+    # The family's test module runs every backend and device (conftest.py): it names its op.
+    text = (ROOT / "tests" / f"test_{family}.py").read_text()
+    assert '\nOP = "' in text, f"tests/test_{family}.py names no OP"
+
+
+def test_the_ops_package_is_the_families_and_what_they_share():
+    ops = ROOT / "sparsevd" / "ops"
+    assert sorted(p.name for p in ops.glob("*.py")) == sorted(OPS_SHARED)
+    assert sorted(p.name for p in ops.iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(OP_FAMILIES)
+    from sparsevd.ops import backend
+
+    assert set(backend.families()) == set(OP_FAMILIES)
+
+
+def test_backend_modules_are_imported_by_the_dispatcher_only():
+    """Nothing in the library imports a family's backend module: sparsevd.ops.backend loads it on
+    first use (by name), so a missing triton or compiled library only makes that backend
+    unavailable."""
+    backends = {f"sparsevd.ops.{f}.{b}" for f in OP_FAMILIES for b in BACKEND_MODULES}
+    for name, deps in GRAPH.items():
+        assert not deps & backends, f"{name} imports a backend module ({sorted(deps & backends)})"
+
+
+def test_one_name_for_the_math_and_one_for_the_backend_that_runs_it():
+    """The math of a family is ``naive_<op>`` (its naive.py); the backends' implementations are
+    ``native_<op>`` and ``triton_<op>``; the word "reference" names the backend only (and the
+    re-export module sparsevd.reference): no module under sparsevd/ops is called reference*."""
+    for family in OP_FAMILIES:
+        tree = ast.parse((ROOT / "sparsevd" / "ops" / family / "naive.py").read_text())
+        public = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")]
+        assert public and all(n.startswith("naive_") for n in public), (family, public)
+        for backend_name in BACKEND_MODULES:
+            tree = ast.parse((ROOT / "sparsevd" / "ops" / family / f"{backend_name}.py").read_text())
+            registered = [n.args[2].id for n in ast.walk(tree) if isinstance(n, ast.Call)
+                          and getattr(n.func, "id", None) == "register_impl"]
+            assert registered and all(r.startswith(backend_name + "_") for r in registered), (family, registered)
+    assert not list((ROOT / "sparsevd" / "ops").rglob("reference*.py"))
+
+
+def test_every_cpp_schema_is_in_one_block_of_ops_cpp():
+    """csrc/ops.cpp holds the one TORCH_LIBRARY(sparsevd, m) block and every m.def; the kernels
+    register with TORCH_LIBRARY_IMPL in their own files (no TORCH_LIBRARY_FRAGMENT)."""
+    sources = sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cpp", ".cu", ".h"))
+    assert sources
+    for path in sources:
+        text = path.read_text()
+        rel = path.relative_to(ROOT).as_posix()
+        assert "TORCH_LIBRARY_FRAGMENT(" not in text, rel
+        if rel == "csrc/ops.cpp":
+            assert text.count("TORCH_LIBRARY(sparsevd, m)") == 1
+            continue
+        assert "TORCH_LIBRARY(" not in text and "m.def(" not in text, f"{rel} defines a schema"
+    registered = set()
+    for path in sources:
+        registered |= set(re.findall(r'm\.impl\("(\w+)"', path.read_text()))
+    defined = set(re.findall(r'm\.def\("(\w+)\(', (ROOT / "csrc" / "ops.cpp").read_text()))
+    assert registered <= defined, sorted(registered - defined)
 
 
 def test_docstrings_cite_the_design_document_of_this_repo():
     """Every citation of a design document names docs/design.md, which exists."""
     assert (ROOT / "docs" / "design.md").is_file()
     for path in list((ROOT / "sparsevd").rglob("*.py")) + list((ROOT / "triton_kernels").glob("*.py")) \
-            + list((ROOT / "tests").glob("*.py")) + list((ROOT / "benchmarks").glob("*.py")):
+            + list((ROOT / "tests").glob("*.py")) + list((ROOT / "benchmarks").glob("*.py")) \
+            + [p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cpp", ".cu", ".h")]:
         text = path.read_text()
         for i, line in enumerate(text.splitlines(), 1):
             if "DESIGN.md" in line and path.name != "test_structure.py":

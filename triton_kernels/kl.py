@@ -8,7 +8,7 @@ Per weight, with raw = log σ² − log(θ² + 1e-8) and log α = clamp(raw, −
     ∂KL/∂log σ² = ∂KL/∂log α · [−10 < raw < 10]
     ∂KL/∂θ     = ∂KL/∂log σ² · (−2θ / (θ² + 1e-8))
 
-Launchers and registration: :mod:`sparsevd.ops.triton_impl`.
+Launcher: :mod:`sparsevd.ops.kl.triton`.
 """
 import triton
 import triton.language as tl

@@ -10,7 +10,7 @@ Backward (two kernels), g = ∂L/∂y::
     ∂x = g θ + 2x ⊙ (g_s2 σ²),   ∂θ = gᵀ x,   ∂log σ² = σ² ⊙ (g_s2ᵀ (x ⊙ x)),   ∂b = Σ_rows g
 
 ξ[m, n] = tl.randn(seed, m·N + n), the row-major index of the output element taken modulo 2³²
-(bit for bit :func:`sparsevd.ops.noise.randn_like_index`). x² and σ² = exp(log σ²) are formed in
+(bit for bit :func:`sparsevd.ops.noise.lrt_noise`). x² and σ² = exp(log σ²) are formed in
 registers from the loaded tiles of x and log σ², never stored.
 
 Argument conventions (all kernels): x is (M, K) with one or two flattened leading dims (row m sits at
@@ -43,7 +43,7 @@ first K column, which still sums ∂b = Σ g) and write zeros. COUNT_SKIPS (test
 skipped tiles to cnt_ptr[0..2] (forward K steps, ∂x N steps, dead ∂θ tiles). Without CLIP the
 kernels are the unclipped ones (every CLIP branch is a compile-time one).
 
-Launchers, autotuning and registration: :mod:`sparsevd.ops.triton_impl`.
+Launchers and autotuning: :mod:`sparsevd.ops.lrt_linear.triton`.
 """
 import triton
 import triton.language as tl
@@ -341,11 +341,3 @@ def lrt_linear_bwd_kernel(
         tl.store(p_gl, b_gl.to(gl_ptr.dtype.element_ty), mask=m_nk)
         if pid_k == 0:
             tl.store(gb_ptr + o_n, acc_b.to(gb_ptr.dtype.element_ty), mask=m_n)
-
-
-@triton.jit
-def lrt_noise_kernel(seed_ptr, out_ptr, numel, BLOCK: tl.constexpr):
-    """out[i] = ξ[i] = tl.randn(seed, i mod 2³²) in fp32, the noise the LRT kernels draw (tests)."""
-    o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
-    b_xi = tl.randn(tl.load(seed_ptr), o.to(tl.uint32))
-    tl.store(out_ptr + o, b_xi, mask=o < numel)

@@ -1,13 +1,13 @@
 // Eager-mode autograd of the native backend: sparsevd::native_lrt_linear_autograd,
 // native_lrt_conv2d_autograd and native_kl_sparse_vd_autograd are the training forward of the
 // LRT layers and the KL with their backward in C++ (torch::autograd::Function), so that an eager
-// CPU step runs no Python between the layers' kernels. The Python custom ops of sparsevd/ops
-// (lrt.py, kl.py) stay the entry point for torch.compile, dispatch modes and functorch; both paths
+// CPU step runs no Python between the layers' kernels (schemas in csrc/ops.cpp; one section per op
+// family below). The Python custom ops (sparsevd/ops/<family>/op.py) stay the entry point for torch.compile, dispatch modes and functorch; both paths
 // run the same kernels (native_lrt_linear[_backward], native_lrt_conv2d[_backward],
-// native_kl_sparse_vd of lrt_cpu.cpp and kl_cpu.cpp) and give bit-identical results.
+// native_kl_sparse_vd of lrt_linear_cpu.cpp, lrt_conv2d_cpu.cpp and kl_cpu.cpp) and give bit-identical results.
 //
 // Saved for backward: x, θ, log σ², std and the seed, as the custom ops save them (ξ is
-// regenerated from the seed; σ² comes from lrt_cpu.cpp's cache keyed on std). The KL saves its
+// regenerated from the seed; σ² comes from the cache of lrt_common_cpu.cpp, keyed on std). The KL saves its
 // gradients, computed in the forward's pass; its backward scales them by the incoming gradient and
 // returns them as they are when that gradient is 1 (the SGVLB's β = 1 after the warm-up).
 // The backward ops are not differentiable: with create_graph=True their results carry an autograd
@@ -145,7 +145,7 @@ at::Tensor lrt_linear_inference(const at::Tensor& x, const at::Tensor& weight, c
 
 // ------------------------------------------------------------------------------------ conv2d
 // The layout of y and std, in which the backward takes its grad: channels_last when x or θ is laid
-// out channels_last (and not also contiguous), else contiguous (sparsevd/ops/lrt.py,
+// out channels_last (and not also contiguous), else contiguous (sparsevd/ops/conv_geometry.py,
 // conv_memory_format).
 at::MemoryFormat conv_memory_format(const at::Tensor& x, const at::Tensor& weight) {
   for (const at::Tensor* t : {&x, &weight}) {
@@ -266,14 +266,6 @@ std::tuple<at::Tensor, at::Tensor> kl_sparse_vd_inference(at::TensorList weights
 }  // namespace
 }  // namespace cpu
 }  // namespace sparsevd
-
-TORCH_LIBRARY_FRAGMENT(sparsevd, m) {
-  m.def("native_lrt_linear_autograd(Tensor x, Tensor weight, Tensor log_sigma2, Tensor? bias, Tensor seed, "
-        "float? clip_threshold=None) -> Tensor");
-  m.def("native_lrt_conv2d_autograd(Tensor x, Tensor weight, Tensor log_sigma2, Tensor? bias, Tensor seed, "
-        "int[] stride, int[] padding, int[] dilation, int groups, float? clip_threshold=None) -> Tensor");
-  m.def("native_kl_sparse_vd_autograd(Tensor[] weights, Tensor[] log_sigma2s) -> (Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(sparsevd, Autograd, m) {
   m.impl("native_lrt_linear_autograd", &sparsevd::cpu::lrt_linear_autograd);

@@ -1,6 +1,7 @@
 // The per-chunk CPU kernels of the native backend, behind a table of function pointers chosen at
 // run time for the CPU: AVX-512F, AVX2+FMA or portable C++ (kernels.cpp compiles one body,
-// kernels_body.h, three times). The ops (lrt_cpu.cpp, kl_cpu.cpp, philox_cpu.cpp) do the argument
+// kernels_body.h, three times). The ops (lrt_linear_cpu.cpp, lrt_conv2d_cpu.cpp and lrt_common_cpu.cpp, kl_cpu.cpp,
+// noise_cpu.cpp) do the argument
 // checks, the GEMMs / convolutions and the threading, and call these on contiguous raw pointers.
 #pragma once
 
@@ -32,8 +33,8 @@ struct ElementwiseKernels {
   // Backward prologue: g_s2 = g·ξ / (2·std); when gb != nullptr also gb[c] += g (fp64 sums).
   void (*lrt_backward_gs2)(const T* g, const T* std, T* gs2, double* gb, int64_t C, int64_t inner,
                            int64_t first, philox::Key key, int64_t n);
-  // σ² pass of the LRT ops (lrt_cpu.cpp, "σ² pass"): s2 = exp(ls2). With train-time clipping
-  // (state != nullptr) also, per weight, the mask of sparsevd.reference.clip_mask,
+  // σ² pass of the LRT ops (lrt_common.h, "σ² pass"): s2 = exp(ls2). With train-time clipping
+  // (state != nullptr) also, per weight, the mask of sparsevd.ops.weights.clip_mask,
   //   m = [clamp(ls2 − log(w·w + 1e-8), −10, 10) < thr]   (w·w and + 1e-8 rounded separately, as
   //   torch's two ops; NaN log α → m = 0; thr is the threshold rounded to T, as torch rounds a
   //   scalar for a comparison with a T tensor),
@@ -49,7 +50,7 @@ struct ElementwiseKernels {
   // dst (cols, ld) = src (rows, cols)ᵀ, both row-major, for the rows [c0, c1) of dst, whose
   // columns [rows, ld) are set to 0 (ld ≥ rows).
   void (*transpose)(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ld, int64_t c0, int64_t c1);
-  // Weight gradients of the clipped linear backward on the CSR of the kept weights (lrt_cpu.cpp,
+  // Weight gradients of the clipped linear backward on the CSR of the kept weights (lrt_common.h,
   // "sparse products"): for the rows r in [r0, r1) of θ, rows r of gw and t3 (N, K) are written
   // whole, 0 except at the CSR entries j in [crow[r], crow[r + 1]), where with c = col[j]
   //   gw[r, c] = (Σ_b gT[r, b] xT[c, b]) · keep[j],   t3[r, c] = (Σ_b gs2T[r, b] (xT[c, b])²) · s2[j]

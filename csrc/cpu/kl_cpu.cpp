@@ -1,8 +1,8 @@
 // sparsevd::native_kl_sparse_vd(weights, log_sigma2s, with_grad) -> (kl, grads_weight, grads_log_sigma2,
-// nonfinite): the `native` CPU backend of sparsevd::kl_sparse_vd (sparsevd/ops/kl.py), with the
-// return convention of reference_impl.kl_fwd plus a per-layer flag vector.
+// nonfinite): the `native` CPU backend of sparsevd::kl_sparse_vd (sparsevd/ops/kl/), with the
+// return convention of its naive math (sparsevd/ops/kl/naive.py) plus a per-layer flag vector.
 //
-// Math (eq. 14 of Molchanov et al. 2017; the fp64 spec is reference_impl._kl_terms), per weight:
+// Math (eq. 14 of Molchanov et al. 2017; the fp64 spec is sparsevd/ops/kl/naive.py, _kl_terms), per weight:
 //   raw = log σ² − log(θ² + 1e-8),  la = clamp(raw, −10, 10),  z = k2 + k3·la,
 //   KL = k1·σ(−z) + ½·log1p(e^{−la})                  (= −(k1 σ(z) − ½ softplus(−la) − k1), no cancellation)
 //   ∂KL/∂log σ² = ∂la = −(k1 k3 σ(z)σ(−z) + ½ σ(−la)) · [−10 < raw < 10]
@@ -131,10 +131,5 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
 }  // namespace
 }  // namespace cpu
 }  // namespace sparsevd
-
-TORCH_LIBRARY_FRAGMENT(sparsevd, m) {
-  m.def("native_kl_sparse_vd(Tensor[] weights, Tensor[] log_sigma2s, bool with_grad) "
-        "-> (Tensor, Tensor[], Tensor[], Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(sparsevd, CPU, m) { m.impl("native_kl_sparse_vd", &sparsevd::cpu::kl_sparse_vd); }

@@ -1,7 +1,8 @@
 // sparsevd::philox_randn_(out, seed, offset): fills a contiguous fp32 CPU tensor with the LRT noise
 // ξ[i] = tl.randn(seed, offset + i) (philox.h states the generator) — the numbers the Triton
-// kernels draw in registers and the native LRT kernels draw inline. The reference backend on CPU
-// uses it to regenerate ξ; sparsevd/ops/noise.py holds the same generator in torch ops (the spec).
+// kernels draw in registers and the native LRT kernels draw inline. sparsevd/ops/noise.py
+// (lrt_noise) calls it to regenerate ξ on CPU and holds the same generator in torch ops (the spec).
+// The schema is in csrc/ops.cpp.
 // Vectorized (AVX-512 / AVX2, chosen at run time, kernels.h) and parallel over chunks.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -40,10 +41,6 @@ void philox_randn_(at::Tensor out, int64_t seed, int64_t offset) {
 }  // namespace
 }  // namespace cpu
 }  // namespace sparsevd
-
-TORCH_LIBRARY_FRAGMENT(sparsevd, m) {
-  m.def("philox_randn_(Tensor(a!) out, int seed, int offset=0) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(sparsevd, CPU, m) {
   m.impl("philox_randn_", &sparsevd::cpu::philox_randn_);

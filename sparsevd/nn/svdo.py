@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import functional as SF
-from .. import reference
-from .._args import IntOrPair, Padding, as_pair, as_single, check_groups, check_threshold, conv_padding
+from .._args import IntOrPair, Padding, as_pair, as_single, check_groups, check_threshold
+from ..ops.conv_geometry import conv_padding
+from ..ops.weights import eval_mask
 
 #: True when autocast is on for any device (a private torch helper, 5x cheaper than asking per
 #: device type; the public per-device check where it is missing).
@@ -95,7 +96,7 @@ class _SVDOMixin:
         ``threshold`` unless one is given), shape of ``weight``."""
         SF.check_parameters(self.weight, self.log_sigma2)
         t = self.threshold if threshold is None else threshold
-        return reference.eval_mask(self.weight, self.log_sigma2, t)
+        return eval_mask(self.weight, self.log_sigma2, t)
 
     def _eval_params(self, dtype: torch.dtype):
         """(θ ⊙ [log α < threshold], b) detached, in ``dtype``, cached until a parameter changes
@@ -301,7 +302,7 @@ class Conv2dSVDO(_SVDOMixin, nn.Module):
         self.kernel_size = as_pair(kernel_size, "kernel_size")
         self.stride = as_pair(stride, "stride")
         self.dilation = as_pair(dilation, "dilation")
-        #: (top, bottom, left, right), what ``padding`` resolves to (docs: sparsevd._args.conv_padding)
+        #: (top, bottom, left, right), what ``padding`` resolves to (docs: sparsevd.ops.conv_geometry.conv_padding)
         self.padding_sides = conv_padding(padding, self.kernel_size, self.stride, self.dilation)
         #: as given: a pair of ints, or the string "same" / "valid" (as nn.Conv2d keeps it)
         self.padding = padding if isinstance(padding, str) else as_pair(padding, "padding")
@@ -326,7 +327,7 @@ class Conv2dSVDO(_SVDOMixin, nn.Module):
         if self._eval_uncached():
             return SF.masked_conv2d(x, self.weight, self.log_sigma2, self.bias, *args,
                                     threshold=self.threshold)
-        x, unbatched, *_ = SF._check_conv2d(x, self.weight, self.log_sigma2, self.bias, *args,
+        x, unbatched, *_ = SF.check_conv2d_args(x, self.weight, self.log_sigma2, self.bias, *args,
                                             check_finite=False)
         y = F.conv2d(x, *self._eval_params(x.dtype), *args)
         return y.squeeze(0) if unbatched else y
@@ -405,10 +406,10 @@ class Conv1dSVDO(_SVDOMixin, nn.Module):
         if self._eval_uncached():
             return SF.masked_conv1d(x, self.weight, self.log_sigma2, self.bias, *args,
                                     threshold=self.threshold)
-        x4, w4, s4, stride, padding, dilation, unbatched = SF._check_conv1d(
+        x4, w4, s4, stride, padding, dilation, unbatched = SF.check_conv1d_args(
             x, self.weight, self.log_sigma2, self.bias, *args, check_finite=False)
         # channels, length vs kernel, dtype and autocast, as the 2-D layer checks them
-        x4 = SF._check_conv2d(x4, w4, s4, self.bias, stride, padding, dilation, self.groups,
+        x4 = SF.check_conv2d_args(x4, w4, s4, self.bias, stride, padding, dilation, self.groups,
                               check_finite=False)[0]
         y = F.conv1d(x4.squeeze(-2), *self._eval_params(x4.dtype), *args)
         return y.squeeze(0) if unbatched else y

@@ -1,36 +1,31 @@
-"""``torch.library`` custom ops of sparsevd (namespace ``sparsevd``).
+"""``torch.library`` custom ops of sparsevd (namespace ``sparsevd``), one package per op family.
 
-Ops: ``lrt_linear``, ``lrt_linear_backward``, ``lrt_conv2d``, ``lrt_conv2d_backward`` (the
-backward ops skip ∂x with ``need_grad_x=False``), ``kl_sparse_vd``, ``log_alpha`` (and ``csr_linear`` from the compiled library, when built). Each has
-a fake (meta) implementation and a registered autograd, and dispatches to the backend chosen by
-``SPARSEVD_BACKEND`` (see :mod:`sparsevd.ops.backend`). ``run_lrt_linear``, ``run_lrt_conv2d`` and
-``run_kl_sparse_vd`` return the differentiable output through the backend's eager autograd op
-where it has one (native, eager mode) and through the custom op otherwise. The user-facing API with
-argument checks is :mod:`sparsevd.functional`.
+- :mod:`.lrt_linear`: ``lrt_linear``, ``lrt_linear_backward`` (the LRT linear layer);
+- :mod:`.lrt_conv2d`: ``lrt_conv2d``, ``lrt_conv2d_backward`` (the LRT convolution; 1-D too);
+- :mod:`.kl`: ``kl_sparse_vd`` (the KL of many layers and its gradients), ``log_alpha``;
+- :mod:`.csr`: ``csr_linear`` (the deployed layers' matmul, from the compiled library, with a
+  torch fallback).
+
+A family's package holds its math (``naive.py``, the ``reference`` backend), its custom ops with
+fake implementations and autograd (``op.py``), and one module per other backend (``native.py``,
+``triton.py``), which :mod:`.backend` imports on first use (``SPARSEVD_BACKEND``). What the
+families share: :mod:`.weights` (the per-weight math: log α, the masks, the constants),
+:mod:`.conv_geometry`, :mod:`.noise` (ξ and the seed), :mod:`.triton_common`, :mod:`.library`
+(the one loader of ``sparsevd._C`` and its CPU switches). The user-facing API with argument checks
+is :mod:`sparsevd.functional`; docs/design.md, "Layout", maps every file.
 """
-from . import reference_impl  # noqa: F401  registers the reference backend
-from .csr import csr_linear
+from . import kl, lrt_conv2d, lrt_linear
 from .backend import BACKENDS, BackendUnavailableError, get_impl, register_impl, requested_backend
-from .kl import kl_sparse_vd, log_alpha, run_kl_sparse_vd
-from .lrt import (lrt_conv2d, lrt_conv2d_backward, lrt_linear, lrt_linear_backward, run_lrt_conv2d,
-                  run_lrt_linear)
-from .noise import lrt_noise
+from .csr import csr_linear
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "csr_linear",
     "get_impl",
+    "kl",
+    "lrt_conv2d",
+    "lrt_linear",
     "register_impl",
     "requested_backend",
-    "kl_sparse_vd",
-    "log_alpha",
-    "lrt_conv2d",
-    "lrt_conv2d_backward",
-    "lrt_linear",
-    "lrt_linear_backward",
-    "lrt_noise",
-    "run_kl_sparse_vd",
-    "run_lrt_conv2d",
-    "run_lrt_linear",
 ]

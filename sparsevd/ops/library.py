@@ -1,23 +1,39 @@
-"""The one loader of the compiled op library ``sparsevd._C`` (csrc/).
+"""The one loader of the compiled op library ``sparsevd._C`` (csrc/), and its CPU switches.
 
-Importing ``sparsevd._C`` registers its C++ ops under ``torch.ops.sparsevd`` (``csr_linear``,
-``philox_randn_``, ...). Every module that needs a compiled op asks this module instead of
-importing ``_C`` itself, so the import happens once, a failure never breaks ``import sparsevd``,
-and the import error is kept for messages (:func:`unavailable_reason`).
+Importing ``sparsevd._C`` registers its C++ ops under ``torch.ops.sparsevd`` (every schema is in
+csrc/ops.cpp: ``csr_linear``, ``philox_randn_``, the ``native_*`` kernels of the op families).
+Every module that needs a compiled op asks this module instead of importing ``_C`` itself, so the
+import happens once, a failure never breaks ``import sparsevd``, and the import error is kept for
+messages (:func:`unavailable_reason`, :func:`require_ops`).
 
 The compiled library is optional: without it the package falls back to torch kernels (slower) and
 says so once (see :mod:`sparsevd.ops.csr`).
+
+Switches of the compiled CPU kernels, for tests and benchmarks (ops without tensor arguments):
+
+- the instruction set, one switch for every CPU kernel (the LRT and KL passes, the noise
+  generator, the CSR kernels' AVX2 path): :func:`set_cpu_isa` / :func:`cpu_isa`
+  (``torch.ops.sparsevd.native_set_isa`` / ``native_isa``; ``SPARSEVD_CPU_ISA`` sets it at load);
+- ``native_set_products("auto" | "serial" | "concurrent")`` (also ``SPARSEVD_NATIVE_PRODUCTS``):
+  how the LRT ops run their GEMMs;
+- ``native_set_compact("auto" | "never" | "always" | "sparse")`` (also
+  ``SPARSEVD_NATIVE_COMPACT``): what the clipped LRT products run on (the measured rule, the full
+  weights, the occupied rows and columns whenever some are dead, or the CSR of the kept weights
+  (linear layers; conv2d then compacts)), and ``native_clip_occupancy(weight, log_sigma2,
+  clip_threshold)``, the weight pass's per-row and per-column counts of occupied weights (int64);
+- ``native_sigma2_cache(enabled)`` and ``native_sigma2_cache_stats()`` (hits, misses, entries of
+  the cache that hands the forward's weight pass to the backward).
 """
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["BUILD_HINT", "available", "has_cuda", "has_op", "kernel_available", "module",
-           "unavailable_reason"]
+__all__ = ["BUILD_HINT", "CPU_ISAS", "available", "cpu_isa", "has_cuda", "has_op", "kernel_available",
+           "module", "require_ops", "set_cpu_isa", "supported_cpu_isas", "unavailable_reason"]
 
 #: How to build the compiled op library, for messages.
 BUILD_HINT = (
@@ -79,3 +95,56 @@ def kernel_available(device) -> bool:
     if device.type == "cuda":
         return has_cuda()
     return False
+
+
+def require_ops(*names: str) -> None:
+    """Raise ImportError unless ``sparsevd._C`` is loaded and registers every op in ``names``: a
+    backend module calls this at import, which makes its backend unavailable (with this message)
+    where the library is missing or stale."""
+    if not available():
+        raise ImportError(f"sparsevd._C is not available: {unavailable_reason()}")
+    missing = [name for name in names if not has_op(name)]
+    if missing:
+        raise ImportError(f"sparsevd._C has no {', '.join(missing)}: rebuild the extension "
+                          "(pip install --no-build-isolation -e .)")
+
+
+#: The kernel sets of the compiled CPU kernels, widest first ("auto" picks the widest this CPU runs).
+CPU_ISAS = ("avx512", "avx2", "scalar")
+
+
+def cpu_isa() -> str:
+    """The kernel set the compiled CPU kernels run now: "avx512", "avx2" or "scalar" (portable C++)."""
+    require_ops("native_isa")
+    return torch.ops.sparsevd.native_isa()
+
+
+def set_cpu_isa(isa: str) -> str:
+    """Switch every compiled CPU kernel to the kernel set ``isa`` ("avx512", "avx2", "scalar" or
+    "auto"); returns the previous one. The CSR kernels have AVX2 and portable code: "avx512"
+    runs their AVX2 code, "scalar" their portable code.
+
+    Raises:
+        RuntimeError: this CPU does not run ``isa`` (the message names ``isa``).
+        ImportError: the compiled library is not built.
+    """
+    require_ops("native_set_isa")
+    return torch.ops.sparsevd.native_set_isa(isa)
+
+
+def supported_cpu_isas() -> Tuple[str, ...]:
+    """The kernel sets of :data:`CPU_ISAS` that this CPU runs (none without the compiled library)."""
+    if not has_op("native_set_isa"):
+        return ()
+    previous = cpu_isa()
+    out = []
+    try:
+        for isa in CPU_ISAS:
+            try:
+                set_cpu_isa(isa)
+            except RuntimeError:
+                continue
+            out.append(isa)
+    finally:
+        set_cpu_isa(previous)
+    return tuple(out)

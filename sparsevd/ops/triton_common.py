@@ -1,13 +1,14 @@
 """What the Triton launchers of every op family share: the dot precision and accumulator dtype
 of a call, the autotuning switch, tile configs and the elementwise block size.
 
-Used by :mod:`sparsevd.ops.triton_impl` (lrt_linear, kl) and :mod:`sparsevd.ops.triton_conv`
-(lrt_conv2d). Importing it needs triton (an ImportError makes the triton backend unavailable).
+Used by the families' triton backends (:mod:`sparsevd.ops.lrt_linear.triton`,
+:mod:`sparsevd.ops.lrt_conv2d.triton`, :mod:`sparsevd.ops.kl.triton`). Importing it needs triton
+(an ImportError makes the triton backend unavailable).
 """
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import triton
@@ -32,6 +33,23 @@ def make_config(t, group_m=8) -> triton.Config:
     bm, bn, bk, warps, stages = t
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
                          num_warps=warps, num_stages=stages)
+
+
+def tile_configs(tiles: Dict[Tuple[str, str], List[tuple]], kernel: str,
+                 interpreter_tile: tuple) -> List[triton.Config]:
+    """The autotuning candidates of a family's "fwd" or "bwd" matmul kernel: one configuration,
+    ``interpreter_tile``, when interpreting (TRITON_INTERPRET=1); else every tile of
+    ``tiles[(kernel, kind)]`` over the kinds of dot, each once and in order (the family's pruner
+    narrows them per call to the call's kind)."""
+    if interpreter_enabled():
+        return [make_config(interpreter_tile)]
+    seen, out = set(), []
+    for (k, _), kind_tiles in tiles.items():
+        for t in kind_tiles if k == kernel else ():
+            if t not in seen:
+                seen.add(t)
+                out.append(make_config(t))
+    return out
 
 
 def dot_kind(x_dtype: torch.dtype, precision: str, acc_f64: bool) -> str:
@@ -60,7 +78,7 @@ def acc_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def precision(x: torch.Tensor) -> str:
-    """``input_precision`` of the dots for activations x (docs: sparsevd.ops.triton_impl)."""
+    """``input_precision`` of the dots for activations x (docs: sparsevd.ops.lrt_linear.triton)."""
     if x.dtype == torch.float16:
         return "tf32"  # the variance products of fp16 inputs run on fp32 operands
     if x.dtype != torch.float32:

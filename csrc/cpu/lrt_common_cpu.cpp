@@ -1,78 +1,24 @@
-// The `native` CPU backend of the LRT layers (DESIGN.md, "The math"): ops
-//   sparsevd::native_lrt_linear, native_lrt_linear_backward, native_lrt_conv2d, native_lrt_conv2d_backward
-// with the signatures and return conventions of sparsevd/ops/reference_impl.py (plus an
-// `input_grad` flag on the backward ops: false skips the two products of ∂x).
-//
-// Plan of every op: the products go to ATen (at::mm -> MKL/oneDNN GEMM; at::convolution /
-// at::convolution_backward -> oneDNN), every elementwise step runs in one fused, vectorized pass
-// (kernels.h) with ξ generated inline, chunk by chunk, from the seed:
-//
-//   forward   x2 = x ⊙ x                                     (pass 1, over x)
-//             μ = x θᵀ,  s² = x2 (σ²)ᵀ                        (2 products)
-//             std = sqrt(s² + 1e-8), y = μ + b + std ⊙ ξ      (pass 2, over y)
-//   backward  g_s2 = g ⊙ ξ / (2 std),  ∂b = Σ g               (pass 1, over y)
-//             x2 = x ⊙ x                                      (pass 2, over x)
-//             ∂θ = gᵀ x,  T3 = g_s2ᵀ x2,  [T1 = g θ,  T2 = g_s2 σ²]   (2 or 4 products)
-//             ∂log σ² = σ² ⊙ T3,  [∂x = T1 + 2x ⊙ T2]        (passes 3, 4)
-//
-// (convolution: conv(x, θ), conv(x2, σ²) and their input / weight gradients instead.) σ² =
-// exp(log σ²) comes from the σ² pass over the parameters (below), which under train-time clipping
-// (clip_threshold) also forms θ ⊙ m, σ² ⊙ m and the occupancy of the rows and columns of θ; the
-// products then use θ ⊙ m and σ² ⊙ m, on the occupied rows and columns only when enough are dead
-// ("compaction"), and the backward's epilogue multiplies ∂θ by m (∂log σ² = σ²m ⊙ T3 is zero there
-// already). The forward files what the σ² pass made under its std output, so the backward reuses
-// it (weights_remember). ξ is
-// regenerated in the backward rather than kept (benchmarks/NOTES.md, "Native CPU backend", has the
-// measurements behind both choices). GEMMs run one after the other, each on all of torch's
-// threads, or — with 2 <= threads <= number of GEMMs — concurrently, one single-threaded GEMM per
-// thread (MKL runs sequentially inside a parallel region), which is faster for the small GEMMs of
-// LeNet-sized layers. Convolutions always run one after the other: oneDNN's backward-weights
-// kernels deadlock inside an OpenMP parallel region (their reduction waits at a barrier for
-// threads that a nested region never starts; seen with torch 2.13 / oneDNN 3.12).
-//
-// Dtypes: the math runs in fp64 for fp64 and in fp32 otherwise (bf16/fp16 inputs are widened once,
-// outputs rounded once). Shapes may be empty anywhere (K = 0 gives y = b + 1e-4 ξ); inputs of any
-// strides are copied to contiguous buffers when needed; flat offsets are int64.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+// The shared part of the native LRT ops (lrt_common.h states the plan): threads and the product
+// runner, argument checks, the fused elementwise passes, and the weight (σ²) pass with its cache,
+// compaction, sparse products and occupancy, and the controls that tests and benchmarks set.
+#include "lrt_common.h"
+
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
 #include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <mutex>
-#include <string>
-#include <tuple>
-#include <vector>
-
-#include "csr_linear_cpu.h"
-#include "kernels.h"
 
 namespace sparsevd {
 namespace cpu {
+namespace lrt {
+
 namespace {
-
-// ------------------------------------------------------------------------------------ threading
-// Below these sizes a pass runs on the calling thread (a fork/join of the OpenMP team costs a few
-// µs): the noise passes cost ~1-2 ns per element, the plain ones ~0.1-0.3 ns.
-constexpr int64_t kGrainNoise = 8192;
-constexpr int64_t kGrainPlain = 32768;
-
-template <typename Fn>
-void parallel_range(int64_t n, int64_t grain, const Fn& fn) {
-  if (n <= 0) return;
-  if (n <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
-    fn(int64_t{0}, n);
-    return;
-  }
-  at::parallel_for(0, n, grain, fn);
-}
 
 enum class ProductMode { kAuto, kSerial, kConcurrent };
 
@@ -95,10 +41,8 @@ std::atomic<ProductMode>& product_mode() {
   return mode;
 }
 
-// Runs the independent products of one op, see the header; `nestable`: the jobs may run inside a
-// parallel region (MKL GEMMs: yes; oneDNN convolutions: no). The worker threads of
-// at::parallel_for do not inherit the caller's thread-local state (dispatch-key exclusions such as
-// "below autograd", grad mode, autocast): it is restored in each job.
+}  // namespace
+
 void run_products(const std::vector<std::function<void()>>& jobs, bool nestable) {
   const int64_t n = static_cast<int64_t>(jobs.size());
   const int64_t threads = at::get_num_threads();
@@ -115,21 +59,6 @@ void run_products(const std::vector<std::function<void()>>& jobs, bool nestable)
     for (int64_t i = begin; i < end; ++i) jobs[i]();
   });
 }
-
-// ------------------------------------------------------------------------------------ helpers
-// Every op runs its ATen calls (products, exp, casts) with autocast off: a kernel still sees the
-// caller's autocast state, which would recast the fp32 products to bf16 (the Python glue of the
-// reference backend does the same with torch.autocast(enabled=False), at ~5 µs per call).
-using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
-
-at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
-
-// t in dtype ct, contiguous; no ATen call (dispatcher round trip) when it already is.
-at::Tensor as_compute(const at::Tensor& t, at::ScalarType ct) {
-  return t.scalar_type() == ct ? t.contiguous() : t.to(ct).contiguous();
-}
-
-at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
 
 int64_t seed_value(const at::Tensor& seed) {
   TORCH_CHECK(seed.device().is_cpu(), "seed: expected a CPU tensor, got one on ", seed.device());
@@ -159,6 +88,8 @@ at::Tensor check_bias(const c10::optional<at::Tensor>& bias, int64_t n, at::Scal
   return as_compute(*bias, ct);
 }
 
+namespace {
+
 // ∂b in `dtype` from per-thread fp64 partial sums (parts, C), added in thread order.
 at::Tensor bias_grad(const at::Tensor& parts, at::ScalarType dtype) {
   const int64_t P = parts.size(0), C = parts.size(1);
@@ -183,6 +114,8 @@ void square_pass(const at::Tensor& x, const at::Tensor& out) {
   const auto& k = elementwise<T>();
   parallel_range(x.numel(), kGrainPlain, [&](int64_t b, int64_t e) { k.square(px + b, po + b, e - b); });
 }
+
+}  // namespace
 
 // x2 = x ⊙ x of a contiguous compute-dtype tensor.
 at::Tensor square_of(const at::Tensor& x) {
@@ -292,62 +225,9 @@ int64_t leading_rows(const at::Tensor& t) {
   return m;
 }
 
-// ------------------------------------------------------------------------------------ σ² pass
-// Every op starts with one pass over its parameters (kernels.h, sigma2): σ² = exp(log σ²) and,
-// under train-time clipping (clip_threshold; sparsevd.reference.clip_parameters), in the same pass
-// the clipped θ ⊙ m and σ² ⊙ m (m = sparsevd.reference.clip_mask, computed in the compute dtype
-// with the reference's roundings), a state byte per weight (1: m = 1; 2: dropped, but θ·0 or σ²·0
-// is NaN, so the weight still takes part, as in the reference; 0: dropped) and the occupancy: how
-// many weights of each output row (dim 0 of θ: out_features / C_out) and of each input column
-// (dim 1: in_features / C_in, summed over the kernel window) are not state 0.
-//
-// The occupancy is computed every step, in the forward's σ² pass, so it is exact for the
-// parameters this forward sees. The KL pass (kl_cpu.cpp) also reads every θ and log σ², but it
-// runs after the forward of its step (in the loss), so its map would describe the parameters
-// before the last optimizer step: one step stale, hence inexact (a weight that crossed the
-// threshold in that step would be computed on the wrong side). That is why it is not used.
-//
-// Compaction: when whole rows or columns are dead, the products run on the gathered occupied rows
-// and columns only (linear; conv2d with groups = 1, by output / input channel) and the results are
-// scattered back: dead output rows get μ = s² = 0, so y = b + sqrt(1e-8)·ξ with ξ at its index
-// in the full output, as the reference gives; dead input columns get ∂x = 0, dead weights ∂θ =
-// ∂log σ² = 0. Exact, up to the order of the sums, for finite x and gradients; a non-finite x in a
-// dead column (or gradient in a dead row) does not reach the outputs, where the reference's
-// 0·inf = NaN would. It pays when the products shrink enough to cover the gathers and scatters
-// (benchmarks/NOTES.md, "native train-time clip and compaction"): see kCompactMaxFraction.
-//
-// Sparse products (linear only): when few weights are kept (kSparseMaxDensity), the products run on
-// the CSR of the kept weights instead (state != 0, row-major; values θ ⊙ m and σ² ⊙ m): the forward
-// μ = x (θm)ᵀ and s² = x2 (σ²m)ᵀ and the backward's T1 = g θm, T2 = g_s2 σ²m through the CSR SpMM of
-// the deployed layers (csr_linear_cpu.h; the backward on the transposed CSR, built from the CSR in
-// one O(nnz) pass), ∂θ and ∂log σ² as sampled products (one dot over the batch per kept weight,
-// kernels.h clip_sddmm), zero elsewhere. Exact up to the order of the sums; μ, s² and ∂x keep the
-// dense products' NaN where a dropped weight meets a non-finite input (the SpMM's rule); ∂θ and
-// ∂log σ² of dropped weights are 0 even then, as under compaction.
-//
-// Weights of one op after the σ² pass; θ's shape (R, S[, kH, kW]).
-struct Weights {
-  bool clip = false;
-  at::Tensor s2;                 // σ² (or σ² ⊙ m), compute dtype, contiguous; undefined if compact
-  at::Tensor w;                  // clip: θ ⊙ m; undefined if compact (the ops use θ itself without clip)
-  at::Tensor state;              // clip: uint8 per weight; undefined if compact
-  at::Tensor row_count, col_count;  // clip: int64 (R,), (S,): occupied weights per row / column
-  at::Tensor rows, cols;         // clip: int64 indices of the occupied rows / columns
-  int64_t R = 0, S = 0;
-  bool compact = false;          // the products use the gathered (rows, cols) blocks below
-  at::Tensor wc, s2c, statec;    // compact: θm, σ²m, state at (rows, cols[, kH, kW]), contiguous
-  bool sparse = false;           // the products use the CSR below (linear only)
-  at::Tensor crow, col;          // sparse: int64 (R + 1,) row pointers, int32 (nnz,) columns
-  at::Tensor wv, s2v, keep;      // sparse: θm, σ²m (compute dtype) and [state == 1] (uint8) per entry
-  bool all_rows() const { return rows.size(0) == R; }
-  bool all_cols() const { return cols.size(0) == S; }
-};
+namespace {
 
 enum class CompactMode { kAuto, kNever, kAlways, kSparse };
-
-// What an op can run its clipped products on besides the full weights: nothing (the occupancy
-// hook), the gathered blocks (conv2d with groups = 1) or the blocks or the CSR (linear).
-enum class Reduced { kNone, kBlocks, kBlocksOrSparse };
 
 // Compact (mode auto) when occupied rows × occupied columns <= this fraction of R × S. Measured on
 // a 1024×1024 layer at batch 256, forward + backward (benchmarks/NOTES.md, "native train-time clip
@@ -364,8 +244,6 @@ constexpr int64_t kCompactMinRows = 256;
 // Measured on the 1024x1024 layer at batch 256 and LeNet-300-100's layers at batch 100, forward +
 // backward, 1 thread (benchmarks/NOTES.md, "native sparse products"): see there.
 constexpr double kSparseMaxDensity = 0.2;
-// The convolutions are not limited (their GEMMs run over N·H_out·W_out positions; not measured).
-constexpr int64_t kNoRowLimit = std::numeric_limits<int64_t>::max();
 
 CompactMode parse_compact(const std::string& s) {
   if (s == "auto") return CompactMode::kAuto;
@@ -388,10 +266,14 @@ std::atomic<CompactMode>& compact_mode() {
   return mode;
 }
 
+}  // namespace
+
 void check_clip(const c10::optional<double>& clip) {
   TORCH_CHECK(!clip.has_value() || std::isfinite(*clip), "clip_threshold: expected a finite number or None, got ",
               clip.has_value() ? *clip : 0.0);
 }
+
+namespace {
 
 // t gathered at rows along dim 0 and cols along dim 1 (each skipped when it keeps everything).
 at::Tensor gather_block(const at::Tensor& t, const Weights& p) {
@@ -399,6 +281,8 @@ at::Tensor gather_block(const at::Tensor& t, const Weights& p) {
   if (!p.all_cols()) out = out.index_select(1, p.cols);
   return out.contiguous();
 }
+
+}  // namespace
 
 // c placed at `index` along `dim` of a zero tensor whose size there is `full` (c itself when the
 // index covers it all).
@@ -438,6 +322,8 @@ at::Tensor scatter_block(const at::Tensor& c, const Weights& p, at::IntArrayRef 
   });
   return out;
 }
+
+namespace {
 
 at::Tensor indices_of_nonzero(const at::Tensor& count) {
   const int64_t n = count.size(0);
@@ -502,11 +388,7 @@ void build_csr(Weights& p) {
   p.w = p.s2 = p.state = at::Tensor();  // the products need only the CSR
 }
 
-// The transposed CSR (columns of θ) of Weights::sparse, for the backward's ∂x products: column
-// pointers (S + 1,) int64, row indices (nnz,) int32, θm and σ²m by column (rows ascending).
-struct TransposedCsr {
-  at::Tensor ptr, row, wv, s2v;
-};
+}  // namespace
 
 TransposedCsr transpose_csr(const Weights& p) {
   const int64_t R = p.R, S = p.S, nnz = p.col.size(0);
@@ -655,6 +537,8 @@ Weights weights_pass(const at::Tensor& weight, const at::Tensor& log_sigma2, at:
   return p;
 }
 
+namespace {
+
 // ------------------------------------------------------------------------------------ σ² cache
 // The σ² pass runs once per training step: the forward files its result (Weights) under the std
 // tensor it returns; the backward, which receives that std (saved by autograd), finds it here
@@ -711,6 +595,8 @@ Sigma2Cache& sigma2_cache() {
 }
 
 bool cacheable(const at::Tensor& t) { return t.has_storage() && !t.is_inference(); }
+
+}  // namespace
 
 // Files the forward's σ² pass under its std output.
 void weights_remember(const at::Tensor& std_out, const at::Tensor& weight, const at::Tensor& log_sigma2,
@@ -773,131 +659,14 @@ std::vector<int64_t> sigma2_cache_stats() {
   return {cache.hits, cache.misses, static_cast<int64_t>(cache.entries.size())};
 }
 
-// ------------------------------------------------------------------------------------ linear
-// x (*, K), weight / log_sigma2 (N, K), bias (N,) or None, seed (1,) int64, clip_threshold None or
-// a finite log α threshold -> y (*, N) in x's dtype, std (*, N) in promote(x, weight).
-std::tuple<at::Tensor, at::Tensor> lrt_linear(const at::Tensor& x, const at::Tensor& weight,
-                                              const at::Tensor& log_sigma2, const c10::optional<at::Tensor>& bias,
-                                              const at::Tensor& seed, c10::optional<double> clip) {
-  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
-  check_weights(weight, log_sigma2, 2);
-  check_param(x, "x");
-  check_clip(clip);
-  const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x: expected shape (*, in_features=", K, "), got ", x.sizes());
-  const philox::Key key(seed_value(seed));
-  const at::ScalarType dt = at::promote_types(x.scalar_type(), weight.scalar_type());
-  const at::ScalarType ct = compute_type(dt);
-  const int64_t M = leading_rows(x);
-  std::vector<int64_t> out_shape = x.sizes().vec();
-  out_shape.back() = N;
-
-  const at::Tensor xc = as_compute(x.reshape({M, K}), ct);  // (M, K)
-  const Weights p = weights_pass(weight, log_sigma2, ct, clip, Reduced::kBlocksOrSparse, M);
-  const at::Tensor b = check_bias(bias, N, ct);
-  at::Tensor mu, s2;
-  if (p.sparse) {  // (M, K) x CSR (N, K)ᵀ
-    mu = csr_linear_cpu(xc, p.crow, p.col, p.wv, c10::nullopt);
-    s2 = csr_linear_cpu(square_of(xc), p.crow, p.col, p.s2v, c10::nullopt);
-  } else if (p.compact) {  // (M, Ka) x (Na, Ka)ᵀ, scattered to the occupied columns of (M, N)
-    const at::Tensor xg = p.all_cols() ? xc : xc.index_select(1, p.cols);
-    const at::Tensor x2g = square_of(xg);
-    at::Tensor mu_c = at::empty({M, p.rows.size(0)}, xc.options());
-    at::Tensor s2_c = at::empty({M, p.rows.size(0)}, xc.options());
-    run_products({[&] { at::mm_out(mu_c, xg, p.wc.t()); }, [&] { at::mm_out(s2_c, x2g, p.s2c.t()); }}, true);
-    mu = scatter_dim(mu_c, 1, p.rows, N);
-    s2 = scatter_dim(s2_c, 1, p.rows, N);
-  } else {
-    const at::Tensor w = p.clip ? p.w : as_compute(weight, ct);  // (N, K): θ ⊙ m or θ
-    const at::Tensor x2 = square_of(xc);                          // (M, K)
-    mu = at::empty({M, N}, xc.options());
-    s2 = at::empty({M, N}, xc.options());
-    run_products({[&] { at::mm_out(mu, xc, w.t()); }, [&] { at::mm_out(s2, x2, p.s2.t()); }}, true);
-  }
-  forward_epilogue(mu, s2, b, N, 1, key);  // mu -> y, s2 -> std
-  at::Tensor sd = to_dtype(s2, dt).view(out_shape);
-  weights_remember(sd, weight, log_sigma2, ct, clip, p);
-  return {to_dtype(mu, x.scalar_type()).view(out_shape), sd};
-}
-
-// grad, std (*, N); x (*, K); weight / log_sigma2 (N, K); clip_threshold the forward's
-//   -> (∂x (*, K) in x's dtype, or an empty tensor when !input_grad; ∂θ, ∂log σ² (N, K); ∂b (N,)).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_linear_backward(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& log_sigma2,
-    const at::Tensor& std, const at::Tensor& seed, bool input_grad, c10::optional<double> clip) {
-  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
-  check_weights(weight, log_sigma2, 2);
-  check_param(x, "x");
-  check_param(grad, "grad");
-  check_param(std, "std");
-  check_clip(clip);
-  const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x: expected shape (*, in_features=", K, "), got ", x.sizes());
-  std::vector<int64_t> y_shape = x.sizes().vec();
-  y_shape.back() = N;
-  TORCH_CHECK(std.sizes().equals(y_shape), "std: expected shape ", at::IntArrayRef(y_shape), ", got ", std.sizes());
-  TORCH_CHECK(grad.sizes().equals(y_shape), "grad: expected shape ", at::IntArrayRef(y_shape), ", got ", grad.sizes());
-  const philox::Key key(seed_value(seed));
-  const at::ScalarType ct = compute_type(std.scalar_type());
-  const int64_t M = leading_rows(x);
-
-  const at::Tensor g = as_compute(grad.reshape({M, N}), ct);
-  const at::Tensor sd = as_compute(std.reshape({M, N}), ct);
-  auto [gs2, gb] = backward_prologue(g, sd, N, 1, key, weight.scalar_type());
-  const at::Tensor xc = as_compute(x.reshape({M, K}), ct);
-  const Weights p = weights_for_backward(std, weight, log_sigma2, ct, clip, Reduced::kBlocksOrSparse, M);
-  if (p.sparse) {
-    at::Tensor gw = at::empty({N, K}, xc.options());
-    at::Tensor t3 = at::empty({N, K}, xc.options());
-    {
-      const int64_t ld = (M + 7) / 8 * 8;  // clip_sddmm's rows: whole vectors
-      const at::Tensor gT = transposed(g, ld), gs2T = transposed(gs2, ld), xT = transposed(xc, ld);
-      AT_DISPATCH_FLOATING_TYPES(ct, "sparsevd_clip_sddmm", [&] {
-        const auto& k = elementwise<scalar_t>();
-        const int64_t* crow = p.crow.data_ptr<int64_t>();
-        const int64_t work = std::max<int64_t>(1, (p.col.size(0) * M + N * K) / std::max<int64_t>(N, 1));
-        parallel_range(N, std::max<int64_t>(1, kGrainPlain / work), [&](int64_t r0, int64_t r1) {
-          k.clip_sddmm(gT.data_ptr<scalar_t>(), gs2T.data_ptr<scalar_t>(), xT.data_ptr<scalar_t>(), ld, K, crow,
-                       p.col.data_ptr<int32_t>(), p.keep.data_ptr<uint8_t>(), p.s2v.data_ptr<scalar_t>(),
-                       gw.data_ptr<scalar_t>(), t3.data_ptr<scalar_t>(), r0, r1);
-        });
-      });
-    }
-    at::Tensor gx = at::empty({0}, x.options());
-    if (input_grad) {
-      const TransposedCsr t = transpose_csr(p);
-      at::Tensor t1 = csr_linear_cpu(g, t.ptr, t.row, t.wv, c10::nullopt);      // g θm   (M, K)
-      const at::Tensor t2 = csr_linear_cpu(gs2, t.ptr, t.row, t.s2v, c10::nullopt);  // g_s2 σ²m
-      add_2x_mul_(t1, xc, t2);  // ∂x = g θm + 2x ⊙ (g_s2 σ²m)
-      gx = to_dtype(t1, x.scalar_type()).view(x.sizes());
-    }
-    return {gx, to_dtype(gw, weight.scalar_type()), to_dtype(t3, log_sigma2.scalar_type()), gb};
-  }
-  // The products on the occupied block (compact) or on everything: rows of θ (n), columns (k).
-  const at::Tensor gn = !p.compact || p.all_rows() ? g : g.index_select(1, p.rows);        // (M, n)
-  const at::Tensor gs2n = !p.compact || p.all_rows() ? gs2 : gs2.index_select(1, p.rows);  // (M, n)
-  const at::Tensor xk = !p.compact || p.all_cols() ? xc : xc.index_select(1, p.cols);      // (M, k)
-  const at::Tensor x2k = square_of(xk);
-  const at::Tensor wk = p.compact ? p.wc : p.clip ? p.w : at::Tensor();
-  const at::Tensor s2k = p.compact ? p.s2c : p.s2;
-  const int64_t n = gn.size(1), k = xk.size(1);
-  at::Tensor gw = at::empty({n, k}, xc.options());
-  at::Tensor t3 = at::empty({n, k}, xc.options());
-  std::vector<std::function<void()>> jobs = {[&] { at::mm_out(gw, gn.t(), xk); },
-                                             [&] { at::mm_out(t3, gs2n.t(), x2k); }};
-  at::Tensor t1, t2, w;
-  if (input_grad) {
-    w = wk.defined() ? wk : as_compute(weight, ct);
-    t1 = at::empty({M, k}, xc.options());
-    t2 = at::empty({M, k}, xc.options());
-    jobs.push_back([&] { at::mm_out(t1, gn, w); });
-    jobs.push_back([&] { at::mm_out(t2, gs2n, s2k); });
-  }
-  run_products(jobs, true);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_epilogue(
+    at::Tensor gw, at::Tensor t3, at::Tensor t1, const at::Tensor& t2, const at::Tensor& xk, const at::Tensor& gb,
+    const Weights& p, const at::Tensor& s2k, int64_t in_size, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& log_sigma2, bool input_grad) {
   if (p.clip) {
-    clip_grads_(gw, t3, p.compact ? p.statec : p.state, s2k);  // ∂θ ⊙ m, ∂log σ² = σ²m ⊙ (g_s2ᵀ x2)
+    clip_grads_(gw, t3, p.compact ? p.statec : p.state, s2k);
   } else {
-    mul_(t3, s2k);  // ∂log σ² = σ² ⊙ (g_s2ᵀ x2)
+    mul_(t3, s2k);
   }
   if (p.compact) {
     gw = scatter_block(gw, p, weight.sizes());
@@ -905,171 +674,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_linear_backward(
   }
   at::Tensor gx;
   if (input_grad) {
-    add_2x_mul_(t1, xk, t2);  // ∂x = g θ + 2x ⊙ (g_s2 σ²)
-    if (p.compact) t1 = scatter_dim(t1, 1, p.cols, K);
+    add_2x_mul_(t1, xk, t2);
+    if (p.compact) t1 = scatter_dim(t1, 1, p.cols, in_size);
     gx = to_dtype(t1, x.scalar_type()).view(x.sizes());
   } else {
     gx = at::empty({0}, x.options());
   }
-  return {gx, to_dtype(gw, weight.scalar_type()), to_dtype(t3, log_sigma2.scalar_type()),
-          gb};
-}
-
-// ------------------------------------------------------------------------------------ conv2d
-struct ConvArgs {
-  std::vector<int64_t> stride, padding, dilation;
-  int64_t groups;
-};
-
-ConvArgs check_conv(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-                    at::IntArrayRef dilation, int64_t groups) {
-  check_param(x, "x");
-  TORCH_CHECK(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1, "stride: expected two values >= 1, got ", stride);
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, "padding: expected two values >= 0, got ",
-              padding);
-  TORCH_CHECK(dilation.size() == 2 && dilation[0] >= 1 && dilation[1] >= 1,
-              "dilation: expected two values >= 1, got ", dilation);
-  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, "groups: expected a positive divisor of out_channels=",
-              weight.size(0), ", got ", groups);
-  TORCH_CHECK(x.dim() == 4 && x.size(1) == weight.size(1) * groups, "x: expected shape (N, in_channels=",
-              weight.size(1) * groups, ", H, W), got ", x.sizes());
-  for (int d = 0; d < 2; ++d) {
-    const int64_t eff = dilation[d] * (weight.size(2 + d) - 1) + 1;
-    TORCH_CHECK(x.size(2 + d) + 2 * padding[d] >= eff, "x: spatial size ", x.sizes(), " is smaller than the ",
-                "dilated kernel ", weight.sizes(), " with padding ", padding);
-  }
-  return {stride.vec(), padding.vec(), dilation.vec(), groups};
-}
-
-std::vector<int64_t> conv_out_shape(const at::Tensor& x, const at::Tensor& weight, const ConvArgs& a) {
-  std::vector<int64_t> s = {x.size(0), weight.size(0), 0, 0};
-  for (int d = 0; d < 2; ++d)
-    s[2 + d] = (x.size(2 + d) + 2 * a.padding[d] - a.dilation[d] * (weight.size(2 + d) - 1) - 1) / a.stride[d] + 1;
-  return s;
-}
-
-at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const ConvArgs& a) {
-  return at::convolution(x, w, c10::nullopt, a.stride, a.padding, a.dilation, false, {0, 0}, a.groups).contiguous();
-}
-
-// x (B, C_in, H, W), weight / log_sigma2 (C_out, C_in / groups, kH, kW), bias (C_out,) or None,
-// clip_threshold None or a finite log α threshold
-//   -> y, std (B, C_out, H_out, W_out); y in x's dtype, std in promote(x, weight).
-std::tuple<at::Tensor, at::Tensor> lrt_conv2d(const at::Tensor& x, const at::Tensor& weight,
-                                              const at::Tensor& log_sigma2, const c10::optional<at::Tensor>& bias,
-                                              const at::Tensor& seed, at::IntArrayRef stride, at::IntArrayRef padding,
-                                              at::IntArrayRef dilation, int64_t groups, c10::optional<double> clip) {
-  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
-  check_weights(weight, log_sigma2, 4);
-  const ConvArgs a = check_conv(x, weight, stride, padding, dilation, groups);
-  check_clip(clip);
-  const philox::Key key(seed_value(seed));
-  const at::ScalarType dt = at::promote_types(x.scalar_type(), weight.scalar_type());
-  const at::ScalarType ct = compute_type(dt);
-  const int64_t C = weight.size(0);
-  const std::vector<int64_t> out_shape = conv_out_shape(x, weight, a);
-
-  const at::Tensor xc = as_compute(x, ct);
-  const Weights p = weights_pass(weight, log_sigma2, ct, clip, groups == 1 ? Reduced::kBlocks : Reduced::kNone,
-                                 kNoRowLimit);
-  const at::Tensor b = check_bias(bias, C, ct);
-  // The products on the occupied channels (compact) or on all of them.
-  const at::Tensor xk = !p.compact || p.all_cols() ? xc : xc.index_select(1, p.cols);  // (B, k, H, W)
-  const at::Tensor wk = p.compact ? p.wc : p.clip ? p.w : as_compute(weight, ct);       // (n, k, kH, kW)
-  const at::Tensor s2k = p.compact ? p.s2c : p.s2;
-  at::Tensor mu, s2;
-  if (xk.numel() == 0 || wk.numel() == 0) {  // oneDNN rejects empty operands; the products are zero
-    std::vector<int64_t> shape = out_shape;
-    shape[1] = wk.size(0);
-    mu = at::zeros(shape, xc.options());
-    s2 = at::zeros(shape, xc.options());
-  } else {
-    const at::Tensor x2k = square_of(xk);
-    run_products({[&] { mu = conv(xk, wk, a); }, [&] { s2 = conv(x2k, s2k, a); }}, false);
-  }
-  if (p.compact) {
-    mu = scatter_dim(mu, 1, p.rows, C);
-    s2 = scatter_dim(s2, 1, p.rows, C);
-  }
-  TORCH_CHECK(mu.sizes().equals(out_shape), "lrt_conv2d: internal shape mismatch ", mu.sizes());
-  forward_epilogue(mu, s2, b, C, out_shape[2] * out_shape[3], key);
-  at::Tensor sd = to_dtype(s2, dt);
-  weights_remember(sd, weight, log_sigma2, ct, clip, p);
-  return {to_dtype(mu, x.scalar_type()), sd};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_conv2d_backward(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& log_sigma2,
-    const at::Tensor& std, const at::Tensor& seed, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, bool input_grad, c10::optional<double> clip) {
-  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
-  check_weights(weight, log_sigma2, 4);
-  const ConvArgs a = check_conv(x, weight, stride, padding, dilation, groups);
-  check_param(grad, "grad");
-  check_param(std, "std");
-  check_clip(clip);
-  const std::vector<int64_t> y_shape = conv_out_shape(x, weight, a);
-  TORCH_CHECK(std.sizes().equals(y_shape), "std: expected shape ", at::IntArrayRef(y_shape), ", got ", std.sizes());
-  TORCH_CHECK(grad.sizes().equals(y_shape), "grad: expected shape ", at::IntArrayRef(y_shape), ", got ", grad.sizes());
-  const philox::Key key(seed_value(seed));
-  const at::ScalarType ct = compute_type(std.scalar_type());
-  const int64_t C = weight.size(0), C_in = x.size(1);
-
-  const at::Tensor g = as_compute(grad, ct);
-  const at::Tensor sd = as_compute(std, ct);
-  auto [gs2, gb] = backward_prologue(g, sd, C, y_shape[2] * y_shape[3], key, weight.scalar_type());
-  const at::Tensor xc = as_compute(x, ct);
-  const Weights p = weights_for_backward(std, weight, log_sigma2, ct, clip,
-                                         groups == 1 ? Reduced::kBlocks : Reduced::kNone, kNoRowLimit);
-  // The products on the occupied channels (compact) or on all of them.
-  const at::Tensor gn = !p.compact || p.all_rows() ? g : g.index_select(1, p.rows);        // (B, n, Ho, Wo)
-  const at::Tensor gs2n = !p.compact || p.all_rows() ? gs2 : gs2.index_select(1, p.rows);
-  const at::Tensor xk = !p.compact || p.all_cols() ? xc : xc.index_select(1, p.cols);      // (B, k, H, W)
-  const at::Tensor wk = p.compact ? p.wc : p.clip ? p.w : as_compute(weight, ct);           // (n, k, kH, kW)
-  const at::Tensor s2k = p.compact ? p.s2c : p.s2;
-  at::Tensor t1, gw, t2, t3;
-  if (xk.numel() == 0 || wk.numel() == 0 || gn.numel() == 0) {  // empty operands: all products are zero
-    t1 = at::zeros_like(xk);
-    t2 = at::zeros_like(xk);
-    gw = at::zeros_like(wk);
-    t3 = at::zeros_like(wk);
-  } else {
-    const at::Tensor x2k = square_of(xk);
-    const std::array<bool, 3> mask = {input_grad, true, false};
-    auto back = [&](const at::Tensor& go, const at::Tensor& in, const at::Tensor& wt, at::Tensor& gin,
-                    at::Tensor& gwt) {
-      auto r = at::convolution_backward(go, in, wt, c10::nullopt, a.stride, a.padding, a.dilation, false, {0, 0},
-                                        a.groups, mask);
-      if (input_grad) gin = std::get<0>(r).contiguous();
-      gwt = std::get<1>(r).contiguous();
-    };
-    run_products({[&] { back(gn, xk, wk, t1, gw); }, [&] { back(gs2n, x2k, s2k, t2, t3); }}, false);
-  }
-  if (p.clip) {
-    clip_grads_(gw, t3, p.compact ? p.statec : p.state, s2k);  // ∂θ ⊙ m, ∂log σ² = σ²m ⊙ conv_weight_grad(x2, g_s2)
-  } else {
-    mul_(t3, s2k);  // ∂log σ² = σ² ⊙ conv_weight_grad(x2, g_s2)
-  }
-  if (p.compact) {
-    gw = scatter_block(gw, p, weight.sizes());
-    t3 = scatter_block(t3, p, weight.sizes());
-  }
-  at::Tensor gx;
-  if (input_grad) {
-    add_2x_mul_(t1, xk, t2);  // ∂x = conv_input_grad(θ, g) + 2x ⊙ conv_input_grad(σ², g_s2)
-    if (p.compact) t1 = scatter_dim(t1, 1, p.cols, C_in);
-    gx = to_dtype(t1, x.scalar_type());
-  } else {
-    gx = at::empty({0}, x.options());
-  }
-  return {gx, to_dtype(gw, weight.scalar_type()), to_dtype(t3, log_sigma2.scalar_type()),
-          gb};
+  return {gx, to_dtype(gw, weight.scalar_type()), to_dtype(t3, log_sigma2.scalar_type()), gb};
 }
 
 // ------------------------------------------------------------------------------------ test hook
 // The occupancy of the σ² pass: weight / log_sigma2 (R, S) or (R, S, kH, kW), a finite threshold
 //   -> (per-row counts (R,), per-column counts (S,)), int64: the weights of each row / column of θ
-//   that are kept (m = 1 of sparsevd.reference.clip_mask) or dropped but non-finite (θ·0 or σ²·0
+//   that are kept (m = 1 of sparsevd.ops.weights.clip_mask) or dropped but non-finite (θ·0 or σ²·0
 //   NaN), computed in the compute dtype of the parameters (fp32, or fp64 for fp64).
 std::tuple<at::Tensor, at::Tensor> clip_occupancy(const at::Tensor& weight, const at::Tensor& log_sigma2,
                                                   double clip) {
@@ -1085,11 +702,6 @@ std::tuple<at::Tensor, at::Tensor> clip_occupancy(const at::Tensor& weight, cons
 }
 
 // ------------------------------------------------------------------------------------ controls
-std::string isa_name() { return kernels().isa; }
-std::string set_isa_op(const std::string& isa) {
-  TORCH_CHECK(isa_supported(isa), "isa: '", isa, "' is not one of auto, avx512, avx2, scalar supported by this CPU");
-  return set_isa(isa);
-}
 std::string set_products(const std::string& mode) {
   return mode_name(product_mode().exchange(parse_mode(mode)));
 }
@@ -1097,34 +709,8 @@ std::string set_compact(const std::string& mode) {
   return compact_name(compact_mode().exchange(parse_compact(mode)));
 }
 
-}  // namespace
+}  // namespace lrt
 }  // namespace cpu
 }  // namespace sparsevd
 
-TORCH_LIBRARY_FRAGMENT(sparsevd, m) {
-  m.def("native_lrt_linear(Tensor x, Tensor weight, Tensor log_sigma2, Tensor? bias, Tensor seed, "
-        "float? clip_threshold=None) -> (Tensor, Tensor)");
-  m.def("native_lrt_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor log_sigma2, Tensor std, "
-        "Tensor seed, bool input_grad=True, float? clip_threshold=None) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("native_lrt_conv2d(Tensor x, Tensor weight, Tensor log_sigma2, Tensor? bias, Tensor seed, int[] stride, "
-        "int[] padding, int[] dilation, int groups, float? clip_threshold=None) -> (Tensor, Tensor)");
-  m.def("native_lrt_conv2d_backward(Tensor grad, Tensor x, Tensor weight, Tensor log_sigma2, Tensor std, "
-        "Tensor seed, int[] stride, int[] padding, int[] dilation, int groups, bool input_grad=True, "
-        "float? clip_threshold=None) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("native_clip_occupancy(Tensor weight, Tensor log_sigma2, float clip_threshold) -> (Tensor, Tensor)");
-  // Controls for tests and benchmarks (no tensor arguments: catch-all kernels).
-  m.def("native_isa() -> str", &sparsevd::cpu::isa_name);
-  m.def("native_set_isa(str isa) -> str", &sparsevd::cpu::set_isa_op);
-  m.def("native_set_products(str mode) -> str", &sparsevd::cpu::set_products);
-  m.def("native_set_compact(str mode) -> str", &sparsevd::cpu::set_compact);
-  m.def("native_sigma2_cache(bool enabled) -> bool", &sparsevd::cpu::set_sigma2_cache);
-  m.def("native_sigma2_cache_stats() -> int[]", &sparsevd::cpu::sigma2_cache_stats);
-}
-
-TORCH_LIBRARY_IMPL(sparsevd, CPU, m) {
-  m.impl("native_lrt_linear", &sparsevd::cpu::lrt_linear);
-  m.impl("native_lrt_linear_backward", &sparsevd::cpu::lrt_linear_backward);
-  m.impl("native_lrt_conv2d", &sparsevd::cpu::lrt_conv2d);
-  m.impl("native_lrt_conv2d_backward", &sparsevd::cpu::lrt_conv2d_backward);
-  m.impl("native_clip_occupancy", &sparsevd::cpu::clip_occupancy);
-}
+TORCH_LIBRARY_IMPL(sparsevd, CPU, m) { m.impl("native_clip_occupancy", &sparsevd::cpu::lrt::clip_occupancy); }

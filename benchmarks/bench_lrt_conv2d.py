@@ -6,8 +6,9 @@ each in fp32 and under bf16 autocast (bf16 activations, fp32 parameters).
 Modes: fwd (forward with autograd recording, as in training), bwd (the backward of that forward),
 full (forward + backward). Providers:
   - ``dense``: F.conv2d (nn.Conv2d's forward) on x, θ, b in the same dtype / autocast (cuDNN);
-  - ``reference``: sparsevd.reference.lrt_conv2d with ξ = torch.randn_like (the authors' naive
-    formulation: two convolutions and ~10 elementwise passes forward, autograd backward);
+  - ``reference``: the naive formulation written out in torch ops (the authors': two convolutions
+    and ~10 elementwise passes forward, autograd backward; the math of
+    sparsevd/ops/lrt_conv2d/naive.py) with ξ = torch.randn_like;
   - ``reference_compiled``: torch.compile of that function (default mode);
   - ``sparsevd``: the fused op torch.ops.sparsevd.lrt_conv2d with a fresh seed per call (the seed
     draw is timed too), SPARSEVD_BACKEND=triton.
@@ -26,7 +27,7 @@ gradients set to None between runs. Without CUDA the script stops with a message
 ``--smoke``: a tiny shape on CPU (sparsevd then runs the kernels in Triton's interpreter), no
 result file, to check the harness.
 
-Usage: python -m benchmarks.bench_lrt_conv [--shapes vgg64 vgg128 vgg256 vgg512]
+Usage: python -m benchmarks.bench_lrt_conv2d [--shapes vgg64 vgg128 vgg256 vgg512]
        [--dtypes fp32 bf16] [--modes fwd bwd full]
        [--providers dense reference reference_compiled sparsevd] [--tf32] [--quick] [--no-save]
        [--smoke]
@@ -90,10 +91,10 @@ def byte_floor(provider: str, mode: str, b: int, c: int, hw: int, act_bytes: int
 
 
 def _reference_fn(x, w, ls2, b):
-    from sparsevd import reference as R
-
-    out = torch.empty((x.shape[0], w.shape[0], x.shape[2], x.shape[3]), device=x.device, dtype=x.dtype)
-    return R.lrt_conv2d(x, w, ls2, b, torch.randn_like(out), 1, PADDING)
+    """The naive LRT convolution (sparsevd/ops/lrt_conv2d/naive.py's math) in plain torch ops,
+    under the caller's autocast as PyTorch runs it, with torch's own ξ."""
+    mu = F.conv2d(x, w, b, 1, PADDING)
+    return mu + torch.sqrt(F.conv2d(x * x, ls2.exp(), None, 1, PADDING) + 1e-8) * torch.randn_like(mu)
 
 
 def _make_forward(provider: str, compiled: Dict[str, Callable]) -> Callable:
@@ -106,11 +107,11 @@ def _make_forward(provider: str, compiled: Dict[str, Callable]) -> Callable:
             compiled["ref"] = torch.compile(_reference_fn)
         return compiled["ref"]
     if provider == "sparsevd":
-        from sparsevd import ops
-        from sparsevd.functional import draw_seed
+        from sparsevd.ops.lrt_conv2d import lrt_conv2d
+        from sparsevd.ops.noise import draw_seed
 
-        return lambda x, w, ls2, b: ops.lrt_conv2d(x, w, ls2, b, draw_seed(x.device), [1, 1],
-                                                   [PADDING, PADDING], [1, 1], 1)[0]
+        return lambda x, w, ls2, b: lrt_conv2d(x, w, ls2, b, draw_seed(x.device), [1, 1],
+                                               [PADDING, PADDING], [1, 1], 1)[0]
     raise ValueError(f"provider: unknown {provider!r}")
 
 
@@ -137,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     common.add_triton_args(ap, MODES, PROVIDERS, smoke="a tiny shape")
     args = common.parse_args(ap, argv)
 
-    where = common.triton_device(args, "bench_lrt_conv", args.providers)
+    where = common.triton_device(args, "bench_lrt_conv2d", args.providers)
     if where is None:
         return 2
     device, save, providers = where

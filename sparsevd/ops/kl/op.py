@@ -1,5 +1,10 @@
-"""Custom ops ``sparsevd::kl_sparse_vd`` (the sparse-VD KL of one or many layers, value and
-gradients in one pass) and ``sparsevd::log_alpha``.
+"""The custom ops ``sparsevd::kl_sparse_vd`` (the sparse-VD KL of one or many layers, value and
+gradients in one pass) and ``sparsevd::log_alpha``: schema (from the signatures below), fake
+implementations, autograd, and :func:`run_kl_sparse_vd`, the path of
+:func:`sparsevd.functional.kl_sparse_vd_many`. ``kl_sparse_vd`` dispatches to the backend
+:func:`sparsevd.ops.backend.get_impl` chooses (``reference``: :mod:`.naive`, ``native``:
+:mod:`.native`, ``triton``: :mod:`.triton`); ``log_alpha`` is plain torch
+(:func:`sparsevd.ops.weights.log_alpha`) on every backend.
 
 ``kl_sparse_vd(weights, log_sigma2s, with_grad)`` returns ``(kl, grads_weight, grads_log_sigma2)``:
 the fp32 (or fp64) sum over all layers of KL(q‖p) (eq. 14), and, when ``with_grad``, ∂KL/∂θ and
@@ -12,8 +17,12 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
-from .. import reference as R
-from .backend import eager_impl, get_impl
+from .. import weights as W
+from ..backend import eager_impl, get_impl, no_autocast, register_family, register_impl
+from .naive import naive_kl_sparse_vd
+
+register_family("kl", ("kl_sparse_vd",))
+register_impl("kl_sparse_vd", "reference", no_autocast(naive_kl_sparse_vd))
 
 
 @torch.library.custom_op("sparsevd::kl_sparse_vd", mutates_args=())
@@ -77,7 +86,7 @@ def run_kl_sparse_vd(weights: List[Tensor], log_sigma2s: List[Tensor]) -> Tensor
 @torch.library.custom_op("sparsevd::log_alpha", mutates_args=())
 def log_alpha(weight: Tensor, log_sigma2: Tensor) -> Tensor:
     """log α = clamp(log σ² − log(θ² + 1e-8), −10, 10), elementwise (eq. 8)."""
-    return R.log_alpha(weight, log_sigma2)
+    return W.log_alpha(weight, log_sigma2)
 
 
 @log_alpha.register_fake
@@ -91,10 +100,7 @@ def _la_setup(ctx, inputs, output):
 
 def _la_bwd(ctx, grad):
     weight, log_sigma2 = ctx.saved_tensors
-    raw = log_sigma2 - torch.log(weight * weight + R.EPS_THETA)
-    inside = ((raw > -R.LOG_ALPHA_CLAMP) & (raw < R.LOG_ALPHA_CLAMP)).to(grad.dtype)
-    g = grad * inside
-    return g * (-2.0 * weight / (weight * weight + R.EPS_THETA)), g
+    return W.log_alpha_backward(weight, log_sigma2, grad)
 
 
 log_alpha.register_autograd(_la_bwd, setup_context=_la_setup)

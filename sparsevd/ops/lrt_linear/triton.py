@@ -1,8 +1,9 @@
-"""The ``triton`` backend of the ops: launchers of the fused kernels in :mod:`sparsevd.triton_kernels`.
+"""The ``triton`` backend of ``lrt_linear``: launchers and autotuning of the kernels in
+:mod:`sparsevd.triton_kernels.lrt_linear`.
 
-Registers ``lrt_linear``, ``lrt_linear_backward`` and ``kl_sparse_vd`` with the signatures and
-return conventions of :mod:`sparsevd.ops.reference_impl`. The launchers trust their arguments:
-:mod:`sparsevd.functional`, the checked entry point, validated them (dtype, device, shape). Imported lazily by
+Registers ``lrt_linear`` and ``lrt_linear_backward`` with the signatures and return conventions of
+:mod:`sparsevd.ops.lrt_linear.naive`. The launchers trust their arguments: :mod:`sparsevd.functional`,
+the checked entry point, validated them (dtype, device, shape). Imported by
 :mod:`sparsevd.ops.backend` when the triton backend is requested (or, under ``auto``, for CUDA
 tensors); an ImportError here (no triton) makes the backend unavailable.
 
@@ -11,35 +12,34 @@ Kernel launches per call (docs/design.md, "Backends"):
 - ``lrt_linear``: 1 (μ, s², ξ, y and std in one kernel); none for an empty batch.
 - ``lrt_linear_backward``: 2 (g_s2 = g ξ / (2 std) elementwise, then ∂x and ∂θ, ∂log σ², ∂b in one
   launch of two kinds of programs).
-- ``kl_sparse_vd``: 1 kernel for all the layers of a dtype, plus the sum of its per-block partials.
 
 Train-time clipping (``clip_threshold``) adds no launch and no pass over the weights: the kernels
 form the mask in registers and skip the products of all-dropped weight tiles
 (:mod:`sparsevd.triton_kernels.lrt_linear`; ``SPARSEVD_TRITON_CLIP_SKIP=0`` turns the skipping
 off, with bit-identical results; :func:`count_skipped_tiles` counts what was skipped).
 
-Precision: fp32 inputs use IEEE fp32 dots, or TF32 when ``torch.backends.cuda.matmul.allow_tf32``
-is True (``SPARSEVD_FP32_PRECISION=ieee|tf32|tf32x3`` overrides); fp64 inputs compute in fp64
-(for gradcheck); under autocast (bf16/fp16 x, fp32 parameters) the mean products take x's dtype
-as dot input, like nn.Linear under autocast, the variance products bf16 for bf16 and TF32 for fp16
-(σ² ≈ e⁻¹⁰ would underflow fp16), with fp32 accumulation, fp32 std and fp32 parameter gradients.
+Precision (:mod:`sparsevd.ops.triton_common`): fp32 inputs use IEEE fp32 dots, or TF32 when
+``torch.backends.cuda.matmul.allow_tf32`` is True (``SPARSEVD_FP32_PRECISION=ieee|tf32|tf32x3``
+overrides); fp64 inputs compute in fp64 (for gradcheck); under autocast (bf16/fp16 x, fp32
+parameters) the mean products take x's dtype as dot input, like nn.Linear under autocast, the
+variance products bf16 for bf16 and TF32 for fp16 (σ² ≈ e⁻¹⁰ would underflow fp16), with fp32
+accumulation, fp32 std and fp32 parameter gradients.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 
-from sparsevd.triton_kernels import kl as KK
 from sparsevd.triton_kernels import lrt_linear as K
 
-from .backend import interpreter_enabled, register_impl
-from .triton_common import (AUTOTUNE_ENV, FP32_PRECISION_ENV, acc_dtype, autotune_enabled,  # noqa: F401
-                            dot_kind, elementwise_block, m_key, make_config, precision)
+from ..backend import register_impl
+from ..triton_common import (acc_dtype, autotune_enabled, dot_kind, elementwise_block, m_key, precision,
+                             tile_configs)
 
 
 # ------------------------------------------------------------------------------------ autotuning
@@ -68,32 +68,20 @@ TILES = {
 #: The one configuration used under TRITON_INTERPRET=1, where the time grows with the number of
 #: programs and loop steps (Python overhead per operation) and hardly with the tile size.
 INTERPRETER_TILES = (32, 256, 512, 4, 1)
-_config = make_config
 
 
 def matmul_configs(kernel: str) -> List[triton.Config]:
     """The autotuning candidates of the "fwd" or "bwd" LRT kernel: a single configuration when
     interpreting (TRITON_INTERPRET=1), otherwise the union of :data:`TILES` for that kernel,
-    narrowed per call by :func:`_prune`."""
-    if interpreter_enabled():
-        return [_config(INTERPRETER_TILES)]
-    seen, out = set(), []
-    for (k, _), tiles in TILES.items():
-        for t in tiles if k == kernel else ():
-            if t not in seen:
-                seen.add(t)
-                out.append(_config(t))
-    return out
-
-
-_dot_kind = dot_kind
+    narrowed per call by :func:`_pruner`."""
+    return tile_configs(TILES, kernel, INTERPRETER_TILES)
 
 
 def _pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
         if len(configs) <= 1:
             return configs
-        kind = _dot_kind(named_args["x_ptr"].dtype, kwargs["PRECISION"], kwargs["ACC_F64"])
+        kind = dot_kind(named_args["x_ptr"].dtype, kwargs["PRECISION"], kwargs["ACC_F64"])
         tiles = TILES[(kernel, kind)]
         if named_args["M_KEY"] <= 32:  # small batches: small row tiles only
             tiles = [t for t in tiles if t[0] <= 32] or tiles
@@ -120,10 +108,6 @@ _bwd_kernel = _autotuned(K.lrt_linear_bwd_kernel, "bwd")
 
 
 # -------------------------------------------------------------------------------------- helpers
-_acc_dtype = acc_dtype
-_precision = precision
-
-
 def _rows(t: torch.Tensor) -> Optional[Tuple[torch.Tensor, int, int, int, int]]:
     """(tensor, D1, stride_0, stride_1, stride_k) describing t (*, K) as M rows with at most two
     leading dims (row m at (m // D1)·stride_0 + (m % D1)·stride_1), or None if t has more leading
@@ -138,9 +122,6 @@ def _rows(t: torch.Tensor) -> Optional[Tuple[torch.Tensor, int, int, int, int]]:
         return _rows(t.view(-1, t.shape[-1]))
     except RuntimeError:
         return None
-
-
-_m_key = m_key
 
 
 # ----------------------------------------------------------------------------------- lrt_linear
@@ -185,7 +166,7 @@ def _clip_args(clip_threshold: Optional[float], seed: torch.Tensor) -> Tuple[flo
     return (float(clip_threshold) if clip else 0.0), (_skip_counter if count else seed), flags
 
 
-def lrt_linear_fwd(x, weight, log_sigma2, bias, seed, clip_threshold=None):
+def triton_lrt_linear(x, weight, log_sigma2, bias, seed, clip_threshold=None):
     """y = x θᵀ + b + sqrt((x⊙x)(σ²)ᵀ + 1e-8)⊙ξ in one kernel; returns (y in x's dtype, std in
     promote(x, weight) dtype), both (*, N). An empty batch launches nothing. ``clip_threshold``:
     the weights with log α ≥ it enter neither the mean nor the variance (mask in registers)."""
@@ -207,21 +188,21 @@ def lrt_linear_fwd(x, weight, log_sigma2, bias, seed, clip_threshold=None):
         m, n, k, d1, s0, s1, sk,
         weight.stride(0), weight.stride(1), log_sigma2.stride(0), log_sigma2.stride(1),
         bias.stride(0) if bias is not None else 0,
-        thr, cnt, _m_key(m),
-        HAS_BIAS=bias is not None, ACC_F64=_acc_dtype(x, weight) == torch.float64,
-        VAR_LOWP=x.dtype == torch.bfloat16, PRECISION=_precision(x),
+        thr, cnt, m_key(m),
+        HAS_BIAS=bias is not None, ACC_F64=acc_dtype(x, weight) == torch.float64,
+        VAR_LOWP=x.dtype == torch.bfloat16, PRECISION=precision(x),
         **clip_flags,
     )
     return y, std
 
 
-def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x=True, clip_threshold=None):
+def triton_lrt_linear_backward(grad, x, weight, log_sigma2, std, seed, need_grad_x=True, clip_threshold=None):
     """(∂x, ∂θ, ∂log σ², ∂b) of the LRT linear layer in two kernels (see module docstring);
     without ``need_grad_x`` the ∂x programs are not launched and ∂x is an empty (0,) tensor.
     ``clip_threshold`` (the forward's): ∂θ = ∂log σ² = 0 for the dropped weights, which enter ∂x
     as zeros."""
     n, k = weight.shape
-    acc = _acc_dtype(x, weight)
+    acc = acc_dtype(x, weight)
     m = math.prod(grad.shape[:-1])
     g = grad.reshape(m, n).contiguous()
     sd = std.reshape(m, n).contiguous()
@@ -262,8 +243,8 @@ def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x=True, cli
         m, n, k, d1, s0, s1, sk, gs0, gs1, gsk,
         weight.stride(0), weight.stride(1), log_sigma2.stride(0), log_sigma2.stride(1),
         gw.stride(0), gw.stride(1), gl.stride(0), gl.stride(1),
-        thr, cnt, _m_key(m),
-        ACC_F64=acc == torch.float64, PRECISION=_precision(x), WITH_DX=need_grad_x,
+        thr, cnt, m_key(m),
+        ACC_F64=acc == torch.float64, PRECISION=precision(x), WITH_DX=need_grad_x,
         **clip_flags,
     )
     if need_grad_x and gx_out is not gx:
@@ -271,106 +252,5 @@ def lrt_linear_bwd(grad, x, weight, log_sigma2, std, seed, need_grad_x=True, cli
     return gx, gw, gl, gb
 
 
-def lrt_noise(seed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """ξ of an LRT output of ``shape`` drawn by the kernels' generator (fp32, seed's device): the
-    in-kernel twin of :func:`sparsevd.ops.noise.lrt_noise`, for tests."""
-    out = torch.empty(tuple(shape), dtype=torch.float32, device=seed.device)
-    if out.numel():
-        block, warps = elementwise_block()
-        K.lrt_noise_kernel[(triton.cdiv(out.numel(), block),)](
-            seed, out, out.numel(), BLOCK=block, num_warps=warps,
-        )
-    return out
-
-
-# ------------------------------------------------------------------------------------------ KL
-_TABLES: Dict[tuple, torch.Tensor] = {}
-_TABLES_MAX = 64
-
-
-def _layer_table(key: tuple, rows: List[List[int]], device: torch.device) -> torch.Tensor:
-    """The int64 layer table on ``device``, cached by its content (the parameters of a model and
-    the gradient buffers the allocator hands out usually repeat from one step to the next)."""
-    table = _TABLES.get(key)
-    if table is None:
-        if len(_TABLES) >= _TABLES_MAX:
-            _TABLES.clear()
-        table = torch.tensor(rows, dtype=torch.int64).to(device)
-        _TABLES[key] = table
-    return table
-
-
-def _kl_group(ws, ls, with_grad: bool):
-    """KL sum (acc dtype, 0-dim) and gradients of layers that share one dtype, one launch."""
-    dtype = ws[0].dtype
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    block, warps = elementwise_block(dtype)
-    ws_c = [w.contiguous() for w in ws]
-    ls_c = [s.contiguous() for s in ls]
-    gws = [torch.empty(w.shape, dtype=dtype, device=w.device) for w in ws_c] if with_grad else []
-    gls = [torch.empty(s.shape, dtype=dtype, device=s.device) for s in ls_c] if with_grad else []
-    base = ws_c[0]
-    esize = base.element_size()
-    rows, first, ptrs = [], 0, []
-    for i, (w, s) in enumerate(zip(ws_c, ls_c)):
-        tensors = (w, s, gws[i], gls[i]) if with_grad else (w, s, w, s)
-        offs = []
-        for t in tensors:
-            d = t.data_ptr() - base.data_ptr()
-            if d % esize:
-                raise RuntimeError("kl_sparse_vd: a parameter is not aligned to its element size")
-            offs.append(d // esize)
-            ptrs.append(t.data_ptr())
-        rows.append([w.numel(), first, *offs])
-        first += triton.cdiv(w.numel(), block)
-    kl = torch.zeros((), dtype=acc, device=base.device)
-    if first > 0:
-        align = 16 // esize
-        aligned = all(p % 16 == 0 for p in ptrs)
-        table = _layer_table((tuple(ptrs), tuple(r[0] for r in rows), block), rows, base.device)
-        partial = torch.empty(first, dtype=acc, device=base.device)
-        KK.kl_sparse_vd_kernel[(first,)](
-            base, table, partial, len(rows),
-            ACC_F64=acc == torch.float64, WITH_GRAD=with_grad, ALIGN=align if aligned else 1,
-            L_PAD=max(triton.next_power_of_2(len(rows)), 2), BLOCK=block, num_warps=warps,
-        )
-        kl = partial.sum()
-    return kl, gws, gls
-
-
-def kl_fwd(weights: List[torch.Tensor], log_sigma2s: List[torch.Tensor], with_grad: bool):
-    """(Σ_layers KL, [∂KL/∂θ], [∂KL/∂log σ²]) as the reference backend's ``kl_fwd``: the KL in
-    promote(weights[0].dtype, fp32), the gradients in each parameter's dtype and shape ([] when
-    not ``with_grad``). One kernel launch per parameter dtype (one for a usual model), plus the sum
-    of the per-block partial sums."""
-    device = weights[0].device
-    groups: Dict[torch.dtype, List[int]] = {}
-    for i, w in enumerate(weights):
-        groups.setdefault(w.dtype, []).append(i)
-    out_dtype = torch.promote_types(weights[0].dtype, torch.float32)
-    total = torch.zeros((), dtype=out_dtype, device=device) if len(groups) > 1 else None
-    grads_w: List[Optional[torch.Tensor]] = [None] * len(weights)
-    grads_l: List[Optional[torch.Tensor]] = [None] * len(weights)
-    for idx in groups.values():
-        kl, gws, gls = _kl_group([weights[i] for i in idx], [log_sigma2s[i] for i in idx], with_grad)
-        total = kl.to(out_dtype) if total is None else total + kl.to(out_dtype)
-        for j, i in enumerate(idx if with_grad else []):
-            grads_w[i] = _like(gws[j], weights[i])
-            grads_l[i] = _like(gls[j], log_sigma2s[i])
-    if not with_grad:
-        return total, [], []
-    return total, grads_w, grads_l
-
-
-def _like(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """g (contiguous) in the layout torch.empty_like(t) would have (what the fake impl promises)."""
-    if t.is_contiguous():
-        return g
-    return torch.empty_like(t).copy_(g)
-
-
-register_impl("lrt_linear", "triton", lrt_linear_fwd)
-register_impl("lrt_linear_backward", "triton", lrt_linear_bwd)
-register_impl("kl_sparse_vd", "triton", kl_fwd)
-
-from . import triton_conv  # noqa: E402,F401  (registers lrt_conv2d and its backward)
+register_impl("lrt_linear", "triton", triton_lrt_linear)
+register_impl("lrt_linear_backward", "triton", triton_lrt_linear_backward)

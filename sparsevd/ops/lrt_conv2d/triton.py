@@ -1,11 +1,12 @@
 """The ``triton`` backend of ``lrt_conv2d`` and ``lrt_conv2d_backward``: launchers and autotuning
-of the kernels in :mod:`sparsevd.triton_kernels.lrt_conv`.
+of the kernels in :mod:`sparsevd.triton_kernels.lrt_conv2d`.
 
-Same signatures and return conventions as :mod:`sparsevd.ops.reference_impl`: y in x's dtype and
-std in promote(x, θ), both in the layout of :func:`sparsevd.ops.lrt.conv_memory_format`
+Same signatures and return conventions as :mod:`sparsevd.ops.lrt_conv2d.naive`: y in x's dtype and
+std in promote(x, θ), both in the layout of :func:`sparsevd.ops.conv_geometry.conv_memory_format`
 (channels_last when x or θ is); ∂x in x's layout, ∂θ, ∂log σ², ∂b in the parameters' dtype.
 The launchers trust their arguments (:mod:`sparsevd.functional` checked them); ``padding`` is
-[p_h, p_w] or per side [top, bottom, left, right]. Imported by :mod:`sparsevd.ops.triton_impl`.
+[p_h, p_w] or per side [top, bottom, left, right]. Imported by :mod:`sparsevd.ops.backend` on
+first use of the triton backend.
 
 Kernel choice: C_in/groups = 1 with groups > 1 (depthwise, any channel multiplier) runs the
 direct kernels (elementwise per tap); everything else, general groups included, the implicit-GEMM
@@ -19,24 +20,22 @@ Kernel launches per call (docs/design.md, "Backends"):
   pixels is split (:func:`split_m`: too few weight tiles to fill the GPU), whose partial sums a
   third kernel adds; none for an empty batch.
 
-Precision as :mod:`sparsevd.ops.triton_impl` (IEEE fp32 dots unless TF32 is allowed or
+Precision as :mod:`sparsevd.ops.lrt_linear.triton` (IEEE fp32 dots unless TF32 is allowed or
 ``SPARSEVD_FP32_PRECISION`` says otherwise; fp64 in fp64; bf16/fp16 autocast with fp32
 parameters: the mean dots in x's dtype, the variance dots in bf16 for bf16 and on fp32 for fp16).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 
-from sparsevd.triton_kernels import lrt_conv as KC
+from sparsevd.triton_kernels import lrt_conv2d as KC
 
-from .._args import padding_sides
-from .backend import interpreter_enabled, register_impl
-from .lrt import conv2d_out_shape, conv_memory_format
-from .triton_common import (AUTOTUNE_ENV, acc_dtype, autotune_enabled, dot_kind, m_key,  # noqa: F401
-                            make_config, precision)
+from ..backend import interpreter_enabled, register_impl
+from ..conv_geometry import conv2d_out_shape, conv_memory_format, padding_sides
+from ..triton_common import acc_dtype, autotune_enabled, dot_kind, m_key, precision, tile_configs
 
 # ------------------------------------------------------------------------------------ autotuning
 #: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the implicit-GEMM kernels per kind of dot
@@ -89,15 +88,7 @@ def gemm_configs(kernel: str) -> List[triton.Config]:
     """Autotuning candidates of the "fwd" or "bwd" implicit-GEMM kernel: one config when
     interpreting (used when FIT_INTERPRETER_TILES is off), else the union of :data:`TILES` for
     it, narrowed per call by the pruner."""
-    if interpreter_enabled():
-        return [make_config(INTERPRETER_TILES)]
-    seen, out = set(), []
-    for (k, _), tiles in TILES.items():
-        for t in tiles if k == kernel else ():
-            if t not in seen:
-                seen.add(t)
-                out.append(make_config(t))
-    return out
+    return tile_configs(TILES, kernel, INTERPRETER_TILES)
 
 
 def direct_configs(kernel: str) -> List[triton.Config]:
@@ -226,11 +217,11 @@ def _clip_args(clip_threshold: Optional[float]):
 
 
 # ---------------------------------------------------------------------------------- forward
-def lrt_conv2d_fwd(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups,
+def triton_lrt_conv2d(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups,
                    clip_threshold: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """y = conv(x, θ) + b + sqrt(conv(x⊙x, σ²) + 1e-8)⊙ξ in one kernel; returns (y in x's dtype,
     std in promote(x, θ)), both (N, C_out, H_out, W_out) in the layout of
-    :func:`~sparsevd.ops.lrt.conv_memory_format`. An empty output launches nothing.
+    :func:`~sparsevd.ops.conv_geometry.conv_memory_format`. An empty output launches nothing.
 
     ``clip_threshold``: drop the weights with log α ≥ it from the mean and the variance, in
     registers (train-time clipping)."""
@@ -309,7 +300,7 @@ def _gs2(g: torch.Tensor, std: torch.Tensor, seed: torch.Tensor, dtype: torch.dt
     return gs2
 
 
-def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups,
+def triton_lrt_conv2d_backward(grad, x, weight, log_sigma2, std, seed, stride, padding, dilation, groups,
                    need_grad_x: bool = True, clip_threshold: Optional[float] = None):
     """(∂x, ∂θ, ∂log σ², ∂b) of the LRT convolution in two launches (three with a split weight
     gradient; see the module docstring); ξ regenerated from ``seed``. Without ``need_grad_x``
@@ -421,15 +412,5 @@ def lrt_conv2d_bwd(grad, x, weight, log_sigma2, std, seed, stride, padding, dila
     return gx, gw, gl, gb
 
 
-def lrt_conv_noise(seed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """ξ of a conv output of ``shape`` (N, C_out, H_out, W_out) as the kernels draw it (fp32): the
-    forward kernel on x = 1 with a 1×1 kernel θ = 0, log σ² = 0 gives y = sqrt(1 + 1e-8)·ξ = ξ in
-    fp32 (tests)."""
-    n, c, h, w = (int(s) for s in shape)
-    x = torch.ones(n, 1, h, w, device=seed.device)
-    z = torch.zeros(c, 1, 1, 1, device=seed.device)
-    return lrt_conv2d_fwd(x, z, z, None, seed, [1, 1], [0, 0], [1, 1], 1)[0]
-
-
-register_impl("lrt_conv2d", "triton", lrt_conv2d_fwd)
-register_impl("lrt_conv2d_backward", "triton", lrt_conv2d_bwd)
+register_impl("lrt_conv2d", "triton", triton_lrt_conv2d)
+register_impl("lrt_conv2d_backward", "triton", triton_lrt_conv2d_backward)

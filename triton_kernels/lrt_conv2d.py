@@ -37,7 +37,7 @@ multiplier): elementwise products per tap on [pixels, channels] tiles, no dots.
 
 Masked weights (train_clip): with CLIP, weights whose log α = clamp(log σ² − log(θ² + 1e-8),
 −10, 10) is ≥ ``clip_threshold`` are zeroed in registers in both the mean and the variance, and
-their gradients are zero. No launcher exposes it yet.
+their gradients are zero (the ops' ``clip_threshold``).
 
 Accumulation in fp32 (fp64 when ACC_F64); dot inputs of the mean in x's dtype, of the variance in
 bf16 for bf16 x (VAR_LOWP / the dtype of g_s2), else fp32 (fp16 would underflow σ² ≈ e⁻¹⁰).
@@ -45,7 +45,7 @@ Pixel indices are int32 (the launcher checks that N·H·W and N·H_out·W_out fi
 offset is int64. No @triton.jit helper is called inside the loops (docs/design.md,
 "Interpreter-safe kernels").
 
-Launchers, autotuning and registration: :mod:`sparsevd.ops.triton_conv`.
+Launchers and autotuning: :mod:`sparsevd.ops.lrt_conv2d.triton`.
 """
 import triton
 import triton.language as tl
