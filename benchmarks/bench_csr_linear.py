@@ -61,7 +61,7 @@ import sparsevd
 import sparsevd.models
 from sparsevd.deploy import plan_layer
 from sparsevd.nn import SparseLinear
-from sparsevd.nn.sparse import to_csr
+from sparsevd.ops.csr_linear.format import to_csr
 from sparsevd.ops.library import kernel_available
 
 K = N = 4096
@@ -183,7 +183,9 @@ def bench_lenet(args, env) -> List[dict]:
 # ------------------------------------------------------------------ builds of other revisions
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_SOURCES = ("csrc/cpu/csr_linear_cpu.cpp", "csrc/cpu/csr_linear_cpu.h", "csrc/cpu/simd/transpose8.h",
-                  "csrc/csr_checks.h")
+                  "csrc/csr_linear_checks.h")
+#: Earlier paths of KERNEL_SOURCES, for revisions before the rename (issue 22).
+FORMER_PATHS = {"csrc/csr_linear_checks.h": "csrc/csr_checks.h"}
 SCHEMA = "csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias) -> Tensor"
 
 
@@ -196,12 +198,23 @@ def _read_source(rev: str, path: str) -> str:
                           text=True).stdout
 
 
+def _source_of(rev: str, path: str):
+    """(the path the file has at ``rev``, its text): a git revision from before a rename reads
+    the file under its former path (FORMER_PATHS), which its kernel includes."""
+    if rev.startswith("file:") or rev == "worktree" or path not in FORMER_PATHS:
+        return path, _read_source(rev, path)
+    try:
+        return path, _read_source(rev, path)
+    except subprocess.CalledProcessError:
+        return FORMER_PATHS[path], _read_source(rev, FORMER_PATHS[path])
+
+
 def build_kernel(spec: str) -> Callable:
     """The CPU op of ``spec`` (REV[+FLAG...]) built as op library csr_<hash> (see the docstring)."""
     from torch.utils.cpp_extension import load
 
     rev, *flags = spec.split("+")
-    texts = {p: _read_source(rev, p) for p in KERNEL_SOURCES}
+    texts = dict(_source_of(rev, p) for p in KERNEL_SOURCES)
     ns = "csr_" + hashlib.sha1(("\0".join([*texts.values(), *flags])).encode()).hexdigest()[:10]
     src_dir = Path(tempfile.gettempdir()) / "sparsevd_csr_builds" / ns
     for path, text in texts.items():

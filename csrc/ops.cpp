@@ -38,8 +38,8 @@ std::string set_cpu_isa(const std::string& isa) {
 
 TORCH_LIBRARY(sparsevd, m) {
   // ------------------------------------------------------------------------------- csr_linear
-  // The fake (meta) implementation lives in Python, in sparsevd/ops/csr.py.
-  m.set_python_module("sparsevd.ops.csr");
+  // The fake (meta) implementation lives in Python, in sparsevd/ops/csr_linear/op.py.
+  m.set_python_module("sparsevd.ops.csr_linear.op");
   // y (*, N) = x (*, K) @ W^T + bias with W (N, K) in CSR form (crow (N+1,), col (nnz,), values (nnz,)).
   m.def("csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias) -> Tensor");
 

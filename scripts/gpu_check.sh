@@ -39,12 +39,12 @@ STAGES=${GPU_CHECK_STAGES:-env build tests sanitizer bench}
 # mixed-precision training (bf16, fp16 with its GradScaler) and 2 NCCL ranks (skipped with one GPU).
 GPU_TESTS=(tests/test_lrt_linear.py tests/test_lrt_linear_triton.py tests/test_lrt_conv2d.py
            tests/test_lrt_conv2d_triton.py tests/test_kl.py tests/test_kl_triton.py
-           tests/test_csr_linear_cuda.py tests/test_masked.py
+           tests/test_csr_linear.py tests/test_masked.py
            "tests/test_amp.py::test_training_run_follows_the_fp32_run[cuda-bf16]"
            "tests/test_amp.py::test_training_run_follows_the_fp32_run[cuda-fp16]"
            "tests/test_distributed.py::test_two_ranks_match_one_process_with_the_global_batch[nccl]")
 # Under compute-sanitizer (slow: a subset that launches every kernel).
-SANITIZER_TESTS=(tests/test_csr_linear_cuda.py tests/test_lrt_linear_triton.py tests/test_kl_triton.py
+SANITIZER_TESTS=(tests/test_csr_linear.py tests/test_lrt_linear_triton.py tests/test_kl_triton.py
                  tests/test_lrt_conv2d_triton.py)
 SANITIZER_FILTER="matches_dense or index_dtypes or forward_and_gradients or many_layers or partial_blocks"
 SANITIZER_FILTER+=" or odd_shapes_small_tiles or split_weight_gradient"

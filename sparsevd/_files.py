@@ -33,8 +33,8 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["FileWriteError", "atomic_write_bytes", "atomic_save_safetensors", "check_writable",
-           "digest", "read_safetensors", "save_safetensors_new", "unit_dir", "write_bytes_new",
+__all__ = ["FileWriteError", "atomic_write_bytes", "atomic_save_safetensors", "bytes_digest",
+           "check_writable", "digest", "read_safetensors", "save_safetensors_new", "unit_dir", "write_bytes_new",
            "write_unit"]
 
 PathLike = Union[str, Path]
@@ -74,6 +74,12 @@ def _file_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def bytes_digest(data: bytes) -> str:
+    """SHA-256 (hex, 64 lowercase characters) of ``data``: the digest of a file's bytes (e.g. the
+    ``config_sha256`` of a checkpoint's config.json)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def digest(tensors: Dict[str, Tensor], *texts: str) -> str:

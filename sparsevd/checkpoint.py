@@ -38,7 +38,6 @@ A deployed (inference) model is another format: :func:`sparsevd.save` / :func:`s
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -49,8 +48,8 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._files import (digest, read_safetensors, save_safetensors_new, unit_dir, write_bytes_new,
-                     write_unit)
+from ._files import (bytes_digest, digest, read_safetensors, save_safetensors_new, unit_dir,
+                     write_bytes_new, write_unit)
 from .models import build_model
 from .nn import DEFAULT_THRESHOLD
 
@@ -78,10 +77,6 @@ DEFAULT_INPUT_SHAPE = (1, 28, 28)
 _MEASURED = re.compile(r".*_(seconds|ms)$")
 
 PathLike = Union[str, Path]
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _state_tensors(model: nn.Module) -> Dict[str, Tensor]:
@@ -122,7 +117,7 @@ def save_checkpoint(model: nn.Module, out_dir: PathLike, config: Optional[dict],
         state = _state_tensors(model)
         cfg_bytes = _json_bytes(dict(config, format=CHECKPOINT_FORMAT, weights_sha256=digest(state)),
                                 indent=2)
-        meta = {"format": WEIGHTS_FORMAT, "config_sha256": _sha256(cfg_bytes)}
+        meta = {"format": WEIGHTS_FORMAT, "config_sha256": bytes_digest(cfg_bytes)}
         files[CHECKPOINT_CONFIG] = lambda p: write_bytes_new(p, cfg_bytes)
         files[CHECKPOINT_WEIGHTS] = lambda p: save_safetensors_new(state, p, meta)
     if train_state is not None:
@@ -237,7 +232,7 @@ def load_checkpoint(path: PathLike, device="cpu") -> nn.Module:
         if meta.get("format") != WEIGHTS_FORMAT:
             raise ValueError(f"{weights}: not a sparsevd training checkpoint (safetensors metadata "
                              f"format={meta.get('format')!r}, expected {WEIGHTS_FORMAT!r})")
-        if meta.get("config_sha256") != _sha256(raw):
+        if meta.get("config_sha256") != bytes_digest(raw):
             raise ValueError(f"{cfg_path}: corrupted checkpoint: config.json changed after it was "
                              f"written (its sha256 does not match the one recorded in {weights.name})")
         if cfg.get("weights_sha256") != digest(state):

@@ -48,7 +48,7 @@ from .nn.svdo import SVDO_LAYERS, Conv1dSVDO, LinearSVDO
 from .hf_integration import attach as attach_hf_quantizer
 from .surgery import deployed_layer, replace_layers
 from .ops import library
-from .ops.csr import UINT16_MAX_FEATURES
+from .ops.csr_linear.format import UINT16_MAX_FEATURES
 from .ops.library import kernel_available
 
 __all__ = [

@@ -3,7 +3,7 @@
 ``torch.onnx.export(deployed_model, args, path)`` works as it is, with either exporter: while
 exporting (``torch.onnx.is_in_onnx_export()``), a deployed layer whose plan runs the CSR kernel
 computes its product as ``F.linear`` (``F.conv2d``) on the dense weight rebuilt from its CSR
-buffers (:func:`sparsevd.ops.csr.csr_to_dense`). The ONNX graph holds the CSR tensors (so the
+buffers (:func:`sparsevd.ops.csr_linear.format.csr_to_dense`). The ONNX graph holds the CSR tensors (so the
 file is about the CSR's size, not the dense weight's) and rebuilds W with ScatterElements (add),
 CumSum, ConstantOfShape and ScatterND; onnxruntime folds that subgraph of constants into a dense
 initializer when the session is created, then runs one MatMul / Gemm / Conv per layer: exactly the
@@ -39,7 +39,7 @@ __all__ = ["export_onnx", "onnx_translation_table"]
 def _csr_linear_onnx(x, crow_indices, col_indices, values, bias=None):
     """The ONNX translation of ``sparsevd::csr_linear`` (onnxscript, traced by the dynamo
     exporter): y = x Wᵀ + b with W (N, K) rebuilt from the CSR as
-    :func:`sparsevd.ops.csr.csr_to_dense` does: rows of the nonzeros from a histogram of
+    :func:`sparsevd.ops.csr_linear.format.csr_to_dense` does: rows of the nonzeros from a histogram of
     crow[1:] (ScatterElements, add) summed up (CumSum), W = ScatterND(zeros, row·K + col, values)."""
     from onnxscript import opset18 as op
     from onnxscript import ir

@@ -7,7 +7,9 @@ takes ``device`` (or ``backend``) runs once per backend (``backend``: reference,
 each set as SPARSEVD_BACKEND) and per device (``device``: cpu, cuda), skipped where that backend
 cannot run the op on that device here (native on CUDA, triton on CPU without the interpreter,
 CUDA without a GPU, a backend not built), with the reason; its tests of the naive math by hand
-take neither and run once. Backend-only tests live in tests/test_<family>_<backend>.py.
+take neither and run once. A module may name its own implementations in ``OP_BACKENDS`` and say
+which run where in ``backend_runs(backend, device)`` (csr_linear, which is no SPARSEVD_BACKEND
+op). Backend-only tests live in tests/test_<family>_<backend>.py.
 """
 import os
 
@@ -27,7 +29,8 @@ def pytest_generate_tests(metafunc):
     """Parametrize the tests of a module with an ``OP`` that take ``backend`` or ``device``."""
     if not isinstance(getattr(metafunc.module, "OP", None), str):
         return
-    for name, values in (("backend", BACKENDS), ("device", DEVICES)):
+    backends = getattr(metafunc.module, "OP_BACKENDS", BACKENDS)
+    for name, values in (("backend", backends), ("device", DEVICES)):
         if name in metafunc.fixturenames:
             metafunc.parametrize(name, values, indirect=True)
 
@@ -47,6 +50,12 @@ def device(request, backend):
 
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    runs = getattr(request.module, "backend_runs", None)
+    if runs is not None:  # an op outside the backend registry (csr_linear) says itself
+        why = runs(backend, torch.device(request.param))
+        if why:
+            pytest.skip(why)
+        return request.param
     try:
         B.get_impl(request.module.OP, torch.device(request.param))
     except B.BackendUnavailableError as exc:

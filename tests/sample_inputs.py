@@ -10,6 +10,7 @@ import torch
 from conftest import assert_close
 
 from sparsevd.ops import weights as W
+from sparsevd.ops.csr_linear.format import to_csr
 from sparsevd.ops.kl import naive_kl_sparse_vd
 
 F64 = torch.float64
@@ -368,13 +369,59 @@ def amax(t) -> float:
 
 
 # --------------------------------------------------------------------------------- csr_linear
+#: (out_features, in_features, density, empty rows) of the CSR weights every implementation runs
+#: (tests/test_csr_linear.py), with their ids.
+CSR_CASES = [(1, 1, 1.0, 0), (37, 123, 0.1, 5), (123, 300, 0.05, 40), (64, 257, 0.0, 0), (33, 70, 1.0, 0),
+             (300, 784, 0.3, 3), (1024, 4096, 0.02, 0)]
+CSR_CASE_IDS = ["1x1", "sparse", "empty_rows", "all_zero", "fully_dense", "lenet_fc1", "4096_98pct"]
+#: Batch sizes per device: the CPU kernels' tile widths, the CUDA kernels' warp and block widths.
+CSR_BATCHES = {"cpu": (1, 7, 64), "cuda": (1, 3, 16, 64, 257)}
+#: (rtol, atol) of csr_linear per dtype; fp16/bf16 accumulate in fp32 and round once.
+CSR_TOL = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-12, 1e-10), torch.float16: (1e-2, 1e-2),
+           torch.bfloat16: (2e-2, 2e-2)}
+
+
+def csr_dtypes(backend, device):
+    """The value dtypes csr_linear's tests run per (implementation, device): fp32 and fp64 on the
+    CPU (fp16/bf16 there: test_half_precision), fp32/fp16/bf16 in the CUDA kernels, fp32 in
+    torch.sparse on CUDA."""
+    if device == "cpu":
+        return (torch.float32, torch.float64)
+    return (torch.float32, torch.float16, torch.bfloat16) if backend == "native" else (torch.float32,)
+
+
+def csr_weight(n, k, density, dtype=torch.float32, empty_rows=0, device="cpu"):
+    """W (n, k) with about ``density`` of its entries nonzero and ``empty_rows`` rows all zero
+    (drawn on the CPU, then moved to ``device``)."""
+    w = torch.randn(n, k, dtype=dtype) * (torch.rand(n, k) < density)
+    if empty_rows:
+        w[torch.randperm(n)[:empty_rows]] = 0
+    return w.to(device)
+
+
+def csr_of(w, col_dtype=None, crow_dtype=torch.int32):
+    """(crow_indices, col_indices, values) of W (:func:`sparsevd.ops.csr_linear.format.to_csr`,
+    column indices of ``col_dtype``, row pointers of ``crow_dtype``)."""
+    crow, col, val = to_csr(w, col_dtype)
+    return crow.to(crow_dtype), col, val
+
+
+def dense_product(x, w, b=None):
+    """F.linear(x, W, b) computed (and returned) in fp32, fp64 for fp64 inputs: what csr_linear
+    computes (the zero-filled W, IEEE arithmetic) before rounding to x's dtype, the oracle of
+    every implementation."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.nn.functional.linear(x.to(ct), w.to(ct), None if b is None else b.to(ct))
+
+
 #: The non-finite values the deployed layers' tests put into inputs.
 NONFINITE = (float("nan"), float("inf"), float("-inf"))
 
 
-def structured_weight(n, k, dtype=torch.float32):
+def structured_weight(n, k, dtype=torch.float32, device="cpu"):
     """W (n, k) with three kinds of columns: unused (all zero), partial (zero in about half the
-    rows) and full (nonzero in every row); returns W and the three index sets."""
+    rows) and full (nonzero in every row); returns W (drawn on the CPU, then moved to ``device``)
+    and the three index sets (CPU)."""
     w = torch.randn(n, k, dtype=dtype)
     perm = torch.randperm(k)
     unused, partial, full = perm[: k // 4], perm[k // 4: k // 2], perm[k // 2:]
@@ -382,7 +429,7 @@ def structured_weight(n, k, dtype=torch.float32):
     drop = torch.zeros(n, k, dtype=torch.bool)
     drop[:, partial] = torch.rand(n, partial.numel()) < 0.5
     w[drop] = 0
-    return w, {"unused": unused, "partial": partial, "full": full}
+    return w.to(device), {"unused": unused, "partial": partial, "full": full}
 
 
 def inject_nonfinite(x, cols, where):

@@ -1,4 +1,14 @@
-"""sparsevd::csr_linear (csrc/ CPU kernels) and the checked wrapper sparsevd.ops.csr_linear."""
+"""The op family csr_linear (sparsevd/ops/csr_linear/): y = x Wᵀ + b with W in CSR form.
+
+First every implementation on every device from tests/sample_inputs.py (``backend``: ``native``, the
+compiled kernels of sparsevd._C, CPU and CUDA, through the checked entry point
+sparsevd.ops.csr_linear; ``reference``, the torch.sparse math naive_csr_linear, the fallback; the
+CUDA cases skip only where there is no GPU or no CUDA build), against the dense product with the
+zero-filled W; then what is particular to the CPU kernels (both ISA paths: ``simd``; bounds checks
+that raise), to the CUDA kernels (bad indices give NaN rows, no host sync) and to the checked entry
+point (errors naming the argument, the fallback, the library's coexistence with the Python ops).
+scripts/gpu_check.sh runs this module on a GPU, also under compute-sanitizer.
+"""
 import os
 import subprocess
 import sys
@@ -9,71 +19,125 @@ import torch
 import torch.nn.functional as F
 
 import sparsevd
-from sparsevd.nn.sparse import to_csr
-from sparsevd.ops import csr as csr_mod
 from sparsevd.ops import csr_linear, library
+from sparsevd.ops.csr_linear import format as csr_format
+from sparsevd.ops.csr_linear import naive_csr_linear
+from sparsevd.ops.csr_linear import op as csr_op
+from sparsevd.ops.csr_linear.format import to_csr
 
 from conftest import assert_close, assert_ieee_close
+from sample_inputs import (CSR_BATCHES, CSR_CASE_IDS, CSR_CASES, CSR_TOL, csr_dtypes, csr_of,
+                           csr_weight, dense_product, inject_nonfinite, structured_weight)
 
 pytestmark = pytest.mark.skipif(
     not library.available(),
     reason=f"sparsevd._C not built ({library.unavailable_reason()})",
 )
+#: The CUDA kernels' tests: skipped only where there is no GPU or sparsevd._C has no CUDA kernels.
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and library.has_cuda()),
+                                reason="needs a GPU and sparsevd._C built with CUDA")
+#: Every device the compiled kernels run on (the tests of the kernels' own checks and opcheck).
+KERNEL_DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
-TOL = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-12, 1e-10)}  # (rtol, atol)
+OP = "csr_linear"
+#: The implementations of csr_linear (conftest.py's ``backend``): the compiled kernels and the
+#: torch.sparse math; csr_linear has no Triton kernel and ignores SPARSEVD_BACKEND.
+OP_BACKENDS = ("native", "reference")
 
-
-def random_weight(n, k, density, dtype=torch.float32, empty_rows=0):
-    w = torch.randn(n, k, dtype=dtype) * (torch.rand(n, k) < density)
-    if empty_rows:
-        w[torch.randperm(n)[:empty_rows]] = 0
-    return w
-
-
-def csr_of(w, col_dtype=None, crow_dtype=torch.int32):
-    crow, col, val = to_csr(w, col_dtype)
-    return crow.to(crow_dtype), col, val
+TOL = CSR_TOL
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("batch", [1, 7, 64])
-@pytest.mark.parametrize(
-    "n,k,density,empty_rows",
-    [(1, 1, 1.0, 0), (37, 123, 0.1, 5), (123, 300, 0.05, 40), (64, 257, 0.0, 0), (33, 70, 1.0, 0),
-     (300, 784, 0.3, 3)],
-    ids=["1x1", "sparse", "empty_rows", "all_zero", "fully_dense", "lenet_fc1"],
-)
-def test_matches_dense(simd, n, k, density, empty_rows, batch, dtype):
-    w = random_weight(n, k, density, dtype, empty_rows)
-    b = torch.randn(n, dtype=dtype)
-    x = torch.randn(batch, k, dtype=dtype)
+def backend_runs(backend, device):
+    """Why ``backend`` cannot run csr_linear on ``device`` here (conftest.py skips with it), or None."""
+    if backend == "native" and not library.kernel_available(device):
+        return f"sparsevd._C has no csr_linear kernels for {device.type} tensors"
+    return None
+
+
+def run(backend, x, crow, col, val, bias=None):
+    """csr_linear on ``backend``: the checked entry point (the compiled kernels where they run) or
+    the torch.sparse math."""
+    return (csr_linear if backend == "native" else naive_csr_linear)(x, crow, col, val, bias)
+
+
+# ------------------------------------------------------------- every implementation and device
+@pytest.mark.parametrize("n,k,density,empty_rows", CSR_CASES, ids=CSR_CASE_IDS)
+def test_matches_dense(simd, backend, device, n, k, density, empty_rows):
+    for dtype in csr_dtypes(backend, device):
+        for batch in CSR_BATCHES[device]:
+            w = csr_weight(n, k, density, dtype, empty_rows, device)
+            b = torch.randn(n, device=device).to(dtype)
+            x = torch.randn(batch, k, device=device).to(dtype)
+            crow, col, val = csr_of(w)
+            rtol, atol = TOL[dtype]
+            name = f"{dtype} batch {batch}"
+            y = run(backend, x, crow, col, val, b)
+            assert y.dtype == dtype and y.device.type == device
+            expected = dense_product(x, w, b)
+            assert_close(y.to(expected.dtype), expected, rtol, atol, name=name)
+            assert_close(run(backend, x, crow, col, val).to(expected.dtype), dense_product(x, w), rtol, atol,
+                         name=name + " no bias")
+
+
+@pytest.mark.parametrize("col_dtype", [torch.uint16, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("crow_dtype", [torch.int32, torch.int64])
+def test_index_dtypes_and_layouts(simd, backend, device, col_dtype, crow_dtype):
+    w = csr_weight(50, 90, 0.2, device=device)
+    crow, col, val = csr_of(w, col_dtype, crow_dtype)
+    for x in (torch.randn(1, 90), torch.randn(12, 90), torch.randn(3, 4, 90), torch.randn(90, 7).t(),
+              torch.randn(90), torch.randn(5, 180)[:, ::2]):
+        x = x.to(device)
+        assert_close(run(backend, x, crow, col, val), F.linear(x, w), *TOL[torch.float32],
+                     name=f"x {tuple(x.shape)} strides {x.stride()}")
+    assert run(backend, torch.randn(0, 90, device=device), crow, col, val).shape == (0, 50)
+
+
+@pytest.mark.parametrize("where", ["unused", "partial", "full", "mixed"])
+def test_nonfinite_inputs_match_dense(simd, backend, device, where):
+    """y is F.linear with the zero-filled W in IEEE arithmetic: a NaN or ±inf input that meets a
+    zero weight makes the output NaN (0·inf = NaN), at every batch size; every element checked."""
+    for dtype in csr_dtypes(backend, device):
+        for n, k in ((37, 90), (70, 300)):
+            w, cols = structured_weight(n, k, device=device)
+            w = w.to(dtype)
+            b = torch.randn(n, device=device).to(dtype)
+            crow, col, val = csr_of(w)
+            for batch in (1, 3, 16, 33, 64):
+                x = inject_nonfinite(torch.randn(batch, k), cols, where).to(device).to(dtype)
+                name = f"{dtype} {n}x{k} batch {batch}"
+                for bias in (b, None):
+                    y = run(backend, x, crow, col, val, bias)
+                    ref = dense_product(x, w, bias)
+                    assert_ieee_close(y.to(ref.dtype), ref.to(dtype).to(ref.dtype), *TOL[dtype],
+                                      name=name + ("" if bias is not None else " no bias"))
+
+
+@pytest.mark.parametrize("kernel_device", KERNEL_DEVICES)
+def test_opcheck(kernel_device):
+    w = csr_weight(20, 30, 0.3).to(kernel_device)
     crow, col, val = csr_of(w)
-    rtol, atol = TOL[dtype]
-    assert_close(csr_linear(x, crow, col, val, b), F.linear(x, w, b), rtol, atol)
-    assert_close(csr_linear(x, crow, col, val), F.linear(x, w), rtol, atol, name="no bias")
+    for x, b in [(torch.randn(4, 5, 30), torch.randn(20)), (torch.randn(1, 30), None),
+                 (torch.randn(30, 8).t(), torch.randn(20))]:
+        torch.library.opcheck(torch.ops.sparsevd.csr_linear.default,
+                              (x.to(kernel_device), crow, col, val, None if b is None else b.to(kernel_device)))
+    crow64, col64, val64 = csr_of(w.double(), torch.int64, torch.int64)
+    torch.library.opcheck(torch.ops.sparsevd.csr_linear.default,
+                          (torch.randn(3, 30, dtype=torch.float64, device=kernel_device), crow64, col64, val64,
+                           None))
 
 
+# ------------------------------------------------------------------------------ the CPU kernels
 @pytest.mark.parametrize("batch", [2, 9, 16, 17, 33, 100, 256])
 def test_batch_tiles(simd, batch):
     """Batch sizes around the 8/16/32 tile widths (padding of the last tile)."""
-    w = random_weight(96, 200, 0.1)
+    w = csr_weight(96, 200, 0.1)
     b = torch.randn(96)
     x = torch.randn(batch, 200)
     assert_close(csr_linear(x, *csr_of(w), b), F.linear(x, w, b), *TOL[torch.float32])
 
 
-@pytest.mark.parametrize("col_dtype", [torch.uint16, torch.int16, torch.int32, torch.int64])
-@pytest.mark.parametrize("crow_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("batch", [1, 12])
-def test_index_dtypes(simd, col_dtype, crow_dtype, batch):
-    w = random_weight(50, 90, 0.2)
-    x = torch.randn(batch, 90)
-    y = csr_linear(x, *csr_of(w, col_dtype, crow_dtype))
-    assert_close(y, F.linear(x, w), *TOL[torch.float32])
-
-
 def test_shapes_and_strides(simd):
-    w = random_weight(40, 64, 0.2)
+    w = csr_weight(40, 64, 0.2)
     b = torch.randn(40)
     crow, col, val = csr_of(w)
     x3 = torch.randn(3, 5, 64)
@@ -94,7 +158,7 @@ def test_shapes_and_strides(simd):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(dtype):
     """fp16/bf16 accumulate in fp32: error at most ~2x that of torch's own fp32→dtype rounding."""
-    w = random_weight(64, 128, 0.2).to(dtype)
+    w = csr_weight(64, 128, 0.2).to(dtype)
     b = torch.randn(64).to(dtype)
     x = torch.randn(9, 128).to(dtype)
     y = csr_linear(x, *csr_of(w), b)
@@ -104,75 +168,21 @@ def test_half_precision(dtype):
     assert (y.double() - exact).abs().max() <= 2 * ref_err + 1e-6
 
 
-def test_opcheck():
-    w = random_weight(20, 30, 0.3)
-    crow, col, val = csr_of(w)
-    for x, b in [(torch.randn(4, 5, 30), torch.randn(20)), (torch.randn(1, 30), None),
-                 (torch.randn(30, 8).t(), torch.randn(20))]:
-        torch.library.opcheck(torch.ops.sparsevd.csr_linear.default, (x, crow, col, val, b))
-    crow64, col64, val64 = csr_of(w.double(), torch.int64, torch.int64)
-    torch.library.opcheck(torch.ops.sparsevd.csr_linear.default,
-                          (torch.randn(3, 30, dtype=torch.float64), crow64, col64, val64, None))
-
-
 def test_fallback_matches(monkeypatch):
     """Without the extension the wrapper computes the same with torch.sparse and warns."""
-    w = random_weight(30, 50, 0.2)
+    w = csr_weight(30, 50, 0.2)
     b = torch.randn(30)
     x = torch.randn(6, 50)
     crow, col, val = csr_of(w)
     expected = csr_linear(x, crow, col, val, b)
     monkeypatch.setattr(library, "_MODULE", None)
-    monkeypatch.setattr(csr_mod, "_warned", False)
+    monkeypatch.setattr(csr_op, "_warned", False)
     with pytest.warns(RuntimeWarning, match="pip install"):
         y = csr_linear(x, crow, col, val, b)
     assert_close(y, expected, *TOL[torch.float32])
 
 
 # ------------------------------------------------------------------------ non-finite inputs
-NONFINITE = (float("nan"), float("inf"), float("-inf"))
-
-
-def structured_weight(n, k, dtype=torch.float32):
-    """W (n, k) with three kinds of columns: unused (all zero), partial (zero in about half the
-    rows) and full (nonzero in every row); returns W and the three index sets."""
-    w = torch.randn(n, k, dtype=dtype)
-    perm = torch.randperm(k)
-    unused, partial, full = perm[: k // 4], perm[k // 4: k // 2], perm[k // 2:]
-    w[:, unused] = 0
-    drop = torch.zeros(n, k, dtype=torch.bool)
-    drop[:, partial] = torch.rand(n, partial.numel()) < 0.5
-    w[drop] = 0
-    return w, {"unused": unused, "partial": partial, "full": full}
-
-
-def inject_nonfinite(x, cols, where):
-    """Every other batch row (0, 2, ...) gets 1-3 values from NaN, +inf, -inf at columns of kind
-    ``where`` (``"mixed"``: any kind); the other rows stay finite. Returns a new tensor."""
-    x = x.clone()
-    kinds = list(cols) if where == "mixed" else [where]
-    for b in range(0, x.shape[0], 2):
-        for _ in range(int(torch.randint(1, 4, ()))):
-            c = cols[kinds[int(torch.randint(len(kinds), ()))]]
-            x[b, c[int(torch.randint(c.numel(), ()))]] = NONFINITE[int(torch.randint(3, ()))]
-    return x
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("batch", [1, 3, 16, 33, 64])
-@pytest.mark.parametrize("where", ["unused", "partial", "full", "mixed"])
-def test_nonfinite_inputs_match_dense(simd, where, batch, dtype):
-    """y is F.linear with the zero-filled W in IEEE arithmetic: a NaN or ±inf input that meets a
-    zero weight makes the output NaN (0·inf = NaN), at every batch size; every element checked."""
-    w, cols = structured_weight(37, 90, dtype)
-    b = torch.randn(37, dtype=dtype)
-    x = inject_nonfinite(torch.randn(batch, 90, dtype=dtype), cols, where)
-    crow, col, val = csr_of(w)
-    y = csr_linear(x, crow, col, val, b)
-    assert_ieee_close(y, F.linear(x, w, b), *TOL[dtype])
-    assert_ieee_close(csr_linear(x, crow, col, val), F.linear(x, w), *TOL[dtype], name="no bias")
-
-
 @pytest.mark.parametrize("batch", [1, 12])
 def test_nonfinite_strided_and_explicit_zeros(simd, batch):
     """Strided x (the portable pack and the SpMV copy) and stored zero weights (0·inf counted as
@@ -181,7 +191,7 @@ def test_nonfinite_strided_and_explicit_zeros(simd, batch):
     crow, col, val = csr_of(w)
     val = val.clone()
     val[::5] = 0.0
-    w = csr_mod.csr_to_dense(crow, col, val, 20, 64)
+    w = csr_format.csr_to_dense(crow, col, val, 20, 64)
     base = inject_nonfinite(torch.randn(batch, 64), cols, "mixed")
     for x in (base.t().contiguous().t(), torch.stack([base, base], -1)[..., 0]):  # column-major, stride 2
         assert_ieee_close(csr_linear(x, crow, col, val), F.linear(x, w), *TOL[torch.float32])
@@ -240,15 +250,79 @@ def test_fallback_nonfinite_semantics(monkeypatch):
     w, cols = structured_weight(30, 50)
     crow, col, val = csr_of(w)
     monkeypatch.setattr(library, "_MODULE", None)
-    monkeypatch.setattr(csr_mod, "_warned", True)
+    monkeypatch.setattr(csr_op, "_warned", True)
     for batch in (1, 7):
         x = inject_nonfinite(torch.randn(batch, 50), cols, "mixed")
         assert_ieee_close(csr_linear(x, crow, col, val), F.linear(x, w), *TOL[torch.float32])
 
 
+# ----------------------------------------------------------------------------- the CUDA kernels
+@pytest.mark.parametrize("batch", [1, 40])
+@pytest.mark.parametrize("mode", ["csr", "dense", "masked"])
+@needs_cuda
+def test_layer_nonfinite_every_mode_cuda(batch, mode):
+    w, cols = structured_weight(50, 120, device="cuda")
+    layer = sparsevd.nn.SparseLinear.from_dense(w, torch.randn(50, device="cuda"), plan=mode)
+    x = inject_nonfinite(torch.randn(batch, 120), cols, "mixed").cuda()
+    assert_ieee_close(layer(x), F.linear(x, layer.to_dense(), layer.bias), *TOL[torch.float32])
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch", [1, 3, 40])
+@pytest.mark.parametrize("col_dtype", [torch.int16, torch.int32, torch.int64])
+def test_bad_indices_give_nan_rows(batch, col_dtype):
+    """No host sync to raise: a bad column or row range is not read, its row's outputs are NaN, the
+    other rows are right; int64 values that do not fit int32 do not wrap into range."""
+    w = csr_weight(16, 40, 0.5, device="cuda")
+    w[:, 7] = 1.0
+    crow, col, val = to_csr(w, col_dtype)
+    x = torch.randn(batch, 40, device="cuda")
+    expected = F.linear(x, w)
+    op = torch.ops.sparsevd.csr_linear
+    rows = torch.repeat_interleave(torch.arange(16, device="cuda"), (crow[1:] - crow[:-1]).long())
+    for bad in ([20000, -1] + ([2**32 + 5] if col_dtype == torch.int64 else [])):
+        for j in (0, col.numel() // 2, col.numel() - 1):
+            c = col.clone()
+            c[j] = bad
+            y = op(x, crow, c, val, None)
+            r = int(rows[j])
+            assert torch.isnan(y[:, r]).all(), (bad, j)
+            keep = torch.arange(16, device="cuda") != r
+            assert_close(y[:, keep], expected[:, keep], *TOL[torch.float32])
+    for crow_dtype in (torch.int32, torch.int64):
+        c = crow.to(crow_dtype).clone()
+        c[5] = 10**8 if crow_dtype == torch.int32 else 2**32 + 3
+        y = op(x, c, col, val, None)
+        assert torch.isnan(y[:, 4]).all() and torch.isnan(y[:, 5]).all()
+        shifted = crow.clone()
+        shifted[0] = 1  # crow[0] != 0: no row can be trusted
+        assert torch.isnan(op(x, shifted, col, val, None)).all()
+    # K = 0 with stored nonzeros: the rows that claim them are NaN
+    y = op(torch.randn(batch, 0, device="cuda"), torch.tensor([0, 0, 1], dtype=torch.int32, device="cuda"),
+           torch.zeros(1, dtype=torch.int16, device="cuda"), torch.ones(1, device="cuda"), None)
+    assert (y[:, 0] == 0).all() and torch.isnan(y[:, 1]).all()
+
+
+@needs_cuda
+def test_deployed_lenet300_on_cuda():
+    """A LeNet-300-100 with sparse-VD layers deployed on the GPU: equal to its eval-mode outputs,
+    whatever kernel each layer's measured plan picks."""
+    model = sparsevd.models.LeNet300(svd=True).cuda()
+    with torch.no_grad():
+        for m in model:
+            if hasattr(m, "log_sigma2"):
+                m.log_sigma2.uniform_(-12.0, 2.0)  # a few percent of the weights kept
+    model.eval()
+    x = torch.randn(64, 1, 28, 28, device="cuda")
+    deployed = sparsevd.deploy(model, x[:1])
+    with torch.no_grad():
+        for b in (1, 7, 64):
+            assert_close(deployed(x[:b]), model(x[:b]), rtol=1e-4, atol=1e-4, name=f"batch {b}")
+
+
 # ------------------------------------------------------------------------ bounds of the kernel
 def _bad_index_case(col_dtype=None, crow_dtype=torch.int32):
-    w = random_weight(16, 40, 0.5)
+    w = csr_weight(16, 40, 0.5)
     w[:, 7] = 1.0  # nnz >= 16
     return csr_of(w, col_dtype, crow_dtype)
 
@@ -310,13 +384,13 @@ def test_fallback_validates_indices(monkeypatch):
     """Without the compiled library, torch.sparse never sees bad indices (check_invariants=False)."""
     crow, col, val = _bad_index_case()
     monkeypatch.setattr(library, "_MODULE", None)
-    monkeypatch.setattr(csr_mod, "_warned", True)
+    monkeypatch.setattr(csr_op, "_warned", True)
     x = torch.randn(3, 40)
     bad_col = col.clone()
     bad_col[3] = 20000
     bad_crow = crow.clone()
     bad_crow[5] = 10**8
-    for fn in (csr_linear, csr_mod.csr_linear_torch):
+    for fn in (csr_linear, naive_csr_linear):
         with pytest.raises(ValueError, match=r"col_indices: expected values in \[0, in_features=40\)"):
             fn(x, crow, bad_col, val)
         with pytest.raises(ValueError, match="crow_indices: expected a non-decreasing"):
@@ -333,7 +407,7 @@ def test_meta_input_is_rejected():
 
 # ---------------------------------------------------------------------------------- errors
 def _args():
-    w = random_weight(8, 10, 0.4)
+    w = csr_weight(8, 10, 0.4)
     w[0, 0] = 1.0
     crow, col, val = csr_of(w)
     return torch.randn(3, 10), crow, col, val, torch.randn(8)
@@ -388,7 +462,7 @@ def test_uint16_indices_above_int16_range(simd, batch, k):
     """to_csr writes uint16 indices up to 65536 input features (2 bytes per stored weight, where
     int16 stopped at 32768); columns ≥ 32768 are read unsigned by every kernel path, and a bad
     one is still named."""
-    w = random_weight(24, k, 0.002)
+    w = csr_weight(24, k, 0.002)
     w[:, -3:] = torch.randn(24, 3)  # the highest columns, whose int16 view would be negative
     crow, col, val = to_csr(w)
     assert col.dtype == torch.uint16
@@ -463,7 +537,7 @@ def test_package_imports_without_extension():
 
 def test_large_layer_parallel_paths(simd):
     """A layer big enough for the OpenMP paths (nnz·M above the serial threshold)."""
-    w = random_weight(1024, 1024, 0.05)
+    w = csr_weight(1024, 1024, 0.05)
     b = torch.randn(1024)
     for batch in (1, 40):
         x = torch.randn(batch, 1024)

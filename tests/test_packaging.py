@@ -28,7 +28,7 @@ def test_sdist_carries_the_sources(tmp_path):
     (sdist,) = tmp_path.glob("sparsevd-*.tar.gz")
     names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
     for required in ("setup.py", "pyproject.toml", "README.md", "docs/design.md", "csrc/ops.cpp",
-                     "csrc/csr_checks.h", "csrc/cpu/csr_linear_cpu.cpp", "csrc/cuda/csr_linear_kernels.cu",
+                     "csrc/csr_linear_checks.h", "csrc/cpu/csr_linear_cpu.cpp", "csrc/cuda/csr_linear_kernels.cu",
                      "triton_kernels/lrt_linear.py", "benchmarks/common.py", "sparsevd/train.py",
                      "scripts/setup.sh"):
         assert required in names, required

@@ -11,7 +11,7 @@ from sample_inputs import NONFINITE, inject_nonfinite, structured_weight
 
 from sparsevd.nn import SparseConv2d, SparseLinear
 from sparsevd.nn.sparse import to_csr
-from sparsevd.ops import csr as csr_mod
+from sparsevd.ops.csr_linear import op as csr_op
 from sparsevd.ops import library
 
 TOL = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-12, 1e-10)}  # (rtol, atol)
@@ -288,7 +288,7 @@ def test_inference_mode_buffers():
 def test_fallback_layer_validates(monkeypatch):
     """Without sparsevd._C the layer runs torch.sparse, which never sees bad indices either."""
     monkeypatch.setattr(library, "_MODULE", None)
-    monkeypatch.setattr(csr_mod, "_warned", True)
+    monkeypatch.setattr(csr_op, "_warned", True)
     layer = _layer()
     assert not layer._use_kernel
     x = torch.randn(3, 40)

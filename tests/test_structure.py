@@ -139,28 +139,43 @@ def test_one_loader_of_the_compiled_library():
 
 #: The op families, each under one name in every folder (docs/design.md, "Op families"): its package
 #: sparsevd/ops/<family>/ (FAMILY_PACKAGE), its Triton kernels, its tests and its benchmark.
-OP_FAMILIES = ("lrt_linear", "lrt_conv2d", "kl")
+OP_FAMILIES = ("lrt_linear", "lrt_conv2d", "kl", "csr_linear")
+#: The families whose backends SPARSEVD_BACKEND picks (sparsevd.ops.backend); csr_linear runs its
+#: compiled kernels wherever the library runs on the input's device, the torch math elsewhere.
+REGISTRY_FAMILIES = ("lrt_linear", "lrt_conv2d", "kl")
 #: The files of a family's package: the math (the reference backend), the custom ops, one module per
-#: other backend.
-FAMILY_PACKAGE = ("__init__.py", "naive.py", "op.py", "native.py", "triton.py")
-#: The backend modules of a family, which only sparsevd.ops.backend imports (on first use).
+#: other backend (triton.py where the family has Triton kernels), and what a family adds.
+FAMILY_PACKAGE = ("__init__.py", "naive.py", "op.py", "native.py")
+FAMILY_EXTRA = {"lrt_linear": ("triton.py",), "lrt_conv2d": ("triton.py",), "kl": ("triton.py",),
+                "csr_linear": ("format.py",)}
+#: The backend modules of a family, which only its dispatcher imports (on first use): the backend
+#: registry sparsevd.ops.backend, or the family's own op.py where it has no registry entry.
 BACKEND_MODULES = ("native", "triton")
 #: What the families share, beside their packages.
 OPS_SHARED = ("__init__.py", "backend.py", "library.py", "weights.py", "conv_geometry.py", "noise.py",
-              "lrt_common.py", "triton_common.py", "csr.py")
+              "lrt_common.py", "triton_common.py")
+
+
+def has_triton(family):
+    return "triton.py" in FAMILY_EXTRA[family]
 
 
 def family_paths(family):
-    """Every file of ``family`` outside its package, under its one name."""
-    return [f"triton_kernels/{family}.py", f"csrc/cpu/{family}_cpu.cpp", f"tests/test_{family}.py",
-            f"tests/test_{family}_native.py", f"tests/test_{family}_triton.py", f"benchmarks/bench_{family}.py"]
+    """Every file of ``family`` outside its package, under its one name (csr_linear: no Triton
+    kernels, its CUDA kernels and argument checks in C++, one test module for every backend)."""
+    paths = [f"csrc/cpu/{family}_cpu.cpp", f"tests/test_{family}.py", f"benchmarks/bench_{family}.py"]
+    if has_triton(family):
+        paths += [f"triton_kernels/{family}.py", f"tests/test_{family}_native.py", f"tests/test_{family}_triton.py"]
+    else:
+        paths += [f"csrc/cuda/{family}_cuda.cpp", f"csrc/cuda/{family}_kernels.cu", f"csrc/{family}_checks.h"]
+    return paths
 
 
 @pytest.mark.parametrize("family", OP_FAMILIES)
 def test_op_family_has_its_files_under_one_name_and_they_are_documented(family):
     design = (ROOT / "docs" / "design.md").read_text()
     package = ROOT / "sparsevd" / "ops" / family
-    assert sorted(p.name for p in package.glob("*.py")) == sorted(FAMILY_PACKAGE), family
+    assert sorted(p.name for p in package.glob("*.py")) == sorted(FAMILY_PACKAGE + FAMILY_EXTRA[family]), family
     for rel in [f"sparsevd/ops/{family}/"] + family_paths(family):
         assert (ROOT / rel).exists(), rel
         assert rel in design, f"docs/design.md does not list {rel} ({family})"
@@ -175,16 +190,26 @@ def test_the_ops_package_is_the_families_and_what_they_share():
     assert sorted(p.name for p in ops.iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(OP_FAMILIES)
     from sparsevd.ops import backend
 
-    assert set(backend.families()) == set(OP_FAMILIES)
+    assert set(backend.families()) == set(REGISTRY_FAMILIES)
+
+
+def dispatcher(family):
+    """The one module that imports ``family``'s backend modules (on first use, by name)."""
+    return "sparsevd.ops.backend" if family in REGISTRY_FAMILIES else f"sparsevd.ops.{family}.op"
 
 
 def test_backend_modules_are_imported_by_the_dispatcher_only():
-    """Nothing in the library imports a family's backend module: sparsevd.ops.backend loads it on
-    first use (by name), so a missing triton or compiled library only makes that backend
-    unavailable."""
-    backends = {f"sparsevd.ops.{f}.{b}" for f in OP_FAMILIES for b in BACKEND_MODULES}
-    for name, deps in GRAPH.items():
-        assert not deps & backends, f"{name} imports a backend module ({sorted(deps & backends)})"
+    """Nothing in the library imports a family's backend module but its dispatcher, which loads it
+    on first use (by name: importlib, which this graph records), so a missing triton or compiled
+    library only makes that backend unavailable."""
+    for family in OP_FAMILIES:
+        backends = {f"sparsevd.ops.{family}.{b}" for b in BACKEND_MODULES} & set(MODULES)
+        assert backends, family
+        for name, deps in GRAPH.items():
+            if name != dispatcher(family):
+                assert not deps & backends, f"{name} imports a backend module ({sorted(deps & backends)})"
+    # the dispatchers do import them (the registry by a computed name, checked by its tests)
+    assert "sparsevd.ops.csr_linear.native" in GRAPH["sparsevd.ops.csr_linear.op"]
 
 
 def test_one_name_for_the_math_and_one_for_the_backend_that_runs_it():
@@ -196,10 +221,16 @@ def test_one_name_for_the_math_and_one_for_the_backend_that_runs_it():
         public = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")]
         assert public and all(n.startswith("naive_") for n in public), (family, public)
         for backend_name in BACKEND_MODULES:
-            tree = ast.parse((ROOT / "sparsevd" / "ops" / family / f"{backend_name}.py").read_text())
-            registered = [n.args[2].id for n in ast.walk(tree) if isinstance(n, ast.Call)
-                          and getattr(n.func, "id", None) == "register_impl"]
-            assert registered and all(r.startswith(backend_name + "_") for r in registered), (family, registered)
+            path = ROOT / "sparsevd" / "ops" / family / f"{backend_name}.py"
+            if not path.exists():
+                continue
+            tree = ast.parse(path.read_text())
+            if family in REGISTRY_FAMILIES:
+                named = [n.args[2].id for n in ast.walk(tree) if isinstance(n, ast.Call)
+                         and getattr(n.func, "id", None) == "register_impl"]
+            else:  # called by its op.py: its public functions
+                named = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")]
+            assert named and all(r.startswith(backend_name + "_") for r in named), (family, named)
     assert not list((ROOT / "sparsevd" / "ops").rglob("reference*.py"))
 
 

@@ -59,7 +59,7 @@
 #define SPARSEVD_X86 1
 #endif
 
-#include "../csr_checks.h"
+#include "../csr_linear_checks.h"
 #include "csr_linear_cpu.h"
 #include "simd/transpose8.h"
 

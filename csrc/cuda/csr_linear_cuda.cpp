@@ -13,7 +13,7 @@
 #include <limits>
 #include <vector>
 
-#include "../csr_checks.h"
+#include "../csr_linear_checks.h"
 #include "csr_linear_cuda.h"
 
 namespace sparsevd {

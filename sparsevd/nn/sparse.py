@@ -44,7 +44,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .._args import IntOrPair, as_pair, as_single, check_groups
 from ..reference import conv_out_size
-from ..ops.csr import csr_linear_torch, csr_to_dense, validate_csr, warn_fallback
+from ..ops.csr_linear.format import csr_to_dense, to_csr, validate_csr
+from ..ops.csr_linear.naive import naive_csr_linear
+from ..ops.csr_linear.op import warn_fallback
 from ..ops.library import kernel_available
 from .svdo import conv_repr
 
@@ -54,35 +56,6 @@ LINEAR_MODES = ("csr", "dense", "masked")
 CONV_MODES = ("csr", "dense")
 #: A plan: ((max_batch, mode), ...) in increasing max_batch; the last max_batch is None (no bound).
 Plan = Tuple[Tuple[Optional[int], str], ...]
-
-
-def to_csr(
-    weight: Tensor, index_dtype: Optional[torch.dtype] = None
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """CSR form of a 2-D weight (its zeros dropped): (crow_indices, col_indices, values).
-
-    Args:
-        weight: (out_features, in_features), any floating dtype and device.
-        index_dtype: dtype of the column indices; default uint16 when in_features ≤ 65536 (half
-            the index bytes), else int32 (int64 beyond 2³¹ columns).
-
-    Returns:
-        crow_indices (out_features + 1,) int32 (int64 when nnz ≥ 2³¹), col_indices (nnz,),
-        values (nnz,) in the dtype of ``weight``, nonzeros in row-major order.
-    """
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected a 2-D tensor, got shape {tuple(weight.shape)}")
-    n, k = weight.shape
-    if index_dtype is None:
-        index_dtype = torch.uint16 if k <= 65536 else (torch.int32 if k < 2**31 else torch.int64)
-    rows, cols = weight.nonzero(as_tuple=True)
-    values = weight[rows, cols].contiguous()
-    counts = torch.bincount(rows, minlength=n) if rows.numel() else torch.zeros(n, dtype=torch.long,
-                                                                               device=weight.device)
-    crow = torch.zeros(n + 1, dtype=torch.long, device=weight.device)
-    crow[1:] = torch.cumsum(counts, 0)
-    crow_dtype = torch.int32 if values.numel() < 2**31 else torch.int64
-    return crow.to(crow_dtype), cols.to(index_dtype).contiguous(), values
 
 
 def used_columns(col_indices: Tensor, in_cols: int) -> Tensor:
@@ -488,11 +461,11 @@ class _SparseBase(nn.Module):
                 x, self.crow_indices, self.col_indices, self.values, self.bias
             )
         warn_fallback(type(self).__name__)
-        return csr_linear_torch(x, self.crow_indices, self.col_indices, self.values, self.bias)
+        return naive_csr_linear(x, self.crow_indices, self.col_indices, self.values, self.bias)
 
     def _traced_dense_weight(self) -> Tensor:
         """The zero-filled (rows, cols) weight rebuilt from the CSR buffers in traceable ops
-        (:func:`~sparsevd.ops.csr.csr_to_dense`): the ONNX form of the CSR mode."""
+        (:func:`~sparsevd.ops.csr_linear.format.csr_to_dense`): the ONNX form of the CSR mode."""
         b = self._buffers
         if b["col_indices"].dtype == torch.uint16 and torch.jit.is_tracing():
             raise TypeError(

@@ -3,8 +3,9 @@
 - :mod:`.lrt_linear`: ``lrt_linear``, ``lrt_linear_backward`` (the LRT linear layer);
 - :mod:`.lrt_conv2d`: ``lrt_conv2d``, ``lrt_conv2d_backward`` (the LRT convolution; 1-D too);
 - :mod:`.kl`: ``kl_sparse_vd`` (the KL of many layers and its gradients), ``log_alpha``;
-- :mod:`.csr`: ``csr_linear`` (the deployed layers' matmul, from the compiled library, with a
-  torch fallback).
+- :mod:`.csr_linear`: ``csr_linear`` (the deployed layers' matmul, from the compiled library, with a
+  torch fallback); ``sparsevd.ops.csr_linear`` is that function, its package's modules are
+  imported by name (``from sparsevd.ops.csr_linear import format``).
 
 A family's package holds its math (``naive.py``, the ``reference`` backend), its custom ops with
 fake implementations and autograd (``op.py``), and one module per other backend (``native.py``,
@@ -16,7 +17,7 @@ is :mod:`sparsevd.functional`; docs/design.md, "Layout", maps every file.
 """
 from . import kl, lrt_conv2d, lrt_linear
 from .backend import BACKENDS, BackendUnavailableError, get_impl, register_impl, requested_backend
-from .csr import csr_linear
+from .csr_linear import csr_linear  # the function; the package stays in sys.modules
 
 __all__ = [
     "BACKENDS",

@@ -11,7 +11,7 @@
   specification and the fallback.
 
 The deployed layers' ``csr_linear`` is no backend op: it is the compiled library's
-(:mod:`sparsevd.ops.csr`), with a torch fallback.
+(``sparsevd/ops/csr_linear/``: its dispatcher is its op.py), with a torch fallback.
 
 Each op family (``sparsevd/ops/<family>/``) declares its ops with :func:`register_family` and
 registers its ``reference`` implementations (its naive math) in its ``op.py``; the modules

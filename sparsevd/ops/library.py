@@ -7,7 +7,7 @@ import happens once, a failure never breaks ``import sparsevd``, and the import 
 messages (:func:`unavailable_reason`, :func:`require_ops`).
 
 The compiled library is optional: without it the package falls back to torch kernels (slower) and
-says so once (see :mod:`sparsevd.ops.csr`).
+says so once (see ``sparsevd/ops/csr_linear/op.py``).
 
 Switches of the compiled CPU kernels, for tests and benchmarks (ops without tensor arguments):
 

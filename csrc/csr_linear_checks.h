@@ -2,8 +2,9 @@
 //
 // The checks here are O(1) (metadata only, no reads of index data). The kernels check the index
 // data themselves, whatever reaches them (CPU: a RuntimeError naming the bad entry; CUDA: NaN in
-// the affected outputs, no host sync); sparsevd.ops.csr_linear and the deployed layers validate it
-// in Python before (a ValueError naming the argument).
+// the affected outputs, no host sync); sparsevd.ops.csr_linear (sparsevd/ops/csr_linear/op.py, its
+// checks in format.py) and the deployed layers validate it in Python before (a ValueError naming
+// the argument).
 #pragma once
 
 #include <ATen/ATen.h>
