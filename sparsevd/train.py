@@ -24,6 +24,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -123,6 +124,7 @@ def fit(
     mc_samples: int = 10,
     amp: Optional[str] = None,
     train_clip: Optional[bool] = None,
+    loss_fn: Optional[Callable[[nn.Module, object], torch.Tensor]] = None,
 ) -> dict:
     """Train ``model`` with sparse VD (or dense) and return the run's summary.
 
@@ -161,8 +163,9 @@ def fit(
         model: a container module (e.g. ``sparsevd.models.LeNet300(svd=False)``), trained in place
             and converted in place after the pre-training; inputs and targets as ``train_loader``
             yields them (images (B, ...) float, labels (B,) int64).
-        train_loader, test_loader: iterables of ``(x, y)`` batches; ``len(train_loader)`` steps an
-            epoch.
+        train_loader, test_loader: iterables of ``(x, y)`` batches (any batch with ``loss_fn``);
+            ``len(train_loader)`` steps an epoch. ``test_loader`` None: no evaluation
+            (``test_accuracy`` None, no ``predictive``).
         epochs: total number of epochs (pre-training included), ≥ 1.
         lr: Adam's learning rate; ``lr_decay="linear"`` decays it to 0 at the last step, "none"
             keeps it.
@@ -187,6 +190,14 @@ def fit(
             train_clip=)``: the weights with log α ≥ ``threshold`` leave the LRT forward and
             backward); True / False is set on every sparse-VD layer, None keeps what the model's
             layers have (off for the layers ``fit`` converts).
+        loss_fn: the data term of any batch: ``loss_fn(model, batch) -> 0-dim tensor``, the mean
+            over the batch's examples (e.g. ``lambda m, b: F.mse_loss(m(**b["inputs"]).logits,
+            b["teacher"])`` for a Hugging Face dict batch), called with the batch moved to
+            ``device`` (tensors in dicts, lists and tuples). The sparse-VD phase minimises
+            N · loss_fn + β · KL (:meth:`sparsevd.SGVLB.with_kl`), the dense one loss_fn; the
+            history's ``ce`` is its mean, and the evaluation is ``test_loss``, the mean of
+            ``loss_fn`` over ``test_loader`` in eval mode (no accuracy, no ``predictive``).
+            None: ``(x, y)`` batches and cross-entropy of ``model(x)`` (logits (B, C)).
 
     Returns:
         The summary: ``test_accuracy`` (fraction, eval mode, after the last epoch),
@@ -209,11 +220,13 @@ def fit(
         TrainingDiverged: a non-finite loss or parameter (see above).
     """
     _check_fit_args(model, epochs=epochs, lr_decay=lr_decay, method=method,
-                    pretrain_epochs=pretrain_epochs, resume=resume, checkpoint_dir=checkpoint_dir, amp=amp)
+                    pretrain_epochs=pretrain_epochs, resume=resume, checkpoint_dir=checkpoint_dir, amp=amp,
+                    loss_fn=loss_fn)
     r = _setup(model, train_loader, epochs=epochs, lr=lr, lr_decay=lr_decay, method=method,
                pretrain_epochs=pretrain_epochs, kl_warmup_epochs=kl_warmup_epochs, threshold=threshold,
                train_size=train_size, device=device, progress_bar=progress, checkpoint_dir=checkpoint_dir,
-               checkpoint_config=checkpoint_config, resume=resume, amp=amp, train_clip=train_clip)
+               checkpoint_config=checkpoint_config, resume=resume, amp=amp, train_clip=train_clip,
+               loss_fn=loss_fn)
     for epoch in range(r.progress.start_epoch, epochs):
         _begin_epoch(r, train_loader, epoch)
         _train_epoch(r, train_loader, epoch)
@@ -222,7 +235,7 @@ def fit(
 
 
 def _check_fit_args(model: nn.Module, *, epochs, lr_decay, method, pretrain_epochs, resume,
-                    checkpoint_dir, amp) -> None:
+                    checkpoint_dir, amp, loss_fn=None) -> None:
     """The argument errors of :func:`fit` that need no data (ValueError naming the argument)."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -239,6 +252,8 @@ def _check_fit_args(model: nn.Module, *, epochs, lr_decay, method, pretrain_epoc
     if resume and checkpoint_dir is None:
         raise ValueError("resume: needs checkpoint_dir, the directory of the run to continue")
     check_amp(amp)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a function (model, batch) -> 0-dim tensor, got {loss_fn!r}")
 
 
 @dataclasses.dataclass
@@ -265,6 +280,7 @@ class _Run:
     checkpoint_config: Optional[dict]
     generators: List[torch.Generator]
     progress: Progress
+    loss_fn: Optional[Callable[[nn.Module, object], torch.Tensor]] = None
     rank: int = 0
     world: int = 1
     net: Optional[nn.Module] = None
@@ -318,7 +334,7 @@ class _Run:
 
 def _setup(model: nn.Module, train_loader, *, epochs, lr, lr_decay, method, pretrain_epochs,
            kl_warmup_epochs, threshold, train_size, device, progress_bar, checkpoint_dir,
-           checkpoint_config, resume, amp, train_clip) -> _Run:
+           checkpoint_config, resume, amp, train_clip, loss_fn) -> _Run:
     """Everything before the first epoch: the device, the recipe, the state of a resumed run, the
     phase the run is in (converted if it is sparse VD), the optimiser and the SGVLB."""
     svd = method == "sparse_vd"
@@ -344,7 +360,7 @@ def _setup(model: nn.Module, train_loader, *, epochs, lr, lr_decay, method, pret
              threshold=threshold, train_clip=train_clip, amp=amp, progress_bar=progress_bar,
              resumed=resume, ckpt_dir=ckpt_dir, checkpoint_config=checkpoint_config,
              generators=loader_generators(train_loader), progress=progress, commit=commit,
-             freed_memory_kept=freed_memory_kept)
+             freed_memory_kept=freed_memory_kept, loss_fn=loss_fn)
     # the sparse-VD phase has begun when the run starts from scratch without pre-training, or
     # resumes after the epoch whose start converted the model (resuming right at that epoch, the
     # loop converts it, as the uninterrupted run did)
@@ -379,19 +395,46 @@ def _begin_epoch(r: _Run, train_loader, epoch: int) -> None:
             sampler.set_epoch(epoch)
 
 
-def _train_step(r: _Run, x, y, epoch: int, i: int, phase_svd: bool) -> Tuple[float, float]:
-    """One step: forward (autocast), the loss (SGVLB with β at this step, or cross-entropy), the
-    divergence check, backward, Adam, the schedule. Returns (loss per example, cross-entropy)."""
+def _to_device(batch, device: torch.device):
+    """``batch`` with every tensor in it (in dicts, lists and tuples) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch) if type(batch) in (list, tuple) \
+            else type(batch)(*(_to_device(v, device) for v in batch))  # a namedtuple
+    return batch
+
+
+def _data_term(r: _Run, batch) -> torch.Tensor:
+    """The mean data term of a batch: ``loss_fn(net, batch)``, or the cross-entropy of the
+    logits of an ``(x, y)`` batch."""
+    if r.loss_fn is not None:
+        value = r.loss_fn(r.net, _to_device(batch, r.device))
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            raise ValueError("loss_fn: expected a 0-dim tensor (the mean over the batch), got "
+                             f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+        return value
+    if isinstance(batch, Mapping) or not isinstance(batch, (list, tuple)) or len(batch) != 2:
+        raise ValueError(f"train_loader: expected (x, y) batches, got a {type(batch).__name__}; for "
+                         "other batches (e.g. dicts) pass loss_fn=(model, batch) -> mean loss")
+    x, y = batch
     x, y = x.to(r.device, non_blocking=True), y.to(r.device, non_blocking=True)
+    return F.cross_entropy(r.net(x), y)
+
+
+def _train_step(r: _Run, batch, epoch: int, i: int, phase_svd: bool) -> Tuple[float, float]:
+    """One step: forward (autocast), the loss (N · data term + β · KL with β at this step, or the
+    data term), the divergence check, backward, Adam, the schedule. Returns (loss per example,
+    data term)."""
     with autocast(r.amp, r.device):
-        logits = r.net(x)
+        data = _data_term(r, batch)
         if phase_svd:
             r.crit.epoch = epoch - r.pretrain + i / r.steps_per_epoch  # β rises per step
-            loss = r.crit(logits, y)
-            with torch.no_grad():
-                ce = F.cross_entropy(logits, y)
+            loss = r.crit.with_kl(data)
         else:
-            loss = ce = F.cross_entropy(logits, y)
+            loss = data
     loss_per_example = float(loss.detach()) / (r.train_size if phase_svd else 1)
     if not distributed.all_finite(loss_per_example, r.device):
         raise step_diverged(r.model, epoch=epoch, step=i, steps_per_epoch=r.steps_per_epoch,
@@ -408,7 +451,7 @@ def _train_step(r: _Run, x, y, epoch: int, i: int, phase_svd: bool) -> Tuple[flo
         r.opt.step()
     if r.sched is not None:
         r.sched.step()
-    return loss_per_example, float(ce.detach())
+    return loss_per_example, float(data.detach())
 
 
 def _train_epoch(r: _Run, train_loader, epoch: int) -> None:
@@ -423,9 +466,9 @@ def _train_epoch(r: _Run, train_loader, epoch: int) -> None:
     n_batches = 0
     bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{r.epochs}", leave=False,
                disable=not r.progress_bar, mininterval=0.5, file=sys.stderr)
-    for i, (x, y) in enumerate(bar):
+    for i, batch in enumerate(bar):
         t_step = time.perf_counter()
-        loss, ce = _train_step(r, x, y, epoch, i, phase_svd)
+        loss, ce = _train_step(r, batch, epoch, i, phase_svd)
         loss_sum += loss
         ce_sum += ce
         r.progress.step_ms.append(1e3 * (time.perf_counter() - t_step))
@@ -446,7 +489,11 @@ def _end_epoch(r: _Run, test_loader, epoch: int, on_epoch) -> None:
     then call ``on_epoch`` (rank 0)."""
     phase_svd = r.svd and epoch >= r.pretrain
     t_ev = time.perf_counter()
-    acc = evaluate(r.model, test_loader, r.device)
+    acc = test_loss = None
+    if test_loader is not None and r.loss_fn is not None:
+        test_loss = _evaluate_loss(r, test_loader)
+    elif test_loader is not None:
+        acc = evaluate(r.model, test_loader, r.device)
     rep = report(r.model)
     r.progress.eval_seconds += time.perf_counter() - t_ev
     loss, ce = r.epoch_means
@@ -463,6 +510,8 @@ def _end_epoch(r: _Run, test_loader, epoch: int, on_epoch) -> None:
         "compression": finite(rep.compression),
         "train_seconds": r.epoch_seconds,
     }
+    if r.loss_fn is not None:
+        row["test_loss"] = test_loss
     r.progress.history.append(row)
     check_parameters(r.model, epoch_done=epoch + 1, steps_per_epoch=r.steps_per_epoch, ckpt_dir=r.ckpt_dir)
     if r.ckpt_dir is not None:
@@ -474,13 +523,26 @@ def _end_epoch(r: _Run, test_loader, epoch: int, on_epoch) -> None:
         on_epoch(row)
 
 
+@torch.no_grad()
+def _evaluate_loss(r: _Run, loader) -> float:
+    """The mean of ``loss_fn`` over ``loader``'s batches, the model in eval mode (left so)."""
+    r.model.eval()
+    total = n = 0
+    for batch in loader:
+        total += float(_data_term(r, batch))
+        n += 1
+    return total / max(n, 1)
+
+
 def _finish(r: _Run, test_loader, mc_samples: int) -> dict:
     """The summary: the final report, the predictive evaluation (eval mode and, for sparse VD,
     Monte-Carlo), whether the ranks ended in sync, the timings and the recipe."""
     r.model.eval()
     rep = report(r.model)
-    predictive = {"eval": evaluate_predictive(r.model, test_loader, r.device, 0)}
-    if r.svd and mc_samples:
+    predictive = {}
+    if test_loader is not None and r.loss_fn is None:
+        predictive["eval"] = evaluate_predictive(r.model, test_loader, r.device, 0)
+    if r.svd and mc_samples and "eval" in predictive:
         predictive["mc"] = evaluate_predictive(r.model, test_loader, r.device, mc_samples, seed=0)
     digests = distributed.all_gather_objects(digest(r.model.state_dict()))
     return fit_summary(rep=rep, predictive=predictive, recipe=r.recipe, progress=r.progress, svd=r.svd,
