@@ -9,19 +9,22 @@ evaluation. :func:`resolve_recipe` gives the defaults tuned for 30-epoch CPU run
 sparse-VD layers; β warms up over the next third; the learning rate decays linearly to 0 over the
 whole run. ``pretrain_epochs=0, kl_warmup_epochs=5, lr_decay="none"`` is the plain from-scratch
 recipe. Dense runs use the same optimiser and schedule with plain cross-entropy.
+
+The loop reads by phase: :func:`_setup` (arguments, resume, optimiser), per epoch
+:func:`_begin_epoch` (the conversion after the dense pre-training), :func:`_train_epoch` (its
+steps, :func:`_train_step`) and :func:`_end_epoch` (evaluation, history row, checkpoint), then
+:func:`_finish` (the summary). What they share is a :class:`_Run`; the concepts beside the loop
+live in :mod:`sparsevd.training` (configuration, precision, divergence, state, summary).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
 import json
-import math
-import os
 import sys
 import time
 import warnings
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -31,88 +34,27 @@ from torch import nn
 from . import distributed, metadata
 from .allocator import keep_freed_memory
 from ._files import atomic_write_bytes, check_writable, digest
-from .checkpoint import (CHECKPOINT_WEIGHTS, checkpoint_owning, load_train_state, optimizer_state,
-                         optimizer_tensors, read_config, save_checkpoint)
+from .checkpoint import CHECKPOINT_WEIGHTS, checkpoint_owning
 from .convert import convert, report
 from .data import make_loaders
 from .loss import SGVLB, kl_divergence, svdo_layers
 from .models import build_model
 from .nn import DEFAULT_THRESHOLD, Conv2dSVDO
 from .plots import plot_run
+from .training.config import (LR_DECAYS, METHODS, RUNTIME_FIELDS, UNSAVED_FIELDS, TrainConfig,
+                              resolve_recipe, resume_conflicts, resumed_config, saved_settings)
+from .training.divergence import TrainingDiverged, check_parameters, step_diverged
+from .training.precision import AMP_DTYPES, autocast, check_amp, fp16_init_scale, grad_scaler
+from .training.state import (Progress, load_resume_state, loader_generators, loader_samplers, restore,
+                             write_checkpoint)
+from .training.summary import finite, fit_summary
 from .uncertainty import evaluate_predictive
 
 __all__ = ["METHODS", "TrainConfig", "TrainingDiverged", "adam", "evaluate", "fit", "resolve_recipe", "run"]
 
-METHODS = ("sparse_vd", "dense")
-LR_DECAYS = ("linear", "none")
-#: Mixed precision of ``fit(amp=...)``: the autocast dtype of the forward (parameters, the KL and
-#: the LRT variance stay fp32; fp16 adds a GradScaler and needs CUDA).
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def fp16_init_scale(loss_scale: float) -> float:
-    """The initial scale of fp16 training's GradScaler for a loss of magnitude ``loss_scale`` per
-    image: 2¹⁶ (GradScaler's default) for a mean cross-entropy (1), 2¹⁶ / 2^⌈log₂ N⌉ for the SGVLB
-    N · CE + β · KL, whose ∂/∂logit is N/B times larger (paper, eq. 3): with the default, the first
-    fp16 gradients of a 60 000-image data term overflow (N/B · 2¹⁶ > 65 504) and GradScaler would
-    skip some ten steps backing off. A power of two, so scaling is exact."""
-    return 2.0 ** (16 - math.ceil(math.log2(max(loss_scale, 1.0))))
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """The settings of one ``sparsevd train`` run (the CLI's options, same names and defaults).
-
-    ``pretrain_epochs`` and ``kl_warmup_epochs`` left as None take the defaults of
-    :func:`resolve_recipe` (a third of ``epochs`` each).
-    """
-
-    model: str = "lenet300"
-    dataset: str = "fashion-mnist"
-    epochs: int = 30
-    batch_size: int = 100
-    lr: float = 1e-3
-    lr_decay: str = "linear"
-    kl_warmup_epochs: Optional[float] = None
-    pretrain_epochs: Optional[int] = None
-    threshold: float = DEFAULT_THRESHOLD
-    dense: bool = False
-    device: str = "auto"
-    seed: int = 0
-    data_dir: Optional[str] = None
-    download: bool = True
-    out: Optional[str] = None
-    json: Optional[str] = None
-    subset: Optional[int] = None
-    threads: Optional[int] = None
-    progress: bool = True
-    amp: Optional[str] = None
-    train_clip: bool = False
-
-    def out_dir(self) -> Path:
-        """``out``, or ``runs/<model>-<svd|dense>-<dataset>``."""
-        if self.out:
-            return Path(self.out)
-        return Path("runs") / f"{self.model}-{'dense' if self.dense else 'svd'}-{self.dataset}"
-
-
-def resolve_recipe(config):
-    """Fill in the defaults that depend on ``epochs`` (in place; also returns ``config``, a
-    :class:`TrainConfig` or an argparse namespace with the same fields).
-
-    ``pretrain_epochs`` defaults to ``epochs // 3`` and ``kl_warmup_epochs`` to ``epochs / 3``:
-    a third of the run trains the dense model, the sparse-VD phase warms β up over the next
-    third and trains at β = 1 for the last one. With ``dense`` both are 0.
-    """
-    if config.dense:
-        config.pretrain_epochs = 0
-        config.kl_warmup_epochs = 0.0 if config.kl_warmup_epochs is None else config.kl_warmup_epochs
-        return config
-    if config.pretrain_epochs is None:
-        config.pretrain_epochs = config.epochs // 3
-    if config.kl_warmup_epochs is None:
-        config.kl_warmup_epochs = config.epochs / 3
-    return config
+# Re-exported from sparsevd.training (their homes), importable from sparsevd.train as before.
+_REEXPORTED = (AMP_DTYPES, LR_DECAYS, RUNTIME_FIELDS, UNSAVED_FIELDS, fp16_init_scale, resume_conflicts,
+               saved_settings)
 
 
 @torch.no_grad()
@@ -143,73 +85,6 @@ def backend_name(model: nn.Module, device) -> Optional[str]:
         return get_impl(op, torch.device(device))[0]
     except Exception as e:  # reported, not fatal: the first forward raises the real error
         return f"unavailable ({e})"
-
-
-def _finite(v: float):
-    return v if math.isfinite(v) else None
-
-
-def _json_safe(obj):
-    if isinstance(obj, float):
-        return _finite(obj)
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-class TrainingDiverged(FloatingPointError):
-    """A training run produced a non-finite loss or parameter and was stopped.
-
-    Attributes: ``epoch`` (1-based), ``step`` (0-based within the epoch), ``global_step``,
-    ``loss`` (the non-finite value), ``last_finite_loss`` (or None), ``layers`` (names of the
-    parameters with non-finite values), ``checkpoint_epoch`` (the last good checkpoint kept, or
-    None).
-    """
-
-    def __init__(self, message: str, **info) -> None:
-        super().__init__(message)
-        self.__dict__.update(info)
-
-
-def _nonfinite_parameters(model: nn.Module) -> List[str]:
-    """Names of the parameters (and gradients, marked ".grad") holding NaN or ±inf: one pass over
-    them, run only when a step's loss was not finite or before a checkpoint is written."""
-    bad = []
-    for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            bad.append(name)
-        elif p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            bad.append(name + ".grad")
-    return bad
-
-
-def _loader_generators(loader) -> List[torch.Generator]:
-    """The torch.Generators that decide a loader's batch order (the loader's own, its sampler's,
-    a batch sampler's inner sampler's), so that a resumed run draws the same batches."""
-    found: List[torch.Generator] = []
-    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
-        for cand in (obj, getattr(obj, "sampler", None)):
-            g = getattr(cand, "generator", None)
-            if isinstance(g, torch.Generator) and all(g is not f for f in found):
-                found.append(g)
-    return found
-
-
-def _loader_samplers(loader) -> list:
-    """The samplers of a loader and of its batch sampler (to call ``set_epoch`` on)."""
-    found = []
-    for obj in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
-        for cand in (obj, getattr(obj, "sampler", None)):
-            if cand is not None and all(cand is not f for f in found):
-                found.append(cand)
-    return found
-
-
-#: The settings a resumed run must share with the run it continues.
-_RECIPE_KEYS = ("epochs", "lr", "lr_decay", "method", "pretrain_epochs", "kl_warmup_epochs",
-                "threshold", "train_size", "steps_per_epoch", "amp", "train_clip")
 
 
 def adam(params, lr: float) -> torch.optim.Adam:
@@ -249,6 +124,7 @@ def fit(
     mc_samples: int = 10,
     amp: Optional[str] = None,
     train_clip: Optional[bool] = None,
+    loss_fn: Optional[Callable[[nn.Module, object], torch.Tensor]] = None,
 ) -> dict:
     """Train ``model`` with sparse VD (or dense) and return the run's summary.
 
@@ -287,8 +163,9 @@ def fit(
         model: a container module (e.g. ``sparsevd.models.LeNet300(svd=False)``), trained in place
             and converted in place after the pre-training; inputs and targets as ``train_loader``
             yields them (images (B, ...) float, labels (B,) int64).
-        train_loader, test_loader: iterables of ``(x, y)`` batches; ``len(train_loader)`` steps an
-            epoch.
+        train_loader, test_loader: iterables of ``(x, y)`` batches (any batch with ``loss_fn``);
+            ``len(train_loader)`` steps an epoch. ``test_loader`` None: no evaluation
+            (``test_accuracy`` None, no ``predictive``).
         epochs: total number of epochs (pre-training included), ≥ 1.
         lr: Adam's learning rate; ``lr_decay="linear"`` decays it to 0 at the last step, "none"
             keeps it.
@@ -313,6 +190,14 @@ def fit(
             train_clip=)``: the weights with log α ≥ ``threshold`` leave the LRT forward and
             backward); True / False is set on every sparse-VD layer, None keeps what the model's
             layers have (off for the layers ``fit`` converts).
+        loss_fn: the data term of any batch: ``loss_fn(model, batch) -> 0-dim tensor``, the mean
+            over the batch's examples (e.g. ``lambda m, b: F.mse_loss(m(**b["inputs"]).logits,
+            b["teacher"])`` for a Hugging Face dict batch), called with the batch moved to
+            ``device`` (tensors in dicts, lists and tuples). The sparse-VD phase minimises
+            N · loss_fn + β · KL (:meth:`sparsevd.SGVLB.with_kl`), the dense one loss_fn; the
+            history's ``ce`` is its mean, and the evaluation is ``test_loss``, the mean of
+            ``loss_fn`` over ``test_loader`` in eval mode (no accuracy, no ``predictive``).
+            None: ``(x, y)`` batches and cross-entropy of ``model(x)`` (logits (B, C)).
 
     Returns:
         The summary: ``test_accuracy`` (fraction, eval mode, after the last epoch),
@@ -334,302 +219,336 @@ def fit(
         FileNotFoundError: ``resume`` and no training state in ``checkpoint_dir``.
         TrainingDiverged: a non-finite loss or parameter (see above).
     """
+    _check_fit_args(model, epochs=epochs, lr_decay=lr_decay, method=method,
+                    pretrain_epochs=pretrain_epochs, resume=resume, checkpoint_dir=checkpoint_dir, amp=amp,
+                    loss_fn=loss_fn)
+    r = _setup(model, train_loader, epochs=epochs, lr=lr, lr_decay=lr_decay, method=method,
+               pretrain_epochs=pretrain_epochs, kl_warmup_epochs=kl_warmup_epochs, threshold=threshold,
+               train_size=train_size, device=device, progress_bar=progress, checkpoint_dir=checkpoint_dir,
+               checkpoint_config=checkpoint_config, resume=resume, amp=amp, train_clip=train_clip,
+               loss_fn=loss_fn)
+    for epoch in range(r.progress.start_epoch, epochs):
+        _begin_epoch(r, train_loader, epoch)
+        _train_epoch(r, train_loader, epoch)
+        _end_epoch(r, test_loader, epoch, on_epoch)
+    return _finish(r, test_loader, mc_samples)
+
+
+def _check_fit_args(model: nn.Module, *, epochs, lr_decay, method, pretrain_epochs, resume,
+                    checkpoint_dir, amp, loss_fn=None) -> None:
+    """The argument errors of :func:`fit` that need no data (ValueError naming the argument)."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if lr_decay not in LR_DECAYS:
         raise ValueError(f"lr_decay: expected one of {LR_DECAYS}, got {lr_decay!r}")
     if epochs < 1:
         raise ValueError(f"epochs: expected ≥ 1, got {epochs}")
-    svd = method == "sparse_vd"
-    pretrain = pretrain_epochs if svd else 0
-    if svd and not 0 <= pretrain < epochs:
+    pretrain = pretrain_epochs if method == "sparse_vd" else 0
+    if method == "sparse_vd" and not 0 <= pretrain < epochs:
         raise ValueError(f"pretrain_epochs: expected 0 ≤ pretrain_epochs < epochs = {epochs}, got {pretrain}")
     if isinstance(model, (nn.Linear, nn.Conv2d)):
         raise ValueError("model: expected a container module (e.g. nn.Sequential), got a bare "
                          f"{type(model).__name__}; it cannot be converted in place")
     if resume and checkpoint_dir is None:
         raise ValueError("resume: needs checkpoint_dir, the directory of the run to continue")
-    if amp is not None and amp not in AMP_DTYPES:
-        raise ValueError(f"amp: expected None or one of {tuple(AMP_DTYPES)}, got {amp!r}")
+    check_amp(amp)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a function (model, batch) -> 0-dim tensor, got {loss_fn!r}")
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the phases of one :func:`fit` call share: the settings, the model (``net``: the same
+    model, wrapped in DistributedDataParallel in a process group), the optimiser, schedule, fp16
+    scaler and SGVLB of the current phase, the accumulators and where the run runs."""
+
+    model: nn.Module
+    device: torch.device
+    recipe: dict
+    svd: bool
+    pretrain: int
+    epochs: int
+    steps_per_epoch: int
+    train_size: int
+    kl_warmup_epochs: float
+    threshold: float
+    train_clip: Optional[bool]
+    amp: Optional[str]
+    progress_bar: bool
+    resumed: bool
+    ckpt_dir: Optional[Path]
+    checkpoint_config: Optional[dict]
+    generators: List[torch.Generator]
+    progress: Progress
+    loss_fn: Optional[Callable[[nn.Module, object], torch.Tensor]] = None
+    rank: int = 0
+    world: int = 1
+    net: Optional[nn.Module] = None
+    opt: Optional[torch.optim.Optimizer] = None
+    sched: Optional[torch.optim.lr_scheduler.LambdaLR] = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    crit: Optional[SGVLB] = None
+    backend: Optional[str] = None
+    commit: Optional[str] = None
+    freed_memory_kept: bool = False
+    last_finite: Optional[float] = None
+    epoch_seconds: float = 0.0  # the training time of the epoch in progress
+    epoch_means: Tuple[float, float] = (0.0, 0.0)  # its mean loss and cross-entropy over the ranks
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def optimizer(self, first_step: int):
+        """A fresh Adam; with linear decay lr_k = lr · (1 − k / total_steps) at global step k (0
+        at the end), counted from ``first_step``."""
+        opt = adam(self.model.parameters(), self.recipe["lr"])
+        if self.recipe["lr_decay"] != "linear":
+            return opt, None
+        total = self.total_steps
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1.0 - (k + first_step) / total))
+
+    def to_svd(self) -> None:
+        """Convert the model (unless it has sparse-VD layers), then set the layers' train-time
+        clipping as asked."""
+        if not svdo_layers(self.model):
+            convert(self.model, threshold=self.threshold)
+        if self.train_clip is not None:
+            for _, layer in svdo_layers(self.model):
+                layer.train_clip = self.train_clip
+
+    def data_parallel(self) -> nn.Module:
+        """The model, as a DistributedDataParallel module in a process group. DDP averages the
+        gradients over the ranks: the SGVLB data term becomes the mean over the ranks' shares of
+        the global batch, the KL (the same on every rank) counts once."""
+        if self.world == 1:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids)
+
+    def sgvlb(self) -> SGVLB:
+        return SGVLB(self.model, self.train_size, kl_warmup_epochs=self.kl_warmup_epochs)
+
+
+def _setup(model: nn.Module, train_loader, *, epochs, lr, lr_decay, method, pretrain_epochs,
+           kl_warmup_epochs, threshold, train_size, device, progress_bar, checkpoint_dir,
+           checkpoint_config, resume, amp, train_clip, loss_fn) -> _Run:
+    """Everything before the first epoch: the device, the recipe, the state of a resumed run, the
+    phase the run is in (converted if it is sparse VD), the optimiser and the SGVLB."""
+    svd = method == "sparse_vd"
+    pretrain = pretrain_epochs if svd else 0
     if device is None:
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
-    kept = keep_freed_memory() if device.type == "cpu" else False  # no page faults per step
+    freed_memory_kept = keep_freed_memory() if device.type == "cpu" else False  # no page faults per step
     commit = metadata.git_commit()  # the code this run starts with, not HEAD at its end
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp: fp16 needs a CUDA device (its GradScaler); use amp='bf16' on the CPU")
+    check_amp(amp, device)
     if train_size is None:
         train_size = len(train_loader.dataset)
     steps_per_epoch = len(train_loader)
-    total_steps = epochs * steps_per_epoch
     recipe = dict(epochs=epochs, lr=lr, lr_decay=lr_decay, method=method, pretrain_epochs=pretrain,
                   kl_warmup_epochs=kl_warmup_epochs if svd else None, threshold=threshold,
                   train_size=train_size, steps_per_epoch=steps_per_epoch, amp=amp,
                   train_clip=train_clip)
-
-    def grad_scaler(svd_phase: bool) -> Optional[torch.amp.GradScaler]:
-        if amp != "fp16":
-            return None
-        return torch.amp.GradScaler("cuda", init_scale=fp16_init_scale(train_size if svd_phase else 1.0))
-
-    def autocast():
-        if amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    generators = _loader_generators(train_loader)
-
-    def optimizer(first_step: int):
-        # Adam; with linear decay lr_k = lr · (1 − k / total_steps) at global step k (0 at the end)
-        opt = adam(model.parameters(), lr)
-        if lr_decay != "linear":
-            return opt, None
-        return opt, torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda k: max(0.0, 1.0 - (k + first_step) / total_steps))
-
-    history: List[dict] = []
-    step_ms: List[float] = []
-    train_seconds = eval_seconds = 0.0
-    start_epoch = 0
-    saved = None
-    if resume:
-        saved = load_train_state(ckpt_dir)
-        meta = saved.meta
-        different = [k for k in _RECIPE_KEYS if meta["recipe"].get(k) != recipe[k]]
-        if different:
-            raise ValueError("resume: the saved run in " f"{ckpt_dir} has other settings: "
-                             + ", ".join(f"{k} = {meta['recipe'].get(k)!r} (given {recipe[k]!r})"
-                                         for k in different))
-        start_epoch = int(meta["epoch"])
-        history, step_ms = meta["history"], meta["step_ms"]
-        train_seconds, eval_seconds = meta["train_seconds"], meta["eval_seconds"]
+    saved, progress = load_resume_state(ckpt_dir, recipe) if resume else (None, Progress())
+    r = _Run(model=model, device=device, recipe=recipe, svd=svd, pretrain=pretrain, epochs=epochs,
+             steps_per_epoch=steps_per_epoch, train_size=train_size, kl_warmup_epochs=kl_warmup_epochs,
+             threshold=threshold, train_clip=train_clip, amp=amp, progress_bar=progress_bar,
+             resumed=resume, ckpt_dir=ckpt_dir, checkpoint_config=checkpoint_config,
+             generators=loader_generators(train_loader), progress=progress, commit=commit,
+             freed_memory_kept=freed_memory_kept, loss_fn=loss_fn)
     # the sparse-VD phase has begun when the run starts from scratch without pre-training, or
     # resumes after the epoch whose start converted the model (resuming right at that epoch, the
     # loop converts it, as the uninterrupted run did)
-    in_svd_phase = svd and (not pretrain or start_epoch > pretrain)
-    scaler = grad_scaler(in_svd_phase)
-
-    def to_svd() -> None:  # convert, then the layers' train-time clipping as asked
-        if not svdo_layers(model):
-            convert(model, threshold=threshold)
-        if train_clip is not None:
-            for _, layer in svdo_layers(model):
-                layer.train_clip = train_clip
-
+    in_svd_phase = svd and (not pretrain or progress.start_epoch > pretrain)
+    r.scaler = grad_scaler(amp, train_size if in_svd_phase else 1.0)
     if in_svd_phase:
-        to_svd()
+        r.to_svd()
     model.to(device)
-    rank, world = distributed.rank_and_world()
-
-    def data_parallel() -> nn.Module:
-        # DDP averages the gradients over the ranks: the SGVLB data term becomes the mean over
-        # the ranks' shares of the global batch, the KL (the same on every rank) counts once
-        if world == 1:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    opt, sched = optimizer(pretrain * steps_per_epoch if in_svd_phase and pretrain else 0)
+    r.rank, r.world = distributed.rank_and_world()
+    r.opt, r.sched = r.optimizer(pretrain * steps_per_epoch if in_svd_phase and pretrain else 0)
     if saved is not None:
-        model_state, tensors, meta, state_path = saved
-        try:
-            model.load_state_dict(model_state, strict=True)
-            opt.load_state_dict(optimizer_state(tensors, meta["optimizer"]))
-        except (RuntimeError, ValueError, KeyError) as e:
-            why = "; ".join(line.strip() for line in str(e).splitlines()[1:4] if line.strip())
-            raise ValueError(f"{state_path}: the training state does not fit this run's model "
-                             f"(another run's state copied here?): {why or e}") from None
-        if sched is not None:
-            sched.load_state_dict(meta["scheduler"])
-        if scaler is not None and meta.get("scaler"):
-            scaler.load_state_dict(meta["scaler"])
-        suffix = f".rank{rank}" if world > 1 else ""
-        if f"rng.torch{suffix}" not in tensors:
-            raise ValueError(f"resume: the saved run has no RNG state for rank {rank} (it ran on "
-                             f"{meta.get('world_size', 1)} processes, this one on {world})")
-        torch.set_rng_state(tensors[f"rng.torch{suffix}"])
-        if device.type == "cuda" and f"rng.cuda{suffix}" in tensors:
-            torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"], device)
-        for i, g in enumerate(generators):
-            g.set_state(tensors[f"rng.loader{i}"])
-    crit = SGVLB(model, train_size, kl_warmup_epochs=kl_warmup_epochs) if in_svd_phase else None
-    backend = backend_name(model, device) if svd else None
+        restore(saved, model, r.opt, r.sched, r.scaler, r.generators, device, r.rank, r.world)
+    r.crit = r.sgvlb() if in_svd_phase else None
+    r.backend = backend_name(model, device) if svd else None
+    r.last_finite = progress.last_finite_loss
+    r.net = r.data_parallel()
+    return r
 
-    def save(epoch_done: int) -> None:
-        bad = _nonfinite_parameters(model)
-        if bad:
-            kept = epoch_done - 1 if ckpt_dir is not None and epoch_done > 1 else None
-            raise TrainingDiverged(
-                f"training diverged in epoch {epoch_done}: non-finite values in {', '.join(bad)} "
-                "after its last step"
-                + (f"; the checkpoint of epoch {kept} is kept in {ckpt_dir}" if kept else ""),
-                epoch=epoch_done, step=steps_per_epoch - 1, global_step=epoch_done * steps_per_epoch - 1,
-                loss=None, last_finite_loss=None, layers=bad, checkpoint_epoch=kept)
-        if ckpt_dir is None:
-            return
-        rngs = distributed.all_gather_objects(  # every rank's generators, written by rank 0
-            (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
-        if rank != 0:
-            return
-        opt_tensors, opt_meta = optimizer_tensors(opt)
-        tensors = dict(opt_tensors)
-        for r, (cpu_state, cuda_state) in enumerate(rngs):
-            suffix = f".rank{r}" if world > 1 else ""
-            tensors[f"rng.torch{suffix}"] = cpu_state
-            if cuda_state is not None:
-                tensors[f"rng.cuda{suffix}"] = cuda_state
-        for i, g in enumerate(generators):
-            tensors[f"rng.loader{i}"] = g.get_state()
-        state = (tensors, {
-            "epoch": epoch_done, "recipe": recipe, "optimizer": opt_meta,
-            "scheduler": sched.state_dict() if sched is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "history": history, "step_ms": step_ms, "train_seconds": train_seconds,
-            "eval_seconds": eval_seconds, "svd_phase": bool(svdo_layers(model)), "world_size": world,
-        })
-        # model, config and training state: one atomic unit (a crash keeps the previous epoch's)
-        config = None if checkpoint_config is None else dict(checkpoint_config, svd=bool(svdo_layers(model)))
-        save_checkpoint(model, ckpt_dir, config, train_state=state)
 
+def _begin_epoch(r: _Run, train_loader, epoch: int) -> None:
+    """At the end of the dense pre-training, the sparse-VD layers take over θ and b (log σ² =
+    −10), with a fresh Adam continuing the same learning-rate schedule and a scaler for a loss N
+    times the dense one; a DistributedSampler gets its epoch (a new shuffle)."""
+    if r.svd and r.pretrain and epoch == r.pretrain:
+        r.to_svd()
+        r.net = r.data_parallel()
+        r.opt, r.sched = r.optimizer(epoch * r.steps_per_epoch)
+        r.scaler = grad_scaler(r.amp, r.train_size)
+        r.crit = r.sgvlb()
+    for sampler in loader_samplers(train_loader):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+
+
+def _to_device(batch, device: torch.device):
+    """``batch`` with every tensor in it (in dicts, lists and tuples) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch) if type(batch) in (list, tuple) \
+            else type(batch)(*(_to_device(v, device) for v in batch))  # a namedtuple
+    return batch
+
+
+def _data_term(r: _Run, batch) -> torch.Tensor:
+    """The mean data term of a batch: ``loss_fn(net, batch)``, or the cross-entropy of the
+    logits of an ``(x, y)`` batch."""
+    if r.loss_fn is not None:
+        value = r.loss_fn(r.net, _to_device(batch, r.device))
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            raise ValueError("loss_fn: expected a 0-dim tensor (the mean over the batch), got "
+                             f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+        return value
+    if isinstance(batch, Mapping) or not isinstance(batch, (list, tuple)) or len(batch) != 2:
+        raise ValueError(f"train_loader: expected (x, y) batches, got a {type(batch).__name__}; for "
+                         "other batches (e.g. dicts) pass loss_fn=(model, batch) -> mean loss")
+    x, y = batch
+    x, y = x.to(r.device, non_blocking=True), y.to(r.device, non_blocking=True)
+    return F.cross_entropy(r.net(x), y)
+
+
+def _train_step(r: _Run, batch, epoch: int, i: int, phase_svd: bool) -> Tuple[float, float]:
+    """One step: forward (autocast), the loss (N · data term + β · KL with β at this step, or the
+    data term), the divergence check, backward, Adam, the schedule. Returns (loss per example,
+    data term)."""
+    with autocast(r.amp, r.device):
+        data = _data_term(r, batch)
+        if phase_svd:
+            r.crit.epoch = epoch - r.pretrain + i / r.steps_per_epoch  # β rises per step
+            loss = r.crit.with_kl(data)
+        else:
+            loss = data
+    loss_per_example = float(loss.detach()) / (r.train_size if phase_svd else 1)
+    if not distributed.all_finite(loss_per_example, r.device):
+        raise step_diverged(r.model, epoch=epoch, step=i, steps_per_epoch=r.steps_per_epoch,
+                            loss=loss_per_example, last_finite=r.last_finite,
+                            last_epoch_done=r.progress.last_epoch_done, ckpt_dir=r.ckpt_dir)
+    r.last_finite = loss_per_example
+    r.opt.zero_grad(set_to_none=True)
+    if r.scaler is not None:
+        r.scaler.scale(loss).backward()
+        r.scaler.step(r.opt)
+        r.scaler.update()
+    else:
+        loss.backward()
+        r.opt.step()
+    if r.sched is not None:
+        r.sched.step()
+    return loss_per_example, float(data.detach())
+
+
+def _train_epoch(r: _Run, train_loader, epoch: int) -> None:
+    """The steps of one epoch, with a progress bar; their mean loss and cross-entropy (over the
+    ranks) go into ``r.epoch_means``, the epoch's training time into the accumulators."""
     from tqdm.auto import tqdm
 
-    last_finite: Optional[float] = history[-1]["loss"] if history else None
-    net = data_parallel()
-    for epoch in range(start_epoch, epochs):
-        if svd and pretrain and epoch == pretrain:
-            # dense pre-training done: sparse-VD layers take over θ and b (log σ² = −10), with a
-            # fresh Adam continuing the same learning-rate schedule
-            to_svd()
-            net = data_parallel()
-            opt, sched = optimizer(epoch * steps_per_epoch)
-            scaler = grad_scaler(True)  # the SGVLB is N times the dense loss
-            crit = SGVLB(model, train_size, kl_warmup_epochs=kl_warmup_epochs)
-        for sampler in _loader_samplers(train_loader):
-            if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle every epoch
-                sampler.set_epoch(epoch)
-        phase_svd = svd and epoch >= pretrain
-        model.train()
-        t_ep = time.perf_counter()
-        loss_sum = ce_sum = 0.0
-        n_batches = 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
-                   disable=not progress, mininterval=0.5, file=sys.stderr)
-        for i, (x, y) in enumerate(bar):
-            t_step = time.perf_counter()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast():
-                logits = net(x)
-                if phase_svd:
-                    crit.epoch = epoch - pretrain + i / steps_per_epoch  # β rises per step
-                    loss = crit(logits, y)
-                    with torch.no_grad():
-                        ce = F.cross_entropy(logits, y)
-                else:
-                    loss = ce = F.cross_entropy(logits, y)
-            loss_per_image = float(loss.detach()) / (train_size if phase_svd else 1)
-            if not distributed.all_finite(loss_per_image, device):
-                bad = _nonfinite_parameters(model)
-                kept = history[-1]["epoch"] if history else None
-                raise TrainingDiverged(
-                    f"training diverged at epoch {epoch + 1}, step {i} (global step "
-                    f"{epoch * steps_per_epoch + i}): the loss is {loss_per_image}"
-                    + (f"; non-finite values in {', '.join(bad)}" if bad else
-                       "; the parameters are finite (the inputs or the loss overflowed)")
-                    + (f"; last finite loss {last_finite:.6g}" if last_finite is not None
-                       else "; no finite loss before it")
-                    + (f"; the checkpoint of epoch {kept} is kept in {ckpt_dir}"
-                       if kept is not None and ckpt_dir is not None else ""),
-                    epoch=epoch + 1, step=i, global_step=epoch * steps_per_epoch + i,
-                    loss=loss_per_image, last_finite_loss=last_finite, layers=bad,
-                    checkpoint_epoch=kept if ckpt_dir is not None else None)
-            last_finite = loss_per_image
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            if sched is not None:
-                sched.step()
-            loss_sum += loss_per_image
-            ce_sum += float(ce.detach())
-            step_ms.append(1e3 * (time.perf_counter() - t_step))
-            n_batches += 1
-            if i % 50 == 0 and progress:
-                bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}")
-        bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        ep_train = time.perf_counter() - t_ep
-        train_seconds += ep_train
-        loss_sum, ce_sum, n_batches = distributed.sum_over_ranks([loss_sum, ce_sum, n_batches], device)
-        t_ev = time.perf_counter()
-        acc = evaluate(model, test_loader, device)
-        rep = report(model)
-        eval_seconds += time.perf_counter() - t_ev
-        row = {
-            "epoch": epoch + 1,
-            "epochs": epochs,
-            "loss": loss_sum / max(n_batches, 1),
-            "ce": ce_sum / max(n_batches, 1),
-            "phase": "sparse_vd" if phase_svd else "dense",
-            "kl_per_image": (float(kl_divergence(model).detach()) / train_size) if svd else 0.0,
-            "beta": crit.beta if phase_svd else None,
-            "lr": opt.param_groups[0]["lr"],
-            "test_accuracy": acc,
-            "compression": _finite(rep.compression),
-            "train_seconds": ep_train,
-        }
-        history.append(row)
-        save(epoch + 1)
-        if on_epoch is not None and rank == 0:
-            on_epoch(row)
+    phase_svd = r.svd and epoch >= r.pretrain
+    r.model.train()
+    t_ep = time.perf_counter()
+    loss_sum = ce_sum = 0.0
+    n_batches = 0
+    bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{r.epochs}", leave=False,
+               disable=not r.progress_bar, mininterval=0.5, file=sys.stderr)
+    for i, batch in enumerate(bar):
+        t_step = time.perf_counter()
+        loss, ce = _train_step(r, batch, epoch, i, phase_svd)
+        loss_sum += loss
+        ce_sum += ce
+        r.progress.step_ms.append(1e3 * (time.perf_counter() - t_step))
+        n_batches += 1
+        if i % 50 == 0 and r.progress_bar:
+            bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}")
+    bar.close()
+    if r.device.type == "cuda":
+        torch.cuda.synchronize(r.device)
+    r.epoch_seconds = time.perf_counter() - t_ep
+    r.progress.train_seconds += r.epoch_seconds
+    loss_sum, ce_sum, n_batches = distributed.sum_over_ranks([loss_sum, ce_sum, n_batches], r.device)
+    r.epoch_means = (loss_sum / max(n_batches, 1), ce_sum / max(n_batches, 1))
 
-    model.eval()
-    rep = report(model)
-    predictive = {"eval": evaluate_predictive(model, test_loader, device, 0)}
-    if svd and mc_samples:
-        predictive["mc"] = evaluate_predictive(model, test_loader, device, mc_samples, seed=0)
-    digests = distributed.all_gather_objects(digest(model.state_dict()))
-    q = torch.tensor(step_ms or [float("nan")], dtype=torch.float64).quantile(
-        torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
-    return {
-        "median_ms": _finite(q[0]),
-        "p20_ms": _finite(q[1]),
-        "p80_ms": _finite(q[2]),
-        **{k: v for k, v in recipe.items() if k != "steps_per_epoch"},
-        "svd": svd,
-        "test_accuracy": history[-1]["test_accuracy"],
-        "compression": _finite(rep.compression),
-        "sparsity": rep.sparsity / 100.0,
-        "per_layer_sparsity": [r.sparsity / 100.0 for r in rep.layers],
-        "layers": [r.name for r in rep.layers],
-        "params": rep.params,
-        "nonzero": rep.nonzero,
-        "train_seconds": train_seconds,
-        "eval_seconds": eval_seconds,
-        "seconds_per_epoch": train_seconds / epochs,
-        "resumed_from_epoch": start_epoch if resume else None,
-        "world_size": world,
-        "rank": rank,
-        "ranks_in_sync": len(set(digests)) == 1,
-        "device": device.type,
-        "device_name": metadata.device_name(device),
-        "num_threads": torch.get_num_threads(),
-        "keep_freed_memory": kept,
-        "cpu_count": os.cpu_count(),
-        "backend": backend,
-        **metadata.versions(),
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "history": history,
-        "report": _json_safe(rep.as_dict()),
-        "predictive": _json_safe(predictive),
+
+def _end_epoch(r: _Run, test_loader, epoch: int, on_epoch) -> None:
+    """Evaluate, append the epoch's history row, check the parameters and write the checkpoint,
+    then call ``on_epoch`` (rank 0)."""
+    phase_svd = r.svd and epoch >= r.pretrain
+    t_ev = time.perf_counter()
+    acc = test_loss = None
+    if test_loader is not None and r.loss_fn is not None:
+        test_loss = _evaluate_loss(r, test_loader)
+    elif test_loader is not None:
+        acc = evaluate(r.model, test_loader, r.device)
+    rep = report(r.model)
+    r.progress.eval_seconds += time.perf_counter() - t_ev
+    loss, ce = r.epoch_means
+    row = {
+        "epoch": epoch + 1,
+        "epochs": r.epochs,
+        "loss": loss,
+        "ce": ce,
+        "phase": "sparse_vd" if phase_svd else "dense",
+        "kl_per_image": (float(kl_divergence(r.model).detach()) / r.train_size) if r.svd else 0.0,
+        "beta": r.crit.beta if phase_svd else None,
+        "lr": r.opt.param_groups[0]["lr"],
+        "test_accuracy": acc,
+        "compression": finite(rep.compression),
+        "train_seconds": r.epoch_seconds,
     }
+    if r.loss_fn is not None:
+        row["test_loss"] = test_loss
+    r.progress.history.append(row)
+    check_parameters(r.model, epoch_done=epoch + 1, steps_per_epoch=r.steps_per_epoch, ckpt_dir=r.ckpt_dir)
+    if r.ckpt_dir is not None:
+        write_checkpoint(r.ckpt_dir, r.model, epoch_done=epoch + 1, recipe=r.recipe, progress=r.progress,
+                         opt=r.opt, sched=r.sched, scaler=r.scaler, generators=r.generators,
+                         svd_phase=bool(svdo_layers(r.model)), checkpoint_config=r.checkpoint_config,
+                         device=r.device, rank=r.rank, world=r.world)
+    if on_epoch is not None and r.rank == 0:
+        on_epoch(row)
+
+
+@torch.no_grad()
+def _evaluate_loss(r: _Run, loader) -> float:
+    """The mean of ``loss_fn`` over ``loader``'s batches, the model in eval mode (left so)."""
+    r.model.eval()
+    total = n = 0
+    for batch in loader:
+        total += float(_data_term(r, batch))
+        n += 1
+    return total / max(n, 1)
+
+
+def _finish(r: _Run, test_loader, mc_samples: int) -> dict:
+    """The summary: the final report, the predictive evaluation (eval mode and, for sparse VD,
+    Monte-Carlo), whether the ranks ended in sync, the timings and the recipe."""
+    r.model.eval()
+    rep = report(r.model)
+    predictive = {}
+    if test_loader is not None and r.loss_fn is None:
+        predictive["eval"] = evaluate_predictive(r.model, test_loader, r.device, 0)
+    if r.svd and mc_samples and "eval" in predictive:
+        predictive["mc"] = evaluate_predictive(r.model, test_loader, r.device, mc_samples, seed=0)
+    digests = distributed.all_gather_objects(digest(r.model.state_dict()))
+    return fit_summary(rep=rep, predictive=predictive, recipe=r.recipe, progress=r.progress, svd=r.svd,
+                       epochs=r.epochs, resumed=r.resumed, digests=digests, device=r.device, rank=r.rank,
+                       world=r.world, freed_memory_kept=r.freed_memory_kept, backend=r.backend,
+                       commit=r.commit)
 
 
 def run(config: TrainConfig, on_start: Optional[Callable[[dict], None]] = None,
@@ -666,7 +585,7 @@ def run(config: TrainConfig, on_start: Optional[Callable[[dict], None]] = None,
         TrainingDiverged: the run diverged (the last good checkpoint is kept).
     """
     if resume:
-        config = _resumed_config(config)
+        config = resumed_config(config)
     resolve_recipe(config)
     threads = torch.get_num_threads()
     if config.threads:
@@ -675,52 +594,6 @@ def run(config: TrainConfig, on_start: Optional[Callable[[dict], None]] = None,
         return _run(config, on_start, on_epoch, resume)
     finally:
         torch.set_num_threads(threads)
-
-
-#: Settings a resumed run may change: where the data are, what is shown and written besides the
-#: checkpoint, and where and on how many threads it runs. Every other setting is the recipe and
-#: must be the saved run's. (The result equals the uninterrupted run's bit for bit only on the
-#: same device with the same thread count: both change the rounding.)
-RUNTIME_FIELDS = ("threads", "progress", "json", "data_dir", "download", "device")
-#: Settings not stored in a checkpoint's ``train_config``: where the run writes (a resumed run
-#: writes into the directory it continues), the summary's extra copy, the progress bar. Runs
-#: that differ in them only write byte-identical checkpoints.
-UNSAVED_FIELDS = ("out", "json", "progress")
-
-
-def saved_settings(config: TrainConfig) -> dict:
-    """The ``train_config`` that a run's checkpoint stores (every field but :data:`UNSAVED_FIELDS`)."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in UNSAVED_FIELDS}
-
-
-def resume_conflicts(saved: dict, given: dict) -> List[Tuple[str, object, object]]:
-    """The settings of ``given`` (field name → value) that contradict the saved run's
-    ``train_config`` ``saved``: ``(field, saved value, given value)`` for every field outside
-    :data:`RUNTIME_FIELDS` and ``out`` whose value differs."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    return [(k, saved.get(k, defaults.get(k)), v) for k, v in given.items()
-            if k not in RUNTIME_FIELDS and k != "out" and saved.get(k, defaults.get(k)) != v]
-
-
-def _resumed_config(given: TrainConfig) -> TrainConfig:
-    if not given.out:
-        raise ValueError("resume: needs the run's directory (config.out)")
-    saved = read_config(given.out).get("train_config")
-    if not isinstance(saved, dict):
-        raise ValueError(f"{given.out}: this checkpoint records no training settings to resume "
-                         "(written by an older sparsevd?)")
-    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    asked = {k: v for k, v in dataclasses.asdict(given).items() if v != fields[k]}
-    conflicts = resume_conflicts(saved, asked)
-    if conflicts:
-        raise ValueError(f"resume: the saved run in {given.out} has other settings: "
-                         + ", ".join(f"{k} = {s!r} (given {v!r})" for k, s, v in conflicts)
-                         + f"; a resumed run may change only {', '.join(RUNTIME_FIELDS)}")
-    values = {k: v for k, v in saved.items() if k in fields and k not in UNSAVED_FIELDS}
-    # a runtime setting given (other than its default) replaces the saved one
-    values.update({k: getattr(given, k) for k in RUNTIME_FIELDS if getattr(given, k) != fields[k]},
-                  out=given.out)
-    return TrainConfig(**values)
 
 
 def _run(config: TrainConfig, on_start, on_epoch, resume: bool) -> Tuple[nn.Module, dict]:
@@ -770,16 +643,7 @@ def _run_on(config: TrainConfig, on_start, on_epoch, resume: bool, device, rank:
     if world > 1:  # the same model on every rank, then each rank's own noise stream
         torch.manual_seed(distributed.rank_seed(config.seed, rank))
     if on_start is not None:
-        on_start({
-            "model": config.model, "svd": svd, "dataset": config.dataset, "train_size": train_size,
-            "test_size": test_size, "epochs": config.epochs, "batch_size": config.batch_size,
-            "lr": config.lr, "lr_decay": config.lr_decay,
-            "kl_warmup_epochs": config.kl_warmup_epochs, "pretrain_epochs": config.pretrain_epochs,
-            "backend": backend_name(model, device) if svd else None, "device": str(device),
-            "device_name": metadata.device_name(device), "threads": torch.get_num_threads(),
-            "out": str(out_dir), "resume": resume, "amp": config.amp, "world_size": world,
-            "train_clip": config.train_clip,
-        })
+        on_start(_start_info(config, model, device, out_dir, train_size, test_size, resume, world))
     checkpoint_config = {
         "model": config.model, "svd": svd, "threshold": config.threshold,
         "dataset": config.dataset, "num_classes": 10, "input_shape": [1, 28, 28],
@@ -809,8 +673,29 @@ def _run_on(config: TrainConfig, on_start, on_epoch, resume: bool, device, rank:
         "data_seconds": data_seconds,
         "checkpoint": str(out_dir / CHECKPOINT_WEIGHTS),
     }
-    if rank != 0:
-        return model, summary
+    if rank == 0:
+        _write_summary(config, out_dir, summary)
+    return model, summary
+
+
+def _start_info(config: TrainConfig, model: nn.Module, device, out_dir: Path, train_size: int,
+                test_size: int, resume: bool, world: int) -> dict:
+    """What ``on_start`` is told about the run: sizes, recipe, device, backend, threads."""
+    svd = not config.dense
+    return {
+        "model": config.model, "svd": svd, "dataset": config.dataset, "train_size": train_size,
+        "test_size": test_size, "epochs": config.epochs, "batch_size": config.batch_size,
+        "lr": config.lr, "lr_decay": config.lr_decay,
+        "kl_warmup_epochs": config.kl_warmup_epochs, "pretrain_epochs": config.pretrain_epochs,
+        "backend": backend_name(model, device) if svd else None, "device": str(device),
+        "device_name": metadata.device_name(device), "threads": torch.get_num_threads(),
+        "out": str(out_dir), "resume": resume, "amp": config.amp, "world_size": world,
+        "train_clip": config.train_clip,
+    }
+
+
+def _write_summary(config: TrainConfig, out_dir: Path, summary: dict) -> None:
+    """``summary.json`` (and the ``json`` copy), then the pictures (a failure to draw them only warns)."""
     text = (json.dumps(summary, indent=2) + "\n").encode()
     atomic_write_bytes(out_dir / "summary.json", text)
     if config.json:
@@ -819,5 +704,4 @@ def _run_on(config: TrainConfig, on_start, on_epoch, resume: bool, device, rank:
         plot_run(out_dir)
     except Exception as e:  # a picture is no reason to lose a run: say why and go on
         warnings.warn(f"{out_dir}: the pictures (curves.png, masks.png) could not be drawn: "
-                      f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
-    return model, summary
+                      f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=3)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .nn import SVDO_LAYERS
+from .outputs import find_logits
 
 __all__ = ["Prediction", "evaluate_predictive", "expected_calibration_error", "predict", "sampling"]
 
@@ -135,29 +136,10 @@ def _caller(model: nn.Module, x, key: Union[None, str, int]):
     """A function running the model on x and returning its checked (B, C) logits."""
     def run() -> Tensor:
         out = model(**x) if isinstance(x, Mapping) else model(x)
-        logits = _find_logits(out, key)
+        logits = find_logits(out, key)
         _check_logits(logits)
         return logits
     return run
-
-
-def _find_logits(out, key: Union[None, str, int]) -> Tensor:
-    """The logits in a model's output (see :func:`predict`, ``logits``)."""
-    if isinstance(out, Tensor) and key is None:
-        return out
-    if isinstance(out, Mapping):  # dicts and transformers' ModelOutput (an OrderedDict)
-        name = "logits" if key is None else key
-        if name not in out:
-            raise ValueError(f"model: its output ({type(out).__name__}) has no {name!r} entry; its "
-                             f"entries are {list(out.keys())}: pass logits=<the key of the logits>")
-        return out[name]
-    if isinstance(out, (tuple, list)):
-        index = 0 if key is None else key
-        if not isinstance(index, int) or not -len(out) <= index < len(out):
-            raise ValueError(f"logits: expected an index of the model's {len(out)}-tuple output, got {key!r}")
-        return out[index]
-    raise ValueError(f"model: expected logits as a tensor, a dict / ModelOutput or a tuple, got "
-                     f"{type(out).__name__}" + (f" (logits={key!r} needs a dict or a tuple)" if key is not None else ""))
 
 
 def _check_logits(logits) -> None:

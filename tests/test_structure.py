@@ -110,13 +110,13 @@ def test_cli_modules_are_imported_by_the_cli_only():
 #: Lower layers must not import these (cli → train/deploy → nn → functional → ops → kernels).
 _ABOVE = {
     "ops": ("sparsevd.functional", "sparsevd.nn", "sparsevd.loss", "sparsevd.convert",
-            "sparsevd.deploy", "sparsevd.io", "sparsevd.export", "sparsevd.train",
+            "sparsevd.deploy", "sparsevd.io", "sparsevd.export", "sparsevd.train", "sparsevd.training",
             "sparsevd.checkpoint", "sparsevd.models", "sparsevd.data"),
     "functional": ("sparsevd.nn", "sparsevd.loss", "sparsevd.convert", "sparsevd.deploy",
-                   "sparsevd.io", "sparsevd.export", "sparsevd.train", "sparsevd.checkpoint",
+                   "sparsevd.io", "sparsevd.export", "sparsevd.train", "sparsevd.training", "sparsevd.checkpoint",
                    "sparsevd.models"),
     "nn": ("sparsevd.loss", "sparsevd.convert", "sparsevd.deploy", "sparsevd.io", "sparsevd.export",
-           "sparsevd.train", "sparsevd.checkpoint", "sparsevd.models", "sparsevd.data"),
+           "sparsevd.train", "sparsevd.training", "sparsevd.checkpoint", "sparsevd.models", "sparsevd.data"),
 }
 
 
@@ -264,3 +264,32 @@ def test_docstrings_cite_the_design_document_of_this_repo():
         for i, line in enumerate(text.splitlines(), 1):
             if "DESIGN.md" in line and path.name != "test_structure.py":
                 pytest.fail(f"{path.relative_to(ROOT)}:{i} cites DESIGN.md; cite docs/design.md")
+
+
+#: The training code: the loop by phase (sparsevd/train.py) and what it puts together (sparsevd/training/).
+TRAINING_SOURCES = ["sparsevd/train.py"] + sorted(
+    p.relative_to(ROOT).as_posix() for p in (ROOT / "sparsevd" / "training").glob("*.py"))
+MAX_FUNCTION_LINES = 100
+
+
+@pytest.mark.parametrize("rel", TRAINING_SOURCES)
+def test_training_functions_are_short(rel):
+    """No function (or method) of the training code is over MAX_FUNCTION_LINES lines of code: its
+    lines from ``def`` to its end, the docstring not counted (a long docstring is documentation,
+    not a long function)."""
+    tree = ast.parse((ROOT / rel).read_text())
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        lines = node.end_lineno - node.lineno + 1
+        first = node.body[0]
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                and isinstance(first.value.value, str):
+            lines -= first.end_lineno - first.lineno + 1
+        assert lines <= MAX_FUNCTION_LINES, f"{rel}: {node.name} has {lines} lines of code"
+
+
+def test_training_package_has_one_module_per_concept():
+    names = sorted(p.name for p in (ROOT / "sparsevd" / "training").glob("*.py"))
+    assert names == sorted(["__init__.py", "config.py", "precision.py", "divergence.py", "state.py",
+                            "summary.py"]), names
