@@ -92,7 +92,7 @@ def _used_columns(layer: nn.Module) -> int:
 
 
 def _density(layer: nn.Module, used: int) -> float:
-    return layer.num_nonzero / max(layer._rows * max(used, 1), 1)
+    return layer.num_nonzero / max(layer.matrix_shape[0] * max(used, 1), 1)
 
 
 def _plain_mode(layer: nn.Module) -> str:
@@ -103,17 +103,17 @@ def _plain_mode(layer: nn.Module) -> str:
 
 def csr_bytes(layer: nn.Module) -> int:
     """Bytes the layer's weight takes as CSR (row pointers, column indices, values; the bias not
-    counted): its CSR buffers, or what :func:`sparsevd.nn.sparse.to_csr` would write."""
+    counted): its CSR buffers, or what :func:`sparsevd.ops.csr_linear.format.to_csr` would write."""
     if layer.storage == "csr":
         return sum(t.numel() * t.element_size() for t in layer.csr())
-    nnz, rows, cols = layer.num_nonzero, layer._rows, layer._cols
+    nnz, (rows, cols) = layer.num_nonzero, layer.matrix_shape
     index = 2 if cols <= UINT16_MAX_FEATURES else 4
     return (rows + 1) * 4 + nnz * (index + layer.weight.element_size())
 
 
 def dense_weight_bytes(layer: nn.Module) -> int:
     """Bytes of the layer's zero-filled dense weight (the bias not counted)."""
-    return layer._rows * layer._cols * layer._stored().element_size()
+    return math.prod(layer.matrix_shape) * layer.stored_weight.element_size()
 
 
 def rule_mode(layer: nn.Module, batch: int, device: Union[str, torch.device] = "cpu") -> str:
@@ -139,7 +139,7 @@ def rule_mode(layer: nn.Module, batch: int, device: Union[str, torch.device] = "
     if isinstance(layer, SparseConv2d):
         return "dense"
     used = _used_columns(layer)
-    big = layer._rows * used * batch > CSR_MIN_MACS
+    big = layer.matrix_shape[0] * used * batch > CSR_MIN_MACS
     if kernel_available(device) and big:
         limit = (0.10 if batch <= 2 else 0.20) if device.type == "cpu" else (0.10 if batch <= 2 else 0.02)
         if _density(layer, used) <= limit:
@@ -213,8 +213,8 @@ def _cost_key(layer: nn.Module, used: int, input_shape, batch: int, threads: int
     bin_ = None if density == 0 else round(math.log(density) / math.log(1.1))
     conv = (layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups,
             tuple(input_shape)) if isinstance(layer, SparseConv2d) else None
-    stored = layer._stored()
-    return (type(layer).__name__, layer._rows, layer._cols, used, bin_, stored.dtype, stored.device,
+    stored = layer.stored_weight
+    return (type(layer).__name__, *layer.matrix_shape, used, bin_, stored.dtype, stored.device,
             conv, batch, threads)
 
 
@@ -269,11 +269,11 @@ def plan_layer(layer: nn.Module, input_shape: Optional[Sequence[int]] = None,
     if cost_model not in ("measure", "rule"):
         raise ValueError(f"cost_model: expected 'measure', 'rule' or a mode, got {cost_model!r}")
     threads = _check_threads(threads)
-    device = layer._stored().device
+    device = layer.stored_weight.device
     conv = isinstance(layer, SparseConv2d)
     plain = _plain_mode(layer)
     used = _used_columns(layer)
-    macs = layer._rows * max(used, 1) * (math.prod(input_shape[1:]) if conv and input_shape else 1)
+    macs = layer.matrix_shape[0] * max(used, 1) * (math.prod(input_shape[1:]) if conv and input_shape else 1)
     # the batch sizes as the layer sees them: SparseLinear input rows (batch · rows per sample)
     rows = 1 if conv or not input_shape else math.prod(input_shape[:-1])
     sizes = sorted({n if conv else min(n * rows, max(MAX_TIMED_ROWS, rows)) for n in buckets})
@@ -294,11 +294,11 @@ def plan_layer(layer: nn.Module, input_shape: Optional[Sequence[int]] = None,
         key = _cost_key(layer, used, input_shape if conv else None, n, threads)
         if key not in cache:
             shape = (n, layer.in_features) if not conv else (n, *input_shape)
-            x = torch.randn(shape, device=device, dtype=layer._stored().dtype)
+            x = torch.randn(shape, device=device, dtype=layer.stored_weight.dtype)
             fns = {}
             for m in (plain, "csr"):
                 def run(m=m):
-                    layer._use_mode(m)
+                    layer.use_mode(m)
                     return layer(x)
                 fns[m] = run
             t = _measure(fns, device, threads=threads)
@@ -427,7 +427,7 @@ def _deploy(model, example_input, cost_model, threshold, buckets, trace, threads
     if not built:
         warnings.warn("deploy: the model has no LinearSVDO / Conv2dSVDO layers; nothing to deploy",
                       RuntimeWarning, stacklevel=4)
-    devices = {m._stored().device for m in built}
+    devices = {m.stored_weight.device for m in built}
     for d in devices:
         if not kernel_available(d):
             warnings.warn(

@@ -1,5 +1,6 @@
 """deploy(): compaction, folding, CSR layers and plans; save/load; the `sparsevd deploy` CLI."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -301,7 +302,7 @@ def test_rule_mode_follows_density():
 
 # ------------------------------------------------------------ never bigger, never slower
 def _dense_layer_bytes(m):
-    return m._rows * m._cols * m._stored().element_size() + (0 if m.bias is None else m.bias.nbytes)
+    return math.prod(m.matrix_shape) * m.stored_weight.element_size() + (0 if m.bias is None else m.bias.nbytes)
 
 
 @pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9, 0.98])

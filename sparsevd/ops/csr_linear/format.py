@@ -1,6 +1,6 @@
 """The CSR format of ``csr_linear``'s weight: building it (:func:`to_csr`), checking it
-(:func:`validate_csr`, :func:`check_input`) and the zero-filled dense weight it stands for
-(:func:`csr_to_dense`).
+(:func:`validate_csr`, :func:`check_input`), the columns it uses (:func:`used_columns`) and the
+zero-filled dense weight it stands for (:func:`csr_to_dense`).
 
 A weight W (out_features, in_features) is stored as crow_indices (out_features + 1,) int32 or int64
 row pointers, col_indices (nnz,) uint16 (in_features ≤ 65536), int16 (≤ 32768), int32 or int64,
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["CROW_DTYPES", "INDEX_DTYPES", "INT16_MAX_FEATURES", "UINT16_MAX_FEATURES", "check_input",
-           "csr_to_dense", "to_csr", "validate_csr"]
+           "csr_to_dense", "to_csr", "used_columns", "validate_csr"]
 
 INDEX_DTYPES = (torch.uint16, torch.int16, torch.int32, torch.int64)
 CROW_DTYPES = (torch.int32, torch.int64)
@@ -52,6 +52,15 @@ def to_csr(
     crow[1:] = torch.cumsum(counts, 0)
     crow_dtype = torch.int32 if values.numel() < 2**31 else torch.int64
     return crow.to(crow_dtype), cols.to(index_dtype).contiguous(), values
+
+
+def used_columns(col_indices: Tensor, in_cols: int) -> Tensor:
+    """(in_cols,) bool: the columns that hold at least one stored weight. One scatter over the
+    column indices (O(nnz); torch.unique sorts them, ~20 ms for 10⁵ indices)."""
+    used = torch.zeros(in_cols, dtype=torch.bool, device=col_indices.device)
+    if col_indices.numel():
+        used[col_indices.long()] = True
+    return used
 
 
 def csr_to_dense(crow_indices: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
