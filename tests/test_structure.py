@@ -110,13 +110,14 @@ def test_cli_modules_are_imported_by_the_cli_only():
 #: Lower layers must not import these (cli → train/deploy → nn → functional → ops → kernels).
 _ABOVE = {
     "ops": ("sparsevd.functional", "sparsevd.nn", "sparsevd.loss", "sparsevd.convert",
-            "sparsevd.deploy", "sparsevd.io", "sparsevd.export", "sparsevd.train",
-            "sparsevd.checkpoint", "sparsevd.models", "sparsevd.data"),
+            "sparsevd.deploy", "sparsevd.planner", "sparsevd.compare", "sparsevd.io", "sparsevd.export",
+            "sparsevd.train", "sparsevd.checkpoint", "sparsevd.models", "sparsevd.data"),
     "functional": ("sparsevd.nn", "sparsevd.loss", "sparsevd.convert", "sparsevd.deploy",
-                   "sparsevd.io", "sparsevd.export", "sparsevd.train", "sparsevd.checkpoint",
-                   "sparsevd.models"),
-    "nn": ("sparsevd.loss", "sparsevd.convert", "sparsevd.deploy", "sparsevd.io", "sparsevd.export",
-           "sparsevd.train", "sparsevd.checkpoint", "sparsevd.models", "sparsevd.data"),
+                   "sparsevd.planner", "sparsevd.compare", "sparsevd.io", "sparsevd.export",
+                   "sparsevd.train", "sparsevd.checkpoint", "sparsevd.models"),
+    "nn": ("sparsevd.loss", "sparsevd.convert", "sparsevd.deploy", "sparsevd.planner", "sparsevd.compare",
+           "sparsevd.io", "sparsevd.export", "sparsevd.train", "sparsevd.checkpoint", "sparsevd.models",
+           "sparsevd.data"),
 }
 
 

@@ -43,4 +43,8 @@ from .conv import SparseConv1d, SparseConv2d
 from .linear import SparseLinear
 from .plan import CONV_MODES, LINEAR_MODES, Plan, dense_plan, normalize_plan, storage_for
 
-__all__ = ["SparseLinear", "SparseConv2d", "SparseConv1d", "to_csr", "LINEAR_MODES", "CONV_MODES", "Plan"]
+#: The deployed layer classes (SparseConv1d is a SparseConv2d).
+SPARSE_LAYERS = (SparseLinear, SparseConv2d)
+
+__all__ = ["SparseLinear", "SparseConv2d", "SparseConv1d", "to_csr", "LINEAR_MODES", "CONV_MODES", "Plan",
+           "SPARSE_LAYERS"]
