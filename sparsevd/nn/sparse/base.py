@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ...ops.checks import check_device_of, check_dtype_of, check_float, check_tensor
 from ...ops.csr_linear.format import csr_to_dense, to_csr, used_columns, validate_csr
 from ...ops.csr_linear.naive import naive_csr_linear
 from ...ops.csr_linear.op import warn_fallback
@@ -115,22 +116,15 @@ class _SparseBase(nn.Module):
 
     # -- validation of the buffers
     def _check_dense(self, weight, bias) -> None:
-        if not isinstance(weight, Tensor):
-            raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
-        if not weight.is_floating_point():
-            raise TypeError(f"weight: expected a floating-point tensor, got dtype {weight.dtype}")
+        check_float(weight, "weight")
         if tuple(weight.shape) != self._weight_shape():
             raise ValueError(f"weight: expected shape {self._weight_shape()}, got {tuple(weight.shape)}")
         if bias is not None:
-            if not isinstance(bias, Tensor):
-                raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
-            if bias.dtype != weight.dtype:
-                raise TypeError(f"bias: expected dtype {weight.dtype} (the dtype of weight), got {bias.dtype}")
+            check_tensor(bias, "bias", optional=True)
+            check_dtype_of(bias, "bias", weight, "weight")
             if tuple(bias.shape) != (self._rows,):
                 raise ValueError(f"bias: expected shape ({self._rows},) (out features), got {tuple(bias.shape)}")
-            if bias.device != weight.device:
-                raise ValueError(f"bias: expected a tensor on {weight.device} (the device of weight), "
-                                 f"got {bias.device}")
+            check_device_of(bias, "bias", weight, "weight")
 
     def _check_buffers(self) -> None:
         """Validate the current buffers (index data included; a GPU sync for CUDA tensors).
