@@ -177,6 +177,8 @@ def test_op_family_has_its_files_under_one_name_and_they_are_documented(family):
     design = (ROOT / "docs" / "design.md").read_text()
     package = ROOT / "sparsevd" / "ops" / family
     assert sorted(p.name for p in package.glob("*.py")) == sorted(FAMILY_PACKAGE + FAMILY_EXTRA[family]), family
+    # a triton.py exactly where the family has Triton kernels
+    assert has_triton(family) == (ROOT / "triton_kernels" / f"{family}.py").exists(), family
     for rel in [f"sparsevd/ops/{family}/"] + family_paths(family):
         assert (ROOT / rel).exists(), rel
         assert rel in design, f"docs/design.md does not list {rel} ({family})"
