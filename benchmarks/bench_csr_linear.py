@@ -59,7 +59,7 @@ from . import common
 
 import sparsevd
 import sparsevd.models
-from sparsevd.deploy import plan_layer
+from sparsevd.planner import plan_layer
 from sparsevd.nn import SparseLinear
 from sparsevd.ops.csr_linear.format import to_csr
 from sparsevd.ops.library import kernel_available
@@ -144,7 +144,7 @@ def synthetic_lenet300(seed: int = 0) -> torch.nn.Module:
 
 
 def bench_lenet(args, env) -> List[dict]:
-    from sparsevd.deploy import dense_twin
+    from sparsevd.compare import dense_twin
 
     if args.checkpoint:
         from sparsevd.checkpoint import load_checkpoint

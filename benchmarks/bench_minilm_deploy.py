@@ -12,10 +12,10 @@ Rows (``--out``, default benchmarks/results/minilm-deploy-<YYYYMMDD>.json; each 
 in ``device``):
 
 - ``minilm_deploy_size``: bytes of the 37 linear layers, dense (fp32 weights and biases, the
-  model as loaded) and deployed (their stored tensors, ``sparsevd.deploy.deployed_bytes``), their
+  model as loaded) and deployed (their stored tensors, ``sparsevd.compare.deployed_bytes``), their
   ratio, the number of layers stored as CSR, the deploy time; per sparsity and thread count.
 - ``minilm_infer``: latency of the whole BertModel forward, input ids (B, ``--seq``), for B in
-  ``--batch`` (default 1, 32), providers ``dense`` (``sparsevd.deploy.dense_twin``: nn.Linear with
+  ``--batch`` (default 1, 32), providers ``dense`` (``sparsevd.compare.dense_twin``: nn.Linear with
   the pruned weights, the rest of the model the same) and ``sparsevd`` (deployed) with
   ``ratio`` = deployed / dense (below 1 is faster): the median over rounds of the per-round ratio
   of the two providers' times. The two alternate in each round, in one process, on the same
@@ -48,7 +48,7 @@ import torch
 from . import common
 
 import sparsevd
-from sparsevd.deploy import dense_bytes, dense_twin, deployed_bytes
+from sparsevd.compare import dense_bytes, dense_twin, deployed_bytes
 from sparsevd.nn import LinearSVDO, SparseLinear
 
 

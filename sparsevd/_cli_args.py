@@ -1,72 +1,51 @@
-"""argparse types of the command line (sparsevd.cli, sparsevd.deploy_cli): each rejects a bad value
-with a message argparse prints as "argument --name: ..." (exit status 2)."""
+"""argparse types of the command line (sparsevd.cli, sparsevd.deploy_cli), all made by one helper,
+:func:`arg_type`: each rejects a bad value with a message argparse prints as
+"argument --name: expected ..., got ..." (exit status 2).
+
+Paths are not checked here: the commands check them before a long run
+(:func:`sparsevd._files.check_writable`), where the error can name the file and why.
+"""
 from __future__ import annotations
 
 import argparse
 import math
+from typing import Callable, Optional, TypeVar
 
-__all__ = ["finite_float", "nonneg_float", "nonneg_int", "positive_float", "positive_int", "seed"]
+__all__ = ["arg_type", "finite_float", "nonneg_float", "nonneg_int", "positive_float", "positive_int",
+           "seed"]
 
-
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+T = TypeVar("T", int, float)
 
 
-def nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
+def arg_type(parse: Callable[[str], T], valid: Callable[[T], bool], expected: str,
+             expected_value: Optional[str] = None, name: Optional[str] = None) -> Callable[[str], T]:
+    """An argparse ``type=``: ``parse`` the text (``int`` or ``float``), then accept the value when
+    ``valid``. Raises argparse.ArgumentTypeError "expected <expected>, got '<text>'" for text that
+    does not parse, "expected <expected_value or expected>, got <value>" for a value out of range
+    (an int as parsed, a float as written)."""
+
+    def convert(text: str) -> T:
+        try:
+            v = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not valid(v):
+            shown = v if parse is int else text
+            raise argparse.ArgumentTypeError(f"expected {expected_value or expected}, got {shown}")
+        return v
+
+    convert.__name__ = name or f"{parse.__name__} ({expected})"  # argparse's "invalid <name> value"
+    return convert
 
 
-def positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return v
-
-
-def nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return v
-
-
-def finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
-    return v
-
+positive_int = arg_type(int, lambda v: v > 0, "a positive integer", name="positive_int")
+nonneg_int = arg_type(int, lambda v: v >= 0, "an integer >= 0", name="nonneg_int")
+positive_float = arg_type(float, lambda v: math.isfinite(v) and v > 0, "a positive number",
+                          "a positive finite number", name="positive_float")
+nonneg_float = arg_type(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0", "a finite number >= 0",
+                        name="nonneg_float")
+finite_float = arg_type(float, math.isfinite, "a number", "a finite number", name="finite_float")
 
 #: Seeds are 63-bit: torch.manual_seed and torch.Generator take them, and so do the noise keys.
 SEED_MAX = 2**63 - 1
-
-
-def seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= v <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63 - 1], got {v}")
-    return v
+seed = arg_type(int, lambda v: 0 <= v <= SEED_MAX, "an integer seed", "a seed in [0, 2**63 - 1]", name="seed")

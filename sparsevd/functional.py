@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ._args import IntOrPair, Padding, as_pair, as_single, check_threshold
 from .ops import kl as _kl
+from .ops.checks import check_device_of, check_dtype_of, check_float
 from .ops.conv_geometry import conv2d, conv_padding, padding_arg
 from .ops.lrt_conv2d import run_lrt_conv2d
 from .ops.lrt_linear import run_lrt_linear
@@ -31,20 +32,6 @@ from .ops.weights import masked_weight
 #: do not check per call: a diverging run is stopped by the training loop (sparsevd.train.fit,
 #: from the loss of every step, with the layer named).
 CHECK_NAN = True
-
-
-def _check_float(t: Tensor, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
-
-
-def _check_same_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
-    if t.device != ref.device:
-        raise ValueError(
-            f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got {t.device}"
-        )
 
 
 def _check_finite(t: Tensor, name: str, enabled: Optional[bool]) -> None:
@@ -67,32 +54,26 @@ def check_parameters(weight: Tensor, log_sigma2: Tensor, check_finite: Optional[
         ValueError: mismatched shapes or devices, or NaN / infinite values (the message names the
             argument).
     """
-    _check_float(weight, "weight")
-    _check_float(log_sigma2, "log_sigma2")
+    check_float(weight, "weight")
+    check_float(log_sigma2, "log_sigma2")
     if log_sigma2.shape != weight.shape:
         raise ValueError(
             f"log_sigma2: expected shape {tuple(weight.shape)} (the shape of weight), "
             f"got {tuple(log_sigma2.shape)}"
         )
-    if log_sigma2.dtype != weight.dtype:
-        raise TypeError(
-            f"log_sigma2: expected dtype {weight.dtype} (the dtype of weight), got {log_sigma2.dtype}"
-        )
-    _check_same_device(log_sigma2, "log_sigma2", weight, "weight")
+    check_dtype_of(log_sigma2, "log_sigma2", weight, "weight")
+    check_device_of(log_sigma2, "log_sigma2", weight, "weight")
     _check_finite(log_sigma2, "log_sigma2", check_finite)
     _check_finite(weight, "weight", check_finite)
 
 
 def _prepare_input(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    _check_float(x, "x")
-    _check_same_device(x, "x", weight, "weight")
+    check_float(x, "x")
+    check_device_of(x, "x", weight, "weight")
     if bias is not None:
-        _check_float(bias, "bias")
-        if bias.dtype != weight.dtype:
-            raise TypeError(
-                f"bias: expected dtype {weight.dtype} (the dtype of weight), got {bias.dtype}"
-            )
-        _check_same_device(bias, "bias", weight, "weight")
+        check_float(bias, "bias")
+        check_dtype_of(bias, "bias", weight, "weight")
+        check_device_of(bias, "bias", weight, "weight")
         if bias.shape != (weight.shape[0],):
             raise ValueError(
                 f"bias: expected shape ({weight.shape[0]},) (out_features), got {tuple(bias.shape)}"
@@ -101,8 +82,7 @@ def _prepare_input(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta: shapes only
         # Low-precision activations, fp32 parameters and accumulation (mixed precision).
         return x.to(torch.get_autocast_dtype(device_type))
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x: expected dtype {weight.dtype} (the dtype of weight), got {x.dtype}")
+    check_dtype_of(x, "x", weight, "weight")
     return x
 
 
@@ -111,7 +91,7 @@ def _prepare_seed(seed: Optional[Tensor], x: Tensor) -> Tensor:
         return draw_seed(x.device)
     if not isinstance(seed, Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
         raise TypeError("seed: expected a one-element int64 tensor (see sparsevd.functional.draw_seed)")
-    _check_same_device(seed, "seed", x, "x")
+    check_device_of(seed, "seed", x, "x")
     return seed.reshape(1)
 
 
@@ -204,7 +184,7 @@ def check_conv1d_args(x: Tensor, weight: Tensor, log_sigma2: Tensor, bias: Optio
         raise ValueError(
             f"weight: expected a 3-D (C_out, C_in/groups, k) tensor, got {tuple(weight.shape)}"
         )
-    _check_float(x, "x")
+    check_float(x, "x")
     if x.dim() not in (2, 3):
         raise ValueError(
             f"x: expected shape (N, in_channels, L) or (in_channels, L), got {tuple(x.shape)}")
@@ -452,7 +432,7 @@ def kl_sparse_vd_many(weights: Sequence[Tensor], log_sigma2s: Sequence[Tensor], 
         return torch.zeros(())
     for w, s in zip(weights, log_sigma2s):
         check_parameters(w, s, check_finite)
-        _check_same_device(w, "weights", weights[0], "weights[0]")
+        check_device_of(w, "weights", weights[0], "weights[0]")
     return _kl.run_kl_sparse_vd(weights, log_sigma2s)
 
 

@@ -1,5 +1,6 @@
 """deploy(): compaction, folding, CSR layers and plans; save/load; the `sparsevd deploy` CLI."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,8 @@ from conftest import assert_close
 from torch import nn
 
 import sparsevd
-from sparsevd.deploy import dense_twin, rule_mode
+from sparsevd.compare import dense_twin
+from sparsevd.planner import rule_mode
 from sparsevd.models import LeNet5, LeNet300
 from sparsevd.nn import Conv1dSVDO, Conv2dSVDO, LinearSVDO, SparseConv1d, SparseConv2d, SparseLinear
 from sparsevd.nn.svdo import SVDO_LAYERS
@@ -301,7 +303,7 @@ def test_rule_mode_follows_density():
 
 # ------------------------------------------------------------ never bigger, never slower
 def _dense_layer_bytes(m):
-    return m._rows * m._cols * m._stored().element_size() + (0 if m.bias is None else m.bias.nbytes)
+    return math.prod(m.matrix_shape) * m.stored_weight.element_size() + (0 if m.bias is None else m.bias.nbytes)
 
 
 @pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9, 0.98])
@@ -330,22 +332,22 @@ def test_deployed_layers_are_never_bigger_than_dense(sparsity, cost_model, dtype
 def test_planner_times_with_the_model_threads_and_needs_every_bucket(monkeypatch):
     """The cost model times on the thread count the model will run on (recorded in the plan), and
     CSR must beat the dense product at every bucket: a loss at the largest makes the layer dense."""
-    import importlib
-    deploy_mod = importlib.import_module("sparsevd.deploy")
+    from sparsevd import planner
+
     calls = []
 
     def fake(fns, device, threads=1, **kw):  # CSR wins at the first two buckets, loses at the third
         calls.append(threads)
         return {"masked": 1.0, "csr": 0.5 if len(calls) % 3 else 1.2}
 
-    monkeypatch.setattr(deploy_mod, "_measure", fake)
+    monkeypatch.setattr(planner, "_measure", fake)
     w = torch.randn(256, 256) * (torch.rand(256, 256) < 0.05)
     layer = SparseLinear.from_dense(w)
-    deploy_mod.plan_layer(layer, buckets=(1, 16, 64), threads=2)
+    planner.plan_layer(layer, buckets=(1, 16, 64), threads=2)
     assert calls == [2, 2, 2] and layer.plan == ((None, "masked"),) and layer.storage == "dense"
     assert layer.plan_threads == 2
     calls.clear()
-    deploy_mod.plan_layer(layer, buckets=(1, 16), threads=3)
+    planner.plan_layer(layer, buckets=(1, 16), threads=3)
     assert calls == [3, 3] and layer.plan == ((None, "csr"),) and layer.storage == "csr"
     model = nn.Sequential(LinearSVDO(256, 256)).eval()
     prune(model, 0.95)
@@ -360,8 +362,8 @@ def test_planner_times_linear_layers_at_the_rows_of_the_example_input(monkeypatc
     """With an example input (B, T, ...) the linear layers see B·T rows per batch of B: the buckets
     are timed at bucket·T rows (at most MAX_TIMED_ROWS), not at bucket rows (a transformer never
     runs a single row, where call overheads can make CSR lose)."""
-    import importlib
-    deploy_mod = importlib.import_module("sparsevd.deploy")
+    from sparsevd import planner
+
     rows = []
 
     def fake(fns, device, threads=1, **kw):
@@ -369,11 +371,11 @@ def test_planner_times_linear_layers_at_the_rows_of_the_example_input(monkeypatc
         rows.append(y.shape[:-1].numel())
         return {"masked": 1.0, "csr": 0.5}
 
-    monkeypatch.setattr(deploy_mod, "_measure", fake)
+    monkeypatch.setattr(planner, "_measure", fake)
     model = nn.Sequential(LinearSVDO(256, 256), nn.ReLU(), LinearSVDO(256, 64)).eval()
     prune(model, 0.9, torch.Generator().manual_seed(3))
     dep = sparsevd.deploy(model, torch.randn(2, 16, 256), buckets=(1, 16, 256))
-    assert rows and set(rows) == {16, 256, deploy_mod.MAX_TIMED_ROWS}, rows
+    assert rows and set(rows) == {16, 256, planner.MAX_TIMED_ROWS}, rows
     assert all(m.plan == ((None, "csr"),) for m in dep if isinstance(m, SparseLinear))
     rows.clear()
     sparsevd.deploy(model, buckets=(1, 16))  # no example: a bucket is that many rows
@@ -383,14 +385,14 @@ def test_planner_times_linear_layers_at_the_rows_of_the_example_input(monkeypatc
 def test_planner_keeps_dense_where_csr_is_not_smaller(monkeypatch):
     """fp16 at density 0.6: CSR (4 bytes per weight) would outgrow the dense weight (2 bytes per
     weight): dense, and nothing is timed."""
-    import importlib
-    deploy_mod = importlib.import_module("sparsevd.deploy")
-    monkeypatch.setattr(deploy_mod, "_measure", lambda *a, **k: pytest.fail("timed a layer"))
-    monkeypatch.setattr(deploy_mod, "CSR_MAX_DENSITY", 1.0)
+    from sparsevd import planner
+
+    monkeypatch.setattr(planner, "_measure", lambda *a, **k: pytest.fail("timed a layer"))
+    monkeypatch.setattr(planner, "CSR_MAX_DENSITY", 1.0)
     w = (torch.randn(128, 128) * (torch.rand(128, 128) < 0.6)).half()
     layer = SparseLinear.from_dense(w)
-    assert deploy_mod.csr_bytes(layer) > deploy_mod.dense_weight_bytes(layer)
-    deploy_mod.plan_layer(layer, buckets=(1, 16))
+    assert planner.csr_bytes(layer) > planner.dense_weight_bytes(layer)
+    planner.plan_layer(layer, buckets=(1, 16))
     assert layer.plan == ((None, "masked"),) and layer.storage == "dense"
 
 

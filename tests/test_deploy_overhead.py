@@ -3,7 +3,6 @@ model's outputs at every sparsity and with 3-D inputs; at low sparsity the plan 
 product and nothing else; the forward of a one-mode dense plan dispatches exactly the ops of
 F.linear / F.conv2d (no scans, no host syncs); the cost model times nothing that cannot win and
 shares measurements between layers of the same shape. No timing assertions."""
-import importlib
 
 import pytest
 import torch
@@ -12,11 +11,12 @@ from conftest import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparsevd
-from sparsevd.deploy import dense_twin, plan_layer
+from sparsevd import planner
+from sparsevd.compare import dense_twin
+from sparsevd.planner import plan_layer
 from sparsevd.models import TransformerEncoderLike
 from sparsevd.nn import LinearSVDO, SparseConv2d, SparseLinear
 
-deploy_mod = importlib.import_module("sparsevd.deploy")  # the module (sparsevd.deploy is the function)
 DEAD = 20.0  # log σ² that drops a weight whatever θ
 KEEP = -30.0  # log σ² that keeps every nonzero θ (log α ≤ -30 + 18.5 < 3)
 
@@ -77,7 +77,7 @@ def test_every_mode_on_3d_inputs(mode):
 def test_low_sparsity_plan_is_the_dense_product_and_nothing_else(monkeypatch):
     """0 %: every layer's plan is the one F.linear (masked = the full weight, no gather, no
     masking work), chosen without timing; the deployed model dispatches the dense twin's ops."""
-    monkeypatch.setattr(deploy_mod, "_measure", lambda *a, **k: pytest.fail("timed a layer"))
+    monkeypatch.setattr(planner, "_measure", lambda *a, **k: pytest.fail("timed a layer"))
     model = sparse_transformer(0.0)
     dep = sparsevd.deploy(model)
     layers = [m for m in dep.modules() if isinstance(m, SparseLinear)]
@@ -150,13 +150,13 @@ def test_fast_path_follows_edits_and_reassignment():
 
 def test_cost_model_skips_what_cannot_win_and_shares_measurements(monkeypatch):
     calls = []
-    real = deploy_mod._measure
+    real = planner._measure
 
     def counting(fns, device, **kw):
         calls.append(sorted(fns))
         return real(fns, device, **kw)
 
-    monkeypatch.setattr(deploy_mod, "_measure", counting)
+    monkeypatch.setattr(planner, "_measure", counting)
     dense = SparseLinear.from_dense(torch.randn(64, 64) * (torch.rand(64, 64) < 0.6))
     plan_layer(dense, buckets=(1, 16))  # density 0.6 > 0.5, every column used: nothing to time
     assert dense.plan == ((None, "masked"),) and not calls

@@ -110,13 +110,14 @@ def test_cli_modules_are_imported_by_the_cli_only():
 #: Lower layers must not import these (cli → train/deploy → nn → functional → ops → kernels).
 _ABOVE = {
     "ops": ("sparsevd.functional", "sparsevd.nn", "sparsevd.loss", "sparsevd.convert",
-            "sparsevd.deploy", "sparsevd.io", "sparsevd.export", "sparsevd.train", "sparsevd.training",
-            "sparsevd.checkpoint", "sparsevd.models", "sparsevd.data"),
+            "sparsevd.deploy", "sparsevd.planner", "sparsevd.compare", "sparsevd.io", "sparsevd.export",
+            "sparsevd.train", "sparsevd.training", "sparsevd.checkpoint", "sparsevd.models", "sparsevd.data"),
     "functional": ("sparsevd.nn", "sparsevd.loss", "sparsevd.convert", "sparsevd.deploy",
-                   "sparsevd.io", "sparsevd.export", "sparsevd.train", "sparsevd.training", "sparsevd.checkpoint",
-                   "sparsevd.models"),
-    "nn": ("sparsevd.loss", "sparsevd.convert", "sparsevd.deploy", "sparsevd.io", "sparsevd.export",
-           "sparsevd.train", "sparsevd.training", "sparsevd.checkpoint", "sparsevd.models", "sparsevd.data"),
+                   "sparsevd.planner", "sparsevd.compare", "sparsevd.io", "sparsevd.export",
+                   "sparsevd.train", "sparsevd.training", "sparsevd.checkpoint", "sparsevd.models"),
+    "nn": ("sparsevd.loss", "sparsevd.convert", "sparsevd.deploy", "sparsevd.planner", "sparsevd.compare",
+           "sparsevd.io", "sparsevd.export", "sparsevd.train", "sparsevd.training", "sparsevd.checkpoint",
+           "sparsevd.models", "sparsevd.data"),
 }
 
 
@@ -153,7 +154,7 @@ FAMILY_EXTRA = {"lrt_linear": ("triton.py",), "lrt_conv2d": ("triton.py",), "kl"
 BACKEND_MODULES = ("native", "triton")
 #: What the families share, beside their packages.
 OPS_SHARED = ("__init__.py", "backend.py", "library.py", "weights.py", "conv_geometry.py", "noise.py",
-              "lrt_common.py", "triton_common.py")
+              "lrt_common.py", "triton_common.py", "checks.py")
 
 
 def has_triton(family):
@@ -176,6 +177,8 @@ def test_op_family_has_its_files_under_one_name_and_they_are_documented(family):
     design = (ROOT / "docs" / "design.md").read_text()
     package = ROOT / "sparsevd" / "ops" / family
     assert sorted(p.name for p in package.glob("*.py")) == sorted(FAMILY_PACKAGE + FAMILY_EXTRA[family]), family
+    # a triton.py exactly where the family has Triton kernels
+    assert has_triton(family) == (ROOT / "triton_kernels" / f"{family}.py").exists(), family
     for rel in [f"sparsevd/ops/{family}/"] + family_paths(family):
         assert (ROOT / rel).exists(), rel
         assert rel in design, f"docs/design.md does not list {rel} ({family})"
@@ -252,6 +255,20 @@ def test_every_cpp_schema_is_in_one_block_of_ops_cpp():
         registered |= set(re.findall(r'm\.impl\("(\w+)"', path.read_text()))
     defined = set(re.findall(r'm\.def\("(\w+)\(', (ROOT / "csrc" / "ops.cpp").read_text()))
     assert registered <= defined, sorted(registered - defined)
+
+
+def test_one_home_for_the_checks_of_op_arguments():
+    """The dtype, device and type checks of tensor arguments that compare with another argument
+    ("expected dtype ... (the dtype of weight)") are sparsevd/ops/checks.py's, called everywhere else."""
+    home = ROOT / "sparsevd" / "ops" / "checks.py"
+    patterns = ("(the dtype of {", "(the device of {", "expected a floating-point tensor, got")
+    for path in (ROOT / "sparsevd").rglob("*.py"):
+        if path == home:
+            continue
+        text = path.read_text()
+        for pattern in patterns:
+            assert pattern not in text, f"{path.relative_to(ROOT)} checks an op argument itself ({pattern!r})"
+    assert all(p in home.read_text() for p in patterns)
 
 
 def test_docstrings_cite_the_design_document_of_this_repo():

@@ -9,11 +9,12 @@
 
 A family's package holds its math (``naive.py``, the ``reference`` backend), its custom ops with
 fake implementations and autograd (``op.py``), and one module per other backend (``native.py``,
-``triton.py``), which :mod:`.backend` imports on first use (``SPARSEVD_BACKEND``). What the
-families share: :mod:`.weights` (the per-weight math: log α, the masks, the constants),
-:mod:`.conv_geometry`, :mod:`.noise` (ξ and the seed), :mod:`.triton_common`, :mod:`.library`
-(the one loader of ``sparsevd._C`` and its CPU switches). The user-facing API with argument checks
-is :mod:`sparsevd.functional`; docs/design.md, "Layout", maps every file.
+``triton.py``), which :mod:`.backend` imports on first use (``SPARSEVD_BACKEND``; csr_linear's
+``op.py`` imports its ``native.py`` itself). What the families share: :mod:`.weights` (the
+per-weight math: log α, the masks, the constants), :mod:`.conv_geometry`, :mod:`.checks` (the
+checks of tensor arguments), :mod:`.noise` (ξ and the seed), :mod:`.triton_common`,
+:mod:`.library` (the one loader of ``sparsevd._C`` and its CPU switches). The user-facing API with
+argument checks is :mod:`sparsevd.functional`; docs/design.md, "Layout", maps every file.
 """
 from . import kl, lrt_conv2d, lrt_linear
 from .backend import BACKENDS, BackendUnavailableError, get_impl, register_impl, requested_backend

@@ -1,6 +1,6 @@
 """The CSR format of ``csr_linear``'s weight: building it (:func:`to_csr`), checking it
-(:func:`validate_csr`, :func:`check_input`) and the zero-filled dense weight it stands for
-(:func:`csr_to_dense`).
+(:func:`validate_csr`, :func:`check_input`), the columns it uses (:func:`used_columns`) and the
+zero-filled dense weight it stands for (:func:`csr_to_dense`).
 
 A weight W (out_features, in_features) is stored as crow_indices (out_features + 1,) int32 or int64
 row pointers, col_indices (nnz,) uint16 (in_features ≤ 65536), int16 (≤ 32768), int32 or int64,
@@ -13,8 +13,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..checks import check_device_of, check_dtype_of, check_float, check_tensor
+
 __all__ = ["CROW_DTYPES", "INDEX_DTYPES", "INT16_MAX_FEATURES", "UINT16_MAX_FEATURES", "check_input",
-           "csr_to_dense", "to_csr", "validate_csr"]
+           "csr_to_dense", "to_csr", "used_columns", "validate_csr"]
 
 INDEX_DTYPES = (torch.uint16, torch.int16, torch.int32, torch.int64)
 CROW_DTYPES = (torch.int32, torch.int64)
@@ -52,6 +54,15 @@ def to_csr(
     crow[1:] = torch.cumsum(counts, 0)
     crow_dtype = torch.int32 if values.numel() < 2**31 else torch.int64
     return crow.to(crow_dtype), cols.to(index_dtype).contiguous(), values
+
+
+def used_columns(col_indices: Tensor, in_cols: int) -> Tensor:
+    """(in_cols,) bool: the columns that hold at least one stored weight. One scatter over the
+    column indices (O(nnz); torch.unique sorts them, ~20 ms for 10⁵ indices)."""
+    used = torch.zeros(in_cols, dtype=torch.bool, device=col_indices.device)
+    if col_indices.numel():
+        used[col_indices.long()] = True
+    return used
 
 
 def csr_to_dense(crow_indices: Tensor, col_indices: Tensor, values: Tensor, out_features: int,
@@ -108,12 +119,10 @@ def validate_csr(
         ValueError: a wrong shape, length or device, or indices out of range.
     """
     for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices), ("values", values)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        check_tensor(t, name)
         if t.dim() != 1:
             raise ValueError(f"{name}: expected a 1-D tensor, got shape {tuple(t.shape)}")
-    if not values.is_floating_point():
-        raise TypeError(f"values: expected a floating-point tensor, got dtype {values.dtype}")
+    check_float(values, "values")
     if crow_indices.dtype not in CROW_DTYPES:
         raise TypeError(
             f"crow_indices: expected dtype {_name_dtype(CROW_DTYPES)}, got {crow_indices.dtype}"
@@ -137,18 +146,14 @@ def validate_csr(
         )
     device = values.device
     for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices)):
-        if t.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device} (the device of values), got {t.device}")
+        check_device_of(t, name, values, "values")
     n = crow_indices.numel() - 1
     if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.dtype != values.dtype:
-            raise TypeError(f"bias: expected dtype {values.dtype} (the dtype of values), got {bias.dtype}")
+        check_tensor(bias, "bias", optional=True)
+        check_dtype_of(bias, "bias", values, "values")
         if tuple(bias.shape) != (n,):
             raise ValueError(f"bias: expected shape ({n},) (out_features), got {tuple(bias.shape)}")
-        if bias.device != device:
-            raise ValueError(f"bias: expected a tensor on {device} (the device of values), got {bias.device}")
+        check_device_of(bias, "bias", values, "values")
     if check_indices and device.type != "meta" and not torch.compiler.is_compiling():
         crow = crow_indices.long()
         first, last = int(crow[0]), int(crow[-1])
@@ -177,15 +182,12 @@ def check_input(x: Tensor, values: Tensor) -> None:
         TypeError: x not a floating tensor, or values of another dtype (named in the message).
         ValueError: a 0-dim or meta x, or values on another device.
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+    check_float(x, "x")
     if x.dim() < 1:
         raise ValueError("x: expected shape (*, in_features), got a 0-dim tensor")
     if x.is_meta:
         raise ValueError("x: expected a tensor with data, got a meta tensor (csr_linear reads x)")
-    if isinstance(values, Tensor) and values.is_floating_point() and values.dtype != x.dtype:
-        raise TypeError(f"values: expected dtype {x.dtype} (the dtype of x), got {values.dtype}")
-    if isinstance(values, Tensor) and values.device != x.device:
-        raise ValueError(f"values: expected a tensor on {x.device} (the device of x), got {values.device}")
+    if isinstance(values, Tensor) and values.is_floating_point():
+        check_dtype_of(values, "values", x, "x")
+    if isinstance(values, Tensor):
+        check_device_of(values, "values", x, "x")
