@@ -26,6 +26,14 @@ eval-mode and deployed latency of a transformer-shaped model, each against its d
 3. ``sparse_linear_call`` (``--parts call``): the per-call overhead at batch 1: one 384×384 layer
    at 23 % sparsity, input (1, 384): nn.Linear vs the deployed SparseLinear (plan "masked",
    ``sparsevd``) and the general path of the module (a two-mode plan, ``sparsevd_general``).
+4. ``adam_subnormal`` (``--parts adam``, issue 23 item 8): one optimiser step on the parameters of a
+   LeNet-300-100 in sparse-VD form (θ and log σ², 2 × 266,200 floats) with ``--clipped`` (default
+   90 %) of the weights clipped: zero gradient there and Adam moments either ``normal`` (1e-3, 1e-6)
+   or ``subnormal`` (1e-39, 1e-39: where train-time clipping drives them), reset before every step
+   (the same copy for every provider). Providers ``torch`` (torch.optim.Adam, fused) and
+   ``sparsevd`` (sparsevd.optim.Adam, fused: the step flushes subnormals to zero on every thread);
+   rows have ``moments`` and ``ratio_to_normal``. With one thread the times are the thread's CPU
+   time (``common.time_interleaved(timer="cpu")``: stable while other processes share the cores).
 
 Timing: providers interleaved in rounds in one process (``common.time_interleaved``: CPU
 torch.utils.benchmark blocked runs with torch's threads, GPU triton.testing.do_bench), median /
@@ -34,7 +42,8 @@ p20 / p80 over all blocks of all rounds; ratios in the printed table are to ``de
 Usage: python -m benchmarks.bench_masked [--parts train infer call] [--workloads layer lenet300]
        [--layer 1024] [--sparsity 0 0.5 0.9 0.95 0.98 0.99] [--infer-sparsity 0 0.25 0.5 0.9 0.98]
        [--batch 1 32] [--seq 16] [--hidden 384] [--layers 6] [--heads 6] [--rounds 5]
-       [--threads N] [--device cpu|cuda] [--quick] [--out FILE] [--no-save] [--dry-run]
+       [--clipped 0.9] [--threads N] [--device cpu|cuda] [--quick] [--out FILE] [--no-save]
+       [--dry-run]
 """
 from __future__ import annotations
 
@@ -55,6 +64,7 @@ import sparsevd.models
 from sparsevd.allocator import keep_freed_memory
 from sparsevd.deploy import dense_twin
 from sparsevd.nn import LinearSVDO, SparseLinear
+from sparsevd.optim import Adam as FlushingAdam
 
 #: Structured sparsity of a trained LeNet-300-100: per layer (fraction of input columns with no
 #: kept weight, fraction of output rows with no kept weight, the layer's sparsity), read from the
@@ -244,10 +254,57 @@ def bench_call(args, env) -> List[dict]:
     return rows
 
 
+def _adam_step(opt_cls, params, grads, moments):
+    """A closure: reset the moments to ``moments`` (m, v per parameter), then one step."""
+    opt = opt_cls(params, lr=1e-3, fused=True)
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()  # creates the state
+
+    def step():
+        for p, (m, v) in zip(params, moments):
+            opt.state[p]["exp_avg"].copy_(m)
+            opt.state[p]["exp_avg_sq"].copy_(v)
+        opt.step()
+    return step
+
+
+def bench_adam(args, env) -> List[dict]:
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(300, 784), (100, 300), (10, 100)]  # LeNet-300-100's weights: θ and log σ² each
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes for _ in range(2)]
+    grads, moments = [], {"normal": [], "subnormal": []}
+    for p in params:
+        kept = (torch.rand(p.shape, generator=gen) >= args.clipped).float()
+        grads.append(torch.randn(p.shape, generator=gen) * kept)
+        for name, (m0, v0) in (("normal", (1e-3, 1e-6)), ("subnormal", (1e-39, 1e-39))):
+            moments[name].append((torch.where(kept > 0, 1e-3, m0), torch.where(kept > 0, 1e-6, v0)))
+    fns = {}
+    for name, cls in (("torch", torch.optim.Adam), ("sparsevd", FlushingAdam)):
+        for kind in ("normal", "subnormal"):
+            fns[f"{name}/{kind}"] = _adam_step(cls, [p.detach().clone().requires_grad_() for p in params],
+                                               grads, moments[kind])
+    # one thread: the thread's CPU time (stable on a loaded machine); else wall time
+    timer = "cpu" if torch.get_num_threads() == 1 else "wall"
+    times = common.time_interleaved(fns, "cpu", args.rounds, args.min_run_time, timer=timer)
+    n = sum(p.numel() for p in params)
+    rows = []
+    for key, t in times.items():
+        provider, kind = key.split("/")
+        rows.append(common.make_row("adam_subnormal", f"params={n},clipped={args.clipped}", "float32", "train",
+                                    provider, t, env, moments=kind,
+                                    ratio_to_normal=t[0] / times[f"{provider}/normal"][0]))
+    common.print_rows(rows)
+    for provider in ("torch", "sparsevd"):
+        print(f"  {provider} Adam: subnormal / normal moments = "
+              f"{times[provider + '/subnormal'][0] / times[provider + '/normal'][0]:.2f}x")
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--parts", nargs="+", default=["train", "infer", "call"],
-                    choices=("train", "infer", "call"))
+    ap.add_argument("--parts", nargs="+", default=["train", "infer", "call", "adam"],
+                    choices=("train", "infer", "call", "adam"))
     ap.add_argument("--workloads", nargs="+", default=["layer", "lenet300"], choices=("layer", "lenet300"))
     ap.add_argument("--layer", type=int, default=1024, help="size of the square layer workload")
     ap.add_argument("--sparsity", type=float, nargs="+", default=list(TRAIN_SPARSITY),
@@ -258,6 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--hidden", type=int, default=384)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--clipped", type=float, default=0.9, help="adam part: fraction of clipped weights")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--min-run-time", type=float, default=0.2, help="seconds per provider per round")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -267,6 +325,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("layer", "seq", "hidden", "layers", "heads", "rounds"):
         if getattr(args, name) < 1:
             ap.error(f"--{name}: expected a positive int")
+    if not 0 <= args.clipped <= 1:
+        ap.error(f"--clipped: expected a fraction in [0, 1], got {args.clipped}")
     if any(not 0 <= s < 1 for s in args.sparsity + args.infer_sparsity):
         ap.error("--sparsity / --infer-sparsity: expected fractions in [0, 1)")
     if args.hidden % args.heads:
@@ -287,6 +347,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows += bench_train(args, env)
     if "infer" in args.parts:
         rows += bench_infer(args, env)
+    if "adam" in args.parts:
+        rows += bench_adam(args, env)
     if not args.no_save:
         print("saved to", common.save_rows(rows, args.device, args.out))
     return 0

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "cpu/csr_linear_cpu.h"
+#include "cpu/denormals.h"
 #include "cpu/kernels.h"
 #include "cpu/lrt_common.h"
 
@@ -32,6 +33,13 @@ std::string set_cpu_isa(const std::string& isa) {
   const std::string previous = sparsevd::cpu::set_isa(isa);
   sparsevd::cpu::set_simd_enabled(std::string(sparsevd::cpu::kernels().isa) != "scalar");
   return previous;
+}
+
+// The schema's bool[] is a std::vector<bool> in C++ only through c10::List.
+c10::List<bool> denormals_flushed_threads() {
+  c10::List<bool> out;
+  for (bool b : sparsevd::cpu::denormals_flushed_threads()) out.push_back(b);
+  return out;
 }
 
 }  // namespace
@@ -84,6 +92,10 @@ TORCH_LIBRARY(sparsevd, m) {
   m.def("native_set_compact(str mode) -> str", &sparsevd::cpu::lrt::set_compact);
   m.def("native_sigma2_cache(bool enabled) -> bool", &sparsevd::cpu::lrt::set_sigma2_cache);
   m.def("native_sigma2_cache_stats() -> int[]", &sparsevd::cpu::lrt::sigma2_cache_stats);
+  // Flush-to-zero of subnormals on every intra-op thread (cpu/denormals.h; sparsevd.optim): set or
+  // clear, returning the calling thread's previous mode; and the mode per thread (calling one first).
+  m.def("native_set_flush_denormal(bool on) -> bool", &sparsevd::cpu::set_flush_denormal_threads);
+  m.def("native_denormals_flushed() -> bool[]", &denormals_flushed_threads);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

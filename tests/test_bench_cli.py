@@ -45,7 +45,8 @@ def test_bench_masked_quick_on_tiny_sizes(tmp_path, capsys):
     kinds = {(r["benchmark"], r["provider"]) for r in rows}
     assert {("masked_train_step_layer", "sparsevd"), ("masked_train_step_lenet300", "dense"),
             ("transformer_infer", "eval"), ("transformer_infer", "sparsevd"),
-            ("sparse_linear_call", "sparsevd")} <= kinds
+            ("sparse_linear_call", "sparsevd"), ("adam_subnormal", "torch"), ("adam_subnormal", "sparsevd")} <= kinds
+    assert {r["moments"] for r in rows if r["benchmark"] == "adam_subnormal"} == {"normal", "subnormal"}
     for r in rows:
         assert r["median_ms"] > 0 and {"shape", "dtype", "mode", "device", "commit"} <= set(r)
         if r["provider"] == "sparsevd" and r["benchmark"].startswith("masked_train"):

@@ -22,6 +22,8 @@
 #include <tuple>
 #include <vector>
 
+#include "denormals.h"
+
 namespace sparsevd {
 namespace cpu {
 namespace {
@@ -134,12 +136,14 @@ struct LrtLinearFn : public torch::autograd::Function<LrtLinearFn> {
 at::Tensor lrt_linear_autograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& log_sigma2,
                                const std::optional<at::Tensor>& bias, const at::Tensor& seed,
                                std::optional<double> clip) {
+  const FlushDenormals flush;  // denormals.h: the caller's mode is restored on return
   return LrtLinearFn::apply(x, weight, log_sigma2, bias, seed, clip);
 }
 
 at::Tensor lrt_linear_inference(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& log_sigma2,
                                 const std::optional<at::Tensor>& bias, const at::Tensor& seed,
                                 std::optional<double> clip) {
+  const FlushDenormals flush;  // denormals.h: the caller's mode is restored on return
   return std::get<0>(linear_fwd().call(x, weight, log_sigma2, bias, seed, clip));
 }
 
@@ -202,6 +206,7 @@ at::Tensor lrt_conv2d_autograd(const at::Tensor& x, const at::Tensor& weight, co
                                const std::optional<at::Tensor>& bias, const at::Tensor& seed, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                std::optional<double> clip) {
+  const FlushDenormals flush;  // denormals.h: the caller's mode is restored on return
   return LrtConv2dFn::apply(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups, clip);
 }
 
@@ -209,6 +214,7 @@ at::Tensor lrt_conv2d_inference(const at::Tensor& x, const at::Tensor& weight, c
                                 const std::optional<at::Tensor>& bias, const at::Tensor& seed,
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 int64_t groups, std::optional<double> clip) {
+  const FlushDenormals flush;  // denormals.h: the caller's mode is restored on return
   return std::get<0>(conv_fwd().call(x, weight, log_sigma2, bias, seed, stride, padding, dilation, groups, clip));
 }
 
@@ -247,6 +253,7 @@ struct KlFn : public torch::autograd::Function<KlFn> {
 };
 
 std::tuple<at::Tensor, at::Tensor> kl_sparse_vd_autograd(at::TensorList weights, at::TensorList log_sigma2s) {
+  const FlushDenormals flush;  // denormals.h: the caller's mode is restored on return
   // The gradients are computed in the forward's pass when some parameter will need them
   // (apply() runs the forward with grad mode off, so this is decided here).
   bool with_grad = false;
@@ -259,6 +266,7 @@ std::tuple<at::Tensor, at::Tensor> kl_sparse_vd_autograd(at::TensorList weights,
 }
 
 std::tuple<at::Tensor, at::Tensor> kl_sparse_vd_inference(at::TensorList weights, at::TensorList log_sigma2s) {
+  const FlushDenormals flush;  // denormals.h: the caller's mode is restored on return
   auto [kl, gw, gls2, flags] = kl_op().call(weights, log_sigma2s, false);
   return {kl, flags};
 }

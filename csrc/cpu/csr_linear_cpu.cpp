@@ -61,6 +61,7 @@
 
 #include "../csr_linear_checks.h"
 #include "csr_linear_cpu.h"
+#include "denormals.h"
 #include "simd/transpose8.h"
 
 namespace sparsevd {
@@ -685,6 +686,7 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
     const int64_t P = static_cast<int64_t>(parts.size()) - 1;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (parallel)
     for (int64_t p = 0; p < P; ++p) {
+      const FlushDenormals flush;  // per task: OpenMP's workers have their own MXCSR (denormals.h)
       bool ok;
 #ifdef SPARSEVD_X86
       if constexpr (kSimdTypes) {
@@ -746,6 +748,7 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
   // more); checking inside the tile loops cost more (measured: benchmarks/NOTES.md, "Bounds checks").
 #pragma omp parallel num_threads(nthreads) if (parallel)
   {
+    const FlushDenormals flush;  // each thread of the region (denormals.h)
 #pragma omp for schedule(static) nowait
     for (int64_t c = 0; c < nchunks; ++c) {
       const int64_t j0 = c * kColChunk;
@@ -814,6 +817,7 @@ void dispatch_indices(const at::Tensor& crow, const at::Tensor& col, F&& f) {
 
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices, const at::Tensor& col_indices,
                           const at::Tensor& values, const c10::optional<at::Tensor>& bias) {
+  const FlushDenormals flush;  // denormals.h: the caller's mode is restored on return
   const int64_t N = check_csr_linear_args(x, crow_indices, col_indices, values, bias);
   const bool has_bias = bias.has_value() && bias->defined();
   const auto st = values.scalar_type();

@@ -25,6 +25,7 @@
 #include <tuple>
 #include <vector>
 
+#include "denormals.h"
 #include "kernels.h"
 
 namespace sparsevd {
@@ -40,6 +41,7 @@ struct Chunk {
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> kl_sparse_vd(
     at::TensorList weights, at::TensorList log_sigma2s, bool with_grad) {
+  const FlushDenormals flush;  // denormals.h: the caller's mode is restored on return
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // casts stay casts
   TORCH_CHECK(weights.size() == log_sigma2s.size(), "log_sigma2s: expected ", weights.size(),
               " tensors (one per weight), got ", log_sigma2s.size());
@@ -102,7 +104,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
   if (total < kParallelMin || at::get_num_threads() == 1 || at::in_parallel_region()) {
     run(0, nchunks);
   } else {
-    at::parallel_for(0, nchunks, 1, run);
+    at::parallel_for(0, nchunks, 1, flushing_task(run));
   }
 
   double kl = 0.0;

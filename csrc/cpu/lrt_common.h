@@ -46,6 +46,7 @@
 #include <tuple>
 #include <vector>
 
+#include "denormals.h"
 #include "kernels.h"
 
 namespace sparsevd {
@@ -65,7 +66,7 @@ void parallel_range(int64_t n, int64_t grain, const Fn& fn) {
     fn(int64_t{0}, n);
     return;
   }
-  at::parallel_for(0, n, grain, fn);
+  at::parallel_for(0, n, grain, flushing_task(fn));  // each task flushes subnormals (denormals.h)
 }
 
 // Runs the independent products of one op (see the plan above); `nestable`: the jobs may run

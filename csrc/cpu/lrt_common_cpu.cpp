@@ -56,6 +56,7 @@ void run_products(const std::vector<std::function<void()>>& jobs, bool nestable)
   const at::ThreadLocalState state;
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard guard(state);
+    const FlushDenormals flush;
     for (int64_t i = begin; i < end; ++i) jobs[i]();
   });
 }
@@ -160,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> backward_prologue(const at::Tensor& g, const 
     if (parts == 1) {
       body(0, n);
     } else {
-      at::parallel_for(0, n, kGrainNoise, body);
+      at::parallel_for(0, n, kGrainNoise, flushing_task(body));
     }
   });
   return {gs2, bias_grad(gb_parts, gb_dtype)};
@@ -311,6 +312,7 @@ at::Tensor scatter_block(const at::Tensor& c, const Weights& p, at::IntArrayRef 
     scalar_t* po = out.data_ptr<scalar_t>();
     const int64_t row = S * win;
     at::parallel_for(0, R, std::max<int64_t>(1, kGrainPlain / std::max<int64_t>(row, 1)), [&](int64_t r0, int64_t r1) {
+      const FlushDenormals flush;
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* dst = po + r * row;
         std::fill(dst, dst + row, scalar_t(0));
@@ -498,7 +500,7 @@ Weights weights_pass(const at::Tensor& weight, const at::Tensor& log_sigma2, at:
     if (parts == 1) {
       body(0, R);
     } else {
-      at::parallel_for(0, R, std::max<int64_t>(1, kGrainNoise / std::max<int64_t>(L, 1)), body);
+      at::parallel_for(0, R, std::max<int64_t>(1, kGrainNoise / std::max<int64_t>(L, 1)), flushing_task(body));
     }
   });
   p.col_count = at::empty({S}, p.row_count.options());  // Σ over the parts, in int64
@@ -690,6 +692,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_epilogue(
 //   NaN), computed in the compute dtype of the parameters (fp32, or fp64 for fp64).
 std::tuple<at::Tensor, at::Tensor> clip_occupancy(const at::Tensor& weight, const at::Tensor& log_sigma2,
                                                   double clip) {
+  const FlushDenormals flush;  // denormals.h: the caller's mode is restored on return
   const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   check_param(weight, "weight");
   TORCH_CHECK(weight.dim() == 2 || weight.dim() == 4, "weight: expected a 2-D or 4-D tensor, got shape ",

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "lrt_common.h"
+#include "denormals.h"
 
 namespace sparsevd {
 namespace cpu {
@@ -61,6 +62,7 @@ std::tuple<at::Tensor, at::Tensor> lrt_conv2d(const at::Tensor& x, const at::Ten
                                               const at::Tensor& log_sigma2, const c10::optional<at::Tensor>& bias,
                                               const at::Tensor& seed, at::IntArrayRef stride, at::IntArrayRef padding,
                                               at::IntArrayRef dilation, int64_t groups, c10::optional<double> clip) {
+  const FlushDenormals flush;  // denormals.h: the caller's mode is restored on return
   const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   check_weights(weight, log_sigma2, 4);
   const ConvArgs a = check_conv(x, weight, stride, padding, dilation, groups);
@@ -104,6 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_conv2d_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& log_sigma2,
     const at::Tensor& std, const at::Tensor& seed, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool input_grad, c10::optional<double> clip) {
+  const FlushDenormals flush;  // denormals.h: the caller's mode is restored on return
   const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   check_weights(weight, log_sigma2, 4);
   const ConvArgs a = check_conv(x, weight, stride, padding, dilation, groups);

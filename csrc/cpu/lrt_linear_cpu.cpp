@@ -11,6 +11,7 @@
 
 #include "csr_linear_cpu.h"
 #include "lrt_common.h"
+#include "denormals.h"
 
 namespace sparsevd {
 namespace cpu {
@@ -23,6 +24,7 @@ using namespace lrt;
 std::tuple<at::Tensor, at::Tensor> lrt_linear(const at::Tensor& x, const at::Tensor& weight,
                                               const at::Tensor& log_sigma2, const c10::optional<at::Tensor>& bias,
                                               const at::Tensor& seed, c10::optional<double> clip) {
+  const FlushDenormals flush;  // denormals.h: the caller's mode is restored on return
   const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   check_weights(weight, log_sigma2, 2);
   check_param(x, "x");
@@ -69,6 +71,7 @@ std::tuple<at::Tensor, at::Tensor> lrt_linear(const at::Tensor& x, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_linear_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& log_sigma2,
     const at::Tensor& std, const at::Tensor& seed, bool input_grad, c10::optional<double> clip) {
+  const FlushDenormals flush;  // denormals.h: the caller's mode is restored on return
   const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   check_weights(weight, log_sigma2, 2);
   check_param(x, "x");

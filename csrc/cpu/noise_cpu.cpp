@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "denormals.h"
 #include "kernels.h"
 
 namespace sparsevd {
@@ -19,6 +20,7 @@ namespace {
 constexpr int64_t kGrain = 16384;  // elements per task: ~20-40 µs of work
 
 void philox_randn_(at::Tensor out, int64_t seed, int64_t offset) {
+  const FlushDenormals flush;  // denormals.h: the caller's mode is restored on return
   TORCH_CHECK(out.device().is_cpu(), "out: expected a CPU tensor, got one on ", out.device());
   TORCH_CHECK(out.scalar_type() == at::kFloat, "out: expected a float32 tensor, got ", out.scalar_type());
   TORCH_CHECK(out.is_contiguous(), "out: expected a contiguous tensor");
@@ -34,7 +36,7 @@ void philox_randn_(at::Tensor out, int64_t seed, int64_t offset) {
   if (n <= kGrain || at::get_num_threads() == 1 || at::in_parallel_region()) {
     body(0, n);
   } else {
-    at::parallel_for(0, n, kGrain, body);
+    at::parallel_for(0, n, kGrain, flushing_task(body));
   }
 }
 

@@ -23,6 +23,9 @@ Switches of the compiled CPU kernels, for tests and benchmarks (ops without tens
   clip_threshold)``, the weight pass's per-row and per-column counts of occupied weights (int64);
 - ``native_sigma2_cache(enabled)`` and ``native_sigma2_cache_stats()`` (hits, misses, entries of
   the cache that hands the forward's weight pass to the backward).
+- ``native_set_flush_denormal(on)`` / ``native_denormals_flushed()``: flush-to-zero of subnormal
+  floats on every intra-op thread (:func:`set_flush_denormal` / :func:`denormals_flushed`; the
+  library's own kernels flush inside every call anyway, csrc/cpu/denormals.h).
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ["BUILD_HINT", "CPU_ISAS", "available", "cpu_isa", "has_cuda", "has_op", "kernel_available",
-           "module", "require_ops", "set_cpu_isa", "supported_cpu_isas", "unavailable_reason"]
+           "denormals_flushed", "module", "require_ops", "set_cpu_isa", "set_flush_denormal",
+           "supported_cpu_isas", "unavailable_reason"]
 
 #: How to build the compiled op library, for messages.
 BUILD_HINT = (
@@ -148,3 +152,29 @@ def supported_cpu_isas() -> Tuple[str, ...]:
     finally:
         set_cpu_isa(previous)
     return tuple(out)
+
+
+def set_flush_denormal(on: bool) -> bool:
+    """Flush subnormal floats to zero (``on=True``: x86 MXCSR FTZ and DAZ, AArch64 FPCR FZ) or stop
+    flushing, on the calling thread and on every thread of torch's intra-op (OpenMP) team: unlike
+    ``torch.set_flush_denormal``, which sets the calling thread only, this reaches the threads that
+    run torch's parallel kernels (the fused Adam among them). Returns whether the calling thread
+    flushed before, to restore it (``sparsevd.optim.flush_denormals`` does both).
+
+    Raises:
+        ImportError: the compiled library is not built (or predates this switch).
+    """
+    require_ops("native_set_flush_denormal")
+    return bool(torch.ops.sparsevd.native_set_flush_denormal(bool(on)))
+
+
+def denormals_flushed() -> Tuple[bool, ...]:
+    """Whether subnormals are flushed, per intra-op thread: the calling thread first, then the other
+    threads of torch's OpenMP team (``torch.get_num_threads()`` entries; all False on a CPU without
+    such a mode).
+
+    Raises:
+        ImportError: the compiled library is not built (or predates this switch).
+    """
+    require_ops("native_denormals_flushed")
+    return tuple(bool(b) for b in torch.ops.sparsevd.native_denormals_flushed())
