@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
+import numbers
 from typing import Callable, Iterable, List, Optional, Union
 
 import torch
@@ -21,6 +23,7 @@ from torch import nn
 from ._args import check_threshold
 from .nn import (DEFAULT_THRESHOLD, LOG_SIGMA2_INIT, SVDO_LAYERS, Conv1dSVDO, Conv2dSVDO, LinearSVDO,
                  SplitMultiheadAttention)
+from .recipe import PretrainedRecipe, init_log_sigma2
 from .reference import EPS_THETA
 from .hf_integration import attach as attach_hf_quantizer
 from .surgery import set_origin
@@ -249,6 +252,7 @@ def _convert_one(name: str, m: nn.Module, threshold: float, train_clip: bool) ->
 def convert(
     model: nn.Module, include: NameFilter = None, threshold: float = DEFAULT_THRESHOLD,
     exclude: NameFilter = None, *, train_clip: bool = False, return_report: bool = False,
+    init: Union[str, float] = "paper",
 ):
     """Replace the ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Conv1d`` layers of ``model`` by their sparse-VD twins, in
     place (exact types only: subclasses may change forward and are left alone); also
@@ -274,6 +278,11 @@ def convert(
             backward, as in the authors' code.
         return_report: also return the :class:`ConversionReport` of :func:`plan_conversion`:
             what was converted, and every module left dense and why.
+        init: the converted layers' log σ²: ``"paper"`` (the default: −10, as above, for training
+            from scratch or from a trained model with the paper's recipe), ``"pretrained"``
+            (:class:`sparsevd.recipe.PretrainedRecipe`'s ``log_alpha_init``: every weight at the
+            same log α, :func:`sparsevd.recipe.init_log_sigma2`), or a float: that log α for every
+            weight (below ``threshold``).
 
     Returns:
         ``model`` (or the new layer when ``model`` itself is a convertible layer), and the report
@@ -283,20 +292,51 @@ def convert(
         ValueError: an included Conv2d / Conv1d with a padding mode other than zeros (exclude it to leave
             it dense; padding='same' and 'valid' convert, resolved as torch resolves them); an
             invalid ``threshold``.
-        TypeError: ``train_clip`` is not a bool.
+        TypeError: ``train_clip`` is not a bool; ``init`` neither a string nor a real number.
+        ValueError: ``init`` an unknown string, or a log α not below ``threshold``.
     """
     threshold = check_threshold(threshold)
     if not isinstance(train_clip, bool):
         raise TypeError(f"train_clip: expected a bool, got {train_clip!r}")
+    log_alpha0 = _init_log_alpha(init, threshold)
+    out = _convert(model, include, threshold, exclude, train_clip)
+    if log_alpha0 is not None and _has_svdo(out[0]):
+        init_log_sigma2(out[0], log_alpha0)
+    return out if return_report else out[0]
+
+
+def _init_log_alpha(init, threshold: float) -> Optional[float]:
+    """The log α of ``convert``'s ``init`` (None for the paper's log σ² = −10)."""
+    if isinstance(init, str):
+        if init == "paper":
+            return None
+        if init == "pretrained":
+            init = PretrainedRecipe().log_alpha_init
+        else:
+            raise ValueError(f"init: expected 'paper', 'pretrained' or a log α, got {init!r}")
+    if isinstance(init, bool) or not isinstance(init, numbers.Real):
+        raise TypeError(f"init: expected 'paper', 'pretrained' or a real log α, got {init!r}")
+    if not math.isfinite(init) or init >= threshold:
+        raise ValueError(f"init: a log α must be finite and below the threshold {threshold}, got {init}")
+    return float(init)
+
+
+def _has_svdo(model: nn.Module) -> bool:
+    return any(isinstance(m, SVDO_LAYERS) for m in model.modules())
+
+
+def _convert(model: nn.Module, include: NameFilter, threshold: float, exclude: NameFilter,
+             train_clip: bool):
+    """convert with the paper's init: (model or new layer, report)."""
     if type(model) is nn.MultiheadAttention:  # its split twin, whose projections convert
-        return convert(_convert_one("", model, threshold, train_clip), include, threshold, exclude,
-                       train_clip=train_clip, return_report=return_report)
+        return _convert(_convert_one("", model, threshold, train_clip), include, threshold, exclude,
+                        train_clip)
     if _convertible(model):
         keep = _name_filter(include, True)("") and not _name_filter(exclude, False)("")
         out = _convert_one("", model, threshold, train_clip) if keep else model
         rep = ConversionReport([ConversionEntry("", type(model).__name__, "convert" if keep else "dense",
                                                 "" if keep else "excluded")])
-        return (out, rep) if return_report else out
+        return out, rep
     rep = plan_conversion(model, include, exclude)
     todo = set(rep.converted())
     _replace_named(model, todo, lambda full, child: type(child) is nn.MultiheadAttention,
@@ -306,7 +346,7 @@ def convert(
         if isinstance(m, nn.TransformerEncoder) and any(isinstance(s, SVDO_LAYERS) for s in m.modules()):
             m.use_nested_tensor = False
     attach_hf_quantizer(model)  # save_pretrained writes a model from_pretrained rebuilds
-    return (model, rep) if return_report else model
+    return model, rep
 
 
 def _replace_named(model: nn.Module, todo: set, which, threshold: float, train_clip: bool) -> None:

@@ -1,0 +1,162 @@
+"""The recipe for sparsifying a trained (pretrained) model with sparse VD.
+
+The paper trains from scratch: log σ² = −10 everywhere, one Adam learning rate, KL weight 1 with
+N the training-set size. On a trained model that recipe ruins the model (all-MiniLM-L6-v2 fell
+to cosine 0.75 to its dense self at 29.5 % sparsity, issue 23): the KL of 10⁷ weights (≈ 2·10⁷
+nats) outweighs a distillation loss below 1 by seven orders of magnitude, and a learning rate
+large enough to move log σ² by several units destroys θ. This module holds what works instead
+(measured on MiniLM, ``examples/compress_minilm.py``, README "Compressing a pretrained model"):
+
+- :func:`init_log_sigma2`: log σ² = log α₀ + log(θ² + 1e-8) per weight, i.e. every weight starts
+  at the same log α₀ (sec. 4's additive reparameterisation: α = σ²/θ²);
+- :func:`param_groups`: log σ² in its own optimizer group with its own (much larger) learning
+  rate and no weight decay;
+- :class:`PretrainedRecipe`: those learning rates, log α₀, the KL scale and the KL warm-up in
+  steps (:meth:`PretrainedRecipe.kl_weight`).
+
+Source: Molchanov, Ashukha, Vetrov, "Variational Dropout Sparsifies Deep Neural Networks",
+ICML 2017 (arXiv:1701.05369), sec. 4 (α = σ²/θ²), sec. 5 (log σ² = −10, KL warm-up).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from .nn import DEFAULT_THRESHOLD, SVDO_LAYERS
+from .ops.weights import EPS_THETA
+
+
+def _real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _svdo_modules(model: nn.Module) -> List[nn.Module]:
+    if isinstance(model, SVDO_LAYERS):
+        return [model]
+    return [m for m in model.modules() if isinstance(m, SVDO_LAYERS)]
+
+
+@torch.no_grad()
+def init_log_sigma2(model: nn.Module, log_alpha_init: float) -> nn.Module:
+    """Set every sparse-VD layer's log σ² so that each weight starts at log α = ``log_alpha_init``:
+    log σ² = log_alpha_init + log(θ² + 1e-8) (the ``1e-8`` of :func:`sparsevd.reference.log_alpha`),
+    in place.
+
+    Args:
+        model: a module holding sparse-VD layers (or one layer).
+        log_alpha_init: the starting log α of every weight; below each layer's threshold, so that
+            the model in eval mode still computes what it did (no weight is dropped at the start).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        TypeError: ``log_alpha_init`` is not a real number.
+        ValueError: ``log_alpha_init`` is not finite or not below a layer's threshold (every weight
+            would be dropped); ``model`` holds no sparse-VD layer.
+    """
+    log_alpha_init = _real(log_alpha_init, "log_alpha_init")
+    layers = _svdo_modules(model)
+    if not layers:
+        raise ValueError("model: holds no sparse-VD layer (convert it first)")
+    for m in layers:
+        if log_alpha_init >= m.threshold:
+            raise ValueError(f"log_alpha_init: expected below the threshold {m.threshold}, got "
+                             f"{log_alpha_init} (every weight would be dropped)")
+    for m in layers:
+        w = m.weight.float()
+        m.log_sigma2.copy_((log_alpha_init + torch.log(w * w + EPS_THETA)).to(m.log_sigma2.dtype))
+    return model
+
+
+def param_groups(model: nn.Module, lr: float, log_sigma2_lr: float,
+                 weight_decay: float = 0.0) -> List[Dict[str, object]]:
+    """Optimizer parameter groups: every ``log_sigma2`` of the sparse-VD layers at
+    ``log_sigma2_lr`` with weight decay 0, every other trainable parameter (θ, biases, embeddings,
+    norms) at ``lr`` with ``weight_decay``. Pass the list to any torch optimizer
+    (``torch.optim.Adam(param_groups(model, 2e-5, 0.1))``).
+
+    Returns:
+        ``[{"params": [...], "lr": lr, "weight_decay": weight_decay, "name": "weights"},
+        {"params": [...], "lr": log_sigma2_lr, "weight_decay": 0.0, "name": "log_sigma2"}]``;
+        a group with no parameter is left out.
+
+    Raises:
+        TypeError: a learning rate or ``weight_decay`` is not a real number.
+        ValueError: a learning rate ≤ 0, ``weight_decay`` < 0, or a non-finite value.
+    """
+    for name, v in (("lr", lr), ("log_sigma2_lr", log_sigma2_lr)):
+        if _real(v, name) <= 0:
+            raise ValueError(f"{name}: expected > 0, got {v}")
+    if _real(weight_decay, "weight_decay") < 0:
+        raise ValueError(f"weight_decay: expected ≥ 0, got {weight_decay}")
+    sigma = {id(m.log_sigma2) for m in _svdo_modules(model)}
+    seen: set = set()
+    rest, log_s2 = [], []
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (log_s2 if id(p) in sigma else rest).append(p)
+    groups = [{"params": rest, "lr": float(lr), "weight_decay": float(weight_decay), "name": "weights"},
+              {"params": log_s2, "lr": float(log_sigma2_lr), "weight_decay": 0.0, "name": "log_sigma2"}]
+    return [g for g in groups if g["params"]]
+
+
+@dataclasses.dataclass
+class PretrainedRecipe:
+    """Hyper-parameters for sparsifying a trained model (defaults measured on all-MiniLM-L6-v2,
+    README "Compressing a pretrained model").
+
+    Attributes:
+        lr: Adam learning rate of θ, biases and the layers left dense (a fine-tuning rate).
+        log_sigma2_lr: Adam learning rate of log σ² (its own group, :func:`param_groups`).
+        log_alpha_init: log α of every weight after :func:`sparsevd.convert` with
+            ``init="pretrained"`` (:func:`init_log_sigma2`).
+        kl_scale: the KL's weight per training example at the end of the warm-up: the objective
+            is ``mean data loss + kl_scale · KL / N`` (N the number of training examples; 1 is
+            the paper's SGVLB per example).
+        warmup_steps: optimizer steps over which the KL weight rises linearly from 0 to
+            ``kl_scale``.
+    """
+
+    lr: float = 2e-5
+    log_sigma2_lr: float = 0.1
+    log_alpha_init: float = -4.0
+    kl_scale: float = 1.0
+    warmup_steps: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "log_sigma2_lr"):
+            if _real(getattr(self, name), name) <= 0:
+                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
+        if _real(self.log_alpha_init, "log_alpha_init") >= DEFAULT_THRESHOLD:
+            raise ValueError(f"log_alpha_init: expected below {DEFAULT_THRESHOLD}, got {self.log_alpha_init}")
+        if _real(self.kl_scale, "kl_scale") < 0:
+            raise ValueError(f"kl_scale: expected ≥ 0, got {self.kl_scale}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: expected an int ≥ 0, got {self.warmup_steps!r}")
+
+    def kl_weight(self, step: int) -> float:
+        """The KL's weight per example at optimizer step ``step`` (0-based): ``kl_scale ·
+        min(1, (step + 1) / warmup_steps)`` (``kl_scale`` when ``warmup_steps`` is 0)."""
+        if self.warmup_steps == 0:
+            return self.kl_scale
+        return self.kl_scale * min(1.0, (step + 1) / self.warmup_steps)
+
+    def param_groups(self, model: nn.Module, weight_decay: float = 0.0) -> List[Dict[str, object]]:
+        """:func:`param_groups` with this recipe's learning rates."""
+        return param_groups(model, self.lr, self.log_sigma2_lr, weight_decay)
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Adam:
+        """Adam over :meth:`param_groups`."""
+        return torch.optim.Adam(self.param_groups(model))

