@@ -126,6 +126,19 @@ def test_opcheck(kernel_device):
                            None))
 
 
+@pytest.mark.parametrize("kernel_device", KERNEL_DEVICES)
+def test_checked_entry_point_compiles_in_one_graph(kernel_device):
+    """torch.compile(fullgraph=True) traces sparsevd.ops.csr_linear (its checks of metadata, the
+    op through its fake implementation): the eager result, no graph break."""
+    w = csr_weight(30, 50, 0.2, device=kernel_device)
+    crow, col, val = csr_of(w)
+    b = torch.randn(30, device=kernel_device)
+    fn = torch.compile(lambda x: csr_linear(x, crow, col, val, b, check_indices=False), fullgraph=True)
+    for batch in (1, 6):
+        x = torch.randn(batch, 50, device=kernel_device)
+        assert_close(fn(x), F.linear(x, w, b), *TOL[torch.float32], name=f"batch {batch}")
+
+
 # ------------------------------------------------------------------------------ the CPU kernels
 @pytest.mark.parametrize("batch", [2, 9, 16, 17, 33, 100, 256])
 def test_batch_tiles(simd, batch):

@@ -57,6 +57,15 @@ def warn_fallback(what: str = "sparsevd.ops.csr_linear") -> None:
     )
 
 
+def _native() -> Callable:
+    """:func:`.native.native_csr_linear` (this family's backend module, imported here only, when
+    the compiled library is loaded)."""
+    global _NATIVE
+    if _NATIVE is None:
+        _NATIVE = importlib.import_module("sparsevd.ops.csr_linear.native").native_csr_linear
+    return _NATIVE
+
+
 if library.available():
 
     @torch.library.register_fake("sparsevd::csr_linear")
@@ -65,13 +74,10 @@ if library.available():
         torch._check(x.dim() >= 1, lambda: "x must have at least 1 dimension")
         return x.new_empty((*x.shape[:-1], crow_indices.shape[0] - 1))
 
-
-def _native() -> Callable:
-    """:func:`.native.native_csr_linear`, imported on first use (only where the library runs)."""
-    global _NATIVE
-    if _NATIVE is None:
-        _NATIVE = importlib.import_module("sparsevd.ops.csr_linear.native").native_csr_linear
-    return _NATIVE
+    try:
+        _native()  # imported now: a call that torch.compile traces never imports
+    except ImportError:
+        pass  # a library without the op (stale): the first call raises, naming it
 
 
 def csr_linear(
