@@ -169,3 +169,27 @@ def test_errors_name_the_argument():
         fit(_mlp(), loader, None, epochs=1, method="dense", target_compression=10)
     with pytest.raises(ValueError, match="target_scope: expected one of"):
         fit(_mlp(), loader, None, epochs=1, target_compression=10, target_scope="all")
+
+
+def test_a_resumed_run_with_a_target_equals_the_uninterrupted_one(tmp_path):
+    """The controller's state is in the checkpoint: stopped after epoch 3 and resumed, the run ends
+    with the same parameters, bit for bit."""
+    def run(out, stop_after=None, resume=False):
+        torch.manual_seed(4)
+        model = _mlp()
+
+        def on_epoch(row):
+            if row["epoch"] == stop_after:
+                raise KeyboardInterrupt
+
+        kwargs = dict(epochs=6, pretrain_epochs=1, kl_warmup_epochs=1, lr=1e-2, target_compression=8.0,
+                      mc_samples=0, checkpoint_dir=out, on_epoch=on_epoch, resume=resume)
+        fit(model, _Batches(*_data(0, 512), 64), None, **kwargs)
+        return model
+
+    whole = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", stop_after=3)
+    resumed = run(tmp_path / "b", resume=True)
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
