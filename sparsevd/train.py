@@ -515,7 +515,10 @@ def _train_epoch(r: _Run, train_loader, epoch: int) -> None:
         r.progress.step_ms.append(1e3 * (time.perf_counter() - t_step))
         n_batches += 1
         if i % 50 == 0 and r.progress_bar:
-            bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}")
+            shown = {"loss": f"{loss_sum / n_batches:.4f}"}
+            if phase_svd and r.controller is not None:  # measured by the controller anyway
+                shown.update(compression=f"{r.controller.compression:.1f}x", beta=f"{r.crit.beta:.3g}")
+            bar.set_postfix(**shown)
     bar.close()
     if r.device.type == "cuda":
         torch.cuda.synchronize(r.device)
