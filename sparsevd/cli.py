@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-clip", action="store_true",
                    help="train-time clipping: in training mode the weights with log alpha >= "
                         "--threshold leave the LRT forward and backward (as in the authors' code)")
+    t.add_argument("--target-compression", type=positive_float, default=d["target_compression"],
+                   metavar="X", help="sparse VD only: end the run at X-fold compression (> 1): the KL "
+                   "weight adapts every step (beta != 1 changes the paper's objective; the mask stays "
+                   "log alpha < --threshold); default: none, the paper's objective")
+    t.add_argument("--target-scope", choices=("linear", "model"), default=d["target_scope"],
+                   help="what --target-compression counts: the sparse-VD layers' weights, or every "
+                        "parameter of the model")
     t.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run saved in DIR (a checkpoint is written at the end of "
                         "every epoch) with its own settings; only " + ", ".join(_RUNTIME_FLAGS)
@@ -144,6 +151,8 @@ def _print_start(info: dict) -> None:
           + (f", resuming {info['out']}" if info["resume"] else "")
           + (f", {info['amp']} autocast" if info.get("amp") else "")
           + (", train-time clipping" if svd and info.get("train_clip") else "")
+          + (f", target {info['target_compression']:g}x ({info['target_scope']})"
+             if svd and info.get("target_compression") else "")
           + (f", {info['world_size']} processes" if info.get("world_size", 1) > 1 else "")
           + f", device {info['device']} ({info['device_name']}, {info['threads']} threads)", flush=True)
 

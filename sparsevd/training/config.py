@@ -45,6 +45,8 @@ class TrainConfig:
     progress: bool = True
     amp: Optional[str] = None
     train_clip: bool = False
+    target_compression: Optional[float] = None
+    target_scope: str = "linear"
 
     def out_dir(self) -> Path:
         """``out``, or ``runs/<model>-<svd|dense>-<dataset>``."""
