@@ -313,6 +313,10 @@ def evaluate(method, model, teacher, tok, held, held_targets, args, total_params
                warmup_steps=args.warmup_steps, quick=bool(args.quick),
                device="AMD EPYC (Zen 4), 2 vCPU shared" if not torch.cuda.is_available() else "cuda",
                torch=torch.__version__, date=datetime.date.today().isoformat())
+    if method == "magnitude":  # the sparse-VD settings do not apply
+        for k in ("init", "log_sigma2_lr", "kl_scale", "warmup_steps"):
+            row.pop(k)
+        row.update(prune_frac=args.prune_frac, prune_every=args.prune_every)
     print(f"{method}: linear {c_lin:.2f}x, model {c_model:.2f}x, cosine {row['fidelity_cosine']:.4f} "
           f"(min {row['fidelity_cosine_min']:.4f}), latency B=1 {lat[1]:.2f}, B=32 {lat[32]:.2f}, "
           f"{secs:.0f} s", flush=True)

@@ -131,7 +131,7 @@ def test_recipe_distillation_keeps_fidelity_while_sparsity_grows():
     held-out inputs while weights are dropped. The tiny model's weights are N(0, 0.1²), large
     enough that its linear layers matter: with all of them dropped the cosine is ≈ 0.85."""
     teacher = tiny_bert()
-    recipe = PretrainedRecipe(kl_scale=1e-2)
+    recipe = PretrainedRecipe(lr=2e-5, log_sigma2_lr=0.1, kl_scale=1e-2, warmup_steps=100)
     student = sparsevd.convert(tiny_bert(), init="pretrained")
     opt = recipe.optimizer(student)
     n_train = 64
