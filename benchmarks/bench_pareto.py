@@ -5,7 +5,8 @@ Models ``lenet300`` (LeNet-300-100) and ``lenet5`` (LeNet-5-Caffe) on Fashion-MN
 job's: Adam lr 1e-3 fused, ``sparsevd.train.adam``, decayed linearly to 0 over the run):
 
 - ``sparse_vd``: the main job's recipe through ``sparsevd.train.fit`` (a third of the epochs dense,
-  then sparse-VD layers with β warmed up over the next third; threshold 3). With ``--targets``,
+  then sparse-VD layers with β warmed up over the next third; threshold 3; train-time clipping as
+  ``TrainConfig.train_clip``, the ``sparsevd train`` default). With ``--targets``,
   ``fit(..., target_compression=X)`` when this ``fit`` accepts it (issue 23 item 1); otherwise one
   row with the recipe's own compression (``target`` None) whatever the targets.
 - ``magnitude``: the dense model with :class:`sparsevd.magnitude.GradualMagnitudePruning` (Zhu &
@@ -51,7 +52,7 @@ from . import common
 from sparsevd.data import load_dataset
 from sparsevd.magnitude import GradualMagnitudePruning
 from sparsevd.models import build_model
-from sparsevd.train import adam, evaluate, fit
+from sparsevd.train import TrainConfig, adam, evaluate, fit
 
 MODELS = ("lenet300", "lenet5")
 METHODS = ("magnitude", "sparse_vd")
@@ -121,13 +122,14 @@ def fit_accepts_target() -> bool:
 
 def train_sparse_vd(model_name: str, train, test, epochs: int, target: Optional[float], seed: int,
                     batch: int = 100) -> Dict[str, float]:
-    """The main job's recipe (sparsevd.train.fit, defaults of resolve_recipe), with the target when given."""
+    """The main job's recipe (sparsevd.train.fit, defaults of resolve_recipe and TrainConfig's train-time
+    clipping), with the target when given."""
     torch.manual_seed(seed)
     model = build_model(model_name, svd=False)
     kw = {} if target is None else {"target_compression": target}
     out = fit(model, make_loader(*train, batch, True, seed), make_loader(*test, 1000, False, 0), epochs=epochs,
               pretrain_epochs=epochs // 3, kl_warmup_epochs=epochs / 3, train_size=len(train[1]),
-              device="cpu", mc_samples=0, **kw)
+              device="cpu", mc_samples=0, train_clip=TrainConfig.train_clip, **kw)
     return {"test_accuracy": out["test_accuracy"], "compression": out["compression"]}
 
 
@@ -157,7 +159,8 @@ def run_rows(args, data) -> List[dict]:
                         tuned.update({"window": choice["window"], "lr": choice["lr"], "frequency": args.frequency})
                     else:
                         r = train_sparse_vd(model_name, train, test, args.epochs, target, seed)
-                        tuned = {"tuned": None, "lr": 1e-3, "recipe": "main job (sparsevd.train.fit defaults)"}
+                        tuned = {"tuned": None, "lr": 1e-3, "recipe": "main job (sparsevd.train.fit defaults)",
+                                 "train_clip": TrainConfig.train_clip}
                     row = {"benchmark": "pareto", "model": model_name, "method": method, "epochs": args.epochs,
                            "target": target, "compression": r["compression"],
                            "test_accuracy": r["test_accuracy"], "seed": seed, "train_size": len(train[1]),

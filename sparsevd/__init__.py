@@ -22,7 +22,9 @@ from .deploy import deploy
 from .export import export_onnx
 from .io import load, save
 from .loss import SGVLB, kl_divergence
-from . import checkpoint, data, distributed, export, metadata, models, plots, train, uncertainty  # noqa: E402
+from . import (checkpoint, data, distributed, export, magnitude, metadata, models, optim, plots,  # noqa: E402
+               train, uncertainty)
+from . import outputs, target, training  # noqa: E402
 from .checkpoint import load_checkpoint, save_checkpoint
 from .train import fit
 from .uncertainty import predict
@@ -56,11 +58,14 @@ __all__ = [
     "models",
     "nn",
     "ops",
+    "outputs",
     "plan_conversion",
     "predict",
     "reference",
     "report",
     "save",
     "save_checkpoint",
+    "target",
     "train",
+    "training",
 ]

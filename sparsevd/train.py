@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 import warnings
@@ -48,9 +49,14 @@ from .training.precision import AMP_DTYPES, autocast, check_amp, fp16_init_scale
 from .training.state import (Progress, load_resume_state, loader_generators, loader_samplers, restore,
                              write_checkpoint)
 from .training.summary import finite, fit_summary
+from .target import SCOPES, CompressionTarget
 from .uncertainty import evaluate_predictive
 
 __all__ = ["METHODS", "TrainConfig", "TrainingDiverged", "adam", "evaluate", "fit", "resolve_recipe", "run"]
+
+#: The share of the sparse-VD phase over which fit's compression target rises from 1× to the
+#: target (measured on LeNet-300-100, benchmarks/NOTES.md; the rest holds it).
+TARGET_RAMP = 0.5
 
 # Re-exported from sparsevd.training (their homes), importable from sparsevd.train as before.
 _REEXPORTED = (AMP_DTYPES, LR_DECAYS, RUNTIME_FIELDS, UNSAVED_FIELDS, fp16_init_scale, resume_conflicts,
@@ -126,6 +132,8 @@ def fit(
     amp: Optional[str] = None,
     train_clip: Optional[bool] = None,
     loss_fn: Optional[Callable[[nn.Module, object], torch.Tensor]] = None,
+    target_compression: Optional[float] = None,
+    target_scope: str = "linear",
 ) -> dict:
     """Train ``model`` with sparse VD (or dense) and return the run's summary.
 
@@ -199,6 +207,15 @@ def fit(
             history's ``ce`` is its mean, and the evaluation is ``test_loss``, the mean of
             ``loss_fn`` over ``test_loader`` in eval mode (no accuracy, no ``predictive``).
             None: ``(x, y)`` batches and cross-entropy of ``model(x)`` (logits (B, C)).
+        target_compression: end the run at this compression (> 1, e.g. 20 for 20×): a
+            :class:`sparsevd.target.CompressionTarget` adapts a factor on the KL every step of
+            the sparse-VD phase from the compression measured with the method's mask (log α <
+            ``threshold``), its setpoint rising from 1× to the target over the first
+            :data:`TARGET_RAMP` of the phase. This changes the objective (β ≠ 1); None, the
+            default, is the paper's. The history's ``beta`` is the KL weight used (warm-up ×
+            controller), ``target_beta`` the controller's factor.
+        target_scope: what the target counts: "linear" (the sparse-VD layers' weights, as
+            ``compression``) or "model" (every parameter, embeddings included).
 
     Returns:
         The summary: ``test_accuracy`` (fraction, eval mode, after the last epoch),
@@ -222,12 +239,12 @@ def fit(
     """
     _check_fit_args(model, epochs=epochs, lr_decay=lr_decay, method=method,
                     pretrain_epochs=pretrain_epochs, resume=resume, checkpoint_dir=checkpoint_dir, amp=amp,
-                    loss_fn=loss_fn)
+                    loss_fn=loss_fn, target_compression=target_compression, target_scope=target_scope)
     r = _setup(model, train_loader, epochs=epochs, lr=lr, lr_decay=lr_decay, method=method,
                pretrain_epochs=pretrain_epochs, kl_warmup_epochs=kl_warmup_epochs, threshold=threshold,
                train_size=train_size, device=device, progress_bar=progress, checkpoint_dir=checkpoint_dir,
                checkpoint_config=checkpoint_config, resume=resume, amp=amp, train_clip=train_clip,
-               loss_fn=loss_fn)
+               loss_fn=loss_fn, target_compression=target_compression, target_scope=target_scope)
     for epoch in range(r.progress.start_epoch, epochs):
         _begin_epoch(r, train_loader, epoch)
         _train_epoch(r, train_loader, epoch)
@@ -236,7 +253,7 @@ def fit(
 
 
 def _check_fit_args(model: nn.Module, *, epochs, lr_decay, method, pretrain_epochs, resume,
-                    checkpoint_dir, amp, loss_fn=None) -> None:
+                    checkpoint_dir, amp, loss_fn=None, target_compression=None, target_scope="linear") -> None:
     """The argument errors of :func:`fit` that need no data (ValueError naming the argument)."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -253,6 +270,14 @@ def _check_fit_args(model: nn.Module, *, epochs, lr_decay, method, pretrain_epoc
     if resume and checkpoint_dir is None:
         raise ValueError("resume: needs checkpoint_dir, the directory of the run to continue")
     check_amp(amp)
+    if target_compression is not None:
+        if method != "sparse_vd":
+            raise ValueError("target_compression: needs method='sparse_vd' (a dense run prunes nothing)")
+        if isinstance(target_compression, bool) or not isinstance(target_compression, (int, float)) \
+                or not math.isfinite(target_compression) or target_compression <= 1:
+            raise ValueError(f"target_compression: expected a compression > 1 (20 for 20×), got {target_compression!r}")
+    if target_scope not in SCOPES:
+        raise ValueError(f"target_scope: expected one of {SCOPES}, got {target_scope!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a function (model, batch) -> 0-dim tensor, got {loss_fn!r}")
 
@@ -282,6 +307,9 @@ class _Run:
     generators: List[torch.Generator]
     progress: Progress
     loss_fn: Optional[Callable[[nn.Module, object], torch.Tensor]] = None
+    target_compression: Optional[float] = None
+    target_scope: str = "linear"
+    controller: Optional[CompressionTarget] = None
     rank: int = 0
     world: int = 1
     net: Optional[nn.Module] = None
@@ -330,12 +358,19 @@ class _Run:
         return DistributedDataParallel(self.model, device_ids=ids)
 
     def sgvlb(self) -> SGVLB:
-        return SGVLB(self.model, self.train_size, kl_warmup_epochs=self.kl_warmup_epochs)
+        """The SGVLB of the sparse-VD phase, with a fresh compression controller when a target
+        is asked for (its setpoint ramped over the first TARGET_RAMP of the phase)."""
+        if self.target_compression is not None:
+            ramp = int(TARGET_RAMP * (self.epochs - self.pretrain) * self.steps_per_epoch)
+            self.controller = CompressionTarget(self.model, self.target_compression, self.target_scope,
+                                                threshold=self.threshold, ramp_steps=ramp)
+        return SGVLB(self.model, self.train_size, kl_warmup_epochs=self.kl_warmup_epochs,
+                     target=self.controller)
 
 
 def _setup(model: nn.Module, train_loader, *, epochs, lr, lr_decay, method, pretrain_epochs,
            kl_warmup_epochs, threshold, train_size, device, progress_bar, checkpoint_dir,
-           checkpoint_config, resume, amp, train_clip, loss_fn) -> _Run:
+           checkpoint_config, resume, amp, train_clip, loss_fn, target_compression, target_scope) -> _Run:
     """Everything before the first epoch: the device, the recipe, the state of a resumed run, the
     phase the run is in (converted if it is sparse VD), the optimiser and the SGVLB."""
     svd = method == "sparse_vd"
@@ -353,7 +388,8 @@ def _setup(model: nn.Module, train_loader, *, epochs, lr, lr_decay, method, pret
     recipe = dict(epochs=epochs, lr=lr, lr_decay=lr_decay, method=method, pretrain_epochs=pretrain,
                   kl_warmup_epochs=kl_warmup_epochs if svd else None, threshold=threshold,
                   train_size=train_size, steps_per_epoch=steps_per_epoch, amp=amp,
-                  train_clip=train_clip)
+                  train_clip=train_clip, target_compression=target_compression,
+                  target_scope=target_scope if target_compression is not None else None)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     saved, progress = load_resume_state(ckpt_dir, recipe) if resume else (None, Progress())
     r = _Run(model=model, device=device, recipe=recipe, svd=svd, pretrain=pretrain, epochs=epochs,
@@ -361,7 +397,8 @@ def _setup(model: nn.Module, train_loader, *, epochs, lr, lr_decay, method, pret
              threshold=threshold, train_clip=train_clip, amp=amp, progress_bar=progress_bar,
              resumed=resume, ckpt_dir=ckpt_dir, checkpoint_config=checkpoint_config,
              generators=loader_generators(train_loader), progress=progress, commit=commit,
-             freed_memory_kept=freed_memory_kept, loss_fn=loss_fn)
+             freed_memory_kept=freed_memory_kept, loss_fn=loss_fn, target_compression=target_compression,
+             target_scope=target_scope)
     # the sparse-VD phase has begun when the run starts from scratch without pre-training, or
     # resumes after the epoch whose start converted the model (resuming right at that epoch, the
     # loop converts it, as the uninterrupted run did)
@@ -375,6 +412,8 @@ def _setup(model: nn.Module, train_loader, *, epochs, lr, lr_decay, method, pret
     if saved is not None:
         restore(saved, model, r.opt, r.sched, r.scaler, r.generators, device, r.rank, r.world)
     r.crit = r.sgvlb() if in_svd_phase else None
+    if r.controller is not None and saved is not None and saved.meta.get("target"):
+        r.controller.load_state_dict(saved.meta["target"])
     r.backend = backend_name(model, device) if svd else None
     r.last_finite = progress.last_finite_loss
     r.net = r.data_parallel()
@@ -433,6 +472,8 @@ def _train_step(r: _Run, batch, epoch: int, i: int, phase_svd: bool) -> Tuple[fl
         data = _data_term(r, batch)
         if phase_svd:
             r.crit.epoch = epoch - r.pretrain + i / r.steps_per_epoch  # β rises per step
+            if r.controller is not None:
+                r.controller.step()
             loss = r.crit.with_kl(data)
         else:
             loss = data
@@ -475,7 +516,10 @@ def _train_epoch(r: _Run, train_loader, epoch: int) -> None:
         r.progress.step_ms.append(1e3 * (time.perf_counter() - t_step))
         n_batches += 1
         if i % 50 == 0 and r.progress_bar:
-            bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}")
+            shown = {"loss": f"{loss_sum / n_batches:.4f}"}
+            if phase_svd and r.controller is not None:  # measured by the controller anyway
+                shown.update(compression=f"{r.controller.compression:.1f}x", beta=f"{r.crit.beta:.3g}")
+            bar.set_postfix(**shown)
     bar.close()
     if r.device.type == "cuda":
         torch.cuda.synchronize(r.device)
@@ -513,13 +557,16 @@ def _end_epoch(r: _Run, test_loader, epoch: int, on_epoch) -> None:
     }
     if r.loss_fn is not None:
         row["test_loss"] = test_loss
+    if r.controller is not None:
+        row["target_beta"] = r.controller.beta if phase_svd else None
     r.progress.history.append(row)
     check_parameters(r.model, epoch_done=epoch + 1, steps_per_epoch=r.steps_per_epoch, ckpt_dir=r.ckpt_dir)
     if r.ckpt_dir is not None:
         write_checkpoint(r.ckpt_dir, r.model, epoch_done=epoch + 1, recipe=r.recipe, progress=r.progress,
                          opt=r.opt, sched=r.sched, scaler=r.scaler, generators=r.generators,
                          svd_phase=bool(svdo_layers(r.model)), checkpoint_config=r.checkpoint_config,
-                         device=r.device, rank=r.rank, world=r.world)
+                         device=r.device, rank=r.rank, world=r.world,
+                         target_state=None if r.controller is None else r.controller.state_dict())
     if on_epoch is not None and r.rank == 0:
         on_epoch(row)
 
@@ -656,7 +703,8 @@ def _run_on(config: TrainConfig, on_start, on_epoch, resume: bool, device, rank:
         threshold=config.threshold, train_size=train_size, device=device,
         progress=config.progress, on_epoch=on_epoch, checkpoint_dir=out_dir,
         checkpoint_config=checkpoint_config, resume=resume, amp=config.amp,
-        train_clip=config.train_clip)
+        train_clip=config.train_clip, target_compression=config.target_compression,
+        target_scope=config.target_scope)
 
     summary = {
         "benchmark": f"{config.model}_train",
@@ -691,7 +739,8 @@ def _start_info(config: TrainConfig, model: nn.Module, device, out_dir: Path, tr
         "backend": backend_name(model, device) if svd else None, "device": str(device),
         "device_name": metadata.device_name(device), "threads": torch.get_num_threads(),
         "out": str(out_dir), "resume": resume, "amp": config.amp, "world_size": world,
-        "train_clip": config.train_clip,
+        "train_clip": config.train_clip, "target_compression": config.target_compression,
+        "target_scope": config.target_scope,
     }
 
 

@@ -147,8 +147,9 @@ def test_dense_pretraining_then_sparse_vd(tmp_path, data_dir):
 
 
 def test_train_clip_run(tmp_path, data_dir, capsys, monkeypatch):
-    """--train-clip: the converted layers clip in training (their forward gets clip_threshold =
-    threshold), the start line and the summary say so; without it nothing clips."""
+    """--train-clip (the default): the converted layers clip in training (their forward gets
+    clip_threshold = threshold), the start line and the summary say so; with --no-train-clip
+    nothing clips."""
     seen = []
     real = sparsevd.functional.lrt_linear
 
@@ -164,8 +165,10 @@ def test_train_clip_run(tmp_path, data_dir, capsys, monkeypatch):
     assert summary["train_clip"] is True and seen and set(seen) == {2.5}
     assert all(m.train_clip for _, m in svdo_layers(model))
     seen.clear()
-    cli.train.train(build_parser().parse_args(_train_args(data_dir, tmp_path / "n", "--threads", "1")))
+    cli.train.train(build_parser().parse_args(_train_args(data_dir, tmp_path / "n", "--threads", "1",
+                                                           "--no-train-clip")))
     assert seen and set(seen) == {None}
+    assert build_parser().parse_args(["train"]).train_clip is True
 
 
 @pytest.mark.parametrize("argv,pretrain,warmup", [

@@ -407,7 +407,7 @@ RESUME_CONFLICTS = {
     "another learning rate, --opt=value": (["--lr=0.01"], "--lr 0.01 (saved: 0.001)"),
     "an abbreviated option": (["--batch", "50"], "--batch-size 50 (saved: 100)"),
     "dense instead of sparse VD": (["--dense"], "--dense (saved: False)"),
-    "train-time clipping": (["--train-clip"], "--train-clip (saved: False)"),
+    "no train-time clipping": (["--no-train-clip"], "--no-train-clip (saved: True)"),
     "another seed": (["--seed", "3"], "--seed 3 (saved: 0)"),
     "another subset": (["--subset", "10"], "--subset 10 (saved: 300)"),
     "mixed precision": (["--amp", "bf16"], "--amp bf16 (saved: None)"),

@@ -95,9 +95,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--amp", choices=("bf16", "fp16"), default=None,
                    help="mixed precision: bf16 autocast (CPU or CUDA) or fp16 autocast with a "
                         "GradScaler (CUDA); parameters, KL and the LRT variance stay fp32")
-    t.add_argument("--train-clip", action="store_true",
-                   help="train-time clipping: in training mode the weights with log alpha >= "
-                        "--threshold leave the LRT forward and backward (as in the authors' code)")
+    t.add_argument("--train-clip", action=argparse.BooleanOptionalAction, default=True,
+                   help="train-time clipping (default: on): in training mode the weights with log "
+                        "alpha >= --threshold leave the LRT forward and backward (as in the authors' "
+                        "code); --no-train-clip trains with every weight")
+    t.add_argument("--target-compression", type=positive_float, default=d["target_compression"],
+                   metavar="X", help="sparse VD only: end the run at X-fold compression (> 1): the KL "
+                   "weight adapts every step (beta != 1 changes the paper's objective; the mask stays "
+                   "log alpha < --threshold); default: none, the paper's objective")
+    t.add_argument("--target-scope", choices=("linear", "model"), default=d["target_scope"],
+                   help="what --target-compression counts: the sparse-VD layers' weights, or every "
+                        "parameter of the model")
     t.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run saved in DIR (a checkpoint is written at the end of "
                         "every epoch) with its own settings; only " + ", ".join(_RUNTIME_FLAGS)
@@ -118,6 +126,8 @@ def _print_start(info: dict) -> None:
           + (f", resuming {info['out']}" if info["resume"] else "")
           + (f", {info['amp']} autocast" if info.get("amp") else "")
           + (", train-time clipping" if svd and info.get("train_clip") else "")
+          + (f", target {info['target_compression']:g}x ({info['target_scope']})"
+             if svd and info.get("target_compression") else "")
           + (f", {info['world_size']} processes" if info.get("world_size", 1) > 1 else "")
           + f", device {info['device']} ({info['device_name']}, {info['threads']} threads)", flush=True)
 
@@ -213,14 +223,18 @@ def _resume_conflicts(parser: argparse.ArgumentParser, args: argparse.Namespace,
         saved = None
     if not isinstance(saved, dict):
         return []
-    flags = {a.dest: a.option_strings[0] for a in parser.train_parser._actions if a.option_strings}
+    actions = {a.dest: a for a in parser.train_parser._actions if a.option_strings}
+    flags = {dest: a.option_strings[0] for dest, a in actions.items()}
     out = []
     if "out" in given and Path(args.out).resolve() != Path(args.resume).resolve():
         out.append(f"--out {args.out} (a resumed run writes into {args.resume})")
     for field, old, new in resume_conflicts(saved, _fields(args, given)):
         dest = {"download": "no_download", "progress": "no_progress"}.get(field, field)
         value = "" if isinstance(new, bool) else f" {new}"
-        out.append(f"{flags.get(dest, field)}{value} (saved: {old})")
+        flag = flags.get(dest, field)
+        if new is False and isinstance(actions.get(dest), argparse.BooleanOptionalAction):
+            flag = actions[dest].option_strings[1]  # --no-<flag>
+        out.append(f"{flag}{value} (saved: {old})")
     return out
 
 

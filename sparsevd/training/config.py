@@ -44,7 +44,11 @@ class TrainConfig:
     threads: Optional[int] = None
     progress: bool = True
     amp: Optional[str] = None
-    train_clip: bool = False
+    #: On by default since issue 23 (item 8): better accuracy and compression on seeds 0 and 1
+    #: (README, "Train-time clipping"); ``--no-train-clip`` turns it off.
+    train_clip: bool = True
+    target_compression: Optional[float] = None
+    target_scope: str = "linear"
 
     def out_dir(self) -> Path:
         """``out``, or ``runs/<model>-<svd|dense>-<dataset>``."""
@@ -81,6 +85,8 @@ RUNTIME_FIELDS = ("threads", "progress", "json", "data_dir", "download", "device
 #: writes into the directory it continues), the summary's extra copy, the progress bar. Runs
 #: that differ in them only write byte-identical checkpoints.
 UNSAVED_FIELDS = ("out", "json", "progress")
+#: What a checkpoint that lacks a field ran with, where the default has changed since.
+_SAVED_BEFORE = {"train_clip": False}
 
 
 def saved_settings(config: TrainConfig) -> dict:
@@ -93,6 +99,7 @@ def resume_conflicts(saved: dict, given: dict) -> List[Tuple[str, object, object
     ``train_config`` ``saved``: ``(field, saved value, given value)`` for every field outside
     :data:`RUNTIME_FIELDS` and ``out`` whose value differs."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    saved = {**_SAVED_BEFORE, **saved}
     return [(k, saved.get(k, defaults.get(k)), v) for k, v in given.items()
             if k not in RUNTIME_FIELDS and k != "out" and saved.get(k, defaults.get(k)) != v]
 
@@ -119,7 +126,7 @@ def resumed_config(given: TrainConfig) -> TrainConfig:
         raise ValueError(f"resume: the saved run in {given.out} has other settings: "
                          + ", ".join(f"{k} = {s!r} (given {v!r})" for k, s, v in conflicts)
                          + f"; a resumed run may change only {', '.join(RUNTIME_FIELDS)}")
-    values = {k: v for k, v in saved.items() if k in fields and k not in UNSAVED_FIELDS}
+    values = {k: v for k, v in {**_SAVED_BEFORE, **saved}.items() if k in fields and k not in UNSAVED_FIELDS}
     # a runtime setting given (other than its default) replaces the saved one
     values.update({k: getattr(given, k) for k in RUNTIME_FIELDS if getattr(given, k) != fields[k]},
                   out=given.out)

@@ -22,7 +22,8 @@ __all__ = ["RECIPE_KEYS", "Progress", "load_resume_state", "loader_generators", 
 
 #: The settings a resumed run must share with the run it continues.
 RECIPE_KEYS = ("epochs", "lr", "lr_decay", "method", "pretrain_epochs", "kl_warmup_epochs",
-               "threshold", "train_size", "steps_per_epoch", "amp", "train_clip")
+               "threshold", "train_size", "steps_per_epoch", "amp", "train_clip", "target_compression",
+               "target_scope")
 
 
 @dataclasses.dataclass
@@ -140,7 +141,7 @@ def _rng_tensors(rngs, generators, world: int) -> dict:
 def write_checkpoint(ckpt_dir: Path, model: nn.Module, *, epoch_done: int, recipe: dict,
                      progress: Progress, opt, sched, scaler, generators, svd_phase: bool,
                      checkpoint_config: Optional[dict], device: torch.device, rank: int,
-                     world: int) -> None:
+                     world: int, target_state: Optional[dict] = None) -> None:
     """Write the model, its config and the training state after epoch ``epoch_done`` as one
     atomic unit (:func:`sparsevd.checkpoint.save_checkpoint`: a crash keeps the previous
     epoch's). Every rank takes part (their RNG states are gathered); rank 0 writes."""
@@ -159,5 +160,7 @@ def write_checkpoint(ckpt_dir: Path, model: nn.Module, *, epoch_done: int, recip
         "train_seconds": progress.train_seconds, "eval_seconds": progress.eval_seconds,
         "svd_phase": svd_phase, "world_size": world,
     })
+    if target_state is not None:  # the compression controller's (absent without a target)
+        state[1]["target"] = target_state
     config = None if checkpoint_config is None else dict(checkpoint_config, svd=svd_phase)
     save_checkpoint(model, ckpt_dir, config, train_state=state)

@@ -1,0 +1,176 @@
+"""A compression target: the KL weight adapted each step so that training ends at the compression
+asked for (:class:`CompressionTarget`).
+
+Sparse VD's sparsity comes out of N, β, the learning rates and the threshold (paper, sec. 6: it
+"cannot control pruning levels"). The controller measures the compression of the sparse-VD layers
+(or of the whole model) with the method's own mask, log α < threshold (3 by default: the mask is
+the method's, not a magnitude cut), and sets a factor β on the KL of the SGVLB by a PI controller
+in log space:
+
+    e_k   = log(c_k / ĉ_k)                      (c_k measured, ĉ_k the target, ramped up)
+    I_k   = I_{k−1} + k_i · e_k                  (clamped to the β range: no wind-up)
+    log β = clamp(−k_p · e_k − I_k, log β_min, log β_max)
+
+Too little compression (e < 0) raises β (more weight on the KL prunes more); too much lowers it.
+β ≠ 1 changes the objective: the loss is N · data term + β · KL instead of the paper's evidence
+lower bound (β = 1, the default everywhere without a target). With ``ramp_steps`` the target rises
+geometrically from 1× to ``target`` over that many steps, so the controller tracks a setpoint that
+moves as slowly as the weights can follow.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .nn import DEFAULT_THRESHOLD, SVDO_LAYERS
+from .ops.weights import eval_mask
+
+__all__ = ["SCOPES", "CompressionTarget"]
+
+#: What a compression counts: "linear": the weights of the sparse-VD layers (as
+#: :func:`sparsevd.report`); "model": every parameter of the model (embeddings, norms, biases and
+#: layers that were not converted included, as kept), log σ² excluded.
+SCOPES = ("linear", "model")
+#: The default integral gain times the ramp's length in steps.
+KI_PER_RAMP = 30.0
+
+
+def _positive(value, name: str, *, above: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or not value > above:
+        raise ValueError(f"{name}: expected a finite number > {above:g}, got {value!r}")
+    return float(value)
+
+
+class CompressionTarget:
+    """A controller of the KL weight β that drives a model to ``target``× compression.
+
+    Use: ``ctl = CompressionTarget(model, 20)``, ``crit = SGVLB(model, N, target=ctl)``, and call
+    ``ctl.step()`` once per optimiser step before the loss (``fit(target_compression=)`` does).
+
+    Args:
+        model: the network, already converted (its sparse-VD layers are what is pruned).
+        target: the compression to reach, params / kept > 1 (20 for 20×).
+        scope: "linear" (the sparse-VD layers' weights) or "model" (every parameter, log σ²
+            excluded): :data:`SCOPES`.
+        threshold: log α threshold of the mask; None: 3 (the paper's, the layers' default).
+        ramp_steps: steps over which the setpoint rises geometrically from 1× to ``target``
+            (0: ``target`` from the first step).
+        kp, ki: the proportional and integral gains (in log units; ``ki`` per step). ``ki``
+            None: :data:`KI_PER_RAMP` / max(``ramp_steps``, 100), the integral's time scale that
+            of the ramp (measured on LeNet-300-100 and a small MLP, benchmarks/NOTES.md).
+        beta_min, beta_max: the range of β.
+        measure_every: measure the compression every that many steps (β is held in between).
+
+    Attributes:
+        beta: the current β (1 before the first step).
+        compression: the last measured compression (None before the first measurement).
+        steps: the number of :meth:`step` calls.
+
+    Raises:
+        ValueError: ``target`` ≤ 1 or not finite, an unknown ``scope``, a model without sparse-VD
+            layers, a "model" target above what pruning every sparse-VD weight would give (the
+            message gives that bound), ``ramp_steps`` < 0, gains < 0, an empty β range,
+            ``measure_every`` < 1.
+    """
+
+    def __init__(self, model: nn.Module, target: float, scope: str = "linear", threshold: Optional[float] = None,
+                 ramp_steps: int = 0, *, kp: float = 1.0, ki: Optional[float] = None, beta_min: float = 1e-6,
+                 beta_max: float = 1e4, measure_every: int = 1) -> None:
+        self.target = _positive(target, "target", above=1.0)
+        if scope not in SCOPES:
+            raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
+        self.layers = [m for m in model.modules() if isinstance(m, SVDO_LAYERS)]
+        if not self.layers:
+            raise ValueError("model: has no sparse-VD layers to prune; convert it first (sparsevd.convert)")
+        self.scope = scope
+        self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+        if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, numbers.Integral) or ramp_steps < 0:
+            raise ValueError(f"ramp_steps: expected an integer ≥ 0, got {ramp_steps!r}")
+        if isinstance(measure_every, bool) or not isinstance(measure_every, numbers.Integral) or measure_every < 1:
+            raise ValueError(f"measure_every: expected an integer ≥ 1, got {measure_every!r}")
+        if ki is None:
+            ki = KI_PER_RAMP / max(int(ramp_steps), 100)
+        for name, v in (("kp", kp), ("ki", ki)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name}: expected a finite gain ≥ 0, got {v!r}")
+        beta_min, beta_max = _positive(beta_min, "beta_min"), _positive(beta_max, "beta_max")
+        if not beta_min < beta_max:
+            raise ValueError(f"beta_min, beta_max: expected beta_min < beta_max, got {beta_min}, {beta_max}")
+        self.ramp_steps, self.measure_every = int(ramp_steps), int(measure_every)
+        self.kp, self.ki = float(kp), float(ki)
+        self.log_beta_range = (math.log(beta_min), math.log(beta_max))
+        self.prunable = sum(m.weight.numel() for m in self.layers)
+        self.total = self.prunable if scope == "linear" else self._model_params(model)
+        self._check_reachable()
+        self.integral = 0.0
+        self.log_beta = 0.0
+        self.steps = 0
+        self.compression: Optional[float] = None
+
+    @staticmethod
+    def _model_params(model: nn.Module) -> int:
+        return sum(p.numel() for n, p in model.named_parameters() if not n.endswith("log_sigma2"))
+
+    def _check_reachable(self) -> None:
+        fixed = self.total - self.prunable  # never pruned: counted as kept
+        if fixed and self.target >= self.total / fixed:
+            raise ValueError(
+                f"target: {self.target:g}× of the whole model is out of reach: its {fixed} parameters "
+                f"outside the sparse-VD layers stay, so even with every prunable weight dropped the "
+                f"compression is {self.total / fixed:.3g}×; ask for less, or scope='linear'")
+
+    @property
+    def beta(self) -> float:
+        """The current KL factor β = exp(log β)."""
+        return math.exp(self.log_beta)
+
+    def setpoint(self) -> float:
+        """The target of the current step: ``target``, or on the ramp 1 · target^(k / ramp_steps)."""
+        if self.ramp_steps == 0 or self.steps >= self.ramp_steps:
+            return self.target
+        return math.exp(math.log(self.target) * self.steps / self.ramp_steps)
+
+    @torch.no_grad()
+    def count_kept(self) -> int:
+        """The number of weights of the sparse-VD layers with log α < threshold (one pass)."""
+        kept = sum(eval_mask(m.weight, m.log_sigma2, self.threshold).sum() for m in self.layers)
+        return int(kept)
+
+    def measured(self, kept: int) -> float:
+        """The scope's compression when ``kept`` weights of the sparse-VD layers are kept."""
+        nonzero = kept + (self.total - self.prunable)
+        return self.total / nonzero if nonzero else float("inf")
+
+    def step(self, kept: Optional[int] = None) -> float:
+        """One controller update; returns β for this step's loss.
+
+        Args:
+            kept: the number of sparse-VD weights kept (log α < threshold), if the caller has it
+                (e.g. from the KL pass); None: counted here (every ``measure_every`` steps).
+        """
+        if kept is None and self.steps % self.measure_every:
+            self.steps += 1
+            return self.beta
+        if kept is None:
+            kept = self.count_kept()
+        self.compression = self.measured(int(kept))
+        error = math.log(min(self.compression, 1e12) / self.setpoint())
+        lo, hi = self.log_beta_range
+        self.integral = min(max(self.integral + self.ki * error, -hi), -lo)
+        self.log_beta = min(max(-self.kp * error - self.integral, lo), hi)
+        self.steps += 1
+        return self.beta
+
+    def state_dict(self) -> dict:
+        """The controller's state (JSON-safe floats and ints), for a resumed run."""
+        return {"integral": self.integral, "log_beta": self.log_beta, "steps": self.steps,
+                "compression": self.compression}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.integral, self.log_beta = float(state["integral"]), float(state["log_beta"])
+        self.steps, self.compression = int(state["steps"]), state["compression"]

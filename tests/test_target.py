@@ -1,0 +1,195 @@
+"""The compression target (sparsevd.target.CompressionTarget, fit(target_compression=)): a small
+MLP trained to a compression asked for ends within ±10 % of it, with the method's own mask
+(log α < 3); the controller's arithmetic against its formula; the error messages."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsevd
+from sparsevd.loss import SGVLB, kl_divergence
+from sparsevd.target import CompressionTarget
+from sparsevd.train import fit
+
+
+def _data(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 32, generator=g)
+    w = torch.randn(32, 4, generator=torch.Generator().manual_seed(99))  # the same task for both splits
+    return x, (x @ w).argmax(1)
+
+
+class _Batches:
+    def __init__(self, x, y, batch):
+        self.x, self.y, self.batch, self.dataset = x, y, batch, range(len(x))
+
+    def __len__(self):
+        return len(self.x) // self.batch
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self.x[i * self.batch:(i + 1) * self.batch], self.y[i * self.batch:(i + 1) * self.batch]
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4))
+
+
+@pytest.mark.parametrize("target", [5.0, 30.0])
+def test_fit_reaches_the_target_with_the_methods_mask(target):
+    torch.manual_seed(0)
+    model = _mlp()
+    summary = fit(model, _Batches(*_data(0, 1024), 64), _Batches(*_data(1, 512), 512), epochs=20,
+                  pretrain_epochs=2, kl_warmup_epochs=2, lr=1e-2, target_compression=target, mc_samples=0)
+    assert abs(summary["compression"] / target - 1) <= 0.10, summary["compression"]
+    # the compression is the report's: log α < 3, the layers' own mask
+    layers = [m for m in model.modules() if isinstance(m, sparsevd.nn.SVDO_LAYERS)]
+    kept = sum(int((m.log_alpha < 3).sum()) for m in layers)
+    assert summary["compression"] == pytest.approx(sum(m.weight.numel() for m in layers) / kept, rel=1e-12)
+    assert summary["target_compression"] == target and summary["target_scope"] == "linear"
+    assert summary["test_accuracy"] > 0.8
+    last = summary["history"][-1]
+    assert last["beta"] == pytest.approx(last["target_beta"])  # warm-up over: β is the controller's
+
+
+class _Embedded(nn.Module):
+    """An embedding (never pruned) in front of an MLP: scope="model" counts it as kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.mlp = _mlp()
+
+    def forward(self, x):
+        return self.mlp(x + self.emb.weight[:1])
+
+
+def _train(model, x, y, steps, crit=None, ctl=None, lr=1e-2):
+    """Adam over 64-example batches, the learning rate decaying linearly to 0; with ``crit`` the
+    SGVLB (its β warming up over the first quarter), stepping ``ctl`` before every loss."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for k in range(steps):
+        i = (k % (len(x) // 64)) * 64
+        if crit is None:
+            loss = F.cross_entropy(model(x[i:i + 64]), y[i:i + 64])
+        else:
+            crit.epoch = k / (steps / 4)
+            beta = ctl.step()
+            assert crit.beta == pytest.approx(crit.warmup_beta * beta, rel=1e-12)
+            loss = crit(model(x[i:i + 64]), y[i:i + 64])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for g in opt.param_groups:
+            g["lr"] = lr * (1 - (k + 1) / steps)
+
+
+def test_a_hand_written_loop_reaches_a_whole_model_target():
+    """Dense training, conversion, then SGVLB with the controller (scope "model": the embedding
+    counts as kept) as a user's loop would do it."""
+    torch.manual_seed(1)
+    model = _Embedded()
+    x, y = _data(2, 1024)
+    _train(model, x, y, 100)
+    sparsevd.convert(model.mlp)
+    target, steps = 3.0, 300
+    ctl = CompressionTarget(model, target, scope="model", ramp_steps=steps // 2)
+    _train(model, x, y, steps, SGVLB(model, len(x), kl_warmup_epochs=1, target=ctl), ctl, lr=3e-3)
+    total = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("log_sigma2"))
+    pruned = sum(int((m.log_alpha >= 3).sum()) for m in model.modules() if isinstance(m, sparsevd.nn.SVDO_LAYERS))
+    measured = total / (total - pruned)
+    assert abs(measured / target - 1) <= 0.10, measured
+    assert ctl.measured(ctl.count_kept()) == pytest.approx(measured, rel=1e-12)
+
+
+def test_the_controller_is_a_pi_law_in_log_space():
+    torch.manual_seed(2)
+    model = sparsevd.convert(nn.Sequential(nn.Linear(10, 20), nn.Linear(20, 5)))
+    ctl = CompressionTarget(model, 8.0, ramp_steps=4, kp=0.7, ki=0.3, beta_min=1e-3, beta_max=1e3)
+    assert ctl.beta == 1.0 and ctl.compression is None
+    total, integral = 300, 0.0
+    for k, kept in enumerate([300, 150, 100, 20, 30, 37, 300]):
+        setpoint = 8.0 ** (min(k, 4) / 4)
+        error = math.log((total / kept) / setpoint)
+        integral = min(max(integral + 0.3 * error, -math.log(1e3)), math.log(1e3))
+        want = math.exp(min(max(-0.7 * error - integral, math.log(1e-3)), math.log(1e3)))
+        assert ctl.setpoint() == pytest.approx(setpoint, rel=1e-12)
+        assert ctl.step(kept) == pytest.approx(want, rel=1e-12), k
+        assert ctl.compression == total / kept
+    state = ctl.state_dict()
+    twin = CompressionTarget(model, 8.0, ramp_steps=4, kp=0.7, ki=0.3, beta_min=1e-3, beta_max=1e3)
+    twin.load_state_dict(state)
+    assert twin.step(40) == ctl.step(40)
+    # SGVLB multiplies the KL by the controller's β (times the warm-up's)
+    crit = SGVLB(model, 100, kl_warmup_epochs=2, target=ctl)
+    crit.epoch = 1.0
+    logits, y = torch.randn(3, 5), torch.tensor([0, 4, 2])
+    want = 100 * F.cross_entropy(logits, y) + 0.5 * ctl.beta * kl_divergence(model)
+    torch.testing.assert_close(crit(logits, y), want, atol=1e-4, rtol=1e-6)
+
+
+def test_count_kept_is_the_reports_count():
+    torch.manual_seed(3)
+    model = sparsevd.convert(nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Conv1d(1, 1, 1), nn.Linear(40, 7)))
+    for m in model.modules():
+        if isinstance(m, sparsevd.nn.SVDO_LAYERS):
+            with torch.no_grad():
+                m.log_sigma2.uniform_(-12, 6)
+    ctl = CompressionTarget(model, 4.0)
+    assert ctl.count_kept() == sparsevd.report(model).nonzero
+    assert ctl.measured(ctl.count_kept()) == pytest.approx(sparsevd.report(model).compression, rel=1e-12)
+
+
+def test_errors_name_the_argument():
+    model = sparsevd.convert(nn.Sequential(nn.Linear(4, 4)))
+    for bad in (1.0, 0.5, float("inf"), "20", True):
+        with pytest.raises(ValueError, match="target: expected a finite number > 1"):
+            CompressionTarget(model, bad)
+    with pytest.raises(ValueError, match=r"scope: expected one of \('linear', 'model'\)"):
+        CompressionTarget(model, 5, scope="layers")
+    with pytest.raises(ValueError, match="model: has no sparse-VD layers"):
+        CompressionTarget(nn.Sequential(nn.Linear(4, 4)), 5)
+    with pytest.raises(ValueError, match="ramp_steps: expected an integer ≥ 0"):
+        CompressionTarget(model, 5, ramp_steps=-1)
+    with pytest.raises(ValueError, match="ki: expected a finite gain ≥ 0"):
+        CompressionTarget(model, 5, ki=-0.1)
+    with pytest.raises(ValueError, match="beta_min, beta_max"):
+        CompressionTarget(model, 5, beta_min=10, beta_max=1)
+    with pytest.raises(ValueError, match="measure_every"):
+        CompressionTarget(model, 5, measure_every=0)
+    embedded = nn.Sequential(nn.Embedding(100, 4), sparsevd.convert(nn.Sequential(nn.Linear(4, 4))))
+    with pytest.raises(ValueError, match=r"target: 2× of the whole model is out of reach.*1\.04×"):
+        CompressionTarget(embedded, 2, scope="model")
+    loader = _Batches(*_data(0, 64), 32)
+    with pytest.raises(ValueError, match="target_compression: expected a compression > 1"):
+        fit(_mlp(), loader, None, epochs=1, target_compression=1)
+    with pytest.raises(ValueError, match="target_compression: needs method='sparse_vd'"):
+        fit(_mlp(), loader, None, epochs=1, method="dense", target_compression=10)
+    with pytest.raises(ValueError, match="target_scope: expected one of"):
+        fit(_mlp(), loader, None, epochs=1, target_compression=10, target_scope="all")
+
+
+def test_a_resumed_run_with_a_target_equals_the_uninterrupted_one(tmp_path):
+    """The controller's state is in the checkpoint: stopped after epoch 3 and resumed, the run ends
+    with the same parameters, bit for bit."""
+    def run(out, stop_after=None, resume=False):
+        torch.manual_seed(4)
+        model = _mlp()
+
+        def on_epoch(row):
+            if row["epoch"] == stop_after:
+                raise KeyboardInterrupt
+
+        kwargs = dict(epochs=6, pretrain_epochs=1, kl_warmup_epochs=1, lr=1e-2, target_compression=8.0,
+                      mc_samples=0, checkpoint_dir=out, on_epoch=on_epoch, resume=resume)
+        fit(model, _Batches(*_data(0, 512), 64), None, **kwargs)
+        return model
+
+    whole = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", stop_after=3)
+    resumed = run(tmp_path / "b", resume=True)
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
