@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Optional, Sequence
 
@@ -51,8 +52,6 @@ def _deploy(argv: Sequence[str]) -> int:
     """Run ``sparsevd deploy`` with ``argv`` (the arguments after ``deploy``): its module's
     ``main``; exit status 2 with a message when that module is missing."""
     try:
-        import importlib
-
         deploy_cli = importlib.import_module("sparsevd.cli.deploy")
     except ModuleNotFoundError as e:
         if e.name != "sparsevd.cli.deploy":

@@ -41,8 +41,9 @@ def command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("argument --device: cuda requested but torch.cuda.is_available() is False")
     from ..benchmarks import suite
 
-    print(f"sparsevd bench: quick suite on {args.device} ({torch.get_num_threads() if not args.threads else args.threads} "
-          "threads); a minute or two ...", flush=True)
+    threads = args.threads or torch.get_num_threads()
+    print(f"sparsevd bench: quick suite on {args.device} ({threads} threads); a minute or two ...",
+          flush=True)
     try:
         if args.out:
             check_writable(args.out, "--out", directory=False)

@@ -255,10 +255,11 @@ def _interrupted(out: Path, before, resumed: bool) -> str:
 
 
 # ------------------------------------------------------------------------------------ command
-def command(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run ``sparsevd train``: ``args`` parsed by ``parser`` (:func:`sparsevd.cli.build_parser`)
-    from ``argv``; returns the exit status (0; 1: data not found, diverged, a file unreadable or
-    unwritable; 130: interrupted). Usage errors exit with 2 (argparse)."""
+def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> Optional[set]:
+    """The usage checks of ``sparsevd train`` before anything runs (argparse exits with 2 and the
+    message): with ``--resume``, options that contradict the saved run; else the recipe's
+    defaults resolved and --pretrain-epochs below --epochs; --device cuda only with CUDA. Returns
+    ``given`` for :func:`train` (with ``--resume``: the dests the command line gave; else None)."""
     given = None
     if args.resume is not None:  # the saved run's settings; only the runtime ones may change
         given = _given_options(parser, argv)
@@ -274,7 +275,16 @@ def command(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Seq
                                       f"sparse-VD epoch of --epochs {args.epochs}; use fewer")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.train_parser.error("argument --device: cuda requested but torch.cuda.is_available() is "
-                     "False")
+                                  "False")
+    return given
+
+
+def command(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run ``sparsevd train``: ``args`` parsed by ``parser`` (:func:`sparsevd.cli.build_parser`)
+    from ``argv``; returns the exit status (0; 1: data not found, diverged, a file unreadable or
+    unwritable; 130: interrupted, with what the run directory holds and how to resume). Usage
+    errors exit with 2 (argparse, :func:`_checked`)."""
+    given = _checked(parser, args, argv)
     out = _config(args, given).out_dir()
     before = saved_epoch(out)
     try:
