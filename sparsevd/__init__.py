@@ -12,8 +12,8 @@ Layout (docs/design.md): ``ops`` (one package per op family: its math, custom op
 ``functional`` (checked entry points), ``nn`` (layers), ``loss``, ``convert``, ``train`` (the
 training loop), ``checkpoint``, ``deploy`` (with ``surgery``), ``io`` (with ``overlay``: sparse
 inference models of any architecture) and ``export`` (ONNX), ``hf`` (Hugging Face models; imported
-on first use, it needs transformers), ``data``, ``models``, ``metadata``; ``cli`` and
-``deploy_cli`` are the command line only.
+on first use, it needs transformers), ``data``, ``models``, ``metadata``; ``cli`` (one module per
+command) is the command line only.
 """
 from . import functional, nn, ops, reference
 from ._version import __version__

@@ -94,7 +94,7 @@ def test_train_end_to_end(tmp_path, data_dir, capsys, model_name, svd, n_layers)
     out, js = tmp_path / "run", tmp_path / "res" / "summary.json"
     argv = _train_args(data_dir, out, "--model", model_name, "--json", str(js), "--seed", "3",
                        *([] if svd else ["--dense"]))
-    model, summary = cli.train(build_parser().parse_args(argv))
+    model, summary = cli.train.train(build_parser().parse_args(argv))
 
     printed = capsys.readouterr().out
     assert "epoch   1/1" in printed and "test acc" in printed and "compression" in printed
@@ -133,7 +133,7 @@ def test_main_in_process_and_same_seed_same_result(tmp_path, data_dir, capsys):
 def test_dense_pretraining_then_sparse_vd(tmp_path, data_dir):
     out = tmp_path / "run"
     argv = _train_args(data_dir, out, "--epochs", "2", "--pretrain-epochs", "1", "--threads", "1")
-    model, summary = cli.train(build_parser().parse_args(argv))
+    model, summary = cli.train.train(build_parser().parse_args(argv))
     assert [h["phase"] for h in summary["history"]] == ["dense", "sparse_vd"]
     assert summary["history"][0]["beta"] is None and summary["history"][1]["beta"] > 0
     assert summary["pretrain_epochs"] == 1 and summary["svd"] is True
@@ -160,13 +160,13 @@ def test_train_clip_run(tmp_path, data_dir, capsys, monkeypatch):
     monkeypatch.setattr(sparsevd.functional, "lrt_linear", spy)
     argv = _train_args(data_dir, tmp_path / "c", "--epochs", "2", "--pretrain-epochs", "1",
                        "--train-clip", "--threshold", "2.5", "--threads", "1")
-    model, summary = cli.train(build_parser().parse_args(argv))
+    model, summary = cli.train.train(build_parser().parse_args(argv))
     assert "train-time clipping" in capsys.readouterr().out
     assert summary["train_clip"] is True and seen and set(seen) == {2.5}
     assert all(m.train_clip for _, m in svdo_layers(model))
     seen.clear()
-    cli.train(build_parser().parse_args(_train_args(data_dir, tmp_path / "n", "--threads", "1",
-                                                    "--no-train-clip")))
+    cli.train.train(build_parser().parse_args(_train_args(data_dir, tmp_path / "n", "--threads", "1",
+                                                           "--no-train-clip")))
     assert seen and set(seen) == {None}
     assert build_parser().parse_args(["train"]).train_clip is True
 
@@ -235,16 +235,16 @@ def test_missing_data_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 
 def test_deploy_missing_module(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "sparsevd.deploy_cli", None)  # import fails as if absent
+    monkeypatch.setitem(sys.modules, "sparsevd.cli.deploy", None)  # import fails as if absent
     assert main(["deploy", "--help"]) == 2
-    assert "sparsevd.deploy_cli" in capsys.readouterr().err
+    assert "sparsevd.cli.deploy" in capsys.readouterr().err
 
 
 def test_deploy_forwards_arguments(monkeypatch):
     seen = []
-    fake = types.ModuleType("sparsevd.deploy_cli")
+    fake = types.ModuleType("sparsevd.cli.deploy")
     fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "sparsevd.deploy_cli", fake)
+    monkeypatch.setitem(sys.modules, "sparsevd.cli.deploy", fake)
     assert main(["deploy", "ckpt", "--out", "x", "--train"]) == 0
     assert seen == [["ckpt", "--out", "x", "--train"]]
     fake.main = lambda argv: 3

@@ -586,7 +586,7 @@ def test_load_bad_config(saved):
 # ------------------------------------------------------------------------------------ CLI
 def test_cli_deploy(lenet300, tmp_path, capsys):
     from sparsevd.checkpoint import save_checkpoint
-    from sparsevd.deploy_cli import main
+    from sparsevd.cli.deploy import main
 
     ck = tmp_path / "run"
     save_checkpoint(lenet300, ck, {"model": "lenet300", "svd": True, "threshold": 3.0})
@@ -608,7 +608,7 @@ def test_cli_deploy(lenet300, tmp_path, capsys):
 
 def test_cli_deploy_errors(tmp_path, capsys):
     from sparsevd.checkpoint import save_checkpoint
-    from sparsevd.deploy_cli import main
+    from sparsevd.cli.deploy import main
 
     assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "o.safetensors")]) == 1
     assert "cannot read checkpoint" in capsys.readouterr().err
@@ -621,7 +621,7 @@ def test_cli_deploy_errors(tmp_path, capsys):
 
 
 def test_cli_wiring(lenet300, tmp_path, capsys):
-    """`sparsevd deploy ...` (sparsevd.cli.main) reaches deploy_cli.main."""
+    """`sparsevd deploy ...` (sparsevd.cli.main) reaches sparsevd.cli.deploy.main."""
     from sparsevd.checkpoint import save_checkpoint
     from sparsevd.cli import main
 

@@ -31,7 +31,8 @@ from safetensors import SafetensorError
 from torch import nn
 
 import sparsevd
-from sparsevd import _files, cli, deploy_cli
+from sparsevd import _files, cli
+from sparsevd.cli import deploy as deploy_cli
 from sparsevd.checkpoint import (CHECKPOINT_FORMAT, load_checkpoint, load_train_state, read_config,
                                  save_checkpoint)
 from sparsevd.models import LeNet300

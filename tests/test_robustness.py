@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 import sparsevd
-from sparsevd import cli, deploy_cli
+from sparsevd import cli
+from sparsevd.cli import deploy as deploy_cli
 from sparsevd.checkpoint import load_checkpoint, read_config, save_checkpoint
 from sparsevd.models import LeNet300
 from sparsevd.train import TrainingDiverged, fit
@@ -324,17 +325,17 @@ def test_resume_gives_the_uninterrupted_result_bit_for_bit(tmp_path, data_dir, m
 
     args = ["--epochs", "3", "--pretrain-epochs", "1", "--threads", "1"]
     assert cli.main(_train_args(data_dir, tmp_path / "full", *args)) == 0
-    printed = cli._print_epoch
+    printed = cli.train._print_epoch
 
     def interrupt(row, svd):
         printed(row, svd)
         if row["epoch"] == stop_after:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_print_epoch", interrupt)
+    monkeypatch.setattr(cli.train, "_print_epoch", interrupt)
     assert cli.main(_train_args(data_dir, tmp_path / "cut", *args)) == 130
     assert f"sparsevd train --resume {tmp_path / 'cut'}" in capsys.readouterr().err
-    monkeypatch.setattr(cli, "_print_epoch", printed)
+    monkeypatch.setattr(cli.train, "_print_epoch", printed)
     assert cli.main(["train", "--resume", str(tmp_path / "cut"), "--no-progress", "--threads", "1"]) == 0
     full = load_file(str(tmp_path / "full" / "model.safetensors"))
     cut = load_file(str(tmp_path / "cut" / "model.safetensors"))

@@ -2,6 +2,7 @@
 (cli → train/deploy → nn → functional → ops → kernels), no import cycle, no CLI module imported by
 the library or the benchmarks, one loader of the compiled library, and each op family found under
 one name in every folder."""
+import argparse
 import ast
 import re
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = {"sparsevd.cli", "sparsevd.deploy_cli", "sparsevd.__main__", "sparsevd._cli_args"}
+#: The command line: the package sparsevd.cli (one module per command) and ``python -m sparsevd``.
+CLI_COMMANDS = ("train", "deploy", "plot", "bench")
+CLI_PACKAGE = ("__init__.py", "__main__.py", "args.py") + tuple(f"{c}.py" for c in CLI_COMMANDS)
 
 
 def _module_name(path: Path) -> str:
@@ -28,6 +31,7 @@ def _sources():
 
 
 MODULES = _sources()
+CLI = {n for n in MODULES if n == "sparsevd.cli" or n.startswith("sparsevd.cli.")} | {"sparsevd.__main__"}
 
 
 def _is_package(name: str) -> bool:
@@ -105,6 +109,26 @@ def test_cli_modules_are_imported_by_the_cli_only():
         for dep in _imports("benchmarks." + path.stem, path):
             fake[dep] = True
         assert not set(fake) & CLI, f"benchmarks/{path.name} imports the command line"
+
+
+def test_the_cli_package_is_one_module_per_command():
+    """sparsevd/cli/: the parser and main (__init__.py), ``python -m sparsevd.cli`` (__main__.py),
+    the argparse types (args.py) and one module per subcommand, which adds its subparser; no other
+    module of the library is command line."""
+    package = ROOT / "sparsevd" / "cli"
+    assert sorted(p.name for p in package.glob("*.py")) == sorted(CLI_PACKAGE)
+    assert not any(p.is_dir() and p.name != "__pycache__" for p in package.iterdir())
+    assert not (ROOT / "sparsevd" / "cli.py").exists()
+    assert sorted(CLI) == sorted({"sparsevd.cli", "sparsevd.__main__"}
+                                 | {f"sparsevd.cli.{p[:-3]}" for p in CLI_PACKAGE if p != "__init__.py"})
+    import sparsevd.cli
+
+    parser = sparsevd.cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert sorted(sub.choices) == sorted(CLI_COMMANDS)
+    assert GRAPH["sparsevd.__main__"] == {"sparsevd.cli"}
+    # sparsevd.cli imports each command's module (deploy by name, when the command runs)
+    assert {f"sparsevd.cli.{c}" for c in CLI_COMMANDS} <= GRAPH["sparsevd.cli"]
 
 
 #: Lower layers must not import these (cli → train/deploy → nn → functional → ops → kernels).
@@ -286,12 +310,14 @@ def test_docstrings_cite_the_design_document_of_this_repo():
 #: The training code: the loop by phase (sparsevd/train.py) and what it puts together (sparsevd/training/).
 TRAINING_SOURCES = ["sparsevd/train.py"] + sorted(
     p.relative_to(ROOT).as_posix() for p in (ROOT / "sparsevd" / "training").glob("*.py"))
+#: The command line, one module per command (sparsevd/cli/).
+CLI_SOURCES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "sparsevd" / "cli").glob("*.py"))
 MAX_FUNCTION_LINES = 100
 
 
-@pytest.mark.parametrize("rel", TRAINING_SOURCES)
+@pytest.mark.parametrize("rel", TRAINING_SOURCES + CLI_SOURCES)
 def test_training_functions_are_short(rel):
-    """No function (or method) of the training code is over MAX_FUNCTION_LINES lines of code: its
+    """No function (or method) of the training code or the command line is over MAX_FUNCTION_LINES lines of code: its
     lines from ``def`` to its end, the docstring not counted (a long docstring is documentation,
     not a long function)."""
     tree = ast.parse((ROOT / rel).read_text())

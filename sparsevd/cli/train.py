@@ -1,5 +1,5 @@
-"""Command line: ``sparsevd train`` (and ``sparsevd deploy``, whose options and printing live in
-:mod:`sparsevd.deploy_cli`).
+"""``sparsevd train``: its arguments, the run (:func:`sparsevd.train.run`) and what it prints,
+the checks of a resumed run (``--resume``) and the message after Ctrl-C.
 
 This module only parses arguments and prints: ``sparsevd train`` hands a
 :class:`sparsevd.train.TrainConfig` to :func:`sparsevd.train.run` (data, model, training loop,
@@ -10,14 +10,11 @@ Usage::
 
     sparsevd train --model lenet300 --dataset fashion-mnist --epochs 30 --json result.json
     python -m sparsevd train --dense --epochs 30
-    sparsevd deploy ...        # see sparsevd deploy --help
-    sparsevd plot runs/main    # redraw curves.png and masks.png
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -25,16 +22,14 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._cli_args import finite_float, nonneg_float, nonneg_int, positive_float, positive_int, seed
-from ._files import atomic_write_bytes, check_writable
-from .checkpoint import read_config, saved_epoch
-from .convert import report
-from .data import DATASETS
-from .models import MODELS
-from .plots import plot_run
-from .train import RUNTIME_FIELDS, TrainConfig, TrainingDiverged, resolve_recipe, resume_conflicts, run
+from ..checkpoint import read_config, saved_epoch
+from ..convert import report
+from ..data import DATASETS
+from ..models import MODELS
+from ..train import RUNTIME_FIELDS, TrainConfig, TrainingDiverged, resolve_recipe, resume_conflicts, run
+from .args import finite_float, nonneg_float, nonneg_int, positive_float, positive_int, seed
 
-__all__ = ["build_parser", "main", "train"]
+__all__ = ["add_parser", "command", "train"]
 
 #: Defaults of ``sparsevd train``: those of :class:`sparsevd.train.TrainConfig`.
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -46,13 +41,10 @@ _FLAGS = {"threads": "--threads", "progress": "--no-progress", "json": "--json",
 _RUNTIME_FLAGS = [_FLAGS[k] for k in RUNTIME_FIELDS]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of the ``sparsevd`` command (subcommands ``train`` and ``deploy``)."""
-    parser = argparse.ArgumentParser(
-        prog="sparsevd",
-        description="Sparse Variational Dropout (Molchanov, Ashukha, Vetrov, ICML 2017).")
-    sub = parser.add_subparsers(dest="command", metavar="{train,deploy,plot,bench}")
-    sub.required = True
+# --------------------------------------------------------------------------------- arguments
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Add the ``train`` subcommand and its options to ``sub`` (the subparsers of the ``sparsevd``
+    parser); returns its parser."""
     d = DEFAULTS
     t = sub.add_parser(
         "train", help="train LeNet-300-100 / LeNet-5 with sparse VD (or dense) and report",
@@ -120,25 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                         + " may be given besides (bit-identical to the uninterrupted run with the "
                         "same --threads and --device); any other option that differs from the "
                         "saved run is an error")
-    parser.train_parser = t  # for errors that name the train subcommand
-    be = sub.add_parser("bench", help="run the benchmark suite in a quick mode and print the ratios",
-                        description="Run the benchmarks of the README in a quick mode on this "
-                                    "machine and print their table: median times and the time "
-                                    "ratios to dense and to torch.compile of the naive code.")
-    be.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    be.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    be.add_argument("--out", default=None, metavar="FILE", help="also write the rows (JSON)")
-    be.add_argument("--verbose", action="store_true", help="the benchmarks' own output too")
-    pl = sub.add_parser("plot", help="redraw curves.png and masks.png of a training run",
-                        description="Redraw curves.png (test accuracy, compression, KL/N per "
-                                    "epoch) and masks.png (kept input pixels and weights) of a "
-                                    "run of `sparsevd train --out DIR`.")
-    pl.add_argument("run_dir", metavar="DIR", help="the --out directory of a training run")
-    sub.add_parser(
-        "deploy", add_help=False,
-        help="turn a trained checkpoint into a sparse inference model "
-             "(sparsevd deploy --help for its options)")
-    return parser
+    return t
 
 
 # -------------------------------------------------------------------------------- printing
@@ -169,8 +143,8 @@ def _print_epoch(row: dict, svd: bool) -> None:
 
 
 def train(args: argparse.Namespace, given: Optional[set] = None) -> Tuple[nn.Module, dict]:
-    """Run ``sparsevd train`` with ``args`` from :func:`build_parser` (``train`` subcommand): the
-    per-epoch lines, the report table and the final line are printed; the work is
+    """Run ``sparsevd train`` with ``args`` from :func:`sparsevd.cli.build_parser` (``train``
+    subcommand): the per-epoch lines, the report table and the final line are printed; the work is
     :func:`sparsevd.train.run`'s. ``given``: with ``--resume``, the dests of the options the
     command line gave (the others are the saved run's; default: all).
 
@@ -280,98 +254,48 @@ def _interrupted(out: Path, before, resumed: bool) -> str:
             f"continue with `sparsevd train --resume {out}`")
 
 
-# --------------------------------------------------------------------------------------- main
-def _deploy(argv: Sequence[str]) -> int:
+# ------------------------------------------------------------------------------------ command
+def _checked(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> Optional[set]:
+    """The usage checks of ``sparsevd train`` before anything runs (argparse exits with 2 and the
+    message): with ``--resume``, options that contradict the saved run; else the recipe's
+    defaults resolved and --pretrain-epochs below --epochs; --device cuda only with CUDA. Returns
+    ``given`` for :func:`train` (with ``--resume``: the dests the command line gave; else None)."""
+    given = None
+    if args.resume is not None:  # the saved run's settings; only the runtime ones may change
+        given = _given_options(parser, argv)
+        conflicts = _resume_conflicts(parser, args, given)
+        if conflicts:
+            parser.train_parser.error(
+                f"argument --resume: options that contradict the run saved in {args.resume}: "
+                + "; ".join(conflicts) + f"; a resumed run takes only {', '.join(_RUNTIME_FLAGS)}")
+    else:
+        resolve_recipe(args)
+        if not args.dense and args.pretrain_epochs >= args.epochs:
+            parser.train_parser.error(f"argument --pretrain-epochs: {args.pretrain_epochs} leaves no "
+                                      f"sparse-VD epoch of --epochs {args.epochs}; use fewer")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.train_parser.error("argument --device: cuda requested but torch.cuda.is_available() is "
+                                  "False")
+    return given
+
+
+def command(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run ``sparsevd train``: ``args`` parsed by ``parser`` (:func:`sparsevd.cli.build_parser`)
+    from ``argv``; returns the exit status (0; 1: data not found, diverged, a file unreadable or
+    unwritable; 130: interrupted, with what the run directory holds and how to resume). Usage
+    errors exit with 2 (argparse, :func:`_checked`)."""
+    given = _checked(parser, args, argv)
+    out = _config(args, given).out_dir()
+    before = saved_epoch(out)
     try:
-        import importlib
-
-        deploy_cli = importlib.import_module("sparsevd.deploy_cli")
-    except ModuleNotFoundError as e:
-        if e.name != "sparsevd.deploy_cli":
-            raise
-        print("sparsevd deploy: not available in this version of sparsevd (the module "
-              "sparsevd.deploy_cli is missing)", file=sys.stderr)
-        return 2
-    rc = deploy_cli.main(list(argv))
-    return int(rc or 0)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``sparsevd`` command and of ``python -m sparsevd``.
-
-    Args:
-        argv: the arguments without the program name (default ``sys.argv[1:]``).
-
-    Returns:
-        The exit status: 0 on success; 1 when the data cannot be found, the run diverged, a file
-        cannot be read or written; 2 for usage errors (argparse exits with 2 itself) or a
-        missing ``deploy`` implementation; 130 when interrupted (Ctrl-C).
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "deploy":
-        return _deploy(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        given = None
-        if args.resume is not None:  # the saved run's settings; only the runtime ones may change
-            given = _given_options(parser, argv)
-            conflicts = _resume_conflicts(parser, args, given)
-            if conflicts:
-                parser.train_parser.error(
-                    f"argument --resume: options that contradict the run saved in {args.resume}: "
-                    + "; ".join(conflicts) + f"; a resumed run takes only {', '.join(_RUNTIME_FLAGS)}")
-        else:
-            resolve_recipe(args)
-            if not args.dense and args.pretrain_epochs >= args.epochs:
-                parser.train_parser.error(f"argument --pretrain-epochs: {args.pretrain_epochs} leaves no "
-                                          f"sparse-VD epoch of --epochs {args.epochs}; use fewer")
-        if args.device == "cuda" and not torch.cuda.is_available():
-            parser.train_parser.error("argument --device: cuda requested but torch.cuda.is_available() is "
-                         "False")
-        out = _config(args, given).out_dir()
-        before = saved_epoch(out)
-        try:
-            train(args, given)
-        except TrainingDiverged as e:
-            print(f"sparsevd train: {e}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("\n" + _interrupted(out, before, args.resume is not None), file=sys.stderr)
-            return 130
-        except (FileNotFoundError, ValueError, OSError) as e:
-            print(f"sparsevd train: {e}", file=sys.stderr)
-            return 1
-        return 0
-    if args.command == "bench":
-        if args.device == "cuda" and not torch.cuda.is_available():
-            parser.error("argument --device: cuda requested but torch.cuda.is_available() is False")
-        from .benchmarks import suite
-
-        print(f"sparsevd bench: quick suite on {args.device} ({torch.get_num_threads() if not args.threads else args.threads} "
-              "threads); a minute or two ...", flush=True)
-        try:
-            if args.out:
-                check_writable(args.out, "--out", directory=False)
-            rows = suite.run(args.device, args.threads, None, args.verbose)
-            print(suite.ratio_table(rows))
-            if args.out:  # after the table: a full disk loses the file, not the results
-                atomic_write_bytes(args.out, (json.dumps(rows, indent=1) + "\n").encode())
-        except OSError as e:  # --out not writable; a full disk: FileWriteError names the file
-            print(f"sparsevd bench: {e}", file=sys.stderr)
-            return 1
-        return 0
-    if args.command == "plot":
-        try:
-            for path in plot_run(args.run_dir):
-                print(f"wrote {path}")
-        except (FileNotFoundError, ValueError, OSError) as e:
-            print(f"sparsevd plot: {e}", file=sys.stderr)
-            return 1
-        return 0
-    parser.error(f"unknown command {args.command!r}")  # pragma: no cover
-    return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+        train(args, given)
+    except TrainingDiverged as e:
+        print(f"sparsevd train: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\n" + _interrupted(out, before, args.resume is not None), file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"sparsevd train: {e}", file=sys.stderr)
+        return 1
+    return 0

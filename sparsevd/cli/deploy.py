@@ -22,15 +22,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._cli_args import finite_float, positive_float, positive_int
-from ._files import check_writable
-from .checkpoint import checkpoint_owning, input_shape, load_checkpoint
-from .compare import deployed_bytes, dense_bytes, dense_twin, latency
-from .deploy import deploy
-from .io import save
-from .nn.sparse import SPARSE_LAYERS, SparseLinear
-from .nn.svdo import SVDO_LAYERS
-from .ops.library import available as extension_available
+from .._files import check_writable
+from ..checkpoint import checkpoint_owning, input_shape, load_checkpoint
+from ..compare import deployed_bytes, dense_bytes, dense_twin, latency
+from ..deploy import deploy
+from ..io import save
+from ..nn.sparse import SPARSE_LAYERS, SparseLinear
+from ..nn.svdo import SVDO_LAYERS
+from ..ops.library import available as extension_available
+from .args import finite_float, positive_float, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""argparse types of the command line (sparsevd.cli, sparsevd.deploy_cli), all made by one helper,
+"""argparse types of the command line (sparsevd.cli and its commands), all made by one helper,
 :func:`arg_type`: each rejects a bad value with a message argparse prints as
 "argument --name: expected ..., got ..." (exit status 2).
 
