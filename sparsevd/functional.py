@@ -24,7 +24,8 @@ from .ops.conv_geometry import conv2d, conv_padding, padding_arg
 from .ops.lrt_conv2d import run_lrt_conv2d
 from .ops.lrt_linear import run_lrt_linear
 from .ops.noise import draw_seed
-from .ops.weights import masked_weight
+from .ops import library as _library
+from .ops.weights import eval_mask, masked_weight
 
 #: Check ``log_sigma2`` and ``weight`` for NaN and ±inf at every call of the functions below (one
 #: reduction per parameter, and a host sync on GPU), unless a call passes ``check_finite=False``.
@@ -446,6 +447,41 @@ def log_alpha(weight: Tensor, log_sigma2: Tensor) -> Tensor:
     return _kl.log_alpha(weight, log_sigma2)
 
 
+@torch.no_grad()
+def kept_count(weight: Tensor, log_sigma2: Tensor, threshold: float, check_finite: bool = False) -> int:
+    """The number of weights kept at evaluation, log α < ``threshold`` (paper, sec. 5), counted in
+    one pass over θ and log σ²: the compiled CPU kernel's σ² pass (``native_clip_occupancy``, the
+    pass that train-time clipping runs in every training step) for fp32 / fp64 CPU tensors of 2 to
+    4 dimensions, else the same rule in torch (``eval_mask``). Cheap enough to call every step or epoch on a
+    transformer (issue 23, item 7; ``report`` and :class:`sparsevd.target.CompressionTarget`).
+
+    Args:
+        weight, log_sigma2: θ and log σ², the same shape, dtype and device.
+        threshold: finite, in log α units (3 in the paper).
+        check_finite: also look for NaN / ±inf (a second pass over both tensors). Without it a
+            weight whose θ or log σ² is not finite counts as kept (it is not known to be dropped).
+
+    Returns:
+        An int between 0 and ``weight.numel()``.
+
+    Raises:
+        TypeError / ValueError: bad shapes, dtypes or devices, a non-finite ``threshold``, or
+            (``check_finite``) NaN / ±inf in ``weight`` or ``log_sigma2``.
+    """
+    check_parameters(weight, log_sigma2, check_finite=check_finite)
+    threshold = check_threshold(threshold)
+    if (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64)
+            and 2 <= weight.dim() <= 4 and _library.has_op("native_clip_occupancy")):
+        if weight.dim() == 3:  # Conv1d (R, S, k): the 4-D conv layout with kW = 1
+            weight, log_sigma2 = weight.unsqueeze(-1), log_sigma2.unsqueeze(-1)
+        rows, _ = torch.ops.sparsevd.native_clip_occupancy(weight.contiguous(), log_sigma2.contiguous(),
+                                                            threshold)
+        return int(rows.sum())
+    # the kernel's rule: a weight whose θ·0 or σ²·0 is NaN (θ or σ² = e^{log σ²} not finite) is kept
+    nonfinite = ~torch.isfinite(weight) | ~torch.isfinite(torch.exp(log_sigma2))
+    return int((eval_mask(weight, log_sigma2, threshold) | nonfinite).sum())
+
+
 __all__ = [
     "CHECK_NAN",
     "check_conv1d_args",
@@ -455,6 +491,7 @@ __all__ = [
     "draw_seed",
     "kl_sparse_vd",
     "kl_sparse_vd_many",
+    "kept_count",
     "log_alpha",
     "lrt_conv1d",
     "lrt_conv2d",

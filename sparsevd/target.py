@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .nn import DEFAULT_THRESHOLD, SVDO_LAYERS
-from .ops.weights import eval_mask
+from .functional import kept_count
 
 __all__ = ["SCOPES", "CompressionTarget"]
 
@@ -138,8 +138,7 @@ class CompressionTarget:
     @torch.no_grad()
     def count_kept(self) -> int:
         """The number of weights of the sparse-VD layers with log α < threshold (one pass)."""
-        kept = sum(eval_mask(m.weight, m.log_sigma2, self.threshold).sum() for m in self.layers)
-        return int(kept)
+        return sum(kept_count(m.weight, m.log_sigma2, self.threshold) for m in self.layers)
 
     def measured(self, kept: int) -> float:
         """The scope's compression when ``kept`` weights of the sparse-VD layers are kept."""

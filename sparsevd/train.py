@@ -221,7 +221,8 @@ def fit(
         The summary: ``test_accuracy`` (fraction, eval mode, after the last epoch),
         ``compression``, ``sparsity`` and ``per_layer_sparsity`` (fractions), ``history`` (one row
         per epoch: loss (SGVLB per image, or cross-entropy), ce, kl_per_image, beta, lr,
-        test_accuracy, compression, train_seconds), ``report``, ``train_seconds`` (training
+        test_accuracy, compression, compression_model (the whole model, embeddings, biases and
+        norms counted as kept), train_seconds), ``report``, ``train_seconds`` (training
         steps only), step-time quantiles (``median_ms``, ``p20_ms``, ``p80_ms``), the recipe,
         ``device``, ``backend``, ``keep_freed_memory`` (whether CPU training runs with
         :func:`sparsevd.allocator.keep_freed_memory`'s heap settings), versions, the commit, ``resumed_from_epoch`` and ``predictive``:
@@ -519,6 +520,8 @@ def _train_epoch(r: _Run, train_loader, epoch: int) -> None:
             shown = {"loss": f"{loss_sum / n_batches:.4f}"}
             if phase_svd and r.controller is not None:  # measured by the controller anyway
                 shown.update(compression=f"{r.controller.compression:.1f}x", beta=f"{r.crit.beta:.3g}")
+            elif phase_svd:  # one cheap pass per layer every 50 steps (functional.kept_count)
+                shown.update(compression=f"{report(r.model).compression:.1f}x")
             bar.set_postfix(**shown)
     bar.close()
     if r.device.type == "cuda":
@@ -553,6 +556,7 @@ def _end_epoch(r: _Run, test_loader, epoch: int, on_epoch) -> None:
         "lr": r.opt.param_groups[0]["lr"],
         "test_accuracy": acc,
         "compression": finite(rep.compression),
+        "compression_model": finite(rep.model_compression),
         "train_seconds": r.epoch_seconds,
     }
     if r.loss_fn is not None:

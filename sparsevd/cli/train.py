@@ -166,7 +166,9 @@ def train(args: argparse.Namespace, given: Optional[set] = None) -> Tuple[nn.Mod
     if summary["rank"] != 0:  # data parallel: rank 0 prints
         return model, summary
     print()
-    print(report(model))
+    rep = report(model)
+    print(rep)
+    print(rep.model_line())
     for key, what in (("eval", "deterministic (eval mode)"), ("mc", "Monte-Carlo predictive mean")):
         p = summary["predictive"].get(key)
         if p:
