@@ -6,7 +6,7 @@ job's: Adam lr 1e-3 fused, ``sparsevd.train.adam``, decayed linearly to 0 over t
 
 - ``sparse_vd``: the main job's recipe through ``sparsevd.train.fit`` (a third of the epochs dense,
   then sparse-VD layers with β warmed up over the next third; threshold 3; train-time clipping as
-  ``TrainConfig.train_clip``, the ``sparsevd train`` default). With ``--targets``,
+  ``sparsevd train`` decides it: on, off with a target). With ``--targets``,
   ``fit(..., target_compression=X)`` when this ``fit`` accepts it (issue 23 item 1); otherwise one
   row with the recipe's own compression (``target`` None) whatever the targets.
 - ``magnitude``: the dense model with :class:`sparsevd.magnitude.GradualMagnitudePruning` (Zhu &
@@ -52,7 +52,7 @@ from . import common
 from sparsevd.data import load_dataset
 from sparsevd.magnitude import GradualMagnitudePruning
 from sparsevd.models import build_model
-from sparsevd.train import TrainConfig, adam, evaluate, fit
+from sparsevd.train import TrainConfig, adam, evaluate, fit, resolve_recipe
 
 MODELS = ("lenet300", "lenet5")
 METHODS = ("magnitude", "sparse_vd")
@@ -120,6 +120,11 @@ def fit_accepts_target() -> bool:
     return "target_compression" in inspect.signature(fit).parameters
 
 
+def _train_clip(target) -> bool:
+    """Train-time clipping as ``sparsevd train`` resolves it (training.config.resolve_recipe)."""
+    return resolve_recipe(TrainConfig(target_compression=target)).train_clip
+
+
 def train_sparse_vd(model_name: str, train, test, epochs: int, target: Optional[float], seed: int,
                     batch: int = 100) -> Dict[str, float]:
     """The main job's recipe (sparsevd.train.fit, defaults of resolve_recipe and TrainConfig's train-time
@@ -129,7 +134,7 @@ def train_sparse_vd(model_name: str, train, test, epochs: int, target: Optional[
     kw = {} if target is None else {"target_compression": target}
     out = fit(model, make_loader(*train, batch, True, seed), make_loader(*test, 1000, False, 0), epochs=epochs,
               pretrain_epochs=epochs // 3, kl_warmup_epochs=epochs / 3, train_size=len(train[1]),
-              device="cpu", mc_samples=0, train_clip=TrainConfig.train_clip, **kw)
+              device="cpu", mc_samples=0, train_clip=_train_clip(target), **kw)
     return {"test_accuracy": out["test_accuracy"], "compression": out["compression"]}
 
 
@@ -160,7 +165,7 @@ def run_rows(args, data) -> List[dict]:
                     else:
                         r = train_sparse_vd(model_name, train, test, args.epochs, target, seed)
                         tuned = {"tuned": None, "lr": 1e-3, "recipe": "main job (sparsevd.train.fit defaults)",
-                                 "train_clip": TrainConfig.train_clip}
+                                 "train_clip": _train_clip(target)}
                     row = {"benchmark": "pareto", "model": model_name, "method": method, "epochs": args.epochs,
                            "target": target, "compression": r["compression"],
                            "test_accuracy": r["test_accuracy"], "seed": seed, "train_size": len(train[1]),

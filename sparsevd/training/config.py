@@ -44,9 +44,11 @@ class TrainConfig:
     threads: Optional[int] = None
     progress: bool = True
     amp: Optional[str] = None
-    #: On by default since issue 23 (item 8): better accuracy and compression on seeds 0 and 1
-    #: (README, "Train-time clipping"); ``--no-train-clip`` turns it off.
-    train_clip: bool = True
+    #: None: on (issue 23, item 8: better accuracy and compression on seeds 0 and 1), except with a
+    #: ``target_compression``, where it is off: a clipped weight gets no data gradient, so the
+    #: compression controller's overshoot could not come back (12.7× for a 10× target measured,
+    #: benchmarks/NOTES.md). ``resolve_recipe`` decides; ``--no-train-clip`` / ``--train-clip`` force.
+    train_clip: Optional[bool] = None
     target_compression: Optional[float] = None
     target_scope: str = "linear"
 
@@ -63,8 +65,11 @@ def resolve_recipe(config):
 
     ``pretrain_epochs`` defaults to ``epochs // 3`` and ``kl_warmup_epochs`` to ``epochs / 3``:
     a third of the run trains the dense model, the sparse-VD phase warms β up over the next
-    third and trains at β = 1 for the last one. With ``dense`` both are 0.
+    third and trains at β = 1 for the last one. With ``dense`` both are 0. ``train_clip`` None
+    becomes True, or False when the run has a ``target_compression``.
     """
+    if getattr(config, "train_clip", False) is None:
+        config.train_clip = getattr(config, "target_compression", None) is None
     if config.dense:
         config.pretrain_epochs = 0
         config.kl_warmup_epochs = 0.0 if config.kl_warmup_epochs is None else config.kl_warmup_epochs
