@@ -74,6 +74,20 @@ def check_groups(in_channels: int, out_channels: int, groups: int) -> None:
         )
 
 
+def check_real(value, name: str) -> float:
+    """A finite real number (a hyper-parameter: a learning rate, a log α, a β) as a float.
+
+    Raises:
+        TypeError: not a real number (a string, a bool, None), naming ``name``.
+        ValueError: NaN or ±inf, naming ``name``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
 def check_threshold(value, name: str = "threshold") -> float:
     """A log α pruning threshold as a finite float.
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._args import check_real
 from . import functional as SF
 from .nn import SVDO_LAYERS
 from .outputs import find_logits
@@ -59,14 +60,6 @@ def _check_train_size(train_size) -> int:
     if n <= 0:
         raise ValueError(f"train_size: expected a positive number of examples, got {train_size}")
     return n
-
-
-def _check_real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    return float(value)
 
 
 #: The data terms SGVLB knows by name (``data_loss=``), each a mean over examples (see
@@ -175,8 +168,8 @@ class SGVLB(nn.Module):
     ) -> None:
         super().__init__()
         train_size = _check_train_size(train_size)
-        kl_warmup_epochs = _check_real(kl_warmup_epochs, "kl_warmup_epochs")
-        beta_start = _check_real(beta_start, "beta_start")
+        kl_warmup_epochs = check_real(kl_warmup_epochs, "kl_warmup_epochs")
+        beta_start = check_real(beta_start, "beta_start")
         if kl_warmup_epochs < 0:
             raise ValueError(f"kl_warmup_epochs: expected ≥ 0, got {kl_warmup_epochs}")
         if not 0.0 <= beta_start <= 1.0:

@@ -20,23 +20,14 @@ ICML 2017 (arXiv:1701.05369), sec. 4 (α = σ²/θ²), sec. 5 (log σ² = −10,
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import Dict, List
 
 import torch
 from torch import nn
 
+from ._args import check_real
 from .nn import DEFAULT_THRESHOLD, SVDO_LAYERS
 from .ops.weights import EPS_THETA
-
-
-def _real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    return float(value)
 
 
 def _svdo_modules(model: nn.Module) -> List[nn.Module]:
@@ -64,7 +55,7 @@ def init_log_sigma2(model: nn.Module, log_alpha_init: float) -> nn.Module:
         ValueError: ``log_alpha_init`` is not finite or not below a layer's threshold (every weight
             would be dropped); ``model`` holds no sparse-VD layer.
     """
-    log_alpha_init = _real(log_alpha_init, "log_alpha_init")
+    log_alpha_init = check_real(log_alpha_init, "log_alpha_init")
     layers = _svdo_modules(model)
     if not layers:
         raise ValueError("model: holds no sparse-VD layer (convert it first)")
@@ -95,9 +86,9 @@ def param_groups(model: nn.Module, lr: float, log_sigma2_lr: float,
         ValueError: a learning rate ≤ 0, ``weight_decay`` < 0, or a non-finite value.
     """
     for name, v in (("lr", lr), ("log_sigma2_lr", log_sigma2_lr)):
-        if _real(v, name) <= 0:
+        if check_real(v, name) <= 0:
             raise ValueError(f"{name}: expected > 0, got {v}")
-    if _real(weight_decay, "weight_decay") < 0:
+    if check_real(weight_decay, "weight_decay") < 0:
         raise ValueError(f"weight_decay: expected ≥ 0, got {weight_decay}")
     sigma = {id(m.log_sigma2) for m in _svdo_modules(model)}
     seen: set = set()
@@ -142,11 +133,11 @@ class PretrainedRecipe:
 
     def __post_init__(self) -> None:
         for name in ("lr", "log_sigma2_lr"):
-            if _real(getattr(self, name), name) <= 0:
+            if check_real(getattr(self, name), name) <= 0:
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
-        if _real(self.log_alpha_init, "log_alpha_init") >= DEFAULT_THRESHOLD:
+        if check_real(self.log_alpha_init, "log_alpha_init") >= DEFAULT_THRESHOLD:
             raise ValueError(f"log_alpha_init: expected below {DEFAULT_THRESHOLD}, got {self.log_alpha_init}")
-        if _real(self.kl_scale, "kl_scale") < 0:
+        if check_real(self.kl_scale, "kl_scale") < 0:
             raise ValueError(f"kl_scale: expected ≥ 0, got {self.kl_scale}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: expected an int ≥ 0, got {self.warmup_steps!r}")
