@@ -10,13 +10,19 @@ compare with gradual magnitude pruning on the same step budget.
   the same Python).
 - Sparse VD: ``sparsevd.convert(student, init=...)``, Adam over
   :func:`sparsevd.recipe.param_groups`, loss = mean cosine distance of the student's embeddings
-  to the teacher's + ``kl_weight(step) · KL / N`` (N = training sentences; the KL weight ramps up
-  over the warm-up, :class:`sparsevd.recipe.PretrainedRecipe`); then ``sparsevd.deploy``.
-- Magnitude: the same student, steps, batches and θ learning rate, with
-  ``torch.nn.utils.prune.global_unstructured`` (L1) on the 37 linear layers at the cubic schedule
-  of Zhu & Gupta 2017 (s_t = s_f (1 − (1 − t / T_p)³) over the first ``--prune-frac`` of the
-  steps, pruning every ``--prune-every`` steps), final sparsity ``--magnitude-sparsity`` (default:
-  the one sparse VD reached in the same run, so the two compare at equal compression).
+  to the teacher's + ``kl_scale · β · KL / N`` (N = training sentences), β set each step by a
+  :class:`sparsevd.target.CompressionTarget` that asks for ``--target``× (4 by default) on the
+  linear layers, its setpoint ramped from 1× over ``--ramp-frac`` of the steps (``--target 0``:
+  no target, the recipe's fixed KL weight after its warm-up,
+  :class:`sparsevd.recipe.PretrainedRecipe`); then ``sparsevd.deploy``.
+- Magnitude: the same student, steps, batches and θ learning rate, pruned by
+  :class:`sparsevd.magnitude.GradualMagnitudePruning` (global L1 over the 37 linear layers, the
+  cubic schedule of Zhu & Gupta 2017 over the first ``--prune-frac`` of the steps, every
+  ``--prune-every`` steps), final sparsity ``--magnitude-sparsity`` (default 1 − 1/``--target``,
+  so the two compare at equal compression; without a target, what sparse VD reached).
+- Both students: dropout off, word embeddings frozen (not compressed); the targets (teacher
+  embeddings) computed once; batches of sentences of similar token length (pools of
+  :data:`POOL_BATCHES` batches sorted by length), each padded to its own longest.
 
 Reported on the held-out sentences, per method (rows appended to
 ``benchmarks/results/minilm-<YYYYMMDD>.json``): ``fidelity_cosine`` (mean cosine of the
@@ -27,7 +33,7 @@ teacher, whole forward at B = 1 and 32 on held-out sentences, one thread, median
 interleaved rounds of the per-round ratio of the calling thread's CPU time), ``steps``,
 ``seconds`` (training wall time).
 
-Usage: python -m examples.compress_minilm [--steps 600] [--batch 32] [--max-len 64] [--quick]
+Usage: python -m examples.compress_minilm [--steps 600] [--batch 32] [--max-len 64] [--target 4] [--quick]
        [--methods sparse_vd magnitude] [--out FILE] [--no-save] [--readme README.md --table FILE]
 """
 from __future__ import annotations
@@ -50,11 +56,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 import sparsevd
 from sparsevd.loss import kl_divergence
+from sparsevd.magnitude import GradualMagnitudePruning
 from sparsevd.nn import LinearSVDO
 from sparsevd.recipe import PretrainedRecipe
+from sparsevd.target import CompressionTarget
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Standard-library modules not imported for their docstrings (side effects on import, GUIs).
@@ -147,9 +156,26 @@ def tokenize(tok, sentences: Sequence[str], max_len: int) -> Dict[str, torch.Ten
 
 @torch.no_grad()
 def embed_all(model: nn.Module, tok, sentences: Sequence[str], max_len: int, bs: int = 64) -> torch.Tensor:
+    """(len(sentences), 384) embeddings in input order, computed in batches of sentences of
+    similar token length (each padded to its own longest: little padding)."""
     model.eval()
-    return torch.cat([embed(model, tokenize(tok, sentences[i:i + bs], max_len))
-                      for i in range(0, len(sentences), bs)])
+    order = sorted(range(len(sentences)), key=lambda i: token_lengths(tok, sentences, max_len)[i])
+    out = torch.empty(len(sentences), model.config.hidden_size)
+    for i in range(0, len(order), bs):
+        idx = order[i:i + bs]
+        out[idx] = embed(model, tokenize(tok, [sentences[j] for j in idx], max_len))
+    return out
+
+
+_LENGTHS: Dict[Tuple[int, int], List[int]] = {}
+
+
+def token_lengths(tok, sentences: Sequence[str], max_len: int) -> List[int]:
+    """Token count of each sentence (truncated at ``max_len``), cached per list."""
+    key = (id(sentences), max_len)
+    if key not in _LENGTHS:
+        _LENGTHS[key] = [len(ids) for ids in tok(list(sentences), truncation=True, max_length=max_len)["input_ids"]]
+    return _LENGTHS[key]
 
 
 def linear_counts(model: nn.Module) -> Tuple[int, int]:
@@ -169,23 +195,39 @@ def compression(model: nn.Module, total_params: int) -> Tuple[float, float]:
 # ---- training -----------------------------------------------------------------------------
 
 
-def batches(n: int, bs: int, steps: int, seed: int):
-    """Index batches for ``steps`` steps: epochs of a seeded permutation of range(n)."""
+#: Batches drawn together and grouped by token length (the rest of a shuffle stays random).
+POOL_BATCHES = 32
+
+
+def batches(n: int, bs: int, steps: int, seed: int, lengths: Optional[Sequence[int]] = None):
+    """Index batches for ``steps`` steps: epochs of a seeded permutation of range(n); with
+    ``lengths``, each pool of :data:`POOL_BATCHES` batches is sorted by length before it is cut
+    into batches (and the batches shuffled), so a batch pads to little more than its own tokens."""
     g = torch.Generator().manual_seed(seed)
+    pool: List[torch.Tensor] = []
     perm, pos = torch.randperm(n, generator=g), 0
     for _ in range(steps):
-        if pos + bs > n:
-            perm, pos = torch.randperm(n, generator=g), 0
-        yield perm[pos:pos + bs]
-        pos += bs
+        if not pool:
+            chunk = []
+            for _ in range(POOL_BATCHES if lengths is not None else 1):
+                if pos + bs > n:
+                    perm, pos = torch.randperm(n, generator=g), 0
+                chunk.append(perm[pos:pos + bs])
+                pos += bs
+            flat = torch.cat(chunk)
+            if lengths is not None:
+                flat = flat[torch.argsort(torch.tensor([lengths[i] for i in flat]), stable=True)]
+            pool = [flat[i * bs:(i + 1) * bs] for i in torch.randperm(len(chunk), generator=g).tolist()]
+        yield pool.pop()
 
 
 def distil(student: nn.Module, tok, train: List[str], targets: torch.Tensor, args, opt,
            extra_loss=None, on_step=None, log=None) -> float:
     """Train ``student`` for ``args.steps`` steps on cosine distance to ``targets``; returns seconds."""
     student.train()
+    lengths = token_lengths(tok, train, args.max_len)
     t0 = time.perf_counter()
-    for step, idx in enumerate(batches(len(train), args.batch, args.steps, args.seed)):
+    for step, idx in enumerate(batches(len(train), args.batch, args.steps, args.seed, lengths)):
         b = tokenize(tok, [train[i] for i in idx], args.max_len)
         data = (1 - F.cosine_similarity(embed(student, b), targets[idx], dim=-1)).mean()
         loss = data + (extra_loss(step) if extra_loss else 0.0)
@@ -200,69 +242,59 @@ def distil(student: nn.Module, tok, train: List[str], targets: torch.Tensor, arg
 
 
 def no_dropout(model: nn.Module) -> nn.Module:
-    """The model with BERT's dropout off: the teacher is deterministic, the student's only noise
-    is sparse VD's."""
+    """The student: BERT's dropout off (the teacher is deterministic, the student's only noise is
+    sparse VD's) and the word embeddings frozen (11.7M of the 22.7M parameters, not compressed:
+    training them costs a dense gradient and an Adam update per step and buys little fidelity)."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+    model.get_input_embeddings().weight.requires_grad_(False)
     return model
 
 
 def run_sparse_vd(teacher, tok, train, targets, args, recipe: PretrainedRecipe):
+    """Sparse VD; with ``args.target`` a :class:`sparsevd.target.CompressionTarget` on the linear
+    layers sets β each step (loss = data + kl_scale · β · KL / N, the setpoint ramped from 1× to
+    the target over ``args.ramp_frac`` of the steps), else the recipe's KL warm-up."""
     student = sparsevd.convert(no_dropout(copy.deepcopy(teacher)), init=args.init)
     opt = recipe.optimizer(student)
     n = len(train)
+    ctl = (CompressionTarget(student, args.target, scope="linear", ramp_steps=int(args.ramp_frac * args.steps),
+                             measure_every=args.measure_every) if args.target else None)
 
     def kl(step):
-        return recipe.kl_weight(step) * kl_divergence(student) / n
+        weight = recipe.kl_scale * ctl.step() if ctl else recipe.kl_weight(step)
+        return weight * kl_divergence(student) / n
 
     def log(step, data, secs):
         lin, kept = linear_counts(student)
-        print(f"  sparse_vd step {step:5d}  cos-dist {data:.4f}  linear {lin / max(kept, 1):6.2f}x  "
-              f"kl-w {recipe.kl_weight(step):.3g}  {secs:7.1f} s", flush=True)
+        beta = f"  β {ctl.beta:.3g} (setpoint {ctl.setpoint():.2f}x)" if ctl else f"  kl-w {recipe.kl_weight(step):.3g}"
+        print(f"  sparse_vd step {step:5d}  cos-dist {data:.4f}  linear {lin / max(kept, 1):6.2f}x{beta}  "
+              f"{secs:7.1f} s", flush=True)
 
     secs = distil(student, tok, train, targets, args, opt, kl, log=log)
     return student.eval(), secs
 
 
-def cubic_sparsity(step: int, final: float, ramp_steps: int) -> float:
-    """Zhu & Gupta 2017: s_t = s_f (1 − (1 − t / T)³), s_f after T steps."""
-    t = min(step / max(ramp_steps, 1), 1.0)
-    return final * (1 - (1 - t) ** 3)
-
-
 def run_magnitude(teacher, tok, train, targets, args, final_sparsity: float):
-    """Gradual magnitude pruning (global L1 over the linear layers, cubic schedule) with Adam at
-    the recipe's θ learning rate; the pruned weights are made permanent at the end."""
-    import torch.nn.utils.prune as prune
-
+    """Gradual magnitude pruning (:class:`sparsevd.magnitude.GradualMagnitudePruning`: global L1
+    over the linear layers, cubic schedule over the first ``args.prune_frac`` of the steps, every
+    ``args.prune_every`` steps) with Adam at the recipe's θ learning rate; made permanent at the end."""
     student = no_dropout(copy.deepcopy(teacher))
-    linears = [(m, "weight") for m in student.modules() if type(m) is nn.Linear]
-    for m, _ in linears:  # identity masks, so the optimizer sees weight_orig from the start
-        prune.identity(m, "weight")
-    opt = torch.optim.Adam(student.parameters(), lr=args.lr)
-    ramp = int(args.prune_frac * args.steps)
-    total = sum(m.weight.numel() for m, _ in linears)
-    state = {"s": 0.0}
-
-    def on_step(step):
-        s = cubic_sparsity(step + 1, final_sparsity, ramp)
-        if (step + 1) % args.prune_every == 0 or step + 1 == ramp:
-            if s > state["s"]:
-                kept = sum(int(m.weight_mask.sum()) for m, _ in linears)
-                more = int(round(s * total)) - (total - kept)  # global_unstructured prunes among kept
-                if more > 0:
-                    prune.global_unstructured(linears, pruning_method=prune.L1Unstructured, amount=more)
-                state["s"] = s
+    ramp = max(int(args.prune_frac * args.steps), 1)
+    pruner = GradualMagnitudePruning(student, final_sparsity=final_sparsity, begin_step=0, end_step=ramp,
+                                     frequency=args.prune_every)
+    for m, name in pruner.params:  # identity masks, so the optimizer sees weight_orig from the start
+        prune.identity(m, name)
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=args.lr)
 
     def log(step, data, secs):
-        kept = sum(int(m.weight_mask.sum()) for m, _ in linears)
-        print(f"  magnitude step {step:5d}  cos-dist {data:.4f}  linear {total / kept:6.2f}x  {secs:7.1f} s",
+        kept = pruner.total - pruner.masked()
+        print(f"  magnitude step {step:5d}  cos-dist {data:.4f}  linear {pruner.total / kept:6.2f}x  {secs:7.1f} s",
               flush=True)
 
-    secs = distil(student, tok, train, targets, args, opt, on_step=on_step, log=log)
-    for m, _ in linears:
-        prune.remove(m, "weight")
+    secs = distil(student, tok, train, targets, args, opt, on_step=lambda step: pruner.step(), log=log)
+    pruner.finish()
     return student.eval(), secs
 
 
@@ -310,11 +342,11 @@ def evaluate(method, model, teacher, tok, held, held_targets, args, total_params
                seconds=round(secs, 1), batch=args.batch, max_len=args.max_len,
                train_sentences=args.n_train, held_sentences=len(held), init=str(args.init),
                lr=args.lr, log_sigma2_lr=args.log_sigma2_lr, kl_scale=args.kl_scale,
-               warmup_steps=args.warmup_steps, quick=bool(args.quick),
+               warmup_steps=args.warmup_steps, target=args.target or None, ramp_frac=args.ramp_frac, quick=bool(args.quick),
                device="AMD EPYC (Zen 4), 2 vCPU shared" if not torch.cuda.is_available() else "cuda",
                torch=torch.__version__, date=datetime.date.today().isoformat())
     if method == "magnitude":  # the sparse-VD settings do not apply
-        for k in ("init", "log_sigma2_lr", "kl_scale", "warmup_steps"):
+        for k in ("init", "log_sigma2_lr", "kl_scale", "warmup_steps", "target", "ramp_frac"):
             row.pop(k)
         row.update(prune_frac=args.prune_frac, prune_every=args.prune_every)
     print(f"{method}: linear {c_lin:.2f}x, model {c_model:.2f}x, cosine {row['fidelity_cosine']:.4f} "
@@ -365,8 +397,14 @@ def parse_args(argv):
     ap.add_argument("--log-sigma2-lr", type=float, default=d.log_sigma2_lr)
     ap.add_argument("--kl-scale", type=float, default=d.kl_scale)
     ap.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    ap.add_argument("--target", type=float, default=4.0,
+                    help="sparse VD's compression target on the linear layers (CompressionTarget); 0: none, "
+                         "the recipe's fixed KL weight")
+    ap.add_argument("--ramp-frac", type=float, default=0.6, help="fraction of steps of the target's ramp")
+    ap.add_argument("--measure-every", type=int, default=5, help="steps between the target's measurements")
     ap.add_argument("--magnitude-sparsity", type=float, default=None,
-                    help="final sparsity of magnitude pruning (default: what sparse VD reached)")
+                    help="final sparsity of magnitude pruning (default: 1 - 1/target, or what sparse VD "
+                         "reached without a target)")
     ap.add_argument("--prune-frac", type=float, default=0.75, help="fraction of steps of the cubic ramp")
     ap.add_argument("--prune-every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2, help="training threads")
@@ -410,11 +448,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     held_targets = embed_all(teacher, tok, held, args.max_len)
     rows: List[dict] = []
     sparsity = args.magnitude_sparsity
+    if sparsity is None and args.target:
+        sparsity = 1 - 1 / args.target
     if "sparse_vd" in args.methods:
         model, secs = run_sparse_vd(teacher, tok, train, targets, args, recipe)
         rows.append(evaluate("sparse_vd", model, teacher, tok, held, held_targets, args, total_params,
                              args.steps, secs))
-        if sparsity is None:
+        if sparsity is None:  # no target: magnitude at what sparse VD reached
             lin, kept = linear_counts(model)
             sparsity = 1 - kept / lin
     if "magnitude" in args.methods:

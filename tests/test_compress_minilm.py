@@ -23,11 +23,20 @@ def test_sentences_split_by_crc32():
     assert train == sorted(train) and all(40 <= len(s) <= 300 for s in train + held)
 
 
-def test_cubic_schedule():
-    assert cm.cubic_sparsity(0, 0.9, 100) == 0.0
-    assert cm.cubic_sparsity(100, 0.9, 100) == pytest.approx(0.9)
-    assert cm.cubic_sparsity(200, 0.9, 100) == pytest.approx(0.9)
-    assert cm.cubic_sparsity(50, 0.9, 100) == pytest.approx(0.9 * (1 - 0.5 ** 3))
+def test_length_grouped_batches_cover_every_sentence_each_epoch():
+    lengths = [(7 * i) % 23 + 1 for i in range(96)]
+    got = list(cm.batches(96, 3, 32, seed=1, lengths=lengths))  # one epoch, one pool of 32 batches
+    assert sorted(int(i) for b in got for i in b) == list(range(96))
+    spread = sum(max(lengths[int(i)] for i in b) - min(lengths[int(i)] for i in b) for b in got) / len(got)
+    assert spread <= 1.0  # a pool sorted by length: a batch's lengths nearly equal
+    plain = list(cm.batches(10, 4, 2, seed=0))
+    assert [len(b) for b in plain] == [4, 4] and len({int(i) for b in plain for i in b}) == 8
+
+
+def test_example_uses_the_library_pruning_and_target():
+    from sparsevd import magnitude, target
+    assert cm.GradualMagnitudePruning is magnitude.GradualMagnitudePruning
+    assert cm.CompressionTarget is target.CompressionTarget and not hasattr(cm, "cubic_sparsity")
 
 
 def test_quick_run_writes_rows_and_table(tmp_path):
