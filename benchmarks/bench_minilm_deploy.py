@@ -37,7 +37,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
 import time
 from pathlib import Path
@@ -134,11 +133,8 @@ def markdown_table(rows: List[dict], threads: Optional[Sequence[int]] = None) ->
 
 
 def write_readme(readme: Path, table: str) -> None:
-    text = readme.read_text()
-    pattern = re.compile(r"(<!-- minilm:begin -->\n).*?(<!-- minilm:end -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{readme}: no <!-- minilm:begin --> ... <!-- minilm:end --> markers")
-    readme.write_text(pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text))
+    """Replace the README table between the minilm markers (ValueError without them)."""
+    common.write_readme_section(readme, "minilm", table)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

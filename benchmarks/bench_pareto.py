@@ -60,6 +60,7 @@ TARGETS = (10.0, 20.0, 50.0, 100.0)
 #: The magnitude baseline's tuning grid: pruning windows (fractions of the run) × learning rates.
 WINDOWS = ((1 / 3, 2 / 3), (0.0, 2 / 3), (1 / 3, 5 / 6))
 LRS = (1e-3, 2e-3)
+#: The README markers of the table (:func:`write_readme`).
 BEGIN, END = "<!-- pareto:begin -->", "<!-- pareto:end -->"
 
 
@@ -247,12 +248,7 @@ def write_readme(readme: Path, text: str) -> None:
     Raises:
         ValueError: readme lacks the markers (names the file).
     """
-    content = readme.read_text()
-    if BEGIN not in content or END not in content:
-        raise ValueError(f"readme: {readme} has no {BEGIN} ... {END} markers")
-    head, rest = content.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    common.write_readme_section(readme, "pareto", text)
 
 
 def report(args) -> int:

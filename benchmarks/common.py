@@ -333,3 +333,20 @@ def print_rows(rows: List[Dict[str, object]], baseline: str = "dense") -> None:
         extra = " ".join(f"{k}={r[k]:.1f}" for k in ("gbps", "tflops") if k in r)
         print(f"{r['benchmark']:<14} {r['shape']:<26} {r['dtype']:<9} {r['mode']:<5} "
               f"{r['provider']:<20} {r['median_ms']:9.4f} ms  {ratio} {extra}")
+
+
+def write_readme_section(readme: Path, name: str, text: str) -> None:
+    """Replace what lies between ``<!-- {name}:begin -->`` and ``<!-- {name}:end -->`` in
+    ``readme`` with ``text`` (the README tables of the benchmarks), written atomically.
+
+    Raises:
+        ValueError: ``readme`` lacks the markers (the message names the file and the markers).
+    """
+    readme = Path(readme)
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    content = readme.read_text()
+    if begin not in content or end not in content:
+        raise ValueError(f"readme: {readme} has no {begin} ... {end} markers")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    atomic_write_bytes(readme, f"{head}{begin}\n{text}\n{end}{tail}".encode())

@@ -372,11 +372,9 @@ def markdown_table(rows: List[dict]) -> str:
 
 
 def write_readme(readme: Path, table: str) -> None:
-    text = readme.read_text()
-    pattern = re.compile(r"(<!-- minilm-compress:begin -->\n).*?(<!-- minilm-compress:end -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{readme}: no <!-- minilm-compress:begin --> ... :end --> markers")
-    readme.write_text(pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text))
+    """Replace the README table between the minilm-compress markers (ValueError without them)."""
+    from benchmarks.common import write_readme_section
+    write_readme_section(readme, "minilm-compress", table)
 
 
 # ---- main ---------------------------------------------------------------------------------
