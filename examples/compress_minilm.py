@@ -185,11 +185,11 @@ def linear_counts(model: nn.Module) -> Tuple[int, int]:
     return rep.params, rep.nonzero
 
 
-def compression(model: nn.Module, total_params: int) -> Tuple[float, float]:
-    """(linear-layer compression, whole-model compression) of a sparse-VD or pruned model;
-    ``total_params``: the dense model's parameter count (embeddings, norms, biases are kept)."""
-    lin, kept = linear_counts(model)
-    return lin / kept, total_params / (total_params - lin + kept)
+def compression(model: nn.Module) -> Tuple[float, float]:
+    """(linear-layer compression, whole-model compression) of a sparse-VD or pruned model
+    (``sparsevd.report``: embeddings, norms and biases count as kept in the whole model)."""
+    rep = sparsevd.report(model)
+    return rep.compression, rep.model_compression
 
 
 # ---- training -----------------------------------------------------------------------------
@@ -326,14 +326,14 @@ def deployed_latency(teacher, deployed, tok, held, args) -> Dict[int, float]:
     return out
 
 
-def evaluate(method, model, teacher, tok, held, held_targets, args, total_params, steps, secs):
+def evaluate(method, model, teacher, tok, held, held_targets, args, steps, secs):
     """Deploy ``model`` (sparse-VD layers), measure fidelity, compression and latency: a row."""
     torch.set_num_threads(1)
     example = tokenize(tok, held[:1], args.max_len)["input_ids"]
     deployed = sparsevd.deploy(model, example, threads=1, cost_model="rule" if args.quick else "measure")
     emb = embed_all(deployed, tok, held, args.max_len)
     cos = F.cosine_similarity(emb, held_targets, dim=-1)
-    c_lin, c_model = compression(model, total_params)
+    c_lin, c_model = compression(model)
     lat = deployed_latency(teacher, deployed, tok, held, args)
     torch.set_num_threads(args.threads)
     row = dict(method=method, compression_linear=round(c_lin, 3), compression_model=round(c_model, 3),
@@ -441,7 +441,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     args.n_train = len(train)
     print(f"{len(train)} training and {len(held)} held-out sentences", flush=True)
     teacher, tok = load_teacher()
-    total_params = sum(p.numel() for p in teacher.parameters())
     targets = embed_all(teacher, tok, train, args.max_len)
     held_targets = embed_all(teacher, tok, held, args.max_len)
     rows: List[dict] = []
@@ -450,15 +449,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         sparsity = 1 - 1 / args.target
     if "sparse_vd" in args.methods:
         model, secs = run_sparse_vd(teacher, tok, train, targets, args, recipe)
-        rows.append(evaluate("sparse_vd", model, teacher, tok, held, held_targets, args, total_params,
-                             args.steps, secs))
+        rows.append(evaluate("sparse_vd", model, teacher, tok, held, held_targets, args, args.steps, secs))
         if sparsity is None:  # no target: magnitude at what sparse VD reached
             lin, kept = linear_counts(model)
             sparsity = 1 - kept / lin
     if "magnitude" in args.methods:
         pruned, secs = run_magnitude(teacher, tok, train, targets, args, sparsity if sparsity is not None else 0.75)
         rows.append(evaluate("magnitude", as_sparse_vd(pruned), teacher, tok, held, held_targets, args,
-                             total_params, args.steps, secs))
+                             args.steps, secs))
     if not args.no_save:
         day = datetime.date.today().strftime("%Y%m%d")
         path = args.out or ROOT / "benchmarks" / "results" / f"minilm-{day}.json"
