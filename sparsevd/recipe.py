@@ -27,6 +27,7 @@ from torch import nn
 
 from ._args import check_real
 from .nn import DEFAULT_THRESHOLD, SVDO_LAYERS
+from .optim import Adam
 from .ops.weights import EPS_THETA
 
 
@@ -153,6 +154,7 @@ class PretrainedRecipe:
         """:func:`param_groups` with this recipe's learning rates."""
         return param_groups(model, self.lr, self.log_sigma2_lr, weight_decay)
 
-    def optimizer(self, model: nn.Module) -> torch.optim.Adam:
-        """Adam over :meth:`param_groups`."""
-        return torch.optim.Adam(self.param_groups(model))
+    def optimizer(self, model: nn.Module) -> Adam:
+        """Adam over :meth:`param_groups`: :class:`sparsevd.optim.Adam`, the training loop's
+        optimizer (its steps flush subnormal moments to zero)."""
+        return Adam(self.param_groups(model))
