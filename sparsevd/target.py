@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .nn import DEFAULT_THRESHOLD, SVDO_LAYERS
+from ._args import check_threshold
 from .functional import kept_count
 
 __all__ = ["SCOPES", "CompressionTarget"]
@@ -74,8 +75,8 @@ class CompressionTarget:
     Raises:
         ValueError: ``target`` ≤ 1 or not finite, an unknown ``scope``, a model without sparse-VD
             layers, a "model" target above what pruning every sparse-VD weight would give (the
-            message gives that bound), ``ramp_steps`` < 0, gains < 0, an empty β range,
-            ``measure_every`` < 1.
+            message gives that bound), a non-finite ``threshold``, ``ramp_steps`` < 0, gains < 0,
+            an empty β range, ``measure_every`` < 1.
     """
 
     def __init__(self, model: nn.Module, target: float, scope: str = "linear", threshold: Optional[float] = None,
@@ -88,7 +89,7 @@ class CompressionTarget:
         if not self.layers:
             raise ValueError("model: has no sparse-VD layers to prune; convert it first (sparsevd.convert)")
         self.scope = scope
-        self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+        self.threshold = DEFAULT_THRESHOLD if threshold is None else check_threshold(threshold)
         if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, numbers.Integral) or ramp_steps < 0:
             raise ValueError(f"ramp_steps: expected an integer ≥ 0, got {ramp_steps!r}")
         if isinstance(measure_every, bool) or not isinstance(measure_every, numbers.Integral) or measure_every < 1:

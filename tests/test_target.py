@@ -159,6 +159,8 @@ def test_errors_name_the_argument():
         CompressionTarget(model, 5, beta_min=10, beta_max=1)
     with pytest.raises(ValueError, match="measure_every"):
         CompressionTarget(model, 5, measure_every=0)
+    with pytest.raises(ValueError, match="threshold: expected a finite float"):
+        CompressionTarget(model, 5, threshold=float("nan"))
     embedded = nn.Sequential(nn.Embedding(100, 4), sparsevd.convert(nn.Sequential(nn.Linear(4, 4))))
     with pytest.raises(ValueError, match=r"target: 2× of the whole model is out of reach.*1\.04×"):
         CompressionTarget(embedded, 2, scope="model")
