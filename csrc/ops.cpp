@@ -76,10 +76,12 @@ TORCH_LIBRARY(sparsevd, m) {
         "int[] stride, int[] padding, int[] dilation, int groups, float? clip_threshold=None) -> Tensor");
 
   // ------------------------------------------------------------------ kl (native backend)
-  // (kl, grads_weight, grads_log_sigma2, per-layer non-finite flags); sparsevd/ops/kl/naive.py.
-  m.def("native_kl_sparse_vd(Tensor[] weights, Tensor[] log_sigma2s, bool with_grad) "
-        "-> (Tensor, Tensor[], Tensor[], Tensor)");
-  m.def("native_kl_sparse_vd_autograd(Tensor[] weights, Tensor[] log_sigma2s) -> (Tensor, Tensor)");
+  // (kl, grads_weight, grads_log_sigma2, per-layer non-finite flags, per-layer kept counts: int64,
+  // empty without thresholds); sparsevd/ops/kl/naive.py.
+  m.def("native_kl_sparse_vd(Tensor[] weights, Tensor[] log_sigma2s, bool with_grad, float[]? thresholds=None) "
+        "-> (Tensor, Tensor[], Tensor[], Tensor, Tensor)");
+  m.def("native_kl_sparse_vd_autograd(Tensor[] weights, Tensor[] log_sigma2s, float[]? thresholds=None) "
+        "-> (Tensor, Tensor, Tensor)");
 
   // --------------------------------------------------- the LRT weight pass (lrt_common.h)
   // Per-row and per-column counts of the weights a clipped op keeps (a test hook).

@@ -12,7 +12,7 @@ ICML 2017 (arXiv:1701.05369).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -424,17 +424,56 @@ def kl_sparse_vd_many(weights: Sequence[Tensor], log_sigma2s: Sequence[Tensor], 
     Returns:
         0-dim tensor, fp32 (fp64 for fp64 parameters); 0 when the lists are empty.
     """
+    weights, log_sigma2s = _checked_kl_args(weights, log_sigma2s, check_finite)
+    if not weights:
+        return torch.zeros(())
+    return _kl.run_kl_sparse_vd(weights, log_sigma2s)
+
+
+def _checked_kl_args(weights, log_sigma2s, check_finite):
+    """The lists of θ and log σ² of the KL functions, checked (see :func:`kl_sparse_vd_many`)."""
     weights, log_sigma2s = list(weights), list(log_sigma2s)
     if len(weights) != len(log_sigma2s):
         raise ValueError(
             f"log_sigma2s: expected {len(weights)} tensors (one per weight), got {len(log_sigma2s)}"
         )
-    if not weights:
-        return torch.zeros(())
     for w, s in zip(weights, log_sigma2s):
         check_parameters(w, s, check_finite)
         check_device_of(w, "weights", weights[0], "weights[0]")
-    return _kl.run_kl_sparse_vd(weights, log_sigma2s)
+    return weights, log_sigma2s
+
+
+def kl_sparse_vd_kept(weights: Sequence[Tensor], log_sigma2s: Sequence[Tensor], thresholds: Sequence[float], *,
+                      check_finite: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
+    """:func:`kl_sparse_vd_many`'s KL (the same value and gradients) and, from the same pass over
+    θ and log σ², the number of weights of each layer kept at evaluation (issue 23 item 7).
+
+    A weight is kept when log α < its layer's threshold (:func:`sparsevd.ops.weights.eval_mask`),
+    or when θ or e^{log σ²} is not finite (NaN, ±inf, log σ² above the log of the largest float):
+    not known to be dropped, the rule of :func:`kept_count`. Near a threshold, within a rounding of
+    log α, the kernels' log and torch's can decide a weight differently.
+
+    Args:
+        weights, log_sigma2s: as :func:`kl_sparse_vd_many`.
+        thresholds: one finite log α threshold per layer (3 in the paper).
+        check_finite: as :func:`kl_sparse_vd_many`.
+
+    Returns:
+        (KL: 0-dim fp32 / fp64, differentiable; kept: int64 (num_layers,) on the parameters'
+        device, not differentiable).
+
+    Raises:
+        TypeError / ValueError: as :func:`kl_sparse_vd_many`; ``thresholds`` of another length or
+            not finite.
+    """
+    weights, log_sigma2s = _checked_kl_args(weights, log_sigma2s, check_finite)
+    thresholds = list(thresholds)
+    if len(thresholds) != len(weights):
+        raise ValueError(f"thresholds: expected {len(weights)} values (one per weight), got {len(thresholds)}")
+    thresholds = [check_threshold(t, "thresholds") for t in thresholds]
+    if not weights:
+        return torch.zeros(()), torch.zeros(0, dtype=torch.int64)
+    return _kl.run_kl_sparse_vd_kept(weights, log_sigma2s, thresholds)
 
 
 def log_alpha(weight: Tensor, log_sigma2: Tensor) -> Tensor:
@@ -490,6 +529,7 @@ __all__ = [
     "check_parameters",
     "draw_seed",
     "kl_sparse_vd",
+    "kl_sparse_vd_kept",
     "kl_sparse_vd_many",
     "kept_count",
     "log_alpha",

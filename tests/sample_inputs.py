@@ -323,6 +323,51 @@ def kl_params(shape, dtype=F64, device="cpu"):
     return w.to(device, dtype), (la + torch.log(w * w + 1e-8)).to(device, dtype)
 
 
+#: Thresholds of the kept-count tests (the KL op's by-product, ``kl_sparse_vd_kept``): the paper's
+#: 3, others inside the clamp, and at and beyond its edges (log α = ±10 is then kept or dropped as
+#: a whole band).
+KEPT_THRESHOLDS = [3.0, -2.0, 0.5, 9.95, 10.0, 10.5, -10.0]
+
+
+def kept_layer(shape, threshold, dtype=torch.float32, device="cpu"):
+    """θ and log σ² whose log α spreads around ``threshold``: most within ±4 of it, a quarter
+    within ±0.15 (the band where the native fp32 KL computes log α instead of bracketing it), a
+    few beyond the clamp (raw log α ±20: log α = ±10 exactly). No weight's log α lies within 1e-4
+    of the threshold (where the kernels' log and torch's, both within an ulp, may fall on either
+    side), except exact ties: where θ = ±1 (θ² + 1e-8 = 1 in fp32, log α = log σ² exactly), some
+    log σ² equal the threshold (dropped) or lie one step below it (kept; a threshold of 0 would
+    make that step a subnormal, which the native kernels flush to 0)."""
+    n = math.prod(shape)
+    w = torch.randn(n, dtype=F64) * 0.3
+    u = torch.empty(n, dtype=F64).uniform_(-4, 4)
+    near = torch.rand(n) < 0.25
+    u[near] = torch.empty(int(near.sum()), dtype=F64).uniform_(-0.15, 0.15)
+    u = u + torch.where(u < 0, -2e-4, 2e-4)  # |u| ≥ 2e-4
+    la = torch.clamp(threshold + u, -11.0, 11.0)  # beyond ±10 for thresholds at the edges
+    if n > 8:
+        la[3:5] = torch.tensor([20.0, -20.0], dtype=F64)
+    ls2 = (la + torch.log(w * w + 1e-8)).to(dtype)
+    w = w.to(dtype)
+    raw = ls2.double() - torch.log(w.double() ** 2 + 1e-8)
+    ls2[(raw - threshold).abs() < 1e-4] += 0.01  # clear of the ulp ties the roundings made
+    if n > 8 and dtype == torch.float32:
+        thr = torch.tensor(threshold, dtype=dtype)
+        w[5:8] = torch.tensor([1.0, -1.0, 1.0], dtype=dtype)
+        ls2[5:8] = torch.stack([thr, thr, torch.nextafter(thr, torch.tensor(-math.inf, dtype=dtype))])
+    return w.reshape(shape).to(device), ls2.reshape(shape).to(device)
+
+
+def nonfinite_kept_layer(dtype=torch.float32, device="cpu"):
+    """A (5, 40) layer whose finite weights are all dropped at threshold 0 (log α = 8), with θ NaN,
+    ±inf and 1e20 (θ² = inf in fp32), log σ² NaN, ±inf and 100 (e^{log σ²} = inf in fp32):
+    the non-finite rule of the kept count (:func:`sparsevd.ops.kl.naive.naive_kept_mask`)."""
+    w = torch.randn(5, 40, dtype=dtype)
+    ls2 = 8.0 + torch.log(w * w + 1e-8)
+    w[0, 7], w[0, 9], w[2, 0], w[2, 39] = math.nan, math.inf, -math.inf, 1e20
+    ls2[1, 2], ls2[3, 4], ls2[3, 5], ls2[4, 20] = math.nan, math.inf, -math.inf, 100.0
+    return w.to(device), ls2.to(device)
+
+
 def kl_reference(weights, log_sigma2s):
     """fp64 KL and gradients of the naive math by autograd (the clamp masks the gradient).
 

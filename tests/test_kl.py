@@ -9,14 +9,17 @@ test_kl_triton.py; the per-weight math by hand: test_weights.py.
 import pytest
 import torch
 from conftest import assert_close
-from sample_inputs import F64, KL_SHAPES, check_kl, kl_layer, kl_params, kl_reference
+from sample_inputs import (F64, KEPT_THRESHOLDS, KL_SHAPES, check_kl, kept_layer, kl_layer, kl_params,
+                           kl_reference, nonfinite_kept_layer)
 
 import sparsevd.functional as SF
 from sparsevd.ops import weights as W
-from sparsevd.ops.kl import kl_sparse_vd, log_alpha, naive_kl_sparse_vd
+from sparsevd.ops.kl import kl_sparse_vd, kl_sparse_vd_kept, log_alpha, naive_kl_sparse_vd
+from sparsevd.ops.kl.naive import naive_kept_mask
 
 OP = "kl_sparse_vd"
 KL_OP = torch.ops.sparsevd.kl_sparse_vd.default
+KEPT_OP = torch.ops.sparsevd.kl_sparse_vd_kept.default
 
 
 def _naive_kl(weights, log_sigma2s):
@@ -140,3 +143,99 @@ def test_opcheck_log_alpha(device):
     w, ls2 = kl_params((5, 4), device=device)
     torch.library.opcheck(log_alpha, (w.requires_grad_(), ls2.requires_grad_()))
     torch.library.opcheck(log_alpha, (w.detach().float(), ls2.detach().float()))
+
+
+# ------------------------------------------------------------- the kept count (kl_sparse_vd_kept)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_kept_count_equals_eval_mask(device, dtype):
+    """The count the KL's pass adds, per layer, against eval_mask (the pruning rule) and
+    kept_count on the same fresh parameters: log α spread around each threshold, a quarter within
+    ±0.15 of it, clamped weights, exact ties (θ = ±1, log σ² = threshold and one step below: fp32);
+    several layers (their own thresholds) in one call, vectors' tails and multi-chunk layers."""
+    shapes = [(300, 784), (7, 3, 5, 5), (129,), (17, 5), (1, 1)]
+    for thr in KEPT_THRESHOLDS:
+        thrs = [thr, thr - 0.25, thr, 2.0, thr]
+        layers = [kept_layer(s, t, dtype, device) for s, t in zip(shapes, thrs)]
+        ws, ls = [w for w, _ in layers], [s for _, s in layers]
+        kl, gws, gls, kept = KEPT_OP(ws, ls, False, thrs)
+        assert kept.dtype == torch.int64 and kept.shape == (len(shapes),) and kept.device == ws[0].device
+        expected = [int(W.eval_mask(w, s, t).sum()) for w, s, t in zip(ws, ls, thrs)]
+        assert kept.tolist() == expected, thr
+        assert kept.tolist() == [SF.kept_count(w.cpu(), s.cpu(), t) for w, s, t in zip(ws, ls, thrs)], thr
+        if -10 < thr < 10:
+            assert 0 < expected[0] < ws[0].numel()
+
+
+def test_kept_count_exact_ties_decide_both_ways(device):
+    """θ = 1 in fp32: log α = log σ² exactly, so log σ² = threshold is dropped and one fp32 step
+    below it kept, on every backend."""
+    thr = torch.tensor(3.0)
+    ls2 = torch.stack([thr, torch.nextafter(thr, torch.tensor(0.0))]).repeat(20).to(device)
+    w = torch.ones(40, device=device)
+    _, _, _, kept = KEPT_OP([w], [ls2], True, [3.0])
+    assert kept.tolist() == [20]
+
+
+def test_kept_count_nonfinite_rule(device):
+    """NaN / ±inf θ (and θ² = inf), NaN / +inf log σ² and log σ² = 100 (e^{log σ²} = inf) count as
+    kept, the rule of functional.kept_count; log σ² = −inf is log α = −10, kept at threshold 0."""
+    w, ls2 = nonfinite_kept_layer(device=device)
+    w2, ls22 = nonfinite_kept_layer(F64, device=device)
+    _, _, _, kept = KEPT_OP([w, w2], [ls2, ls22], False, [0.0, 0.0])
+    assert kept.tolist()[0] == SF.kept_count(w.cpu(), ls2.cpu(), 0.0) == int(naive_kept_mask(w, ls2, 0.0).sum()) == 8
+    assert kept.tolist()[1] == int(naive_kept_mask(w2, ls22, 0.0).sum()) == 7  # e^100 is finite in fp64
+
+
+def test_kept_op_leaves_the_kl_unchanged(device):
+    """kl_sparse_vd_kept's KL and gradients are kl_sparse_vd's, bit for bit (the same pass), with
+    and without gradients, through autograd (β ≠ 1) and the functional API."""
+    layers = [kl_layer(s, device=device) for s in KL_SHAPES]
+    ws, ls = [w for w, _ in layers], [s for _, s in layers]
+    thrs = [3.0] * len(ws)
+    for with_grad in (True, False):
+        a = KL_OP(ws, ls, with_grad)
+        b = KEPT_OP(ws, ls, with_grad, thrs)
+        assert torch.equal(a[0], b[0])
+        for x, y in zip(a[1] + a[2], b[1] + b[2]):
+            assert torch.equal(x, y)
+    grads = {}
+    for name in ("many", "kept"):
+        wr = [w.clone().requires_grad_() for w in ws]
+        lr = [s.clone().requires_grad_() for s in ls]
+        if name == "many":
+            kl = SF.kl_sparse_vd_many(wr, lr)
+        else:
+            kl, kept = SF.kl_sparse_vd_kept(wr, lr, thrs)
+            assert not kept.requires_grad
+            assert kept.tolist() == [int(W.eval_mask(w, s, 3.0).sum()) for w, s in zip(ws, ls)]
+        (0.37 * kl).backward()
+        grads[name] = (kl.detach(), [t.grad for t in wr + lr])
+    assert torch.equal(grads["many"][0], grads["kept"][0])
+    for x, y in zip(grads["many"][1], grads["kept"][1]):
+        assert torch.equal(x, y)
+
+
+def test_kept_op_gradcheck_and_opcheck(device):
+    w1, s1 = kl_params((4, 3), device=device)
+    w2, s2 = kl_params((2, 1, 2, 2), device=device)
+    inputs = [t.requires_grad_() for t in (w1, s1, w2, s2)]
+    assert torch.autograd.gradcheck(lambda a, b, c, d: kl_sparse_vd_kept([a, c], [b, d], True, [3.0, 0.0])[0],
+                                    inputs)
+    assert torch.autograd.gradcheck(lambda a, b, c, d: SF.kl_sparse_vd_kept([a, c], [b, d], [3.0, 0.0])[0],
+                                    inputs)
+    for dtype in (F64, torch.float32):
+        ws = [w1.detach().to(dtype), w2.detach().to(dtype)]
+        ss = [s1.detach().to(dtype), s2.detach().to(dtype)]
+        torch.library.opcheck(kl_sparse_vd_kept, (ws, ss, False, [3.0, 1.0]))
+        torch.library.opcheck(kl_sparse_vd_kept, ([w.requires_grad_() for w in ws],
+                                                  [s.requires_grad_() for s in ss], True, [3.0, 1.0]))
+
+
+def test_kept_functional_checks_name_the_argument(device):
+    w, s = kl_params((4, 3), device=device)
+    with pytest.raises(ValueError, match="thresholds: expected 1 values"):
+        SF.kl_sparse_vd_kept([w], [s], [3.0, 3.0])
+    with pytest.raises(ValueError, match="thresholds"):
+        SF.kl_sparse_vd_kept([w], [s], [float("nan")])
+    with pytest.raises(ValueError, match="log_sigma2s"):
+        SF.kl_sparse_vd_kept([w, w], [s], [3.0, 3.0])

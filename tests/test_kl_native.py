@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 from conftest import PassThrough, assert_close, close, scale_of
-from sample_inputs import F64, KL_SHAPES, kl_params, linear_inputs
+from sample_inputs import F64, KEPT_THRESHOLDS, KL_SHAPES, kept_layer, kl_params, linear_inputs, nonfinite_kept_layer
 
 import sparsevd.functional as SF
-from sparsevd.ops.kl import kl_sparse_vd, naive_kl_sparse_vd
+from sparsevd.ops.kl import kl_sparse_vd, naive_kept_count, naive_kl_sparse_vd
 
 N = pytest.importorskip("sparsevd.ops.kl.native", reason="native backend unavailable")
 
@@ -277,3 +277,70 @@ def test_cpp_argument_checks_name_the_argument():
     for fn, name in cases:
         with pytest.raises(RuntimeError, match=name):
             fn()
+
+
+def test_kept_count_on_every_kernel_set(isa):
+    """The kept count of the native KL on each kernel set (AVX-512, AVX2, portable; fp32 vectors,
+    gathered band lanes, classified clamped lanes, scalar tails; fp64) against the reference
+    count, with and without gradients, on 1 and 2 threads (chunks of 16384 weights)."""
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            for dtype in (torch.float32, F64):
+                for thr in KEPT_THRESHOLDS:
+                    layers = [kept_layer(s, thr, dtype) for s in ((300, 784), (129,), (3, 5))]
+                    ws, ls = [w for w, _ in layers], [s for _, s in layers]
+                    expected = naive_kept_count(ws, ls, [thr] * 3)
+                    for with_grad in (True, False):
+                        *_, kept = N.native_kl_sparse_vd_kept(ws, ls, with_grad, [thr] * 3)
+                        assert torch.equal(kept, expected), (nt, dtype, thr, with_grad)
+            w, ls2 = nonfinite_kept_layer()
+            *_, kept = N.native_kl_sparse_vd_kept([w], [ls2], True, [0.0])
+            assert kept.tolist() == [8] and N.nonfinite_layers().tolist() == [True]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_kept_count_of_clamped_blocks(isa):
+    """Blocks whose lanes are almost all clamped (classified without the log: log α = ±10 exactly)
+    with a few band lanes among them, at thresholds that keep or drop each clamp: the count is
+    the reference's."""
+    n = 16 * 16 * 20 + 5
+    w = 0.3 * torch.randn(n)
+    raw = torch.where(torch.rand(n) < 0.5, 12 + torch.rand(n), -12 - torch.rand(n))
+    raw[::37] = 4 * torch.rand(n)[::37] - 2
+    raw[::53] = 10 + 0.1 * (torch.rand(n)[::53] - 0.5)
+    ls2 = raw + torch.log(w * w + 1e-8)
+    ls2[::101] = 95.0  # e^{log σ²} = inf: kept
+    for thr in (-10.5, -10.0, -1.0, 3.0, 10.0, 10.5):
+        raw32 = ls2.double() - torch.log(w.double() ** 2 + 1e-8)
+        clear = ls2.clone()
+        clear[(raw32 - thr).abs() < 1e-4] += 0.01
+        *_, kept = N.native_kl_sparse_vd_kept([w], [clear], False, [thr])
+        assert kept.tolist() == naive_kept_count([w], [clear], [thr]).tolist(), thr
+
+
+def test_eager_kept_equals_custom_op():
+    """The eager C++ autograd path with thresholds: the KL, gradients and counts of the custom op."""
+    params = [kl_params(s, torch.float32) for s in [(30, 17), (300, 100), (5,)]]
+    res = {}
+    for path in ("eager", "custom_op"):
+        ws = [p[0].clone().requires_grad_() for p in params]
+        ss = [p[1].clone().requires_grad_() for p in params]
+        if path == "eager":
+            kl, kept = SF.kl_sparse_vd_kept(ws, ss, [3.0, 0.0, 1.0])
+        else:
+            with PassThrough():
+                kl, kept = SF.kl_sparse_vd_kept(ws, ss, [3.0, 0.0, 1.0])
+        (0.5 * kl).backward()
+        res[path] = (kl.detach(), kept, [t.grad for t in (*ws, *ss)])
+    assert torch.equal(res["eager"][0], res["custom_op"][0])
+    assert torch.equal(res["eager"][1], res["custom_op"][1])
+    for a, e in zip(res["eager"][2], res["custom_op"][2]):
+        assert torch.equal(a, e)
+    with torch.inference_mode():
+        kl, kept = SF.kl_sparse_vd_kept([p[0] for p in params], [p[1] for p in params], [3.0, 0.0, 1.0])
+    assert torch.equal(kept, res["eager"][1])
+    with pytest.raises(RuntimeError, match="thresholds"):
+        torch.ops.sparsevd.native_kl_sparse_vd([params[0][0]], [params[0][1]], False, [3.0, 3.0])

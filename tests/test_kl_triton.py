@@ -8,11 +8,11 @@ Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py sets TR
 import pytest
 import torch
 from conftest import assert_close
-from sample_inputs import KL_BLOCK_CASES, KL_SHAPES, amax, check_kl, kl_layer, kl_reference
+from sample_inputs import F64, KL_BLOCK_CASES, KL_SHAPES, amax, check_kl, kept_layer, kl_layer, kl_reference
 import triton_aot
 
 import sparsevd
-from sparsevd.ops.kl import naive_kl_sparse_vd
+from sparsevd.ops.kl import naive_kept_count, naive_kl_sparse_vd
 
 triton = pytest.importorskip("triton")
 from sparsevd.ops.kl import triton as TI  # noqa: E402
@@ -20,6 +20,7 @@ from sparsevd.ops.kl import triton as TI  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 OP = torch.ops.sparsevd.kl_sparse_vd.default
+OP_KEPT = torch.ops.sparsevd.kl_sparse_vd_kept.default
 
 
 @pytest.fixture(autouse=True)
@@ -62,6 +63,24 @@ def test_blocks_and_partial_blocks(small_blocks):
     layers = [kl_layer(s, device=DEVICE) for s in KL_BLOCK_CASES]
     ws, ls = [w for w, _ in layers], [s for _, s in layers]
     kl, gws, gls = OP(ws, ls, True)
+    check_kl(kl, gws, gls, ws, ls)
+
+
+def test_kept_count_over_blocks_and_dtypes(small_blocks, monkeypatch):
+    """The kept count when layers span several blocks (each program adds its block's count to its
+    layer's) and an empty layer has none, and with fp32 and fp64 layers in one call (one launch per
+    dtype, the counts put back in the layers' order): the reference's, one launch per dtype."""
+    counter = _Counter(TI.KK.kl_sparse_vd_kernel)
+    monkeypatch.setattr(TI.KK, "kl_sparse_vd_kernel", counter)
+    layers = [kept_layer(s, 3.0, device=DEVICE) if 0 not in s else kl_layer(s, device=DEVICE)
+              for s in KL_BLOCK_CASES]
+    layers.insert(2, kept_layer((40, 9), 1.0, F64, device=DEVICE))
+    ws, ls = [w for w, _ in layers], [s for _, s in layers]
+    thrs = [3.0, 3.0, 1.0, 3.0, 3.0, 3.0, 3.0]
+    kl, gws, gls, kept = OP_KEPT(ws, ls, True, thrs)
+    assert counter.launches == 2
+    assert kept.tolist() == naive_kept_count(ws, ls, thrs).tolist()
+    assert kept[4] == 0  # the empty layer (0, 5)
     check_kl(kl, gws, gls, ws, ls)
 
 
@@ -115,9 +134,10 @@ _AOT = """
 from sparsevd.triton_kernels import kl as KK
 
 for dt in ("fp32", "bf16", "fp64"):
+    acc = "*fp64" if dt == "fp64" else "*fp32"
     build(KK.kl_sparse_vd_kernel,
-          dict(base_ptr="*" + dt, table_ptr="*i64", partial_ptr="*fp64" if dt == "fp64" else "*fp32"),
-          dict(ACC_F64=dt == "fp64", WITH_GRAD=True, ALIGN=4, L_PAD=4, BLOCK=1024), 8, 3)
+          dict(base_ptr="*" + dt, table_ptr="*i64", partial_ptr=acc, thr_ptr=acc, kept_ptr="*i64"),
+          dict(ACC_F64=dt == "fp64", WITH_GRAD=True, ALIGN=4, L_PAD=4, BLOCK=1024, COUNT=True), 8, 3)
 """
 triton_aot.register("kl", _AOT)
 

@@ -8,6 +8,11 @@ Per weight, with raw = log σ² − log(θ² + 1e-8) and log α = clamp(raw, −
     ∂KL/∂log σ² = ∂KL/∂log α · [−10 < raw < 10]
     ∂KL/∂θ     = ∂KL/∂log σ² · (−2θ / (θ² + 1e-8))
 
+With COUNT, each program also adds to ``kept_ptr[layer]`` (int64) the number of its weights kept
+at evaluation: log α < the layer's threshold (``thr_ptr[layer]``, in the compute dtype), or θ not
+finite, or log σ² NaN or ≥ LOG_MAX (e^{log σ²} = inf): the rule of sparsevd.ops.kl.naive.naive_kept_mask,
+from the log α computed for the KL (issue 23 item 7).
+
 Launcher: :mod:`sparsevd.ops.kl.triton`.
 """
 import triton
@@ -25,11 +30,16 @@ EPS_THETA = tl.constexpr(1e-8)
 TABLE_COLS = tl.constexpr(6)
 
 
+#: log of the largest finite fp32 / fp64.
+LOG_MAX_F32 = tl.constexpr(88.72283935546875)
+LOG_MAX_F64 = tl.constexpr(709.782712893384)
+
+
 @triton.jit
 def kl_sparse_vd_kernel(
-    base_ptr, table_ptr, partial_ptr, n_layers,
+    base_ptr, table_ptr, partial_ptr, n_layers, thr_ptr, kept_ptr,
     ACC_F64: tl.constexpr, WITH_GRAD: tl.constexpr, ALIGN: tl.constexpr,
-    L_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    L_PAD: tl.constexpr, BLOCK: tl.constexpr, COUNT: tl.constexpr = False,
 ):
     """KL of BLOCK weights of one layer, and its gradients when WITH_GRAD.
 
@@ -79,6 +89,16 @@ def kl_sparse_vd_kernel(
     b_log1p = tl.where(b_u == 1.0, b_e, tl.log(b_u) * (b_e / (b_u - 1.0)))
     b_kl = b_1ms * K1 + 0.5 * b_log1p
     tl.store(partial_ptr + pid, tl.sum(tl.where(m, b_kl, 0.0), axis=0))
+
+    if COUNT:
+        thr = tl.load(thr_ptr + layer)
+        if ACC_F64:
+            log_max = LOG_MAX_F64
+        else:
+            log_max = LOG_MAX_F32
+        # θ − θ is NaN exactly where θ is; NaN log σ² fails l < log_max
+        b_keep = (b_la < thr) | ~((b_w - b_w) == 0.0) | ~(b_l < log_max)
+        tl.atomic_add(kept_ptr + layer, tl.sum((b_keep & m).to(tl.int64), axis=0))
 
     if WITH_GRAD:
         p_gw = base_ptr + tl.multiple_of(tl.load(p_row + 4), ALIGN)

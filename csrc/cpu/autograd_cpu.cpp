@@ -49,8 +49,8 @@ using ConvFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const a
 using ConvBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, bool, std::optional<double>);
-using KlSig = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>(
-    at::TensorList, at::TensorList, bool);
+using KlSig = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor>(
+    at::TensorList, at::TensorList, bool, std::optional<at::ArrayRef<double>>);
 
 const c10::TypedOperatorHandle<LinearFwdSig>& linear_fwd() {
   static const auto op = native_op<LinearFwdSig>("sparsevd::native_lrt_linear");
@@ -221,22 +221,24 @@ at::Tensor lrt_conv2d_inference(const at::Tensor& x, const at::Tensor& weight, c
 // ------------------------------------------------------------------------------------ KL
 struct KlFn : public torch::autograd::Function<KlFn> {
   static variable_list forward(AutogradContext* ctx, at::TensorList weights, at::TensorList log_sigma2s,
-                               bool with_grad) {
+                               bool with_grad, std::optional<std::vector<double>> thresholds) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [kl, gw, gls2, flags] = kl_op().call(weights, log_sigma2s, with_grad);
+    std::optional<at::ArrayRef<double>> thr;
+    if (thresholds) thr = at::ArrayRef<double>(*thresholds);
+    auto [kl, gw, gls2, flags, kept] = kl_op().call(weights, log_sigma2s, with_grad, thr);
     variable_list saved(gw.begin(), gw.end());
     saved.insert(saved.end(), gls2.begin(), gls2.end());
     ctx->save_for_backward(saved);
     ctx->saved_data["num_layers"] = static_cast<int64_t>(weights.size());
-    ctx->mark_non_differentiable({flags});
+    ctx->mark_non_differentiable({flags, kept});
     ctx->set_materialize_grads(false);
-    return {kl, flags};
+    return {kl, flags, kept};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const int64_t L = ctx->saved_data["num_layers"].toInt();
     const at::Tensor& g = grads[0];
-    if (!g.defined()) return variable_list(2 * L + 1);
+    if (!g.defined()) return variable_list(2 * L + 2);
     variable_list saved = ctx->get_saved_variables();
     TORCH_CHECK(static_cast<int64_t>(saved.size()) == 2 * L, "sparsevd: the KL was computed without gradients");
     variable_list out;
@@ -248,11 +250,13 @@ struct KlFn : public torch::autograd::Function<KlFn> {
     }
     out = once_differentiable(std::move(out), true);  // the gradients depend on θ and log σ²
     out.emplace_back();  // with_grad
+    out.emplace_back();  // thresholds
     return out;
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> kl_sparse_vd_autograd(at::TensorList weights, at::TensorList log_sigma2s) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_sparse_vd_autograd(
+    at::TensorList weights, at::TensorList log_sigma2s, std::optional<at::ArrayRef<double>> thresholds) {
   const FlushDenormals flush;  // denormals.h: the caller's mode is restored on return
   // The gradients are computed in the forward's pass when some parameter will need them
   // (apply() runs the forward with grad mode off, so this is decided here).
@@ -261,14 +265,17 @@ std::tuple<at::Tensor, at::Tensor> kl_sparse_vd_autograd(at::TensorList weights,
     for (const auto& t : weights) with_grad |= t.requires_grad();
     for (const auto& t : log_sigma2s) with_grad |= t.requires_grad();
   }
-  const variable_list out = KlFn::apply(weights, log_sigma2s, with_grad);
-  return {out[0], out[1]};
+  std::optional<std::vector<double>> thr;
+  if (thresholds) thr = thresholds->vec();
+  const variable_list out = KlFn::apply(weights, log_sigma2s, with_grad, thr);
+  return {out[0], out[1], out[2]};
 }
 
-std::tuple<at::Tensor, at::Tensor> kl_sparse_vd_inference(at::TensorList weights, at::TensorList log_sigma2s) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_sparse_vd_inference(
+    at::TensorList weights, at::TensorList log_sigma2s, std::optional<at::ArrayRef<double>> thresholds) {
   const FlushDenormals flush;  // denormals.h: the caller's mode is restored on return
-  auto [kl, gw, gls2, flags] = kl_op().call(weights, log_sigma2s, false);
-  return {kl, flags};
+  auto [kl, gw, gls2, flags, kept] = kl_op().call(weights, log_sigma2s, false, thresholds);
+  return {kl, flags, kept};
 }
 
 }  // namespace

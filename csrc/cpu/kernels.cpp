@@ -80,8 +80,8 @@ inline void randn_fill(philox::Key key, uint32_t counter, float* out, int64_t n)
   philox::randn_fill_scalar(key, counter, out, n);
 }
 #include "kernels_body.h"
-inline KlPartial kl_f32(const float* w, const float* ls2, float* gw, float* gls2, int64_t n) {
-  return kl_libm<float>(w, ls2, gw, gls2, n);
+inline KlPartial kl_f32(const float* w, const float* ls2, float* gw, float* gls2, int64_t n, const float* thr) {
+  return kl_libm<float>(w, ls2, gw, gls2, n, thr);
 }
 inline void sigma2_f32(const float* w, const float* ls2, float thr, float* wm, float* s2, uint8_t* state,
                        int64_t n) {

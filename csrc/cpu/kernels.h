@@ -16,7 +16,15 @@ namespace cpu {
 struct KlPartial {
   double sum;      // Σ KL over the chunk
   bool nonfinite;  // some θ or log σ² of the chunk is NaN or ±inf
+  int64_t kept;    // weights of the chunk kept at evaluation (counted when asked; see kl_cpu.cpp)
 };
+
+// log of the largest finite T: log σ² at or above it (or NaN) counts as kept, as e^{log σ²} = inf
+// makes σ²·0 NaN in the σ² pass of sparsevd.functional.kept_count (the kernels' non-finite rule).
+template <typename T>
+constexpr T kLogMax = static_cast<T>(88.72283935546875);
+template <>
+constexpr double kLogMax<double> = 709.782712893384;
 
 // T = float or double. All pointers address n contiguous elements unless stated otherwise.
 template <typename T>
@@ -58,8 +66,10 @@ struct ElementwiseKernels {
   // row-major: g, g_s2 and x (M rows) transposed, each row zero padded from M to ld, a multiple of 8.
   void (*clip_sddmm)(const T* gT, const T* gs2T, const T* xT, int64_t ld, int64_t K, const int64_t* crow,
                      const int32_t* col, const uint8_t* keep, const T* s2, T* gw, T* t3, int64_t r0, int64_t r1);
-  // Sparse-VD KL of n weights (eq. 14) and, when gw != nullptr, its gradients (see kl_cpu.cpp).
-  KlPartial (*kl)(const T* w, const T* ls2, T* gw, T* gls2, int64_t n);
+  // Sparse-VD KL of n weights (eq. 14) and, when gw != nullptr, its gradients (see kl_cpu.cpp);
+  // when thr != nullptr also the number of weights kept at evaluation, [log α < *thr] or θ not
+  // finite or log σ² not below kLogMax<T> (NaN, +inf, e^{log σ²} = inf): KlPartial::kept.
+  KlPartial (*kl)(const T* w, const T* ls2, T* gw, T* gls2, int64_t n, const T* thr);
 };
 
 struct Kernels {

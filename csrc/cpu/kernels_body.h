@@ -7,7 +7,7 @@
 constexpr int64_t kChunk = 480;  // ξ buffer per chunk (1.9 KB, L1), a multiple of every ISA's block
 
 // Defined after this body by the includer (simd/kl_vec.h, or kl_libm<float> in the portable build).
-inline KlPartial kl_f32(const float* w, const float* ls2, float* gw, float* gls2, int64_t n);
+inline KlPartial kl_f32(const float* w, const float* ls2, float* gw, float* gls2, int64_t n, const float* thr);
 // Likewise (simd/sigma2_vec.h, or sigma2_libm<float>).
 inline void sigma2_f32(const float* w, const float* ls2, float thr, float* wm, float* s2, uint8_t* state,
                        int64_t n);
@@ -255,17 +255,20 @@ void square(const T* __restrict x, T* __restrict out, int64_t n) {
 // KL in the working precision with the C library's functions: fp64 everywhere, and fp32 in the
 // portable build and for the SIMD kernels' tails. Same formulas as kl_f32 (kl_cpu.cpp's header).
 template <typename T>
-KlPartial kl_libm(const T* __restrict w, const T* __restrict ls2, T* __restrict gw, T* __restrict gls2, int64_t n) {
+KlPartial kl_libm(const T* __restrict w, const T* __restrict ls2, T* __restrict gw, T* __restrict gls2, int64_t n,
+                   const T* thr) {
   const T k1 = static_cast<T>(0.63576), k2 = static_cast<T>(1.87320), k3 = static_cast<T>(1.48695);
   const T clamp = static_cast<T>(10), eps = static_cast<T>(1e-8), one = 1, half = static_cast<T>(0.5);
   double total = 0;
   bool bad = false;
+  int64_t kept = 0;
   for (int64_t i = 0; i < n; ++i) {
     const T wi = w[i], li = ls2[i];
     bad |= !std::isfinite(wi) || !std::isfinite(li);
     const T w2 = wi * wi + eps;
     const T raw = li - std::log(w2);
     const T la = std::isnan(raw) ? raw : std::min(clamp, std::max(-clamp, raw));
+    if (thr != nullptr) kept += (la < *thr) || !std::isfinite(wi) || !(li < kLogMax<T>);
     const T z = k2 + k3 * la;
     const T ez = std::exp(-z);  // σ(z) = 1/(1+ez), σ(-z) = ez/(1+ez)
     const T el = std::exp(-la);
@@ -278,12 +281,12 @@ KlPartial kl_libm(const T* __restrict w, const T* __restrict ls2, T* __restrict 
       gw[i] = dla * ((static_cast<T>(-2) * wi) / w2);
     }
   }
-  return {total, bad};
+  return {total, bad, kept};
 }
 
 template <typename T>
 constexpr ElementwiseKernels<T> make_elementwise(void (*sigma2)(const T*, const T*, T, T*, T*, uint8_t*, int64_t),
-                                                 KlPartial (*kl)(const T*, const T*, T*, T*, int64_t)) {
+                                                 KlPartial (*kl)(const T*, const T*, T*, T*, int64_t, const T*)) {
   return {&lrt_forward<T>, &lrt_backward_gs2<T>, sigma2, &clip_grads<T>, &add_2x_mul<T>, &mul_inplace<T>,
           &square<T>, &transpose<T>, &clip_sddmm<T>, kl};
 }

@@ -16,12 +16,14 @@
 // exps per weight. NaN in θ or log σ² propagates into the KL and the gradients as in the reference
 // (the (la − la) terms), and sets the chunk's non-finite flag, which ±inf sets too.
 
+// la_out: log α of the lanes (for the kept count).
 template <bool kGrad>
-inline V::F kl_lanes(V::F w, V::F l, float* gw, float* gls2) {
+inline V::F kl_lanes(V::F w, V::F l, float* gw, float* gls2, V::F& la_out) {
   const V::F one = V::set1(1.0f), zero = V::zero();
   const V::F w2 = V::fmadd(w, w, V::set1(1e-8f));
   const V::F raw = V::sub(l, vlog<true>(w2));
   const V::F la = V::min(V::set1(10.0f), V::max(V::set1(-10.0f), raw));  // NaN stays NaN
+  la_out = la;
   const V::F nan_term = V::sub(la, la);                                   // 0, or NaN
   const V::F neg_la = V::sub(zero, la);
   const V::F t = vexp(V::min(la, neg_la));                                // e^{-|la|}
@@ -54,6 +56,16 @@ inline V::F kl_lanes(V::F w, V::F l, float* gw, float* gls2) {
   return kl;
 }
 
+// The lanes kept at evaluation (bit j: lane j), the rule of kernels.h ElementwiseKernels::kl:
+// log α < thr, or θ not finite (θ − θ is NaN), or log σ² not below kLogMax (NaN, +inf, or
+// e^{log σ²} = inf). la: the lanes' clamped log α (NaN where θ or log σ² is).
+inline int kept_bits(V::F w, V::F l, V::F la, V::F thr) {
+  const int below = V::bits(V::lt(la, thr));
+  const int finite_w = V::bits(V::lt(V::sub(w, w), V::set1(1.0f)));
+  const int small_l = V::bits(V::lt(l, V::set1(kLogMax<float>)));
+  return (below | ~(finite_w & small_l)) & V::kAllBits;
+}
+
 // Clamped lanes: where raw log α lies outside (−10, 10), KL is the constant KL(±10) and both
 // gradients are 0 (∂θ = 0·(−2θ/w2): a signed zero, NaN for |θ| ≥ 2^127). A weight that crossed
 // the clamp gets no KL gradient, and under train-time clipping no data gradient either, so the
@@ -66,12 +78,20 @@ inline V::F kl_lanes(V::F w, V::F l, float* gw, float* gls2) {
 // instead, and then the next 1, 3, 7, ... (at most kMaxSkip) blocks do so without classifying, so
 // a dense layer pays for one classification in kMaxSkip + 1 blocks. Indices are int32: callers pass
 // chunks (kl_cpu.cpp: 16384 weights).
-template <bool kGrad>
-inline KlPartial kl_vectors(const float* w, const float* ls2, float* gw, float* gls2, int64_t nvec) {
+//
+// With kCount, also the number of lanes kept at evaluation (kept_bits; `thr` the threshold): a
+// clamped lane has log α = ±10 exactly, so it is kept when ±10 < thr (or log σ² ≥ kLogMax); the
+// other lanes compare the log α kl_lanes computed. A popcount per vector, no extra pass.
+template <bool kGrad, bool kCount>
+inline KlPartial kl_vectors(const float* w, const float* ls2, float* gw, float* gls2, int64_t nvec, float thr) {
   constexpr int64_t kBlock = 16;   // vectors per block; also summed in fp32 lanes before adding into fp64
   constexpr int kMaxSkip = 31;
-  const V::F kl_hi = kl_lanes<false>(V::set1(1.0f), V::set1(20.0f), nullptr, nullptr);   // KL(10)
-  const V::F kl_lo = kl_lanes<false>(V::set1(1.0f), V::set1(-20.0f), nullptr, nullptr);  // KL(−10)
+  V::F la;
+  const V::F kl_hi = kl_lanes<false>(V::set1(1.0f), V::set1(20.0f), nullptr, nullptr, la);   // KL(10)
+  const V::F kl_lo = kl_lanes<false>(V::set1(1.0f), V::set1(-20.0f), nullptr, nullptr, la);  // KL(−10)
+  const V::F thr_v = V::set1(thr);
+  const int keep_hi = 10.0f < thr ? V::kAllBits : 0, keep_lo = -10.0f < thr ? V::kAllBits : 0;
+  int64_t kept = 0;
   const V::F zero = V::zero();
   alignas(64) int32_t idx[kBlock * V::W + V::W];
   alignas(64) float tw[V::W], tl[V::W], tgw[V::W], tgls2[V::W];
@@ -81,6 +101,7 @@ inline KlPartial kl_vectors(const float* w, const float* ls2, float* gw, float* 
   for (int64_t v0 = 0; v0 < nvec; v0 += kBlock) {
     const int64_t nv = std::min<int64_t>(kBlock, nvec - v0);
     V::F acc = zero;
+    int64_t kept_out = 0;  // the classified clamped lanes kept (dropped with acc if the block runs direct)
     bool direct = skip > 0;
     if (direct) {
       --skip;
@@ -96,6 +117,10 @@ inline KlPartial kl_vectors(const float* w, const float* ls2, float* gw, float* 
         const V::M out = V::mand(V::mor(hi, V::lt(d, V::set1(-10.0f - kSureBelow))),
                                  V::lt(w2, V::set1(INFINITY)));  // NaN lanes and θ² = inf: inside
         acc = V::add(acc, V::select(out, V::select(hi, kl_hi, kl_lo), zero));
+        if (kCount) {
+          const int hb = V::bits(hi), big = ~V::bits(V::lt(lv, V::set1(kLogMax<float>))) & V::kAllBits;
+          kept_out += __builtin_popcount(V::bits(out) & ((hb & keep_hi) | (~hb & keep_lo) | big));
+        }
         k += V::compress_lanes(idx + k, ~V::bits(out) & V::kAllBits, static_cast<int32_t>(i));
         if (kGrad) {
           V::store(gls2 + i, zero);
@@ -109,6 +134,7 @@ inline KlPartial kl_vectors(const float* w, const float* ls2, float* gw, float* 
         acc = zero;
       } else {
         backoff = 0;
+        kept += kept_out;
         // Groups of W indices; the last one padded with its first index, whose lanes are then
         // computed twice (not summed) and written twice with the same bits: fixed trip counts.
         for (int64_t q = 0; q < k; q += V::W) {
@@ -119,8 +145,10 @@ inline KlPartial kl_vectors(const float* w, const float* ls2, float* gw, float* 
             tw[t] = w[g[t]];
             tl[t] = ls2[g[t]];
           }
-          const V::F kl = kl_lanes<kGrad>(V::load(tw), V::load(tl), tgw, tgls2);
+          const V::F wg = V::load(tw), lg = V::load(tl);
+          const V::F kl = kl_lanes<kGrad>(wg, lg, tgw, tgls2, la);
           acc = V::add(acc, V::select(V::lt(V::iota(), V::set1(static_cast<float>(cnt))), kl, zero));
+          if (kCount) kept += __builtin_popcount(kept_bits(wg, lg, la, thr_v) & ((1 << cnt) - 1));
           if (kGrad) {
             for (int t = 0; t < V::W; ++t) {
               gw[g[t]] = tgw[t];
@@ -135,23 +163,32 @@ inline KlPartial kl_vectors(const float* w, const float* ls2, float* gw, float* 
         const int64_t i = v * V::W;
         const V::F wv = V::load(w + i), lv = V::load(ls2 + i);
         bad = V::add(bad, V::add(V::sub(wv, wv), V::sub(lv, lv)));
-        acc = V::add(acc, kl_lanes<kGrad>(wv, lv, kGrad ? gw + i : nullptr, kGrad ? gls2 + i : nullptr));
+        acc = V::add(acc, kl_lanes<kGrad>(wv, lv, kGrad ? gw + i : nullptr, kGrad ? gls2 + i : nullptr, la));
+        if (kCount) kept += __builtin_popcount(kept_bits(wv, lv, la, thr_v));
       }
     }
     total += static_cast<double>(V::hsum(acc));
   }
   const float b = V::hsum(bad);
-  return KlPartial{total, !(b == 0.0f)};
+  return KlPartial{total, !(b == 0.0f), kept};
 }
 
-inline KlPartial kl_f32(const float* w, const float* ls2, float* gw, float* gls2, int64_t n) {
+inline KlPartial kl_f32(const float* w, const float* ls2, float* gw, float* gls2, int64_t n, const float* thr) {
   const int64_t nvec = n / V::W, i = nvec * V::W;
-  KlPartial out = gw != nullptr ? kl_vectors<true>(w, ls2, gw, gls2, nvec)
-                                : kl_vectors<false>(w, ls2, nullptr, nullptr, nvec);
+  KlPartial out;
+  if (thr != nullptr) {
+    out = gw != nullptr ? kl_vectors<true, true>(w, ls2, gw, gls2, nvec, *thr)
+                        : kl_vectors<false, true>(w, ls2, nullptr, nullptr, nvec, *thr);
+  } else {
+    out = gw != nullptr ? kl_vectors<true, false>(w, ls2, gw, gls2, nvec, 0.0f)
+                        : kl_vectors<false, false>(w, ls2, nullptr, nullptr, nvec, 0.0f);
+  }
   if (i < n) {
-    const KlPartial tail = kl_libm<float>(w + i, ls2 + i, gw ? gw + i : nullptr, gls2 ? gls2 + i : nullptr, n - i);
+    const KlPartial tail =
+        kl_libm<float>(w + i, ls2 + i, gw ? gw + i : nullptr, gls2 ? gls2 + i : nullptr, n - i, thr);
     out.sum += tail.sum;
     out.nonfinite |= tail.nonfinite;
+    out.kept += tail.kept;
   }
   return out;
 }
