@@ -39,6 +39,23 @@ def kl_divergence(model: nn.Module) -> Tensor:
                                 check_finite=False)
 
 
+def kl_divergence_kept(model: nn.Module) -> Tuple[Tensor, Tensor]:
+    """:func:`kl_divergence` (the same value and gradients) and, from the same pass over θ and
+    log σ², the number of weights of each sparse-VD layer kept at evaluation (log α < the layer's
+    own ``threshold``; :func:`sparsevd.functional.kl_sparse_vd_kept`): the model's compression at
+    every step without a pass of its own (issue 23 item 7).
+
+    Returns:
+        (KL: 0-dim fp32 tensor, as :func:`kl_divergence`; kept: int64 (num_layers,) on the
+        parameters' device, in the order of :func:`svdo_layers`, not differentiable).
+    """
+    layers = [m for _, m in svdo_layers(model)]
+    if not layers:
+        return kl_divergence(model), torch.zeros(0, dtype=torch.int64)
+    return SF.kl_sparse_vd_kept([m.weight for m in layers], [m.log_sigma2 for m in layers],
+                                [m.threshold for m in layers], check_finite=False)
+
+
 def _check_train_size(train_size) -> int:
     """``train_size`` as a positive int; integral floats such as 60000.0 are accepted."""
     if isinstance(train_size, bool):
@@ -190,6 +207,10 @@ class SGVLB(nn.Module):
         self.output_key = output_key
         self.target = target
         self.epoch = 0.0
+        #: The per-layer kept counts of the last KL this criterion evaluated (int64
+        #: (num_layers,), :func:`kl_divergence_kept`; each layer's own threshold), counted in the
+        #: KL's own pass; None before the first KL and after a step whose β was 0 (no KL then).
+        self.kept: Optional[Tensor] = None
 
     @property
     def warmup_beta(self) -> float:
@@ -221,14 +242,24 @@ class SGVLB(nn.Module):
             return value
         return data_term(pred, targets, self.data_loss, self.ignore_index)
 
-    def with_kl(self, data: Tensor) -> Tensor:
+    def kl(self) -> Tensor:
+        """The model's KL (0-dim fp32, differentiable, as :func:`kl_divergence`); sets
+        :attr:`kept` from the same pass."""
+        kl, self.kept = kl_divergence_kept(self.model[0])
+        return kl
+
+    def with_kl(self, data: Tensor, kl: Optional[Tensor] = None) -> Tensor:
         """N · ``data`` + β · KL: the loss for a mean data term computed elsewhere (a 0-dim tensor,
-        e.g. the loss of a user function over a batch)."""
+        e.g. the loss of a user function over a batch). ``kl``: this step's :meth:`kl` if the
+        caller has it already (``fit`` computes it before the controller's step, which takes its
+        kept count); None: computed here, unless β = 0."""
         loss = data * self.train_size
         beta = self.beta
         if beta == 0.0:
+            if kl is None:
+                self.kept = None
             return loss
-        return loss + beta * kl_divergence(self.model[0])
+        return loss + beta * (self.kl() if kl is None else kl)
 
     def forward(self, output, targets: Tensor) -> Tensor:
         """output (the logits: (B, C), (B, T, C), or a dict / ModelOutput / tuple holding them;

@@ -65,7 +65,9 @@ class CompressionTarget:
             None: :data:`KI_PER_RAMP` / max(``ramp_steps``, 100), the integral's time scale that
             of the ramp (measured on LeNet-300-100 and a small MLP, benchmarks/NOTES.md).
         beta_min, beta_max: the range of β.
-        measure_every: measure the compression every that many steps (β is held in between).
+        measure_every: measure the compression every that many steps (β is held in between)
+            when :meth:`step` is not given the count (``fit`` gives it every step, from the KL's
+            pass: :attr:`sparsevd.loss.SGVLB.kept`).
 
     Attributes:
         beta: the current β (1 before the first step).
@@ -151,7 +153,8 @@ class CompressionTarget:
 
         Args:
             kept: the number of sparse-VD weights kept (log α < threshold), if the caller has it
-                (e.g. from the KL pass); None: counted here (every ``measure_every`` steps).
+                (e.g. from the KL pass: ``SGVLB.kl()`` then ``int(crit.kept.sum())``, as ``fit``
+                does); None: counted here (every ``measure_every`` steps).
         """
         if kept is None and self.steps % self.measure_every:
             self.steps += 1

@@ -183,7 +183,9 @@ def fit(
         threshold: log α pruning threshold of the converted layers.
         train_size: N of the SGVLB (default: ``len(train_loader.dataset)``).
         device: where to train (default: the model's parameters' device).
-        progress: show a tqdm progress bar per epoch (on stderr).
+        progress: show a tqdm progress bar per epoch (on stderr): the mean loss and, in the
+            sparse-VD phase, the compression of the converted layers and of the whole model after
+            every step, counted in the KL's own pass (no pass of its own; issue 23 item 7).
         on_epoch: called with each epoch's history row (a dict) after its evaluation and its
             checkpoint (on rank 0 only in a process group).
         checkpoint_dir: directory of the per-epoch checkpoints (None: none are written).
@@ -323,6 +325,9 @@ class _Run:
     freed_memory_kept: bool = False
     last_finite: Optional[float] = None
     epoch_seconds: float = 0.0  # the training time of the epoch in progress
+    prunable: int = 0  # the sparse-VD layers' weights (the sparse-VD phase's)
+    model_params: int = 0  # every parameter but log σ² (the whole model's compression)
+    kl_count_for_target: bool = False  # the KL's kept count is the controller's (same thresholds)
     epoch_means: Tuple[float, float] = (0.0, 0.0)  # its mean loss and cross-entropy over the ranks
 
     @property
@@ -361,10 +366,14 @@ class _Run:
     def sgvlb(self) -> SGVLB:
         """The SGVLB of the sparse-VD phase, with a fresh compression controller when a target
         is asked for (its setpoint ramped over the first TARGET_RAMP of the phase)."""
+        layers = [m for _, m in svdo_layers(self.model)]
+        self.prunable = sum(m.weight.numel() for m in layers)
+        self.model_params = sum(p.numel() for n, p in self.model.named_parameters() if not n.endswith("log_sigma2"))
         if self.target_compression is not None:
             ramp = int(TARGET_RAMP * (self.epochs - self.pretrain) * self.steps_per_epoch)
             self.controller = CompressionTarget(self.model, self.target_compression, self.target_scope,
                                                 threshold=self.threshold, ramp_steps=ramp)
+            self.kl_count_for_target = all(m.threshold == self.controller.threshold for m in layers)
         return SGVLB(self.model, self.train_size, kl_warmup_epochs=self.kl_warmup_epochs,
                      target=self.controller)
 
@@ -465,19 +474,31 @@ def _data_term(r: _Run, batch) -> torch.Tensor:
     return F.cross_entropy(r.net(x), y)
 
 
+def _svd_loss(r: _Run, data: torch.Tensor, epoch: int, i: int) -> torch.Tensor:
+    """N · data term + β · KL at this step. The KL's pass also counts the weights kept
+    (``r.crit.kept``), before the controller's step, which takes that count: the compression of
+    the parameters of this step, as a pass of its own would measure it (none is run). At β = 0
+    (the first step of the warm-up) the KL is not in the loss: it is run without gradients for
+    the count only, when the controller or the progress bar wants it."""
+    r.crit.epoch = epoch - r.pretrain + i / r.steps_per_epoch  # β rises per step
+    kl = None
+    if r.crit.warmup_beta != 0.0:
+        kl = r.crit.kl()
+    elif r.controller is not None or r.progress_bar:
+        with torch.no_grad():
+            kl = r.crit.kl()  # not in the loss: with_kl leaves it out at β = 0
+    if r.controller is not None:
+        r.controller.step(kept=int(r.crit.kept.sum()) if r.kl_count_for_target else None)
+    return r.crit.with_kl(data, kl=kl)
+
+
 def _train_step(r: _Run, batch, epoch: int, i: int, phase_svd: bool) -> Tuple[float, float]:
     """One step: forward (autocast), the loss (N · data term + β · KL with β at this step, or the
     data term), the divergence check, backward, Adam, the schedule. Returns (loss per example,
     data term)."""
     with autocast(r.amp, r.device):
         data = _data_term(r, batch)
-        if phase_svd:
-            r.crit.epoch = epoch - r.pretrain + i / r.steps_per_epoch  # β rises per step
-            if r.controller is not None:
-                r.controller.step()
-            loss = r.crit.with_kl(data)
-        else:
-            loss = data
+        loss = _svd_loss(r, data, epoch, i) if phase_svd else data
     loss_per_example = float(loss.detach()) / (r.train_size if phase_svd else 1)
     if not distributed.all_finite(loss_per_example, r.device):
         raise step_diverged(r.model, epoch=epoch, step=i, steps_per_epoch=r.steps_per_epoch,
@@ -516,13 +537,8 @@ def _train_epoch(r: _Run, train_loader, epoch: int) -> None:
         ce_sum += ce
         r.progress.step_ms.append(1e3 * (time.perf_counter() - t_step))
         n_batches += 1
-        if i % 50 == 0 and r.progress_bar:
-            shown = {"loss": f"{loss_sum / n_batches:.4f}"}
-            if phase_svd and r.controller is not None:  # measured by the controller anyway
-                shown.update(compression=f"{r.controller.compression:.1f}x", beta=f"{r.crit.beta:.3g}")
-            elif phase_svd:  # one cheap pass per layer every 50 steps (functional.kept_count)
-                shown.update(compression=f"{report(r.model).compression:.1f}x")
-            bar.set_postfix(**shown)
+        if r.progress_bar:
+            bar.set_postfix(_progress_fields(r, loss_sum / n_batches, phase_svd), refresh=False)
     bar.close()
     if r.device.type == "cuda":
         torch.cuda.synchronize(r.device)
@@ -530,6 +546,22 @@ def _train_epoch(r: _Run, train_loader, epoch: int) -> None:
     r.progress.train_seconds += r.epoch_seconds
     loss_sum, ce_sum, n_batches = distributed.sum_over_ranks([loss_sum, ce_sum, n_batches], r.device)
     r.epoch_means = (loss_sum / max(n_batches, 1), ce_sum / max(n_batches, 1))
+
+
+def _progress_fields(r: _Run, mean_loss: float, phase_svd: bool) -> dict:
+    """The progress bar's fields after a step: the epoch's mean loss and, in the sparse-VD phase,
+    the compression of the converted layers and of the whole model (every parameter but log σ²,
+    the unconverted ones counted as kept) from this step's KL pass (``r.crit.kept``: no pass of
+    its own), and the controller's β."""
+    shown = {"loss": f"{mean_loss:.4f}"}
+    if phase_svd and r.crit.kept is not None:
+        kept = int(r.crit.kept.sum())
+        fixed = r.model_params - r.prunable
+        shown["compression"] = f"{r.prunable / kept:.1f}x" if kept else "inf"
+        shown["model"] = f"{r.model_params / (kept + fixed):.1f}x" if kept + fixed else "inf"
+    if phase_svd and r.controller is not None:
+        shown["beta"] = f"{r.crit.beta:.3g}"
+    return shown
 
 
 def _end_epoch(r: _Run, test_loader, epoch: int, on_epoch) -> None:

@@ -195,3 +195,72 @@ def test_a_resumed_run_with_a_target_equals_the_uninterrupted_one(tmp_path):
     resumed = run(tmp_path / "b", resume=True)
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_fit_shows_the_compression_of_every_step_from_the_kl_pass(monkeypatch):
+    """fit's progress bar shows, after every step of the sparse-VD phase, the compression of the
+    converted layers and of the whole model (the embedding counted as kept) that the report gives
+    for the parameters the step's KL saw, counted in the KL's own pass: the controller counts
+    nothing itself (count_kept is never called) and no kept_count pass runs in the loop."""
+    import sparsevd.train as T
+
+    shown, measured = [], []
+    fields = T._progress_fields
+
+    def record_fields(r, mean_loss, phase_svd):
+        out = fields(r, mean_loss, phase_svd)
+        shown.append((phase_svd, out))
+        return out
+
+    kl = SGVLB.kl
+
+    def measure_then_kl(self):
+        rep = sparsevd.report(self.model[0])  # the parameters this step's KL reads
+        measured.append((f"{rep.compression:.1f}x", f"{rep.model_compression:.1f}x"))
+        return kl(self)
+
+    def no_count(self):
+        raise AssertionError("the controller counted the kept weights with a pass of its own")
+
+    monkeypatch.setattr(T, "_progress_fields", record_fields)
+    monkeypatch.setattr(SGVLB, "kl", measure_then_kl)
+    monkeypatch.setattr(CompressionTarget, "count_kept", no_count)
+    torch.manual_seed(5)
+    model = _Embedded()
+    loader = _Batches(*_data(0, 512), 64)
+    fit(model, loader, None, epochs=3, pretrain_epochs=1, kl_warmup_epochs=1, lr=1e-2, progress=True,
+        mc_samples=0, target_compression=4.0, target_scope="model")
+    svd_rows = [out for phase, out in shown if phase]
+    assert len(svd_rows) == 2 * len(loader) == len(measured)
+    assert all(set(out) == {"loss"} for phase, out in shown if not phase)
+    for out, (linear, whole) in zip(svd_rows, measured):
+        assert (out["compression"], out["model"]) == (linear, whole)
+        assert "beta" in out
+    assert len({out["compression"] for out in svd_rows}) > 1  # it moves from step to step
+
+
+def test_sgvlb_exposes_the_kept_counts_of_its_kl():
+    """SGVLB.kept after a loss: the per-layer counts of the KL's own pass (each layer's threshold),
+    equal to the report's rows; the loss and its gradients are those with kl_divergence; a step
+    at β = 0 evaluates no KL and leaves no counts."""
+    torch.manual_seed(6)
+    model = sparsevd.convert(nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 7)))
+    layers = [m for m in model.modules() if isinstance(m, sparsevd.nn.SVDO_LAYERS)]
+    with torch.no_grad():
+        for m in layers:
+            m.log_sigma2.uniform_(-12, 6)
+    layers[1].threshold = 0.5
+    crit = SGVLB(model, 100, kl_warmup_epochs=0)
+    assert crit.kept is None
+    x, y = torch.randn(5, 30), torch.randint(0, 7, (5,))
+    data = F.cross_entropy(model.eval()(x), y)
+    loss = crit.with_kl(data)
+    rep = sparsevd.report(model)
+    assert crit.kept.tolist() == [r.nonzero for r in rep.layers]
+    want = 100 * data + kl_divergence(model)
+    assert torch.equal(loss, want)
+    g = torch.autograd.grad(loss, [m.log_sigma2 for m in layers], retain_graph=True)
+    g_want = torch.autograd.grad(want, [m.log_sigma2 for m in layers])
+    assert all(torch.equal(a, b) for a, b in zip(g, g_want))
+    warm = SGVLB(model, 100, kl_warmup_epochs=1)
+    assert torch.equal(warm.with_kl(data), 100 * data) and warm.kept is None
