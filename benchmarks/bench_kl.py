@@ -10,6 +10,8 @@ gradients here), bwd (the backward of that KL), full (both). Providers:
   - ``reference_compiled``: torch.compile of that sum (default mode);
   - ``sparsevd``: sparsevd.functional.kl_sparse_vd_many (one torch.ops.sparsevd.kl_sparse_vd
     call: one kernel launch for all layers plus the sum of its partials), SPARSEVD_BACKEND=triton;
+  - ``sparsevd_kept``: sparsevd.functional.kl_sparse_vd_kept (the same op with the per-layer count
+    of the weights kept at evaluation, log α < 3, in the same launch: issue 23 item 7);
   - ``copy``: a device-to-device copy moving as many bytes as the fused op's full step
     (dst.copy_(src) of 2 floats per weight read and written), the bandwidth yardstick.
 ``gbps`` uses the byte floor of benchmarks/NOTES.md: fwd reads θ and log σ² and writes ∂θ and
@@ -20,7 +22,7 @@ GPU only (triton.testing.do_bench, L2 flushed); without CUDA the script stops wi
 unless ``--smoke`` (a tiny model on CPU, kernels in Triton's interpreter, nothing saved).
 
 Usage: python -m benchmarks.bench_kl [--models 0.27M 15M 100M] [--modes fwd bwd full]
-       [--providers reference reference_compiled sparsevd copy] [--no-save] [--smoke]
+       [--providers reference reference_compiled sparsevd sparsevd_kept copy] [--no-save] [--smoke]
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ MODELS: Dict[str, List[Tuple[int, ...]]] = {
     "100M": [(4096, 3072)] * 8,
 }
 SMOKE_MODEL = [(30, 20), (7,)]
-PROVIDERS = ("reference", "reference_compiled", "sparsevd", "copy")
+PROVIDERS = ("reference", "reference_compiled", "sparsevd", "sparsevd_kept", "copy")
 MODES = ("fwd", "bwd", "full")
 
 
@@ -68,6 +70,7 @@ def bench_model(name: str, shapes, device: str, providers, modes) -> List[Dict]:
         "reference": lambda: _reference_kl(ws, ls),
         "reference_compiled": lambda: compiled(ws, ls),
         "sparsevd": lambda: SF.kl_sparse_vd_many(ws, ls),
+        "sparsevd_kept": lambda: SF.kl_sparse_vd_kept(ws, ls, [3.0] * len(ws))[0],
     }
     old_check, SF.CHECK_NAN = SF.CHECK_NAN, False  # the NaN check syncs the host: not the kernel
     rows = []

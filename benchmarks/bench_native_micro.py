@@ -14,6 +14,10 @@ Sections (``--sections``):
           (784→300, 300→100, 100→10), and 1024→1024 at B = 256: dense F.linear, reference, native;
   kl      the KL of LeNet-300-100's three layers, value + both gradients (the op) and op +
           backward: reference vs native;
+  kept    the native KL op (value + both gradients; value only) without and with the per-layer
+          count of the weights kept at evaluation, and the op followed by functional.kept_count per
+          layer (the count as a pass of its own), at LeNet-300-100's and MiniLM-L6's linear shapes,
+          log α dense around −3 and 90 % clamped;
   products the two forward / four backward GEMMs of an LRT linear layer (LeNet fc1 100x784->300
           and 256x1024->1024): one after the other (mm, each multi-threaded), concurrently (one
           single-threaded mm per thread: the native op with native_set_products), and as one bmm
@@ -31,7 +35,7 @@ Sections (``--sections``):
 share of the step per category (GEMM, Adam, KL, LRT kernels, ...).
 
 Usage: python -m benchmarks.bench_native_micro [--rounds 5] [--reps 20] [--threads 1 2] [--timer wall|cpu]
-       [--sections noise linear kl products xi step] [--profile] [--json FILE]
+       [--sections noise linear kl kept products xi step] [--profile] [--json FILE]
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ import torch.nn.functional as F
 
 import sparsevd
 import sparsevd.functional as SF
+from sparsevd.allocator import keep_freed_memory
 from sparsevd.metadata import cpu_name
 from sparsevd.loss import SGVLB
 from sparsevd.ops import noise
@@ -177,6 +182,54 @@ def bench_kl(args, rows):
     times = interleaved(cases, args.rounds, args.reps)
     report(f"KL of LeNet-300-100 (266,200 weights), {torch.get_num_threads()} thread(s)", times,
            base="op reference", rows=rows, threads=torch.get_num_threads())
+
+
+# ----------------------------------------------------------------------------------------- kept
+#: The kept section's models: LeNet-300-100's weights and the linear layers of a MiniLM-L6 BERT
+#: (6 blocks of 384x384 x4, 1536x384, 384x1536: 10.6M weights).
+KEPT_MODELS = {"LeNet-300-100": [(n, k) for _, k, n in LENET],
+               "MiniLM-L6 linear": [(384, 384)] * 24 + [(1536, 384), (384, 1536)] * 6}
+
+
+def _kept_params(shapes, sparse: bool):
+    """θ ~ N(0, 1/k) and log σ²: log α ~ N(−3, 2²) everywhere ("dense", every lane computed), or
+    90 % of the weights far past the clamp (log α ≈ 12: "sparse", a late training step whose
+    blocks the fp32 kernel classifies without the log)."""
+    ws, ls = [], []
+    for n, k in shapes:
+        w = torch.randn(n, k) / k ** 0.5
+        la = torch.randn(n, k) * 2 - 3
+        if sparse:
+            la = torch.where(torch.rand(n, k) < 0.9, 12 + torch.rand(n, k), la)
+        ws.append(w.requires_grad_())
+        ls.append((la + torch.log(w.detach() ** 2 + 1e-8)).requires_grad_())
+    return ws, ls
+
+
+def bench_kept(args, rows):
+    """The KL op (value and both gradients, native backend) without and with the kept count of
+    every layer (issue 23 item 7), and the op followed by the count as a pass of its own
+    (functional.kept_count per layer, what fit ran before). The heap keeps freed memory, as in
+    fit (sparsevd.allocator.keep_freed_memory: the gradient buffers fault no pages in)."""
+    keep_freed_memory()
+    for model, shapes in KEPT_MODELS.items():
+        for sparse in (False, True):
+            ws, ls = _kept_params(shapes, sparse)
+            thrs = [3.0] * len(ws)
+            K = torch.ops.sparsevd.native_kl_sparse_vd
+            cases = {
+                "op": lambda: K(ws, ls, True),
+                "op + count": lambda: K(ws, ls, True, thrs),
+                "op, then kept_count pass": lambda: (K(ws, ls, True),
+                                                     [SF.kept_count(w.detach(), s.detach(), 3.0) for w, s in zip(ws, ls)]),
+                "value only": lambda: K(ws, ls, False),
+                "value only + count": lambda: K(ws, ls, False, thrs),
+            }
+            times = interleaved(cases, args.rounds, args.reps)
+            n = sum(w.numel() for w in ws)
+            report(f"KL with the kept count, {model} ({n:,} weights, {'90 % clamped' if sparse else 'dense'}), "
+                   f"{torch.get_num_threads()} thread(s)", times, base="op", rows=rows,
+                   threads=torch.get_num_threads(), model=model, sparse=sparse)
 
 
 # ------------------------------------------------------------------------------------- products
@@ -319,7 +372,7 @@ def profile_step(args):
         print(f"  {cat:<62} {100.0 * t / total:5.1f} %   {t / n / 1e3:7.3f} ms/step")
 
 
-SECTIONS = {"noise": bench_noise, "linear": bench_linear, "kl": bench_kl, "products": bench_products,
+SECTIONS = {"noise": bench_noise, "linear": bench_linear, "kl": bench_kl, "kept": bench_kept, "products": bench_products,
             "xi": bench_xi, "step": bench_step}
 
 

@@ -57,13 +57,13 @@ inline V::F kl_lanes(V::F w, V::F l, float* gw, float* gls2, V::F& la_out) {
 }
 
 // The lanes kept at evaluation (bit j: lane j), the rule of kernels.h ElementwiseKernels::kl:
-// log α < thr, or θ not finite (θ − θ is NaN), or log σ² not below kLogMax (NaN, +inf, or
-// e^{log σ²} = inf). la: the lanes' clamped log α (NaN where θ or log σ² is).
+// log α < thr, or θ not finite, or log σ² not below kLogMax (NaN, +inf, or e^{log σ²} = inf).
+// The last two in one compare: log σ² + (θ − θ) is log σ² for a finite θ and NaN otherwise.
+// la: the lanes' clamped log α.
 inline int kept_bits(V::F w, V::F l, V::F la, V::F thr) {
   const int below = V::bits(V::lt(la, thr));
-  const int finite_w = V::bits(V::lt(V::sub(w, w), V::set1(1.0f)));
-  const int small_l = V::bits(V::lt(l, V::set1(kLogMax<float>)));
-  return (below | ~(finite_w & small_l)) & V::kAllBits;
+  const int ordinary = V::bits(V::lt(V::add(l, V::sub(w, w)), V::set1(kLogMax<float>)));
+  return (below | ~ordinary) & V::kAllBits;
 }
 
 // Clamped lanes: where raw log α lies outside (−10, 10), KL is the constant KL(±10) and both
