@@ -14,7 +14,8 @@
 // 1/((1+t)(2+t)(1+ez)), from which the three reciprocals follow by products (the product lies in
 // [2, 2.7e6]); 1/w2 has its own (θ is unbounded: 0 for θ² > 2^126, where −2θ/w2 < 1e-18). One log and two
 // exps per weight. NaN in θ or log σ² propagates into the KL and the gradients as in the reference
-// (the (la − la) terms), and sets the chunk's non-finite flag, which ±inf sets too.
+// (the (la − la) terms), and sets the chunk's non-finite flag, which ±inf sets too. With a
+// threshold (kl_f32's thr) the lanes kept at evaluation are counted from the same la (kept_bits).
 
 // la_out: log α of the lanes (for the kept count).
 template <bool kGrad>
