@@ -516,8 +516,10 @@ def kept_count(weight: Tensor, log_sigma2: Tensor, threshold: float, check_finit
         rows, _ = torch.ops.sparsevd.native_clip_occupancy(weight.contiguous(), log_sigma2.contiguous(),
                                                             threshold)
         return int(rows.sum())
-    # the kernel's rule: a weight whose θ·0 or σ²·0 is NaN (θ or σ² = e^{log σ²} not finite) is kept
-    nonfinite = ~torch.isfinite(weight) | ~torch.isfinite(torch.exp(log_sigma2))
+    # the kernel's rule: a weight whose θ·0 or σ²·0 is NaN (θ or σ² = e^{log σ²} not finite) is kept;
+    # σ² in at least fp32, as the KL kernels count (in fp16 e^{log σ²} overflows at log σ² ≈ 11.1)
+    wide = torch.promote_types(log_sigma2.dtype, torch.float32)
+    nonfinite = ~torch.isfinite(weight) | ~torch.isfinite(torch.exp(log_sigma2.to(wide)))
     return int((eval_mask(weight, log_sigma2, threshold) | nonfinite).sum())
 
 

@@ -186,6 +186,20 @@ def test_kept_count_nonfinite_rule(device):
     assert kept.tolist()[1] == int(naive_kept_mask(w2, ls22, 0.0).sum()) == 7  # e^100 is finite in fp64
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kept_count_half_precision_counts_sigma2_in_fp32(dtype):
+    """A half-precision layer whose log σ² is above fp16's exp range (≈ 11.1) is dropped, not
+    counted as a non-finite (kept) weight: kept_count's σ² is at least fp32, as the KL's count."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    w = (torch.rand(64, 32, generator=g) + 0.5).to(dtype)  # |θ| in [0.5, 1.5): log θ² < 0.82
+    ls2 = torch.empty(64, 32).uniform_(-8.0, 20.0, generator=g).to(dtype)
+    expected = int(W.eval_mask(w.float(), ls2.float(), 3.0).sum())
+    assert 0 < expected < w.numel() and (ls2.float() > 11.5).any()
+    assert SF.kept_count(w, ls2, 3.0) == expected
+    _, _, _, kept = KEPT_OP([w.float()], [ls2.float()], False, [3.0])
+    assert kept.tolist() == [expected]
+
+
 def test_kept_op_leaves_the_kl_unchanged(device):
     """kl_sparse_vd_kept's KL and gradients are kl_sparse_vd's, bit for bit (the same pass), with
     and without gradients, through autograd (β ≠ 1) and the functional API."""
