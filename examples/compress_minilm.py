@@ -221,15 +221,42 @@ def batches(n: int, bs: int, steps: int, seed: int, lengths: Optional[Sequence[i
         yield pool.pop()
 
 
-def distil(student: nn.Module, tok, train: List[str], targets: torch.Tensor, args, opt,
+def token_cosine_distance(student_out, teacher_out, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the layers' hidden states (embeddings output and each of the L blocks) and over
+    the real tokens of 1 − cosine(student, teacher): the layer-wise distillation loss."""
+    m = mask.to(student_out.hidden_states[0].dtype)
+    per_layer = [((1 - F.cosine_similarity(hs, ht, dim=-1)) * m).sum() / m.sum()
+                 for hs, ht in zip(student_out.hidden_states, teacher_out.hidden_states)]
+    return torch.stack(per_layer).mean()
+
+
+def distil_loss(student: nn.Module, teacher: nn.Module, b: Dict[str, torch.Tensor], target: torch.Tensor,
+                loss: str) -> torch.Tensor:
+    """The data term of one batch: "embedding": mean cosine distance of the mean-pooled sentence
+    embeddings to the teacher's (``target``, (B, 384)); "hidden": that plus the layer-wise
+    :func:`token_cosine_distance` to the teacher's hidden states (the teacher run here, no grad)."""
+    inputs = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    if loss == "embedding":
+        return (1 - F.cosine_similarity(embed(student, b), target, dim=-1)).mean()
+    out = student(**inputs, output_hidden_states=True)
+    with torch.no_grad():
+        ref = teacher(**inputs, output_hidden_states=True)
+    m = b["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+    pooled = (out.last_hidden_state * m).sum(1) / m.sum(1)
+    sentence = (1 - F.cosine_similarity(pooled, target, dim=-1)).mean()
+    return sentence + token_cosine_distance(out, ref, b["attention_mask"])
+
+
+def distil(student: nn.Module, teacher: nn.Module, tok, train: List[str], targets: torch.Tensor, args, opt,
            extra_loss=None, on_step=None, log=None) -> float:
-    """Train ``student`` for ``args.steps`` steps on cosine distance to ``targets``; returns seconds."""
+    """Train ``student`` for ``args.steps`` steps on :func:`distil_loss` (``args.loss``) to the
+    teacher; returns seconds."""
     student.train()
     lengths = token_lengths(tok, train, args.max_len)
     t0 = time.perf_counter()
     for step, idx in enumerate(batches(len(train), args.batch, args.steps, args.seed, lengths)):
         b = tokenize(tok, [train[i] for i in idx], args.max_len)
-        data = (1 - F.cosine_similarity(embed(student, b), targets[idx], dim=-1)).mean()
+        data = distil_loss(student, teacher, b, targets[idx], args.loss)
         loss = data + (extra_loss(step) if extra_loss else 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -255,25 +282,59 @@ def no_dropout(model: nn.Module) -> nn.Module:
 def run_sparse_vd(teacher, tok, train, targets, args, recipe: PretrainedRecipe):
     """Sparse VD; with ``args.target`` a :class:`sparsevd.target.CompressionTarget` on the linear
     layers sets β each step (loss = data + kl_scale · β · KL / N, the setpoint ramped from 1× to
-    the target over ``args.ramp_frac`` of the steps), else the recipe's KL warm-up."""
-    student = sparsevd.convert(no_dropout(copy.deepcopy(teacher)), init=args.init)
+    the target over ``args.ramp_frac`` of the sparse-VD steps), else the recipe's KL warm-up.
+    With ``args.finetune_frac`` the last steps train the pruned student deterministically
+    (:func:`FixedMask`): the analogue of gradual magnitude pruning's fixed-mask tail."""
+    student = sparsevd.convert(no_dropout(copy.deepcopy(teacher)), init=args.init, train_clip=args.train_clip)
     opt = recipe.optimizer(student)
     n = len(train)
-    ctl = (CompressionTarget(student, args.target, scope="linear", ramp_steps=int(args.ramp_frac * args.steps),
+    svd_steps = args.steps - int(args.finetune_frac * args.steps)
+    ctl = (CompressionTarget(student, args.target, scope="linear", ramp_steps=int(args.ramp_frac * svd_steps),
                              measure_every=args.measure_every) if args.target else None)
+    fixed: List[FixedMask] = []
 
     def kl(step):
+        if step >= svd_steps:
+            return 0.0
         weight = recipe.kl_scale * ctl.step() if ctl else recipe.kl_weight(step)
         return weight * kl_divergence(student) / n
 
+    def on_step(step):
+        if step + 1 == svd_steps:
+            fixed.extend(FixedMask(m) for m in student.modules() if isinstance(m, LinearSVDO))
+        for f in fixed:
+            f.hold()
+
     def log(step, data, secs):
         lin, kept = linear_counts(student)
+        phase = "  fixed mask" if step >= svd_steps else ""
         beta = f"  β {ctl.beta:.3g} (setpoint {ctl.setpoint():.2f}x)" if ctl else f"  kl-w {recipe.kl_weight(step):.3g}"
-        print(f"  sparse_vd step {step:5d}  cos-dist {data:.4f}  linear {lin / max(kept, 1):6.2f}x{beta}  "
+        print(f"  sparse_vd step {step:5d}  cos-dist {data:.4f}  linear {lin / max(kept, 1):6.2f}x{beta}{phase}  "
               f"{secs:7.1f} s", flush=True)
 
-    secs = distil(student, tok, train, targets, args, opt, kl, log=log)
+    secs = distil(student, teacher, tok, train, targets, args, opt, kl, on_step=on_step, log=log)
     return student.eval(), secs
+
+
+class FixedMask:
+    """A sparse-VD layer switched to deterministic fine-tuning: log σ² frozen, the layer in eval
+    mode (the masked forward θ ⊙ [log α < threshold], gradients to the kept θ only); :meth:`hold`
+    after each optimiser step keeps the mask as it was taken (dropped θ at 0, kept |θ| at least
+    the floor that keeps log α below the threshold)."""
+
+    def __init__(self, layer: LinearSVDO) -> None:
+        self.layer = layer
+        layer.log_sigma2.requires_grad_(False)
+        layer.eval()
+        with torch.no_grad():
+            self.mask = layer.mask()
+            self.floor = torch.exp(0.5 * (layer.log_sigma2 - layer.threshold)) * 1.01
+            layer.weight.mul_(self.mask)
+
+    @torch.no_grad()
+    def hold(self) -> None:
+        w = self.layer.weight
+        w.copy_(torch.where(self.mask, torch.where(w.abs() < self.floor, torch.copysign(self.floor, w), w), 0.0))
 
 
 def run_magnitude(teacher, tok, train, targets, args, final_sparsity: float):
@@ -293,7 +354,8 @@ def run_magnitude(teacher, tok, train, targets, args, final_sparsity: float):
         print(f"  magnitude step {step:5d}  cos-dist {data:.4f}  linear {pruner.total / kept:6.2f}x  {secs:7.1f} s",
               flush=True)
 
-    secs = distil(student, tok, train, targets, args, opt, on_step=lambda step: pruner.step(), log=log)
+    secs = distil(student, teacher, tok, train, targets, args, opt, on_step=lambda step: pruner.step(),
+                  log=log)
     pruner.finish()
     return student.eval(), secs
 
@@ -339,14 +401,16 @@ def evaluate(method, model, teacher, tok, held, held_targets, args, steps, secs)
     row = dict(method=method, compression_linear=round(c_lin, 3), compression_model=round(c_model, 3),
                fidelity_cosine=round(cos.mean().item(), 4), fidelity_cosine_min=round(cos.min().item(), 4),
                latency_ratio_b1=round(lat[1], 3), latency_ratio_b32=round(lat[32], 3), steps=steps,
-               seconds=round(secs, 1), batch=args.batch, max_len=args.max_len,
+               seconds=round(secs, 1), loss=args.loss, batch=args.batch, max_len=args.max_len,
                train_sentences=args.n_train, held_sentences=len(held), init=str(args.init),
                lr=args.lr, log_sigma2_lr=args.log_sigma2_lr, kl_scale=args.kl_scale,
-               warmup_steps=args.warmup_steps, target=args.target or None, ramp_frac=args.ramp_frac, quick=bool(args.quick),
+               warmup_steps=args.warmup_steps, target=args.target or None, ramp_frac=args.ramp_frac,
+               finetune_frac=args.finetune_frac,
+               train_clip=args.train_clip, quick=bool(args.quick),
                device="AMD EPYC (Zen 4), 2 vCPU shared" if not torch.cuda.is_available() else "cuda",
                torch=torch.__version__, date=datetime.date.today().isoformat())
     if method == "magnitude":  # the sparse-VD settings do not apply
-        for k in ("init", "log_sigma2_lr", "kl_scale", "warmup_steps", "target", "ramp_frac"):
+        for k in ("init", "log_sigma2_lr", "kl_scale", "warmup_steps", "target", "ramp_frac", "train_clip", "finetune_frac"):
             row.pop(k)
         row.update(prune_frac=args.prune_frac, prune_every=args.prune_every)
     print(f"{method}: linear {c_lin:.2f}x, model {c_model:.2f}x, cosine {row['fidelity_cosine']:.4f} "
@@ -399,12 +463,20 @@ def parse_args(argv):
                     help="sparse VD's compression target on the linear layers (CompressionTarget); 0: none, "
                          "the recipe's fixed KL weight")
     ap.add_argument("--ramp-frac", type=float, default=0.6, help="fraction of steps of the target's ramp")
+    ap.add_argument("--finetune-frac", type=float, default=0.0,
+                    help="sparse VD: the last fraction of the steps trains the pruned student deterministically "
+                         "(mask and log σ² frozen, no noise, no KL)")
     ap.add_argument("--measure-every", type=int, default=5, help="steps between the target's measurements")
     ap.add_argument("--magnitude-sparsity", type=float, default=None,
                     help="final sparsity of magnitude pruning (default: 1 - 1/target, or what sparse VD "
                          "reached without a target)")
     ap.add_argument("--prune-frac", type=float, default=0.75, help="fraction of steps of the cubic ramp")
     ap.add_argument("--prune-every", type=int, default=10)
+    ap.add_argument("--loss", choices=["embedding", "hidden"], default="hidden",
+                    help="distillation loss: cosine distance of the sentence embeddings, or that plus the "
+                         "layer-wise cosine distance of every hidden state (token level)")
+    ap.add_argument("--train-clip", action="store_true",
+                    help="sparse VD's train-time clipping (weights with log α ≥ 3 leave the LRT)")
     ap.add_argument("--threads", type=int, default=2, help="training threads")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--min-time", type=float, default=0.2)
