@@ -58,3 +58,47 @@ def test_quick_run_writes_rows_and_table(tmp_path):
     cm.main(["--readme", str(readme), "--table", str(out)])
     text = readme.read_text()
     assert "old" not in text and "| sparse_vd |" in text and "| magnitude |" in text
+
+
+def test_token_cosine_distance_against_the_formula():
+    """The layer-wise loss: per layer, 1 − cosine per real token averaged over the real tokens,
+    then over the layers; padded tokens do not count; identical states give 0."""
+    import types
+    import torch
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    hs = [torch.randn(3, 5, 8, generator=g) for _ in range(4)]
+    ht = [torch.randn(3, 5, 8, generator=g) for _ in range(4)]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    got = cm.token_cosine_distance(types.SimpleNamespace(hidden_states=hs),
+                                   types.SimpleNamespace(hidden_states=ht), mask)
+    real = mask.bool()
+    want = sum((1 - torch.nn.functional.cosine_similarity(a[real], b[real], dim=-1)).mean() for a, b in zip(hs, ht)) / 4
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    zero = cm.token_cosine_distance(types.SimpleNamespace(hidden_states=hs),
+                                    types.SimpleNamespace(hidden_states=hs), mask)
+    assert abs(float(zero)) < 1e-6
+
+
+def test_fixed_mask_keeps_the_mask_through_steps():
+    """FixedMask: log σ² frozen, dropped θ at 0, kept θ never below the floor that keeps them
+    kept, the layer deterministic (eval mode, gradients to the kept θ only)."""
+    import torch
+    from sparsevd.nn import LinearSVDO
+    layer = LinearSVDO(16, 12).train()
+    with torch.no_grad():
+        layer.log_sigma2.uniform_(-12.0, 2.0)
+        layer.weight.uniform_(-0.3, 0.3)
+    before = layer.mask().clone()
+    assert 0 < int(before.sum()) < before.numel()
+    fixed = cm.FixedMask(layer)
+    opt = torch.optim.Adam([layer.weight], lr=0.05)
+    x = torch.randn(32, 16)
+    for _ in range(20):
+        opt.zero_grad()
+        out = layer(x)
+        torch.testing.assert_close(out, layer(x))  # no noise
+        (out - 3.0).pow(2).mean().backward()  # pulls θ far away from where it was
+        assert not layer.log_sigma2.requires_grad and (layer.weight.grad[~before] == 0).all()
+        opt.step()
+        fixed.hold()
+    assert torch.equal(layer.mask(), before) and (layer.weight[~before] == 0).all()
