@@ -25,9 +25,15 @@ Compression: total / nonzero over the weights of the Linear/Conv2d layers (biase
 against compression (log x) to ``benchmarks/results/pareto-<date>.png`` and writes the table into
 README.md between ``<!-- pareto:begin -->`` and ``<!-- pareto:end -->``.
 
+Sparse VD's own options: ``--svd-lr`` (1e-3), ``--svd-finetune N`` (0: ``fit(finetune_epochs=N)``,
+the fixed-mask deterministic tail), ``--svd-pretrain N`` (a third); ``--tune-svd`` chooses the
+fine-tuning share {0, 1/6, 1/3} of the run × lr {1e-3, 2e-3} per target with ``--svd-tune-epochs``
+(6) runs on the same validation split as the magnitude grid (the row records the grid).
+
 Usage: SPARSEVD_DATA=/work/shared/data python -m benchmarks.bench_pareto [--models lenet300 lenet5]
        [--methods magnitude sparse_vd] [--targets 10 20 50 100] [--epochs 30] [--seeds 0]
        [--no-tune] [--tune-epochs 5] [--frequency 100] [--subset N] [--out FILE]
+       [--svd-lr LR] [--svd-finetune N] [--svd-pretrain N] [--tune-svd [--svd-tune-epochs 6]]
        [--report [--report-from FILE ...] [--readme README.md] [--png FILE]]
 """
 from __future__ import annotations
@@ -136,17 +142,18 @@ def finetune_epochs(epochs: int, share: float) -> int:
 
 
 def train_sparse_vd(model_name: str, train, test, epochs: int, target: Optional[float], seed: int,
-                    batch: int = 100, lr: float = 1e-3, finetune: int = 0) -> Dict[str, float]:
+                    batch: int = 100, lr: float = 1e-3, finetune: int = 0,
+                    pretrain: Optional[int] = None) -> Dict[str, float]:
     """The main job's recipe (sparsevd.train.fit, defaults of resolve_recipe and TrainConfig's train-time
     clipping), with the target when given, at ``lr``, the last ``finetune`` epochs fine-tuning with
-    the mask frozen (``fit(finetune_epochs=)``)."""
+    the mask frozen (``fit(finetune_epochs=)``), after ``pretrain`` dense epochs (default: a third)."""
     torch.manual_seed(seed)
     model = build_model(model_name, svd=False)
     kw = {} if target is None else {"target_compression": target}
     if finetune:
         kw["finetune_epochs"] = finetune
     out = fit(model, make_loader(*train, batch, True, seed), make_loader(*test, 1000, False, 0), epochs=epochs,
-              lr=lr, pretrain_epochs=epochs // 3, kl_warmup_epochs=epochs / 3, train_size=len(train[1]),
+              lr=lr, pretrain_epochs=epochs // 3 if pretrain is None else pretrain, kl_warmup_epochs=epochs / 3, train_size=len(train[1]),
               device="cpu", mc_samples=0, train_clip=_train_clip(target), **kw)
     return {"test_accuracy": out["test_accuracy"], "compression": out["compression"]}
 
@@ -200,9 +207,11 @@ def run_rows(args, data) -> List[dict]:
                             tuned = {"tuned": "fine-tuning share x lr on a 10k validation split",
                                      "tune_epochs": args.svd_tune_epochs, "grid": grid}
                         ft = finetune_epochs(args.epochs, choice["finetune_share"])
+                        pretrain = getattr(args, "svd_pretrain", None)
                         r = train_sparse_vd(model_name, train, test, args.epochs, target, seed, lr=choice["lr"],
-                                            finetune=ft)
+                                            finetune=ft, pretrain=pretrain)
                         tuned.update({"lr": choice["lr"], "finetune_epochs": ft,
+                                      "pretrain_epochs": args.epochs // 3 if pretrain is None else pretrain,
                                       "recipe": "main job (sparsevd.train.fit defaults)",
                                       "train_clip": _train_clip(target)})
                     row = {"benchmark": "pareto", "model": model_name, "method": method, "epochs": args.epochs,
@@ -247,6 +256,8 @@ def table(rows: List[dict]) -> str:
             tuned = f"window {r['window'][0]:.2f}–{r['window'][1]:.2f}, lr {r['lr']:g}"
         elif r.get("finetune_epochs") or r.get("tuned"):
             tuned = f"recipe, lr {r['lr']:g}, fine-tune {r.get('finetune_epochs', 0)} ep."
+            if r.get("pretrain_epochs", r["epochs"] // 3) != r["epochs"] // 3:
+                tuned += f", dense {r['pretrain_epochs']} ep."
         else:
             tuned = "recipe"
         target = "—" if r.get("target") is None else f"{r['target']:g}×"
@@ -321,6 +332,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--svd-lr", type=float, default=1e-3, help="sparse VD: Adam lr (without --tune-svd)")
     ap.add_argument("--svd-finetune", type=int, default=0,
                     help="sparse VD: fixed-mask fine-tuning epochs at the end (without --tune-svd)")
+    ap.add_argument("--svd-pretrain", type=int, default=None,
+                    help="sparse VD: dense pre-training epochs of the full run (default: a third)")
     ap.add_argument("--tune-svd", action="store_true",
                     help="sparse VD: choose fine-tuning share x lr on the validation split, as the magnitude grid")
     ap.add_argument("--svd-tune-epochs", type=int, default=6)
