@@ -190,7 +190,8 @@ def run_rows(args, data) -> List[dict]:
                     t0 = time.perf_counter()
                     tuned: Dict[str, object] = {}
                     if method == "magnitude":
-                        choice = {"window": [round(w, 4) for w in WINDOWS[0]], "lr": 1e-3}
+                        choice = {"window": [round(w, 4) for w in (args.mag_window or WINDOWS[0])],
+                                  "lr": args.mag_lr}
                         if args.tune:
                             choice, grid = tune_magnitude(model_name, train, target, seed, args.tune_epochs,
                                                           args.frequency)
@@ -329,6 +330,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--no-tune", dest="tune", action="store_false", help="magnitude: no grid, window (1/3, 2/3), lr 1e-3")
     ap.add_argument("--tune-epochs", type=int, default=5)
+    ap.add_argument("--mag-window", nargs=2, type=float, default=None, metavar=("BEGIN", "END"),
+                    help="magnitude without the grid (--no-tune): pruning window, fractions of the run (1/3 2/3)")
+    ap.add_argument("--mag-lr", type=float, default=1e-3, help="magnitude without the grid (--no-tune): lr")
     ap.add_argument("--svd-lr", type=float, default=1e-3, help="sparse VD: Adam lr (without --tune-svd)")
     ap.add_argument("--svd-finetune", type=int, default=0,
                     help="sparse VD: fixed-mask fine-tuning epochs at the end (without --tune-svd)")
