@@ -34,6 +34,7 @@ Usage: SPARSEVD_DATA=/work/shared/data python -m benchmarks.bench_pareto [--mode
        [--methods magnitude sparse_vd] [--targets 10 20 50 100] [--epochs 30] [--seeds 0]
        [--no-tune] [--tune-epochs 5] [--frequency 100] [--subset N] [--out FILE]
        [--svd-lr LR] [--svd-finetune N] [--svd-pretrain N] [--tune-svd [--svd-tune-epochs 6]]
+       [--no-tune --mag-window BEGIN END --mag-lr LR]
        [--report [--report-from FILE ...] [--readme README.md] [--png FILE]]
 """
 from __future__ import annotations

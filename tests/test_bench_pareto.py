@@ -21,7 +21,7 @@ def synthetic(n, seed):
 def args(tmp_path, **kw):
     base = dict(models=["lenet300"], methods=["magnitude", "sparse_vd"], targets=[4.0], epochs=1, seeds=[0],
                 tune=True, tune_epochs=1, frequency=2, out=tmp_path / "pareto.json", no_save=False,
-                svd_lr=1e-3, svd_finetune=0, tune_svd=False, svd_tune_epochs=6)
+                svd_lr=1e-3, svd_finetune=0, tune_svd=False, svd_tune_epochs=6, mag_window=None, mag_lr=1e-3)
     base.update(kw)
     return argparse.Namespace(**base)
 
