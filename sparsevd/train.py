@@ -52,7 +52,8 @@ from .training.summary import finite, fit_summary
 from .target import SCOPES, CompressionTarget
 from .uncertainty import evaluate_predictive
 
-__all__ = ["METHODS", "TrainConfig", "TrainingDiverged", "adam", "evaluate", "fit", "resolve_recipe", "run"]
+__all__ = ["METHODS", "TrainConfig", "TrainingDiverged", "adam", "evaluate", "fit", "freeze_mask", "hold_mask",
+           "resolve_recipe", "run"]
 
 #: The share of the sparse-VD phase over which fit's compression target rises from 1× to the
 #: target (measured on LeNet-300-100, benchmarks/NOTES.md; the rest holds it).
