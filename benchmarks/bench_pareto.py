@@ -25,9 +25,16 @@ Compression: total / nonzero over the weights of the Linear/Conv2d layers (biase
 against compression (log x) to ``benchmarks/results/pareto-<date>.png`` and writes the table into
 README.md between ``<!-- pareto:begin -->`` and ``<!-- pareto:end -->``.
 
+Sparse VD's own options: ``--svd-lr`` (1e-3), ``--svd-finetune N`` (0: ``fit(finetune_epochs=N)``,
+the fixed-mask deterministic tail), ``--svd-pretrain N`` (a third); ``--tune-svd`` chooses the
+fine-tuning share {0, 1/6, 1/3} of the run × lr {1e-3, 2e-3} per target with ``--svd-tune-epochs``
+(6) runs on the same validation split as the magnitude grid (the row records the grid).
+
 Usage: SPARSEVD_DATA=/work/shared/data python -m benchmarks.bench_pareto [--models lenet300 lenet5]
        [--methods magnitude sparse_vd] [--targets 10 20 50 100] [--epochs 30] [--seeds 0]
        [--no-tune] [--tune-epochs 5] [--frequency 100] [--subset N] [--out FILE]
+       [--svd-lr LR] [--svd-finetune N] [--svd-pretrain N] [--tune-svd [--svd-tune-epochs 6]]
+       [--no-tune --mag-window BEGIN END --mag-lr LR]
        [--report [--report-from FILE ...] [--readme README.md] [--png FILE]]
 """
 from __future__ import annotations
@@ -60,6 +67,9 @@ TARGETS = (10.0, 20.0, 50.0, 100.0)
 #: The magnitude baseline's tuning grid: pruning windows (fractions of the run) × learning rates.
 WINDOWS = ((1 / 3, 2 / 3), (0.0, 2 / 3), (1 / 3, 5 / 6))
 LRS = (1e-3, 2e-3)
+#: Sparse VD's tuning grid (``--tune-svd``): the share of the run given to the fixed-mask
+#: fine-tuning (``fit(finetune_epochs=)``, rounded to whole epochs) × the same learning rates.
+FINETUNES = (0.0, 1 / 6, 1 / 3)
 #: The README markers of the table (:func:`write_readme`).
 BEGIN, END = "<!-- pareto:begin -->", "<!-- pareto:end -->"
 
@@ -126,17 +136,44 @@ def _train_clip(target) -> bool:
     return resolve_recipe(TrainConfig(target_compression=target)).train_clip
 
 
+def finetune_epochs(epochs: int, share: float) -> int:
+    """The fine-tuning epochs of a run of ``epochs`` for a ``share`` of it (rounded), leaving at
+    least one sparse-VD epoch after the third of dense pre-training."""
+    return max(0, min(round(share * epochs), epochs - epochs // 3 - 1))
+
+
 def train_sparse_vd(model_name: str, train, test, epochs: int, target: Optional[float], seed: int,
-                    batch: int = 100) -> Dict[str, float]:
+                    batch: int = 100, lr: float = 1e-3, finetune: int = 0,
+                    pretrain: Optional[int] = None) -> Dict[str, float]:
     """The main job's recipe (sparsevd.train.fit, defaults of resolve_recipe and TrainConfig's train-time
-    clipping), with the target when given."""
+    clipping), with the target when given, at ``lr``, the last ``finetune`` epochs fine-tuning with
+    the mask frozen (``fit(finetune_epochs=)``), after ``pretrain`` dense epochs (default: a third)."""
     torch.manual_seed(seed)
     model = build_model(model_name, svd=False)
     kw = {} if target is None else {"target_compression": target}
+    if finetune:
+        kw["finetune_epochs"] = finetune
     out = fit(model, make_loader(*train, batch, True, seed), make_loader(*test, 1000, False, 0), epochs=epochs,
-              pretrain_epochs=epochs // 3, kl_warmup_epochs=epochs / 3, train_size=len(train[1]),
+              lr=lr, pretrain_epochs=epochs // 3 if pretrain is None else pretrain, kl_warmup_epochs=epochs / 3, train_size=len(train[1]),
               device="cpu", mc_samples=0, train_clip=_train_clip(target), **kw)
     return {"test_accuracy": out["test_accuracy"], "compression": out["compression"]}
+
+
+def tune_sparse_vd(model_name: str, train, target: Optional[float], seed: int, epochs: int):
+    """The grid FINETUNES × LRS on the validation split of :func:`tune_magnitude`. Returns
+    (best {finetune share, lr}, [grid rows])."""
+    x, y = train
+    n_val = min(10_000, len(y) // 6)
+    fit_part, val_part = (x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:])
+    grid = []
+    for share in FINETUNES:
+        for lr in LRS:
+            r = train_sparse_vd(model_name, fit_part, val_part, epochs, target, seed, lr=lr,
+                                finetune=finetune_epochs(epochs, share))
+            grid.append({"finetune_share": round(share, 4), "finetune_epochs": finetune_epochs(epochs, share),
+                         "lr": lr, "val_accuracy": r["test_accuracy"], "val_compression": r["compression"]})
+    best = max(grid, key=lambda g: g["val_accuracy"])
+    return {"finetune_share": best["finetune_share"], "lr": best["lr"]}, grid
 
 
 def run_rows(args, data) -> List[dict]:
@@ -154,7 +191,8 @@ def run_rows(args, data) -> List[dict]:
                     t0 = time.perf_counter()
                     tuned: Dict[str, object] = {}
                     if method == "magnitude":
-                        choice = {"window": [round(w, 4) for w in WINDOWS[0]], "lr": 1e-3}
+                        choice = {"window": [round(w, 4) for w in (args.mag_window or WINDOWS[0])],
+                                  "lr": args.mag_lr}
                         if args.tune:
                             choice, grid = tune_magnitude(model_name, train, target, seed, args.tune_epochs,
                                                           args.frequency)
@@ -164,9 +202,20 @@ def run_rows(args, data) -> List[dict]:
                                             tuple(choice["window"]), seed, args.frequency)
                         tuned.update({"window": choice["window"], "lr": choice["lr"], "frequency": args.frequency})
                     else:
-                        r = train_sparse_vd(model_name, train, test, args.epochs, target, seed)
-                        tuned = {"tuned": None, "lr": 1e-3, "recipe": "main job (sparsevd.train.fit defaults)",
-                                 "train_clip": _train_clip(target)}
+                        choice = {"finetune_share": args.svd_finetune / args.epochs, "lr": args.svd_lr}
+                        tuned = {"tuned": None}
+                        if args.tune_svd:
+                            choice, grid = tune_sparse_vd(model_name, train, target, seed, args.svd_tune_epochs)
+                            tuned = {"tuned": "fine-tuning share x lr on a 10k validation split",
+                                     "tune_epochs": args.svd_tune_epochs, "grid": grid}
+                        ft = finetune_epochs(args.epochs, choice["finetune_share"])
+                        pretrain = getattr(args, "svd_pretrain", None)
+                        r = train_sparse_vd(model_name, train, test, args.epochs, target, seed, lr=choice["lr"],
+                                            finetune=ft, pretrain=pretrain)
+                        tuned.update({"lr": choice["lr"], "finetune_epochs": ft,
+                                      "pretrain_epochs": args.epochs // 3 if pretrain is None else pretrain,
+                                      "recipe": "main job (sparsevd.train.fit defaults)",
+                                      "train_clip": _train_clip(target)})
                     row = {"benchmark": "pareto", "model": model_name, "method": method, "epochs": args.epochs,
                            "target": target, "compression": r["compression"],
                            "test_accuracy": r["test_accuracy"], "seed": seed, "train_size": len(train[1]),
@@ -205,8 +254,14 @@ def table(rows: List[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     order = sorted(last.values(), key=lambda r: (r["model"], r["method"], r.get("target") or 0, r["seed"]))
     for r in order:
-        tuned = (f"window {r['window'][0]:.2f}–{r['window'][1]:.2f}, lr {r['lr']:g}" if r["method"] == "magnitude"
-                 else "recipe")
+        if r["method"] == "magnitude":
+            tuned = f"window {r['window'][0]:.2f}–{r['window'][1]:.2f}, lr {r['lr']:g}"
+        elif r.get("finetune_epochs") or r.get("tuned"):
+            tuned = f"recipe, lr {r['lr']:g}, fine-tune {r.get('finetune_epochs', 0)} ep."
+            if r.get("pretrain_epochs", r["epochs"] // 3) != r["epochs"] // 3:
+                tuned += f", dense {r['pretrain_epochs']} ep."
+        else:
+            tuned = "recipe"
         target = "—" if r.get("target") is None else f"{r['target']:g}×"
         lines.append(f"| {r['model']} | {r['method']} | {target} | {r['compression']:.1f}× | "
                      f"{100 * r['test_accuracy']:.2f} % | {r['epochs']} | {r['seed']} | {tuned} |")
@@ -276,6 +331,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--no-tune", dest="tune", action="store_false", help="magnitude: no grid, window (1/3, 2/3), lr 1e-3")
     ap.add_argument("--tune-epochs", type=int, default=5)
+    ap.add_argument("--mag-window", nargs=2, type=float, default=None, metavar=("BEGIN", "END"),
+                    help="magnitude without the grid (--no-tune): pruning window, fractions of the run (1/3 2/3)")
+    ap.add_argument("--mag-lr", type=float, default=1e-3, help="magnitude without the grid (--no-tune): lr")
+    ap.add_argument("--svd-lr", type=float, default=1e-3, help="sparse VD: Adam lr (without --tune-svd)")
+    ap.add_argument("--svd-finetune", type=int, default=0,
+                    help="sparse VD: fixed-mask fine-tuning epochs at the end (without --tune-svd)")
+    ap.add_argument("--svd-pretrain", type=int, default=None,
+                    help="sparse VD: dense pre-training epochs of the full run (default: a third)")
+    ap.add_argument("--tune-svd", action="store_true",
+                    help="sparse VD: choose fine-tuning share x lr on the validation split, as the magnitude grid")
+    ap.add_argument("--svd-tune-epochs", type=int, default=6)
     ap.add_argument("--frequency", type=int, default=100, help="magnitude: prune every N steps")
     ap.add_argument("--subset", type=int, default=None, help="first N training and test images (quick runs)")
     ap.add_argument("--data-dir", default=None, help="default: SPARSEVD_DATA or sparsevd's cache")
@@ -291,7 +357,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return report(args)
     if any(not (math.isfinite(t) and t > 1) for t in args.targets):
         ap.error(f"--targets: expected compressions > 1, got {args.targets}")
-    for name in ("epochs", "tune_epochs", "frequency"):
+    if args.svd_finetune < 0 or not (math.isfinite(args.svd_lr) and args.svd_lr > 0):
+        ap.error("--svd-finetune: expected an int >= 0; --svd-lr: a positive number")
+    for name in ("epochs", "tune_epochs", "svd_tune_epochs", "frequency"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}: expected a positive int")
     if args.threads:

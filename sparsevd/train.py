@@ -52,7 +52,8 @@ from .training.summary import finite, fit_summary
 from .target import SCOPES, CompressionTarget
 from .uncertainty import evaluate_predictive
 
-__all__ = ["METHODS", "TrainConfig", "TrainingDiverged", "adam", "evaluate", "fit", "resolve_recipe", "run"]
+__all__ = ["METHODS", "TrainConfig", "TrainingDiverged", "adam", "evaluate", "fit", "freeze_mask", "hold_mask",
+           "resolve_recipe", "run"]
 
 #: The share of the sparse-VD phase over which fit's compression target rises from 1× to the
 #: target (measured on LeNet-300-100, benchmarks/NOTES.md; the rest holds it).
@@ -134,6 +135,7 @@ def fit(
     loss_fn: Optional[Callable[[nn.Module, object], torch.Tensor]] = None,
     target_compression: Optional[float] = None,
     target_scope: str = "linear",
+    finetune_epochs: int = 0,
 ) -> dict:
     """Train ``model`` with sparse VD (or dense) and return the run's summary.
 
@@ -218,6 +220,12 @@ def fit(
             controller), ``target_beta`` the controller's factor.
         target_scope: what the target counts: "linear" (the sparse-VD layers' weights, as
             ``compression``) or "model" (every parameter, embeddings included).
+        finetune_epochs: sparse VD only: the last ``finetune_epochs`` of the ``epochs`` train the
+            pruned model deterministically (:func:`freeze_mask`): the mask frozen at the method's
+            log α < ``threshold`` where the phase begins, log σ² frozen, no LRT noise, no KL, the
+            data term alone on the kept θ and the biases, a fresh Adam on the same learning-rate
+            schedule (the analogue of gradual magnitude pruning's fixed-mask tail). The
+            compression target's ramp spans the sparse-VD epochs before it. 0 (the default): none.
 
     Returns:
         The summary: ``test_accuracy`` (fraction, eval mode, after the last epoch),
@@ -242,12 +250,14 @@ def fit(
     """
     _check_fit_args(model, epochs=epochs, lr_decay=lr_decay, method=method,
                     pretrain_epochs=pretrain_epochs, resume=resume, checkpoint_dir=checkpoint_dir, amp=amp,
-                    loss_fn=loss_fn, target_compression=target_compression, target_scope=target_scope)
+                    loss_fn=loss_fn, target_compression=target_compression, target_scope=target_scope,
+                    finetune_epochs=finetune_epochs)
     r = _setup(model, train_loader, epochs=epochs, lr=lr, lr_decay=lr_decay, method=method,
                pretrain_epochs=pretrain_epochs, kl_warmup_epochs=kl_warmup_epochs, threshold=threshold,
                train_size=train_size, device=device, progress_bar=progress, checkpoint_dir=checkpoint_dir,
                checkpoint_config=checkpoint_config, resume=resume, amp=amp, train_clip=train_clip,
-               loss_fn=loss_fn, target_compression=target_compression, target_scope=target_scope)
+               loss_fn=loss_fn, target_compression=target_compression, target_scope=target_scope,
+               finetune_epochs=finetune_epochs)
     for epoch in range(r.progress.start_epoch, epochs):
         _begin_epoch(r, train_loader, epoch)
         _train_epoch(r, train_loader, epoch)
@@ -256,7 +266,8 @@ def fit(
 
 
 def _check_fit_args(model: nn.Module, *, epochs, lr_decay, method, pretrain_epochs, resume,
-                    checkpoint_dir, amp, loss_fn=None, target_compression=None, target_scope="linear") -> None:
+                    checkpoint_dir, amp, loss_fn=None, target_compression=None, target_scope="linear",
+                    finetune_epochs=0) -> None:
     """The argument errors of :func:`fit` that need no data (ValueError naming the argument)."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -267,6 +278,13 @@ def _check_fit_args(model: nn.Module, *, epochs, lr_decay, method, pretrain_epoc
     pretrain = pretrain_epochs if method == "sparse_vd" else 0
     if method == "sparse_vd" and not 0 <= pretrain < epochs:
         raise ValueError(f"pretrain_epochs: expected 0 ≤ pretrain_epochs < epochs = {epochs}, got {pretrain}")
+    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
+        raise ValueError(f"finetune_epochs: expected an int ≥ 0, got {finetune_epochs!r}")
+    if finetune_epochs and method != "sparse_vd":
+        raise ValueError("finetune_epochs: needs method='sparse_vd' (a dense run has no mask to freeze)")
+    if finetune_epochs and pretrain + finetune_epochs >= epochs:
+        raise ValueError(f"finetune_epochs: expected pretrain_epochs + finetune_epochs < epochs = {epochs} "
+                         f"(at least one sparse-VD epoch), got {pretrain} + {finetune_epochs}")
     if isinstance(model, (nn.Linear, nn.Conv2d)):
         raise ValueError("model: expected a container module (e.g. nn.Sequential), got a bare "
                          f"{type(model).__name__}; it cannot be converted in place")
@@ -313,6 +331,8 @@ class _Run:
     target_compression: Optional[float] = None
     target_scope: str = "linear"
     controller: Optional[CompressionTarget] = None
+    finetune: int = 0
+    frozen: Optional[list] = None  # freeze_mask's (layer, mask, floor) in the fine-tuning phase
     rank: int = 0
     world: int = 1
     net: Optional[nn.Module] = None
@@ -334,10 +354,21 @@ class _Run:
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
 
+    @property
+    def finetune_start(self) -> int:
+        """The first epoch of the deterministic fine-tuning (``epochs`` when there is none)."""
+        return self.epochs - self.finetune
+
+    def phase(self, epoch: int) -> str:
+        """"dense", "sparse_vd" or "finetune" (the fixed-mask tail) at ``epoch`` (0-based)."""
+        if not self.svd or epoch < self.pretrain:
+            return "dense"
+        return "finetune" if epoch >= self.finetune_start else "sparse_vd"
+
     def optimizer(self, first_step: int):
         """A fresh Adam; with linear decay lr_k = lr · (1 − k / total_steps) at global step k (0
         at the end), counted from ``first_step``."""
-        opt = adam(self.model.parameters(), self.recipe["lr"])
+        opt = adam([p for p in self.model.parameters() if p.requires_grad], self.recipe["lr"])
         if self.recipe["lr_decay"] != "linear":
             return opt, None
         total = self.total_steps
@@ -370,7 +401,7 @@ class _Run:
         self.prunable = sum(m.weight.numel() for m in layers)
         self.model_params = sum(p.numel() for n, p in self.model.named_parameters() if not n.endswith("log_sigma2"))
         if self.target_compression is not None:
-            ramp = int(TARGET_RAMP * (self.epochs - self.pretrain) * self.steps_per_epoch)
+            ramp = int(TARGET_RAMP * (self.epochs - self.pretrain - self.finetune) * self.steps_per_epoch)
             self.controller = CompressionTarget(self.model, self.target_compression, self.target_scope,
                                                 threshold=self.threshold, ramp_steps=ramp)
             self.kl_count_for_target = all(m.threshold == self.controller.threshold for m in layers)
@@ -380,7 +411,8 @@ class _Run:
 
 def _setup(model: nn.Module, train_loader, *, epochs, lr, lr_decay, method, pretrain_epochs,
            kl_warmup_epochs, threshold, train_size, device, progress_bar, checkpoint_dir,
-           checkpoint_config, resume, amp, train_clip, loss_fn, target_compression, target_scope) -> _Run:
+           checkpoint_config, resume, amp, train_clip, loss_fn, target_compression, target_scope,
+           finetune_epochs=0) -> _Run:
     """Everything before the first epoch: the device, the recipe, the state of a resumed run, the
     phase the run is in (converted if it is sparse VD), the optimiser and the SGVLB."""
     svd = method == "sparse_vd"
@@ -399,7 +431,8 @@ def _setup(model: nn.Module, train_loader, *, epochs, lr, lr_decay, method, pret
                   kl_warmup_epochs=kl_warmup_epochs if svd else None, threshold=threshold,
                   train_size=train_size, steps_per_epoch=steps_per_epoch, amp=amp,
                   train_clip=train_clip, target_compression=target_compression,
-                  target_scope=target_scope if target_compression is not None else None)
+                  target_scope=target_scope if target_compression is not None else None,
+                  finetune_epochs=finetune_epochs)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     saved, progress = load_resume_state(ckpt_dir, recipe) if resume else (None, Progress())
     r = _Run(model=model, device=device, recipe=recipe, svd=svd, pretrain=pretrain, epochs=epochs,
@@ -408,26 +441,61 @@ def _setup(model: nn.Module, train_loader, *, epochs, lr, lr_decay, method, pret
              resumed=resume, ckpt_dir=ckpt_dir, checkpoint_config=checkpoint_config,
              generators=loader_generators(train_loader), progress=progress, commit=commit,
              freed_memory_kept=freed_memory_kept, loss_fn=loss_fn, target_compression=target_compression,
-             target_scope=target_scope)
+             target_scope=target_scope, finetune=finetune_epochs if svd else 0)
     # the sparse-VD phase has begun when the run starts from scratch without pre-training, or
     # resumes after the epoch whose start converted the model (resuming right at that epoch, the
     # loop converts it, as the uninterrupted run did)
     in_svd_phase = svd and (not pretrain or progress.start_epoch > pretrain)
-    r.scaler = grad_scaler(amp, train_size if in_svd_phase else 1.0)
+    in_finetune = svd and finetune_epochs and progress.start_epoch > r.finetune_start
+    r.scaler = grad_scaler(amp, train_size if in_svd_phase and not in_finetune else 1.0)
     if in_svd_phase:
         r.to_svd()
     model.to(device)
+    if in_finetune:  # log σ² out of the optimiser; the mask is taken below, from the saved model
+        freeze_mask(model)
     r.rank, r.world = distributed.rank_and_world()
-    r.opt, r.sched = r.optimizer(pretrain * steps_per_epoch if in_svd_phase and pretrain else 0)
+    # the schedule of the phase's optimiser counts from the phase's first step
+    first = r.finetune_start if in_finetune else pretrain if in_svd_phase else 0
+    r.opt, r.sched = r.optimizer(first * steps_per_epoch)
     if saved is not None:
         restore(saved, model, r.opt, r.sched, r.scaler, r.generators, device, r.rank, r.world)
-    r.crit = r.sgvlb() if in_svd_phase else None
+    if in_finetune:
+        r.frozen = freeze_mask(model)
+    r.crit = r.sgvlb() if in_svd_phase and not in_finetune else None
     if r.controller is not None and saved is not None and saved.meta.get("target"):
         r.controller.load_state_dict(saved.meta["target"])
     r.backend = backend_name(model, device) if svd else None
     r.last_finite = progress.last_finite_loss
     r.net = r.data_parallel()
     return r
+
+
+@torch.no_grad()
+def freeze_mask(model: nn.Module) -> list:
+    """Start the deterministic fine-tuning of a sparse-VD model (``fit(finetune_epochs=)``): every
+    sparse-VD layer's log σ² stops requiring grad, and its mask [log α < threshold] is taken as it
+    is now. Returns ``[(layer, mask, floor)]`` for :func:`hold_mask`: ``mask`` (bool, shape of θ)
+    and ``floor`` = sqrt(1.01 · exp(log σ² − threshold)), the smallest |θ| a kept weight may take
+    and stay kept (log α = log σ² − log(θ² + 1e-8) < threshold)."""
+    frozen = []
+    for _, layer in svdo_layers(model):
+        layer.log_sigma2.requires_grad_(False)
+        mask = layer.mask()
+        floor = torch.exp(0.5 * (layer.log_sigma2.float() - layer.threshold)) * math.sqrt(1.01)
+        frozen.append((layer, mask, floor.to(layer.weight.dtype)))
+    return frozen
+
+
+@torch.no_grad()
+def hold_mask(frozen: list) -> None:
+    """After a fine-tuning step: a kept θ whose |θ| fell below its floor is set back to the floor
+    (same sign), so that the mask stays the one :func:`freeze_mask` took. A dropped θ gets no
+    gradient through the masked forward, so Adam (fresh, no weight decay) leaves it as it is."""
+    for layer, mask, floor in frozen:
+        w = layer.weight
+        low = mask & (w.abs() < floor)
+        if bool(low.any()):
+            w.copy_(torch.where(low, torch.copysign(floor, w), w))
 
 
 def _begin_epoch(r: _Run, train_loader, epoch: int) -> None:
@@ -440,6 +508,11 @@ def _begin_epoch(r: _Run, train_loader, epoch: int) -> None:
         r.opt, r.sched = r.optimizer(epoch * r.steps_per_epoch)
         r.scaler = grad_scaler(r.amp, r.train_size)
         r.crit = r.sgvlb()
+    if r.finetune and epoch == r.finetune_start:
+        r.frozen = freeze_mask(r.model)
+        r.opt, r.sched = r.optimizer(epoch * r.steps_per_epoch)
+        r.scaler = grad_scaler(r.amp, 1.0)
+        r.crit = r.controller = None
     for sampler in loader_samplers(train_loader):
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
@@ -515,6 +588,8 @@ def _train_step(r: _Run, batch, epoch: int, i: int, phase_svd: bool) -> Tuple[fl
         r.opt.step()
     if r.sched is not None:
         r.sched.step()
+    if r.frozen is not None:
+        hold_mask(r.frozen)
     return loss_per_example, float(data.detach())
 
 
@@ -523,8 +598,12 @@ def _train_epoch(r: _Run, train_loader, epoch: int) -> None:
     ranks) go into ``r.epoch_means``, the epoch's training time into the accumulators."""
     from tqdm.auto import tqdm
 
-    phase_svd = r.svd and epoch >= r.pretrain
+    phase = r.phase(epoch)
+    phase_svd = phase == "sparse_vd"
     r.model.train()
+    if phase == "finetune":  # the deterministic masked forward, gradients to the kept θ
+        for _, layer in svdo_layers(r.model):
+            layer.eval()
     t_ep = time.perf_counter()
     loss_sum = ce_sum = 0.0
     n_batches = 0
@@ -567,7 +646,8 @@ def _progress_fields(r: _Run, mean_loss: float, phase_svd: bool) -> dict:
 def _end_epoch(r: _Run, test_loader, epoch: int, on_epoch) -> None:
     """Evaluate, append the epoch's history row, check the parameters and write the checkpoint,
     then call ``on_epoch`` (rank 0)."""
-    phase_svd = r.svd and epoch >= r.pretrain
+    phase = r.phase(epoch)
+    phase_svd = phase == "sparse_vd"
     t_ev = time.perf_counter()
     acc = test_loss = None
     if test_loader is not None and r.loss_fn is not None:
@@ -582,7 +662,7 @@ def _end_epoch(r: _Run, test_loader, epoch: int, on_epoch) -> None:
         "epochs": r.epochs,
         "loss": loss,
         "ce": ce,
-        "phase": "sparse_vd" if phase_svd else "dense",
+        "phase": phase,
         "kl_per_image": (float(kl_divergence(r.model).detach()) / r.train_size) if r.svd else 0.0,
         "beta": r.crit.beta if phase_svd else None,
         "lr": r.opt.param_groups[0]["lr"],
@@ -595,6 +675,8 @@ def _end_epoch(r: _Run, test_loader, epoch: int, on_epoch) -> None:
         row["test_loss"] = test_loss
     if r.controller is not None:
         row["target_beta"] = r.controller.beta if phase_svd else None
+    elif r.target_compression is not None:
+        row["target_beta"] = None
     r.progress.history.append(row)
     check_parameters(r.model, epoch_done=epoch + 1, steps_per_epoch=r.steps_per_epoch, ckpt_dir=r.ckpt_dir)
     if r.ckpt_dir is not None:
@@ -740,7 +822,7 @@ def _run_on(config: TrainConfig, on_start, on_epoch, resume: bool, device, rank:
         progress=config.progress, on_epoch=on_epoch, checkpoint_dir=out_dir,
         checkpoint_config=checkpoint_config, resume=resume, amp=config.amp,
         train_clip=config.train_clip, target_compression=config.target_compression,
-        target_scope=config.target_scope)
+        target_scope=config.target_scope, finetune_epochs=config.finetune_epochs)
 
     summary = {
         "benchmark": f"{config.model}_train",
@@ -776,7 +858,7 @@ def _start_info(config: TrainConfig, model: nn.Module, device, out_dir: Path, tr
         "device_name": metadata.device_name(device), "threads": torch.get_num_threads(),
         "out": str(out_dir), "resume": resume, "amp": config.amp, "world_size": world,
         "train_clip": config.train_clip, "target_compression": config.target_compression,
-        "target_scope": config.target_scope,
+        "target_scope": config.target_scope, "finetune_epochs": config.finetune_epochs,
     }
 
 

@@ -20,7 +20,8 @@ def synthetic(n, seed):
 
 def args(tmp_path, **kw):
     base = dict(models=["lenet300"], methods=["magnitude", "sparse_vd"], targets=[4.0], epochs=1, seeds=[0],
-                tune=True, tune_epochs=1, frequency=2, out=tmp_path / "pareto.json", no_save=False)
+                tune=True, tune_epochs=1, frequency=2, out=tmp_path / "pareto.json", no_save=False,
+                svd_lr=1e-3, svd_finetune=0, tune_svd=False, svd_tune_epochs=6, mag_window=None, mag_lr=1e-3)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -55,6 +56,26 @@ def test_rows_figure_and_readme_table(tmp_path, monkeypatch):
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
     assert "| lenet300 | magnitude | 4× |" in text and "pareto.png" in text
     assert png.stat().st_size > 1000
+
+
+def test_sparse_vd_tuned_on_the_validation_split_as_the_baseline(tmp_path):
+    """--tune-svd: the grid fine-tuning share × lr, scored on the validation split; the full run
+    takes the best cell (its share rounded to the run's epochs)."""
+    data = (synthetic(300, 0), synthetic(100, 1))
+    rows = bench_pareto.run_rows(args(tmp_path, methods=["sparse_vd"], epochs=6, tune_svd=True), data)
+    (row,) = rows
+    grid = row["grid"]
+    assert len(grid) == len(bench_pareto.FINETUNES) * len(bench_pareto.LRS)
+    assert sorted({g["finetune_epochs"] for g in grid}) == [0, 1, 2]
+    best = max(grid, key=lambda g: g["val_accuracy"])
+    assert row["lr"] == best["lr"]
+    assert row["finetune_epochs"] == bench_pareto.finetune_epochs(6, best["finetune_share"])
+    assert row["tuned"].startswith("fine-tuning share x lr") and row["tune_epochs"] == 6
+    # the untuned row: the options as given
+    (plain,) = bench_pareto.run_rows(args(tmp_path, methods=["sparse_vd"], epochs=6, svd_finetune=2,
+                                          svd_lr=2e-3), data)
+    assert (plain["finetune_epochs"], plain["lr"], plain["tuned"]) == (2, 2e-3, None)
+    assert bench_pareto.finetune_epochs(30, 1 / 3) == 10 and bench_pareto.finetune_epochs(3, 1.0) == 1
 
 
 def test_errors_name_the_option(tmp_path):

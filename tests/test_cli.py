@@ -176,6 +176,19 @@ def test_train_clip_run(tmp_path, data_dir, capsys, monkeypatch):
                                                      "--train-clip"])).train_clip is True
 
 
+def test_train_finetune_epochs(tmp_path, capsys, data_dir):
+    """--finetune-epochs N: the last N epochs train with the mask frozen (printed, in the summary)."""
+    argv = _train_args(data_dir, tmp_path / "f", "--epochs", "3", "--pretrain-epochs", "1", "--finetune-epochs", "1",
+                       "--threads", "1")
+    _, summary = cli.train.train(build_parser().parse_args(argv))
+    out = capsys.readouterr().out
+    assert "1 fixed-mask fine-tuning epochs" in out and "(fixed-mask fine-tuning)" in out
+    assert summary["finetune_epochs"] == 1
+    assert [r["phase"] for r in summary["history"]] == ["dense", "sparse_vd", "finetune"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--finetune-epochs", "-1"])
+
+
 @pytest.mark.parametrize("argv,pretrain,warmup", [
     (["train"], 10, 10.0),
     (["train", "--epochs", "2"], 0, 2 / 3),

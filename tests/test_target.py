@@ -264,3 +264,108 @@ def test_sgvlb_exposes_the_kept_counts_of_its_kl():
     assert all(torch.equal(a, b) for a, b in zip(g, g_want))
     warm = SGVLB(model, 100, kl_warmup_epochs=1)
     assert torch.equal(warm.with_kl(data), 100 * data) and warm.kept is None
+
+
+# ------------------------------------------------------------- fixed-mask fine-tuning (issue 23 item 5)
+from sparsevd.loss import svdo_layers  # noqa: E402
+from sparsevd.train import freeze_mask, hold_mask  # noqa: E402
+
+
+def test_finetune_trains_the_kept_weights_with_the_methods_mask_frozen():
+    """The last finetune_epochs: the mask and log σ² of the end of the sparse-VD phase stay bit for
+    bit, the dropped θ too, the kept θ move, no KL term (β None), and the evaluation is the
+    deterministic masked forward x (θ ⊙ mask)ᵀ + b of those weights."""
+    torch.manual_seed(3)
+    model = _mlp()
+    seen = {}
+
+    def on_epoch(row):
+        if row["epoch"] == 4:  # the last sparse-VD epoch
+            seen["before"] = [(l.mask().clone(), l.log_sigma2.detach().clone(), l.weight.detach().clone())
+                              for _, l in svdo_layers(model)]
+
+    x_test, y_test = _data(1, 512)
+    summary = fit(model, _Batches(*_data(0, 1024), 64), _Batches(x_test, y_test, 512), epochs=7,
+                  pretrain_epochs=1, kl_warmup_epochs=1, lr=1e-2, target_compression=10.0,
+                  finetune_epochs=3, mc_samples=0, on_epoch=on_epoch)
+    assert [r["phase"] for r in summary["history"]] == ["dense"] + ["sparse_vd"] * 3 + ["finetune"] * 3
+    assert all(r["beta"] is None and r["target_beta"] is None for r in summary["history"][4:])
+    assert summary["finetune_epochs"] == 3
+    moved = 0
+    for (mask, log_sigma2, weight), (_, layer) in zip(seen["before"], svdo_layers(model)):
+        assert torch.equal(layer.mask(), mask)
+        assert torch.equal(layer.log_sigma2, log_sigma2) and not layer.log_sigma2.requires_grad
+        assert torch.equal(layer.weight[~mask], weight[~mask])
+        moved += int((layer.weight[mask] != weight[mask]).sum())
+    assert moved > 0.5 * sum(int(m.sum()) for m, _, _ in seen["before"])
+    assert summary["compression"] > 5
+    # the accuracy is that of the plain masked network
+    h = x_test
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(svdo_layers(model)):
+            h = F.linear(h, layer.weight * (layer.log_alpha < 3), layer.bias)
+            h = h.relu() if i < 2 else h
+    assert summary["test_accuracy"] == pytest.approx(float((h.argmax(1) == y_test).double().mean()), abs=1e-12)
+
+
+def test_hold_mask_keeps_a_shrinking_kept_weight_kept():
+    """A kept θ pushed below its floor sqrt(1.01 · exp(log σ² − threshold)) comes back to it with
+    its sign (log α stays < threshold); dropped and large θ are left alone."""
+    torch.manual_seed(5)
+    layer = sparsevd.nn.LinearSVDO(40, 30)
+    model = nn.Sequential(layer)
+    with torch.no_grad():
+        layer.log_sigma2.copy_(torch.empty(30, 40).uniform_(-12.0, 0.0))
+    frozen = freeze_mask(model)
+    mask = frozen[0][1]
+    assert torch.equal(mask, layer.log_alpha < 3) and 0 < int(mask.sum()) < mask.numel()
+    floor = torch.sqrt(1.01 * torch.exp(layer.log_sigma2.detach() - 3))
+    assert torch.allclose(frozen[0][2], floor, rtol=1e-6)
+    before = layer.weight.detach().clone()
+    shrink = mask & (torch.rand(30, 40) < 0.5)
+    with torch.no_grad():
+        layer.weight[shrink] *= 1e-4  # an optimiser step that would cross the threshold
+        zero = shrink & (torch.rand(30, 40) < 0.1)
+        layer.weight[zero] = 0.0
+    hold_mask(frozen)
+    assert torch.equal(layer.log_alpha < 3, mask)
+    w = layer.weight.detach()
+    assert torch.equal(w[~mask], before[~mask])
+    low = shrink & (before.abs() * 1e-4 < floor)
+    assert torch.allclose(w[low].abs(), floor[low], rtol=1e-6)
+    assert torch.equal(torch.sign(w[low & ~zero]), torch.sign(before[low & ~zero]))
+    assert bool((w[zero] > 0).all())  # an exact 0 comes back at +floor (copysign of +0)
+    untouched = mask & ~shrink
+    assert torch.equal(w[untouched], before[untouched])
+
+
+def test_finetune_errors_name_the_argument():
+    loader = _Batches(*_data(0, 256), 64)
+    with pytest.raises(ValueError, match="finetune_epochs: expected an int ≥ 0"):
+        fit(_mlp(), loader, None, epochs=4, finetune_epochs=-1)
+    with pytest.raises(ValueError, match="finetune_epochs: needs method='sparse_vd'"):
+        fit(_mlp(), loader, None, epochs=4, method="dense", finetune_epochs=1)
+    with pytest.raises(ValueError, match="finetune_epochs: expected pretrain_epochs \\+ finetune_epochs < epochs"):
+        fit(_mlp(), loader, None, epochs=4, pretrain_epochs=2, finetune_epochs=2)
+
+
+def test_a_run_resumed_in_its_finetuning_equals_the_uninterrupted_one(tmp_path):
+    def run(out, stop_after=None, resume=False):
+        torch.manual_seed(6)
+        model = _mlp()
+
+        def on_epoch(row):
+            if row["epoch"] == stop_after:
+                raise KeyboardInterrupt
+
+        fit(model, _Batches(*_data(0, 512), 64), None, epochs=6, pretrain_epochs=1, kl_warmup_epochs=1, lr=1e-2,
+            target_compression=6.0, finetune_epochs=2, mc_samples=0, checkpoint_dir=out, on_epoch=on_epoch,
+            resume=resume)
+        return model
+
+    whole = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", stop_after=5)  # inside the fine-tuning
+    resumed = run(tmp_path / "b", resume=True)
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name

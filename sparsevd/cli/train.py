@@ -107,6 +107,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--target-scope", choices=("linear", "model"), default=d["target_scope"],
                    help="what --target-compression counts: the sparse-VD layers' weights, or every "
                         "parameter of the model")
+    t.add_argument("--finetune-epochs", type=nonneg_int, default=d["finetune_epochs"], metavar="N",
+                   help="sparse VD only: the last N of --epochs train the pruned model "
+                        "deterministically: the mask (log alpha < --threshold) and log sigma2 frozen, "
+                        "no noise, no KL, cross-entropy on the kept weights (default: 0, none)")
     t.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run saved in DIR (a checkpoint is written at the end of "
                         "every epoch) with its own settings; only " + ", ".join(_RUNTIME_FLAGS)
@@ -129,6 +133,7 @@ def _print_start(info: dict) -> None:
           + (", train-time clipping" if svd and info.get("train_clip") else "")
           + (f", target {info['target_compression']:g}x ({info['target_scope']})"
              if svd and info.get("target_compression") else "")
+          + (f", {info['finetune_epochs']} fixed-mask fine-tuning epochs" if svd and info.get("finetune_epochs") else "")
           + (f", {info['world_size']} processes" if info.get("world_size", 1) > 1 else "")
           + f", device {info['device']} ({info['device_name']}, {info['threads']} threads)", flush=True)
 
@@ -138,7 +143,8 @@ def _print_epoch(row: dict, svd: bool) -> None:
     compression = row["compression"] if row["compression"] is not None else float("inf")
     print(f"epoch {row['epoch']:3d}/{row['epochs']}  loss {row['loss']:.4f}  ce {row['ce']:.4f}"
           + (f"  kl/N {row['kl_per_image']:.4f}  beta {row['beta']:.2f}" if phase_svd else "")
-          + ("  (dense pre-training)" if svd and not phase_svd else "")
+          + ("  (fixed-mask fine-tuning)" if row["phase"] == "finetune"
+             else "  (dense pre-training)" if svd and not phase_svd else "")
           + f"  lr {row['lr']:.2e}  test acc {100 * row['test_accuracy']:.2f}%  "
           f"compression {compression:.1f}x  ({row['train_seconds']:.1f} s)", flush=True)
 

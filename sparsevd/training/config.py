@@ -51,6 +51,9 @@ class TrainConfig:
     train_clip: Optional[bool] = None
     target_compression: Optional[float] = None
     target_scope: str = "linear"
+    #: The last N epochs train the pruned model deterministically (mask and log σ² frozen, no
+    #: noise, no KL): ``fit(finetune_epochs=)``. 0: none.
+    finetune_epochs: int = 0
 
     def out_dir(self) -> Path:
         """``out``, or ``runs/<model>-<svd|dense>-<dataset>``."""

@@ -23,7 +23,9 @@ __all__ = ["RECIPE_KEYS", "Progress", "load_resume_state", "loader_generators", 
 #: The settings a resumed run must share with the run it continues.
 RECIPE_KEYS = ("epochs", "lr", "lr_decay", "method", "pretrain_epochs", "kl_warmup_epochs",
                "threshold", "train_size", "steps_per_epoch", "amp", "train_clip", "target_compression",
-               "target_scope")
+               "target_scope", "finetune_epochs")
+#: What a saved run that lacks a recipe key ran with (the key is newer than the run).
+_RECIPE_BEFORE = {"finetune_epochs": 0}
 
 
 @dataclasses.dataclass
@@ -80,10 +82,11 @@ def load_resume_state(ckpt_dir: Path, recipe: dict):
     """
     saved = load_train_state(ckpt_dir)
     meta = saved.meta
-    different = [k for k in RECIPE_KEYS if meta["recipe"].get(k) != recipe[k]]
+    old = {k: meta["recipe"].get(k, _RECIPE_BEFORE.get(k)) for k in RECIPE_KEYS}
+    different = [k for k in RECIPE_KEYS if old[k] != recipe[k]]
     if different:
         raise ValueError("resume: the saved run in " f"{ckpt_dir} has other settings: "
-                         + ", ".join(f"{k} = {meta['recipe'].get(k)!r} (given {recipe[k]!r})"
+                         + ", ".join(f"{k} = {old[k]!r} (given {recipe[k]!r})"
                                      for k in different))
     progress = Progress(history=meta["history"], step_ms=meta["step_ms"],
                         train_seconds=meta["train_seconds"], eval_seconds=meta["eval_seconds"],
