@@ -79,3 +79,20 @@ def test_minilm_table_goes_between_the_readme_markers(tmp_path):
     assert text.startswith("intro\n<!-- minilm:begin -->\n| sparsity |") and text.endswith("<!-- minilm:end -->\nrest\n")
     assert "old" not in text and "2 threads" not in text
     assert "| 90 % | 4.3 MB / 43.1 MB (0.100) | 36/37 | 0.34 | 0.37 |" in text  # ratios at B=1, B=32
+
+
+def test_minilm_table_labels_plans_that_differ_by_thread_count():
+    """When the plans on 1 and 2 threads differ, the bytes and CSR cells give each with its thread
+    count, in thread order; when they agree, one cell."""
+    from sparsevd.benchmarks import bench_minilm_deploy as bench
+
+    rows = []
+    for t, csr, nbytes in ((1, 32, 33.2e6), (2, 26, 36.7e6)):
+        for s, c, b in ((0.5, csr, nbytes), (0.9, 36, 7.1e6)):
+            rows.append({"benchmark": "minilm_deploy_size", "sparsity": s, "threads": t, "layers": 37,
+                         "layers_csr": c, "deployed_bytes": int(b), "dense_bytes": int(43.1e6),
+                         "bytes_ratio": round(b / 43.1e6, 4)})
+    table = bench.markdown_table(rows)
+    assert ("| 50 % | 33.2 MB / 43.1 MB (0.770) (1 thread) / 36.7 MB / 43.1 MB (0.852) (2 threads) | "
+            "32/37 (1 thread) / 26/37 (2 threads) |") in table
+    assert "| 90 % | 7.1 MB / 43.1 MB (0.165) | 36/37 |" in table
