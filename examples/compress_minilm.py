@@ -8,13 +8,18 @@ compare with gradual magnitude pruning on the same step budget.
   classes and functions, found with ``inspect``), deduplicated; a sentence is held out when
   CRC-32 of its UTF-8 bytes mod 10 is 0 (a deterministic split, the same on every machine with
   the same Python).
+- Loss (``--loss``): "hidden" (the default): the cosine distance of every hidden state (the
+  embedding output and each block's, per real token) to the teacher's plus that of the sentence
+  embeddings; "embedding": the sentence embeddings' alone.
 - Sparse VD: ``sparsevd.convert(student, init=...)``, Adam over
-  :func:`sparsevd.recipe.param_groups`, loss = mean cosine distance of the student's embeddings
-  to the teacher's + ``kl_scale · β · KL / N`` (N = training sentences), β set each step by a
+  :func:`sparsevd.recipe.param_groups`, loss = the distillation loss
+  + ``kl_scale · β · KL / N`` (N = training sentences), β set each step by a
   :class:`sparsevd.target.CompressionTarget` that asks for ``--target``× (4 by default) on the
   linear layers, its setpoint ramped from 1× over ``--ramp-frac`` of the steps (``--target 0``:
   no target, the recipe's fixed KL weight after its warm-up,
-  :class:`sparsevd.recipe.PretrainedRecipe`); then ``sparsevd.deploy``.
+  :class:`sparsevd.recipe.PretrainedRecipe`); the last ``--finetune-frac`` of the steps train the
+  pruned student deterministically (mask and log σ² frozen, no KL: ``sparsevd.train.freeze_mask``);
+  then ``sparsevd.deploy``.
 - Magnitude: the same student, steps, batches and θ learning rate, pruned by
   :class:`sparsevd.magnitude.GradualMagnitudePruning` (global L1 over the 37 linear layers, the
   cubic schedule of Zhu & Gupta 2017 over the first ``--prune-frac`` of the steps, every
@@ -33,7 +38,8 @@ teacher, whole forward at B = 1 and 32 on held-out sentences, one thread, median
 interleaved rounds of the per-round ratio of the calling thread's CPU time), ``steps``,
 ``seconds`` (training wall time).
 
-Usage: python -m examples.compress_minilm [--steps 600] [--batch 32] [--max-len 64] [--target 4] [--quick]
+Usage: python -m examples.compress_minilm [--steps 1000] [--batch 16] [--max-len 32] [--target 4] [--quick]
+       [--loss hidden|embedding] [--finetune-frac 0.25] [--train-clip]
        [--methods sparse_vd magnitude] [--out FILE] [--no-save] [--readme README.md --table FILE]
 """
 from __future__ import annotations
@@ -64,6 +70,7 @@ from sparsevd.magnitude import GradualMagnitudePruning
 from sparsevd.nn import LinearSVDO
 from sparsevd.recipe import PretrainedRecipe
 from sparsevd.target import CompressionTarget
+from sparsevd.train import freeze_mask, hold_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Standard-library modules not imported for their docstrings (side effects on import, GUIs).
@@ -283,15 +290,16 @@ def run_sparse_vd(teacher, tok, train, targets, args, recipe: PretrainedRecipe):
     """Sparse VD; with ``args.target`` a :class:`sparsevd.target.CompressionTarget` on the linear
     layers sets β each step (loss = data + kl_scale · β · KL / N, the setpoint ramped from 1× to
     the target over ``args.ramp_frac`` of the sparse-VD steps), else the recipe's KL warm-up.
-    With ``args.finetune_frac`` the last steps train the pruned student deterministically
-    (:func:`FixedMask`): the analogue of gradual magnitude pruning's fixed-mask tail."""
+    With ``args.finetune_frac`` the last steps train the pruned student deterministically, as
+    ``fit(finetune_epochs=)`` does (:func:`sparsevd.train.freeze_mask` / ``hold_mask``): the
+    analogue of gradual magnitude pruning's fixed-mask tail."""
     student = sparsevd.convert(no_dropout(copy.deepcopy(teacher)), init=args.init, train_clip=args.train_clip)
     opt = recipe.optimizer(student)
     n = len(train)
     svd_steps = args.steps - int(args.finetune_frac * args.steps)
     ctl = (CompressionTarget(student, args.target, scope="linear", ramp_steps=int(args.ramp_frac * svd_steps),
                              measure_every=args.measure_every) if args.target else None)
-    fixed: List[FixedMask] = []
+    fixed: list = []  # freeze_mask's (layer, mask, floor) in the fixed-mask tail
 
     def kl(step):
         if step >= svd_steps:
@@ -300,10 +308,12 @@ def run_sparse_vd(teacher, tok, train, targets, args, recipe: PretrainedRecipe):
         return weight * kl_divergence(student) / n
 
     def on_step(step):
-        if step + 1 == svd_steps:
-            fixed.extend(FixedMask(m) for m in student.modules() if isinstance(m, LinearSVDO))
-        for f in fixed:
-            f.hold()
+        if step + 1 == svd_steps:  # fit(finetune_epochs=)'s switch: the mask and log σ² frozen,
+            fixed.extend(freeze_mask(student))  # the layers' masked forward, a fresh Adam state
+            for layer, _, _ in fixed:
+                layer.eval()
+            opt.state.clear()
+        hold_mask(fixed)
 
     def log(step, data, secs):
         lin, kept = linear_counts(student)
@@ -314,27 +324,6 @@ def run_sparse_vd(teacher, tok, train, targets, args, recipe: PretrainedRecipe):
 
     secs = distil(student, teacher, tok, train, targets, args, opt, kl, on_step=on_step, log=log)
     return student.eval(), secs
-
-
-class FixedMask:
-    """A sparse-VD layer switched to deterministic fine-tuning: log σ² frozen, the layer in eval
-    mode (the masked forward θ ⊙ [log α < threshold], gradients to the kept θ only); :meth:`hold`
-    after each optimiser step keeps the mask as it was taken (dropped θ at 0, kept |θ| at least
-    the floor that keeps log α below the threshold)."""
-
-    def __init__(self, layer: LinearSVDO) -> None:
-        self.layer = layer
-        layer.log_sigma2.requires_grad_(False)
-        layer.eval()
-        with torch.no_grad():
-            self.mask = layer.mask()
-            self.floor = torch.exp(0.5 * (layer.log_sigma2 - layer.threshold)) * 1.01
-            layer.weight.mul_(self.mask)
-
-    @torch.no_grad()
-    def hold(self) -> None:
-        w = self.layer.weight
-        w.copy_(torch.where(self.mask, torch.where(w.abs() < self.floor, torch.copysign(self.floor, w), w), 0.0))
 
 
 def run_magnitude(teacher, tok, train, targets, args, final_sparsity: float):
@@ -423,15 +412,16 @@ def evaluate(method, model, teacher, tok, held, held_targets, args, steps, secs)
 
 
 def markdown_table(rows: List[dict]) -> str:
-    head = ("| method | linear layers | whole model | cosine to teacher (held out) | latency B=1 | "
-            "latency B=32 | steps | training s |")
-    lines = [head, "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    head = ("| method | distillation loss | linear layers | whole model | cosine to teacher (held out) | "
+            "latency B=1 | latency B=32 | steps | training s |")
+    lines = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         if r.get("quick"):
             continue
-        lines.append(f"| {r['method']} | {r['compression_linear']:.2f}× | {r['compression_model']:.2f}× | "
-                     f"{r['fidelity_cosine']:.4f} | {r['latency_ratio_b1']:.2f} | {r['latency_ratio_b32']:.2f} | "
-                     f"{r['steps']} | {r['seconds']:.0f} |")
+        method = r["method"] + (" + fixed-mask tail" if r.get("finetune_frac") else "")
+        lines.append(f"| {method} | {r.get('loss', 'embedding')} | {r['compression_linear']:.2f}× | "
+                     f"{r['compression_model']:.2f}× | {r['fidelity_cosine']:.4f} | {r['latency_ratio_b1']:.2f} | "
+                     f"{r['latency_ratio_b32']:.2f} | {r['steps']} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -447,9 +437,9 @@ def write_readme(readme: Path, table: str) -> None:
 def parse_args(argv):
     d = PretrainedRecipe()
     ap = argparse.ArgumentParser(prog="compress_minilm", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=32)
     ap.add_argument("--max-train", type=int, default=None, help="use at most this many training sentences")
     ap.add_argument("--max-held", type=int, default=512, help="held-out sentences evaluated")
     ap.add_argument("--methods", nargs="+", default=["sparse_vd", "magnitude"],
@@ -462,8 +452,8 @@ def parse_args(argv):
     ap.add_argument("--target", type=float, default=4.0,
                     help="sparse VD's compression target on the linear layers (CompressionTarget); 0: none, "
                          "the recipe's fixed KL weight")
-    ap.add_argument("--ramp-frac", type=float, default=0.6, help="fraction of steps of the target's ramp")
-    ap.add_argument("--finetune-frac", type=float, default=0.0,
+    ap.add_argument("--ramp-frac", type=float, default=0.75, help="fraction of steps of the target's ramp")
+    ap.add_argument("--finetune-frac", type=float, default=0.25,
                     help="sparse VD: the last fraction of the steps trains the pruned student deterministically "
                          "(mask and log σ² frozen, no noise, no KL)")
     ap.add_argument("--measure-every", type=int, default=5, help="steps between the target's measurements")

