@@ -111,12 +111,18 @@ def train_magnitude(model_name: str, train: Tuple[torch.Tensor, torch.Tensor], t
     return {"test_accuracy": acc, "compression": pruner.compression()}
 
 
+def validation_split(train):
+    """(fit, validation): all but the last 10,000 (or a sixth of the) training images, and those;
+    the test set is never used to choose."""
+    x, y = train
+    n_val = min(10_000, len(y) // 6)
+    return (x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:])
+
+
 def tune_magnitude(model_name: str, train, target: float, seed: int, epochs: int, frequency: int):
     """The grid WINDOWS × LRS, each trained on all but the last 10,000 (or a sixth of the) training
     images and scored on those. Returns (best {window, lr}, [grid rows])."""
-    x, y = train
-    n_val = min(10_000, len(y) // 6)
-    fit_part, val_part = (x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:])
+    fit_part, val_part = validation_split(train)
     grid = []
     for window in WINDOWS:
         for lr in LRS:
@@ -162,9 +168,7 @@ def train_sparse_vd(model_name: str, train, test, epochs: int, target: Optional[
 def tune_sparse_vd(model_name: str, train, target: Optional[float], seed: int, epochs: int):
     """The grid FINETUNES × LRS on the validation split of :func:`tune_magnitude`. Returns
     (best {finetune share, lr}, [grid rows])."""
-    x, y = train
-    n_val = min(10_000, len(y) // 6)
-    fit_part, val_part = (x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:])
+    fit_part, val_part = validation_split(train)
     grid = []
     for share in FINETUNES:
         for lr in LRS:
