@@ -192,7 +192,10 @@ def test_kept_count_half_precision_counts_sigma2_in_fp32(dtype):
     counted as a non-finite (kept) weight: kept_count's σ² is at least fp32, as the KL's count."""
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     w = (torch.rand(64, 32, generator=g) + 0.5).to(dtype)  # |θ| in [0.5, 1.5): log θ² < 0.82
-    ls2 = torch.empty(64, 32).uniform_(-8.0, 20.0, generator=g).to(dtype)
+    # log α in [−8, 20], at least 0.3 from the threshold (bf16 rounds log σ² near 16 by 0.06)
+    la = torch.empty(64, 32).uniform_(-8.0, 20.0, generator=g)
+    la = torch.where((la - 3.0).abs() < 0.3, la + 0.6 * torch.sign(la - 3.0), la)
+    ls2 = (la + torch.log(w.float() ** 2)).to(dtype)
     expected = int(W.eval_mask(w.float(), ls2.float(), 3.0).sum())
     assert 0 < expected < w.numel() and (ls2.float() > 11.5).any()
     assert SF.kept_count(w, ls2, 3.0) == expected
