@@ -173,28 +173,34 @@ def test_errors_name_the_argument():
         fit(_mlp(), loader, None, epochs=1, target_compression=10, target_scope="all")
 
 
-def test_a_resumed_run_with_a_target_equals_the_uninterrupted_one(tmp_path):
-    """The controller's state is in the checkpoint: stopped after epoch 3 and resumed, the run ends
-    with the same parameters, bit for bit."""
-    def run(out, stop_after=None, resume=False):
-        torch.manual_seed(4)
+def _assert_resume_is_exact(tmp_path, seed: int, stop_after: int, **fit_kwargs):
+    """Train an MLP with ``fit(**fit_kwargs)`` (6 epochs, checkpoints) twice: uninterrupted, and
+    stopped after epoch ``stop_after`` then resumed; the two end with the same parameters, bit for
+    bit."""
+    def run(out, stop=None, resume=False):
+        torch.manual_seed(seed)
         model = _mlp()
 
         def on_epoch(row):
-            if row["epoch"] == stop_after:
+            if row["epoch"] == stop:
                 raise KeyboardInterrupt
 
-        kwargs = dict(epochs=6, pretrain_epochs=1, kl_warmup_epochs=1, lr=1e-2, target_compression=8.0,
-                      mc_samples=0, checkpoint_dir=out, on_epoch=on_epoch, resume=resume)
-        fit(model, _Batches(*_data(0, 512), 64), None, **kwargs)
+        fit(model, _Batches(*_data(0, 512), 64), None, epochs=6, pretrain_epochs=1, kl_warmup_epochs=1, lr=1e-2,
+            mc_samples=0, checkpoint_dir=out, on_epoch=on_epoch, resume=resume, **fit_kwargs)
         return model
 
     whole = run(tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", stop_after=3)
+        run(tmp_path / "b", stop=stop_after)
     resumed = run(tmp_path / "b", resume=True)
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_a_resumed_run_with_a_target_equals_the_uninterrupted_one(tmp_path):
+    """The controller's state is in the checkpoint: stopped after epoch 3 and resumed, the run ends
+    with the same parameters, bit for bit."""
+    _assert_resume_is_exact(tmp_path, seed=4, stop_after=3, target_compression=8.0)
 
 
 def test_fit_shows_the_compression_of_every_step_from_the_kl_pass(monkeypatch):
@@ -350,22 +356,5 @@ def test_finetune_errors_name_the_argument():
 
 
 def test_a_run_resumed_in_its_finetuning_equals_the_uninterrupted_one(tmp_path):
-    def run(out, stop_after=None, resume=False):
-        torch.manual_seed(6)
-        model = _mlp()
-
-        def on_epoch(row):
-            if row["epoch"] == stop_after:
-                raise KeyboardInterrupt
-
-        fit(model, _Batches(*_data(0, 512), 64), None, epochs=6, pretrain_epochs=1, kl_warmup_epochs=1, lr=1e-2,
-            target_compression=6.0, finetune_epochs=2, mc_samples=0, checkpoint_dir=out, on_epoch=on_epoch,
-            resume=resume)
-        return model
-
-    whole = run(tmp_path / "a")
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", stop_after=5)  # inside the fine-tuning
-    resumed = run(tmp_path / "b", resume=True)
-    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
-        assert torch.equal(a, b), name
+    _assert_resume_is_exact(tmp_path, seed=6, stop_after=5,  # inside the fine-tuning
+                            target_compression=6.0, finetune_epochs=2)
