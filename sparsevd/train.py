@@ -58,6 +58,10 @@ __all__ = ["METHODS", "TrainConfig", "TrainingDiverged", "adam", "evaluate", "fi
 #: The share of the sparse-VD phase over which fit's compression target rises from 1× to the
 #: target (measured on LeNet-300-100, benchmarks/NOTES.md; the rest holds it).
 TARGET_RAMP = 0.5
+#: Seconds between two updates of the progress bar's fields (tqdm's redraw interval): reading
+#: the KL pass's kept count is a host sync on a GPU, so it is read when the bar can show it,
+#: not after every step.
+PROGRESS_REFRESH_S = 0.5
 
 # Re-exported from sparsevd.training (their homes), importable from sparsevd.train as before.
 _REEXPORTED = (AMP_DTYPES, LR_DECAYS, RUNTIME_FIELDS, UNSAVED_FIELDS, fp16_init_scale, resume_conflicts,
@@ -186,8 +190,10 @@ def fit(
         train_size: N of the SGVLB (default: ``len(train_loader.dataset)``).
         device: where to train (default: the model's parameters' device).
         progress: show a tqdm progress bar per epoch (on stderr): the mean loss and, in the
-            sparse-VD phase, the compression of the converted layers and of the whole model after
-            every step, counted in the KL's own pass (no pass of its own; issue 23 item 7).
+            sparse-VD phase, the compression of the converted layers and of the whole model,
+            counted in every step's KL pass (no pass of its own; issue 23 item 7) and read at
+            most every ``PROGRESS_REFRESH_S`` seconds, tqdm's redraw interval (a read is a host
+            sync on a GPU).
         on_epoch: called with each epoch's history row (a dict) after its evaluation and its
             checkpoint (on rank 0 only in a process group).
         checkpoint_dir: directory of the per-epoch checkpoints (None: none are written).
@@ -608,7 +614,8 @@ def _train_epoch(r: _Run, train_loader, epoch: int) -> None:
     loss_sum = ce_sum = 0.0
     n_batches = 0
     bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{r.epochs}", leave=False,
-               disable=not r.progress_bar, mininterval=0.5, file=sys.stderr)
+               disable=not r.progress_bar, mininterval=PROGRESS_REFRESH_S, file=sys.stderr)
+    shown_at = -math.inf
     for i, batch in enumerate(bar):
         t_step = time.perf_counter()
         loss, ce = _train_step(r, batch, epoch, i, phase_svd)
@@ -616,8 +623,9 @@ def _train_epoch(r: _Run, train_loader, epoch: int) -> None:
         ce_sum += ce
         r.progress.step_ms.append(1e3 * (time.perf_counter() - t_step))
         n_batches += 1
-        if r.progress_bar:
+        if r.progress_bar and time.perf_counter() - shown_at >= PROGRESS_REFRESH_S:
             bar.set_postfix(_progress_fields(r, loss_sum / n_batches, phase_svd), refresh=False)
+            shown_at = time.perf_counter()
     bar.close()
     if r.device.type == "cuda":
         torch.cuda.synchronize(r.device)

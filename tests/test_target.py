@@ -229,6 +229,7 @@ def test_fit_shows_the_compression_of_every_step_from_the_kl_pass(monkeypatch):
         raise AssertionError("the controller counted the kept weights with a pass of its own")
 
     monkeypatch.setattr(T, "_progress_fields", record_fields)
+    monkeypatch.setattr(T, "PROGRESS_REFRESH_S", 0.0)  # the fields after every step
     monkeypatch.setattr(SGVLB, "kl", measure_then_kl)
     monkeypatch.setattr(CompressionTarget, "count_kept", no_count)
     torch.manual_seed(5)
@@ -243,6 +244,27 @@ def test_fit_shows_the_compression_of_every_step_from_the_kl_pass(monkeypatch):
         assert (out["compression"], out["model"]) == (linear, whole)
         assert "beta" in out
     assert len({out["compression"] for out in svd_rows}) > 1  # it moves from step to step
+
+
+def test_fit_reads_the_progress_fields_only_when_the_bar_can_redraw(monkeypatch):
+    """The kept count is read (a host sync on a GPU) at most every PROGRESS_REFRESH_S seconds:
+    with an interval longer than the run, once per epoch, after its first step."""
+    import sparsevd.train as T
+
+    calls = []
+    fields = T._progress_fields
+
+    def record_fields(r, mean_loss, phase_svd):
+        calls.append(phase_svd)
+        return fields(r, mean_loss, phase_svd)
+
+    monkeypatch.setattr(T, "_progress_fields", record_fields)
+    monkeypatch.setattr(T, "PROGRESS_REFRESH_S", 1e9)
+    torch.manual_seed(7)
+    loader = _Batches(*_data(0, 512), 64)
+    fit(_Embedded(), loader, None, epochs=3, pretrain_epochs=1, kl_warmup_epochs=1, lr=1e-2, progress=True,
+        mc_samples=0)
+    assert calls == [False, True, True]
 
 
 def test_sgvlb_exposes_the_kept_counts_of_its_kl():
