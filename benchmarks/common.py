@@ -74,7 +74,9 @@ def parse_args(ap: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> ar
 
 
 def environment(device: str) -> Dict[str, object]:
-    """The fields every row carries: device, torch, triton, commit, threads."""
+    """The fields every row carries: device, torch, triton, commit, threads and, on a CPU, the
+    vector ISA torch dispatches to (``cpu_capability``: "AVX2", "AVX512", ...; the CPU model
+    alone, e.g. "AMD EPYC", does not say it)."""
     try:
         import triton
 
@@ -87,6 +89,7 @@ def environment(device: str) -> Dict[str, object]:
         "triton": triton_version,
         "commit": git_commit() or "unknown",
         "threads": torch.get_num_threads(),
+        **({} if device.startswith("cuda") else {"cpu_capability": torch.backends.cpu.get_cpu_capability()}),
     }
 
 
