@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 import sparsevd
 import sparsevd.functional as SF
+from sparsevd._files import atomic_write_bytes
 from sparsevd.allocator import keep_freed_memory
 from sparsevd.metadata import cpu_name
 from sparsevd.loss import SGVLB
@@ -405,8 +406,7 @@ def main(argv=None) -> None:
             profile_step(args)
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        atomic_write_bytes(args.json, (json.dumps(rows, indent=1) + "\n").encode())
 
 
 if __name__ == "__main__":

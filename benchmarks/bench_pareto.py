@@ -235,11 +235,7 @@ def run_rows(args, data) -> List[dict]:
 
 def save(rows: List[dict], path: Optional[Path] = None) -> Path:
     """Append ``rows`` to ``path`` (default: today's results file)."""
-    path = Path(path) if path else results_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(old + rows, indent=1) + "\n")
-    return path
+    return common.append_rows(Path(path) if path else results_path(), rows)
 
 
 def load_rows(paths: Sequence[Path]) -> List[dict]:
@@ -249,14 +245,20 @@ def load_rows(paths: Sequence[Path]) -> List[dict]:
     return rows
 
 
-def table(rows: List[dict]) -> str:
-    """A markdown table, one line per (model, method, target, seed), last row wins."""
+def latest(rows: List[dict]) -> List[dict]:
+    """One row per (model, method, target, seed): the last one (a rerun replaces a row)."""
     last = {}
     for r in rows:
         last[(r["model"], r["method"], r.get("target"), r["seed"])] = r
+    return list(last.values())
+
+
+def table(rows: List[dict]) -> str:
+    """A markdown table of :func:`latest` rows."""
+    last = latest(rows)
     lines = ["| model | method | target | compression | test accuracy | epochs | seed | tuned |",
              "|---|---|---|---|---|---|---|---|"]
-    order = sorted(last.values(), key=lambda r: (r["model"], r["method"], r.get("target") or 0, r["seed"]))
+    order = sorted(last, key=lambda r: (r["model"], r["method"], r.get("target") or 0, r["seed"]))
     for r in order:
         if r["method"] == "magnitude":
             tuned = f"window {r['window'][0]:.2f}–{r['window'][1]:.2f}, lr {r['lr']:g}"
@@ -273,7 +275,8 @@ def table(rows: List[dict]) -> str:
 
 
 def plot(rows: List[dict], png: Path) -> Path:
-    """Test accuracy against compression (log x), one line per (model, method)."""
+    """Test accuracy against compression (log x) of the :func:`latest` rows (those of the table),
+    one line per (model, method)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -281,7 +284,7 @@ def plot(rows: List[dict], png: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     groups: Dict[Tuple[str, str], List[dict]] = {}
-    for r in rows:
+    for r in latest(rows):
         groups.setdefault((r["model"], r["method"]), []).append(r)
     for (model_name, method), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["compression"])

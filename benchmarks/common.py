@@ -321,6 +321,16 @@ def save_rows(rows: List[Dict[str, object]], device: str, path: Optional[Path] =
     return path
 
 
+def append_rows(path: Path, rows: List[Dict[str, object]]) -> Path:
+    """Append ``rows`` to the JSON list in ``path`` (created with its folder when missing),
+    written atomically: an interrupted run leaves the previous file whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text()) if path.exists() else []
+    atomic_write_bytes(path, (json.dumps(old + list(rows), indent=1) + "\n").encode())
+    return path
+
+
 def print_rows(rows: List[Dict[str, object]], baseline: str = "dense") -> None:
     """A compact table with each row's ratio to ``baseline`` in the same group."""
     groups: Dict[tuple, Dict[str, float]] = {}

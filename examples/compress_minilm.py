@@ -522,8 +522,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     if not args.no_save:
         day = datetime.date.today().strftime("%Y%m%d")
         path = args.out or ROOT / "benchmarks" / "results" / f"minilm-{day}.json"
-        old = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps(old + rows, indent=1) + "\n")
+        from benchmarks.common import append_rows
+
+        append_rows(path, rows)
         print(f"rows appended to {path}")
     return rows
 

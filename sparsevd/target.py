@@ -16,12 +16,20 @@ Too little compression (e < 0) raises β (more weight on the KL prunes more); to
 lower bound (β = 1, the default everywhere without a target). With ``ramp_steps`` the target rises
 geometrically from 1× to ``target`` over that many steps, so the controller tracks a setpoint that
 moves as slowly as the weights can follow.
+
+With train-time clipping (``layer.train_clip``: a weight past the threshold leaves the forward and
+gets no data gradient) pruning cannot be undone, so lowering β cannot bring an overshoot back:
+LeNet-300-100 ends at 13.8× for a 10× target and 136× for 100× (benchmarks/NOTES.md). There
+``hold_at_target`` caps it: from the first step whose measured compression reaches ``target``,
+:meth:`hold` (after each optimiser step) keeps every weight kept then kept, setting a θ whose
+log α crossed the threshold back to the smallest |θ| that stays below it, and every weight
+dropped then dropped.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -29,8 +37,9 @@ from torch import nn
 from .nn import DEFAULT_THRESHOLD, SVDO_LAYERS
 from ._args import check_threshold
 from .functional import kept_count
+from .ops.weights import EPS_THETA
 
-__all__ = ["SCOPES", "CompressionTarget"]
+__all__ = ["SCOPES", "CompressionTarget", "keep_dropped", "kept_floor", "raise_to_floor"]
 
 #: What a compression counts: "linear": the weights of the sparse-VD layers (as
 #: :func:`sparsevd.report`); "model": every parameter of the model (embeddings, norms, biases and
@@ -45,6 +54,33 @@ def _positive(value, name: str, *, above: float = 0.0) -> float:
             or not value > above:
         raise ValueError(f"{name}: expected a finite number > {above:g}, got {value!r}")
     return float(value)
+
+
+def kept_floor(log_sigma2: torch.Tensor, threshold: float) -> torch.Tensor:
+    """sqrt(1.01 · e^{log σ² − threshold}) in fp32 (shape of log σ²): the smallest |θ| that keeps
+    log α = log σ² − log(θ² + 1e-8) below ``threshold`` (1 % of margin in θ²)."""
+    return torch.exp(0.5 * (log_sigma2.detach().float() - threshold)) * math.sqrt(1.01)
+
+
+@torch.no_grad()
+def raise_to_floor(weight: torch.Tensor, keep: torch.Tensor, floor: torch.Tensor) -> None:
+    """In place: every θ of ``weight`` where ``keep`` (bool, θ's shape) with |θ| < ``floor`` is set
+    to ``floor`` with θ's sign (+ for an exact 0), so those weights stay kept; the others are left
+    as they are."""
+    low = keep & (weight.float().abs() < floor)
+    if bool(low.any()):
+        weight.copy_(torch.where(low, torch.copysign(floor, weight.float()), weight.float()).to(weight.dtype))
+
+
+@torch.no_grad()
+def keep_dropped(weight: torch.Tensor, log_sigma2: torch.Tensor, drop: torch.Tensor, threshold: float) -> None:
+    """In place: every log σ² where ``drop`` (bool, θ's shape) whose log α = log σ² − log(θ² +
+    1e-8) fell below ``threshold`` is raised to log(θ² + 1e-8) + threshold + 0.01, so those
+    weights stay dropped (θ, which the masked model never uses, is left as it is)."""
+    floor = torch.log(weight.detach().float() ** 2 + EPS_THETA) + (threshold + 0.01)
+    low = drop & (log_sigma2.float() < floor)
+    if bool(low.any()):
+        log_sigma2.copy_(torch.where(low, floor, log_sigma2.float()).to(log_sigma2.dtype))
 
 
 class CompressionTarget:
@@ -68,11 +104,17 @@ class CompressionTarget:
         measure_every: measure the compression every that many steps (β is held in between)
             when :meth:`step` is not given the count (``fit`` gives it every step, from the KL's
             pass: :attr:`sparsevd.loss.SGVLB.kept`).
+        hold_at_target: once a measured compression reaches ``target``, keep the kept weights
+            kept and the dropped ones dropped (:meth:`hold`, to call after each optimiser step):
+            the compression stops there.
+            For training with train-time clipping, where a dropped weight cannot return (``fit``
+            sets it when its layers clip).
 
     Attributes:
         beta: the current β (1 before the first step).
         compression: the last measured compression (None before the first measurement).
         steps: the number of :meth:`step` calls.
+        holding: whether the target was reached with ``hold_at_target`` (the mask is held).
 
     Raises:
         ValueError: ``target`` ≤ 1 or not finite, an unknown ``scope``, a model without sparse-VD
@@ -83,7 +125,7 @@ class CompressionTarget:
 
     def __init__(self, model: nn.Module, target: float, scope: str = "linear", threshold: Optional[float] = None,
                  ramp_steps: int = 0, *, kp: float = 1.0, ki: Optional[float] = None, beta_min: float = 1e-6,
-                 beta_max: float = 1e4, measure_every: int = 1) -> None:
+                 beta_max: float = 1e4, measure_every: int = 1, hold_at_target: bool = False) -> None:
         self.target = _positive(target, "target", above=1.0)
         if scope not in SCOPES:
             raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
@@ -114,6 +156,9 @@ class CompressionTarget:
         self.log_beta = 0.0
         self.steps = 0
         self.compression: Optional[float] = None
+        self.hold_at_target = bool(hold_at_target)
+        self.holding = False
+        self._held: Optional[List[torch.Tensor]] = None  # per layer: the mask held (bool, θ's shape)
 
     @staticmethod
     def _model_params(model: nn.Module) -> int:
@@ -162,6 +207,10 @@ class CompressionTarget:
         if kept is None:
             kept = self.count_kept()
         self.compression = self.measured(int(kept))
+        if self.hold_at_target and self.compression >= self.target:
+            self.holding = True
+        if self.holding and self._held is None:  # the parameters of this step's loss
+            self._held = [m.mask(self.threshold) for m in self.layers]
         error = math.log(min(self.compression, 1e12) / self.setpoint())
         lo, hi = self.log_beta_range
         self.integral = min(max(self.integral + self.ki * error, -hi), -lo)
@@ -169,11 +218,28 @@ class CompressionTarget:
         self.steps += 1
         return self.beta
 
+    @torch.no_grad()
+    def hold(self) -> None:
+        """After an optimiser step, while :attr:`holding`, the mask stays the one held, both ways:
+        a kept weight whose log α = log σ² − log(θ² + 1e-8) reached the threshold gets |θ| =
+        sqrt(1.01 · e^{log σ² − threshold}) (:func:`raise_to_floor`); a dropped one whose log α
+        fell below it (under Adam a dropped θ oscillates around 0 with the learning rate's
+        amplitude, and a tiny |θ| has a small log α) gets its log σ² raised
+        (:func:`keep_dropped`). A no-op before the target is reached."""
+        if self._held is None:
+            return
+        for m, keep in zip(self.layers, self._held):
+            raise_to_floor(m.weight, keep, kept_floor(m.log_sigma2, self.threshold))
+            keep_dropped(m.weight, m.log_sigma2, ~keep, self.threshold)
+
     def state_dict(self) -> dict:
-        """The controller's state (JSON-safe floats and ints), for a resumed run."""
+        """The controller's state (JSON-safe floats and ints), for a resumed run. The held mask
+        is not stored: it is the mask of the parameters at the next :meth:`step` (:meth:`hold`
+        keeps the held weights kept; clipped weights do not return)."""
         return {"integral": self.integral, "log_beta": self.log_beta, "steps": self.steps,
-                "compression": self.compression}
+                "compression": self.compression, "holding": self.holding}
 
     def load_state_dict(self, state: dict) -> None:
         self.integral, self.log_beta = float(state["integral"]), float(state["log_beta"])
         self.steps, self.compression = int(state["steps"]), state["compression"]
+        self.holding, self._held = bool(state.get("holding", False)), None

@@ -49,7 +49,7 @@ from .training.precision import AMP_DTYPES, autocast, check_amp, fp16_init_scale
 from .training.state import (Progress, load_resume_state, loader_generators, loader_samplers, restore,
                              write_checkpoint)
 from .training.summary import finite, fit_summary
-from .target import SCOPES, CompressionTarget
+from .target import SCOPES, CompressionTarget, kept_floor, raise_to_floor
 from .uncertainty import evaluate_predictive
 
 __all__ = ["METHODS", "TrainConfig", "TrainingDiverged", "adam", "evaluate", "fit", "freeze_mask", "hold_mask",
@@ -402,14 +402,16 @@ class _Run:
 
     def sgvlb(self) -> SGVLB:
         """The SGVLB of the sparse-VD phase, with a fresh compression controller when a target
-        is asked for (its setpoint ramped over the first TARGET_RAMP of the phase)."""
+        is asked for (its setpoint ramped over the first TARGET_RAMP of the phase; holding the
+        mask once the target is reached when the layers clip at train time)."""
         layers = [m for _, m in svdo_layers(self.model)]
         self.prunable = sum(m.weight.numel() for m in layers)
         self.model_params = sum(p.numel() for n, p in self.model.named_parameters() if not n.endswith("log_sigma2"))
         if self.target_compression is not None:
             ramp = int(TARGET_RAMP * (self.epochs - self.pretrain - self.finetune) * self.steps_per_epoch)
             self.controller = CompressionTarget(self.model, self.target_compression, self.target_scope,
-                                                threshold=self.threshold, ramp_steps=ramp)
+                                                threshold=self.threshold, ramp_steps=ramp,
+                                                hold_at_target=all(m.train_clip for m in layers))
             self.kl_count_for_target = all(m.threshold == self.controller.threshold for m in layers)
         return SGVLB(self.model, self.train_size, kl_warmup_epochs=self.kl_warmup_epochs,
                      target=self.controller)
@@ -486,9 +488,7 @@ def freeze_mask(model: nn.Module) -> list:
     frozen = []
     for _, layer in svdo_layers(model):
         layer.log_sigma2.requires_grad_(False)
-        mask = layer.mask()
-        floor = torch.exp(0.5 * (layer.log_sigma2.float() - layer.threshold)) * math.sqrt(1.01)
-        frozen.append((layer, mask, floor.to(layer.weight.dtype)))
+        frozen.append((layer, layer.mask(), kept_floor(layer.log_sigma2, layer.threshold).to(layer.weight.dtype)))
     return frozen
 
 
@@ -498,10 +498,7 @@ def hold_mask(frozen: list) -> None:
     (same sign), so that the mask stays the one :func:`freeze_mask` took. A dropped θ gets no
     gradient through the masked forward, so Adam (fresh, no weight decay) leaves it as it is."""
     for layer, mask, floor in frozen:
-        w = layer.weight
-        low = mask & (w.abs() < floor)
-        if bool(low.any()):
-            w.copy_(torch.where(low, torch.copysign(floor, w), w))
+        raise_to_floor(layer.weight, mask, floor)
 
 
 def _begin_epoch(r: _Run, train_loader, epoch: int) -> None:
@@ -596,6 +593,8 @@ def _train_step(r: _Run, batch, epoch: int, i: int, phase_svd: bool) -> Tuple[fl
         r.sched.step()
     if r.frozen is not None:
         hold_mask(r.frozen)
+    elif phase_svd and r.controller is not None:
+        r.controller.hold()  # with train-time clipping: no pruning past the target
     return loss_per_example, float(data.detach())
 
 

@@ -203,6 +203,23 @@ def test_a_resumed_run_with_a_target_equals_the_uninterrupted_one(tmp_path):
     _assert_resume_is_exact(tmp_path, seed=4, stop_after=3, target_compression=8.0)
 
 
+def test_a_run_resumed_while_holding_its_target_equals_the_uninterrupted_one(tmp_path, monkeypatch):
+    """With train-time clipping the held mask is not in the checkpoint: the resumed controller
+    takes it from the parameters at its next step, which hold() kept equal to it."""
+    held = []
+    step = CompressionTarget.step
+
+    def record(self, kept=None):
+        out = step(self, kept)
+        held.append(self.holding)
+        return out
+
+    monkeypatch.setattr(CompressionTarget, "step", record)
+    _assert_resume_is_exact(tmp_path, seed=4, stop_after=5, target_compression=4.0, train_clip=True)
+    # the uninterrupted run (first: 5 sparse-VD epochs of 8 steps) held before the stop (step 32)
+    assert not held[0] and held[31]
+
+
 def test_fit_shows_the_compression_of_every_step_from_the_kl_pass(monkeypatch):
     """fit's progress bar shows, after every step of the sparse-VD phase, the compression of the
     converted layers and of the whole model (the embedding counted as kept) that the report gives
@@ -365,6 +382,78 @@ def test_hold_mask_keeps_a_shrinking_kept_weight_kept():
     assert bool((w[zero] > 0).all())  # an exact 0 comes back at +floor (copysign of +0)
     untouched = mask & ~shrink
     assert torch.equal(w[untouched], before[untouched])
+
+
+def test_the_controller_holds_the_mask_once_the_target_is_reached():
+    """hold_at_target: hold() is a no-op until a step measures the target; from then on a held
+    weight whose θ shrank past the threshold is raised back to its floor (with the log σ² of
+    that moment), a dropped one that came back gets its log σ² raised, the others are left
+    alone, and the compression stays the one measured."""
+    torch.manual_seed(8)
+    model = sparsevd.convert(nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 10)))
+    layers = [m for m in model.modules() if isinstance(m, sparsevd.nn.SVDO_LAYERS)]
+    for m in layers:
+        with torch.no_grad():
+            m.log_sigma2.copy_(torch.empty_like(m.log_sigma2).uniform_(-8.0, 4.0))
+    ctl = CompressionTarget(model, 3.0, hold_at_target=True)
+    measured = ctl.measured(ctl.count_kept())
+    assert 1.5 < measured < 6.0
+    ctl.target = measured * 1.01  # not reached: hold does nothing
+    ctl.step()
+    assert not ctl.holding
+    before = [m.weight.detach().clone() for m in layers]
+    with torch.no_grad():
+        layers[0].weight.mul_(0.5)
+    ctl.hold()
+    assert torch.equal(layers[0].weight, before[0] * 0.5)
+    ctl.target = measured * 0.99  # reached: the mask of this step is held
+    with torch.no_grad():
+        layers[0].weight.copy_(before[0])
+    masks = [m.log_alpha < 3 for m in layers]
+    ctl.step()
+    assert ctl.holding
+    shrink = [keep & (torch.rand(keep.shape) < 0.5) for keep in masks]
+    back = [~keep & (torch.rand(keep.shape) < 0.5) for keep in masks]
+    with torch.no_grad():
+        for m, s, b in zip(layers, shrink, back):
+            m.weight[s] *= 1e-4  # an optimiser step that drops half the kept weights
+            m.weight[b] = 1.0  # and brings dropped ones back
+            m.log_sigma2.add_(0.5)  # log σ² still trains: the floor follows it
+    returned = [(m.log_alpha < 3) & b for m, b in zip(layers, back)]
+    assert all(bool(r.any()) for r in returned)
+    sigma_before = [m.log_sigma2.detach().clone() for m in layers]
+    ctl.hold()
+    for m, keep, s, w0, r, ls0 in zip(layers, masks, shrink, before, returned, sigma_before):
+        assert torch.equal(m.log_alpha < 3, keep)
+        assert torch.equal(m.weight.detach()[r], torch.ones(int(r.sum())))  # θ left, log σ² raised
+        assert bool((m.log_sigma2.detach()[r] > ls0[r]).all())
+        assert torch.equal(m.log_sigma2.detach()[~r], ls0[~r])
+        w = m.weight.detach()
+        floor = torch.sqrt(1.01 * torch.exp(m.log_sigma2.detach() - 3))
+        low = s & (w0.abs() * 1e-4 < floor)
+        assert bool(low.any())
+        assert torch.allclose(w[low].abs(), floor[low], rtol=1e-6)
+        assert torch.equal(torch.sign(w[low]), torch.sign(w0[low]))
+        dropped = ~keep & ~m.weight.detach().eq(1.0)
+        assert torch.equal(w[dropped], w0[dropped])
+    assert ctl.measured(ctl.count_kept()) == pytest.approx(measured)
+    state = ctl.state_dict()
+    fresh = CompressionTarget(model, ctl.target, hold_at_target=True)
+    fresh.load_state_dict(state)
+    assert fresh.holding and fresh.steps == ctl.steps
+
+
+def test_fit_with_train_clip_stops_at_the_target():
+    """With train-time clipping a dropped weight cannot return, so without the hold the
+    compression runs past the target (here 20.6× for 20×; LeNet-300-100: 136× for 100×); fit
+    holds the mask from the step that reaches it (20.01×)."""
+    torch.manual_seed(0)
+    model = _mlp()
+    summary = fit(model, _Batches(*_data(0, 1024), 64), _Batches(*_data(1, 512), 512), epochs=20,
+                  pretrain_epochs=2, kl_warmup_epochs=2, lr=1e-2, target_compression=20.0, mc_samples=0,
+                  train_clip=True)
+    assert 1.0 <= summary["compression"] / 20.0 <= 1.005, summary["compression"]
+    assert summary["test_accuracy"] > 0.8
 
 
 def test_finetune_errors_name_the_argument():
