@@ -6,14 +6,15 @@ job's: Adam lr 1e-3 fused, ``sparsevd.train.adam``, decayed linearly to 0 over t
 
 - ``sparse_vd``: the main job's recipe through ``sparsevd.train.fit`` (a third of the epochs dense,
   then sparse-VD layers with β warmed up over the next third; threshold 3; train-time clipping as
-  ``sparsevd train`` decides it: on, off with a target). With ``--targets``,
+  ``sparsevd train`` decides it: on). With ``--targets``,
   ``fit(..., target_compression=X)`` when this ``fit`` accepts it (issue 23 item 1); otherwise one
   row with the recipe's own compression (``target`` None) whatever the targets.
 - ``magnitude``: the dense model with :class:`sparsevd.magnitude.GradualMagnitudePruning` (Zhu &
   Gupta's cubic schedule, global L1 over the Linear/Conv2d weights, every ``--frequency`` steps)
   to each target compression, made permanent at the end. Tuned (``--tune``, on by default): a
   grid of pruning windows (fractions of the run: (1/3, 2/3) — the window of sparse VD's β warm-up
-  —, (0, 2/3), (1/3, 5/6)) × learning rates (1e-3, 2e-3), each a ``--tune-epochs`` run (5) trained on
+  —, (0, 2/3), (1/3, 5/6)) × learning rates (1e-3, 2e-3, 3e-3), each a ``--tune-epochs`` run (default:
+  the run's epochs; 5- and 6-epoch proxies chose the wrong lr for sparse VD) trained on
   50,000 training images and scored on the other 10,000 (the test set is never used to choose);
   the best goes to the full run. The row records the grid, its validation accuracies and the choice.
 
@@ -27,13 +28,15 @@ README.md between ``<!-- pareto:begin -->`` and ``<!-- pareto:end -->``.
 
 Sparse VD's own options: ``--svd-lr`` (1e-3), ``--svd-finetune N`` (0: ``fit(finetune_epochs=N)``,
 the fixed-mask deterministic tail), ``--svd-pretrain N`` (a third); ``--tune-svd`` chooses the
-fine-tuning share {0, 1/6, 1/3} of the run × lr {1e-3, 2e-3} per target with ``--svd-tune-epochs``
-(6) runs on the same validation split as the magnitude grid (the row records the grid).
+fine-tuning share (:data:`FINETUNES`: a third) × lr {1e-3, 2e-3, 3e-3} per target with
+``--svd-tune-epochs`` runs (default: the run's epochs) on the same validation split as the
+magnitude grid (the row records the grid). Train-time clipping as ``sparsevd train`` resolves it
+(on; with a target the controller holds the mask once the target is reached).
 
 Usage: SPARSEVD_DATA=/work/shared/data python -m benchmarks.bench_pareto [--models lenet300 lenet5]
        [--methods magnitude sparse_vd] [--targets 10 20 50 100] [--epochs 30] [--seeds 0]
-       [--no-tune] [--tune-epochs 5] [--frequency 100] [--subset N] [--out FILE]
-       [--svd-lr LR] [--svd-finetune N] [--svd-pretrain N] [--tune-svd [--svd-tune-epochs 6]]
+       [--no-tune] [--tune-epochs N] [--frequency 100] [--subset N] [--out FILE]
+       [--svd-lr LR] [--svd-finetune N] [--svd-pretrain N] [--tune-svd [--svd-tune-epochs N]]
        [--no-tune --mag-window BEGIN END --mag-lr LR]
        [--report [--report-from FILE ...] [--readme README.md] [--png FILE]]
 """
@@ -66,10 +69,12 @@ METHODS = ("magnitude", "sparse_vd")
 TARGETS = (10.0, 20.0, 50.0, 100.0)
 #: The magnitude baseline's tuning grid: pruning windows (fractions of the run) × learning rates.
 WINDOWS = ((1 / 3, 2 / 3), (0.0, 2 / 3), (1 / 3, 5 / 6))
-LRS = (1e-3, 2e-3)
+LRS = (1e-3, 2e-3, 3e-3)
 #: Sparse VD's tuning grid (``--tune-svd``): the share of the run given to the fixed-mask
 #: fine-tuning (``fit(finetune_epochs=)``, rounded to whole epochs) × the same learning rates.
-FINETUNES = (0.0, 1 / 6, 1 / 3)
+#: A third, the tail of the magnitude baseline's best window (0, 2/3): shorter tails lost
+#: 0.06–3.3 points at every target (benchmarks/NOTES.md), so the grid spends its runs on the lr.
+FINETUNES = (1 / 3,)
 #: The README markers of the table (:func:`write_readme`).
 BEGIN, END = "<!-- pareto:begin -->", "<!-- pareto:end -->"
 
@@ -337,7 +342,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--no-tune", dest="tune", action="store_false", help="magnitude: no grid, window (1/3, 2/3), lr 1e-3")
-    ap.add_argument("--tune-epochs", type=int, default=5)
+    ap.add_argument("--tune-epochs", type=int, default=None, help="magnitude grid runs' epochs (default: --epochs)")
     ap.add_argument("--mag-window", nargs=2, type=float, default=None, metavar=("BEGIN", "END"),
                     help="magnitude without the grid (--no-tune): pruning window, fractions of the run (1/3 2/3)")
     ap.add_argument("--mag-lr", type=float, default=1e-3, help="magnitude without the grid (--no-tune): lr")
@@ -348,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="sparse VD: dense pre-training epochs of the full run (default: a third)")
     ap.add_argument("--tune-svd", action="store_true",
                     help="sparse VD: choose fine-tuning share x lr on the validation split, as the magnitude grid")
-    ap.add_argument("--svd-tune-epochs", type=int, default=6)
+    ap.add_argument("--svd-tune-epochs", type=int, default=None, help="sparse-VD grid runs' epochs (default: --epochs)")
     ap.add_argument("--frequency", type=int, default=100, help="magnitude: prune every N steps")
     ap.add_argument("--subset", type=int, default=None, help="first N training and test images (quick runs)")
     ap.add_argument("--data-dir", default=None, help="default: SPARSEVD_DATA or sparsevd's cache")
@@ -366,6 +371,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(f"--targets: expected compressions > 1, got {args.targets}")
     if args.svd_finetune < 0 or not (math.isfinite(args.svd_lr) and args.svd_lr > 0):
         ap.error("--svd-finetune: expected an int >= 0; --svd-lr: a positive number")
+    args.tune_epochs = args.epochs if args.tune_epochs is None else args.tune_epochs
+    args.svd_tune_epochs = args.epochs if args.svd_tune_epochs is None else args.svd_tune_epochs
     for name in ("epochs", "tune_epochs", "svd_tune_epochs", "frequency"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')}: expected a positive int")

@@ -168,12 +168,12 @@ def test_train_clip_run(tmp_path, data_dir, capsys, monkeypatch):
     cli.train.train(build_parser().parse_args(_train_args(data_dir, tmp_path / "n", "--threads", "1",
                                                            "--no-train-clip")))
     assert seen and set(seen) == {None}
-    # the default resolves to on, and to off with a compression target (whose overshoot a clipped
-    # weight could not take back)
+    # the default resolves to on, with a compression target too (the controller holds the mask
+    # there); --no-train-clip turns it off
     assert resolve_recipe(build_parser().parse_args(["train"])).train_clip is True
-    assert resolve_recipe(build_parser().parse_args(["train", "--target-compression", "10"])).train_clip is False
+    assert resolve_recipe(build_parser().parse_args(["train", "--target-compression", "10"])).train_clip is True
     assert resolve_recipe(build_parser().parse_args(["train", "--target-compression", "10",
-                                                     "--train-clip"])).train_clip is True
+                                                     "--no-train-clip"])).train_clip is False
 
 
 def test_train_finetune_epochs(tmp_path, capsys, data_dir):

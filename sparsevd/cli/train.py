@@ -96,10 +96,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="mixed precision: bf16 autocast (CPU or CUDA) or fp16 autocast with a "
                         "GradScaler (CUDA); parameters, KL and the LRT variance stay fp32")
     t.add_argument("--train-clip", action=argparse.BooleanOptionalAction, default=None,
-                   help="train-time clipping (default: on, off with --target-compression): in "
-                        "training mode the weights with log alpha >= --threshold leave the LRT "
-                        "forward and backward (as in the authors' code); --no-train-clip trains with "
-                        "every weight")
+                   help="train-time clipping (default: on): in training mode the weights with log "
+                        "alpha >= --threshold leave the LRT forward and backward (as in the authors' "
+                        "code); with --target-compression the mask is held once the target is "
+                        "reached; --no-train-clip trains with every weight")
     t.add_argument("--target-compression", type=positive_float, default=d["target_compression"],
                    metavar="X", help="sparse VD only: end the run at X-fold compression (> 1): the KL "
                    "weight adapts every step (beta != 1 changes the paper's objective; the mask stays "
