@@ -298,7 +298,8 @@ def run_sparse_vd(teacher, tok, train, targets, args, recipe: PretrainedRecipe):
     n = len(train)
     svd_steps = args.steps - int(args.finetune_frac * args.steps)
     ctl = (CompressionTarget(student, args.target, scope="linear", ramp_steps=int(args.ramp_frac * svd_steps),
-                             measure_every=args.measure_every) if args.target else None)
+                             measure_every=args.measure_every, hold_at_target=args.train_clip)
+           if args.target else None)
     fixed: list = []  # freeze_mask's (layer, mask, floor) in the fixed-mask tail
 
     def kl(step):
@@ -314,6 +315,8 @@ def run_sparse_vd(teacher, tok, train, targets, args, recipe: PretrainedRecipe):
                 layer.eval()
             opt.state.clear()
         hold_mask(fixed)
+        if ctl is not None and step < svd_steps:
+            ctl.hold()  # with --train-clip: no pruning past the target once it is reached
 
     def log(step, data, secs):
         lin, kept = linear_counts(student)
@@ -466,7 +469,8 @@ def parse_args(argv):
                     help="distillation loss: cosine distance of the sentence embeddings, or that plus the "
                          "layer-wise cosine distance of every hidden state (token level)")
     ap.add_argument("--train-clip", action="store_true",
-                    help="sparse VD's train-time clipping (weights with log α ≥ 3 leave the LRT)")
+                    help="sparse VD's train-time clipping (weights with log α ≥ 3 leave the LRT); with "
+                         "--target the mask is held once the target is reached")
     ap.add_argument("--threads", type=int, default=2, help="training threads")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--min-time", type=float, default=0.2)

@@ -103,3 +103,31 @@ def test_fixed_mask_tail_keeps_the_mask_it_took(monkeypatch):
     assert len(taken) == 37 and any(not bool(mask.all()) for _, mask, _ in taken)
     for layer, mask, log_sigma2 in taken:
         assert torch.equal(layer.mask(), mask) and torch.equal(layer.log_sigma2, log_sigma2)
+
+
+def test_train_clip_holds_the_mask_at_the_target(monkeypatch):
+    """--train-clip with a target: the controller is built to hold the mask once the target is
+    reached (a clipped weight cannot come back) and hold() runs after every sparse-VD step."""
+    made = []
+
+    class Recording(cm.CompressionTarget):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.holds = 0
+            made.append(self)
+
+        def hold(self):
+            self.holds += 1
+            super().hold()
+
+    monkeypatch.setattr(cm, "CompressionTarget", Recording)
+    args = cm.parse_args(["--quick", "--train-clip", "--target", "1.05", "--finetune-frac", "0.4"])
+    args.n_train = 32
+    args.steps = 5  # 3 sparse-VD steps, then 2 with the fixed mask
+    teacher, tok = cm.load_teacher()
+    train, _ = cm.stdlib_sentences(cm.QUICK_MODULES)
+    train = train[:32]
+    targets = cm.embed_all(teacher, tok, train, args.max_len)
+    cm.run_sparse_vd(teacher, tok, train, targets, args, cm.PretrainedRecipe())
+    (ctl,) = made
+    assert ctl.hold_at_target and ctl.holds == 3
