@@ -106,9 +106,8 @@ class CompressionTarget:
             pass: :attr:`sparsevd.loss.SGVLB.kept`).
         hold_at_target: once a measured compression reaches ``target``, keep the kept weights
             kept and the dropped ones dropped (:meth:`hold`, to call after each optimiser step):
-            the compression stops there.
-            For training with train-time clipping, where a dropped weight cannot return (``fit``
-            sets it when its layers clip).
+            the compression stops there. For training with train-time clipping, where a dropped
+            weight cannot return (``fit`` sets it when its layers clip).
 
     Attributes:
         beta: the current β (1 before the first step).
@@ -234,8 +233,8 @@ class CompressionTarget:
 
     def state_dict(self) -> dict:
         """The controller's state (JSON-safe floats and ints), for a resumed run. The held mask
-        is not stored: it is the mask of the parameters at the next :meth:`step` (:meth:`hold`
-        keeps the held weights kept; clipped weights do not return)."""
+        is not stored: it is the mask of the parameters at the next :meth:`step`, which
+        :meth:`hold` kept equal to it, both ways."""
         return {"integral": self.integral, "log_beta": self.log_beta, "steps": self.steps,
                 "compression": self.compression, "holding": self.holding}
 
