@@ -80,6 +80,19 @@ def test_token_cosine_distance_against_the_formula():
 
 
 
+def _five_steps(*argv):
+    """run_sparse_vd on 32 quick-mode sentences for 5 steps: 3 sparse-VD steps, then 2 with the
+    fixed mask (--finetune-frac 0.4), with the options ``argv``."""
+    args = cm.parse_args(["--quick", "--finetune-frac", "0.4", *argv])
+    args.n_train = 32
+    args.steps = 5
+    teacher, tok = cm.load_teacher()
+    train, _ = cm.stdlib_sentences(cm.QUICK_MODULES)
+    train = train[:32]
+    targets = cm.embed_all(teacher, tok, train, args.max_len)
+    return cm.run_sparse_vd(teacher, tok, train, targets, args, cm.PretrainedRecipe())
+
+
 def test_fixed_mask_tail_keeps_the_mask_it_took(monkeypatch):
     """--finetune-frac: at the switch the mask is taken (sparsevd.train.freeze_mask) and the last
     steps (deterministic, log σ² frozen) end with exactly that mask."""
@@ -92,14 +105,7 @@ def test_fixed_mask_tail_keeps_the_mask_it_took(monkeypatch):
         return frozen
 
     monkeypatch.setattr(cm, "freeze_mask", record)
-    args = cm.parse_args(["--quick", "--finetune-frac", "0.4", "--init", "paper"])
-    args.n_train = 32
-    args.steps = 5  # 3 sparse-VD steps, then 2 with the fixed mask
-    teacher, tok = cm.load_teacher()
-    train, _ = cm.stdlib_sentences(cm.QUICK_MODULES)
-    train = train[:32]
-    targets = cm.embed_all(teacher, tok, train, args.max_len)
-    student, _ = cm.run_sparse_vd(teacher, tok, train, targets, args, cm.PretrainedRecipe())
+    _five_steps("--init", "paper")
     assert len(taken) == 37 and any(not bool(mask.all()) for _, mask, _ in taken)
     for layer, mask, log_sigma2 in taken:
         assert torch.equal(layer.mask(), mask) and torch.equal(layer.log_sigma2, log_sigma2)
@@ -121,13 +127,6 @@ def test_train_clip_holds_the_mask_at_the_target(monkeypatch):
             super().hold()
 
     monkeypatch.setattr(cm, "CompressionTarget", Recording)
-    args = cm.parse_args(["--quick", "--train-clip", "--target", "1.05", "--finetune-frac", "0.4"])
-    args.n_train = 32
-    args.steps = 5  # 3 sparse-VD steps, then 2 with the fixed mask
-    teacher, tok = cm.load_teacher()
-    train, _ = cm.stdlib_sentences(cm.QUICK_MODULES)
-    train = train[:32]
-    targets = cm.embed_all(teacher, tok, train, args.max_len)
-    cm.run_sparse_vd(teacher, tok, train, targets, args, cm.PretrainedRecipe())
+    _five_steps("--train-clip", "--target", "1.05")
     (ctl,) = made
     assert ctl.hold_at_target and ctl.holds == 3
