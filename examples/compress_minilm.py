@@ -40,7 +40,7 @@ interleaved rounds of the per-round ratio of the calling thread's CPU time), ``s
 
 Usage: python -m examples.compress_minilm [--steps 1000] [--batch 16] [--max-len 32] [--target 4] [--quick]
        [--loss hidden|embedding] [--finetune-frac 0.25] [--train-clip]
-       [--methods sparse_vd magnitude] [--out FILE] [--no-save] [--readme README.md --table FILE]
+       [--methods sparse_vd magnitude] [--out FILE] [--no-save] [--readme README.md --table FILE [FILE ...]]
 """
 from __future__ import annotations
 
@@ -67,6 +67,7 @@ from torch.nn.utils import prune
 import sparsevd
 from sparsevd.loss import kl_divergence
 from sparsevd.magnitude import GradualMagnitudePruning
+from sparsevd.metadata import cpu_name
 from sparsevd.nn import LinearSVDO
 from sparsevd.recipe import PretrainedRecipe
 from sparsevd.target import CompressionTarget
@@ -399,7 +400,8 @@ def evaluate(method, model, teacher, tok, held, held_targets, args, steps, secs)
                warmup_steps=args.warmup_steps, target=args.target or None, ramp_frac=args.ramp_frac,
                finetune_frac=args.finetune_frac,
                train_clip=args.train_clip, quick=bool(args.quick),
-               device="AMD EPYC (Zen 4), 2 vCPU shared" if not torch.cuda.is_available() else "cuda",
+               device=(torch.cuda.get_device_name() if torch.cuda.is_available() else
+                       f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} CPUs"),
                torch=torch.__version__, date=datetime.date.today().isoformat())
     if method == "magnitude":  # the sparse-VD settings do not apply
         for k in ("init", "log_sigma2_lr", "kl_scale", "warmup_steps", "target", "ramp_frac", "train_clip", "finetune_frac"):
@@ -421,7 +423,8 @@ def markdown_table(rows: List[dict]) -> str:
     for r in rows:
         if r.get("quick"):
             continue
-        method = r["method"] + (" + fixed-mask tail" if r.get("finetune_frac") else "")
+        method = (r["method"] + (" + train-time clipping, held at the target" if r.get("train_clip") else "")
+                  + (" + fixed-mask tail" if r.get("finetune_frac") else ""))
         lines.append(f"| {method} | {r.get('loss', 'embedding')} | {r['compression_linear']:.2f}× | "
                      f"{r['compression_model']:.2f}× | {r['fidelity_cosine']:.4f} | {r['latency_ratio_b1']:.2f} | "
                      f"{r['latency_ratio_b32']:.2f} | {r['steps']} | {r['seconds']:.0f} |")
@@ -480,7 +483,7 @@ def parse_args(argv):
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--readme", type=Path, default=None)
-    ap.add_argument("--table", type=Path, default=None)
+    ap.add_argument("--table", type=Path, nargs="+", default=None, help="results files whose rows make the README table")
     args = ap.parse_args(argv)
     if args.init not in ("paper", "pretrained"):
         args.init = float(args.init)
@@ -496,7 +499,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     if args.readme or args.table:
         if not (args.readme and args.table):
             raise SystemExit("--readme and --table go together")
-        write_readme(args.readme, markdown_table(json.loads(args.table.read_text())))
+        write_readme(args.readme, markdown_table([r for t in args.table for r in json.loads(t.read_text())]))
         return []
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)

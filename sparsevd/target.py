@@ -23,7 +23,7 @@ LeNet-300-100 ends at 13.8× for a 10× target and 136× for 100× (benchmarks/N
 ``hold_at_target`` caps it: from the first step whose measured compression reaches ``target``,
 :meth:`hold` (after each optimiser step) keeps every weight kept then kept, setting a θ whose
 log α crossed the threshold back to the smallest |θ| that stays below it, and every weight
-dropped then dropped.
+dropped then dropped, and sets β back to 1.
 """
 from __future__ import annotations
 
@@ -106,7 +106,8 @@ class CompressionTarget:
             pass: :attr:`sparsevd.loss.SGVLB.kept`).
         hold_at_target: once a measured compression reaches ``target``, keep the kept weights
             kept and the dropped ones dropped (:meth:`hold`, to call after each optimiser step):
-            the compression stops there. For training with train-time clipping, where a dropped
+            the compression stops there, and β is 1 from then on (the paper's objective on the
+            held mask: a larger β would only add noise to the kept weights). For training with train-time clipping, where a dropped
             weight cannot return (``fit`` sets it when its layers clip).
 
     Attributes:
@@ -210,6 +211,10 @@ class CompressionTarget:
             self.holding = True
         if self.holding and self._held is None:  # the parameters of this step's loss
             self._held = [m.mask(self.threshold) for m in self.layers]
+        if self.holding:  # nothing left to control: the paper's objective on the held mask
+            self.log_beta = 0.0
+            self.steps += 1
+            return self.beta
         error = math.log(min(self.compression, 1e12) / self.setpoint())
         lo, hi = self.log_beta_range
         self.integral = min(max(self.integral + self.ki * error, -hi), -lo)

@@ -385,7 +385,7 @@ def test_hold_mask_keeps_a_shrinking_kept_weight_kept():
 
 
 def test_the_controller_holds_the_mask_once_the_target_is_reached():
-    """hold_at_target: hold() is a no-op until a step measures the target; from then on a held
+    """hold_at_target: hold() is a no-op until a step measures the target; from then on β = 1, a held
     weight whose θ shrank past the threshold is raised back to its floor (with the log σ² of
     that moment), a dropped one that came back gets its log σ² raised, the others are left
     alone, and the compression stays the one measured."""
@@ -410,8 +410,7 @@ def test_the_controller_holds_the_mask_once_the_target_is_reached():
     with torch.no_grad():
         layers[0].weight.copy_(before[0])
     masks = [m.log_alpha < 3 for m in layers]
-    ctl.step()
-    assert ctl.holding
+    assert ctl.step() == 1.0 and ctl.holding  # β = 1 once holding (it would be < 1 here: e > 0)
     shrink = [keep & (torch.rand(keep.shape) < 0.5) for keep in masks]
     back = [~keep & (torch.rand(keep.shape) < 0.5) for keep in masks]
     with torch.no_grad():
