@@ -225,8 +225,8 @@ def fit(
             default, is the paper's. The history's ``beta`` is the KL weight used (warm-up ×
             controller), ``target_beta`` the controller's factor. With ``train_clip=True`` (what
             ``sparsevd train`` uses) the controller holds the mask from the step that reaches
-            the target (``CompressionTarget(hold_at_target=True)``): clipped weights cannot come
-            back, so the compression would otherwise run past it.
+            the target (``CompressionTarget(hold_at_target=True)``, β = 1 from then on):
+            clipped weights cannot come back, so the compression would otherwise run past it.
         target_scope: what the target counts: "linear" (the sparse-VD layers' weights, as
             ``compression``) or "model" (every parameter, embeddings included).
         finetune_epochs: sparse VD only: the last ``finetune_epochs`` of the ``epochs`` train the
