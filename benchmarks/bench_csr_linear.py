@@ -183,7 +183,9 @@ def bench_lenet(args, env) -> List[dict]:
 # ------------------------------------------------------------------ builds of other revisions
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_SOURCES = ("csrc/cpu/csr_linear_cpu.cpp", "csrc/cpu/csr_linear_cpu.h", "csrc/cpu/simd/transpose8.h",
-                  "csrc/csr_linear_checks.h")
+                  "csrc/csr_linear_checks.h", "csrc/cpu/denormals.h")
+#: Headers that older kernels did not include (absent at their revisions: not copied).
+ADDED_LATER = ("csrc/cpu/denormals.h",)
 #: Earlier paths of KERNEL_SOURCES, for revisions before the rename (issue 22).
 FORMER_PATHS = {"csrc/csr_linear_checks.h": "csrc/csr_checks.h"}
 SCHEMA = "csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias) -> Tensor"
@@ -200,12 +202,15 @@ def _read_source(rev: str, path: str) -> str:
 
 def _source_of(rev: str, path: str):
     """(the path the file has at ``rev``, its text): a git revision from before a rename reads
-    the file under its former path (FORMER_PATHS), which its kernel includes."""
-    if rev.startswith("file:") or rev == "worktree" or path not in FORMER_PATHS:
+    the file under its former path (FORMER_PATHS), which its kernel includes; a header the kernel
+    did not include yet (ADDED_LATER) has the text None."""
+    if rev.startswith("file:") or rev == "worktree" or (path not in FORMER_PATHS and path not in ADDED_LATER):
         return path, _read_source(rev, path)
     try:
         return path, _read_source(rev, path)
     except subprocess.CalledProcessError:
+        if path in ADDED_LATER:
+            return path, None
         return FORMER_PATHS[path], _read_source(rev, FORMER_PATHS[path])
 
 
@@ -214,7 +219,7 @@ def build_kernel(spec: str) -> Callable:
     from torch.utils.cpp_extension import load
 
     rev, *flags = spec.split("+")
-    texts = dict(_source_of(rev, p) for p in KERNEL_SOURCES)
+    texts = {path: text for path, text in (_source_of(rev, p) for p in KERNEL_SOURCES) if text is not None}
     ns = "csr_" + hashlib.sha1(("\0".join([*texts.values(), *flags])).encode()).hexdigest()[:10]
     src_dir = Path(tempfile.gettempdir()) / "sparsevd_csr_builds" / ns
     for path, text in texts.items():

@@ -24,14 +24,17 @@ namespace {
 
 std::string cpu_isa() { return sparsevd::cpu::kernels().isa; }
 
+// The CSR kernels' level (csr_linear_cpu.h) for a kernel set: "avx512" 2, "avx2" 1, "scalar" 0.
+int csr_simd_level(const std::string& isa) { return isa == "avx512" ? 2 : isa == "avx2" ? 1 : 0; }
+
 // The one CPU ISA switch: the kernel table of the LRT, KL and noise kernels (cpu/kernels.cpp) and the
-// AVX2 path of the CSR kernels, which have no AVX-512 code ("avx512" runs their AVX2 code,
-// "scalar" their portable code). SPARSEVD_CPU_ISA sets it when the library loads.
+// level of the CSR kernels ("avx512": their AVX-512 SpMM, "avx2": AVX2, "scalar": portable code).
+// SPARSEVD_CPU_ISA sets it when the library loads.
 std::string set_cpu_isa(const std::string& isa) {
   TORCH_CHECK(sparsevd::cpu::isa_supported(isa), "isa: '", isa,
               "' is not one of auto, avx512, avx2, scalar supported by this CPU");
   const std::string previous = sparsevd::cpu::set_isa(isa);
-  sparsevd::cpu::set_simd_enabled(std::string(sparsevd::cpu::kernels().isa) != "scalar");
+  sparsevd::cpu::set_simd_level(csr_simd_level(sparsevd::cpu::kernels().isa));
   return previous;
 }
 
@@ -108,5 +111,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = false;
 #endif
   // The CSR kernels follow the kernel set SPARSEVD_CPU_ISA chose (the one switch above).
-  sparsevd::cpu::set_simd_enabled(std::string(sparsevd::cpu::kernels().isa) != "scalar");
+  sparsevd::cpu::set_simd_level(csr_simd_level(sparsevd::cpu::kernels().isa));
 }

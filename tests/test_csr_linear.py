@@ -4,7 +4,7 @@ First every implementation on every device from tests/sample_inputs.py (``backen
 compiled kernels of sparsevd._C, CPU and CUDA, through the checked entry point
 sparsevd.ops.csr_linear; ``reference``, the torch.sparse math naive_csr_linear, the fallback; the
 CUDA cases skip only where there is no GPU or no CUDA build), against the dense product with the
-zero-filled W; then what is particular to the CPU kernels (both ISA paths: ``simd``; bounds checks
+zero-filled W; then what is particular to the CPU kernels (every ISA path: ``simd``; bounds checks
 that raise), to the CUDA kernels (bad indices give NaN rows, no host sync) and to the checked entry
 point (errors naming the argument, the fallback, the library's coexistence with the Python ops).
 scripts/gpu_check.sh runs this module on a GPU, also under compute-sanitizer.

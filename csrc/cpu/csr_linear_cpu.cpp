@@ -8,12 +8,14 @@
 //   < 8 nonzeros of a row as one masked step (not one scalar step each: 4-20 % faster at 90-99 %).
 // * M > 1, tiled SpMM: x is packed, transposed, into tiles xp[t] of shape (K, TM), TM batch rows per
 //   tile (zero padded; TM = 8 or 16 for M <= 8 or 16, else 32, or 16 when a (K, 32) tile would
-//   fill more than half of L2). For every tile and row r of W, acc[TM] = sum_j v_j xp[t][c_j, :]:
-//   each nonzero is one broadcast and TM/8 contiguous fused multiply-adds over the batch (an
-//   axpy), with the accumulators in registers (U nonzeros in flight for TM/8 * U independent FMA
-//   chains). Results of 16 rows are staged in a small buffer and written to y transposed, 16
-//   contiguous outputs per batch row, with the bias. fp32 packs x and writes y with 8x8 AVX2
-//   register transposes.
+//   fill more than half of L2). Tile by tile (each packed just before it is used, so it is in L2),
+//   for every row r of W, acc[TM] = sum_j v_j xp[t][c_j, :]: each nonzero is one broadcast and
+//   TM/8 (AVX2) or TM/16 (AVX-512) contiguous fused multiply-adds over the batch (an axpy), with
+//   the accumulators in registers (U nonzeros in flight for independent FMA chains). Results of 16
+//   rows are staged in a small buffer and written to y transposed, 16 contiguous outputs per batch
+//   row, with the bias. fp32 packs x and writes y with 8x8 (AVX2) or 16x16 (AVX-512) register
+//   transposes. The tiles of 16 batch rows or more run with 512-bit vectors where the CPU has
+//   AVX-512F (TM = 8 stays AVX2).
 //
 // fp64 and int64 column indices run the same algorithms in portable C++ (the compiler vectorizes
 // the TM loop); fp16/bf16 are computed in fp32 and rounded once at the end.
@@ -68,21 +70,27 @@ namespace sparsevd {
 namespace cpu {
 
 namespace {
-std::atomic<bool> g_simd_on{true};
-}  // namespace
-
-bool simd_available() {
+// The highest level this CPU runs: 2 AVX-512F, 1 AVX2+FMA, 0 neither (or not x86-64).
+int max_simd_level() {
 #ifdef SPARSEVD_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+  static const int level = !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 0
+                           : __builtin_cpu_supports("avx512f")                                ? 2
+                                                                                               : 1;
+  return level;
 #else
-  return false;
+  return 0;
 #endif
 }
+std::atomic<int> g_simd_level{max_simd_level()};
 
-bool simd_enabled() { return simd_available() && g_simd_on.load(); }
+bool avx512_enabled() { return g_simd_level.load(std::memory_order_relaxed) >= 2; }
+}  // namespace
 
-bool set_simd_enabled(bool enabled) { return g_simd_on.exchange(enabled); }
+bool simd_available() { return max_simd_level() >= 1; }
+
+bool simd_enabled() { return g_simd_level.load(std::memory_order_relaxed) >= 1; }
+
+int set_simd_level(int level) { return g_simd_level.exchange(std::clamp(level, 0, max_simd_level())); }
 
 namespace {
 
@@ -93,6 +101,7 @@ constexpr int64_t kColChunk = 65536;      // column indices per task of the chec
 
 #ifdef SPARSEVD_X86
 #define SVD_AVX2 __attribute__((target("avx2,fma")))
+#define SVD_AVX512 __attribute__((target("avx512f,avx2,fma")))
 #endif
 
 // ------------------------------------------------------------------------------- index checks
@@ -590,6 +599,171 @@ SVD_AVX2 void spmm_part_avx2(const float* xpt, const C* crow, const I* col, cons
     flush_rows_avx2(buf, nr, TM, mt, y + rb, ldy, bias ? bias + rb : nullptr);
   }
 }
+
+// ---------------------------------------------------------------------- AVX-512F fp32 SpMM tiles
+// r[i][j] -> r[j][i] for 16 rows of 16 floats: 64 shuffles (unpack pairs, shufps quadruples, then
+// two rounds of 128-bit lane shuffles).
+SVD_AVX512 inline __attribute__((always_inline)) void transpose16x16(__m512 r[16]) {
+  __m512 t[16], u[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 16; i += 4) {  // u[i + c], 128-bit lane L: rows i .. i + 4 of column 4L + c
+    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {  // column 4L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c]
+    const __m512 e01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);  // lanes 0, 2 of each
+    const __m512 e23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 o01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);  // lanes 1, 3 of each
+    const __m512 o23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_f32x4(e01, e23, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(e01, e23, 0xDD);
+    r[4 + c] = _mm512_shuffle_f32x4(o01, o23, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(o01, o23, 0xDD);
+  }
+}
+
+// flush_rows for fp32 with 16x16 register transposes: y[i, rr] = buf[rr, i] + b[rr].
+SVD_AVX512 void flush_rows_avx512(const float* buf, int nr, int tm, int64_t mt, float* y, int64_t ldy,
+                                  const float* b) {
+  if (mt != tm || nr != 16) {
+    flush_rows(buf, nr, tm, mt, y, ldy, b);
+    return;
+  }
+  const __m512 bias = b ? _mm512_loadu_ps(b) : _mm512_setzero_ps();
+  for (int i0 = 0; i0 < tm; i0 += 16) {
+    __m512 r[16];
+#pragma GCC unroll 16
+    for (int q = 0; q < 16; ++q) r[q] = _mm512_load_ps(buf + q * tm + i0);
+    transpose16x16(r);  // r[c] = buf[0 .. 16, i0 + c]
+#pragma GCC unroll 16
+    for (int c = 0; c < 16; ++c) _mm512_storeu_ps(y + (i0 + c) * ldy, _mm512_add_ps(r[c], bias));
+  }
+}
+
+// pack_block_avx2 with 16x16 blocks (tm a multiple of 16), the same flags.
+SVD_AVX512 void pack_block_avx512(const float* x, int64_t M, int64_t K, int64_t sxm, int tm, float* xp,
+                                  int64_t t, int64_t kb, unsigned* flags) {
+  const int64_t k0 = kb * kPackBlock, k1 = std::min(K, k0 + kPackBlock);
+  float* dst = xp + t * K * tm;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int i0 = 0; i0 < tm; i0 += 16) {
+    const float* src[16];
+    bool full = true;
+    for (int q = 0; q < 16; ++q) {
+      const int64_t m = t * tm + i0 + q;
+      src[q] = m < M ? x + m * sxm : nullptr;
+      full = full && m < M;
+    }
+    unsigned nf = 0;
+    int64_t k = k0;
+    if (full) {
+      // z0 + z1 = sum of 0 * x over the block, lane q for row q: NaN iff the row has a non-finite value.
+      __m512 z0 = zero, z1 = zero;
+      for (; k + 16 <= k1; k += 16) {
+        __m512 r[16];
+#pragma GCC unroll 16
+        for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(src[q] + k);
+        transpose16x16(r);  // r[c] = x[m0 .. m0 + 16, k + c]
+#pragma GCC unroll 8
+        for (int c = 0; c < 16; c += 2) {
+          z0 = _mm512_fmadd_ps(r[c], zero, z0);
+          z1 = _mm512_fmadd_ps(r[c + 1], zero, z1);
+        }
+#pragma GCC unroll 16
+        for (int c = 0; c < 16; ++c) _mm512_store_ps(dst + (k + c) * tm + i0, r[c]);
+      }
+      const __m512 z = _mm512_add_ps(z0, z1);
+      nf = static_cast<unsigned>(_mm512_cmp_ps_mask(z, z, _CMP_UNORD_Q));
+    }
+    for (; k < k1; ++k) {
+      for (int q = 0; q < 16; ++q) {
+        const float v = src[q] ? src[q][k] : 0.f;
+        dst[k * tm + i0 + q] = v;
+        nf |= static_cast<unsigned>(is_nonfinite(v)) << q;
+      }
+    }
+    flags[i0 / 8] = nf & 0xFFu;
+    flags[i0 / 8 + 1] = nf >> 8;
+  }
+}
+
+// row_tile_avx2 with 512-bit vectors: acc[0:16V] = sum_j v_j * xp[c_j, 0:16V]; U nonzeros per step.
+// Column indices checked before.
+template <int V, int U, typename I>
+SVD_AVX512 inline void row_tile_avx512(const float* xp, const I* col, const float* val, int64_t j, int64_t e,
+                                       float* out) {
+  constexpr int TM = 16 * V;
+  __m512 acc[U][V];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[u][v] = _mm512_setzero_ps();
+  }
+  if constexpr (sizeof(I) == 2) {  // four 16-bit indices per 64-bit load, as in row_tile_avx2
+    constexpr int G = U > 4 ? U : 4;
+    for (; j + G <= e; j += G) {
+#pragma GCC unroll 2
+      for (int h = 0; h < G; h += 4) {
+        uint64_t q;
+        std::memcpy(&q, col + j + h, sizeof(q));
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+          const float* p = xp + static_cast<int64_t>((q >> (16 * u)) & 0xFFFFu) * TM;  // 64-byte aligned
+          const __m512 w = _mm512_set1_ps(val[j + h + u]);
+#pragma GCC unroll 8
+          for (int v = 0; v < V; ++v) {
+            acc[(h + u) % U][v] = _mm512_fmadd_ps(w, _mm512_load_ps(p + 16 * v), acc[(h + u) % U][v]);
+          }
+        }
+      }
+    }
+  }
+  for (; j + U <= e; j += U) {
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const float* p = xp + static_cast<int64_t>(col[j + u]) * TM;
+      const __m512 w = _mm512_set1_ps(val[j + u]);
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[u][v] = _mm512_fmadd_ps(w, _mm512_load_ps(p + 16 * v), acc[u][v]);
+    }
+  }
+  for (; j < e; ++j) {
+    const float* p = xp + static_cast<int64_t>(col[j]) * TM;
+    const __m512 w = _mm512_set1_ps(val[j]);
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[0][v] = _mm512_fmadd_ps(w, _mm512_load_ps(p + 16 * v), acc[0][v]);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) {
+    __m512 s = acc[0][v];
+#pragma GCC unroll 8
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][v]);
+    _mm512_store_ps(out + 16 * v, s);
+  }
+}
+
+// spmm_part_avx2 with 512-bit vectors (TM = 16V).
+template <int V, int U, typename I, typename C>
+SVD_AVX512 void spmm_part_avx512(const float* xpt, const C* crow, const I* col, const float* val,
+                                 const float* bias, float* y, int64_t ldy, int64_t mt, int64_t r0, int64_t r1) {
+  constexpr int TM = 16 * V;
+  alignas(64) float buf[kRowBlock * TM];
+  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+    const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, r1 - rb));
+    for (int rr = 0; rr < nr; ++rr) {
+      row_tile_avx512<V, U>(xpt, col, val, crow[rb + rr], crow[rb + rr + 1], buf + rr * TM);
+    }
+    flush_rows_avx512(buf, nr, TM, mt, y + rb, ldy, bias ? bias + rb : nullptr);
+  }
+}
 #endif  // SPARSEVD_X86
 
 // ------------------------------------------------------------------------------------ drivers
@@ -661,6 +835,7 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
   const bool parallel = nthreads > 1 && nnz * M >= kMinParallelWork;
   constexpr bool kSimdTypes = std::is_same<T, float>::value && !std::is_same<I, int64_t>::value;
   const bool simd = kSimdTypes && simd_enabled();
+  const bool simd512 = simd && avx512_enabled();
   const bool check_simd = simd_enabled();  // the vector checks run for any T and I
   std::atomic<bool> cols_ok{true};
 
@@ -726,6 +901,13 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
     const int64_t r0 = parts[p], r1 = parts[p + 1];
 #ifdef SPARSEVD_X86
     if constexpr (kSimdTypes) {
+      if (simd512 && tm >= 16) {  // U chosen by measurement (benchmarks/NOTES.md, AVX-512 on a Xeon)
+        switch (tm) {
+          case 16: spmm_part_avx512<1, 4>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
+          case 32: spmm_part_avx512<2, 2>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
+          default: spmm_part_avx512<4, 1>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
+        }
+      }
       if (simd) {
         switch (tm) {
           case 8: spmm_part_avx2<1, 8>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
@@ -742,8 +924,20 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
       default: spmm_part_generic<T, 32>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
     }
   };
-  // One parallel region (one fork/join): check the column indices and pack the tiles, barrier,
-  // then the tiles x row parts (skipped after a bad index: the error is raised after the region).
+  // K-block kb of tile t.
+  auto pack = [&](int64_t t, int64_t kb) {
+    unsigned* f = flags.data() + (t * nkb + kb) * groups;
+#ifdef SPARSEVD_X86
+    if constexpr (kSimdTypes) {
+      if (simd512 && tm % 16 == 0 && sxk == 1) return pack_block_avx512(x, M, K, sxm, tm, xp, t, kb, f);
+      if (simd && sxk == 1) return pack_block_avx2(x, M, K, sxm, tm, xp, t, kb, f);
+    }
+#endif
+    pack_block(x, M, K, sxm, sxk, tm, xp, t, kb, f);
+  };
+  // One parallel region (one fork/join): check the column indices, then tile by tile pack (barrier)
+  // and run its row parts (skipped after a bad index: the error is raised after the region). A tile
+  // packed just before its rows run is still in L2 (packing all tiles first: 1-4 % slower, NOTES).
   // The check is one vectorized pass over col before any tile (2 bytes per nonzero streamed once
   // more); checking inside the tile loops cost more (measured: benchmarks/NOTES.md, "Bounds checks").
 #pragma omp parallel num_threads(nthreads) if (parallel)
@@ -756,24 +950,12 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
         cols_ok.store(false, std::memory_order_relaxed);
       }
     }
-#pragma omp for collapse(2) schedule(static)
     for (int64_t t = 0; t < nt; ++t) {
-      for (int64_t kb = 0; kb < nkb; ++kb) {
-        unsigned* f = flags.data() + (t * nkb + kb) * groups;
-#ifdef SPARSEVD_X86
-        if constexpr (kSimdTypes) {
-          if (simd && sxk == 1) {
-            pack_block_avx2(x, M, K, sxm, tm, xp, t, kb, f);
-            continue;
-          }
-        }
-#endif
-        pack_block(x, M, K, sxm, sxk, tm, xp, t, kb, f);
-      }
-    }
-    if (cols_ok.load(std::memory_order_relaxed)) {  // one value for all threads (after the barrier)
-#pragma omp for collapse(2) schedule(dynamic, 1)
-      for (int64_t t = 0; t < nt; ++t) {
+#pragma omp for schedule(static)
+      for (int64_t kb = 0; kb < nkb; ++kb) pack(t, kb);
+      // cols_ok: one value for all threads after the first barrier (every chunk was checked)
+      if (cols_ok.load(std::memory_order_relaxed)) {
+#pragma omp for schedule(dynamic, 1) nowait
         for (int64_t p = 0; p < P; ++p) run_part(t, p);
       }
     }

@@ -1,6 +1,6 @@
 // sparsevd::csr_linear on the CPU (csr_linear_cpu.cpp): the kernel's entry point, for the ops that
 // run their products on a CSR matrix (the deployed layers; the clipped LRT linear, lrt_linear_cpu.cpp), and
-// the runtime switch of its instruction set (AVX2+FMA fp32 kernels or portable C++).
+// the runtime switch of its instruction set (AVX-512 or AVX2+FMA fp32 kernels, or portable C++).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,9 +8,11 @@
 namespace sparsevd {
 namespace cpu {
 
+// The instruction set of the fp32 kernels: 0 portable C++, 1 AVX2+FMA, 2 AVX-512F (its SpMM tiles,
+// packing and flushing; the SpMV and the index checks stay AVX2).
 bool simd_available();                 // the CPU runs AVX2 and FMA (and the build is x86-64)
-bool simd_enabled();                   // available and not switched off
-bool set_simd_enabled(bool enabled);   // returns the previous setting
+bool simd_enabled();                   // level >= 1
+int set_simd_level(int level);         // clamped to what the CPU runs; returns the previous level
 
 // y (*, N) = x (*, K) Wᵀ + bias, W (N, K) as CSR (crow_indices int32/int64 (N + 1,), col_indices
 // uint16/int16/int32/int64 (nnz,), values (nnz,) in x's dtype); checks its arguments

@@ -12,7 +12,7 @@ says so once (see ``sparsevd/ops/csr_linear/op.py``).
 Switches of the compiled CPU kernels, for tests and benchmarks (ops without tensor arguments):
 
 - the instruction set, one switch for every CPU kernel (the LRT and KL passes, the noise
-  generator, the CSR kernels' AVX2 path): :func:`set_cpu_isa` / :func:`cpu_isa`
+  generator, the CSR kernels' AVX-512 and AVX2 paths): :func:`set_cpu_isa` / :func:`cpu_isa`
   (``torch.ops.sparsevd.native_set_isa`` / ``native_isa``; ``SPARSEVD_CPU_ISA`` sets it at load);
 - ``native_set_products("auto" | "serial" | "concurrent")`` (also ``SPARSEVD_NATIVE_PRODUCTS``):
   how the LRT ops run their GEMMs;
@@ -125,8 +125,9 @@ def cpu_isa() -> str:
 
 def set_cpu_isa(isa: str) -> str:
     """Switch every compiled CPU kernel to the kernel set ``isa`` ("avx512", "avx2", "scalar" or
-    "auto"); returns the previous one. The CSR kernels have AVX2 and portable code: "avx512"
-    runs their AVX2 code, "scalar" their portable code.
+    "auto"); returns the previous one. The CSR kernels follow it: "avx512" runs their AVX-512
+    SpMM tiles (their SpMV and index checks are AVX2), "avx2" their AVX2 code, "scalar" their
+    portable code.
 
     Raises:
         RuntimeError: this CPU does not run ``isa`` (the message names ``isa``).
