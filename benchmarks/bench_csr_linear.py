@@ -183,9 +183,10 @@ def bench_lenet(args, env) -> List[dict]:
 # ------------------------------------------------------------------ builds of other revisions
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_SOURCES = ("csrc/cpu/csr_linear_cpu.cpp", "csrc/cpu/csr_linear_cpu.h", "csrc/cpu/simd/transpose8.h",
-                  "csrc/csr_linear_checks.h", "csrc/cpu/denormals.h")
+                  "csrc/csr_linear_checks.h", "csrc/cpu/denormals.h", "csrc/cpu/csr_spmm_tile.h",
+                  "csrc/cpu/simd/compress8.h", "csrc/cpu/simd/isa_avx2.h", "csrc/cpu/simd/isa_avx512.h")
 #: Headers that older kernels did not include (absent at their revisions: not copied).
-ADDED_LATER = ("csrc/cpu/denormals.h",)
+ADDED_LATER = ("csrc/cpu/denormals.h", "csrc/cpu/csr_spmm_tile.h", "csrc/cpu/simd/compress8.h")
 #: Earlier paths of KERNEL_SOURCES, for revisions before the rename (issue 22).
 FORMER_PATHS = {"csrc/csr_linear_checks.h": "csrc/csr_checks.h"}
 SCHEMA = "csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias) -> Tensor"

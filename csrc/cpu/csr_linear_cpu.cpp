@@ -64,6 +64,7 @@
 #include "../csr_linear_checks.h"
 #include "csr_linear_cpu.h"
 #include "denormals.h"
+#include "simd/compress8.h"
 #include "simd/transpose8.h"
 
 namespace sparsevd {
@@ -528,78 +529,6 @@ SVD_AVX2 bool spmv_avx2(const float* x, int64_t K, const C* crow, const I* col, 
   return ok_tail && _mm256_movemask_epi8(ok) == -1;
 }
 
-// acc[0:8V] = sum_j v_j * xp[c_j, 0:8V]; U nonzeros per step, V vectors of 8 floats per nonzero.
-// Column indices checked before.
-template <int V, int U, typename I>
-SVD_AVX2 inline void row_tile_avx2(const float* xp, const I* col, const float* val, int64_t j, int64_t e,
-                                   float* out) {
-  constexpr int TM = 8 * V;
-  __m256 acc[U][V];
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) {
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) acc[u][v] = _mm256_setzero_ps();
-  }
-  if constexpr (sizeof(I) == 2) {
-    // 16-bit indices: four per 64-bit load (fewer load-port slots per nonzero); indices checked
-    // in [0, K) before, so the unsigned 16 bits are the column
-    constexpr int G = U > 4 ? U : 4;
-    for (; j + G <= e; j += G) {
-#pragma GCC unroll 2
-      for (int h = 0; h < G; h += 4) {
-        uint64_t q;
-        std::memcpy(&q, col + j + h, sizeof(q));
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; ++u) {
-          const float* p = xp + static_cast<int64_t>((q >> (16 * u)) & 0xFFFFu) * TM;
-          const __m256 w = _mm256_broadcast_ss(val + j + h + u);
-#pragma GCC unroll 8
-          for (int v = 0; v < V; ++v) {
-            acc[(h + u) % U][v] = _mm256_fmadd_ps(w, _mm256_load_ps(p + 8 * v), acc[(h + u) % U][v]);
-          }
-        }
-      }
-    }
-  }
-  for (; j + U <= e; j += U) {
-#pragma GCC unroll 8
-    for (int u = 0; u < U; ++u) {
-      const float* p = xp + static_cast<int64_t>(col[j + u]) * TM;  // [TM], 32-byte aligned
-      const __m256 w = _mm256_broadcast_ss(val + j + u);
-#pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) acc[u][v] = _mm256_fmadd_ps(w, _mm256_load_ps(p + 8 * v), acc[u][v]);
-    }
-  }
-  for (; j < e; ++j) {
-    const float* p = xp + static_cast<int64_t>(col[j]) * TM;
-    const __m256 w = _mm256_broadcast_ss(val + j);
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) acc[0][v] = _mm256_fmadd_ps(w, _mm256_load_ps(p + 8 * v), acc[0][v]);
-  }
-#pragma GCC unroll 8
-  for (int v = 0; v < V; ++v) {
-    __m256 s = acc[0][v];
-#pragma GCC unroll 8
-    for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[u][v]);
-    _mm256_store_ps(out + 8 * v, s);
-  }
-}
-
-// spmm_part_generic for fp32 with AVX2.
-template <int V, int U, typename I, typename C>
-SVD_AVX2 void spmm_part_avx2(const float* xpt, const C* crow, const I* col, const float* val,
-                             const float* bias, float* y, int64_t ldy, int64_t mt, int64_t r0, int64_t r1) {
-  constexpr int TM = 8 * V;
-  alignas(64) float buf[kRowBlock * TM];
-  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
-    const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, r1 - rb));
-    for (int rr = 0; rr < nr; ++rr) {
-      row_tile_avx2<V, U>(xpt, col, val, crow[rb + rr], crow[rb + rr + 1], buf + rr * TM);
-    }
-    flush_rows_avx2(buf, nr, TM, mt, y + rb, ldy, bias ? bias + rb : nullptr);
-  }
-}
-
 // ---------------------------------------------------------------------- AVX-512F fp32 SpMM tiles
 // r[i][j] -> r[j][i] for 16 rows of 16 floats: 64 shuffles (unpack pairs, shufps quadruples, then
 // two rounds of 128-bit lane shuffles).
@@ -695,75 +624,29 @@ SVD_AVX512 void pack_block_avx512(const float* x, int64_t M, int64_t K, int64_t 
   }
 }
 
-// row_tile_avx2 with 512-bit vectors: acc[0:16V] = sum_j v_j * xp[c_j, 0:16V]; U nonzeros per step.
-// Column indices checked before.
-template <int V, int U, typename I>
-SVD_AVX512 inline void row_tile_avx512(const float* xp, const I* col, const float* val, int64_t j, int64_t e,
-                                       float* out) {
-  constexpr int TM = 16 * V;
-  __m512 acc[U][V];
-#pragma GCC unroll 8
-  for (int u = 0; u < U; ++u) {
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) acc[u][v] = _mm512_setzero_ps();
-  }
-  if constexpr (sizeof(I) == 2) {  // four 16-bit indices per 64-bit load, as in row_tile_avx2
-    constexpr int G = U > 4 ? U : 4;
-    for (; j + G <= e; j += G) {
-#pragma GCC unroll 2
-      for (int h = 0; h < G; h += 4) {
-        uint64_t q;
-        std::memcpy(&q, col + j + h, sizeof(q));
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; ++u) {
-          const float* p = xp + static_cast<int64_t>((q >> (16 * u)) & 0xFFFFu) * TM;  // 64-byte aligned
-          const __m512 w = _mm512_set1_ps(val[j + h + u]);
-#pragma GCC unroll 8
-          for (int v = 0; v < V; ++v) {
-            acc[(h + u) % U][v] = _mm512_fmadd_ps(w, _mm512_load_ps(p + 16 * v), acc[(h + u) % U][v]);
-          }
-        }
-      }
-    }
-  }
-  for (; j + U <= e; j += U) {
-#pragma GCC unroll 8
-    for (int u = 0; u < U; ++u) {
-      const float* p = xp + static_cast<int64_t>(col[j + u]) * TM;
-      const __m512 w = _mm512_set1_ps(val[j + u]);
-#pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) acc[u][v] = _mm512_fmadd_ps(w, _mm512_load_ps(p + 16 * v), acc[u][v]);
-    }
-  }
-  for (; j < e; ++j) {
-    const float* p = xp + static_cast<int64_t>(col[j]) * TM;
-    const __m512 w = _mm512_set1_ps(val[j]);
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) acc[0][v] = _mm512_fmadd_ps(w, _mm512_load_ps(p + 16 * v), acc[0][v]);
-  }
-#pragma GCC unroll 8
-  for (int v = 0; v < V; ++v) {
-    __m512 s = acc[0][v];
-#pragma GCC unroll 8
-    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][v]);
-    _mm512_store_ps(out + 16 * v, s);
-  }
+// The row tiles and row parts of the SpMM, once per vector ISA (csr_spmm_tile.h): avx2::spmm_part
+// (8 floats per vector) and avx512::spmm_part (16), each writing through its ISA's flush.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "simd/isa_avx2.h"
+inline void flush_tile(const float* buf, int nr, int tm, int64_t mt, float* y, int64_t ldy, const float* b) {
+  flush_rows_avx2(buf, nr, tm, mt, y, ldy, b);
 }
+#include "csr_spmm_tile.h"
+}  // namespace avx2
+#pragma GCC pop_options
 
-// spmm_part_avx2 with 512-bit vectors (TM = 16V).
-template <int V, int U, typename I, typename C>
-SVD_AVX512 void spmm_part_avx512(const float* xpt, const C* crow, const I* col, const float* val,
-                                 const float* bias, float* y, int64_t ldy, int64_t mt, int64_t r0, int64_t r1) {
-  constexpr int TM = 16 * V;
-  alignas(64) float buf[kRowBlock * TM];
-  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
-    const int nr = static_cast<int>(std::min<int64_t>(kRowBlock, r1 - rb));
-    for (int rr = 0; rr < nr; ++rr) {
-      row_tile_avx512<V, U>(xpt, col, val, crow[rb + rr], crow[rb + rr + 1], buf + rr * TM);
-    }
-    flush_rows_avx512(buf, nr, TM, mt, y + rb, ldy, bias ? bias + rb : nullptr);
-  }
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+namespace avx512 {
+#include "simd/isa_avx512.h"
+inline void flush_tile(const float* buf, int nr, int tm, int64_t mt, float* y, int64_t ldy, const float* b) {
+  flush_rows_avx512(buf, nr, tm, mt, y, ldy, b);
 }
+#include "csr_spmm_tile.h"
+}  // namespace avx512
+#pragma GCC pop_options
 #endif  // SPARSEVD_X86
 
 // ------------------------------------------------------------------------------------ drivers
@@ -903,17 +786,17 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
     if constexpr (kSimdTypes) {
       if (simd512 && tm >= 16) {  // U chosen by measurement (benchmarks/NOTES.md, AVX-512 on a Xeon)
         switch (tm) {
-          case 16: spmm_part_avx512<1, 4>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
-          case 32: spmm_part_avx512<2, 2>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
-          default: spmm_part_avx512<4, 1>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
+          case 16: avx512::spmm_part<1, 4>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
+          case 32: avx512::spmm_part<2, 2>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
+          default: avx512::spmm_part<4, 1>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
         }
       }
       if (simd) {
         switch (tm) {
-          case 8: spmm_part_avx2<1, 8>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
-          case 16: spmm_part_avx2<2, 2>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
-          case 32: spmm_part_avx2<4, 2>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
-          default: spmm_part_avx2<8, 1>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
+          case 8: avx2::spmm_part<1, 8>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
+          case 16: avx2::spmm_part<2, 2>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
+          case 32: avx2::spmm_part<4, 2>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
+          default: avx2::spmm_part<8, 1>(xpt, crow, col, val, bias, yt, N, mt, r0, r1); return;
         }
       }
     }

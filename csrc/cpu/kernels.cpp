@@ -18,6 +18,7 @@
 #include <string>
 
 #include "kernels.h"
+#include "simd/compress8.h"
 #include "simd/transpose8.h"
 
 // The SIMD builds need GCC or Clang (target pragmas, __builtin_cpu_supports) on x86-64; elsewhere
@@ -28,24 +29,6 @@
 
 namespace sparsevd {
 namespace cpu {
-
-// For V::compress_lanes: for each 8-bit mask b, the positions of its set bits in increasing order,
-// one per byte of lanes[b] (the rest 0), and how many there are.
-struct Compress8 {
-  uint64_t lanes[256];
-  uint8_t count[256];
-};
-constexpr Compress8 make_compress8() {
-  Compress8 t{};
-  for (int b = 0; b < 256; ++b) {
-    int k = 0;
-    for (int j = 0; j < 8; ++j)
-      if (b >> j & 1) t.lanes[b] |= static_cast<uint64_t>(j) << (8 * k++);
-    t.count[b] = static_cast<uint8_t>(k);
-  }
-  return t;
-}
-inline constexpr Compress8 kCompress8 = make_compress8();
 
 #ifdef SPARSEVD_X86
 #pragma GCC push_options
