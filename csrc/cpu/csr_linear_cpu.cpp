@@ -418,68 +418,6 @@ SVD_AVX2 inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// flush_rows for fp32 with 8x8 register transposes: y[i, rr] = buf[rr, i] + b[rr].
-SVD_AVX2 inline void flush_rows_avx2(const float* buf, int nr, int tm, int64_t mt, float* y, int64_t ldy,
-                                     const float* b) {
-  if (mt != tm || nr % 8 != 0) {
-    flush_rows(buf, nr, tm, mt, y, ldy, b);
-    return;
-  }
-  for (int r0 = 0; r0 < nr; r0 += 8) {
-    const __m256 bias = b ? _mm256_loadu_ps(b + r0) : _mm256_setzero_ps();
-    for (int i0 = 0; i0 < tm; i0 += 8) {
-      __m256 r[8];
-      for (int q = 0; q < 8; ++q) r[q] = _mm256_load_ps(buf + (r0 + q) * tm + i0);
-      transpose8x8(r);  // r[c] = buf[r0 .. r0+8, i0 + c]
-      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(y + (i0 + c) * ldy + r0, _mm256_add_ps(r[c], bias));
-    }
-  }
-}
-
-// One block of pack_block for fp32 rows with unit stride: 8x8 blocks transposed in registers; the
-// same flags (bit q of flags[g]: batch row t*tm + 8g + q has a non-finite value in the block).
-SVD_AVX2 void pack_block_avx2(const float* x, int64_t M, int64_t K, int64_t sxm, int tm, float* xp, int64_t t,
-                              int64_t kb, unsigned* flags) {
-  const int64_t k0 = kb * kPackBlock, k1 = std::min(K, k0 + kPackBlock);
-  float* dst = xp + t * K * tm;
-  const __m256 zero = _mm256_setzero_ps();
-  for (int i0 = 0; i0 < tm; i0 += 8) {
-    const float* src[8];
-    bool full = true;
-    for (int q = 0; q < 8; ++q) {
-      const int64_t m = t * tm + i0 + q;
-      src[q] = m < M ? x + m * sxm : nullptr;
-      full = full && m < M;
-    }
-    unsigned nf = 0;
-    int64_t k = k0;
-    if (full) {
-      // z0 + z1 = sum of 0 * x over the block, lane q for row q: NaN iff the row has a non-finite value.
-      __m256 z0 = zero, z1 = zero;
-      for (; k + 8 <= k1; k += 8) {
-        __m256 r[8];
-        for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(src[q] + k);
-        transpose8x8(r);  // r[c] = x[m0 .. m0+8, k + c]
-        for (int c = 0; c < 8; c += 2) {
-          z0 = _mm256_fmadd_ps(r[c], zero, z0);
-          z1 = _mm256_fmadd_ps(r[c + 1], zero, z1);
-        }
-        for (int c = 0; c < 8; ++c) _mm256_store_ps(dst + (k + c) * tm + i0, r[c]);
-      }
-      const __m256 z = _mm256_add_ps(z0, z1);
-      nf = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(z, z, _CMP_UNORD_Q)));
-    }
-    for (; k < k1; ++k) {
-      for (int q = 0; q < 8; ++q) {
-        const float v = src[q] ? src[q][k] : 0.f;
-        dst[k * tm + i0 + q] = v;
-        nf |= static_cast<unsigned>(is_nonfinite(v)) << q;
-      }
-    }
-    flags[i0 / 8] = nf;
-  }
-}
-
 // Rows [r0, r1) with 8-wide masked gathers of x (lanes whose index is outside [0, K) are not read);
 // returns false when some index is bad. The last < 8 nonzeros of a row run as one masked step
 // too (lanes < e - j; its other lanes hold indices of later rows, so checking them is right), or
@@ -559,80 +497,13 @@ SVD_AVX512 inline __attribute__((always_inline)) void transpose16x16(__m512 r[16
   }
 }
 
-// flush_rows for fp32 with 16x16 register transposes: y[i, rr] = buf[rr, i] + b[rr].
-SVD_AVX512 void flush_rows_avx512(const float* buf, int nr, int tm, int64_t mt, float* y, int64_t ldy,
-                                  const float* b) {
-  if (mt != tm || nr != 16) {
-    flush_rows(buf, nr, tm, mt, y, ldy, b);
-    return;
-  }
-  const __m512 bias = b ? _mm512_loadu_ps(b) : _mm512_setzero_ps();
-  for (int i0 = 0; i0 < tm; i0 += 16) {
-    __m512 r[16];
-#pragma GCC unroll 16
-    for (int q = 0; q < 16; ++q) r[q] = _mm512_load_ps(buf + q * tm + i0);
-    transpose16x16(r);  // r[c] = buf[0 .. 16, i0 + c]
-#pragma GCC unroll 16
-    for (int c = 0; c < 16; ++c) _mm512_storeu_ps(y + (i0 + c) * ldy, _mm512_add_ps(r[c], bias));
-  }
-}
-
-// pack_block_avx2 with 16x16 blocks (tm a multiple of 16), the same flags.
-SVD_AVX512 void pack_block_avx512(const float* x, int64_t M, int64_t K, int64_t sxm, int tm, float* xp,
-                                  int64_t t, int64_t kb, unsigned* flags) {
-  const int64_t k0 = kb * kPackBlock, k1 = std::min(K, k0 + kPackBlock);
-  float* dst = xp + t * K * tm;
-  const __m512 zero = _mm512_setzero_ps();
-  for (int i0 = 0; i0 < tm; i0 += 16) {
-    const float* src[16];
-    bool full = true;
-    for (int q = 0; q < 16; ++q) {
-      const int64_t m = t * tm + i0 + q;
-      src[q] = m < M ? x + m * sxm : nullptr;
-      full = full && m < M;
-    }
-    unsigned nf = 0;
-    int64_t k = k0;
-    if (full) {
-      // z0 + z1 = sum of 0 * x over the block, lane q for row q: NaN iff the row has a non-finite value.
-      __m512 z0 = zero, z1 = zero;
-      for (; k + 16 <= k1; k += 16) {
-        __m512 r[16];
-#pragma GCC unroll 16
-        for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(src[q] + k);
-        transpose16x16(r);  // r[c] = x[m0 .. m0 + 16, k + c]
-#pragma GCC unroll 8
-        for (int c = 0; c < 16; c += 2) {
-          z0 = _mm512_fmadd_ps(r[c], zero, z0);
-          z1 = _mm512_fmadd_ps(r[c + 1], zero, z1);
-        }
-#pragma GCC unroll 16
-        for (int c = 0; c < 16; ++c) _mm512_store_ps(dst + (k + c) * tm + i0, r[c]);
-      }
-      const __m512 z = _mm512_add_ps(z0, z1);
-      nf = static_cast<unsigned>(_mm512_cmp_ps_mask(z, z, _CMP_UNORD_Q));
-    }
-    for (; k < k1; ++k) {
-      for (int q = 0; q < 16; ++q) {
-        const float v = src[q] ? src[q][k] : 0.f;
-        dst[k * tm + i0 + q] = v;
-        nf |= static_cast<unsigned>(is_nonfinite(v)) << q;
-      }
-    }
-    flags[i0 / 8] = nf & 0xFFu;
-    flags[i0 / 8 + 1] = nf >> 8;
-  }
-}
-
-// The row tiles and row parts of the SpMM, once per vector ISA (csr_spmm_tile.h): avx2::spmm_part
-// (8 floats per vector) and avx512::spmm_part (16), each writing through its ISA's flush.
+// The SpMM's packing, row tiles and flushing, once per vector ISA (csr_spmm_tile.h): avx2:: (8 floats
+// per vector, 8x8 transposes) and avx512:: (16, 16x16 transposes).
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 #include "simd/isa_avx2.h"
-inline void flush_tile(const float* buf, int nr, int tm, int64_t mt, float* y, int64_t ldy, const float* b) {
-  flush_rows_avx2(buf, nr, tm, mt, y, ldy, b);
-}
+inline void transpose_tile(__m256 r[8]) { transpose8x8(r); }
 #include "csr_spmm_tile.h"
 }  // namespace avx2
 #pragma GCC pop_options
@@ -641,9 +512,7 @@ inline void flush_tile(const float* buf, int nr, int tm, int64_t mt, float* y, i
 #pragma GCC target("avx512f,avx2,fma")
 namespace avx512 {
 #include "simd/isa_avx512.h"
-inline void flush_tile(const float* buf, int nr, int tm, int64_t mt, float* y, int64_t ldy, const float* b) {
-  flush_rows_avx512(buf, nr, tm, mt, y, ldy, b);
-}
+inline void transpose_tile(__m512 r[16]) { transpose16x16(r); }
 #include "csr_spmm_tile.h"
 }  // namespace avx512
 #pragma GCC pop_options
@@ -812,8 +681,8 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
     unsigned* f = flags.data() + (t * nkb + kb) * groups;
 #ifdef SPARSEVD_X86
     if constexpr (kSimdTypes) {
-      if (simd512 && tm % 16 == 0 && sxk == 1) return pack_block_avx512(x, M, K, sxm, tm, xp, t, kb, f);
-      if (simd && sxk == 1) return pack_block_avx2(x, M, K, sxm, tm, xp, t, kb, f);
+      if (simd512 && tm % 16 == 0 && sxk == 1) return avx512::pack_tile_block(x, M, K, sxm, tm, xp, t, kb, f);
+      if (simd && sxk == 1) return avx2::pack_tile_block(x, M, K, sxm, tm, xp, t, kb, f);
     }
 #endif
     pack_block(x, M, K, sxm, sxk, tm, xp, t, kb, f);

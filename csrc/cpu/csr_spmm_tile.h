@@ -1,8 +1,76 @@
-// The SpMM row tiles of csr_linear_cpu.cpp for one vector ISA, written against its wrapper V
-// (simd/isa_avx2.h: 8 floats per vector, simd/isa_avx512.h: 16). No include guard on purpose:
-// csr_linear_cpu.cpp includes it once per ISA, inside a namespace and a `#pragma GCC target`
-// region, after the wrapper and a flush_tile (the staged rows written to y, with the bias) of that
-// ISA, so each copy compiles to that ISA and is called only after the run-time CPU check.
+// The SpMM of csr_linear_cpu.cpp for one vector ISA (packing x, row tiles, writing y), written
+// against its wrapper V (simd/isa_avx2.h: 8 floats per vector, simd/isa_avx512.h: 16). No include
+// guard on purpose: csr_linear_cpu.cpp includes it once per ISA, inside a namespace and a
+// `#pragma GCC target` region, after the wrapper and a transpose_tile (W x W floats in registers)
+// of that ISA, so each copy compiles to that ISA and is called only after the run-time CPU check.
+
+// One block of pack_block for fp32 rows with unit stride (tm a multiple of V::W): W x W blocks
+// transposed in registers; the same flags (bit q of flags[g]: batch row t*tm + 8g + q has a
+// non-finite value in the block).
+inline void pack_tile_block(const float* x, int64_t M, int64_t K, int64_t sxm, int tm, float* xp, int64_t t,
+                            int64_t kb, unsigned* flags) {
+  constexpr int W = V::W;
+  const int64_t k0 = kb * kPackBlock, k1 = std::min(K, k0 + kPackBlock);
+  float* dst = xp + t * K * tm;
+  for (int i0 = 0; i0 < tm; i0 += W) {
+    const float* src[W];
+    bool full = true;
+    for (int q = 0; q < W; ++q) {
+      const int64_t m = t * tm + i0 + q;
+      src[q] = m < M ? x + m * sxm : nullptr;
+      full = full && m < M;
+    }
+    unsigned nf = 0;
+    int64_t k = k0;
+    if (full) {
+      // z0 + z1 = sum of 0 * x over the block, lane q for row q: NaN iff the row has a non-finite value.
+      typename V::F z0 = V::zero(), z1 = V::zero();
+      for (; k + W <= k1; k += W) {
+        typename V::F r[W];
+#pragma GCC unroll 16
+        for (int q = 0; q < W; ++q) r[q] = V::load(src[q] + k);
+        transpose_tile(r);  // r[c] = x[m0 .. m0 + W, k + c]
+#pragma GCC unroll 8
+        for (int c = 0; c < W; c += 2) {
+          z0 = V::fmadd(r[c], V::zero(), z0);
+          z1 = V::fmadd(r[c + 1], V::zero(), z1);
+        }
+#pragma GCC unroll 16
+        for (int c = 0; c < W; ++c) V::store(dst + (k + c) * tm + i0, r[c]);
+      }
+      const typename V::F z = V::add(z0, z1);
+      nf = static_cast<unsigned>(~V::bits(V::ge(z, z)) & V::kAllBits);  // NaN lanes: z >= z is false
+    }
+    for (; k < k1; ++k) {
+      for (int q = 0; q < W; ++q) {
+        const float v = src[q] ? src[q][k] : 0.f;
+        dst[k * tm + i0 + q] = v;
+        nf |= static_cast<unsigned>(is_nonfinite(v)) << q;
+      }
+    }
+    for (int g = 0; g < W / 8; ++g) flags[i0 / 8 + g] = (nf >> (8 * g)) & 0xFFu;
+  }
+}
+
+// flush_rows for fp32 with W x W register transposes: y[i, rr] = buf[rr, i] + b[rr].
+inline void flush_tile(const float* buf, int nr, int tm, int64_t mt, float* y, int64_t ldy, const float* b) {
+  constexpr int W = V::W;
+  if (mt != tm || nr % W != 0) {
+    flush_rows(buf, nr, tm, mt, y, ldy, b);
+    return;
+  }
+  for (int r0 = 0; r0 < nr; r0 += W) {
+    const typename V::F bias = b ? V::load(b + r0) : V::zero();
+    for (int i0 = 0; i0 < tm; i0 += W) {
+      typename V::F r[W];
+#pragma GCC unroll 16
+      for (int q = 0; q < W; ++q) r[q] = V::load(buf + (r0 + q) * tm + i0);
+      transpose_tile(r);  // r[c] = buf[r0 .. r0 + W, i0 + c]
+#pragma GCC unroll 16
+      for (int c = 0; c < W; ++c) V::store(y + (i0 + c) * ldy + r0, V::add(r[c], bias));
+    }
+  }
+}
 
 // acc[0:TM] = sum_{j in [j, e)} v_j * xp[c_j, 0:TM], TM = NV * V::W: NV vectors per nonzero, U
 // nonzeros per step (U * NV independent FMA chains). xp rows are 32- or 64-byte aligned (TM * 4
