@@ -279,23 +279,60 @@ def table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def by_point(rows: List[dict]) -> Dict[Tuple[str, str, Optional[float]], List[dict]]:
+    """The :func:`latest` rows grouped by (model, method, target): one row per seed."""
+    groups: Dict[Tuple[str, str, Optional[float]], List[dict]] = {}
+    for r in latest(rows):
+        groups.setdefault((r["model"], r["method"], r.get("target")), []).append(r)
+    return groups
+
+
+def mean_accuracy(rs: List[dict]) -> float:
+    return sum(r["test_accuracy"] for r in rs) / len(rs)
+
+
+def summary(rows: List[dict]) -> str:
+    """A markdown table per (model, target): each method's test accuracy averaged over its seeds
+    (how many, and their range) and sparse VD minus magnitude where both have rows."""
+    points = by_point(rows)
+    lines = ["| model | target | magnitude: mean (seeds, range) | sparse VD: mean (seeds, range) | sparse VD − magnitude |",
+             "|---|---|---|---|---|"]
+    keys = sorted({(m, t) for m, _, t in points}, key=lambda k: (k[0], k[1] or 0))
+
+    def cell(rs):
+        if not rs:
+            return "—"
+        accs = [100 * r["test_accuracy"] for r in rs]
+        return f"{sum(accs) / len(accs):.2f} % ({len(accs)}, {min(accs):.2f}–{max(accs):.2f})"
+
+    for model_name, target in keys:
+        mag, svd = points.get((model_name, "magnitude", target), []), points.get((model_name, "sparse_vd", target), [])
+        diff = f"{100 * (mean_accuracy(svd) - mean_accuracy(mag)):+.2f}" if mag and svd else "—"
+        label = "—" if target is None else f"{target:g}×"
+        lines.append(f"| {model_name} | {label} | {cell(mag)} | {cell(svd)} | {diff} |")
+    return "\n".join(lines)
+
+
 def plot(rows: List[dict], png: Path) -> Path:
-    """Test accuracy against compression (log x) of the :func:`latest` rows (those of the table),
-    one line per (model, method)."""
+    """Test accuracy against compression (log x): each (model, method) a line through the means over
+    seeds of its targets, bars from the lowest to the highest seed (the rows of the table)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    groups: Dict[Tuple[str, str], List[dict]] = {}
-    for r in latest(rows):
-        groups.setdefault((r["model"], r["method"]), []).append(r)
-    for (model_name, method), rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: r["compression"])
-        ax.plot([r["compression"] for r in rs], [100 * r["test_accuracy"] for r in rs],
-                marker="o" if method == "sparse_vd" else "s", linestyle="-" if method == "sparse_vd" else "--",
-                label=f"{model_name} {method}")
+    lines: Dict[Tuple[str, str], List[List[dict]]] = {}
+    for (model_name, method, _), rs in by_point(rows).items():
+        lines.setdefault((model_name, method), []).append(rs)
+    for (model_name, method), pts in sorted(lines.items()):
+        pts = sorted(pts, key=lambda rs: sum(r["compression"] for r in rs) / len(rs))
+        x = [sum(r["compression"] for r in rs) / len(rs) for rs in pts]
+        y = [100 * mean_accuracy(rs) for rs in pts]
+        lo = [yi - 100 * min(r["test_accuracy"] for r in rs) for yi, rs in zip(y, pts)]
+        hi = [100 * max(r["test_accuracy"] for r in rs) - yi for yi, rs in zip(y, pts)]
+        ax.errorbar(x, y, yerr=[lo, hi], capsize=3, marker="o" if method == "sparse_vd" else "s",
+                    linestyle="-" if method == "sparse_vd" else "--", label=f"{model_name} {method}")
     ax.set_xscale("log")
     ax.set_xlabel("compression (weights / nonzero weights)")
     ax.set_ylabel("test accuracy (%)")
@@ -325,7 +362,7 @@ def report(args) -> int:
         raise SystemExit("--report: no pareto rows in " + (", ".join(map(str, paths)) or "benchmarks/results"))
     png = Path(args.png) if args.png else results_path().with_suffix(".png")
     plot(rows, png)
-    text = table(rows)
+    text = summary(rows) + "\n\nEvery run:\n\n" + table(rows)
     print(text)
     if args.readme:
         rel = os.path.relpath(png, Path(args.readme).resolve().parent)

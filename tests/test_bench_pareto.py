@@ -86,3 +86,16 @@ def test_errors_name_the_option(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="readme: .* markers"):
         bench_pareto.write_readme(readme, "x")
+
+
+def test_summary_averages_the_seeds_of_each_point():
+    def row(method, target, seed, acc, **kw):
+        return dict(model="lenet300", method=method, target=target, seed=seed, test_accuracy=acc,
+                    compression=target, epochs=30, lr=1e-3, window=[0.0, 0.5], **kw)
+
+    rows = [row("magnitude", 20.0, 0, 0.80), row("magnitude", 20.0, 1, 0.90),
+            row("magnitude", 20.0, 1, 0.70),  # a rerun of seed 1 replaces the row before it
+            row("sparse_vd", 20.0, 0, 0.76), row("sparse_vd", 20.0, 1, 0.78), row("sparse_vd", 50.0, 0, 0.60)]
+    text = bench_pareto.summary(rows)
+    assert "| lenet300 | 20× | 75.00 % (2, 70.00–80.00) | 77.00 % (2, 76.00–78.00) | +2.00 |" in text
+    assert "| lenet300 | 50× | — | 60.00 % (1, 60.00–60.00) | — |" in text
