@@ -281,21 +281,6 @@ def isa(request):
     library.set_cpu_isa(old)
 
 
-@pytest.fixture(params=["avx512", "avx2", "scalar"], ids=["avx512", "avx2", "portable"])
-def simd(request):
-    """Run fp32 cases of the compiled CSR kernels with their AVX-512 code, their AVX2 code and the
-    portable C++ (the one CPU ISA switch, sparsevd.ops.library.set_cpu_isa); the value is the ISA."""
-    from sparsevd.ops import library
-
-    if not library.available():
-        pytest.skip(f"sparsevd._C not built ({library.unavailable_reason()})")
-    if request.param not in supported_isas():
-        pytest.skip(f"this CPU does not run the {request.param} kernels")
-    old = library.set_cpu_isa(request.param)
-    yield request.param
-    library.set_cpu_isa(old)
-
-
 @pytest.fixture(params=["never", "always", "sparse", "auto"])
 def compact(request):
     """Each way the native LRT kernels run their clipped products (native_set_compact): never

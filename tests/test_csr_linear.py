@@ -4,7 +4,7 @@ First every implementation on every device from tests/sample_inputs.py (``backen
 compiled kernels of sparsevd._C, CPU and CUDA, through the checked entry point
 sparsevd.ops.csr_linear; ``reference``, the torch.sparse math naive_csr_linear, the fallback; the
 CUDA cases skip only where there is no GPU or no CUDA build), against the dense product with the
-zero-filled W; then what is particular to the CPU kernels (every ISA path: ``simd``; bounds checks
+zero-filled W; then what is particular to the CPU kernels (every ISA path: the ``isa`` fixture; bounds checks
 that raise), to the CUDA kernels (bad indices give NaN rows, no host sync) and to the checked entry
 point (errors naming the argument, the fallback, the library's coexistence with the Python ops).
 scripts/gpu_check.sh runs this module on a GPU, also under compute-sanitizer.
@@ -62,7 +62,7 @@ def run(backend, x, crow, col, val, bias=None):
 
 # ------------------------------------------------------------- every implementation and device
 @pytest.mark.parametrize("n,k,density,empty_rows", CSR_CASES, ids=CSR_CASE_IDS)
-def test_matches_dense(simd, backend, device, n, k, density, empty_rows):
+def test_matches_dense(isa, backend, device, n, k, density, empty_rows):
     for dtype in csr_dtypes(backend, device):
         for batch in CSR_BATCHES[device]:
             w = csr_weight(n, k, density, dtype, empty_rows, device)
@@ -81,7 +81,7 @@ def test_matches_dense(simd, backend, device, n, k, density, empty_rows):
 
 @pytest.mark.parametrize("col_dtype", [torch.uint16, torch.int16, torch.int32, torch.int64])
 @pytest.mark.parametrize("crow_dtype", [torch.int32, torch.int64])
-def test_index_dtypes_and_layouts(simd, backend, device, col_dtype, crow_dtype):
+def test_index_dtypes_and_layouts(isa, backend, device, col_dtype, crow_dtype):
     w = csr_weight(50, 90, 0.2, device=device)
     crow, col, val = csr_of(w, col_dtype, crow_dtype)
     for x in (torch.randn(1, 90), torch.randn(12, 90), torch.randn(3, 4, 90), torch.randn(90, 7).t(),
@@ -93,7 +93,7 @@ def test_index_dtypes_and_layouts(simd, backend, device, col_dtype, crow_dtype):
 
 
 @pytest.mark.parametrize("where", ["unused", "partial", "full", "mixed"])
-def test_nonfinite_inputs_match_dense(simd, backend, device, where):
+def test_nonfinite_inputs_match_dense(isa, backend, device, where):
     """y is F.linear with the zero-filled W in IEEE arithmetic: a NaN or ±inf input that meets a
     zero weight makes the output NaN (0·inf = NaN), at every batch size; every element checked."""
     for dtype in csr_dtypes(backend, device):
@@ -141,7 +141,7 @@ def test_checked_entry_point_compiles_in_one_graph(kernel_device):
 
 # ------------------------------------------------------------------------------ the CPU kernels
 @pytest.mark.parametrize("batch", [2, 9, 16, 17, 33, 100, 256])
-def test_batch_tiles(simd, batch):
+def test_batch_tiles(isa, batch):
     """Batch sizes around the 8/16/32 tile widths (padding of the last tile)."""
     w = csr_weight(96, 200, 0.1)
     b = torch.randn(96)
@@ -149,7 +149,7 @@ def test_batch_tiles(simd, batch):
     assert_close(csr_linear(x, *csr_of(w), b), F.linear(x, w, b), *TOL[torch.float32])
 
 
-def test_shapes_and_strides(simd):
+def test_shapes_and_strides(isa):
     w = csr_weight(40, 64, 0.2)
     b = torch.randn(40)
     crow, col, val = csr_of(w)
@@ -197,7 +197,7 @@ def test_fallback_matches(monkeypatch):
 
 # ------------------------------------------------------------------------ non-finite inputs
 @pytest.mark.parametrize("batch", [1, 12])
-def test_nonfinite_strided_and_explicit_zeros(simd, batch):
+def test_nonfinite_strided_and_explicit_zeros(isa, batch):
     """Strided x (the portable pack and the SpMV copy) and stored zero weights (0·inf counted as
     read: the CSR sum itself gives NaN)."""
     w, cols = structured_weight(20, 64)
@@ -210,7 +210,7 @@ def test_nonfinite_strided_and_explicit_zeros(simd, batch):
         assert_ieee_close(csr_linear(x, crow, col, val), F.linear(x, w), *TOL[torch.float32])
 
 
-def test_nonfinite_many_rows(simd):
+def test_nonfinite_many_rows(isa):
     """More than 64 batch rows with non-finite values (the fix-up takes 64 per pass over W)."""
     w, cols = structured_weight(40, 80)
     crow, col, val = csr_of(w)
@@ -220,7 +220,7 @@ def test_nonfinite_many_rows(simd):
     assert_ieee_close(csr_linear(x, crow, col, val), F.linear(x, w), *TOL[torch.float32])
 
 
-def test_issue_reproducer_kernel(simd):
+def test_issue_reproducer_kernel(isa):
     crow, col, val = csr_of(torch.eye(2))
     x = torch.tensor([[float("nan"), 1.0]])
     for xb in (x, x.repeat(2, 1), x.repeat(20, 1)):
@@ -240,7 +240,7 @@ def test_nonfinite_without_nonzeros():
     assert_ieee_close(torch.ops.sparsevd.csr_linear(x[1], crow, col, val, b), expected[1], 0, 0)
 
 
-def test_parallel_paths_bounds_and_nonfinite(simd):
+def test_parallel_paths_bounds_and_nonfinite(isa):
     """Two threads (the OpenMP regions: tile 0 checked, the other tiles after the barrier)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -344,7 +344,7 @@ def _bad_index_case(col_dtype=None, crow_dtype=torch.int32):
 @pytest.mark.parametrize("col_dtype", [torch.uint16, torch.int16, torch.int32, torch.int64])
 @pytest.mark.parametrize("bad", [20000, -1, 40])
 @pytest.mark.parametrize("at", ["first", "middle", "last"])
-def test_kernel_rejects_bad_columns(simd, batch, col_dtype, bad, at):
+def test_kernel_rejects_bad_columns(isa, batch, col_dtype, bad, at):
     """The op checks every column index itself (no read out of bounds, a RuntimeError naming it);
     uint16 indices are read unsigned (-1 is stored as 65535)."""
     crow, col, val = _bad_index_case(col_dtype)
@@ -365,7 +365,7 @@ def test_kernel_rejects_bad_columns(simd, batch, col_dtype, bad, at):
 
 @pytest.mark.parametrize("batch", [1, 5, 40])
 @pytest.mark.parametrize("crow_dtype", [torch.int32, torch.int64])
-def test_kernel_rejects_bad_row_pointers(simd, batch, crow_dtype):
+def test_kernel_rejects_bad_row_pointers(isa, batch, crow_dtype):
     crow, col, val = _bad_index_case(crow_dtype=crow_dtype)
     x = torch.randn(batch, 40)
     nnz = col.numel()
@@ -471,7 +471,7 @@ def test_16_bit_indices_need_small_in_features():
 
 @pytest.mark.parametrize("batch", [1, 3, 40])
 @pytest.mark.parametrize("k", [32769, 65536])
-def test_uint16_indices_above_int16_range(simd, batch, k):
+def test_uint16_indices_above_int16_range(isa, batch, k):
     """to_csr writes uint16 indices up to 65536 input features (2 bytes per stored weight, where
     int16 stopped at 32768); columns ≥ 32768 are read unsigned by every kernel path, and a bad
     one is still named."""
@@ -548,7 +548,7 @@ def test_package_imports_without_extension():
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
-def test_large_layer_parallel_paths(simd):
+def test_large_layer_parallel_paths(isa):
     """A layer big enough for the OpenMP paths (nnz·M above the serial threshold)."""
     w = csr_weight(1024, 1024, 0.05)
     b = torch.randn(1024)

@@ -39,7 +39,7 @@ def test_linear_nonfinite_every_mode(mode, where, batch, dtype):
 
 @needs_kernel
 @pytest.mark.parametrize("batch", [1, 3, 16, 33, 64])
-def test_linear_nonfinite_portable_kernels(simd, batch):
+def test_linear_nonfinite_portable_kernels(isa, batch):
     w, cols = structured_weight(29, 70)
     layer = SparseLinear.from_dense(w, plan="csr")
     x = inject_nonfinite(torch.randn(batch, 70), cols, "mixed")
@@ -229,7 +229,7 @@ def test_buffer_reassignment_is_validated():
 @needs_kernel
 @pytest.mark.parametrize("batch", [1, 4, 40])
 @pytest.mark.parametrize("how", ["data", "numpy"])
-def test_edits_bypassing_version_counters_hit_the_kernel_checks(simd, batch, how):
+def test_edits_bypassing_version_counters_hit_the_kernel_checks(isa, batch, how):
     """.data and numpy views do not bump the version counter: the kernel's own checks raise."""
     layer = _layer("csr")
     x = torch.randn(batch, 40)
