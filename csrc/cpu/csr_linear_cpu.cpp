@@ -87,8 +87,6 @@ std::atomic<int> g_simd_level{max_simd_level()};
 bool avx512_enabled() { return g_simd_level.load(std::memory_order_relaxed) >= 2; }
 }  // namespace
 
-bool simd_available() { return max_simd_level() >= 1; }
-
 bool simd_enabled() { return g_simd_level.load(std::memory_order_relaxed) >= 1; }
 
 int set_simd_level(int level) { return g_simd_level.exchange(std::clamp(level, 0, max_simd_level())); }
@@ -102,7 +100,6 @@ constexpr int64_t kColChunk = 65536;      // column indices per task of the chec
 
 #ifdef SPARSEVD_X86
 #define SVD_AVX2 __attribute__((target("avx2,fma")))
-#define SVD_AVX512 __attribute__((target("avx512f,avx2,fma")))
 #endif
 
 // ------------------------------------------------------------------------------- index checks
@@ -467,10 +464,24 @@ SVD_AVX2 bool spmv_avx2(const float* x, int64_t K, const C* crow, const I* col, 
   return ok_tail && _mm256_movemask_epi8(ok) == -1;
 }
 
-// ---------------------------------------------------------------------- AVX-512F fp32 SpMM tiles
+// The SpMM's packing, row tiles and flushing, once per vector ISA (csr_spmm_tile.h): avx2:: (8 floats
+// per vector, 8x8 transposes) and avx512:: (16, 16x16 transposes).
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "simd/isa_avx2.h"
+__attribute__((always_inline)) inline void transpose_tile(__m256 r[8]) { transpose8x8(r); }
+#include "csr_spmm_tile.h"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+namespace avx512 {
+#include "simd/isa_avx512.h"
 // r[i][j] -> r[j][i] for 16 rows of 16 floats: 64 shuffles (unpack pairs, shufps quadruples, then
 // two rounds of 128-bit lane shuffles).
-SVD_AVX512 inline __attribute__((always_inline)) void transpose16x16(__m512 r[16]) {
+__attribute__((always_inline)) inline void transpose_tile(__m512 r[16]) {
   __m512 t[16], u[16];
 #pragma GCC unroll 8
   for (int i = 0; i < 16; i += 2) {
@@ -496,23 +507,6 @@ SVD_AVX512 inline __attribute__((always_inline)) void transpose16x16(__m512 r[16
     r[12 + c] = _mm512_shuffle_f32x4(o01, o23, 0xDD);
   }
 }
-
-// The SpMM's packing, row tiles and flushing, once per vector ISA (csr_spmm_tile.h): avx2:: (8 floats
-// per vector, 8x8 transposes) and avx512:: (16, 16x16 transposes).
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "simd/isa_avx2.h"
-inline void transpose_tile(__m256 r[8]) { transpose8x8(r); }
-#include "csr_spmm_tile.h"
-}  // namespace avx2
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma")
-namespace avx512 {
-#include "simd/isa_avx512.h"
-inline void transpose_tile(__m512 r[16]) { transpose16x16(r); }
 #include "csr_spmm_tile.h"
 }  // namespace avx512
 #pragma GCC pop_options

@@ -10,7 +10,6 @@ namespace cpu {
 
 // The instruction set of the fp32 kernels: 0 portable C++, 1 AVX2+FMA, 2 AVX-512F (its SpMM tiles,
 // packing and flushing; the SpMV and the index checks stay AVX2).
-bool simd_available();                 // the CPU runs AVX2 and FMA (and the build is x86-64)
 bool simd_enabled();                   // level >= 1
 int set_simd_level(int level);         // clamped to what the CPU runs; returns the previous level
 
