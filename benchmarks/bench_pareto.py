@@ -288,6 +288,7 @@ def by_point(rows: List[dict]) -> Dict[Tuple[str, str, Optional[float]], List[di
 
 
 def mean_accuracy(rs: List[dict]) -> float:
+    """The mean ``test_accuracy`` (a fraction in [0, 1]) of the rows ``rs`` (one per seed; not empty)."""
     return sum(r["test_accuracy"] for r in rs) / len(rs)
 
 
@@ -303,7 +304,7 @@ def summary(rows: List[dict]) -> str:
         if not rs:
             return "—"
         accs = [100 * r["test_accuracy"] for r in rs]
-        return f"{sum(accs) / len(accs):.2f} % ({len(accs)}, {min(accs):.2f}–{max(accs):.2f})"
+        return f"{100 * mean_accuracy(rs):.2f} % ({len(rs)}, {min(accs):.2f}–{max(accs):.2f})"
 
     for model_name, target in keys:
         mag, svd = points.get((model_name, "magnitude", target), []), points.get((model_name, "sparse_vd", target), [])
@@ -326,13 +327,14 @@ def plot(rows: List[dict], png: Path) -> Path:
     for (model_name, method, _), rs in by_point(rows).items():
         lines.setdefault((model_name, method), []).append(rs)
     for (model_name, method), pts in sorted(lines.items()):
-        pts = sorted(pts, key=lambda rs: sum(r["compression"] for r in rs) / len(rs))
-        x = [sum(r["compression"] for r in rs) / len(rs) for rs in pts]
-        y = [100 * mean_accuracy(rs) for rs in pts]
-        lo = [yi - 100 * min(r["test_accuracy"] for r in rs) for yi, rs in zip(y, pts)]
-        hi = [100 * max(r["test_accuracy"] for r in rs) - yi for yi, rs in zip(y, pts)]
-        ax.errorbar(x, y, yerr=[lo, hi], capsize=3, marker="o" if method == "sparse_vd" else "s",
-                    linestyle="-" if method == "sparse_vd" else "--", label=f"{model_name} {method}")
+        # per point: mean compression, mean accuracy, lowest and highest seed (%)
+        stats = sorted((sum(r["compression"] for r in rs) / len(rs), 100 * mean_accuracy(rs),
+                        100 * min(r["test_accuracy"] for r in rs), 100 * max(r["test_accuracy"] for r in rs))
+                       for rs in pts)
+        x, y, lo, hi = zip(*stats)
+        ax.errorbar(x, y, yerr=[[m - a for m, a in zip(y, lo)], [b - m for m, b in zip(y, hi)]], capsize=3,
+                    marker="o" if method == "sparse_vd" else "s", linestyle="-" if method == "sparse_vd" else "--",
+                    label=f"{model_name} {method}")
     ax.set_xscale("log")
     ax.set_xlabel("compression (weights / nonzero weights)")
     ax.set_ylabel("test accuracy (%)")
