@@ -11,9 +11,11 @@ compare with gradual magnitude pruning on the same step budget.
 - Loss (``--loss``): "hidden" (the default): the cosine distance of every hidden state (the
   embedding output and each block's, per real token) to the teacher's plus that of the sentence
   embeddings; "embedding": the sentence embeddings' alone.
-- Sparse VD: ``sparsevd.convert(student, init=...)``, Adam over
-  :func:`sparsevd.recipe.param_groups`, loss = the distillation loss
-  + ``kl_scale · β · KL / N`` (N = training sentences), β set each step by a
+- Sparse VD: ``sparsevd.convert(student, init=...)``, the recipe's
+  :class:`sparsevd.optim.SparseVDAdam` over :func:`sparsevd.recipe.param_groups`, objective = the
+  distillation loss + ``kl_scale · β · KL / N`` (N = training sentences; ``--kl-theta``: the KL
+  applied by the optimizer's step, its pull on θ divided by the data term's second moment, or
+  "adam": put in the loss), β set each step by a
   :class:`sparsevd.target.CompressionTarget` that asks for ``--target``× (4 by default) on the
   linear layers, its setpoint ramped from 1× over ``--ramp-frac`` of the steps (``--target 0``:
   no target, the recipe's fixed KL weight after its warm-up,
@@ -66,6 +68,7 @@ from torch.nn.utils import prune
 
 import sparsevd
 from sparsevd.loss import kl_divergence
+import sparsevd.functional as SF
 from sparsevd.magnitude import GradualMagnitudePruning
 from sparsevd.metadata import cpu_name
 from sparsevd.nn import LinearSVDO
@@ -256,19 +259,26 @@ def distil_loss(student: nn.Module, teacher: nn.Module, b: Dict[str, torch.Tenso
 
 
 def distil(student: nn.Module, teacher: nn.Module, tok, train: List[str], targets: torch.Tensor, args, opt,
-           extra_loss=None, on_step=None, log=None) -> float:
-    """Train ``student`` for ``args.steps`` steps on :func:`distil_loss` (``args.loss``) to the
-    teacher; returns seconds."""
+           tail_start: int, extra_loss=None, on_step=None, log=None, kl_weight=None) -> float:
+    """Train ``student`` for ``args.steps`` steps on :func:`distil_loss` (``args.loss``) plus
+    ``extra_loss(step)`` to the teacher, ``opt.step(kl_weight=kl_weight(step))`` when
+    ``kl_weight`` is given (:class:`sparsevd.optim.SparseVDAdam`); with ``args.lr_decay`` "tail"
+    the learning rates fall linearly to 0 from step ``tail_start`` (the fixed-mask tail) to the
+    end. Returns seconds."""
     student.train()
     lengths = token_lengths(tok, train, args.max_len)
+    base_lr = [g["lr"] for g in opt.param_groups]
     t0 = time.perf_counter()
     for step, idx in enumerate(batches(len(train), args.batch, args.steps, args.seed, lengths)):
+        if args.lr_decay == "tail" and step >= tail_start:  # linear to 0 over the fixed-mask tail
+            for g, lr in zip(opt.param_groups, base_lr):
+                g["lr"] = lr * (args.steps - step) / (args.steps - tail_start)
         b = tokenize(tok, [train[i] for i in idx], args.max_len)
         data = distil_loss(student, teacher, b, targets[idx], args.loss)
         loss = data + (extra_loss(step) if extra_loss else 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        opt.step(**({"kl_weight": kl_weight(step)} if kl_weight else {}))
         if on_step:
             on_step(step)
         if log and (step % args.log_every == 0 or step == args.steps - 1):
@@ -299,15 +309,19 @@ def run_sparse_vd(teacher, tok, train, targets, args, recipe: PretrainedRecipe):
     n = len(train)
     svd_steps = args.steps - int(args.finetune_frac * args.steps)
     ctl = (CompressionTarget(student, args.target, scope="linear", ramp_steps=int(args.ramp_frac * svd_steps),
+                             ramp=args.ramp,
                              measure_every=args.measure_every, hold_at_target=args.train_clip)
            if args.target else None)
     fixed: list = []  # freeze_mask's (layer, mask, floor) in the fixed-mask tail
 
-    def kl(step):
-        if step >= svd_steps:
-            return 0.0
-        weight = recipe.kl_scale * ctl.step() if ctl else recipe.kl_weight(step)
-        return weight * kl_divergence(student) / n
+    def beta(step):
+        return ctl.step() if ctl else recipe.kl_weight(step) / recipe.kl_scale
+
+    def kl_loss(step):  # the KL inside the loss, Adam normalising its θ part with the data's
+        return recipe.kl_scale * beta(step) * kl_divergence(student) / n if step < svd_steps else 0.0
+
+    def kl_weight(step):  # the KL applied by SparseVDAdam.step, its θ part preconditioned
+        return recipe.kl_scale * beta(step) / n if step < svd_steps else 0.0
 
     def on_step(step):
         if step + 1 == svd_steps:  # fit(finetune_epochs=)'s switch: the mask and log σ² frozen,
@@ -326,7 +340,10 @@ def run_sparse_vd(teacher, tok, train, targets, args, recipe: PretrainedRecipe):
         print(f"  sparse_vd step {step:5d}  cos-dist {data:.4f}  linear {lin / max(kept, 1):6.2f}x{beta}{phase}  "
               f"{secs:7.1f} s", flush=True)
 
-    secs = distil(student, teacher, tok, train, targets, args, opt, kl, on_step=on_step, log=log)
+    secs = (distil(student, teacher, tok, train, targets, args, opt, svd_steps, kl_loss, on_step=on_step, log=log)
+            if args.kl_theta == "adam" else
+            distil(student, teacher, tok, train, targets, args, opt, svd_steps, on_step=on_step, log=log,
+                   kl_weight=kl_weight))
     return student.eval(), secs
 
 
@@ -347,7 +364,7 @@ def run_magnitude(teacher, tok, train, targets, args, final_sparsity: float):
         print(f"  magnitude step {step:5d}  cos-dist {data:.4f}  linear {pruner.total / kept:6.2f}x  {secs:7.1f} s",
               flush=True)
 
-    secs = distil(student, teacher, tok, train, targets, args, opt, on_step=lambda step: pruner.step(),
+    secs = distil(student, teacher, tok, train, targets, args, opt, ramp, on_step=lambda step: pruner.step(),
                   log=log)
     pruner.finish()
     return student.eval(), secs
@@ -399,12 +416,13 @@ def evaluate(method, model, teacher, tok, held, held_targets, args, steps, secs)
                lr=args.lr, log_sigma2_lr=args.log_sigma2_lr, kl_scale=args.kl_scale,
                warmup_steps=args.warmup_steps, target=args.target or None, ramp_frac=args.ramp_frac,
                finetune_frac=args.finetune_frac,
-               train_clip=args.train_clip, quick=bool(args.quick),
+               ramp=args.ramp, train_clip=args.train_clip, kl_theta=args.kl_theta, lr_decay=args.lr_decay,
+               quick=bool(args.quick),
                device=(torch.cuda.get_device_name() if torch.cuda.is_available() else
                        f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} CPUs"),
                torch=torch.__version__, date=datetime.date.today().isoformat())
     if method == "magnitude":  # the sparse-VD settings do not apply
-        for k in ("init", "log_sigma2_lr", "kl_scale", "warmup_steps", "target", "ramp_frac", "train_clip", "finetune_frac"):
+        for k in ("init", "log_sigma2_lr", "kl_scale", "warmup_steps", "target", "ramp_frac", "train_clip", "finetune_frac", "kl_theta", "ramp"):
             row.pop(k)
         row.update(prune_frac=args.prune_frac, prune_every=args.prune_every)
     print(f"{method}: linear {c_lin:.2f}x, model {c_model:.2f}x, cosine {row['fidelity_cosine']:.4f} "
@@ -459,6 +477,9 @@ def parse_args(argv):
                     help="sparse VD's compression target on the linear layers (CompressionTarget); 0: none, "
                          "the recipe's fixed KL weight")
     ap.add_argument("--ramp-frac", type=float, default=0.75, help="fraction of steps of the target's ramp")
+    ap.add_argument("--ramp", choices=["geometric", "cubic"], default="geometric",
+                    help="the target's setpoint on its ramp (CompressionTarget(ramp=)): cubic in sparsity is "
+                         "gradual magnitude pruning's schedule")
     ap.add_argument("--finetune-frac", type=float, default=0.25,
                     help="sparse VD: the last fraction of the steps trains the pruned student deterministically "
                          "(mask and log σ² frozen, no noise, no KL)")
@@ -474,6 +495,12 @@ def parse_args(argv):
     ap.add_argument("--train-clip", action="store_true",
                     help="sparse VD's train-time clipping (weights with log α ≥ 3 leave the LRT); with "
                          "--target the mask is held once the target is reached")
+    ap.add_argument("--kl-theta", choices=["adam", "preconditioned"], default="preconditioned",
+                    help="the KL's gradient in θ: applied after Adam's step divided by the data term's "
+                         "second moment (sparsevd.optim.SparseVDAdam), or summed with the data term "
+                         "inside Adam (normalised by itself)")
+    ap.add_argument("--lr-decay", choices=["none", "tail"], default="none",
+                    help="tail: every learning rate falls linearly to 0 over the fixed-mask tail (both methods)")
     ap.add_argument("--threads", type=int, default=2, help="training threads")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--min-time", type=float, default=0.2)
@@ -491,6 +518,7 @@ def parse_args(argv):
         args.steps, args.batch, args.max_len, args.log_every = 3, 4, 16, 1
         args.max_train, args.max_held, args.rounds, args.min_time = 32, 4, 1, 0.005
         args.warmup_steps, args.prune_every = 2, 1
+        args.kl_scale /= 100  # 32 sentences, not ~3,800: the same KL weight per example as a full run
     return args
 
 

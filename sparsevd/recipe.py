@@ -27,7 +27,7 @@ from torch import nn
 
 from ._args import check_real
 from .nn import DEFAULT_THRESHOLD, SVDO_LAYERS
-from .optim import Adam
+from .optim import SparseVDAdam
 from .ops.weights import EPS_THETA
 
 
@@ -156,7 +156,9 @@ class PretrainedRecipe:
         """:func:`param_groups` with this recipe's learning rates."""
         return param_groups(model, self.lr, self.log_sigma2_lr, weight_decay)
 
-    def optimizer(self, model: nn.Module) -> Adam:
-        """Adam over :meth:`param_groups`: :class:`sparsevd.optim.Adam`, the training loop's
-        optimizer (its steps flush subnormal moments to zero)."""
-        return Adam(self.param_groups(model))
+    def optimizer(self, model: nn.Module) -> SparseVDAdam:
+        """Adam over :meth:`param_groups` that applies the KL of ``model``'s sparse-VD layers
+        itself: :class:`sparsevd.optim.SparseVDAdam` (``opt.step(kl_weight=w)`` with the data
+        term alone in the loss; ``opt.step()`` is the training loop's plain Adam, for a KL put in
+        the loss). Its steps flush subnormal moments to zero."""
+        return SparseVDAdam(self.param_groups(model), model)

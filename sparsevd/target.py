@@ -39,12 +39,14 @@ from ._args import check_threshold
 from .functional import kept_count
 from .ops.weights import EPS_THETA
 
-__all__ = ["SCOPES", "CompressionTarget", "keep_dropped", "kept_floor", "raise_to_floor"]
+__all__ = ["RAMPS", "SCOPES", "CompressionTarget", "keep_dropped", "kept_floor", "raise_to_floor"]
 
 #: What a compression counts: "linear": the weights of the sparse-VD layers (as
 #: :func:`sparsevd.report`); "model": every parameter of the model (embeddings, norms, biases and
 #: layers that were not converted included, as kept), log σ² excluded.
 SCOPES = ("linear", "model")
+#: The setpoint's shapes on the ramp (:meth:`CompressionTarget.setpoint`).
+RAMPS = ("geometric", "cubic")
 #: The default integral gain times the ramp's length in steps.
 KI_PER_RAMP = 30.0
 
@@ -95,8 +97,12 @@ class CompressionTarget:
         scope: "linear" (the sparse-VD layers' weights) or "model" (every parameter, log σ²
             excluded): :data:`SCOPES`.
         threshold: log α threshold of the mask; None: 3 (the paper's, the layers' default).
-        ramp_steps: steps over which the setpoint rises geometrically from 1× to ``target``
-            (0: ``target`` from the first step).
+        ramp_steps: steps over which the setpoint rises from 1× to ``target`` (0: ``target``
+            from the first step).
+        ramp: the setpoint's shape on the ramp: "geometric" (the compression rises by the same
+            factor each step) or "cubic" (the sparsity 1 − 1/compression follows gradual magnitude
+            pruning's s·(1 − (1 − k/ramp_steps)³), Zhu & Gupta 2017, eq. 1: fast at first, slow
+            near the target, leaving the weights time to recover).
         kp, ki: the proportional and integral gains (in log units; ``ki`` per step). ``ki``
             None: :data:`KI_PER_RAMP` / max(``ramp_steps``, 100), the integral's time scale that
             of the ramp (measured on LeNet-300-100 and a small MLP, benchmarks/NOTES.md).
@@ -119,12 +125,13 @@ class CompressionTarget:
     Raises:
         ValueError: ``target`` ≤ 1 or not finite, an unknown ``scope``, a model without sparse-VD
             layers, a "model" target above what pruning every sparse-VD weight would give (the
-            message gives that bound), a non-finite ``threshold``, ``ramp_steps`` < 0, gains < 0,
+            message gives that bound), a non-finite ``threshold``, ``ramp_steps`` < 0, an unknown
+            ``ramp``, gains < 0,
             an empty β range, ``measure_every`` < 1.
     """
 
     def __init__(self, model: nn.Module, target: float, scope: str = "linear", threshold: Optional[float] = None,
-                 ramp_steps: int = 0, *, kp: float = 1.0, ki: Optional[float] = None, beta_min: float = 1e-6,
+                 ramp_steps: int = 0, *, ramp: str = "geometric", kp: float = 1.0, ki: Optional[float] = None, beta_min: float = 1e-6,
                  beta_max: float = 1e4, measure_every: int = 1, hold_at_target: bool = False) -> None:
         self.target = _positive(target, "target", above=1.0)
         if scope not in SCOPES:
@@ -136,6 +143,9 @@ class CompressionTarget:
         self.threshold = DEFAULT_THRESHOLD if threshold is None else check_threshold(threshold)
         if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, numbers.Integral) or ramp_steps < 0:
             raise ValueError(f"ramp_steps: expected an integer ≥ 0, got {ramp_steps!r}")
+        if ramp not in RAMPS:
+            raise ValueError(f"ramp: expected one of {RAMPS}, got {ramp!r}")
+        self.ramp = ramp
         if isinstance(measure_every, bool) or not isinstance(measure_every, numbers.Integral) or measure_every < 1:
             raise ValueError(f"measure_every: expected an integer ≥ 1, got {measure_every!r}")
         if ki is None:
@@ -178,10 +188,14 @@ class CompressionTarget:
         return math.exp(self.log_beta)
 
     def setpoint(self) -> float:
-        """The target of the current step: ``target``, or on the ramp 1 · target^(k / ramp_steps)."""
+        """The target of the current step k: ``target`` past the ramp; on it target^(k / ramp_steps)
+        ("geometric") or 1 / (1 − s·(1 − (1 − k/ramp_steps)³)) with s = 1 − 1/target ("cubic")."""
         if self.ramp_steps == 0 or self.steps >= self.ramp_steps:
             return self.target
-        return math.exp(math.log(self.target) * self.steps / self.ramp_steps)
+        frac = self.steps / self.ramp_steps
+        if self.ramp == "cubic":
+            return 1.0 / (1.0 - (1.0 - 1.0 / self.target) * (1.0 - (1.0 - frac) ** 3))
+        return math.exp(math.log(self.target) * frac)
 
     @torch.no_grad()
     def count_kept(self) -> int:

@@ -125,11 +125,14 @@ def test_recipe_kl_weight_and_checks():
             PretrainedRecipe(**kw)
 
 
-def test_recipe_distillation_keeps_fidelity_while_sparsity_grows():
+@pytest.mark.parametrize("kl_in", ["optimizer", "loss"])
+def test_recipe_distillation_keeps_fidelity_while_sparsity_grows(kl_in):
     """SGVLB distillation steps (data term: cosine distance of mean-pooled embeddings to the dense
     teacher; KL per example weighted by the recipe) keep the student close to the teacher on
-    held-out inputs while weights are dropped. The tiny model's weights are N(0, 0.1²), large
-    enough that its linear layers matter: with all of them dropped the cosine is ≈ 0.85."""
+    held-out inputs while weights are dropped, with the KL applied by the recipe's optimizer
+    (``step(kl_weight=)``, θ's pull preconditioned) or put in the loss (plain Adam steps). The
+    tiny model's weights are N(0, 0.1²), large enough that its linear layers matter: with all of
+    them dropped the cosine is ≈ 0.85."""
     teacher = tiny_bert()
     recipe = PretrainedRecipe(lr=2e-5, log_sigma2_lr=0.1, kl_scale=1e-2, warmup_steps=100)
     student = sparsevd.convert(tiny_bert(), init="pretrained")
@@ -143,10 +146,13 @@ def test_recipe_distillation_keeps_fidelity_while_sparsity_grows():
     for step in range(steps):
         (ids, mask), tgt = train[step % len(train)], targets[step % len(train)]
         data = (1 - F.cosine_similarity(embed(student, ids, mask), tgt, dim=-1)).mean()
-        loss = data + recipe.kl_weight(step) * kl_divergence(student) / n_train
         opt.zero_grad()
-        loss.backward()
-        opt.step()
+        if kl_in == "loss":
+            (data + recipe.kl_weight(step) * kl_divergence(student) / n_train).backward()
+            opt.step()
+        else:
+            data.backward()
+            opt.step(kl_weight=recipe.kl_weight(step) / n_train)
     student.eval()
     held = [batch(900 + i) for i in range(4)]
     with torch.no_grad():

@@ -130,6 +130,26 @@ def test_the_controller_is_a_pi_law_in_log_space():
     torch.testing.assert_close(crit(logits, y), want, atol=1e-4, rtol=1e-6)
 
 
+def test_cubic_ramp_is_gradual_magnitude_prunings_schedule():
+    """ramp="cubic": the setpoint's sparsity 1 − 1/c_k is s·(1 − (1 − k/R)³) (Zhu & Gupta 2017,
+    eq. 1), s = 1 − 1/target, and the target from step R on."""
+    model = sparsevd.convert(nn.Sequential(nn.Linear(10, 20)))
+    target, ramp = 4.0 + 6.0 * torch.rand(()).item(), 40
+    ctl = CompressionTarget(model, target, ramp_steps=ramp, ramp="cubic")
+    got = []
+    for k in range(ramp + 3):
+        got.append(ctl.setpoint())
+        want_sparsity = (1 - 1 / target) * (1 - (1 - min(k, ramp) / ramp) ** 3)
+        assert 1 - 1 / got[-1] == pytest.approx(want_sparsity, rel=1e-9, abs=1e-12), k
+        ctl.step(200)
+    assert got[0] == 1.0 and got[-1] == target and got == sorted(got)
+    # ahead of the geometric ramp at every step inside it (front-loaded)
+    geo = CompressionTarget(model, target, ramp_steps=ramp)
+    for k in range(1, ramp):
+        geo.steps = k
+        assert got[k] > geo.setpoint()
+
+
 def test_count_kept_is_the_reports_count():
     torch.manual_seed(3)
     model = sparsevd.convert(nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Conv1d(1, 1, 1), nn.Linear(40, 7)))
@@ -153,6 +173,8 @@ def test_errors_name_the_argument():
         CompressionTarget(nn.Sequential(nn.Linear(4, 4)), 5)
     with pytest.raises(ValueError, match="ramp_steps: expected an integer ≥ 0"):
         CompressionTarget(model, 5, ramp_steps=-1)
+    with pytest.raises(ValueError, match="ramp: expected one of"):
+        CompressionTarget(model, 5, ramp_steps=10, ramp="linear")
     with pytest.raises(ValueError, match="ki: expected a finite gain ≥ 0"):
         CompressionTarget(model, 5, ki=-0.1)
     with pytest.raises(ValueError, match="beta_min, beta_max"):
