@@ -19,9 +19,11 @@ compare with gradual magnitude pruning on the same step budget.
   :class:`sparsevd.target.CompressionTarget` that asks for ``--target``× (4 by default) on the
   linear layers, its setpoint ramped from 1× over ``--ramp-frac`` of the steps (``--target 0``:
   no target, the recipe's fixed KL weight after its warm-up,
-  :class:`sparsevd.recipe.PretrainedRecipe`); the last ``--finetune-frac`` of the steps train the
-  pruned student deterministically (mask and log σ² frozen, no KL: ``sparsevd.train.freeze_mask``);
-  then ``sparsevd.deploy``.
+  :class:`sparsevd.recipe.PretrainedRecipe`); train-time clipping with the mask held once the
+  target is reached (``--no-train-clip``: neither); the pruned student then trains
+  deterministically (mask and log σ² frozen, no KL: ``sparsevd.train.freeze_mask``) from the
+  step the target is held (``--no-tail-at-target``: over the last ``--finetune-frac`` of the
+  steps); then ``sparsevd.deploy``.
 - Magnitude: the same student, steps, batches and θ learning rate, pruned by
   :class:`sparsevd.magnitude.GradualMagnitudePruning` (global L1 over the 37 linear layers, the
   cubic schedule of Zhu & Gupta 2017 over the first ``--prune-frac`` of the steps, every
@@ -41,7 +43,8 @@ interleaved rounds of the per-round ratio of the calling thread's CPU time), ``s
 ``seconds`` (training wall time).
 
 Usage: python -m examples.compress_minilm [--steps 1000] [--batch 16] [--max-len 32] [--target 4] [--quick]
-       [--loss hidden|embedding] [--finetune-frac 0.25] [--train-clip]
+       [--loss hidden|embedding] [--finetune-frac 0.25] [--no-train-clip] [--no-tail-at-target]
+       [--kl-theta preconditioned|adam] [--ramp geometric|cubic] [--lr 1e-3]
        [--methods sparse_vd magnitude] [--out FILE] [--no-save] [--readme README.md --table FILE [FILE ...]]
 """
 from __future__ import annotations
@@ -259,20 +262,14 @@ def distil_loss(student: nn.Module, teacher: nn.Module, b: Dict[str, torch.Tenso
 
 
 def distil(student: nn.Module, teacher: nn.Module, tok, train: List[str], targets: torch.Tensor, args, opt,
-           tail_start: int, extra_loss=None, on_step=None, log=None, kl_weight=None) -> float:
+           extra_loss=None, on_step=None, log=None, kl_weight=None) -> float:
     """Train ``student`` for ``args.steps`` steps on :func:`distil_loss` (``args.loss``) plus
     ``extra_loss(step)`` to the teacher, ``opt.step(kl_weight=kl_weight(step))`` when
-    ``kl_weight`` is given (:class:`sparsevd.optim.SparseVDAdam`); with ``args.lr_decay`` "tail"
-    the learning rates fall linearly to 0 from step ``tail_start`` (the fixed-mask tail) to the
-    end. Returns seconds."""
+    ``kl_weight`` is given (:class:`sparsevd.optim.SparseVDAdam`); returns seconds."""
     student.train()
     lengths = token_lengths(tok, train, args.max_len)
-    base_lr = [g["lr"] for g in opt.param_groups]
     t0 = time.perf_counter()
     for step, idx in enumerate(batches(len(train), args.batch, args.steps, args.seed, lengths)):
-        if args.lr_decay == "tail" and step >= tail_start:  # linear to 0 over the fixed-mask tail
-            for g, lr in zip(opt.param_groups, base_lr):
-                g["lr"] = lr * (args.steps - step) / (args.steps - tail_start)
         b = tokenize(tok, [train[i] for i in idx], args.max_len)
         data = distil_loss(student, teacher, b, targets[idx], args.loss)
         loss = data + (extra_loss(step) if extra_loss else 0.0)
@@ -313,37 +310,39 @@ def run_sparse_vd(teacher, tok, train, targets, args, recipe: PretrainedRecipe):
                              measure_every=args.measure_every, hold_at_target=args.train_clip)
            if args.target else None)
     fixed: list = []  # freeze_mask's (layer, mask, floor) in the fixed-mask tail
+    tail = [svd_steps]  # the tail's first step (earlier with --tail-at-target)
 
     def beta(step):
         return ctl.step() if ctl else recipe.kl_weight(step) / recipe.kl_scale
 
     def kl_loss(step):  # the KL inside the loss, Adam normalising its θ part with the data's
-        return recipe.kl_scale * beta(step) * kl_divergence(student) / n if step < svd_steps else 0.0
+        return recipe.kl_scale * beta(step) * kl_divergence(student) / n if step < tail[0] else 0.0
 
     def kl_weight(step):  # the KL applied by SparseVDAdam.step, its θ part preconditioned
-        return recipe.kl_scale * beta(step) / n if step < svd_steps else 0.0
+        return recipe.kl_scale * beta(step) / n if step < tail[0] else 0.0
 
     def on_step(step):
-        if step + 1 == svd_steps:  # fit(finetune_epochs=)'s switch: the mask and log σ² frozen,
+        if ctl is not None and step < tail[0]:
+            ctl.hold()  # with --train-clip: no pruning past the target once it is reached
+            if args.tail_at_target and ctl.holding:
+                tail[0] = step + 1
+        if step + 1 == tail[0]:  # fit(finetune_epochs=)'s switch: the mask and log σ² frozen,
             fixed.extend(freeze_mask(student))  # the layers' masked forward, a fresh Adam state
             for layer, _, _ in fixed:
                 layer.eval()
             opt.state.clear()
         hold_mask(fixed)
-        if ctl is not None and step < svd_steps:
-            ctl.hold()  # with --train-clip: no pruning past the target once it is reached
 
     def log(step, data, secs):
         lin, kept = linear_counts(student)
-        phase = "  fixed mask" if step >= svd_steps else ""
+        phase = "  fixed mask" if step >= tail[0] else ""
         beta = f"  β {ctl.beta:.3g} (setpoint {ctl.setpoint():.2f}x)" if ctl else f"  kl-w {recipe.kl_weight(step):.3g}"
         print(f"  sparse_vd step {step:5d}  cos-dist {data:.4f}  linear {lin / max(kept, 1):6.2f}x{beta}{phase}  "
               f"{secs:7.1f} s", flush=True)
 
-    secs = (distil(student, teacher, tok, train, targets, args, opt, svd_steps, kl_loss, on_step=on_step, log=log)
+    secs = (distil(student, teacher, tok, train, targets, args, opt, kl_loss, on_step=on_step, log=log)
             if args.kl_theta == "adam" else
-            distil(student, teacher, tok, train, targets, args, opt, svd_steps, on_step=on_step, log=log,
-                   kl_weight=kl_weight))
+            distil(student, teacher, tok, train, targets, args, opt, on_step=on_step, log=log, kl_weight=kl_weight))
     return student.eval(), secs
 
 
@@ -364,7 +363,7 @@ def run_magnitude(teacher, tok, train, targets, args, final_sparsity: float):
         print(f"  magnitude step {step:5d}  cos-dist {data:.4f}  linear {pruner.total / kept:6.2f}x  {secs:7.1f} s",
               flush=True)
 
-    secs = distil(student, teacher, tok, train, targets, args, opt, ramp, on_step=lambda step: pruner.step(),
+    secs = distil(student, teacher, tok, train, targets, args, opt, on_step=lambda step: pruner.step(),
                   log=log)
     pruner.finish()
     return student.eval(), secs
@@ -411,18 +410,18 @@ def evaluate(method, model, teacher, tok, held, held_targets, args, steps, secs)
     row = dict(method=method, compression_linear=round(c_lin, 3), compression_model=round(c_model, 3),
                fidelity_cosine=round(cos.mean().item(), 4), fidelity_cosine_min=round(cos.min().item(), 4),
                latency_ratio_b1=round(lat[1], 3), latency_ratio_b32=round(lat[32], 3), steps=steps,
-               seconds=round(secs, 1), loss=args.loss, batch=args.batch, max_len=args.max_len,
+               seconds=round(secs, 1), seed=args.seed, loss=args.loss, batch=args.batch, max_len=args.max_len,
                train_sentences=args.n_train, held_sentences=len(held), init=str(args.init),
                lr=args.lr, log_sigma2_lr=args.log_sigma2_lr, kl_scale=args.kl_scale,
                warmup_steps=args.warmup_steps, target=args.target or None, ramp_frac=args.ramp_frac,
                finetune_frac=args.finetune_frac,
-               ramp=args.ramp, train_clip=args.train_clip, kl_theta=args.kl_theta, lr_decay=args.lr_decay,
+               ramp=args.ramp, tail_at_target=args.tail_at_target, train_clip=args.train_clip, kl_theta=args.kl_theta,
                quick=bool(args.quick),
                device=(torch.cuda.get_device_name() if torch.cuda.is_available() else
                        f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} CPUs"),
                torch=torch.__version__, date=datetime.date.today().isoformat())
     if method == "magnitude":  # the sparse-VD settings do not apply
-        for k in ("init", "log_sigma2_lr", "kl_scale", "warmup_steps", "target", "ramp_frac", "train_clip", "finetune_frac", "kl_theta", "ramp"):
+        for k in ("init", "log_sigma2_lr", "kl_scale", "warmup_steps", "target", "ramp_frac", "train_clip", "finetune_frac", "kl_theta", "ramp", "tail_at_target"):
             row.pop(k)
         row.update(prune_frac=args.prune_frac, prune_every=args.prune_every)
     print(f"{method}: linear {c_lin:.2f}x, model {c_model:.2f}x, cosine {row['fidelity_cosine']:.4f} "
@@ -434,16 +433,29 @@ def evaluate(method, model, teacher, tok, held, held_targets, args, steps, secs)
 # ---- README table -------------------------------------------------------------------------
 
 
+def settings(r: dict) -> str:
+    """The settings of a row that tell the README table's rows apart."""
+    out = [f"θ lr {r['lr']:g}"] if "lr" in r else []
+    if r["method"] == "sparse_vd":
+        out += ["KL in the loss" if r.get("kl_theta", "adam") == "adam" else "KL's θ pull preconditioned"]
+        out += ["cubic setpoint ramp"] if r.get("ramp") == "cubic" else []
+        out += ["clipped, held at the target"] if r.get("train_clip") else []
+        if r.get("finetune_frac"):
+            out += ["fixed-mask tail from the target" if r.get("tail_at_target") else "fixed-mask tail"]
+    elif r.get("prune_frac", 0.75) != 0.75:
+        out += [f"pruned over the first {r['prune_frac']:g} of the steps"]
+    out += [f"seed {r['seed']}"] if r.get("seed") else []
+    return ", ".join(out)
+
+
 def markdown_table(rows: List[dict]) -> str:
-    head = ("| method | distillation loss | linear layers | whole model | cosine to teacher (held out) | "
+    head = ("| method | settings | distillation loss | linear layers | whole model | cosine to teacher (held out) | "
             "latency B=1 | latency B=32 | steps | training s |")
-    lines = [head, "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
+    lines = [head, "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
-        if r.get("quick"):
+        if r.get("quick") or r.get("superseded"):  # superseded: a code version or option since changed
             continue
-        method = (r["method"] + (" + train-time clipping, held at the target" if r.get("train_clip") else "")
-                  + (" + fixed-mask tail" if r.get("finetune_frac") else ""))
-        lines.append(f"| {method} | {r.get('loss', 'embedding')} | {r['compression_linear']:.2f}× | "
+        lines.append(f"| {r['method']} | {settings(r)} | {r.get('loss', 'embedding')} | {r['compression_linear']:.2f}× | "
                      f"{r['compression_model']:.2f}× | {r['fidelity_cosine']:.4f} | {r['latency_ratio_b1']:.2f} | "
                      f"{r['latency_ratio_b32']:.2f} | {r['steps']} | {r['seconds']:.0f} |")
     return "\n".join(lines)
@@ -483,6 +495,9 @@ def parse_args(argv):
     ap.add_argument("--finetune-frac", type=float, default=0.25,
                     help="sparse VD: the last fraction of the steps trains the pruned student deterministically "
                          "(mask and log σ² frozen, no noise, no KL)")
+    ap.add_argument("--tail-at-target", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --train-clip: the fixed-mask tail starts as soon as the target is reached and "
+                         "held (nothing is left for sparse VD to decide, only its noise)")
     ap.add_argument("--measure-every", type=int, default=5, help="steps between the target's measurements")
     ap.add_argument("--magnitude-sparsity", type=float, default=None,
                     help="final sparsity of magnitude pruning (default: 1 - 1/target, or what sparse VD "
@@ -492,15 +507,13 @@ def parse_args(argv):
     ap.add_argument("--loss", choices=["embedding", "hidden"], default="hidden",
                     help="distillation loss: cosine distance of the sentence embeddings, or that plus the "
                          "layer-wise cosine distance of every hidden state (token level)")
-    ap.add_argument("--train-clip", action="store_true",
+    ap.add_argument("--train-clip", action=argparse.BooleanOptionalAction, default=True,
                     help="sparse VD's train-time clipping (weights with log α ≥ 3 leave the LRT); with "
                          "--target the mask is held once the target is reached")
     ap.add_argument("--kl-theta", choices=["adam", "preconditioned"], default="preconditioned",
                     help="the KL's gradient in θ: applied after Adam's step divided by the data term's "
                          "second moment (sparsevd.optim.SparseVDAdam), or summed with the data term "
                          "inside Adam (normalised by itself)")
-    ap.add_argument("--lr-decay", choices=["none", "tail"], default="none",
-                    help="tail: every learning rate falls linearly to 0 over the fixed-mask tail (both methods)")
     ap.add_argument("--threads", type=int, default=2, help="training threads")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--min-time", type=float, default=0.2)
