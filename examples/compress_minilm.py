@@ -23,7 +23,10 @@ compare with gradual magnitude pruning on the same step budget.
   target is reached (``--no-train-clip``: neither); the pruned student then trains
   deterministically (mask and log σ² frozen, no KL: ``sparsevd.train.freeze_mask``) from the
   step the target is held (``--no-tail-at-target``: over the last ``--finetune-frac`` of the
-  steps); then ``sparsevd.deploy``.
+  steps), from the teacher's values of the kept θ and the other parameters
+  (:func:`sparsevd.recipe.rewind`: sparse VD chooses the mask, the noise's drift is undone;
+  ``--no-rewind``: from the student's own); then
+  ``sparsevd.deploy``.
 - Magnitude: the same student, steps, batches and θ learning rate, pruned by
   :class:`sparsevd.magnitude.GradualMagnitudePruning` (global L1 over the 37 linear layers, the
   cubic schedule of Zhu & Gupta 2017 over the first ``--prune-frac`` of the steps, every
@@ -44,7 +47,7 @@ interleaved rounds of the per-round ratio of the calling thread's CPU time), ``s
 
 Usage: python -m examples.compress_minilm [--steps 1000] [--batch 16] [--max-len 32] [--target 4] [--quick]
        [--loss hidden|embedding] [--finetune-frac 0.25] [--no-train-clip] [--no-tail-at-target]
-       [--kl-theta preconditioned|adam] [--ramp geometric|cubic] [--lr 1e-3]
+       [--kl-theta preconditioned|adam] [--ramp geometric|cubic] [--no-rewind] [--lr 1e-3]
        [--methods sparse_vd magnitude] [--out FILE] [--no-save] [--readme README.md --table FILE [FILE ...]]
 """
 from __future__ import annotations
@@ -75,7 +78,7 @@ import sparsevd.functional as SF
 from sparsevd.magnitude import GradualMagnitudePruning
 from sparsevd.metadata import cpu_name
 from sparsevd.nn import LinearSVDO
-from sparsevd.recipe import PretrainedRecipe
+from sparsevd.recipe import PretrainedRecipe, rewind
 from sparsevd.target import CompressionTarget
 from sparsevd.train import freeze_mask, hold_mask
 
@@ -331,6 +334,8 @@ def run_sparse_vd(teacher, tok, train, targets, args, recipe: PretrainedRecipe):
             for layer, _, _ in fixed:
                 layer.eval()
             opt.state.clear()
+            if args.rewind:
+                rewind(student, teacher, fixed)  # sparse VD's mask, the teacher's values
         hold_mask(fixed)
 
     def log(step, data, secs):
@@ -415,13 +420,13 @@ def evaluate(method, model, teacher, tok, held, held_targets, args, steps, secs)
                lr=args.lr, log_sigma2_lr=args.log_sigma2_lr, kl_scale=args.kl_scale,
                warmup_steps=args.warmup_steps, target=args.target or None, ramp_frac=args.ramp_frac,
                finetune_frac=args.finetune_frac,
-               ramp=args.ramp, tail_at_target=args.tail_at_target, train_clip=args.train_clip, kl_theta=args.kl_theta,
+               ramp=args.ramp, tail_at_target=args.tail_at_target, rewind=args.rewind, train_clip=args.train_clip, kl_theta=args.kl_theta,
                quick=bool(args.quick),
                device=(torch.cuda.get_device_name() if torch.cuda.is_available() else
                        f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} CPUs"),
                torch=torch.__version__, date=datetime.date.today().isoformat())
     if method == "magnitude":  # the sparse-VD settings do not apply
-        for k in ("init", "log_sigma2_lr", "kl_scale", "warmup_steps", "target", "ramp_frac", "train_clip", "finetune_frac", "kl_theta", "ramp", "tail_at_target"):
+        for k in ("init", "log_sigma2_lr", "kl_scale", "warmup_steps", "target", "ramp_frac", "train_clip", "finetune_frac", "kl_theta", "ramp", "tail_at_target", "rewind"):
             row.pop(k)
         row.update(prune_frac=args.prune_frac, prune_every=args.prune_every)
     print(f"{method}: linear {c_lin:.2f}x, model {c_model:.2f}x, cosine {row['fidelity_cosine']:.4f} "
@@ -442,6 +447,7 @@ def settings(r: dict) -> str:
         out += ["clipped, held at the target"] if r.get("train_clip") else []
         if r.get("finetune_frac"):
             out += ["fixed-mask tail from the target" if r.get("tail_at_target") else "fixed-mask tail"]
+            out += ["rewound to the teacher"] if r.get("rewind") else []
     elif r.get("prune_frac", 0.75) != 0.75:
         out += [f"pruned over the first {r['prune_frac']:g} of the steps"]
     out += [f"seed {r['seed']}"] if r.get("seed") else []
@@ -498,6 +504,9 @@ def parse_args(argv):
     ap.add_argument("--tail-at-target", action=argparse.BooleanOptionalAction, default=True,
                     help="with --train-clip: the fixed-mask tail starts as soon as the target is reached and "
                          "held (nothing is left for sparse VD to decide, only its noise)")
+    ap.add_argument("--rewind", action=argparse.BooleanOptionalAction, default=True,
+                    help="sparse VD: the fixed-mask tail starts from the teacher's values of the kept θ "
+                         "and the other parameters (the mask stays sparse VD's: sparsevd.recipe.rewind)")
     ap.add_argument("--measure-every", type=int, default=5, help="steps between the target's measurements")
     ap.add_argument("--magnitude-sparsity", type=float, default=None,
                     help="final sparsity of magnitude pruning (default: 1 - 1/target, or what sparse VD "

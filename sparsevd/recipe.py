@@ -12,7 +12,9 @@ large enough to move log σ² by several units destroys θ. This module holds wh
 - :func:`param_groups`: log σ² in its own optimizer group with its own (much larger) learning
   rate and no weight decay;
 - :class:`PretrainedRecipe`: those learning rates, log α₀, the KL scale and the KL warm-up in
-  steps (:meth:`PretrainedRecipe.kl_weight`).
+  steps (:meth:`PretrainedRecipe.kl_weight`);
+- :func:`rewind`: the fixed-mask fine-tuning started from the trained model's values, the mask
+  sparse VD's.
 
 Source: Molchanov, Ashukha, Vetrov, "Variational Dropout Sparsifies Deep Neural Networks",
 ICML 2017 (arXiv:1701.05369), sec. 4 (α = σ²/θ²), sec. 5 (log σ² = −10, KL warm-up).
@@ -28,6 +30,7 @@ from torch import nn
 from ._args import check_real
 from .nn import DEFAULT_THRESHOLD, SVDO_LAYERS
 from .optim import SparseVDAdam
+from .target import raise_to_floor
 from .ops.weights import EPS_THETA
 
 
@@ -111,9 +114,9 @@ class PretrainedRecipe:
     preconditioned": 1,000 steps of 16 sentences, layer-wise distillation, β set by a
     :class:`sparsevd.target.CompressionTarget` for 4×, train-time clipping with the mask held at
     the target, then a fixed-mask tail; the KL applied by :meth:`optimizer`'s step: 4.01× at
-    held-out cosine 0.887 on two seeds, against 0.871 with the KL inside Adam's loss at the
-    same settings, and gradual magnitude pruning's 0.912 at 4.00× with its best θ rate, the same
-    1e-3). ``lr`` 1e-3 was the best of 2e-4 / 5e-4 / 1e-3 for sparse VD and of 2e-4 / 5e-4 /
+    held-out cosine 0.887 on two seeds, 0.893 with the tail :func:`rewind`-ed to the teacher,
+    against 0.871 with the KL inside Adam's loss at the same settings, and gradual magnitude
+    pruning's 0.912 at 4.00× with its best θ rate, the same 1e-3). ``lr`` 1e-3 was the best of 2e-4 / 5e-4 / 1e-3 for sparse VD and of 2e-4 / 5e-4 /
     1e-3 / 2e-3 for magnitude pruning. Of the other values tried (fourth attempt), ``kl_scale``
     0.01 (log σ² lr 0.04) drowned the student in noise and 1e-5 pruned nothing in 600 steps; a
     log σ² lr of 0.001–0.004 made the mask lag its target. ``warmup_steps`` (for a fixed KL weight, without a target) was
@@ -165,3 +168,51 @@ class PretrainedRecipe:
         term alone in the loss; ``opt.step()`` is the training loop's plain Adam, for a KL put in
         the loss). Its steps flush subnormal moments to zero."""
         return SparseVDAdam(self.param_groups(model), model)
+
+
+@torch.no_grad()
+def rewind(model: nn.Module, source: nn.Module, frozen: list) -> nn.Module:
+    """Start the fixed-mask fine-tuning from the trained model's values: sparse VD chooses the
+    mask, and the drift its noise caused in the kept weights is undone.
+
+    In place, after :func:`sparsevd.train.freeze_mask`: every kept θ (``mask`` True) of a layer
+    in ``frozen`` takes ``source``'s value, raised to the layer's ``floor`` (same sign) where
+    smaller, so the mask stays exactly the frozen one; the dropped θ and every log σ² are left as
+    they are; every other parameter of ``model`` (biases, norms, layers left dense) whose name
+    and shape ``source`` has takes ``source``'s value. On all-MiniLM-L6-v2 at 4× it lifted the
+    held-out cosine from 0.887 to 0.893 on two seeds (benchmarks/NOTES.md, "MiniLM, the KL's
+    pull preconditioned"). Rewinding to earlier weights is Frankle et al.'s (ICML 2020,
+    "Linear mode connectivity and the lottery ticket hypothesis"); here to the trained model.
+
+    Args:
+        model: the converted model being sparsified (``sparsevd.convert`` of a copy of
+            ``source``: the same parameter names).
+        source: the trained model (e.g. the dense teacher).
+        frozen: ``freeze_mask(model)``'s list of (layer, mask, floor).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: a layer of ``frozen`` is not in ``model``, or ``source`` has no parameter of
+            its θ's name and shape.
+    """
+    src = dict(source.named_parameters())
+    names = {id(p): n for n, p in model.named_parameters()}
+    kept = {}
+    for layer, mask, floor in frozen:
+        name = names.get(id(layer.weight))
+        if name is None:
+            raise ValueError("frozen: holds a layer that is not in model (pass freeze_mask(model))")
+        if name not in src or src[name].shape != layer.weight.shape:
+            raise ValueError(f"source: has no parameter {name!r} of shape {tuple(layer.weight.shape)} "
+                             "(model must be converted from a copy of source)")
+        kept[name] = (mask, floor)
+    for name, p in model.named_parameters():
+        if name in kept:
+            mask, floor = kept[name]
+            p.copy_(torch.where(mask, src[name].to(p.dtype), p))
+            raise_to_floor(p, mask, floor)
+        elif name in src and src[name].shape == p.shape and not name.endswith("log_sigma2"):
+            p.copy_(src[name])
+    return model

@@ -58,7 +58,7 @@ def test_quick_run_writes_rows_and_table(tmp_path):
     out.write_text(json.dumps(saved))
     cm.main(["--readme", str(readme), "--table", str(out)])
     text = readme.read_text()
-    assert "old" not in text and "| sparse_vd | θ lr 0.001, KL's θ pull preconditioned, clipped, held at the target, fixed-mask tail from the target | hidden |" in text \
+    assert "old" not in text and "| sparse_vd | θ lr 0.001, KL's θ pull preconditioned, clipped, held at the target, fixed-mask tail from the target, rewound to the teacher | hidden |" in text \
         and "| magnitude | θ lr 0.001 | hidden |" in text
     saved[1].update(seed=2, prune_frac=0.5)  # settings that differ from the defaults are named
     saved.append(dict(saved[0], superseded="an older version"))  # left out of the table
@@ -101,9 +101,11 @@ def _five_steps(*argv):
     return cm.run_sparse_vd(teacher, tok, train, targets, args, cm.PretrainedRecipe())
 
 
-def test_fixed_mask_tail_keeps_the_mask_it_took(monkeypatch):
+@pytest.mark.parametrize("rewind", [["--rewind"], ["--no-rewind"]])
+def test_fixed_mask_tail_keeps_the_mask_it_took(monkeypatch, rewind):
     """--finetune-frac: at the switch the mask is taken (sparsevd.train.freeze_mask) and the last
-    steps (deterministic, log σ² frozen) end with exactly that mask."""
+    steps (deterministic, log σ² frozen) end with exactly that mask, also when the kept θ were
+    rewound to the teacher's (--rewind)."""
     taken = []
     freeze = cm.freeze_mask
 
@@ -113,7 +115,7 @@ def test_fixed_mask_tail_keeps_the_mask_it_took(monkeypatch):
         return frozen
 
     monkeypatch.setattr(cm, "freeze_mask", record)
-    _five_steps("--init", "paper")
+    _five_steps("--init", "paper", *rewind)
     assert len(taken) == 37 and any(not bool(mask.all()) for _, mask, _ in taken)
     for layer, mask, log_sigma2 in taken:
         assert torch.equal(layer.mask(), mask) and torch.equal(layer.log_sigma2, log_sigma2)

@@ -169,3 +169,56 @@ def test_recipe_distillation_keeps_fidelity_while_sparsity_grows(kl_in):
         base = torch.cat([F.cosine_similarity(embed(dropped.eval(), *b), embed(teacher, *b), dim=-1)
                           for b in held])
     assert base.mean() < cos.mean() - 0.08  # the check can tell a ruined model
+
+
+def _trained_and_sparsified():
+    """A trained model (LayerNorm between two linears) and its converted copy after some training:
+    every parameter moved, log σ² such that about half of the first layer's weights are dropped."""
+    import copy
+
+    source = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.LayerNorm(10), torch.nn.Linear(10, 5))
+    model = sparsevd.convert(copy.deepcopy(source))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        model[0].log_sigma2.copy_(torch.where(torch.rand(10, 12) < 0.5, 5.0, -12.0))
+    return source, model
+
+
+def test_rewind_takes_the_sources_kept_weights_and_keeps_the_mask():
+    """Kept θ and the other parameters take the source's values (a kept θ below its floor raised
+    to it); the dropped θ and log σ² stay, so the mask is the frozen one."""
+    from sparsevd.recipe import rewind
+    from sparsevd.train import freeze_mask
+
+    source, model = _trained_and_sparsified()
+    with torch.no_grad():
+        source[0].weight[0, 0] = 1e-7  # below any floor: must be raised, or the weight drops
+        model[0].log_sigma2[0, 0] = -12.0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    frozen = freeze_mask(model)
+    masks = [mask.clone() for _, mask, _ in frozen]
+    assert 0 < int(masks[0].sum()) < masks[0].numel() and bool(masks[0][0, 0])
+    assert rewind(model, source, frozen) is model
+    got, want = dict(model.named_parameters()), dict(source.named_parameters())
+    for i, (layer, mask, floor) in zip((0, 2), frozen):
+        w = got[f"{i}.weight"]
+        expect = torch.where(mask, want[f"{i}.weight"], before[f"{i}.weight"])
+        expect = torch.where(mask & (expect.abs() < floor), floor.copysign(expect), expect)
+        assert torch.equal(w, expect)
+        assert torch.equal(layer.mask(), mask) and torch.equal(got[f"{i}.log_sigma2"], before[f"{i}.log_sigma2"])
+    assert got["0.weight"][0, 0].item() > 1e-7  # raised to the floor
+    for name in ("0.bias", "1.weight", "1.bias", "2.bias"):
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_rewind_errors_name_the_argument():
+    from sparsevd.recipe import rewind
+    from sparsevd.train import freeze_mask
+
+    source, model = _trained_and_sparsified()
+    _, other = _trained_and_sparsified()
+    with pytest.raises(ValueError, match="frozen"):
+        rewind(model, source, freeze_mask(other))
+    with pytest.raises(ValueError, match="source"):
+        rewind(model, torch.nn.Sequential(torch.nn.Linear(3, 3)), freeze_mask(model))
