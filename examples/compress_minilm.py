@@ -444,6 +444,7 @@ def settings(r: dict) -> str:
     if r["method"] == "sparse_vd":
         out += ["KL in the loss" if r.get("kl_theta", "adam") == "adam" else "KL's θ pull preconditioned"]
         out += ["cubic setpoint ramp"] if r.get("ramp") == "cubic" else []
+        out += [f"ramp over {r['ramp_frac']:g} of the steps"] if r.get("ramp_frac", 0.75) != 0.75 else []
         out += ["clipped, held at the target"] if r.get("train_clip") else []
         if r.get("finetune_frac"):
             out += ["fixed-mask tail from the target" if r.get("tail_at_target") else "fixed-mask tail"]
@@ -458,7 +459,7 @@ def markdown_table(rows: List[dict]) -> str:
     head = ("| method | settings | distillation loss | linear layers | whole model | cosine to teacher (held out) | "
             "latency B=1 | latency B=32 | steps | training s |")
     lines = [head, "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (round(r["compression_linear"]), r["method"])):  # by compression
         if r.get("quick") or r.get("superseded"):  # superseded: a code version or option since changed
             continue
         lines.append(f"| {r['method']} | {settings(r)} | {r.get('loss', 'embedding')} | {r['compression_linear']:.2f}× | "
