@@ -25,8 +25,7 @@ compare with gradual magnitude pruning on the same step budget.
   step the target is held (``--no-tail-at-target``: over the last ``--finetune-frac`` of the
   steps), from the teacher's values of the kept θ and the other parameters
   (:func:`sparsevd.recipe.rewind`: sparse VD chooses the mask, the noise's drift is undone;
-  ``--no-rewind``: from the student's own); then
-  ``sparsevd.deploy``.
+  ``--no-rewind``: from the student's own); then ``sparsevd.deploy``.
 - Magnitude: the same student, steps, batches and θ learning rate, pruned by
   :class:`sparsevd.magnitude.GradualMagnitudePruning` (global L1 over the 37 linear layers, the
   cubic schedule of Zhu & Gupta 2017 over the first ``--prune-frac`` of the steps, every
@@ -74,7 +73,6 @@ from torch.nn.utils import prune
 
 import sparsevd
 from sparsevd.loss import kl_divergence
-import sparsevd.functional as SF
 from sparsevd.magnitude import GradualMagnitudePruning
 from sparsevd.metadata import cpu_name
 from sparsevd.nn import LinearSVDO
@@ -420,13 +418,14 @@ def evaluate(method, model, teacher, tok, held, held_targets, args, steps, secs)
                lr=args.lr, log_sigma2_lr=args.log_sigma2_lr, kl_scale=args.kl_scale,
                warmup_steps=args.warmup_steps, target=args.target or None, ramp_frac=args.ramp_frac,
                finetune_frac=args.finetune_frac,
-               ramp=args.ramp, tail_at_target=args.tail_at_target, rewind=args.rewind, train_clip=args.train_clip, kl_theta=args.kl_theta,
-               quick=bool(args.quick),
+               ramp=args.ramp, tail_at_target=args.tail_at_target, rewind=args.rewind,
+               train_clip=args.train_clip, kl_theta=args.kl_theta, quick=bool(args.quick),
                device=(torch.cuda.get_device_name() if torch.cuda.is_available() else
                        f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} CPUs"),
                torch=torch.__version__, date=datetime.date.today().isoformat())
     if method == "magnitude":  # the sparse-VD settings do not apply
-        for k in ("init", "log_sigma2_lr", "kl_scale", "warmup_steps", "target", "ramp_frac", "train_clip", "finetune_frac", "kl_theta", "ramp", "tail_at_target", "rewind"):
+        for k in ("init", "log_sigma2_lr", "kl_scale", "warmup_steps", "target", "ramp_frac", "train_clip",
+                  "finetune_frac", "kl_theta", "ramp", "tail_at_target", "rewind"):
             row.pop(k)
         row.update(prune_frac=args.prune_frac, prune_every=args.prune_every)
     print(f"{method}: linear {c_lin:.2f}x, model {c_model:.2f}x, cosine {row['fidelity_cosine']:.4f} "

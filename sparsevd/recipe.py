@@ -116,11 +116,12 @@ class PretrainedRecipe:
     the target, then a fixed-mask tail; the KL applied by :meth:`optimizer`'s step: 4.01× at
     held-out cosine 0.887 on two seeds, 0.893 with the tail :func:`rewind`-ed to the teacher,
     against 0.871 with the KL inside Adam's loss at the same settings, and gradual magnitude
-    pruning's 0.912 at 4.00× with its best θ rate, the same 1e-3). ``lr`` 1e-3 was the best of 2e-4 / 5e-4 / 1e-3 for sparse VD and of 2e-4 / 5e-4 /
-    1e-3 / 2e-3 for magnitude pruning. Of the other values tried (fourth attempt), ``kl_scale``
-    0.01 (log σ² lr 0.04) drowned the student in noise and 1e-5 pruned nothing in 600 steps; a
-    log σ² lr of 0.001–0.004 made the mask lag its target. ``warmup_steps`` (for a fixed KL weight, without a target) was
-    not measured.
+    pruning's 0.912 at 4.00× with its best θ rate, the same 1e-3). ``lr`` 1e-3 was the best of
+    2e-4 / 5e-4 / 1e-3 for sparse VD and of 2e-4 / 5e-4 / 1e-3 / 2e-3 for magnitude pruning. Of
+    the other values tried (fourth attempt), ``kl_scale`` 0.01 (log σ² lr 0.04) drowned the
+    student in noise and 1e-5 pruned nothing in 600 steps; a log σ² lr of 0.001–0.004 made the
+    mask lag its target. ``warmup_steps`` (for a fixed KL weight, without a target) was not
+    measured.
 
     Attributes:
         lr: Adam learning rate of θ, biases and the layers left dense (a fine-tuning rate).

@@ -126,13 +126,13 @@ class CompressionTarget:
         ValueError: ``target`` ≤ 1 or not finite, an unknown ``scope``, a model without sparse-VD
             layers, a "model" target above what pruning every sparse-VD weight would give (the
             message gives that bound), a non-finite ``threshold``, ``ramp_steps`` < 0, an unknown
-            ``ramp``, gains < 0,
-            an empty β range, ``measure_every`` < 1.
+            ``ramp``, gains < 0, an empty β range, ``measure_every`` < 1.
     """
 
     def __init__(self, model: nn.Module, target: float, scope: str = "linear", threshold: Optional[float] = None,
-                 ramp_steps: int = 0, *, ramp: str = "geometric", kp: float = 1.0, ki: Optional[float] = None, beta_min: float = 1e-6,
-                 beta_max: float = 1e4, measure_every: int = 1, hold_at_target: bool = False) -> None:
+                 ramp_steps: int = 0, *, ramp: str = "geometric", kp: float = 1.0, ki: Optional[float] = None,
+                 beta_min: float = 1e-6, beta_max: float = 1e4, measure_every: int = 1,
+                 hold_at_target: bool = False) -> None:
         self.target = _positive(target, "target", above=1.0)
         if scope not in SCOPES:
             raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
