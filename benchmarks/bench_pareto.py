@@ -261,7 +261,7 @@ def latest(rows: List[dict]) -> List[dict]:
 def table(rows: List[dict]) -> str:
     """A markdown table of :func:`latest` rows."""
     last = latest(rows)
-    lines = ["| model | method | target | compression | test accuracy | epochs | seed | tuned |",
+    lines = ["| model | method | target | compression | test accuracy | epochs | seed | settings (chosen by) |",
              "|---|---|---|---|---|---|---|---|"]
     order = sorted(last, key=lambda r: (r["model"], r["method"], r.get("target") or 0, r["seed"]))
     for r in order:
@@ -273,6 +273,9 @@ def table(rows: List[dict]) -> str:
                 tuned += f", dense {r['pretrain_epochs']} ep."
         else:
             tuned = "recipe"
+        # a grid row chose its settings on the validation split; the others were given (the
+        # row's note says from where, e.g. seed 0's grid or another model's choice)
+        tuned += " (validation grid)" if r.get("grid") else " (given)"
         target = "—" if r.get("target") is None else f"{r['target']:g}×"
         lines.append(f"| {r['model']} | {r['method']} | {target} | {r['compression']:.1f}× | "
                      f"{100 * r['test_accuracy']:.2f} % | {r['epochs']} | {r['seed']} | {tuned} |")

@@ -55,6 +55,9 @@ def test_rows_figure_and_readme_table(tmp_path, monkeypatch):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
     assert "| lenet300 | magnitude | 4× |" in text and "pareto.png" in text
+    mag_line = next(line for line in text.splitlines() if line.startswith("| lenet300 | magnitude | 4× |"))
+    svd_line = next(line for line in text.splitlines() if line.startswith("| lenet300 | sparse_vd |"))
+    assert mag_line.endswith("(validation grid) |") and svd_line.endswith("(given) |")
     assert png.stat().st_size > 1000
 
 
