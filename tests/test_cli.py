@@ -20,7 +20,7 @@ from sparsevd import cli, data
 from sparsevd.loss import svdo_layers
 from sparsevd.checkpoint import load_checkpoint
 from sparsevd.cli import build_parser, main
-from sparsevd.train import resolve_recipe
+from sparsevd.train import TrainConfig, resolve_recipe
 from sparsevd.convert import report
 from sparsevd.data import FILE_NAMES, load_dataset
 
@@ -198,6 +198,33 @@ def test_train_finetune_epochs(tmp_path, capsys, data_dir):
 def test_recipe_defaults(argv, pretrain, warmup):
     args = resolve_recipe(build_parser().parse_args(argv))
     assert args.pretrain_epochs == pretrain and args.kl_warmup_epochs == pytest.approx(warmup)
+
+
+@pytest.mark.parametrize("argv,lr,finetune", [
+    (["train"], 1e-3, 0),                                               # the paper's objective
+    (["train", "--dense", "--target-compression", "10"], 1e-3, 0),      # no mask, no target
+    (["train", "--target-compression", "20"], 2e-3, 10),                # the pareto benchmark's recipe
+    (["train", "--target-compression", "20", "--epochs", "9"], 2e-3, 3),
+    (["train", "--target-compression", "20", "--epochs", "10", "--pretrain-epochs", "8"], 2e-3, 1),
+    (["train", "--target-compression", "20", "--lr", "5e-4", "--finetune-epochs", "0"], 5e-4, 0),
+])
+def test_target_recipe_defaults(argv, lr, finetune):
+    """A run with a compression target defaults to TARGET_LR and a fixed-mask tail of a third of
+    the epochs (at most what leaves one sparse-VD epoch); --lr / --finetune-epochs force."""
+    args = resolve_recipe(build_parser().parse_args(argv))
+    assert args.lr == pytest.approx(lr) and args.finetune_epochs == finetune
+    assert args.pretrain_epochs + args.finetune_epochs < args.epochs or args.dense
+
+
+def test_resume_of_a_run_saved_before_the_target_defaults(tmp_path):
+    """A checkpoint whose train_config lacks finetune_epochs (older sparsevd) resumes with 0."""
+    from sparsevd.training.config import resumed_config
+    saved = {"model": "lenet300", "epochs": 3, "lr": 1e-3, "target_compression": 10.0}
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"train_config": saved}))
+    config = resumed_config(TrainConfig(out=str(out)))
+    assert config.finetune_epochs == 0 and config.lr == 1e-3
 
 
 def test_python_m_sparsevd(tmp_path, data_dir):
