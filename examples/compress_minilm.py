@@ -216,6 +216,9 @@ POOL_BATCHES = 32
 #: pruning's cubic schedule runs (--prune-frac): the same for both methods; the README's table
 #: names a row's share only where it differs.
 SCHEDULE_FRAC = 0.75
+#: Default share of the steps left to sparse VD's fixed-mask tail at least (--finetune-frac; the
+#: tail starts earlier when the target is held first).
+FINETUNE_FRAC = 0.25
 
 
 def batches(n: int, bs: int, steps: int, seed: int, lengths: Optional[Sequence[int]] = None):
@@ -336,6 +339,8 @@ def run_sparse_vd(teacher, tok, train, targets, args, recipe: PretrainedRecipe):
             for layer, _, _ in fixed:
                 layer.eval()
             opt.state.clear()
+            for group in opt.param_groups:
+                group["lr"] = args.finetune_lr
             if args.rewind:
                 rewind(student, teacher, fixed)  # sparse VD's mask, the teacher's values
         hold_mask(fixed)
@@ -421,7 +426,8 @@ def evaluate(method, model, teacher, tok, held, held_targets, args, steps, secs)
                train_sentences=args.n_train, held_sentences=len(held), init=str(args.init),
                lr=args.lr, log_sigma2_lr=args.log_sigma2_lr, kl_scale=args.kl_scale,
                warmup_steps=args.warmup_steps, target=args.target or None, ramp_frac=args.ramp_frac,
-               finetune_frac=args.finetune_frac,
+               finetune_frac=args.finetune_frac, finetune_lr=args.finetune_lr,
+               init_shared=args.init == "pretrained" and PretrainedRecipe().shared_init,
                ramp=args.ramp, tail_at_target=args.tail_at_target, rewind=args.rewind,
                train_clip=args.train_clip, kl_theta=args.kl_theta, quick=bool(args.quick),
                device=(torch.cuda.get_device_name() if torch.cuda.is_available() else
@@ -429,7 +435,7 @@ def evaluate(method, model, teacher, tok, held, held_targets, args, steps, secs)
                torch=torch.__version__, date=datetime.date.today().isoformat())
     if method == "magnitude":  # the sparse-VD settings do not apply
         for k in ("init", "log_sigma2_lr", "kl_scale", "warmup_steps", "target", "ramp_frac", "train_clip",
-                  "finetune_frac", "kl_theta", "ramp", "tail_at_target", "rewind"):
+                  "finetune_frac", "kl_theta", "ramp", "tail_at_target", "rewind", "finetune_lr", "init_shared"):
             row.pop(k)
         row.update(prune_frac=args.prune_frac, prune_every=args.prune_every)
     print(f"{method}: linear {c_lin:.2f}x, model {c_model:.2f}x, cosine {row['fidelity_cosine']:.4f} "
@@ -445,6 +451,8 @@ def settings(r: dict) -> str:
     """The settings of a row that tell the README table's rows apart."""
     out = [f"θ lr {r['lr']:g}"] if "lr" in r else []
     if r["method"] == "sparse_vd":
+        out += ["one log σ² init" if r.get("init_shared") else
+                "log σ² −10 init" if r.get("init") == "paper" else "one log α init"]
         out += ["KL in the loss" if r.get("kl_theta", "adam") == "adam" else "KL's θ pull preconditioned"]
         out += ["cubic setpoint ramp"] if r.get("ramp") == "cubic" else []
         if r.get("ramp_frac", SCHEDULE_FRAC) != SCHEDULE_FRAC:
@@ -452,7 +460,9 @@ def settings(r: dict) -> str:
         out += ["clipped, held at the target"] if r.get("train_clip") else []
         if r.get("finetune_frac"):
             out += ["fixed-mask tail from the target" if r.get("tail_at_target") else "fixed-mask tail"]
+            out += [f"tail ≥ {r['finetune_frac']:g} of the steps"] if r["finetune_frac"] != FINETUNE_FRAC else []
             out += ["rewound to the teacher"] if r.get("rewind") else []
+            out += [f"tail lr {r['finetune_lr']:g}"] if r.get("finetune_lr", r.get("lr")) != r.get("lr") else []
     elif r.get("prune_frac", SCHEDULE_FRAC) != SCHEDULE_FRAC:
         out += [f"pruned over the first {r['prune_frac']:g} of the steps"]
     out += [f"seed {r['seed']}"] if r.get("seed") else []
@@ -491,9 +501,13 @@ def parse_args(argv):
     ap.add_argument("--max-held", type=int, default=512, help="held-out sentences evaluated")
     ap.add_argument("--methods", nargs="+", default=["sparse_vd", "magnitude"],
                     choices=["sparse_vd", "magnitude"])
-    ap.add_argument("--init", default="pretrained", help="convert's init: paper, pretrained or a log α")
+    ap.add_argument("--init", default="pretrained",
+                    help="convert's init: pretrained (the recipe's: one log σ² for every weight, the median "
+                         "weight at log α -8), paper (log σ² = -10) or a log α for every weight")
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--log-sigma2-lr", type=float, default=d.log_sigma2_lr)
+    ap.add_argument("--finetune-lr", type=float, default=d.finetune_lr,
+                    help="sparse VD: θ's learning rate in the fixed-mask tail (a fresh Adam state)")
     ap.add_argument("--kl-scale", type=float, default=d.kl_scale)
     ap.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     ap.add_argument("--target", type=float, default=4.0,
@@ -503,7 +517,7 @@ def parse_args(argv):
     ap.add_argument("--ramp", choices=["geometric", "cubic"], default="geometric",
                     help="the target's setpoint on its ramp (CompressionTarget(ramp=)): cubic in sparsity is "
                          "gradual magnitude pruning's schedule")
-    ap.add_argument("--finetune-frac", type=float, default=0.25,
+    ap.add_argument("--finetune-frac", type=float, default=FINETUNE_FRAC,
                     help="sparse VD: the last fraction of the steps trains the pruned student deterministically "
                          "(mask and log σ² frozen, no noise, no KL)")
     ap.add_argument("--tail-at-target", action=argparse.BooleanOptionalAction, default=True,
@@ -559,7 +573,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     recipe = PretrainedRecipe(lr=args.lr, log_sigma2_lr=args.log_sigma2_lr, kl_scale=args.kl_scale,
-                              warmup_steps=args.warmup_steps)
+                              warmup_steps=args.warmup_steps, finetune_lr=args.finetune_lr)
     train, held = stdlib_sentences(QUICK_MODULES if args.quick else None)
     train, held = train[:args.max_train] if args.max_train else train, held[:args.max_held]
     args.n_train = len(train)

@@ -281,9 +281,10 @@ def convert(
             what was converted, and every module left dense and why.
         init: the converted layers' log σ²: ``"paper"`` (the default: −10, as above, for training
             from scratch or from a trained model with the paper's recipe), ``"pretrained"``
-            (:class:`sparsevd.recipe.PretrainedRecipe`'s ``log_alpha_init``: every weight at the
-            same log α, :func:`sparsevd.recipe.init_log_sigma2`), or a float: that log α for every
-            weight (below ``threshold``).
+            (:class:`sparsevd.recipe.PretrainedRecipe`'s: one log σ² for every weight with the
+            median weight at log α = ``log_alpha_init``, capped at log α = ``threshold`` − 1,
+            :func:`sparsevd.recipe.init_log_sigma2` with ``shared=True``), or a float: that log α
+            for every weight (below ``threshold``).
 
     Returns:
         ``model`` (or the new layer when ``model`` itself is a convertible layer), and the report
@@ -302,7 +303,8 @@ def convert(
     log_alpha0 = _init_log_alpha(init, threshold)
     out = _convert(model, include, threshold, exclude, train_clip)
     if log_alpha0 is not None and _has_svdo(out[0]):
-        init_log_sigma2(out[0], log_alpha0)
+        shared = init == "pretrained" and PretrainedRecipe().shared_init
+        init_log_sigma2(out[0], log_alpha0, shared=shared)
     return out if return_report else out[0]
 
 

@@ -7,8 +7,9 @@ nats) outweighs a distillation loss below 1 by seven orders of magnitude, and a 
 large enough to move log σ² by several units destroys θ. This module holds what works instead
 (measured on MiniLM, ``examples/compress_minilm.py``, README "Compressing a pretrained model"):
 
-- :func:`init_log_sigma2`: log σ² = log α₀ + log(θ² + 1e-8) per weight, i.e. every weight starts
-  at the same log α₀ (sec. 4's additive reparameterisation: α = σ²/θ²);
+- :func:`init_log_sigma2`: one log σ² for every weight (the paper's shape) with the median weight
+  at log α₀, or log σ² = log α₀ + log(θ² + 1e-8) per weight (every weight at log α₀; sec. 4's
+  additive reparameterisation: α = σ²/θ²);
 - :func:`param_groups`: log σ² in its own optimizer group with its own (much larger) learning
   rate and no weight decay;
 - :class:`PretrainedRecipe`: those learning rates, log α₀, the KL scale and the KL warm-up in
@@ -40,26 +41,43 @@ def _svdo_modules(model: nn.Module) -> List[nn.Module]:
     return [m for m in model.modules() if isinstance(m, SVDO_LAYERS)]
 
 
+#: Above this many weights the shared init's median is taken over an evenly strided sample.
+_MEDIAN_SAMPLE = 1 << 24
+
+
 @torch.no_grad()
-def init_log_sigma2(model: nn.Module, log_alpha_init: float) -> nn.Module:
-    """Set every sparse-VD layer's log σ² so that each weight starts at log α = ``log_alpha_init``:
-    log σ² = log_alpha_init + log(θ² + 1e-8) (the ``1e-8`` of :func:`sparsevd.reference.log_alpha`),
-    in place.
+def init_log_sigma2(model: nn.Module, log_alpha_init: float, shared: bool = False) -> nn.Module:
+    """Set every sparse-VD layer's log σ² from log α₀ = ``log_alpha_init``, in place.
+
+    - ``shared=False``: log σ² = log α₀ + log(θ² + 1e-8) per weight (the ``1e-8`` of
+      :func:`sparsevd.reference.log_alpha`): every weight starts at the same log α₀.
+    - ``shared=True``: one log σ² for every weight of every layer, the paper's shape (a constant
+      log σ², sec. 5), placed so that the median weight starts at log α₀: log σ² = log α₀ +
+      median over all the layers' weights of log(θ² + 1e-8). A smaller weight starts at a larger
+      log α (α = σ²/θ²), so the mask grows from the small weights across all layers, as global
+      magnitude pruning's would, and the data and the KL move it from there. Capped per weight at
+      log α = threshold − 1 (the tiny weights), so that no weight starts dropped. On
+      all-MiniLM-L6-v2 at 4× it lifted the held-out cosine from 0.898 (per-weight) to 0.938,
+      above gradual magnitude pruning's 0.912 (benchmarks/NOTES.md, "MiniLM: one log σ² for
+      every weight").
 
     Args:
         model: a module holding sparse-VD layers (or one layer).
-        log_alpha_init: the starting log α of every weight; below each layer's threshold, so that
-            the model in eval mode still computes what it did (no weight is dropped at the start).
+        log_alpha_init: log α₀, below each layer's threshold, so that the model in eval mode still
+            computes what it did (no weight is dropped at the start).
+        shared: one log σ² for all weights (True) or one log α (False).
 
     Returns:
         ``model``.
 
     Raises:
-        TypeError: ``log_alpha_init`` is not a real number.
+        TypeError: ``log_alpha_init`` is not a real number, ``shared`` not a bool.
         ValueError: ``log_alpha_init`` is not finite or not below a layer's threshold (every weight
             would be dropped); ``model`` holds no sparse-VD layer.
     """
     log_alpha_init = check_real(log_alpha_init, "log_alpha_init")
+    if not isinstance(shared, bool):
+        raise TypeError(f"shared: expected a bool, got {shared!r}")
     layers = _svdo_modules(model)
     if not layers:
         raise ValueError("model: holds no sparse-VD layer (convert it first)")
@@ -67,10 +85,22 @@ def init_log_sigma2(model: nn.Module, log_alpha_init: float) -> nn.Module:
         if log_alpha_init >= m.threshold:
             raise ValueError(f"log_alpha_init: expected below the threshold {m.threshold}, got "
                              f"{log_alpha_init} (every weight would be dropped)")
-    for m in layers:
-        w = m.weight.float()
-        m.log_sigma2.copy_((log_alpha_init + torch.log(w * w + EPS_THETA)).to(m.log_sigma2.dtype))
+    log_theta2 = [torch.log(m.weight.float() ** 2 + EPS_THETA) for m in layers]
+    if shared:
+        log_sigma2 = log_alpha_init + _median([t.flatten() for t in log_theta2])
+    for m, lt in zip(layers, log_theta2):
+        value = (torch.clamp(lt + m.threshold - 1.0, max=log_sigma2) if shared else lt + log_alpha_init)
+        m.log_sigma2.copy_(value.to(m.log_sigma2.dtype))
     return model
+
+
+def _median(parts: List[torch.Tensor]) -> float:
+    """The median of the concatenated ``parts`` (of an evenly strided sample of at most
+    :data:`_MEDIAN_SAMPLE` values when there are more)."""
+    flat = torch.cat(parts)
+    if flat.numel() > _MEDIAN_SAMPLE:
+        flat = flat[:: -(-flat.numel() // _MEDIAN_SAMPLE)]
+    return float(flat.median())
 
 
 def param_groups(model: nn.Module, lr: float, log_sigma2_lr: float,
@@ -115,8 +145,9 @@ class PretrainedRecipe:
     :class:`sparsevd.target.CompressionTarget` for 4×, train-time clipping with the mask held at
     the target, then a fixed-mask tail; the KL applied by :meth:`optimizer`'s step: 4.01× at
     held-out cosine 0.887 on two seeds, 0.893 with the tail :func:`rewind`-ed to the teacher,
-    against 0.871 with the KL inside Adam's loss at the same settings, and gradual magnitude
-    pruning's 0.912 at 4.00× with its best θ rate, the same 1e-3). ``lr`` 1e-3 was the best of
+    0.898 with ``finetune_lr`` 5e-4, **0.938 with one log σ² for every weight** (``shared_init``;
+    "MiniLM: one log σ² for every weight"), against 0.871 with the KL inside Adam's loss and
+    gradual magnitude pruning's 0.912 at 4.00× with its best θ rate, the same 1e-3). ``lr`` 1e-3 was the best of
     2e-4 / 5e-4 / 1e-3 for sparse VD and of 2e-4 / 5e-4 / 1e-3 / 2e-3 for magnitude pruning. Of
     the other values tried (fourth attempt), ``kl_scale`` 0.01 (log σ² lr 0.04) drowned the
     student in noise and 1e-5 pruned nothing in 600 steps; a log σ² lr of 0.001–0.004 made the
@@ -126,8 +157,13 @@ class PretrainedRecipe:
     Attributes:
         lr: Adam learning rate of θ, biases and the layers left dense (a fine-tuning rate).
         log_sigma2_lr: Adam learning rate of log σ² (its own group, :func:`param_groups`).
-        log_alpha_init: log α of every weight after :func:`sparsevd.convert` with
-            ``init="pretrained"`` (:func:`init_log_sigma2`).
+        log_alpha_init: log α of the median weight after :func:`sparsevd.convert` with
+            ``init="pretrained"`` (of every weight when ``shared_init`` is False;
+            :func:`init_log_sigma2`).
+        shared_init: one log σ² for every weight (the paper's shape, the small weights nearest
+            the threshold: :func:`init_log_sigma2` ``shared=True``), or one log α.
+        finetune_lr: Adam learning rate of the fixed-mask tail (a fresh Adam state; θ, biases,
+            norms), :func:`rewind`-ed to the trained model.
         kl_scale: the KL's weight per training example at the end of the warm-up: the objective
             is ``mean data loss + kl_scale · KL / N`` (N the number of training examples; 1 is
             the paper's SGVLB per example).
@@ -140,9 +176,11 @@ class PretrainedRecipe:
     log_alpha_init: float = -8.0
     kl_scale: float = 3e-3
     warmup_steps: int = 10
+    shared_init: bool = True
+    finetune_lr: float = 5e-4
 
     def __post_init__(self) -> None:
-        for name in ("lr", "log_sigma2_lr"):
+        for name in ("lr", "log_sigma2_lr", "finetune_lr"):
             if check_real(getattr(self, name), name) <= 0:
                 raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
         if check_real(self.log_alpha_init, "log_alpha_init") >= DEFAULT_THRESHOLD:
@@ -151,6 +189,8 @@ class PretrainedRecipe:
             raise ValueError(f"kl_scale: expected ≥ 0, got {self.kl_scale}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: expected an int ≥ 0, got {self.warmup_steps!r}")
+        if not isinstance(self.shared_init, bool):
+            raise TypeError(f"shared_init: expected a bool, got {self.shared_init!r}")
 
     def kl_weight(self, step: int) -> float:
         """The KL's weight per example at optimizer step ``step`` (0-based): ``kl_scale ·

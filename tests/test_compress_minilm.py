@@ -58,7 +58,7 @@ def test_quick_run_writes_rows_and_table(tmp_path):
     out.write_text(json.dumps(saved))
     cm.main(["--readme", str(readme), "--table", str(out)])
     text = readme.read_text()
-    assert "old" not in text and "| sparse_vd | θ lr 0.001, KL's θ pull preconditioned, clipped, held at the target, fixed-mask tail from the target, rewound to the teacher | hidden |" in text \
+    assert "old" not in text and "| sparse_vd | θ lr 0.001, one log σ² init, KL's θ pull preconditioned, clipped, held at the target, fixed-mask tail from the target, rewound to the teacher, tail lr 0.0005 | hidden |" in text \
         and "| magnitude | θ lr 0.001 | hidden |" in text
     saved[1].update(seed=2, prune_frac=0.5)  # settings that differ from the defaults are named
     saved.append(dict(saved[0], superseded="an older version"))  # left out of the table
@@ -140,3 +140,19 @@ def test_train_clip_holds_the_mask_at_the_target(monkeypatch):
     _five_steps("--train-clip", "--target", "1.05")
     (ctl,) = made
     assert ctl.hold_at_target and ctl.holds == 3
+
+
+def test_fixed_mask_tail_trains_at_the_finetune_lr(monkeypatch):
+    """--finetune-lr: from the switch to the fixed mask every group (θ and the rest; log σ² is
+    frozen) trains at that rate, with a fresh Adam state."""
+    made = []
+    optimizer = cm.PretrainedRecipe.optimizer
+
+    def record(self, model):
+        made.append(optimizer(self, model))
+        return made[-1]
+
+    monkeypatch.setattr(cm.PretrainedRecipe, "optimizer", record)
+    _five_steps("--finetune-lr", "3e-4")
+    (opt,) = made
+    assert [g["lr"] for g in opt.param_groups] == [3e-4] * len(opt.param_groups) and len(opt.param_groups) == 2

@@ -50,11 +50,43 @@ def test_converted_eval_output_equals_original(init):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("init,expected", [("pretrained", PretrainedRecipe().log_alpha_init), (-2.5, -2.5)])
-def test_log_alpha_after_init(init, expected):
-    model = sparsevd.convert(tiny_bert(), init=init)
+def test_log_alpha_after_float_init():
+    model = sparsevd.convert(tiny_bert(), init=-2.5)
     la = log_alpha_of(model)
-    torch.testing.assert_close(la, torch.full_like(la, expected), rtol=0, atol=1e-4)
+    torch.testing.assert_close(la, torch.full_like(la, -2.5), rtol=0, atol=1e-4)
+
+
+def test_pretrained_init_is_one_log_sigma2_with_the_median_weight_at_log_alpha0():
+    """init="pretrained": one log σ² for every weight of every layer (capped at log α = 2 for the
+    tiny weights), the median weight at the recipe's log α₀; nothing starts dropped."""
+    dense = tiny_bert()
+    with torch.no_grad():  # some tiny weights, which the shared log σ² alone would drop
+        dense.encoder.layer[0].intermediate.dense.weight[:, :3] = 1e-6
+    model = sparsevd.convert(dense, init="pretrained")
+    layers = [m for m in model.modules() if isinstance(m, LinearSVDO)]
+    log_s2 = torch.cat([m.log_sigma2.detach().flatten() for m in layers])
+    la = log_alpha_of(model)
+    shared = log_s2.max()
+    capped = log_s2 < shared
+    w = torch.cat([m.weight.detach().flatten() for m in layers])
+    assert capped[w.abs() < 1e-5].all() and capped.sum() < 0.02 * log_s2.numel()  # the tiny ones only
+    torch.testing.assert_close(la[capped], torch.full_like(la[capped], 2.0), rtol=0, atol=1e-4)
+    assert la.max() < 3.0 and la.median().item() == pytest.approx(PretrainedRecipe().log_alpha_init, abs=1e-3)
+
+
+def test_shared_init_formula_on_fresh_weights():
+    a, b = LinearSVDO(9, 5), LinearSVDO(4, 6)
+    torch.nn.init.normal_(a.weight, std=0.3)
+    torch.nn.init.normal_(b.weight, std=0.01)
+    with torch.no_grad():
+        b.weight[0, 0] = 0.0
+    model = torch.nn.Sequential(a, b)
+    init_log_sigma2(model, -4.0, shared=True)
+    log_t2 = [torch.log(m.weight.detach().double() ** 2 + 1e-8) for m in (a, b)]
+    c = -4.0 + torch.cat([t.flatten() for t in log_t2]).median()
+    for m, lt in zip((a, b), log_t2):
+        torch.testing.assert_close(m.log_sigma2.detach().double(), torch.clamp(lt + 2.0, max=c), rtol=0, atol=1e-5)
+    assert b.log_alpha[0, 0].item() == pytest.approx(2.0, abs=1e-4)  # θ = 0 starts kept
 
 
 def test_paper_init_is_log_sigma2_minus_10():
@@ -89,6 +121,8 @@ def test_init_log_sigma2_errors():
         init_log_sigma2(torch.nn.Linear(3, 2), -4.0)
     with pytest.raises(TypeError, match="log_alpha_init"):
         init_log_sigma2(LinearSVDO(3, 2), "a")
+    with pytest.raises(TypeError, match="shared"):
+        init_log_sigma2(LinearSVDO(3, 2), -4.0, shared=1)
 
 
 def test_param_groups():
