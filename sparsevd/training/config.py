@@ -9,8 +9,8 @@ from typing import List, Optional, Tuple
 from ..checkpoint import read_config
 from ..nn import DEFAULT_THRESHOLD
 
-__all__ = ["DEFAULT_LR", "LR_DECAYS", "METHODS", "TARGET_LR", "RUNTIME_FIELDS", "UNSAVED_FIELDS", "TrainConfig", "resolve_recipe",
-           "resume_conflicts", "resumed_config", "saved_settings"]
+__all__ = ["DEFAULT_LR", "LR_DECAYS", "METHODS", "RUNTIME_FIELDS", "TARGET_LR", "UNSAVED_FIELDS", "TrainConfig",
+           "resolve_recipe", "resume_conflicts", "resumed_config", "saved_settings"]
 
 METHODS = ("sparse_vd", "dense")
 LR_DECAYS = ("linear", "none")
