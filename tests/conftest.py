@@ -79,8 +79,10 @@ def _one_thread(request):
 
 @pytest.fixture(autouse=True)
 def _fresh_seed():
-    """Fresh random inputs in every test, yet reproducible from the printed seed on failure."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """Fresh random inputs in every test, yet reproducible: the seed is printed (pytest shows it
+    under "Captured stdout setup" of a failure), and SPARSEVD_TEST_SEED=<seed> reruns a test on it."""
+    seed = int(os.environ.get("SPARSEVD_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"torch.manual_seed({seed})")
     torch.manual_seed(seed)
     yield seed
 

@@ -91,7 +91,7 @@ def clip_case(w, ls2, dead_rows=(), dead_cols=()):
     weight there dropped), every other weight log α <= 9, and the threshold is the midpoint of the
     widest gap between neighbouring log α values in the middle of their range, so that about half
     the other weights are dropped and no weight sits within rounding of the threshold (with a single
-    other weight, a threshold 1 above its log α: it is kept)."""
+    other weight, a threshold halfway between its log α and 10: it is kept)."""
     with torch.no_grad():
         # every other weight gets log α <= 9 (a θ within ~1e-3 of 0 may draw more): none of them
         # may look dead, or a case with few live weights could have none
@@ -103,8 +103,8 @@ def clip_case(w, ls2, dead_rows=(), dead_cols=()):
             ls2[:, c] = dead[:, c]
         la = W.log_alpha(w.double(), ls2.double()).flatten()
         la = la[la < 9.5].sort().values
-        if la.numel() == 1:
-            return float(la[0]) + 1.0
+        if la.numel() == 1:  # halfway to the dead weights' 10, not la + 1: la is 9 when capped
+            return (float(la[0]) + 10.0) / 2
         if la.numel() < 2:
             return 0.0
         lo, hi = int(0.3 * (la.numel() - 1)), max(int(0.7 * (la.numel() - 1)), 1)
