@@ -44,7 +44,7 @@ teacher, whole forward at B = 1 and 32 on held-out sentences, one thread, median
 interleaved rounds of the per-round ratio of the calling thread's CPU time), ``steps``,
 ``seconds`` (training wall time).
 
-Usage: python -m examples.compress_minilm [--steps 1000] [--batch 16] [--max-len 32] [--target 4] [--quick]
+Usage: python -m examples.compress_minilm [--steps 3000] [--batch 16] [--max-len 32] [--target 4] [--quick]
        [--loss hidden|embedding] [--finetune-frac 0.25] [--no-train-clip] [--no-tail-at-target]
        [--kl-theta preconditioned|adam] [--ramp geometric|cubic] [--no-rewind] [--lr 1e-3]
        [--methods sparse_vd magnitude] [--out FILE] [--no-save] [--readme README.md --table FILE [FILE ...]]
@@ -494,7 +494,9 @@ def write_readme(readme: Path, table: str) -> None:
 def parse_args(argv):
     d = PretrainedRecipe()
     ap = argparse.ArgumentParser(prog="compress_minilm", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=3000,
+                    help="training steps of each method (3000: sparse VD at 4x reached held-out cosine 0.951 "
+                         "on two seeds, 2000 gave 0.947; 1000 takes a third of the time)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=32)
     ap.add_argument("--max-train", type=int, default=None, help="use at most this many training sentences")
