@@ -315,7 +315,8 @@ def run_sparse_vd(teacher, tok, train, targets, args, recipe: PretrainedRecipe):
     svd_steps = args.steps - int(args.finetune_frac * args.steps)
     ctl = (CompressionTarget(student, args.target, scope="linear", ramp_steps=int(args.ramp_frac * svd_steps),
                              ramp=args.ramp,
-                             measure_every=args.measure_every, hold_at_target=args.train_clip)
+                             measure_every=args.measure_every, hold_at_target=args.train_clip,
+                             anti_windup=args.anti_windup)
            if args.target else None)
     fixed: list = []  # freeze_mask's (layer, mask, floor) in the fixed-mask tail
     tail = [svd_steps]  # the tail's first step (earlier with --tail-at-target)
@@ -428,14 +429,15 @@ def evaluate(method, model, teacher, tok, held, held_targets, args, steps, secs)
                warmup_steps=args.warmup_steps, target=args.target or None, ramp_frac=args.ramp_frac,
                finetune_frac=args.finetune_frac, finetune_lr=args.finetune_lr,
                init_shared=args.init == "pretrained" and PretrainedRecipe().shared_init,
-               ramp=args.ramp, tail_at_target=args.tail_at_target, rewind=args.rewind,
+               ramp=args.ramp, anti_windup=args.anti_windup, tail_at_target=args.tail_at_target, rewind=args.rewind,
                train_clip=args.train_clip, kl_theta=args.kl_theta, quick=bool(args.quick),
                device=(torch.cuda.get_device_name() if torch.cuda.is_available() else
                        f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} CPUs"),
                torch=torch.__version__, date=datetime.date.today().isoformat())
     if method == "magnitude":  # the sparse-VD settings do not apply
         for k in ("init", "log_sigma2_lr", "kl_scale", "warmup_steps", "target", "ramp_frac", "train_clip",
-                  "finetune_frac", "kl_theta", "ramp", "tail_at_target", "rewind", "finetune_lr", "init_shared"):
+                  "finetune_frac", "kl_theta", "ramp", "anti_windup", "tail_at_target", "rewind", "finetune_lr",
+                  "init_shared"):
             row.pop(k)
         row.update(prune_frac=args.prune_frac, prune_every=args.prune_every)
     print(f"{method}: linear {c_lin:.2f}x, model {c_model:.2f}x, cosine {row['fidelity_cosine']:.4f} "
@@ -455,6 +457,7 @@ def settings(r: dict) -> str:
                 "log σ² −10 init" if r.get("init") == "paper" else "one log α init"]
         out += ["KL in the loss" if r.get("kl_theta", "adam") == "adam" else "KL's θ pull preconditioned"]
         out += ["cubic setpoint ramp"] if r.get("ramp") == "cubic" else []
+        out += ["anti-windup"] if r.get("anti_windup") else []
         if r.get("ramp_frac", SCHEDULE_FRAC) != SCHEDULE_FRAC:
             out += [f"ramp over {r['ramp_frac']:g} of the steps"]
         out += ["clipped, held at the target"] if r.get("train_clip") else []
@@ -519,6 +522,9 @@ def parse_args(argv):
     ap.add_argument("--ramp", choices=["geometric", "cubic"], default="geometric",
                     help="the target's setpoint on its ramp (CompressionTarget(ramp=)): cubic in sparsity is "
                          "gradual magnitude pruning's schedule")
+    ap.add_argument("--anti-windup", action=argparse.BooleanOptionalAction, default=True,
+                    help="the target's controller drops an integral that holds β down once the mask falls "
+                         "behind its setpoint (CompressionTarget(anti_windup=))")
     ap.add_argument("--finetune-frac", type=float, default=FINETUNE_FRAC,
                     help="sparse VD: the last fraction of the steps trains the pruned student deterministically "
                          "(mask and log σ² frozen, no noise, no KL)")

@@ -58,7 +58,7 @@ def test_quick_run_writes_rows_and_table(tmp_path):
     out.write_text(json.dumps(saved))
     cm.main(["--readme", str(readme), "--table", str(out)])
     text = readme.read_text()
-    assert "old" not in text and "| sparse_vd | θ lr 0.001, one log σ² init, KL's θ pull preconditioned, clipped, held at the target, fixed-mask tail from the target, rewound to the teacher, tail lr 0.0005 | hidden |" in text \
+    assert "old" not in text and "| sparse_vd | θ lr 0.001, one log σ² init, KL's θ pull preconditioned, anti-windup, clipped, held at the target, fixed-mask tail from the target, rewound to the teacher, tail lr 0.0005 | hidden |" in text \
         and "| magnitude | θ lr 0.001 | hidden |" in text
     saved[1].update(seed=2, prune_frac=0.5)  # settings that differ from the defaults are named
     saved.append(dict(saved[0], superseded="an older version"))  # left out of the table

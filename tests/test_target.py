@@ -130,6 +130,30 @@ def test_the_controller_is_a_pi_law_in_log_space():
     torch.testing.assert_close(crit(logits, y), want, atol=1e-4, rtol=1e-6)
 
 
+def test_anti_windup_drops_an_integral_that_holds_beta_down_once_behind():
+    """A mask ahead of its setpoint winds the integral up (β < 1); once the setpoint overtakes
+    it, the plain PI law keeps β below 1, with ``anti_windup`` the integral restarts from 0
+    (β = exp(−kp·error) > 1) and then integrates the lag as before. Ahead, both are the same."""
+    model = sparsevd.convert(nn.Sequential(nn.Linear(10, 20), nn.Linear(20, 5)))
+    total = 300
+    ahead = [int(torch.randint(90, 100, ()).item()) for _ in range(24)]  # 3.0-3.3x, the ramp 1x..2.8x
+    behind = [int(torch.randint(110, 140, ()).item()) for _ in range(3)]  # 2.1-2.7x, the ramp at 2.8x..3.1x
+    ctls = [CompressionTarget(model, 8.0, ramp_steps=48, kp=0.5, ki=0.2, anti_windup=aw) for aw in (False, True)]
+    for kept in ahead:
+        assert ctls[0].step(kept) == ctls[1].step(kept) < 1.0
+    assert ctls[0].integral == ctls[1].integral > 0
+    plain = integral = ctls[0].integral
+    for kept in behind:
+        error = math.log((total / kept) / ctls[0].setpoint())
+        assert error < 0
+        plain += 0.2 * error
+        integral = min(integral + 0.2 * error, 0.0)
+        b_plain, b_aw = ctls[0].step(kept), ctls[1].step(kept)
+        assert b_plain == pytest.approx(math.exp(-0.5 * error - plain), rel=1e-12)
+        assert b_aw == pytest.approx(math.exp(-0.5 * error - integral), rel=1e-12)
+        assert b_aw > 1.0 > b_plain
+
+
 def test_cubic_ramp_is_gradual_magnitude_prunings_schedule():
     """ramp="cubic": the setpoint's sparsity 1 − 1/c_k is s·(1 − (1 − k/R)³) (Zhu & Gupta 2017,
     eq. 1), s = 1 − 1/target, and the target from step R on."""
