@@ -241,13 +241,15 @@ def test_nonfinite_without_nonzeros():
 
 
 def test_parallel_paths_bounds_and_nonfinite(isa):
-    """Two threads (the OpenMP regions: tile 0 checked, the other tiles after the barrier)."""
+    """Two threads: the OpenMP regions of the SpMV and of the SpMM (batch 40: one tile per thread,
+    80: two own tiles then one shared by both threads), with every column index checked before
+    any tile runs."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         w, cols = structured_weight(512, 700)
         crow, col, val = csr_of(w)
-        for batch in (1, 40):
+        for batch in (1, 40, 80):
             x = inject_nonfinite(torch.randn(batch, 700), cols, "mixed")
             assert_ieee_close(csr_linear(x, crow, col, val), F.linear(x, w), *TOL[torch.float32])
             for j in (0, col.numel() // 2, col.numel() - 1):

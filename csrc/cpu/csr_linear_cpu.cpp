@@ -1,7 +1,8 @@
 // sparsevd::csr_linear on the CPU: y (M, N) = x (M, K) W^T + b, W (N, K) stored as CSR.
 //
 // Two kernels, both parallel with OpenMP (torch's own libgomp, at::get_num_threads() threads) over
-// row ranges balanced by nnz + rows:
+// row ranges balanced by nnz + rows (the SpMM: as many whole batch tiles per thread as divide
+// evenly first, each packed and run by one thread, then the rest over row ranges):
 //
 // * M == 1, SpMV: y[r] = b[r] + sum_{j in row r} v_j x[c_j]. fp32 with AVX2: 8 nonzeros at a time,
 //   column indices widened from 16-bit (uint16, or int16) or int32, x gathered (vgatherdps), two accumulators; the last
@@ -639,12 +640,14 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
   const auto parts = row_parts(crow, N, parallel ? int64_t(nthreads) * 4 : 1);
   const int64_t P = static_cast<int64_t>(parts.size()) - 1;
   const int64_t nchunks = (nnz + kColChunk - 1) / kColChunk;
-  // Rows of part p of tile t.
-  auto run_part = [&](int64_t t, int64_t p) {
+  // Tiles [0, nt_own): one thread each, packed and run by that thread (the tile stays in its own
+  // L2 and no barrier separates tiles); the others shared by all threads (pack, barrier, row parts).
+  const int64_t nt_own = parallel ? nt / nthreads * nthreads : 0;
+  // Rows [r0, r1) of tile t.
+  auto run_rows = [&](int64_t t, int64_t r0, int64_t r1) {
     const T* xpt = xp + t * K * tm;
     T* yt = y + t * tm * N;
     const int64_t mt = std::min<int64_t>(tm, M - t * tm);
-    const int64_t r0 = parts[p], r1 = parts[p + 1];
 #ifdef SPARSEVD_X86
     if constexpr (kSimdTypes) {
       if (simd512 && tm >= 16) {  // U chosen by measurement (benchmarks/NOTES.md, AVX-512 on a Xeon)
@@ -681,11 +684,13 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
 #endif
     pack_block(x, M, K, sxm, sxk, tm, xp, t, kb, f);
   };
-  // One parallel region (one fork/join): check the column indices, then tile by tile pack (barrier)
-  // and run its row parts (skipped after a bad index: the error is raised after the region). A tile
-  // packed just before its rows run is still in L2 (packing all tiles first: 1-4 % slower, NOTES).
-  // The check is one vectorized pass over col before any tile (2 bytes per nonzero streamed once
-  // more); checking inside the tile loops cost more (measured: benchmarks/NOTES.md, "Bounds checks").
+  // One parallel region (one fork/join): check the column indices, then the threads' own tiles
+  // (each packed, then all its rows run), then the shared tiles one by one: pack (barrier) and run
+  // its row parts. Rows are skipped after a bad index (the error is raised after the region). A
+  // tile packed just before its rows run is still in L2 (packing all tiles first: 1-4 % slower);
+  // own tiles: 1.2-1.5x faster on 2 threads than sharing each tile (NOTES, "CSR SpMM against
+  // torch.sparse"). The check is one vectorized pass over col before any tile (2 bytes per nonzero
+  // streamed once more); checking inside the tile loops cost more (NOTES, "Bounds checks").
 #pragma omp parallel num_threads(nthreads) if (parallel)
   {
     const FlushDenormals flush;  // each thread of the region (denormals.h)
@@ -696,13 +701,21 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
         cols_ok.store(false, std::memory_order_relaxed);
       }
     }
-    for (int64_t t = 0; t < nt; ++t) {
+    if (nt_own > 0) {
+#pragma omp barrier
+      // cols_ok: one value for all threads after a barrier (every chunk was checked)
+#pragma omp for schedule(static) nowait
+      for (int64_t t = 0; t < nt_own; ++t) {
+        for (int64_t kb = 0; kb < nkb; ++kb) pack(t, kb);
+        if (cols_ok.load(std::memory_order_relaxed)) run_rows(t, 0, N);
+      }
+    }
+    for (int64_t t = nt_own; t < nt; ++t) {
 #pragma omp for schedule(static)
       for (int64_t kb = 0; kb < nkb; ++kb) pack(t, kb);
-      // cols_ok: one value for all threads after the first barrier (every chunk was checked)
       if (cols_ok.load(std::memory_order_relaxed)) {
 #pragma omp for schedule(dynamic, 1) nowait
-        for (int64_t p = 0; p < P; ++p) run_part(t, p);
+        for (int64_t p = 0; p < P; ++p) run_rows(t, parts[p], parts[p + 1]);
       }
     }
   }
