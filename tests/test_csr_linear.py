@@ -240,16 +240,18 @@ def test_nonfinite_without_nonzeros():
     assert_ieee_close(torch.ops.sparsevd.csr_linear(x[1], crow, col, val, b), expected[1], 0, 0)
 
 
-def test_parallel_paths_bounds_and_nonfinite(isa):
-    """Two threads: the OpenMP regions of the SpMV and of the SpMM (batch 40: one tile per thread,
-    80: two own tiles then one shared by both threads), with every column index checked before
-    any tile runs."""
+@pytest.mark.parametrize("nthreads", [1, 2, 3])
+def test_parallel_paths_bounds_and_nonfinite(isa, nthreads):
+    """The OpenMP regions of the SpMV and of the SpMM, with every column index checked before any
+    tile runs. Batches of 1 to 5 tiles of 32: on one thread the tiles reuse one buffer; on two,
+    batch 40 is one own tile per thread, 80 two own tiles then one shared; on three, 160 is three
+    own tiles then two shared, packed into two alternating buffers."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(nthreads)
     try:
         w, cols = structured_weight(512, 700)
         crow, col, val = csr_of(w)
-        for batch in (1, 40, 80):
+        for batch in (1, 40, 80, 160):
             x = inject_nonfinite(torch.randn(batch, 700), cols, "mixed")
             assert_ieee_close(csr_linear(x, crow, col, val), F.linear(x, w), *TOL[torch.float32])
             for j in (0, col.numel() // 2, col.numel() - 1):

@@ -9,8 +9,9 @@
 //   < 8 nonzeros of a row as one masked step (not one scalar step each: 4-20 % faster at 90-99 %).
 // * M > 1, tiled SpMM: x is packed, transposed, into tiles xp[t] of shape (K, TM), TM batch rows per
 //   tile (zero padded; TM = 8 or 16 for M <= 8 or 16, else 32, or 16 when a (K, 32) tile would
-//   fill more than half of L2). Tile by tile (each packed just before it is used, so it is in L2),
-//   for every row r of W, acc[TM] = sum_j v_j xp[t][c_j, :]: each nonzero is one broadcast and
+//   fill more than half of L2). Tile by tile (each packed just before it is used, so it is in L2,
+//   into a buffer the previous tile of the same thread used, so over lines still in L2), for
+//   every row r of W, acc[TM] = sum_j v_j xp[t][c_j, :]: each nonzero is one broadcast and
 //   TM/8 (AVX2) or TM/16 (AVX-512) contiguous fused multiply-adds over the batch (an axpy), with
 //   the accumulators in registers (U nonzeros in flight for independent FMA chains). Results of 16
 //   rows are staged in a small buffer and written to y transposed, 16 contiguous outputs per batch
@@ -514,14 +515,12 @@ __attribute__((always_inline)) inline void transpose_tile(__m512 r[16]) {
 #endif  // SPARSEVD_X86
 
 // ------------------------------------------------------------------------------------ drivers
-// xp[t][k][i] = x[t*TM + i, k] (zero for t*TM + i >= M) for k in K-block kb of tile t; xp holds
-// ceil(M/TM) tiles of (K, TM). flags[g]: bit q set when batch row t*tm + 8g + q has a non-finite
-// value in the block.
+// dst[k][i] = x[t*TM + i, k] (zero for t*TM + i >= M) for k in K-block kb of tile t, dst a (K, TM)
+// tile buffer. flags[g]: bit q set when batch row t*tm + 8g + q has a non-finite value in the block.
 template <typename T>
-void pack_block(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sxk, int tm, T* xp, int64_t t,
+void pack_block(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sxk, int tm, T* dst, int64_t t,
                 int64_t kb, unsigned* flags) {
   const int64_t k0 = kb * kPackBlock, k1 = std::min(K, k0 + kPackBlock);
-  T* dst = xp + t * K * tm;
   for (int g = 0; g < tm / 8; ++g) flags[g] = 0;
   for (int i = 0; i < tm; ++i) {
     const int64_t m = t * tm + i;
@@ -631,8 +630,22 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
 
   const int tm = choose_tile(M, K, static_cast<int64_t>(sizeof(T)), simd);
   const int64_t nt = (M + tm - 1) / tm;
-  at::Tensor xp_t = at::empty({nt * K * tm}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  T* xp = xp_t.data_ptr<T>();
+  // Tiles [0, nt_own): one thread each, packed and run by that thread (the tile stays in its own
+  // L2 and no barrier separates tiles); the others shared by all threads (pack, barrier, row parts).
+  const int64_t nt_own = parallel ? nt / nthreads * nthreads : 0;
+  // Tile buffers, reused tile after tile so that a tile is packed over lines the previous one left
+  // in L2 (a buffer per tile: 4 % slower at M = 64, NOTES): one per thread for its own tiles (its
+  // tiles are consecutive under schedule(static)); for the shared tiles one, two on several threads
+  // (tile t + 1 is packed while the rows of tile t may still run; the barrier after its packing
+  // ends every run of tile t - 1, which used the same buffer).
+  const int64_t own_bufs = nt_own > 0 ? nthreads : 0;
+  const int64_t shared_bufs = std::min<int64_t>(nt - nt_own, parallel ? 2 : 1);
+  at::Tensor xp_t = at::empty({(own_bufs + shared_bufs) * K * tm},
+                              at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  auto tile_buf = [&, xp = xp_t.data_ptr<T>()](int64_t t) {
+    const int64_t b = t < nt_own ? t / (nt_own / nthreads) : own_bufs + (t - nt_own) % shared_bufs;
+    return xp + b * K * tm;
+  };
   const int64_t nkb = (K + kPackBlock - 1) / kPackBlock;
   const int groups = tm / 8;  // groups of 8 batch rows per tile
   // flags[(t * nkb + kb) * groups + g]: non-finite bits of rows t*tm + 8g .. +8 in K-block kb
@@ -640,12 +653,9 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
   const auto parts = row_parts(crow, N, parallel ? int64_t(nthreads) * 4 : 1);
   const int64_t P = static_cast<int64_t>(parts.size()) - 1;
   const int64_t nchunks = (nnz + kColChunk - 1) / kColChunk;
-  // Tiles [0, nt_own): one thread each, packed and run by that thread (the tile stays in its own
-  // L2 and no barrier separates tiles); the others shared by all threads (pack, barrier, row parts).
-  const int64_t nt_own = parallel ? nt / nthreads * nthreads : 0;
   // Rows [r0, r1) of tile t.
   auto run_rows = [&](int64_t t, int64_t r0, int64_t r1) {
-    const T* xpt = xp + t * K * tm;
+    const T* xpt = tile_buf(t);
     T* yt = y + t * tm * N;
     const int64_t mt = std::min<int64_t>(tm, M - t * tm);
 #ifdef SPARSEVD_X86
@@ -678,11 +688,11 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
     unsigned* f = flags.data() + (t * nkb + kb) * groups;
 #ifdef SPARSEVD_X86
     if constexpr (kSimdTypes) {
-      if (simd512 && tm % 16 == 0 && sxk == 1) return avx512::pack_tile_block(x, M, K, sxm, tm, xp, t, kb, f);
-      if (simd && sxk == 1) return avx2::pack_tile_block(x, M, K, sxm, tm, xp, t, kb, f);
+      if (simd512 && tm % 16 == 0 && sxk == 1) return avx512::pack_tile_block(x, M, K, sxm, tm, tile_buf(t), t, kb, f);
+      if (simd && sxk == 1) return avx2::pack_tile_block(x, M, K, sxm, tm, tile_buf(t), t, kb, f);
     }
 #endif
-    pack_block(x, M, K, sxm, sxk, tm, xp, t, kb, f);
+    pack_block(x, M, K, sxm, sxk, tm, tile_buf(t), t, kb, f);
   };
   // One parallel region (one fork/join): check the column indices, then the threads' own tiles
   // (each packed, then all its rows run), then the shared tiles one by one: pack (barrier) and run

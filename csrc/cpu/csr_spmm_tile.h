@@ -7,11 +7,10 @@
 // One block of pack_block for fp32 rows with unit stride (tm a multiple of V::W): W x W blocks
 // transposed in registers; the same flags (bit q of flags[g]: batch row t*tm + 8g + q has a
 // non-finite value in the block).
-inline void pack_tile_block(const float* x, int64_t M, int64_t K, int64_t sxm, int tm, float* xp, int64_t t,
+inline void pack_tile_block(const float* x, int64_t M, int64_t K, int64_t sxm, int tm, float* dst, int64_t t,
                             int64_t kb, unsigned* flags) {
   constexpr int W = V::W;
   const int64_t k0 = kb * kPackBlock, k1 = std::min(K, k0 + kPackBlock);
-  float* dst = xp + t * K * tm;
   for (int i0 = 0; i0 < tm; i0 += W) {
     const float* src[W];
     bool full = true;
