@@ -686,13 +686,14 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
   // K-block kb of tile t.
   auto pack = [&](int64_t t, int64_t kb) {
     unsigned* f = flags.data() + (t * nkb + kb) * groups;
+    T* dst = tile_buf(t);
 #ifdef SPARSEVD_X86
     if constexpr (kSimdTypes) {
-      if (simd512 && tm % 16 == 0 && sxk == 1) return avx512::pack_tile_block(x, M, K, sxm, tm, tile_buf(t), t, kb, f);
-      if (simd && sxk == 1) return avx2::pack_tile_block(x, M, K, sxm, tm, tile_buf(t), t, kb, f);
+      if (simd512 && tm % 16 == 0 && sxk == 1) return avx512::pack_tile_block(x, M, K, sxm, tm, dst, t, kb, f);
+      if (simd && sxk == 1) return avx2::pack_tile_block(x, M, K, sxm, tm, dst, t, kb, f);
     }
 #endif
-    pack_block(x, M, K, sxm, sxk, tm, tile_buf(t), t, kb, f);
+    pack_block(x, M, K, sxm, sxk, tm, dst, t, kb, f);
   };
   // One parallel region (one fork/join): check the column indices, then the threads' own tiles
   // (each packed, then all its rows run), then the shared tiles one by one: pack (barrier) and run
