@@ -724,6 +724,7 @@ void csr_linear_kernel(const T* x, int64_t M, int64_t K, int64_t sxm, int64_t sx
     for (int64_t t = nt_own; t < nt; ++t) {
 #pragma omp for schedule(static)
       for (int64_t kb = 0; kb < nkb; ++kb) pack(t, kb);
+      // cols_ok is final here (the barrier after the packing, or the one before the own tiles)
       if (cols_ok.load(std::memory_order_relaxed)) {
 #pragma omp for schedule(dynamic, 1) nowait
         for (int64_t p = 0; p < P; ++p) run_rows(t, parts[p], parts[p + 1]);
