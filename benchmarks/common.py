@@ -76,7 +76,9 @@ def parse_args(ap: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> ar
 def environment(device: str) -> Dict[str, object]:
     """The fields every row carries: device, torch, triton, commit, threads and, on a CPU, the
     vector ISA torch dispatches to (``cpu_capability``: "AVX2", "AVX512", ...; the CPU model
-    alone, e.g. "AMD EPYC", does not say it)."""
+    alone, e.g. "AMD EPYC", does not say it), the kernel set sparsevd's CPU kernels run
+    (``sparsevd_isa``) and, when set, ``MKL_ENABLE_INSTRUCTIONS`` (the ISA MKL, and so
+    torch.sparse, may use)."""
     try:
         import triton
 
@@ -89,8 +91,20 @@ def environment(device: str) -> Dict[str, object]:
         "triton": triton_version,
         "commit": git_commit() or "unknown",
         "threads": torch.get_num_threads(),
-        **({} if device.startswith("cuda") else {"cpu_capability": torch.backends.cpu.get_cpu_capability()}),
+        **({} if device.startswith("cuda") else cpu_isas()),
     }
+
+
+def cpu_isas() -> Dict[str, object]:
+    """The vector ISAs that torch, sparsevd's kernels and (when restricted) MKL run on this CPU."""
+    from sparsevd.ops.library import cpu_isa, has_op
+
+    isas: Dict[str, object] = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if has_op("native_isa"):
+        isas["sparsevd_isa"] = cpu_isa()
+    if os.environ.get("MKL_ENABLE_INSTRUCTIONS"):
+        isas["mkl_instructions"] = os.environ["MKL_ENABLE_INSTRUCTIONS"]
+    return isas
 
 
 def time_gpu(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> List[float]:
