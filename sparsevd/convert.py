@@ -15,6 +15,7 @@ import dataclasses
 import fnmatch
 import math
 import numbers
+import warnings
 from typing import Callable, Iterable, List, Optional, Union
 
 import torch
@@ -60,6 +61,12 @@ def _is_hf_conv1d(m: nn.Module) -> bool:
 
 def _convertible(m: nn.Module) -> bool:
     return type(m) in CONVERTIBLE or _is_hf_conv1d(m)
+
+
+def _is_quantized(m: nn.Module) -> bool:
+    """A module of torch's quantization (``torch.ao.nn.quantized``, dynamic or static, and its
+    fused forms): int8 weights in packed params, no float weight to convert."""
+    return type(m).__module__.startswith(("torch.ao.nn.quantized.", "torch.ao.nn.intrinsic.quantized."))
 
 
 #: Why a module with parameters is left dense, by type (for the conversion report).
@@ -179,6 +186,10 @@ def plan_conversion(model: nn.Module, include: NameFilter = None,
             else:
                 report.append(ConversionEntry(name, kind, "dense", "none of its projections "
                               f"({', '.join(_MHA_PROJECTIONS)}) is included"))
+        elif _is_quantized(m):
+            report.append(ConversionEntry(name, kind, "dense", "a quantized module (torch.ao."
+                          "quantization): its weight is packed int8; convert the float model"))
+            skip_under.append(name)
         elif any(True for _ in m.parameters(recurse=False)):
             report.append(ConversionEntry(name, kind, "dense", _dense_reason(m)))
             skip_under.append(name)
@@ -296,12 +307,20 @@ def convert(
             invalid ``threshold``.
         TypeError: ``train_clip`` is not a bool; ``init`` neither a string nor a real number.
         ValueError: ``init`` an unknown string, or a log α not below ``threshold``.
+        ValueError: ``include`` patterns (not a predicate) that match none of the model's
+            convertible layers.
+
+    Warns:
+        UserWarning: nothing was converted and the model has no sparse-VD layer (e.g. every
+            layer excluded, or a model quantized with torch.ao.quantization: convert the float
+            model).
     """
     threshold = check_threshold(threshold)
     if not isinstance(train_clip, bool):
         raise TypeError(f"train_clip: expected a bool, got {train_clip!r}")
     log_alpha0 = _init_log_alpha(init, threshold)
     out = _convert(model, include, threshold, exclude, train_clip)
+    _check_converted(out[1], out[0], include)
     if log_alpha0 is not None and _has_svdo(out[0]):
         shared = init == "pretrained" and PretrainedRecipe().shared_init
         init_log_sigma2(out[0], log_alpha0, shared=shared)
@@ -322,6 +341,23 @@ def _init_log_alpha(init, threshold: float) -> Optional[float]:
     if not math.isfinite(init) or init >= threshold:
         raise ValueError(f"init: a log α must be finite and below the threshold {threshold}, got {init}")
     return float(init)
+
+
+def _check_converted(report: ConversionReport, model: nn.Module, include: NameFilter) -> None:
+    """Say when ``convert`` left the model without a sparse-VD layer: an error when ``include``
+    patterns matched none of its layers (a typo trains a dense model), a warning otherwise."""
+    if report.converted() or _has_svdo(model):
+        return
+    unmatched = [e.name for e in report if e.reason == "not matched by include"]
+    if unmatched and not callable(include):
+        raise ValueError(f"include: {include!r} matches none of the model's convertible layers "
+                         f"(names as in named_modules(), e.g. {', '.join(map(repr, unmatched[:3]))})")
+    why = "; ".join(f"{e.name or '<model>'}: {e.reason}" for e in report.dense()[:3])
+    warnings.warn("convert: no layer of the model was converted, it has no sparse-VD layer"
+                  + (f" ({why}{'; ...' if len(report.dense()) > 3 else ''})" if why else
+                     " (no nn.Linear, nn.Conv2d, nn.Conv1d, transformers Conv1D or "
+                     "nn.MultiheadAttention)")
+                  + "; plan_conversion(model) lists every module left dense and why", stacklevel=3)
 
 
 def _has_svdo(model: nn.Module) -> bool:

@@ -268,6 +268,39 @@ def test_convert_include_filter_and_kinds():
     assert isinstance(sparsevd.convert(nn.Conv2d(3, 2, 1)), Conv2dSVDO)
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+def test_convert_says_when_nothing_was_converted():
+    """A typo in include is an error; a model left without a sparse-VD layer (everything
+    excluded, a model quantized by torch.ao.quantization, no layer at all) is a warning that
+    names why; a model already converted, or partly included, is neither."""
+    def make():
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    with pytest.raises(ValueError, match=r"^include: 'blocks\.\*' matches none .* e\.g\. '0', '2'"):
+        sparsevd.convert(make(), include="blocks.*")
+    with pytest.warns(UserWarning, match=r"no layer .* \(0: matched by exclude; 2: matched by exclude\)"):
+        sparsevd.convert(make(), exclude="*")
+    with pytest.warns(UserWarning, match=r"0: not matched by include"):
+        sparsevd.convert(make(), include=lambda name: False)
+    with pytest.warns(UserWarning, match=r"no nn\.Linear, nn\.Conv2d"):
+        sparsevd.convert(nn.Sequential(nn.ReLU()))
+
+    quantized = make()
+    quantized[0] = torch.ao.nn.quantized.dynamic.Linear(4, 8)
+    quantized[2] = torch.ao.nn.quantized.dynamic.Linear(8, 2)
+    report = {e.name: e.reason for e in sparsevd.plan_conversion(quantized).dense()}
+    assert set(report) == {"0", "2"} and "quantized module" in report["0"]
+    with pytest.warns(UserWarning, match=r"0: a quantized module .*convert the float model"):
+        sparsevd.convert(quantized)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = sparsevd.convert(make(), include=["2", "encoder.*"])
+        assert isinstance(converted[2], LinearSVDO) and type(converted[0]) is nn.Linear
+        sparsevd.convert(converted, include="blocks.*")  # already sparse VD: nothing to say
+
 def test_convert_keeps_mode_dtype_and_rejects_unsupported_padding():
     model = nn.Sequential(nn.Linear(3, 2)).double().eval()
     out = sparsevd.convert(model)
