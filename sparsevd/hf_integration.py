@@ -229,8 +229,9 @@ def _rebuild_deployed(model: nn.Module, name: str, rec: dict) -> nn.Module:
     if rec["layer"] == "SparseLinear":
         new = SparseLinear.from_dense(w.reshape(w.shape[0], -1), b, **kwargs)
     elif rec["layer"] == "SparseConv1d":
-        new = SparseConv1d.from_dense(w.reshape(w.shape[0], w.shape[1], -1), b, rec["stride"][1],
-                                      rec["padding"][1], rec["dilation"][1], rec["groups"], **kwargs)
+        # the last of each: earlier files recorded SparseConv1d's 2-D pairs, (1, s) etc.
+        new = SparseConv1d.from_dense(w.reshape(w.shape[0], w.shape[1], -1), b, rec["stride"][-1],
+                                      rec["padding"][-1], rec["dilation"][-1], rec["groups"], **kwargs)
     else:
         new = SparseConv2d.from_dense(w, b, tuple(rec["stride"]), tuple(rec["padding"]),
                                       tuple(rec["dilation"]), rec["groups"], **kwargs)

@@ -140,11 +140,7 @@ def _describe(m: nn.Module, prefix: str, tensors: Dict[str, Tensor]) -> dict:
             spec["threads"] = m.plan_threads
         if isinstance(m, SparseLinear):
             spec.update(in_features=m.in_features, out_features=m.out_features)
-        elif isinstance(m, SparseConv1d):  # the 1-D arguments (the second of each stored pair)
-            spec.update(in_channels=m.in_channels, out_channels=m.out_channels,
-                        kernel_size=[m.kernel_size[1]], stride=[m.stride[1]],
-                        padding=[m.padding[1]], dilation=[m.dilation[1]], groups=m.groups)
-        else:
+        else:  # SparseConv2d's pairs, SparseConv1d's 1-tuples
             spec.update(in_channels=m.in_channels, out_channels=m.out_channels,
                         kernel_size=list(m.kernel_size), stride=list(m.stride),
                         padding=list(m.padding), dilation=list(m.dilation), groups=m.groups)

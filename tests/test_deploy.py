@@ -233,6 +233,11 @@ def test_conv1d_model_deploys(cost_model, tmp_path):
     dep = sparsevd.deploy(model, cost_model=cost_model, example_input=torch.randn(2, 3, 17))
     assert [type(m) for m in dep if not isinstance(m, (nn.ReLU, nn.Flatten))] == [
         SparseConv1d, SparseConv1d, SparseLinear]
+    # nn.Conv1d's attributes (1-tuples), read-only
+    assert [(m.kernel_size, m.stride, m.padding, m.dilation) for m in (dep[0], dep[2])] == [
+        ((5,), (1,), (2,), (1,)), ((3,), (2,), (0,), (2,))]
+    with pytest.raises(AttributeError):
+        dep[2].stride = (1,)
     twin = dense_twin(model)
     assert isinstance(twin[0], nn.Conv1d)
     for b in (1, 5, 33):

@@ -150,6 +150,34 @@ def test_gpt2_conv1d_and_tied_head_round_trip(tmp_path):
     _same_state(loaded, deployed)
 
 
+def test_whisper_conv1d_attributes_and_round_trip(tmp_path):
+    """Whisper's encoder reads conv1.stride[0] * conv2.stride[0] to check the mel length: the
+    deployed SparseConv1d layers have nn.Conv1d's 1-tuple attributes, run, and round-trip."""
+    from sparsevd.nn import SparseConv1d
+
+    cfg = transformers.WhisperConfig(
+        vocab_size=60, num_mel_bins=8, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24,
+        max_source_positions=12, max_target_positions=12, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=3, suppress_tokens=None, begin_suppress_tokens=None)
+    model = prune(sparsevd.convert(transformers.WhisperForConditionalGeneration(cfg)).eval())
+    feats, dec = torch.randn(2, 8, 24), torch.randint(3, 60, (2, 5))
+    with torch.no_grad():
+        expected = model(input_features=feats, decoder_input_ids=dec).logits
+    deployed = sparsevd.deploy(model, cost_model="csr")
+    conv2 = deployed.model.encoder.conv2
+    assert isinstance(conv2, SparseConv1d) and conv2.storage == "csr"
+    assert (conv2.kernel_size, conv2.stride, conv2.padding, conv2.dilation) == ((3,), (2,), (1,), (1,))
+    deployed.save_pretrained(tmp_path / "hf")
+    hf.save_pretrained(deployed, tmp_path / "compact")
+    for m in (deployed, transformers.WhisperForConditionalGeneration.from_pretrained(tmp_path / "hf"),
+              hf.from_pretrained(tmp_path / "compact")):
+        assert m.model.encoder.conv2.stride == (2,)
+        with torch.no_grad():
+            torch.testing.assert_close(m(input_features=feats, decoder_input_ids=dec).logits, expected,
+                                       rtol=1e-5, atol=1e-5)
+
+
 def _resnet(exclude=None):
     cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                     num_channels=3, num_labels=4)

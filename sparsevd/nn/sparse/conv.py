@@ -72,22 +72,41 @@ class SparseConv2d(_SparseBase):
         super().__init__()
         check_groups(in_channels, out_channels, groups)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = as_pair(kernel_size, "kernel_size", 1)
-        self.stride, self.padding = as_pair(stride, "stride", 1), as_pair(padding, "padding", 0)
-        self.dilation, self.groups = as_pair(dilation, "dilation", 1), int(groups)
+        # the 2-D geometry the products run with; kernel_size, stride, padding, dilation read it
+        self._geometry = (as_pair(kernel_size, "kernel_size", 1), as_pair(stride, "stride", 1),
+                          as_pair(padding, "padding", 0), as_pair(dilation, "dilation", 1))
+        self.groups = int(groups)
         if isinstance(crow_indices, Tensor) and crow_indices.numel() != out_channels + 1:
             raise ValueError(
                 f"crow_indices: expected out_channels + 1 = {out_channels + 1} entries, got "
                 f"{crow_indices.numel()}"
             )
-        cols = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
+        kh, kw = self._geometry[0]
+        cols = in_channels // groups * kh * kw
         if plan is None and (self.groups != 1 or weight is not None):
             plan = "dense"
         self._init_storage(crow_indices, col_indices, values, weight, bias, self.out_channels, cols,
                            dense_shape or self._weight_shape(), num_weights, plan, check)
 
+    # nn.Conv2d's attributes (read-only: the stored weight and plans were made for them)
+    @property
+    def kernel_size(self) -> Tuple[int, ...]:
+        return self._geometry[0]
+
+    @property
+    def stride(self) -> Tuple[int, ...]:
+        return self._geometry[1]
+
+    @property
+    def padding(self) -> Tuple[int, ...]:
+        return self._geometry[2]
+
+    @property
+    def dilation(self) -> Tuple[int, ...]:
+        return self._geometry[3]
+
     def _weight_shape(self) -> Tuple[int, ...]:
-        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        return (self.out_channels, self.in_channels // self.groups, *self._geometry[0])
 
     @classmethod
     def from_dense(cls, weight: Tensor, bias: Optional[Tensor] = None, stride: IntOrPair = 1,
@@ -117,8 +136,7 @@ class SparseConv2d(_SparseBase):
     def _fast_args(self):
         if self.plan != ((None, "dense"),):
             return None
-        return (self._w_dense, self._buffers["bias"], self.stride, self.padding, self.dilation,
-                self.groups)
+        return (self._w_dense, self._buffers["bias"], *self._geometry[1:], self.groups)
 
     def _check_input(self, x: Tensor) -> None:
         """Shape and dtype of x (O(1)); validates the buffers again when they changed.
@@ -158,19 +176,17 @@ class SparseConv2d(_SparseBase):
             self._reject_meta(mode)
         if mode == "csr" and torch.onnx.is_in_onnx_export():  # standard ONNX ops: a dense conv
             y = F.conv2d(x, self._traced_dense_weight().view(self._weight_shape()), self.bias,
-                         self.stride, self.padding, self.dilation, self.groups)
+                         *self._geometry[1:], self.groups)
         elif mode == "csr":
             n, _, h, w = x.shape
-            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
-                                                      self.dilation)
+            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self._geometry
             ho = conv_out_size(h, kh, sh, ph, dh)
             wo = conv_out_size(w, kw, sw, pw, dw)
-            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+            cols = F.unfold(x, (kh, kw), (dh, dw), (ph, pw), (sh, sw))
             y = self._run_csr(cols.transpose(1, 2))  # (N, L, out_channels)
             y = y.transpose(1, 2).reshape(n, self.out_channels, ho, wo)
         else:
-            y = F.conv2d(x, self._w_dense, self.bias, self.stride, self.padding, self.dilation,
-                         self.groups)
+            y = F.conv2d(x, self._w_dense, self.bias, *self._geometry[1:], self.groups)
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
@@ -186,9 +202,10 @@ class SparseConv1d(SparseConv2d):
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups: as nn.Conv1d
-            (ints, or sequences of one int; zero padding, symmetric); stored as the 2-D pairs
-            (1, k), (1, s), (0, p), (1, d) of the equivalent SparseConv2d (``kernel_size`` etc.
-            are those pairs).
+            (ints, or sequences of one int; zero padding, symmetric); the attributes
+            ``kernel_size``, ``stride``, ``padding``, ``dilation`` are nn.Conv1d's 1-tuples (k,),
+            (s,), (p,), (d,) (what models such as Whisper read); the products run the
+            equivalent SparseConv2d's pairs (1, k), (1, s), (0, p), (1, d).
         crow_indices, col_indices, values, bias, dense_shape, num_weights, plan, check: as
             :class:`SparseConv2d`; the CSR matrix is (out_channels, in_channels/groups · k).
         weight: the zero-filled dense weight (out_channels, in_channels/groups, k), stored as
@@ -242,9 +259,19 @@ class SparseConv1d(SparseConv2d):
             )
         return super().forward(x.unsqueeze(-2)).squeeze(-2)
 
-    def extra_repr(self) -> str:
-        plan = ", ".join(f"{'≤' + str(b) if b is not None else 'else'}:{m}" for b, m in self.plan)
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size=({self.kernel_size[1]},), "
-                f"stride=({self.stride[1]},), padding=({self.padding[1]},), "
-                f"dilation=({self.dilation[1]},), groups={self.groups}, nnz={self.num_nonzero}, "
-                f"dense_shape={self.dense_shape}, bias={self.bias is not None}, plan=[{plan}]")
+    # nn.Conv1d's attributes: the second of each 2-D pair
+    @property
+    def kernel_size(self) -> Tuple[int]:
+        return (self._geometry[0][1],)
+
+    @property
+    def stride(self) -> Tuple[int]:
+        return (self._geometry[1][1],)
+
+    @property
+    def padding(self) -> Tuple[int]:
+        return (self._geometry[2][1],)
+
+    @property
+    def dilation(self) -> Tuple[int]:
+        return (self._geometry[3][1],)
