@@ -118,7 +118,8 @@ def _dense_reason(m: nn.Module) -> str:
     if isinstance(m, CONVERTIBLE):
         base = next(t for t in CONVERTIBLE if isinstance(m, t))
         return f"a subclass of nn.{base.__name__} (its forward may differ): left as it is"
-    return "no sparse-VD twin of this module type"
+    own = ", ".join(n for n, _ in m.named_parameters(recurse=False))
+    return f"no sparse-VD twin of this module type: its own parameters ({own}) stay dense"
 
 
 def _unsupported(m: nn.Module) -> Optional[str]:
@@ -147,8 +148,9 @@ def plan_conversion(model: nn.Module, include: NameFilter = None,
         ``<name>.q_proj``, ``.k_proj``, ``.v_proj``, ``.out_proj`` as layers of their own; "dense"
         when include / exclude keep all four dense), every sparse-VD layer already there, and
         every other module holding parameters of its own ("dense", with the reason: an
-        embedding, a normalization, ...). Parameters inside a module left dense are not listed
-        separately.
+        embedding, a normalization, ...; the layers inside it are listed on their own, e.g.
+        the patch-embedding convolution of a ViT's embeddings module, which also holds the
+        position embeddings). A quantized module (torch.ao) is "dense" with what is inside it.
     """
     keep = _name_filter(include, True)
     drop = _name_filter(exclude, False)
@@ -190,9 +192,8 @@ def plan_conversion(model: nn.Module, include: NameFilter = None,
             report.append(ConversionEntry(name, kind, "dense", "a quantized module (torch.ao."
                           "quantization): its weight is packed int8; convert the float model"))
             skip_under.append(name)
-        elif any(True for _ in m.parameters(recurse=False)):
+        elif any(True for _ in m.parameters(recurse=False)):  # its own; its submodules follow
             report.append(ConversionEntry(name, kind, "dense", _dense_reason(m)))
-            skip_under.append(name)
     return report
 
 

@@ -132,8 +132,9 @@ def _describe(m: nn.Module, prefix: str, tensors: Dict[str, Tensor]) -> dict:
         return {"type": "Sequential",
                 "children": [[n, _describe(c, _key(prefix, n), tensors)] for n, c in m.named_children()]}
     if type(m) in (SparseLinear, SparseConv2d, SparseConv1d):
-        for name in ("crow_indices", "col_indices", "values", "weight", "bias"):  # CSR or dense
-            put(name, getattr(m, name))
+        stored = dict(m.named_buffers(recurse=False))  # CSR or dense (not the weight property)
+        for name in ("crow_indices", "col_indices", "values", "weight", "bias"):
+            put(name, stored.get(name))
         spec = {"type": kind, "dense_shape": list(m.dense_shape), "num_weights": m.num_weights,
                 "plan": _plan_json(m), "bias": m.bias is not None}
         if m.plan_threads is not None:

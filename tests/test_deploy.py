@@ -324,7 +324,7 @@ def test_deployed_layers_are_never_bigger_than_dense(sparsity, cost_model, dtype
     assert len(layers) == 3
     for m in layers:
         assert len(m.plan) == 1 and m.storage == ("csr" if m.plan[0][1] == "csr" else "dense")
-        assert (m.weight is None) == (m.values is not None)
+        assert (m._buffers["weight"] is None) == (m.values is not None)
         assert m.nbytes() <= _dense_layer_bytes(m), (m, m.nbytes())
     if sparsity == 0.1:
         assert all(m.storage == "dense" for m in layers)  # CSR would take 5.4 bytes per weight

@@ -178,6 +178,31 @@ def test_whisper_conv1d_attributes_and_round_trip(tmp_path):
                                        rtol=1e-5, atol=1e-5)
 
 
+def test_vit_patch_convolution_converts_deploys_and_round_trips(tmp_path):
+    """ViT's patch convolution sits in a module with parameters of its own (the position
+    embeddings): it converts; deployed as CSR it still answers ViTModel's read of
+    projection.weight.dtype; the model round-trips."""
+    from sparsevd.nn import SparseConv2d
+
+    cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=16,
+                                 intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                 num_labels=3)
+    report = {e.name: e for e in sparsevd.plan_conversion(transformers.ViTForImageClassification(cfg))}
+    assert report["vit.embeddings.patch_embeddings.projection"].action == "convert"
+    assert "cls_token, position_embeddings" in report["vit.embeddings"].reason
+    model = prune(sparsevd.convert(transformers.ViTForImageClassification(cfg)).eval())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x).logits
+    deployed = sparsevd.deploy(model, x, cost_model="csr")
+    proj = deployed.vit.embeddings.patch_embeddings.projection
+    assert isinstance(proj, SparseConv2d) and proj.storage == "csr" and proj.weight.dtype == x.dtype
+    deployed.save_pretrained(tmp_path / "hf")
+    for m in (deployed, transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf")):
+        with torch.no_grad():
+            torch.testing.assert_close(m(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def _resnet(exclude=None):
     cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                     num_channels=3, num_labels=4)

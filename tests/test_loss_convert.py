@@ -268,6 +268,29 @@ def test_convert_include_filter_and_kinds():
     assert isinstance(sparsevd.convert(nn.Conv2d(3, 2, 1)), Conv2dSVDO)
 
 
+def test_convert_reaches_layers_inside_modules_with_parameters():
+    """A module holding parameters of its own (position embeddings beside a projection) is
+    listed dense with them named, and the layers inside it convert."""
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(4))
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x) + self.pos
+
+    model = nn.Sequential(Embed(), nn.Linear(4, 2))
+    report = {e.name: e for e in sparsevd.plan_conversion(model)}
+    assert report["0"].action == "dense" and "(pos)" in report["0"].reason
+    assert report["0.proj"].action == "convert"
+    x = torch.randn(3, 4)
+    expected = model(x)
+    sparsevd.convert(model).eval()
+    assert isinstance(model[0].proj, LinearSVDO)
+    torch.testing.assert_close(model(x), expected)
+
+
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
 def test_convert_says_when_nothing_was_converted():
     """A typo in include is an error; a model left without a sparse-VD layer (everything

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import assert_ieee_close
 from sample_inputs import NONFINITE, inject_nonfinite, structured_weight
 
-from sparsevd.nn import SparseConv2d, SparseLinear
+from sparsevd.nn import SparseConv1d, SparseConv2d, SparseLinear
 from sparsevd.nn.sparse import to_csr
 from sparsevd.ops.csr_linear import op as csr_op
 from sparsevd.ops import library
@@ -362,7 +362,10 @@ def test_storage_follows_the_plan_exactly(dtype):
     b = torch.randn(20, dtype=dtype)
     layer = SparseLinear.from_dense(w, b)
     crow, col, val = (t.clone() for t in layer.csr())
-    assert layer.storage == "csr" and layer.weight is None
+    assert layer.storage == "csr" and layer._buffers["weight"] is None
+    assert set(layer.state_dict()) == {"crow_indices", "col_indices", "values", "bias"}
+    # weight reads as nn.Linear's: a new dense tensor from the CSR each time
+    assert torch.equal(layer.weight, w) and layer.weight is not layer.weight
     x = torch.randn(5, 30, dtype=dtype)
     y = layer(x)
     for mode in ("masked", "dense"):
@@ -374,7 +377,7 @@ def test_storage_follows_the_plan_exactly(dtype):
         assert layer.num_nonzero == int((w != 0).sum())
         assert_ieee_close(layer(x), y, *TOL[dtype], name=mode)
         layer.set_plan("csr")
-        assert layer.storage == "csr" and layer.weight is None
+        assert layer.storage == "csr" and layer._buffers["weight"] is None
         assert all(torch.equal(a, b_) for a, b_ in zip(layer.csr(), (crow, col, val)))
         assert torch.equal(layer(x), y)
 
@@ -396,7 +399,12 @@ def test_weight_constructor_and_conv_storage():
     x = torch.randn(2, 3, 8, 8)
     assert_ieee_close(conv(x), F.conv2d(x, cw), *TOL[torch.float32])
     conv.set_plan("csr")
-    assert conv.storage == "csr" and conv.weight is None
+    assert conv.storage == "csr" and conv._buffers["weight"] is None and torch.equal(conv.weight, cw)
+    conv1d = SparseConv1d.from_dense(cw[:, :, 0], stride=2)  # nn.Conv1d's 3-D weight, both storages
+    assert conv1d.storage == "csr" and torch.equal(conv1d.weight, cw[:, :, 0])
+    conv1d.set_plan("dense")
+    assert conv1d._buffers["weight"].shape == (6, 3, 1, 3) and torch.equal(conv1d.weight, cw[:, :, 0])
+    assert conv1d.weight.data_ptr() == conv1d._buffers["weight"].data_ptr()  # a view, no copy
     assert_ieee_close(conv(x), F.conv2d(x, cw), *TOL[torch.float32], name="csr")
 
 

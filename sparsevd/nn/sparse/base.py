@@ -51,7 +51,6 @@ class _SparseBase(nn.Module):
     crow_indices: Optional[Tensor]
     col_indices: Optional[Tensor]
     values: Optional[Tensor]
-    weight: Optional[Tensor]
     bias: Optional[Tensor]
 
     def _init_storage(self, crow_indices, col_indices, values, weight, bias, rows, in_cols,
@@ -100,6 +99,28 @@ class _SparseBase(nn.Module):
         """The floating tensor of the stored weight (values, or weight): dtype and device."""
         b = self._buffers
         return b["values"] if b["values"] is not None else b["weight"]
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight, in the shape of the layer this one replaced (nn.Linear's
+        (out_features, in_features), nn.Conv2d's (out, in/groups, kH, kW), nn.Conv1d's
+        (out, in/groups, k); compacted sizes), zeros where pruned: with dense storage the
+        ``weight`` buffer itself, with CSR storage a new tensor built from the CSR at each read
+        (the dense weight's memory while it lives; editing it does not change the layer: edit
+        ``values``). For code written against nn.Linear / nn.Conv that reads
+        ``layer.weight.dtype`` or ``.device`` (ViT and CLIP cast their pixels to the patch
+        convolution's dtype). The state_dict holds only the stored format."""
+        b = self._buffers
+        if "weight" not in b:  # (during __init__, before the buffers are registered)
+            raise AttributeError("weight")
+        shape = self._nn_weight_shape()
+        w = b["weight"] if b["weight"] is not None else self.to_dense()
+        # (a buffer being replaced by load_state_dict may not have the layer's size yet)
+        return w.view(shape) if tuple(w.shape) != shape and w.numel() == math.prod(shape) else w
+
+    def _nn_weight_shape(self) -> Tuple[int, ...]:
+        """Shape of :attr:`weight`: the dense buffer's, unless a subclass stores another view."""
+        return self._weight_shape()
 
     @property
     def matrix_shape(self) -> Tuple[int, int]:

@@ -259,6 +259,9 @@ class SparseConv1d(SparseConv2d):
             )
         return super().forward(x.unsqueeze(-2)).squeeze(-2)
 
+    def _nn_weight_shape(self) -> Tuple[int, ...]:  # nn.Conv1d's (out, in/groups, k)
+        return (self.out_channels, self.in_channels // self.groups, self._geometry[0][1])
+
     # nn.Conv1d's attributes: the second of each 2-D pair
     @property
     def kernel_size(self) -> Tuple[int]:
