@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -47,8 +47,8 @@ from .nn.sparse import CONV_MODES, LINEAR_MODES, SPARSE_LAYERS, SparseConv2d
 from .nn.svdo import SVDO_LAYERS
 from .ops import library
 from .ops.library import kernel_available
-from .planner import (BATCH_BUCKETS, check_threads, csr_bytes, dense_weight_bytes,  # re-exported too
-                      plan_layer, plan_model, rule_mode)
+from .planner import (BATCH_BUCKETS, check_example_input, check_threads,  # some re-exported too
+                      csr_bytes, dense_weight_bytes, plan_layer, plan_model, rule_mode)
 from .surgery import deployed_layer, replace_layers
 
 __all__ = [
@@ -71,7 +71,7 @@ __all__ = [
 @torch.no_grad()
 def deploy(
     model: nn.Module,
-    example_input: Optional[Tensor] = None,
+    example_input: Union[Tensor, tuple, list, dict, None] = None,
     *,
     cost_model: str = "measure",
     threshold: Optional[float] = None,
@@ -88,9 +88,12 @@ def deploy(
         model: a module with sparse-VD layers (e.g. ``sparsevd.models.LeNet300()`` after
             training); left unchanged. Other modules are copied as they are.
         example_input: a batch of inputs of the model (any batch size, batch first, e.g.
-            (1, 1, 28, 28) images or (1, T) token ids); used to measure the convolutions at their
-            real input size and the linear layers at their rows per sample (T tokens). Optional
-            (without it a linear layer's bucket is that many rows).
+            (1, 1, 28, 28) images or (1, T) token ids): a Tensor (``model(x)``), a tuple of
+            positional arguments (``model(*args)``) or a dict of keyword arguments
+            (``model(**kwargs)``: an encoder-decoder's ``{"input_ids": ..., "decoder_input_ids":
+            ...}``); used to measure the convolutions at their real input size and the linear
+            layers at their rows per sample (T tokens). Optional (without it a linear layer's
+            bucket is that many rows).
         cost_model: ``"measure"`` (time CSR against the dense product on this machine at each
             batch bucket, on ``threads`` threads; see :func:`plan_layer`), ``"rule"``
             (:func:`rule_mode`, no timing), or a mode ("csr", "dense", "masked") forced on every
@@ -110,6 +113,11 @@ def deploy(
         model (or one inside it) gets the sparsevd quantizer: its ``save_pretrained`` writes a
         checkpoint that ``from_pretrained`` reloads exactly (:mod:`sparsevd.hf_integration`).
 
+    Raises:
+        TypeError: ``model`` not an nn.Module, ``example_input`` of another type.
+        ValueError: the model raised on ``example_input`` (its message inside), an invalid
+            ``threads``.
+
     Warns:
         RuntimeWarning when the compiled kernels (sparsevd._C) are missing: the deployed layers
         then use torch's dense / sparse kernels; the message says how to build them.
@@ -117,6 +125,7 @@ def deploy(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     run_threads = check_threads(threads)
+    check_example_input(example_input)
     # One intra-op thread while deploying (restored after): the build is many small tensor ops
     # (masks, nonzero, CSR, checks), and on shared cores each OpenMP region of a multi-threaded
     # op waits for its descheduled threads: the 37 layers of a 6-layer transformer deployed in

@@ -265,12 +265,50 @@ def plan_layer(layer: nn.Module, input_shape: Optional[Sequence[int]] = None,
     layer.plan_threads = threads
 
 
+def check_example_input(example_input) -> None:
+    """Raises TypeError unless ``example_input`` is None, a Tensor, a tuple / list (the model's
+    positional arguments) or a dict with string keys (its keyword arguments)."""
+    ok = (example_input is None or isinstance(example_input, (Tensor, tuple, list))
+          or (isinstance(example_input, dict) and all(isinstance(k, str) for k in example_input)))
+    if not ok:
+        raise TypeError("example_input: expected a Tensor, a tuple of the model's positional "
+                        "arguments or a dict of its keyword arguments, got "
+                        f"{type(example_input).__name__}")
+
+
+def _example_batch(example_input) -> int:
+    """The batch size of an example: the first dimension of its first tensor (1 when none)."""
+    values = (example_input.values() if isinstance(example_input, dict)
+              else example_input if isinstance(example_input, (tuple, list)) else (example_input,))
+    first = next((v for v in values if isinstance(v, Tensor)), None)
+    return first.shape[0] if first is not None and first.dim() else 1
+
+
+def _run_example(model: nn.Module, example_input) -> None:
+    """model(x), model(*args) or model(**kwargs); an error of the model is a ValueError about
+    ``example_input`` (the model's own message and type kept in it and as its cause)."""
+    try:
+        if isinstance(example_input, dict):
+            model(**example_input)
+        elif isinstance(example_input, (tuple, list)):
+            model(*example_input)
+        else:
+            model(example_input)
+    except Exception as e:
+        raise ValueError(
+            f"example_input: the model raised {type(e).__name__} on it ({e}); pass what the "
+            "model takes: a Tensor, a tuple of its positional arguments or a dict of its keyword "
+            "arguments (an encoder-decoder needs its decoder inputs too, e.g. {'input_ids': ..., "
+            "'decoder_input_ids': ...})") from e
+
+
 @torch.no_grad()
 def plan_model(model: nn.Module, example_input: Optional[Tensor] = None, cost_model: str = "measure",
                buckets: Sequence[int] = BATCH_BUCKETS, threads: Optional[int] = None) -> nn.Module:
     """Set the plan of every deployed layer of ``model`` (see :func:`plan_layer`), in place.
 
-    ``example_input`` (any batch size, batch first) is run once through the model: it gives the
+    ``example_input`` (any batch size, batch first; a Tensor, a tuple of positional arguments or
+    a dict of keyword arguments) is run once through the model: it gives the
     input shapes of the convolutions and the input rows per sample of the linear layers (T for a
     transformer's (B, T) token ids), so the buckets are timed at the sizes the layers see.
     ``threads``: the intra-op threads the model will run on (default ``torch.get_num_threads()``).
@@ -279,8 +317,9 @@ def plan_model(model: nn.Module, example_input: Optional[Tensor] = None, cost_mo
     threads = check_threads(threads)
     shapes: Dict[nn.Module, Tuple[int, ...]] = {}
     layers = [m for m in model.modules() if isinstance(m, SPARSE_LAYERS)]
+    check_example_input(example_input)
     if example_input is not None and layers:
-        batch = example_input.shape[0] if isinstance(example_input, Tensor) and example_input.dim() else 1
+        batch = _example_batch(example_input)
 
         def record(mod, args):
             x = args[0]
@@ -298,7 +337,7 @@ def plan_model(model: nn.Module, example_input: Optional[Tensor] = None, cost_mo
         try:
             was_training = model.training
             model.eval()
-            model(example_input)
+            _run_example(model, example_input)
             model.train(was_training)
         finally:
             for h in hooks:

@@ -387,6 +387,45 @@ def test_planner_times_linear_layers_at_the_rows_of_the_example_input(monkeypatc
     assert set(rows) == {1, 16}, rows
 
 
+def test_example_input_as_positional_or_keyword_arguments(monkeypatch):
+    """example_input is model(x), model(*tuple) or model(**dict) (an encoder-decoder's two
+    inputs); the batch is the first tensor's; a model that raises on it is a ValueError naming
+    example_input with the model's message; another type is a TypeError."""
+    from sparsevd import planner
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = LinearSVDO(256, 256), LinearSVDO(192, 256)
+
+        def forward(self, src, tgt=None):
+            if tgt is None:
+                raise ValueError("You must specify tgt")
+            return self.enc(src).sum(1, keepdim=True) + self.dec(tgt)
+
+    rows = []
+
+    def fake(fns, device, threads=1, **kw):
+        rows.append(fns["csr"]().shape[:-1].numel())
+        return {"masked": 1.0, "csr": 0.5}
+
+    monkeypatch.setattr(planner, "_measure", fake)
+    model = prune(TwoInputs().eval(), 0.9, torch.Generator().manual_seed(4))
+    src, tgt = torch.randn(2, 8, 256), torch.randn(2, 3, 192)
+    expected = model(src, tgt)
+    for example in ((src, tgt), [src, tgt], {"src": src, "tgt": tgt}):
+        rows.clear()
+        dep = sparsevd.deploy(model, example, buckets=(1, 4))
+        assert set(rows) == {8, 32, 3, 12}, (type(example), rows)  # T = 8 and 3 rows per sample
+        assert_close(dep(src, tgt), expected, rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match=r"^example_input: the model raised ValueError on it "
+                                         r"\(You must specify tgt\).*decoder_input_ids") as info:
+        sparsevd.deploy(model, src)
+    assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(TypeError, match="^example_input: expected a Tensor, a tuple .* got int"):
+        sparsevd.deploy(model, 3, cost_model="csr")
+
+
 def test_planner_keeps_dense_where_csr_is_not_smaller(monkeypatch):
     """fp16 at density 0.6: CSR (4 bytes per weight) would outgrow the dense weight (2 bytes per
     weight): dense, and nothing is timed."""
