@@ -13,11 +13,21 @@ whose output is a constant, are removed between layers (docs/design.md, "Deploym
   ``BertOutput`` consumes its first argument with ``dense``, so ``BertLayer.feed_forward_chunk``
   links ``intermediate.dense`` to ``output.dense``; ``GPT2MLP`` links ``c_fc`` to ``c_proj``; a
   user's ``fc2(act(fc1(x)))`` links ``fc1`` to ``fc2``. A trace runs the Python code of
-  ``forward`` once with symbolic tensors (arguments with a default take it): a module whose code
-  branches on its tensor inputs fails to trace and is left as it is; a module that uses a
-  layer's output elsewhere only in a branch its defaults do not take (a flag returning hidden
-  states, say) is outside what a trace sees — ``deploy(..., trace=False)`` keeps to Sequential
-  chains.
+  ``forward`` once with symbolic tensors (arguments with a default take it, ``*args`` /
+  ``**kwargs`` are empty; a wrapper such as transformers' gradient-checkpointing one runs as it
+  is, through a plain-signature trampoline): a module whose code branches on its tensor inputs
+  fails to trace and is left as it is, except on the dtype of a value whose dtype the trace
+  knows (a layer's output and elementwise ops of it: the dtype of the layer's parameters), so
+  ``if h.dtype == torch.float16 and ...`` (BART-family layers) traces for the dtype deploy sees;
+  a module that uses a layer's output elsewhere only in a branch its defaults (or another dtype)
+  do not take (a flag returning hidden states, say) is outside what a trace sees —
+  ``deploy(..., trace=False)`` keeps to Sequential chains. Parameter-free modules (dropout, an
+  activation) may be called more than once (RoBERTa's classification head).
+- **Gated pairs** in a trace: ``down(after(f(gate(x)) * g(up(x))))`` (Llama / Qwen2 / Mistral
+  MLPs, T5's gated ``DenseReluDense``), ``f``, ``g``, ``after`` elementwise, each layer's output
+  used by nothing else: three linear layers of one width, whose unit i is removed from ``gate``,
+  ``up`` and ``down`` together when ``down`` never reads it or the product is a constant
+  (:func:`_compact_group`).
 
 **Batch norm folding.** A Conv2dSVDO (Conv1dSVDO) whose only user is a BatchNorm2d (BatchNorm1d)
 with running statistics: W' = W ⊙ m · s, b' = (b − μ) · s + β per output channel,
@@ -26,7 +36,9 @@ norm becomes ``nn.Identity``. Exact up to that rounding.
 
 **Dead neurons.** As documented in :mod:`sparsevd.deploy` (between the layers of a chain: columns
 nobody reads are dropped; a neuron whose row is all zero outputs the constant act(b), folded into
-the next layer's bias).
+the next layer's bias). In a gated pair, a unit whose gate or up row is all zero with f(b) = 0
+(no bias, or act(b) = 0: SiLU / ReLU / GELU of 0) has the product 0; both rows all zero, the
+constant f(b)·g(b'), whose after(·) times the consumer's column is folded into its bias.
 
 **Origins.** Every module this surgery creates, and every layer :func:`sparsevd.convert` creates
 from a module other than the plain torch one, carries ``sparsevd_origin``: a JSON-able dict
@@ -82,9 +94,11 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _FUNCTIONS = {
     F.relu, F.relu6, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu, F.leaky_relu, F.hardtanh,
     F.hardswish, F.hardsigmoid, F.softplus, F.softsign, F.tanhshrink, F.tanh, F.sigmoid,
-    torch.relu, torch.tanh, torch.sigmoid, F.dropout, operator.mul, operator.add, operator.sub,
-    operator.truediv, operator.neg,
+    torch.relu, torch.tanh, torch.sigmoid, F.dropout, operator.mul, torch.mul, operator.add,
+    operator.sub, operator.truediv, operator.neg,
 }
+# The products of two layers' neurons (gated MLPs: down(act(gate(x)) * up(x))).
+_PRODUCTS = (operator.mul, torch.mul)
 _METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
 
 
@@ -219,6 +233,12 @@ class _Link:
         return h
 
 
+def _stateless(m: nn.Module) -> bool:
+    """No parameters and no buffers (dropout, an activation, a pool): the surgery never changes
+    it, so it may be called more than once or reachable under several names."""
+    return next(iter(m.parameters()), None) is None and next(iter(m.buffers()), None) is None
+
+
 def _passable(m: nn.Module) -> bool:
     if isinstance(m, _BATCHNORMS):
         return _has_stats(m)
@@ -290,6 +310,8 @@ class _Finder:
         self.folds: List[Tuple[str, str]] = []  # (conv name, batch norm name)
         # (layer name, next layer name, [(name, module) of the ops between]); checked by _make_link
         self.links: List[Tuple[str, str, List[Tuple[str, nn.Module]]]] = []
+        # gated pairs: ((layer name, ops) of each factor, (consumer name, ops after the product))
+        self.groups: List[Tuple[Tuple[str, list], Tuple[str, list], Tuple[str, list]]] = []
 
     def _single(self, m: nn.Module) -> bool:
         return id(m) not in self.shared
@@ -327,6 +349,9 @@ class _Finder:
             calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
             ctx = (prefix, module, calls)
             for node in graph.nodes:
+                group = self._gated(ctx, node)
+                if group is not None:
+                    self.groups.append(group)
                 produced = self._producer(ctx, node)
                 if produced is None:
                     continue
@@ -357,7 +382,9 @@ class _Finder:
             return None
         if u.op == "call_module":
             m = self._target(ctx, u)
-            if m is None or u.args != (cur,) or u.kwargs or ctx[2][u.target] != 1 or not self._single(m):
+            if m is None or u.args != (cur,) or u.kwargs:
+                return None
+            if not _stateless(m) and (ctx[2][u.target] != 1 or not self._single(m)):
                 return None
             return (_join(ctx[0], u.target), m) if _passable(m) else None
         if u.op == "call_function" and u.target in _FUNCTIONS:
@@ -414,6 +441,39 @@ class _Finder:
         summary = self._summary(_join(ctx[0], node.target), m)
         return None if summary is None else summary["producer"]
 
+    def _produced(self, ctx, cur) -> Optional[Tuple[str, List[Tuple[str, nn.Module]]]]:
+        """(layer name, ops in order) when the value ``cur`` is a layer's neurons through
+        elementwise ops, each value on the way used once (by the next op, or by ``cur``'s user)."""
+        rev: List[Tuple[str, nn.Module]] = []
+        while isinstance(cur, torch.fx.Node) and len(cur.users) == 1:
+            found = self._producer(ctx, cur)
+            if found is not None:
+                return found[0], found[1] + rev[::-1]
+            inputs = list(cur.all_input_nodes)
+            if len(inputs) != 1:
+                return None
+            op = self._elementwise(ctx, cur, inputs[0])
+            if op is None:
+                return None
+            rev.append(op)
+            cur = inputs[0]
+        return None
+
+    def _gated(self, ctx, node):
+        """When ``node`` multiplies the neurons of two layers (each through elementwise ops, used
+        by nothing else) and the product reaches a third layer through elementwise ops only:
+        ((gate, its ops), (up, its ops), (consumer, the ops after the product)), else None."""
+        if node.op != "call_function" or node.target not in _PRODUCTS or node.kwargs or len(node.args) != 2:
+            return None
+        a, b = node.args
+        if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)) or a is b:
+            return None
+        fa, fb = self._produced(ctx, a), self._produced(ctx, b)
+        if fa is None or fb is None or fa[0] == fb[0]:
+            return None
+        found = self._follow(ctx, node, [])
+        return None if found is None else (fa, fb, found)
+
     def _summary(self, name: str, m: nn.Module) -> Optional[dict]:
         """What a submodule's own trace says: ``producer`` (its output is a layer's neurons through
         elementwise ops) and ``consumers`` (argument name → the layer reading it first)."""
@@ -433,24 +493,8 @@ class _Finder:
                 found = self._follow(ctx, node, [])
                 if found is not None:
                     consumers[node.target] = found
-        producer = None
         out = next(n for n in graph.nodes if n.op == "output")
-        cur = out.args[0]
-        rev: List[Tuple[str, nn.Module]] = []
-        while isinstance(cur, torch.fx.Node) and len(cur.users) == 1:
-            found = self._producer(ctx, cur)
-            if found is not None:
-                producer = (found[0], found[1] + rev[::-1])
-                break
-            inputs = [a for a in cur.all_input_nodes]
-            if len(inputs) != 1:
-                break
-            op = self._elementwise(ctx, cur, inputs[0])
-            if op is None:
-                break
-            rev.append(op)
-            cur = inputs[0]
-        summary = {"producer": producer, "consumers": consumers}
+        summary = {"producer": self._produced(ctx, out.args[0]), "consumers": consumers}
         self.summaries[id(m)] = summary
         return summary
 
@@ -464,37 +508,143 @@ class _Finder:
                 self.traced(name, m)
 
 
+def _float_dtype(m: nn.Module) -> Optional[torch.dtype]:
+    """The one floating dtype of ``m``'s parameters, or None (none, or several)."""
+    dtypes = {p.dtype for p in m.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _value_dtype(tracer: "_LeafTracer", node: torch.fx.Node) -> Optional[torch.dtype]:
+    """:func:`_known_dtype`, memoized per trace."""
+    if node not in tracer.dtypes:
+        tracer.dtypes[node] = _known_dtype(tracer, node)
+    return tracer.dtypes[node]
+
+
+def _known_dtype(tracer: "_LeafTracer", node: torch.fx.Node) -> Optional[torch.dtype]:
+    """The dtype a traced value has when the model runs in the dtype of its parameters: a leaf
+    with floating parameters outputs theirs (its tuple's items too); a parameter-free leaf and an
+    elementwise function keep their tensor inputs' one known dtype (:func:`_inputs_dtype`);
+    anything else (inputs of the traced method, casts, other ops) is unknown (None)."""
+    if node.op == "call_module":
+        leaf = tracer.root.get_submodule(node.target)
+        if _stateless(leaf):
+            return _inputs_dtype(tracer, node)
+        return _float_dtype(leaf)
+    if node.op == "call_function" and node.target is operator.getitem:
+        src = node.args[0]
+        return _value_dtype(tracer, src) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
+    if (node.op == "call_function" and node.target in _FUNCTIONS) or \
+            (node.op == "call_method" and node.target in _METHODS):
+        return _inputs_dtype(tracer, node)
+    return None
+
+
+def _inputs_dtype(tracer: "_LeafTracer", node: torch.fx.Node) -> Optional[torch.dtype]:
+    """The one known dtype of the tensor inputs of an elementwise op (an input of unknown dtype,
+    ``residual + h`` with the traced method's input as ``residual``, is taken to be of that dtype
+    or not floating: the model runs in its parameters' dtype, and either way the result has it)."""
+    dtypes = {_value_dtype(tracer, a) for a in node.all_input_nodes} - {None}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+class _Proxy(torch.fx.Proxy):
+    """A traced value whose ``dtype`` is concrete where :func:`_value_dtype` knows it, so code that
+    tests it (``if h.dtype == torch.float16 and ...``, BART-family layers) traces for the dtype
+    deploy sees; elsewhere ``dtype`` is a traced attribute as in torch.fx."""
+
+    @property
+    def dtype(self):
+        known = _value_dtype(self.tracer, self.node)
+        if known is None:
+            raise AttributeError("dtype")  # torch.fx's own __getattr__: a traced attribute
+        return known
+
+
 class _LeafTracer(torch.fx.Tracer):
-    """Traces one module's own code: every submodule call is a leaf."""
+    """Traces one module's own code: every submodule call is a leaf; values are :class:`_Proxy`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: Dict[torch.fx.Node, Optional[torch.dtype]] = {}  # (see _value_dtype)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
 
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _Proxy(node, self)
 
-def _trace(module: nn.Module, method: str) -> Optional[torch.fx.Graph]:
-    """The fx graph of ``module.<method>`` (submodules as leaves; arguments with a default take
-    it), or None when it does not trace. The module's attributes are restored afterwards."""
-    cls = type(module)
-    fn = getattr(cls, method, None)
-    if not callable(fn):
-        return None
+
+def _traced_inputs(fn) -> Optional[List[str]]:
+    """The arguments of ``fn`` (after ``self``) a trace makes placeholders of: those without a
+    default (the others take it; ``*args`` / ``**kwargs`` stay empty). None when the signature
+    cannot be read or a keyword-only argument has no default."""
     try:
         params = list(inspect.signature(fn).parameters.values())[1:]
     except (TypeError, ValueError):
         return None
-    concrete = {p.name: p.default for p in params
-                if p.default is not inspect.Parameter.empty
-                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if any(p.kind is p.KEYWORD_ONLY and p.default is inspect.Parameter.empty for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.default is inspect.Parameter.empty]
+
+
+_TRAMPOLINE_FN = "_sparsevd_traced_method"
+
+
+def _trampoline(fn, names: List[str]):
+    """``forward(self, <names>)`` calling ``fn(self, <names>)``: a plain signature for torch.fx
+    whatever wraps ``fn`` (transformers' ``GradientCheckpointingLayer`` wraps each layer's forward
+    in ``(self, *args, **kwargs)``, ``deprecate_kwarg`` too: their code runs as it is, in eval
+    mode the call itself)."""
+    args = "".join(", " + n for n in names)
+    scope = {_TRAMPOLINE_FN: fn}
+    exec(f"def forward(self{args}):\n    return {_TRAMPOLINE_FN}(self{args})\n",
+         scope)  # noqa: S102 — names are the identifiers of fn's own signature
+    return scope["forward"]
+
+
+def _view(module: nn.Module, forward) -> nn.Module:
+    """``module`` seen through a subclass whose forward is ``forward`` (set after the class is
+    made: a subclass hook may wrap it), sharing its attributes."""
+    view_cls = type("_Traced", (type(module),), {"__module__": __name__})
+    view_cls.forward = forward
+    root = object.__new__(view_cls)
+    root.__dict__ = module.__dict__
+    return root
+
+
+def _plain(fn) -> bool:
+    """``fn`` is not a wrapper and takes no ``*args`` / ``**kwargs``: torch.fx traces it as it is."""
+    try:
+        params = inspect.signature(fn, follow_wrapped=False).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return not hasattr(fn, "__wrapped__") and all(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                                                  for p in params)
+
+
+def _trace(module: nn.Module, method: str) -> Optional[torch.fx.Graph]:
+    """The fx graph of ``module.<method>`` (submodules as leaves; arguments with a default take
+    it, ``*args`` / ``**kwargs`` are empty), or None when it does not trace. A plain ``forward`` is
+    traced as it is; another method, or a forward behind a wrapper or with ``*args`` /
+    ``**kwargs``, through :func:`_trampoline` on a view. The module's attributes are restored
+    afterwards."""
+    fn = getattr(type(module), method, None)
+    names = _traced_inputs(fn) if callable(fn) else None
+    if names is None or not all(n.isidentifier() and n != _TRAMPOLINE_FN for n in names):
+        return None
     saved = {k: (dict(v) if k in ("_modules", "_parameters", "_buffers") else v)
              for k, v in module.__dict__.items()}
-    root = module
     try:
-        if method != "forward":  # a view of the module whose forward is the method
-            root = object.__new__(type(f"_Traced_{method}", (cls,), {"forward": fn, "__module__": __name__}))
-            root.__dict__ = module.__dict__
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _LeafTracer().trace(root, concrete_args=concrete or None)
+            if method == "forward" and _plain(fn):
+                concrete = {p.name: p.default for p in list(inspect.signature(fn).parameters.values())[1:]
+                            if p.default is not inspect.Parameter.empty
+                            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+                return _LeafTracer().trace(module, concrete_args=concrete or None)
+            return _LeafTracer().trace(_view(module, _trampoline(fn, names)))
     except Exception:  # noqa: BLE001 — any failure of user code under tracing: not traceable
         return None
     finally:
@@ -617,6 +767,89 @@ def _compact_chain(layers: List[_Pending], links: List[_Link]) -> None:
         p.w, p.b = w.contiguous(), b
 
 
+@dataclasses.dataclass
+class _Group:
+    """A gated pair: consumer(after(f_gate(gate(x)) * f_up(up(y)))), the f's and ``after``
+    elementwise; each _Link holds the ops of one branch (for the constants they map)."""
+
+    factors: Tuple[_Link, _Link]  # the ops from each factor layer to the product
+    after: _Link  # the ops from the product to the consumer
+
+
+def _make_group(gate: nn.Module, up: nn.Module, consumer: nn.Module,
+                ops: Tuple[list, list, list]) -> Optional[_Group]:
+    """The group of three linear layers whose product has the consumer's input width, every op
+    elementwise (no batch norm, pool or flatten), or None."""
+    if not all(isinstance(m, LinearSVDO) for m in (gate, up, consumer)):
+        return None
+    if not gate.out_features == up.out_features == consumer.in_features:
+        return None
+    if not all(_is_elementwise(op) for branch in ops for op in branch):
+        return None
+    return _Group((_Link(list(ops[0]), "ll", True), _Link(list(ops[1]), "ll", True)),
+                  _Link(list(ops[2]), "ll", True))
+
+
+def _product_constant(factors: Sequence[_Pending], group: _Group) -> Tuple[Tensor, Tensor]:
+    """(known, value): the units whose product is a constant, and that constant (float64, computed
+    in the layers' dtype as the model does). A factor whose row is all dropped outputs the
+    constant f(b) (b = 0 without bias); the product is 0 where one such constant is 0 (the other
+    factor finite), f_gate(b) · f_up(b') where both factors are constant and finite."""
+    dead, const = [], []
+    for p, link in zip(factors, group.factors):
+        dead.append(~(p.w != 0).any(1))
+        const.append(link.act(p.b.to(p.w.dtype)))
+    zero = (dead[0] & (const[0] == 0)) | (dead[1] & (const[1] == 0))
+    both = dead[0] & dead[1] & torch.isfinite(const[0]) & torch.isfinite(const[1])
+    value = torch.where(zero, torch.zeros_like(const[0]), const[0] * const[1])
+    return zero | both, value.double()
+
+
+@torch.no_grad()
+def _compact_group(factors: Sequence[_Pending], consumer: _Pending, group: _Group) -> None:
+    """Remove the units of a gated pair that the consumer never reads (its column is all
+    dropped) or whose product is a constant c (:func:`_product_constant`): rows of both factor
+    layers and the consumer's columns (in place, with the records). Exact: an unread unit adds
+    0 to the consumer; a constant one adds W[:, i] · after(c) to every output, which is folded
+    into the consumer's bias (float64, rounded once; a consumer without bias gets one when that
+    is nonzero, as along chains)."""
+    known, value = _product_constant(factors, group)
+    cols = consumer.w
+    unread = ~(cols != 0).any(0)
+    fold = known & ~unread
+    if bool(fold.any()):
+        const = group.after.act(value.to(cols.dtype)).double()
+        contrib = (cols[:, fold].double() * const[fold]).sum(1)
+        if bool((contrib != 0).any()):
+            consumer.b = consumer.b + contrib
+            consumer.has_bias = True
+    keep = ~(unread | known)
+    if not bool(keep.any()):  # never a zero-size activation: one unit stays, read by nothing
+        keep[0] = True
+        cols[:, 0] = 0
+    if bool(keep.all()):
+        return
+    for p in factors:
+        p.w, p.b = p.w[keep].contiguous(), p.b[keep]
+        p.record["rows"] = runs(keep.cpu())
+    consumer.w = cols[:, keep].contiguous()
+    consumer.record["cols"] = runs(keep.cpu())
+    consumer.record["col_block"] = 1
+
+
+def _compact_groups(pending: Dict[str, _Pending], found) -> None:
+    """Compact every gated pair the finder saw (once each; see :func:`_compact_group`)."""
+    seen = set()
+    for (g, g_ops), (u, u_ops), (c, c_ops) in found:
+        if (g, u, c) in seen or not {g, u, c} <= pending.keys():
+            continue
+        seen.add((g, u, c))
+        ops = ([o for _, o in g_ops], [o for _, o in u_ops], [o for _, o in c_ops])
+        group = _make_group(pending[g].module, pending[u].module, pending[c].module, ops)
+        if group is not None:
+            _compact_group((pending[g], pending[u]), pending[c], group)
+
+
 def sparse_layer(m: nn.Module, w: Tensor, b: Optional[Tensor]) -> nn.Module:
     """The deployed layer of the sparse-VD layer ``m`` holding weight ``w`` (its shape, or
     compacted) and bias ``b`` (or None).
@@ -721,6 +954,7 @@ def replace_layers(model: nn.Module, threshold: Optional[float], trace: bool = T
         if link is not None:
             link.names = [n for n, _ in ops]
             links.append((a, b, link))
+    _compact_groups(pending, finder.groups)  # (before the chains: their layers' other side)
     for chain, chain_links in _chains(links):
         before = [list(link.ops) for link in chain_links]
         _compact_chain([pending[n] for n in chain], chain_links)

@@ -259,3 +259,196 @@ def test_multihead_attention_converts_and_deploys_in_a_transformer_encoder():
         assert_close(deployed[0](x, mask=causal, is_causal=True),
                      converted[0](x, mask=causal, is_causal=True), rtol=1e-5, atol=1e-5,
                      name="deployed, causal")
+
+
+# ------------------------------------------------------------------ gated MLPs, repeated modules
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def _llama_config():
+    return transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=32)
+
+
+def _prune_gated(gate, up, down, d):
+    """Units 0-9: gate rows dropped (act(0) = 0, no bias: product 0); 10-15: up rows dropped
+    (product 0); 16-23: down never reads them; 24-47 alive and read. 24 removable units."""
+    kill_rows(gate, slice(0, 10))
+    kill_rows(up, slice(10, 16))
+    with torch.no_grad():
+        down.log_sigma2[:, 16:24] = 20.0
+    live = torch.arange(24, 48)
+    for layer in (gate, up):
+        keep_entries(layer, live, live % d)
+    keep_entries(down, live % d, live)
+
+
+def test_llama_gated_mlp_units_are_removed_from_gate_up_and_down(tmp_path):
+    import sparsevd.hf as hf
+
+    torch.manual_seed(0)
+    model = prune(sparsevd.convert(transformers.LlamaForCausalLM(_llama_config())).eval(), 0.5)
+    for layer in model.model.layers:
+        _prune_gated(layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj, 32)
+    deployed = sparsevd.deploy(model, cost_model="csr")
+    plain = sparsevd.deploy(model, cost_model="csr", trace=False)  # the uncompacted deployment
+    for layer in deployed.model.layers:
+        mlp = layer.mlp
+        assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == 24
+        assert origin(mlp.gate_proj)["rows"] == origin(mlp.up_proj)["rows"] == [[24, 48]]
+        assert origin(mlp.down_proj)["cols"] == [[24, 48]] and mlp.down_proj.bias is None
+    assert plain.model.layers[0].mlp.down_proj.in_features == 48
+    tok = torch.randint(0, 64, (3, 9))
+    with torch.no_grad():
+        expected = deployed(tok, use_cache=False).logits
+        assert_close(expected, model(tok, use_cache=False).logits, rtol=1e-5, atol=1e-5, name="converted")
+        assert_close(expected, plain(tok, use_cache=False).logits, rtol=1e-5, atol=1e-5, name="uncompacted")
+    deployed.save_pretrained(tmp_path / "hf")
+    hf.save_pretrained(deployed, tmp_path / "compact")
+    path = sparsevd.save(deployed, tmp_path / "llama.safetensors")
+    for loaded in (transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf"),
+                   hf.from_pretrained(tmp_path / "compact"),
+                   sparsevd.load(path, model=transformers.LlamaForCausalLM(_llama_config()))):
+        _same_state(loaded, deployed)
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(tok, use_cache=False).logits, expected)
+
+
+def test_t5_gated_gelu_units_are_removed(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=64, d_model=32, d_ff=48, num_layers=2, num_heads=4, d_kv=8,
+                                feed_forward_proj="gated-gelu")
+    model = prune(sparsevd.convert(transformers.T5ForConditionalGeneration(cfg)).eval(), 0.5)
+    blocks = list(model.encoder.block) + list(model.decoder.block)
+    for block in blocks:
+        ff = block.layer[-1].DenseReluDense  # wo(dropout(gelu_new(wi_0(x)) * wi_1(x)))
+        _prune_gated(ff.wi_0, ff.wi_1, ff.wo, 32)
+    deployed = sparsevd.deploy(model, cost_model="csr")
+    for block in list(deployed.encoder.block) + list(deployed.decoder.block):
+        ff = block.layer[-1].DenseReluDense
+        assert ff.wi_0.out_features == ff.wi_1.out_features == ff.wo.in_features == 24
+    ids, dec = torch.randint(0, 64, (2, 9)), torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        expected = deployed(input_ids=ids, decoder_input_ids=dec).logits
+        assert_close(expected, model(input_ids=ids, decoder_input_ids=dec).logits, rtol=1e-5, atol=1e-5)
+    path = sparsevd.save(deployed, tmp_path / "t5.safetensors")
+    loaded = sparsevd.load(path, model=transformers.T5ForConditionalGeneration(cfg))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=ids, decoder_input_ids=dec).logits, expected)
+
+
+class GatedMLP(nn.Module):
+    """down(dropout(sigmoid(gate(x)) * relu(up(x)))), gate and up with biases, down without."""
+
+    def __init__(self, d=12, h=32):
+        super().__init__()
+        self.gate, self.up = nn.Linear(d, h), nn.Linear(d, h)
+        self.down = nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        h = torch.mul(torch.sigmoid(self.gate(x)), F.relu(self.up(x)))
+        return x + self.down(F.dropout(h, 0.1, training=self.training))
+
+
+def test_constant_products_of_a_user_gated_mlp_fold_into_the_consumer(tmp_path):
+    torch.manual_seed(0)
+    model = prune(sparsevd.convert(nn.Sequential(GatedMLP(), nn.Linear(12, 3))).eval(), 0.4)
+    mlp = model[0]
+    kill_rows(mlp.gate, slice(0, 6))  # sigmoid(b) != 0: a constant, not 0
+    kill_rows(mlp.up, slice(0, 4))  # 0-3: both constant, sigmoid(b)·relu(b') into down's bias
+    kill_rows(mlp.up, slice(6, 10))
+    with torch.no_grad():
+        mlp.up.bias[:4] = torch.tensor([0.5, 0.7, 0.9, 1.1])
+        mlp.up.bias[6:8] = -0.5  # relu(b) = 0: product 0 (6, 7 removed)
+        mlp.up.bias[8:10] = 0.5  # a constant times a live gate: kept (8, 9)
+        mlp.down.log_sigma2[:, 10:14] = 20.0  # unread
+    live = torch.arange(4, 32)
+    keep_entries(mlp.gate, live[2:], live[2:] % 12)  # 4, 5: gate dead, up alive: kept
+    keep_entries(mlp.up, torch.cat([live[:2], live[6:]]), torch.cat([live[:2], live[6:]]) % 12)
+    keep_entries(mlp.down, live[10:] % 12, live[10:])
+    keep_entries(mlp.down, live[:6] % 12, live[:6])
+    deployed = sparsevd.deploy(model, cost_model="masked")
+    d = deployed[0]
+    assert d.gate.out_features == d.up.out_features == d.down.in_features == 32 - 10
+    assert origin(d.down)["cols"] == [[4, 6], [8, 10], [14, 32]]
+    assert d.down.bias is not None and bool((d.down.bias != 0).any())  # the folded constants
+    with pytest.raises(ValueError, match="sparsevd.save"):  # no dense nn.Linear(bias=False) computes it
+        sparsevd.surgery.dense_state(d.down, "0.down")
+    for shape in [(5, 12), (2, 7, 12)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert_close(deployed(x), model(x), rtol=1e-5, atol=1e-5, name=f"{shape}")
+    x = torch.randn(4, 12)
+    path = sparsevd.save(deployed, tmp_path / "gated.safetensors")
+    loaded = sparsevd.load(path, model=nn.Sequential(GatedMLP(), nn.Linear(12, 3)))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), deployed(x))
+
+
+@pytest.mark.parametrize("use", ["product", "gate"])
+def test_a_gated_product_or_factor_used_elsewhere_is_not_compacted(use):
+    class Leaky(GatedMLP):
+        def forward(self, x):
+            g = self.gate(x)
+            h = torch.sigmoid(g) * F.relu(self.up(x))
+            extra = h if use == "product" else g
+            return self.down(h) + extra.sum(-1, keepdim=True)
+
+    model = prune(sparsevd.convert(Leaky()).eval(), 0.4)
+    kill_rows(model.gate, slice(0, 6))
+    kill_rows(model.up, slice(0, 6))
+    with torch.no_grad():
+        model.down.log_sigma2[:, 10:14] = 20.0
+    deployed = sparsevd.deploy(model, cost_model="masked")
+    assert deployed.gate.out_features == deployed.up.out_features == deployed.down.in_features == 32
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        assert_close(deployed(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_roberta_head_calling_its_dropout_twice_is_compacted(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=4, max_position_embeddings=40, num_labels=3,
+                                     pad_token_id=1)
+    model = prune(sparsevd.convert(transformers.RobertaForSequenceClassification(cfg)).eval(), 0.5)
+    kill_rows(model.classifier.dense, slice(0, 10))  # tanh(b) folded into out_proj's bias
+    keep_entries(model.classifier.dense, torch.arange(10, 32), torch.arange(10, 32))
+    keep_entries(model.classifier.out_proj, torch.arange(10, 32) % 3, torch.arange(10, 32))
+    deployed = sparsevd.deploy(model, cost_model="csr")
+    head = deployed.classifier  # dropout -> dense -> tanh -> (the same) dropout -> out_proj
+    assert head.dense.out_features == head.out_proj.in_features == 22
+    tok = torch.randint(2, 64, (3, 9))
+    with torch.no_grad():
+        expected = deployed(tok).logits
+        assert_close(expected, model(tok).logits, rtol=1e-5, atol=1e-5)
+    deployed.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    _same_state(loaded, deployed)
+    with torch.no_grad():
+        assert torch.equal(loaded(tok).logits, expected)
+
+
+def test_bart_layers_trace_and_lose_their_dead_fc1_units():
+    """BartEncoderLayer / BartDecoderLayer: forward wrapped (gradient checkpointing,
+    deprecate_kwarg) with **kwargs, a tuple from self_attn unpacked, a dtype test on the output."""
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+                                  decoder_ffn_dim=48, max_position_embeddings=32)
+    model = prune(sparsevd.convert(transformers.BartForConditionalGeneration(cfg)).eval(), 0.5)
+    for layer in (model.model.encoder.layers[0], model.model.decoder.layers[0]):
+        kill_rows(layer.fc1, slice(0, 16))  # gelu(b) folded into fc2's bias
+        keep_entries(layer.fc1, torch.arange(16, 48), torch.arange(16, 48) % 32)
+        keep_entries(layer.fc2, torch.arange(16, 48) % 32, torch.arange(16, 48))
+    deployed = sparsevd.deploy(model, cost_model="csr")
+    for layer in (deployed.model.encoder.layers[0], deployed.model.decoder.layers[0]):
+        assert layer.fc1.out_features == layer.fc2.in_features == 32
+    ids = torch.randint(3, 64, (2, 9))
+    with torch.no_grad():
+        assert_close(deployed(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
