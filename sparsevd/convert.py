@@ -20,6 +20,7 @@ from typing import Callable, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._args import check_threshold
 from .functional import kept_count
@@ -28,7 +29,7 @@ from .nn import (DEFAULT_THRESHOLD, LOG_SIGMA2_INIT, SVDO_LAYERS, Conv1dSVDO, Co
 from .recipe import PretrainedRecipe, init_log_sigma2
 from .reference import EPS_THETA
 from .hf_integration import attach as attach_hf_quantizer
-from .surgery import set_origin
+from .surgery import linear_equivalent, set_origin
 
 NameFilter = Union[None, str, Callable[[str], bool], Iterable[str]]
 
@@ -60,7 +61,7 @@ def _is_hf_conv1d(m: nn.Module) -> bool:
 
 
 def _convertible(m: nn.Module) -> bool:
-    return type(m) in CONVERTIBLE or _is_hf_conv1d(m)
+    return type(m) in CONVERTIBLE or _is_hf_conv1d(m) or linear_equivalent(m)
 
 
 def _is_quantized(m: nn.Module) -> bool:
@@ -115,6 +116,13 @@ def _dense_reason(m: nn.Module) -> str:
     for types, why in _DENSE_REASONS:
         if isinstance(m, types):
             return why
+    if parametrize.is_parametrized(m):
+        names = ", ".join(m.parametrizations.keys())
+        return (f"its {names} is reparametrized (torch.nn.utils.parametrize, e.g. weight norm); "
+                f"parametrize.remove_parametrizations(module, {next(iter(m.parametrizations))!r}) "
+                "makes it a plain layer that converts")
+    if "norm" in type(m).__name__.lower():
+        return "a normalization (by its name): per-feature scales, no weight matrix"
     if isinstance(m, CONVERTIBLE):
         base = next(t for t in CONVERTIBLE if isinstance(m, t))
         return f"a subclass of nn.{base.__name__} (its forward may differ): left as it is"
@@ -175,7 +183,8 @@ def plan_conversion(model: nn.Module, include: NameFilter = None,
             report.append(ConversionEntry(name, kind, "sparse VD", "already a sparse-VD layer"))
         elif _convertible(m):
             why = ("transformers Conv1D (weight (in, out)): a LinearSVDO holding the transposed "
-                   "weight" if _is_hf_conv1d(m) else "")
+                   "weight" if _is_hf_conv1d(m) else
+                   "computes nn.Linear's x Wᵀ + b: converted as an nn.Linear" if linear_equivalent(m) else "")
             report.append(layer(name, kind, why, m))
         elif type(m) is nn.MultiheadAttention:
             skip_under.append(name)
@@ -188,6 +197,9 @@ def plan_conversion(model: nn.Module, include: NameFilter = None,
             else:
                 report.append(ConversionEntry(name, kind, "dense", "none of its projections "
                               f"({', '.join(_MHA_PROJECTIONS)}) is included"))
+        elif parametrize.is_parametrized(m):  # (its parametrizations are its own business)
+            report.append(ConversionEntry(name, kind, "dense", _dense_reason(m)))
+            skip_under.append(name)
         elif _is_quantized(m):
             report.append(ConversionEntry(name, kind, "dense", "a quantized module (torch.ao."
                           "quantization): its weight is packed int8; convert the float model"))
@@ -268,7 +280,8 @@ def convert(
     init: Union[str, float] = "paper",
 ):
     """Replace the ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Conv1d`` layers of ``model`` by their sparse-VD twins, in
-    place (exact types only: subclasses may change forward and are left alone); also
+    place (exact types only: subclasses may change forward and are left alone, except those
+    known to compute nn.Linear, transformers' ``FalconLinear``); also
     transformers ``Conv1D`` (a LinearSVDO with the transposed weight) and the projections of
     ``nn.MultiheadAttention`` (replaced by :class:`~sparsevd.nn.SplitMultiheadAttention`). Layers
     whose weight is tied to another module's stay dense (see :func:`plan_conversion`).

@@ -321,9 +321,25 @@ def rebuild(model: nn.Module, recs: Dict[str, dict]) -> None:
         model.eval().requires_grad_(False)
 
 
+def _check_modules(model: nn.Module, recs: Dict[str, dict]) -> None:
+    """Every module a record names stands, in the model transformers built from the config, for
+    the module the record's sparsevd module replaced (type and weight shape), so no sparse module
+    is rebuilt from weights that were not saved for it.
+
+    Raises:
+        ValueError: a module missing, or of another type or shape (e.g. a weight norm removed
+            from the saved model but not from the one the config builds), naming both.
+    """
+    for name, rec in recs.items():
+        if "origin" in rec:
+            overlay.check_into(model, name, rec["origin"], f"sparsevd: module {name!r} of this checkpoint")
+
+
 def _prepare(model: nn.Module, recs: Dict[str, dict]) -> None:
-    """Before the weights load: the dense modules of sparse-VD layers get buffers for their
-    log σ² and pruned θ (loaded by name with the rest)."""
+    """Before the weights load: the modules are the records' (:func:`_check_modules`); the dense
+    modules of sparse-VD layers get buffers for their log σ² and pruned θ (loaded by name with
+    the rest)."""
+    _check_modules(model, recs)
     for name, rec in recs.items():
         if rec.get("kind") != "sparse_vd":
             continue

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .nn import SVDO_LAYERS, SparseConv1d, SparseConv2d, SparseLinear, SplitMultiheadAttention
-from .surgery import origin
+from .surgery import linear_equivalent, origin
 
 __all__ = ["check_into", "describe_origin", "device_of", "load_rest", "made_by_sparsevd", "put", "recorded",
            "state_tensors"]
@@ -47,6 +47,8 @@ def describe_origin(m: nn.Module) -> dict:
     if "type" not in rec:
         if kind in _TWIN:
             rec["type"] = _TWIN[kind]
+        elif linear_equivalent(m):  # e.g. transformers' FalconLinear: an nn.Linear
+            rec["type"] = "Linear"
         elif isinstance(m, (nn.MultiheadAttention, SplitMultiheadAttention)):
             rec["type"] = "MultiheadAttention"
         else:

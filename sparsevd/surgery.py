@@ -103,6 +103,16 @@ _METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
 
 
 # --------------------------------------------------------------------------------- origins
+#: Subclasses of nn.Linear known to compute nn.Linear's x Wᵀ + b with only its weight and bias, by
+#: (module, class name): converted, deployed and stored as nn.Linear (they stand for one).
+LINEAR_EQUIVALENTS = {("transformers.models.falcon.modeling_falcon", "FalconLinear")}
+
+
+def linear_equivalent(m: nn.Module) -> bool:
+    """``m`` is one of :data:`LINEAR_EQUIVALENTS` (recognised without importing transformers)."""
+    return (type(m).__module__, type(m).__name__) in LINEAR_EQUIVALENTS
+
+
 def origin(m: nn.Module) -> Optional[dict]:
     """The origin record of ``m`` (see the module docstring), or None."""
     return getattr(m, ORIGIN_ATTR, None)

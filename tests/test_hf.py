@@ -203,6 +203,51 @@ def test_vit_patch_convolution_converts_deploys_and_round_trips(tmp_path):
             torch.testing.assert_close(m(x).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_from_pretrained_refuses_a_module_that_is_not_the_saved_one(tmp_path):
+    """Wav2Vec2 with its positional convolution's weight norm removed before converting: the
+    config builds the weight-normed convolution again, whose weights the checkpoint does not
+    hold; from_pretrained refuses, naming the module, instead of building a sparse layer from
+    uninitialized weights."""
+    from torch.nn.utils import parametrize
+
+    cfg = transformers.Wav2Vec2Config(
+        vocab_size=12, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=4, mask_time_prob=0.0, pad_token_id=0)
+    model = transformers.Wav2Vec2ForCTC(cfg).eval()
+    parametrize.remove_parametrizations(model.wav2vec2.encoder.pos_conv_embed.conv, "weight")
+    deployed = sparsevd.deploy(prune(sparsevd.convert(model).eval()), cost_model="csr")
+    deployed.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"module 'wav2vec2\.encoder\.pos_conv_embed\.conv' of the model "
+                                         r"is a ParametrizedConv1d .* the file's stands for Conv1d"):
+        transformers.Wav2Vec2ForCTC.from_pretrained(tmp_path)
+
+
+def test_falcon_linear_converts_as_linear_and_round_trips(tmp_path):
+    """transformers' FalconLinear (an nn.Linear subclass computing x Wᵀ + b) converts, deploys
+    with its MLP compacted, and loads back into a fresh Falcon exactly."""
+    cfg = transformers.FalconConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    parallel_attn=True, new_decoder_architecture=False, multi_query=True, bias=False)
+    report = {e.name: e for e in sparsevd.plan_conversion(transformers.FalconForCausalLM(cfg))}
+    assert report["transformer.h.0.mlp.dense_h_to_4h"].action == "convert"
+    model = prune(sparsevd.convert(transformers.FalconForCausalLM(cfg)).eval())
+    mlp = model.transformer.h[0].mlp
+    with torch.no_grad():
+        mlp.dense_h_to_4h.log_sigma2[:8] = 20.0  # dead units: removed from both matrices
+    tok = torch.randint(0, 60, (2, 7))
+    with torch.no_grad():
+        expected = model(tok, use_cache=False).logits
+    deployed = sparsevd.deploy(model, cost_model="csr")
+    assert deployed.transformer.h[0].mlp.dense_4h_to_h.in_features == 64 - 8
+    deployed.save_pretrained(tmp_path / "hf")
+    path = sparsevd.save(deployed, tmp_path / "falcon.safetensors")
+    for m in (deployed, transformers.FalconForCausalLM.from_pretrained(tmp_path / "hf"),
+              sparsevd.load(path, model=transformers.FalconForCausalLM(cfg))):
+        assert isinstance(m.transformer.h[0].mlp.dense_h_to_4h, SparseLinear)
+        with torch.no_grad():
+            torch.testing.assert_close(m.eval()(tok, use_cache=False).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def _resnet(exclude=None):
     cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                     num_channels=3, num_labels=4)

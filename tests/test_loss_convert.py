@@ -268,9 +268,18 @@ def test_convert_include_filter_and_kinds():
     assert isinstance(sparsevd.convert(nn.Conv2d(3, 2, 1)), Conv2dSVDO)
 
 
+class RMSNormLike(nn.Module):
+    """A model's own RMSNorm class (not nn.RMSNorm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+
+
 def test_convert_reaches_layers_inside_modules_with_parameters():
     """A module holding parameters of its own (position embeddings beside a projection) is
-    listed dense with them named, and the layers inside it convert."""
+    listed dense with them named, and the layers inside it convert; a weight-normed layer and
+    a normalization of the model's own class say why they stay dense."""
     class Embed(nn.Module):
         def __init__(self):
             super().__init__()
@@ -280,6 +289,13 @@ def test_convert_reaches_layers_inside_modules_with_parameters():
         def forward(self, x):
             return self.proj(x) + self.pos
 
+    from torch.nn.utils import parametrizations
+
+    normed = parametrizations.weight_norm(nn.Conv1d(4, 4, 3))
+    report = {e.name: e for e in sparsevd.plan_conversion(nn.Sequential(normed, RMSNormLike()))}
+    assert set(report) == {"0", "1"}  # the parametrizations inside the conv are not rows
+    assert "reparametrized" in report["0"].reason and "remove_parametrizations" in report["0"].reason
+    assert report["1"].reason.startswith("a normalization")
     model = nn.Sequential(Embed(), nn.Linear(4, 2))
     report = {e.name: e for e in sparsevd.plan_conversion(model)}
     assert report["0"].action == "dense" and "(pos)" in report["0"].reason
