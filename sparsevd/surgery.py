@@ -322,6 +322,8 @@ class _Finder:
         self.links: List[Tuple[str, str, List[Tuple[str, nn.Module]]]] = []
         # gated pairs: ((layer name, ops) of each factor, (consumer name, ops after the product))
         self.groups: List[Tuple[Tuple[str, list], Tuple[str, list], Tuple[str, list]]] = []
+        # modules holding a convolution and a batch norm whose forward does not trace: "Type 'name'"
+        self.untraced: List[str] = []
 
     def _single(self, m: nn.Module) -> bool:
         return id(m) not in self.shared
@@ -355,6 +357,8 @@ class _Finder:
         for method in methods:
             graph = _trace(module, method)
             if graph is None:
+                if method == "forward" and _holds_fold(module):
+                    self.untraced.append(f"{type(module).__name__} {prefix!r}")
                 continue
             calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
             ctx = (prefix, module, calls)
@@ -516,6 +520,14 @@ class _Finder:
                 self.sequential(name, m)
             elif self.trace and not isinstance(m, (nn.ModuleList, nn.ModuleDict)):
                 self.traced(name, m)
+
+
+def _holds_fold(m: nn.Module) -> bool:
+    """``m`` has a sparse-VD convolution and a batch norm with running statistics among its
+    children: a fold its trace would look for."""
+    children = list(m.children())
+    return (any(isinstance(c, (Conv2dSVDO, Conv1dSVDO)) for c in children)
+            and any(isinstance(c, _BATCHNORMS) and _has_stats(c) for c in children))
 
 
 def _float_dtype(m: nn.Module) -> Optional[torch.dtype]:
@@ -939,6 +951,12 @@ def replace_layers(model: nn.Module, threshold: Optional[float], trace: bool = T
     model.eval()
     finder = _Finder(model, trace)
     finder.run()
+    if finder.untraced:
+        warnings.warn(
+            f"deploy: the batch norms inside {len(finder.untraced)} module(s) stay unfolded: their "
+            f"forward does not trace with torch.fx (e.g. {finder.untraced[0]}: code that reads a "
+            "tensor's size or value, such as int(x.shape[-1])); the deployed model is exact, its "
+            "batch norms run as they are", RuntimeWarning, stacklevel=5)
     names: Dict[int, List[str]] = {}
     for name, m in model.named_modules(remove_duplicate=False):
         if isinstance(m, SVDO_LAYERS):

@@ -452,3 +452,31 @@ def test_bart_layers_trace_and_lose_their_dead_fc1_units():
     ids = torch.randint(3, 64, (2, 9))
     with torch.no_grad():
         assert_close(deployed(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+class _SizeReadingBlock(nn.Module):
+    """conv -> batch norm whose forward reads a size as an int: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        pad = int(x.shape[-1]) % 2  # like MobileNetV2's TF padding
+        return self.bn(self.conv(F.pad(x, (0, pad, 0, pad))))
+
+
+def test_unfoldable_batch_norm_inside_an_untraceable_module_warns():
+    torch.manual_seed(0)
+    model = nn.Sequential(_SizeReadingBlock(), nn.ReLU())
+    with torch.no_grad():
+        model[0].bn.running_mean.normal_()
+        model[0].bn.running_var.uniform_(0.5, 2)
+    model = prune(sparsevd.convert(model).eval(), 0.5)
+    x = torch.randn(2, 3, 7, 7)
+    with pytest.warns(RuntimeWarning, match=r"batch norms inside 1 module\(s\) stay unfolded: .* "
+                                            r"\(e\.g\. _SizeReadingBlock '0'"):
+        deployed = sparsevd.deploy(model, x, cost_model="dense")
+    assert isinstance(deployed[0].bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        assert_close(deployed(x), model(x), rtol=1e-5, atol=1e-5)
