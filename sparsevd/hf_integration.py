@@ -350,6 +350,16 @@ def _prepare(model: nn.Module, recs: Dict[str, dict]) -> None:
 
 
 # ---------------------------------------------------------------------- transformers classes
+def _new_config(modules: dict, format_version: int):
+    """A SparseVDConfig (its class is made by :func:`register`): how a pickle rebuilds one."""
+    return register()[0](modules, format_version)
+
+
+def _new_quantizer(config, pre_quantized: bool):
+    """A SparseVDQuantizer of ``config``: how a pickle of a model (``torch.save``) rebuilds one."""
+    return register()[1](config, pre_quantized=pre_quantized)
+
+
 @functools.lru_cache(maxsize=None)
 def register():
     """Define and register the ``"sparsevd"`` quantization config and quantizer with
@@ -375,6 +385,9 @@ def register():
         def to_diff_dict(self) -> dict:
             return self.to_dict()
 
+        def __reduce__(self):  # the class is made here: pickles (torch.save(model)) rebuild it
+            return _new_config, (self.modules, self.format_version)
+
     class SparseVDQuantizer(HfQuantizer):
         """Writes the dense-equivalent state (``save_pretrained``) and rebuilds the sparse modules
         after ``from_pretrained`` loaded it (see sparsevd/hf_integration.py)."""
@@ -390,6 +403,9 @@ def register():
 
         def validate_environment(self, *args, **kwargs) -> None:
             return None
+
+        def __reduce__(self):
+            return _new_quantizer, (self.quantization_config, self.pre_quantized)
 
         def _process_model_before_weight_loading(self, model, **kwargs):
             _prepare(model, self.quantization_config.modules)
