@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from . import overlay
 from .nn import (SVDO_LAYERS, Conv1dSVDO, Conv2dSVDO, LinearSVDO, SparseConv1d, SparseConv2d, SparseLinear,
                  SplitMultiheadAttention)
+from .nn.svdo import PRUNED_KEY
 from .surgery import FOLDED_BIAS, dense_state, identity_bn_state, mask_from_runs, origin, set_origin
 
 __all__ = ["QUANT_METHOD", "attach", "dense_state_dict", "pretrained_models", "rebuild", "records",
@@ -51,7 +52,6 @@ __all__ = ["QUANT_METHOD", "attach", "dense_state_dict", "pretrained_models", "r
 QUANT_METHOD = "sparsevd"
 #: Version of the ``modules`` records in ``quantization_config``.
 RECORD_VERSION = 1
-PRUNED = "sparsevd_pruned_weight"
 _SPARSE = (SparseLinear, SparseConv2d)
 
 
@@ -166,7 +166,7 @@ def dense_state_dict(model: nn.Module) -> Dict[str, Tensor]:
                 pruned = theta * ~m.mask()
                 if overlay.describe_origin(m)["type"] == "Conv1D":
                     pruned, log_sigma2 = pruned.t(), log_sigma2.t()
-                part.update({"log_sigma2": log_sigma2.contiguous(), PRUNED: pruned.contiguous()})
+                part.update({"log_sigma2": log_sigma2.contiguous(), PRUNED_KEY: pruned.contiguous()})
         state.update({f"{name}.{k}": v for k, v in part.items()})
     for bn_name, bias in folded_bias.items():
         state[f"{bn_name}.bias"] = bias.to(state[f"{bn_name}.bias"].dtype)
@@ -241,7 +241,7 @@ def _rebuild_deployed(model: nn.Module, name: str, rec: dict) -> nn.Module:
 def _rebuild_sparse_vd(model: nn.Module, name: str, rec: dict) -> nn.Module:
     dense = model.get_submodule(name)
     orig = rec["origin"]
-    weight, pruned, log_sigma2 = dense.weight.detach(), dense._buffers.pop(PRUNED), dense._buffers.pop("log_sigma2")
+    weight, pruned, log_sigma2 = dense.weight.detach(), dense._buffers.pop(PRUNED_KEY), dense._buffers.pop("log_sigma2")
     theta = weight + pruned  # one of the two is ±0 at every position
     if orig["type"] == "Conv1D":
         theta, log_sigma2 = theta.t(), log_sigma2.t()
@@ -346,7 +346,7 @@ def _prepare(model: nn.Module, recs: Dict[str, dict]) -> None:
         dense = model.get_submodule(name)
         w = dense.weight
         dense.register_buffer("log_sigma2", torch.empty(w.shape, dtype=w.dtype, device=w.device))
-        dense.register_buffer(PRUNED, torch.empty(w.shape, dtype=w.dtype, device=w.device))
+        dense.register_buffer(PRUNED_KEY, torch.empty(w.shape, dtype=w.dtype, device=w.device))
 
 
 # ---------------------------------------------------------------------- transformers classes

@@ -66,13 +66,11 @@ from torch import Tensor, nn
 
 from .ops.conv_geometry import conv_padding
 from .nn.sparse import SparseConv1d, SparseConv2d, SparseLinear
-from .nn.svdo import SVDO_LAYERS, Conv1dSVDO, Conv2dSVDO, LinearSVDO
+from .nn.svdo import ORIGIN_ATTR, SVDO_LAYERS, Conv1dSVDO, Conv2dSVDO, LinearSVDO
 
 __all__ = ["FOLDED_BIAS", "ORIGIN_ATTR", "dense_state", "identity_bn_state", "deployed_layer", "mask_from_runs", "origin",
            "replace_layers", "runs", "set_origin", "sparse_layer"]
 
-#: The attribute holding a module's origin record (see the module docstring).
-ORIGIN_ATTR = "sparsevd_origin"
 #: The key of :func:`dense_state` for a folded batch norm's shift kept by a convolution without bias.
 FOLDED_BIAS = "folded_bias"
 
@@ -1051,9 +1049,12 @@ def dense_state(m: nn.Module, name: str = "module") -> Dict[str, Tensor]:
         b = None if m.bias is None else m.bias.detach()
     else:
         raise ValueError(f"{name}: {type(m).__name__} is not a sparsevd module")
-    shape = list(rec.get("dense_shape") or (m.dense_shape if hasattr(m, "dense_shape") else m.weight.shape))
-    if kind == "Conv1D":
-        shape = [shape[1], shape[0]]
+    if rec.get("dense_shape"):  # recorded as the replaced module holds it: Conv1D's (in, out)
+        shape = list(rec["dense_shape"])
+        if kind == "Conv1D":
+            shape = [shape[1], shape[0]]
+    else:  # the layer's own (out, in, ...), a converted Conv1D's too
+        shape = list(m.dense_shape if hasattr(m, "dense_shape") else m.weight.shape)
     rows = mask_from_runs(rec["rows"], shape[0]) if "rows" in rec else None
     cols = None
     block = 1

@@ -264,6 +264,30 @@ def test_deployed_and_reloaded_models_pickle(tmp_path):
     assert back.config.quantization_config.to_dict() == reloaded.config.quantization_config.to_dict()
 
 
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_converted_checkpoint_resumes_by_load_state_dict(arch, tmp_path):
+    """The HF Trainer saves with save_pretrained(dir, state_dict=model.state_dict()) and resumes
+    with load_state_dict(file, strict=False): every tensor of a converted model comes back,
+    θ of the dropped weights included (stored beside the masked weight), GPT-2's Conv1D layers
+    transposed back; from_pretrained gives the same."""
+    from safetensors.torch import load_file
+
+    model = _bert() if arch == "bert" else _gpt2()
+    with torch.no_grad():  # dropped weights with nonzero θ, which the KL and training still see
+        for m in model.modules():
+            if isinstance(m, LinearSVDO):
+                m.weight.add_(0.01)
+    model.save_pretrained(tmp_path, state_dict=model.state_dict())
+    fresh = _bert() if arch == "bert" else _gpt2()
+    result = fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
+    assert not result.unexpected_keys
+    assert result.missing_keys == ([] if arch == "bert" else ["lm_head.weight"])  # GPT-2's tied head
+    _same_state(fresh, model)
+    cls = type(model)
+    _same_state(cls.from_pretrained(tmp_path), model)
+    assert sparsevd.kl_divergence(fresh).item() == sparsevd.kl_divergence(model).item()
+
+
 def _resnet(exclude=None):
     cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                     num_channels=3, num_labels=4)

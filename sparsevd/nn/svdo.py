@@ -51,11 +51,38 @@ def _version(t: Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
+#: The attribute holding the record of the module a layer replaced (:mod:`sparsevd.surgery`).
+ORIGIN_ATTR = "sparsevd_origin"
+#: The key under which a transformers checkpoint of a converted model (``save_pretrained``,
+#: :mod:`sparsevd.hf_integration`) stores θ of the dropped weights beside ``weight`` = θ ⊙ mask.
+PRUNED_KEY = "sparsevd_pruned_weight"
+
+
 class _SVDOMixin:
     """What LinearSVDO and Conv2dSVDO share: log α, the KL, the mask and the sparsity."""
 
     weight: nn.Parameter
     log_sigma2: nn.Parameter
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A transformers checkpoint of the converted model (weight = θ ⊙ mask, θ of the dropped
+        # weights under PRUNED_KEY, a transformers Conv1D's tensors as (in, out)) loads by plain
+        # load_state_dict too, as the HF Trainer resumes: θ = weight + pruned (one of the two is
+        # ±0 at every position). (state_dict is load_state_dict's own copy.)
+        pruned = state_dict.pop(prefix + PRUNED_KEY, None)
+        if pruned is not None:
+            names = [prefix + k for k in ("weight", "log_sigma2")]
+            if (getattr(self, ORIGIN_ATTR, None) or {}).get("type") == "Conv1D":
+                for k in names:
+                    if k in state_dict:
+                        state_dict[k] = state_dict[k].t()
+                pruned = pruned.t()
+            w = state_dict.get(names[0])
+            if w is not None and w.shape == pruned.shape:
+                state_dict[names[0]] = w + pruned
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _init_svdo(self, threshold: float, train_clip: bool) -> None:
         self.threshold = threshold
