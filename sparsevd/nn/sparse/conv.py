@@ -89,21 +89,10 @@ class SparseConv2d(_SparseBase):
                            dense_shape or self._weight_shape(), num_weights, plan, check)
 
     # nn.Conv2d's attributes (read-only: the stored weight and plans were made for them)
-    @property
-    def kernel_size(self) -> Tuple[int, ...]:
-        return self._geometry[0]
-
-    @property
-    def stride(self) -> Tuple[int, ...]:
-        return self._geometry[1]
-
-    @property
-    def padding(self) -> Tuple[int, ...]:
-        return self._geometry[2]
-
-    @property
-    def dilation(self) -> Tuple[int, ...]:
-        return self._geometry[3]
+    kernel_size = property(lambda self: self._geometry[0])
+    stride = property(lambda self: self._geometry[1])
+    padding = property(lambda self: self._geometry[2])
+    dilation = property(lambda self: self._geometry[3])
 
     def _weight_shape(self) -> Tuple[int, ...]:
         return (self.out_channels, self.in_channels // self.groups, *self._geometry[0])
@@ -262,19 +251,8 @@ class SparseConv1d(SparseConv2d):
     def _nn_weight_shape(self) -> Tuple[int, ...]:  # nn.Conv1d's (out, in/groups, k)
         return (self.out_channels, self.in_channels // self.groups, self._geometry[0][1])
 
-    # nn.Conv1d's attributes: the second of each 2-D pair
-    @property
-    def kernel_size(self) -> Tuple[int]:
-        return (self._geometry[0][1],)
-
-    @property
-    def stride(self) -> Tuple[int]:
-        return (self._geometry[1][1],)
-
-    @property
-    def padding(self) -> Tuple[int]:
-        return (self._geometry[2][1],)
-
-    @property
-    def dilation(self) -> Tuple[int]:
-        return (self._geometry[3][1],)
+    # nn.Conv1d's 1-tuples: the second of each 2-D pair
+    kernel_size = property(lambda self: self._geometry[0][1:])
+    stride = property(lambda self: self._geometry[1][1:])
+    padding = property(lambda self: self._geometry[2][1:])
+    dilation = property(lambda self: self._geometry[3][1:])
