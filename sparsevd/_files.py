@@ -379,20 +379,29 @@ def read_safetensors(path: PathLike) -> Tuple[Dict[str, Tensor], Dict[str, str]]
 
 
 def check_writable(path, what: str, directory: bool) -> None:
-    """Make sure, before a long run, that ``path`` can be written: a directory (created if
-    missing) or a file (its parent created if missing), by writing and removing a probe file.
+    """Make sure, before a long run, that ``path`` can be written: a directory or a file (in its
+    parent), by writing and removing a probe file. Directories missing on the way are made for
+    the probe and removed after it (the writers make them again), so a run that fails later
+    leaves none behind.
 
     Raises:
         OSError (PermissionError, NotADirectoryError, IsADirectoryError, ...): the message names
             ``what`` and ``path``.
     """
     p = Path(path)
+    target = p if directory else p.parent
+    missing = [d for d in (target, *target.parents) if not d.exists()]
     try:
         if not directory and p.is_dir():
             raise IsADirectoryError(f"{p} is a directory")
-        target = p if directory else p.parent
         target.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target, prefix=".sparsevd-probe-"):
             pass
     except OSError as e:
         raise type(e)(f"{what} {p} is not writable: {e.strerror or e}") from None
+    finally:
+        for d in missing:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                pass

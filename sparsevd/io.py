@@ -22,8 +22,8 @@ file or the new one, never half of one. Files of format version 1 (whose digest 
 config) still load, with a warning; files of version 1 and 2 hold the tree only.
 
 Modules of the tree (exact types, not subclasses): nn.Sequential, SparseLinear, SparseConv2d,
-SparseConv1d, LinearSVDO, Conv2dSVDO, Conv1dSVDO, nn.Linear, nn.Conv2d, batch norm (1-D and 2-D,
-with running statistics), elementwise activations, dropout, pooling, Flatten/Unflatten,
+SparseConv1d, LinearSVDO, Conv2dSVDO, Conv1dSVDO, nn.Linear, nn.Conv2d, nn.Conv1d, batch norm (1-D
+and 2-D, with running statistics), elementwise activations, dropout, pooling (1-D and 2-D), Flatten/Unflatten,
 Softmax/LogSoftmax. A loaded model gives bit-identical outputs: same tensors, same plans, same
 kernels.
 """
@@ -89,14 +89,19 @@ _SIMPLE: Dict[str, tuple] = {
     "AvgPool2d": (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode",
                                  "count_include_pad", "divisor_override")),
     "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
+    "MaxPool1d": (nn.MaxPool1d, ("kernel_size", "stride", "padding", "dilation", "return_indices",
+                                 "ceil_mode")),
+    "AvgPool1d": (nn.AvgPool1d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")),
+    "AdaptiveAvgPool1d": (nn.AdaptiveAvgPool1d, ("output_size",)),
+    "AdaptiveMaxPool1d": (nn.AdaptiveMaxPool1d, ("output_size", "return_indices")),
     "AdaptiveMaxPool2d": (nn.AdaptiveMaxPool2d, ("output_size", "return_indices")),
     "Softmax": (nn.Softmax, ("dim",)),
     "LogSoftmax": (nn.LogSoftmax, ("dim",)),
 }
 _BATCHNORMS = {"BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d}
 _SVDO = {"LinearSVDO": LinearSVDO, "Conv2dSVDO": Conv2dSVDO, "Conv1dSVDO": Conv1dSVDO}
-SUPPORTED_MODULES = ("Sequential", "SparseLinear", "SparseConv2d", "SparseConv1d", *_SVDO, "Linear", "Conv2d",
-                     *_BATCHNORMS, *_SIMPLE)
+SUPPORTED_MODULES = ("Sequential", "SparseLinear", "SparseConv2d", "SparseConv1d", *_SVDO, "Linear",
+                     "Conv2d", "Conv1d", *_BATCHNORMS, *_SIMPLE)
 
 
 def _key(prefix: str, name: str) -> str:
@@ -164,13 +169,13 @@ def _describe(m: nn.Module, prefix: str, tensors: Dict[str, Tensor]) -> dict:
         put("bias", m.bias)
         return {"type": "Linear", "in_features": m.in_features, "out_features": m.out_features,
                 "bias": m.bias is not None}
-    if type(m) is nn.Conv2d:
+    if type(m) in (nn.Conv2d, nn.Conv1d):
         if isinstance(m.padding, str) or m.padding_mode != "zeros":
-            raise ValueError(f"save: module {where} (Conv2d) uses padding={m.padding!r}, "
+            raise ValueError(f"save: module {where} ({kind}) uses padding={m.padding!r}, "
                              f"padding_mode={m.padding_mode!r}; only zero padding given as ints is supported")
         put("weight", m.weight)
         put("bias", m.bias)
-        return {"type": "Conv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
+        return {"type": kind, "in_channels": m.in_channels, "out_channels": m.out_channels,
                 "kernel_size": list(m.kernel_size), "stride": list(m.stride),
                 "padding": list(m.padding), "dilation": list(m.dilation), "groups": m.groups,
                 "bias": m.bias is not None}
@@ -204,12 +209,15 @@ def save(model: nn.Module, path: PathLike) -> Path:
         The path written.
 
     Raises:
+        TypeError: ``model`` is not an nn.Module.
         ValueError: a module sparsevd made that this version cannot describe (named).
         FileWriteError (an OSError, errno ENOSPC for a full disk): the file cannot be written;
             the message names it, the previous file is unchanged, no temporary file is left.
         FileExistsError: ``path`` is a file of a training checkpoint (its model.safetensors, ...;
             :func:`sparsevd.checkpoint.checkpoint_owning`), which the deployed model would replace.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     owner = checkpoint_owning(path)
     if owner is not None:
         raise FileExistsError(f"{path}: a file of the training checkpoint in {owner}; save the "
@@ -384,14 +392,14 @@ class _Builder:
             args = {k: spec[k] for k in ("embed_dim", "num_heads", "dropout", "bias", "add_bias_kv",
                                          "add_zero_attn", "kdim", "vdim", "batch_first")}
             return SplitMultiheadAttention(**args)
-        if kind in ("Linear", "Conv2d"):
+        if kind in ("Linear", "Conv2d", "Conv1d"):
             w = self.take(prefix, "weight")
             b = self.take(prefix, "bias") if spec["bias"] else None
             if kind == "Linear":
                 m = nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"],
                               device="meta", dtype=w.dtype)
             else:
-                m = nn.Conv2d(spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]),
+                m = getattr(nn, kind)(spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]),
                               tuple(spec["stride"]), tuple(spec["padding"]), tuple(spec["dilation"]),
                               spec["groups"], bias=spec["bias"], device="meta", dtype=w.dtype)
             state = {"weight": w} if b is None else {"weight": w, "bias": b}

@@ -53,12 +53,13 @@ ICML 2017 (arXiv:1701.05369), sec. 5 (weights with log α > 3 are dropped at tes
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import operator
 import warnings
 from collections import Counter
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -322,6 +323,16 @@ class _Finder:
         self.groups: List[Tuple[Tuple[str, list], Tuple[str, list], Tuple[str, list]]] = []
         # modules holding a convolution and a batch norm whose forward does not trace: "Type 'name'"
         self.untraced: List[str] = []
+        # layers and batch norms whose parameters or attributes traced code reads besides calling
+        # them (y + fc1.bias, F.linear(z, enc.weight.t()), fc1.out_features): never changed
+        self.exposed: Set[str] = set()
+
+    def _trace(self, prefix: str, module: nn.Module, method: str) -> Optional[torch.fx.Graph]:
+        """:func:`_trace`, the modules its code reads (:attr:`exposed`) recorded by full name."""
+        exposed: Set[str] = set()
+        graph = _trace(module, method, exposed)
+        self.exposed |= {_join(prefix, n) for n in exposed}
+        return graph
 
     def _single(self, m: nn.Module) -> bool:
         return id(m) not in self.shared
@@ -353,7 +364,7 @@ class _Finder:
     def traced(self, prefix: str, module: nn.Module) -> None:
         methods = ["forward"] + (["feed_forward_chunk"] if hasattr(module, "feed_forward_chunk") else [])
         for method in methods:
-            graph = _trace(module, method)
+            graph = self._trace(prefix, module, method)
             if graph is None:
                 if method == "forward" and _holds_fold(module):
                     self.untraced.append(f"{type(module).__name__} {prefix!r}")
@@ -494,7 +505,7 @@ class _Finder:
         self.summaries[id(m)] = None  # (recursion guard)
         if id(m) not in self.has_layers or isinstance(m, SVDO_LAYERS):
             return None
-        graph = _trace(m, "forward")
+        graph = self._trace(name, m, "forward")
         if graph is None:
             return None
         calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
@@ -546,6 +557,9 @@ def _known_dtype(tracer: "_LeafTracer", node: torch.fx.Node) -> Optional[torch.d
     with floating parameters outputs theirs (its tuple's items too); a parameter-free leaf and an
     elementwise function keep their tensor inputs' one known dtype (:func:`_inputs_dtype`);
     anything else (inputs of the traced method, casts, other ops) is unknown (None)."""
+    if node.op == "get_attr":  # a parameter or buffer (``self.fc.weight.dtype``: no graph node)
+        value = _own_tensor(tracer.root, node.target)
+        return value.dtype if value is not None else None
     if node.op == "call_module":
         leaf = tracer.root.get_submodule(node.target)
         if _stateless(leaf):
@@ -558,6 +572,19 @@ def _known_dtype(tracer: "_LeafTracer", node: torch.fx.Node) -> Optional[torch.d
             (node.op == "call_method" and node.target in _METHODS):
         return _inputs_dtype(tracer, node)
     return None
+
+
+def _own_tensor(root: nn.Module, target: str) -> Optional[Tensor]:
+    """The parameter or buffer ``target`` ("fc.weight") of ``root``, read from the modules' own
+    dicts (attribute reads on modules are traced while fx runs)."""
+    *path, leaf = target.split(".")
+    m = root
+    for part in path:
+        m = m._modules.get(part)
+        if m is None:
+            return None
+    value = m._parameters.get(leaf, m._buffers.get(leaf))
+    return value if isinstance(value, Tensor) else None
 
 
 def _inputs_dtype(tracer: "_LeafTracer", node: torch.fx.Node) -> Optional[torch.dtype]:
@@ -644,32 +671,83 @@ def _plain(fn) -> bool:
                                                   for p in params)
 
 
-def _trace(module: nn.Module, method: str) -> Optional[torch.fx.Graph]:
+def _trace(module: nn.Module, method: str, exposed: Optional[Set[str]] = None) -> Optional[torch.fx.Graph]:
     """The fx graph of ``module.<method>`` (submodules as leaves; arguments with a default take
     it, ``*args`` / ``**kwargs`` are empty), or None when it does not trace. A plain ``forward`` is
     traced as it is; another method, or a forward behind a wrapper or with ``*args`` /
     ``**kwargs``, through :func:`_trampoline` on a view. The module's attributes are restored
-    afterwards."""
+    afterwards. ``exposed`` receives the names (relative to ``module``) of the sparse-VD layers
+    and batch norms whose parameters the code computes with or whose other attributes it reads
+    (:func:`_recording_reads`, :func:`_used_parameters`)."""
     fn = getattr(type(module), method, None)
     names = _traced_inputs(fn) if callable(fn) else None
     if names is None or not all(n.isidentifier() and n != _TRAMPOLINE_FN for n in names):
         return None
     saved = {k: (dict(v) if k in ("_modules", "_parameters", "_buffers") else v)
              for k, v in module.__dict__.items()}
+    reads: Set[str] = set()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _recording_reads(module, reads):
             warnings.simplefilter("ignore")
             if method == "forward" and _plain(fn):
                 concrete = {p.name: p.default for p in list(inspect.signature(fn).parameters.values())[1:]
                             if p.default is not inspect.Parameter.empty
                             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-                return _LeafTracer().trace(module, concrete_args=concrete or None)
-            return _LeafTracer().trace(_view(module, _trampoline(fn, names)))
+                graph = _LeafTracer().trace(module, concrete_args=concrete or None)
+            else:
+                graph = _LeafTracer().trace(_view(module, _trampoline(fn, names)))
+        if exposed is not None:
+            exposed |= reads | _used_parameters(module, graph)
+        return graph
     except Exception:  # noqa: BLE001 — any failure of user code under tracing: not traceable
         return None
     finally:
         module.__dict__.clear()
         module.__dict__.update(saved)
+
+
+_CHANGED = SVDO_LAYERS + _BATCHNORMS  # the modules the surgery changes (weights, biases, shapes)
+
+
+@contextlib.contextmanager
+def _recording_reads(module: nn.Module, reads: Set[str]):
+    """While it lasts, the sparse-VD layers and batch norms below ``module`` (leaves of a trace,
+    whose own code does not run) add their name to ``reads`` when the traced code reads one of
+    their attributes other than a parameter or buffer (those are graph nodes) or nn.Module's own
+    (what fx reads to call them): ``fc1.out_features``, ``bn.eps``."""
+    swapped = []
+    for name, m in module.named_modules():
+        if name and isinstance(m, _CHANGED):
+            cls, own = type(m), set(m._parameters) | set(m._buffers)
+
+            def getattribute(self, key, _name=name, _own=own):
+                if not (key.startswith("_") or key in _own or key == "training" or hasattr(nn.Module, key)):
+                    reads.add(_name)
+                return object.__getattribute__(self, key)
+
+            m.__class__ = type(cls.__name__, (cls,), {"__getattribute__": getattribute,
+                                                      "__module__": cls.__module__})
+            swapped.append((m, cls))
+    try:
+        yield
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
+
+
+def _used_parameters(module: nn.Module, graph: torch.fx.Graph) -> Set[str]:
+    """The sparse-VD layers and batch norms of ``module`` one of whose parameters or buffers the
+    graph computes with (a ``get_attr`` node with users; ``.dtype`` reads leave none)."""
+    out = set()
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.users:
+            owner = node.target.rpartition(".")[0]
+            try:
+                if isinstance(module.get_submodule(owner), _CHANGED):
+                    out.add(owner)
+            except AttributeError:
+                continue
+    return out
 
 
 # ------------------------------------------------------------------------------ compaction
@@ -960,8 +1038,10 @@ def replace_layers(model: nn.Module, threshold: Optional[float], trace: bool = T
         if isinstance(m, SVDO_LAYERS):
             names.setdefault(id(m), []).append(name)
     pending = {ns[0]: _pending(model.get_submodule(ns[0]), threshold) for ns in names.values()}
-    folded = set()
+    folded, exposed = set(), finder.exposed
     for conv, bn_name in finder.folds:
+        if conv in exposed or bn_name in exposed:  # read by code besides the call: kept as it is
+            continue
         if conv in pending and bn_name not in folded and "folded_bn" not in pending[conv].record:
             bn = model.get_submodule(bn_name)
             if not _fold_bn(pending[conv], bn, bn_name):
@@ -972,15 +1052,16 @@ def replace_layers(model: nn.Module, threshold: Optional[float], trace: bool = T
                 "eps": bn.eps, "dtype": str(bn.running_var.dtype).replace("torch.", "")}))
     links, seen = [], set()
     for a, b, ops in finder.links:  # a folded batch norm is the identity in its chain now
-        if (a, b) in seen:  # (the same pair seen by two traces, e.g. forward and feed_forward_chunk)
-            continue
+        if (a, b) in seen or a in exposed or b in exposed:  # (seen by two traces: forward and
+            continue  # feed_forward_chunk; exposed: read by code besides the call)
         seen.add((a, b))
         ops = [(n, model.get_submodule(n) if n in folded else o) for n, o in ops]
         link = _make_link(pending[a].module, [o for _, o in ops], pending[b].module)
         if link is not None:
             link.names = [n for n, _ in ops]
             links.append((a, b, link))
-    _compact_groups(pending, finder.groups)  # (before the chains: their layers' other side)
+    groups = [g for g in finder.groups if not {g[0][0], g[1][0], g[2][0]} & exposed]
+    _compact_groups(pending, groups)  # (before the chains: their layers' other side)
     for chain, chain_links in _chains(links):
         before = [list(link.ops) for link in chain_links]
         _compact_chain([pending[n] for n in chain], chain_links)

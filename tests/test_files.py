@@ -550,3 +550,29 @@ def test_training_checkpoints_are_byte_identical_across_processes(tmp_path, data
         assert _sha(tmp_path / "here" / name) == _sha(tmp_path / "other" / name), name
     assert _read_json(tmp_path / "here" / "checkpoint" / "timings.json").keys() == {
         "eval_seconds", "history", "step_ms", "train_seconds"}
+
+
+def test_check_writable_leaves_no_directory_it_made(tmp_path):
+    """The probe of a run's output makes the missing directories and removes them after, so a
+    run that fails later (a missing checkpoint) leaves nothing behind; the writers make them."""
+    out = tmp_path / "new" / "a" / "b" / "model.safetensors"
+    _files.check_writable(out, "--out", directory=False)
+    assert list(tmp_path.iterdir()) == []
+    _files.check_writable(tmp_path / "run", "output directory", directory=True)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()  # an existing directory stays
+    _files.check_writable(tmp_path / "kept" / "x.safetensors", "--out", directory=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
+    sparsevd.save(sparsevd.deploy(LeNet300().eval(), cost_model="dense"), out)
+    assert out.is_file()
+
+
+def test_save_and_load_1d_modules_and_reject_a_non_module(tmp_path):
+    model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.MaxPool1d(2), nn.AvgPool1d(2, ceil_mode=True),
+                          nn.AdaptiveMaxPool1d(3), nn.AdaptiveAvgPool1d(2), nn.Flatten()).eval()
+    loaded = sparsevd.load(sparsevd.save(model, tmp_path / "c1.safetensors"))
+    assert str(loaded) == str(model)
+    x = torch.randn(3, 2, 17)
+    assert torch.equal(loaded(x), model(x))
+    with pytest.raises(TypeError, match="^model: expected an nn.Module, got dict"):
+        sparsevd.save({"w": torch.ones(2)}, tmp_path / "d.safetensors")

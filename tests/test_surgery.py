@@ -480,3 +480,39 @@ def test_unfoldable_batch_norm_inside_an_untraceable_module_warns():
     assert isinstance(deployed[0].bn, nn.BatchNorm2d)
     with torch.no_grad():
         assert_close(deployed(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class _ReadsItsLayers(nn.Module):
+    """fc2(relu(fc1(x))) whose code also reads a layer's parameter or attribute."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.fc1, self.fc2 = nn.Linear(10, 40), nn.Linear(40, 6)
+
+    def forward(self, x):
+        y = self.fc2(torch.relu(self.fc1(x)))
+        if self.how == "fc1.bias":
+            return y + self.fc1.bias[:6]
+        if self.how == "fc1.out_features":
+            return y * self.fc1.out_features
+        if self.how == "fc2.weight.dtype":  # metadata only: compaction stays
+            return y.to(self.fc2.weight.dtype)
+        return torch.nn.functional.linear(y, self.fc2.weight.t())  # a tied decoder
+
+
+@pytest.mark.parametrize("how", ["fc1.bias", "fc1.out_features", "fc2.weight.t", "fc2.weight.dtype"])
+def test_layers_whose_parameters_or_attributes_the_code_reads_are_not_compacted(how):
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    model = prune(sparsevd.convert(_ReadsItsLayers(how)).eval(), 0.5)
+    kill_rows(model.fc1, slice(0, 20))  # 20 dead hidden units: their constant would go to fc2's bias
+    with torch.no_grad():  # (a converted layer's weight reads as θ: the dropped ones made 0 here)
+        model.fc2.weight.mul_(model.fc2.mask())
+    x = torch.randn(4, 10)
+    deployed = sparsevd.deploy(model, x, cost_model="csr")
+    if how == "fc2.weight.dtype":
+        assert deployed.fc1.out_features <= 20  # (and any the random prune left unread)
+    else:
+        assert deployed.fc1.out_features == 40
+    with torch.no_grad():
+        assert_close(deployed(x), model(x), rtol=1e-5, atol=1e-5)
