@@ -362,7 +362,7 @@ class _Finder:
 
     # -- traced modules
     def traced(self, prefix: str, module: nn.Module) -> None:
-        methods = ["forward"] + (["feed_forward_chunk"] if hasattr(module, "feed_forward_chunk") else [])
+        methods = ["forward"] + [m for m in _FEED_FORWARD_METHODS if hasattr(module, m)]
         for method in methods:
             graph = self._trace(prefix, module, method)
             if graph is None:
@@ -706,6 +706,10 @@ def _trace(module: nn.Module, method: str, exposed: Optional[Set[str]] = None) -
         module.__dict__.update(saved)
 
 
+#: Methods traced besides ``forward``, where a module keeps its MLP in one (BERT-family layers'
+#: ``feed_forward_chunk``; nn.TransformerEncoderLayer's / DecoderLayer's ``_ff_block``, whose
+#: ``forward`` branches on tensors and does not trace).
+_FEED_FORWARD_METHODS = ("feed_forward_chunk", "_ff_block")
 _CHANGED = SVDO_LAYERS + _BATCHNORMS  # the modules the surgery changes (weights, biases, shapes)
 
 

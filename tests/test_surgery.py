@@ -516,3 +516,20 @@ def test_layers_whose_parameters_or_attributes_the_code_reads_are_not_compacted(
         assert deployed.fc1.out_features == 40
     with torch.no_grad():
         assert_close(deployed(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_layer_feed_forward_is_compacted(norm_first):
+    """nn.TransformerEncoderLayer's forward does not trace; its _ff_block (linear1 -> activation
+    -> dropout -> linear2) does: the dead hidden units leave both layers, outputs unchanged."""
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    layer = nn.TransformerEncoderLayer(16, 2, 64, batch_first=True, norm_first=norm_first)
+    model = prune(sparsevd.convert(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval(), 0.5)
+    for block in model.layers:
+        kill_rows(block.linear1, slice(0, 32))  # relu(b) into linear2's bias, or 0
+    x = torch.randn(3, 5, 16)
+    deployed = sparsevd.deploy(model, x, cost_model="csr")
+    for block in deployed.layers:
+        assert block.linear1.out_features == block.linear2.in_features <= 32
+    with torch.no_grad():
+        assert_close(deployed(x), model(x), rtol=1e-5, atol=1e-5)
