@@ -324,3 +324,12 @@ def prune(model, p=0.7):
             if isinstance(m, sparsevd.nn.SVDO_LAYERS):
                 m.log_sigma2[torch.rand_like(m.log_sigma2) < p] = 20.0
     return model
+
+
+def same_state(a, b, ordered=False):
+    """The state_dicts of modules ``a`` and ``b`` hold the same names (in the same order when
+    ``ordered``), dtypes and values, bit for bit."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert (list(sa) == list(sb)) if ordered else (sorted(sa) == sorted(sb))
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import prune
+from conftest import prune, same_state
 from torch import nn
 
 import sparsevd
@@ -38,13 +38,6 @@ def _gpt2():
     return prune(sparsevd.convert(transformers.GPT2LMHeadModel(cfg)).eval())
 
 
-def _same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sorted(sa) == sorted(sb)
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
-
-
 @contextlib.contextmanager
 def without_sparsevd_quantizer():
     """transformers as a process that never imported sparsevd sees it."""
@@ -72,7 +65,7 @@ def test_converted_bert_round_trips_through_save_pretrained(tmp_path):
     assert config["modules"]["bert.encoder.layer.0.intermediate.dense"]["kind"] == "sparse_vd"
     loaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
     assert isinstance(loaded.bert.encoder.layer[1].output.dense, LinearSVDO)
-    _same_state(loaded, model)  # θ (dropped weights included), log σ², biases: bit for bit
+    same_state(loaded, model)  # θ (dropped weights included), log σ², biases: bit for bit
     tok, mask = tokens()
     with torch.no_grad():
         assert torch.equal(loaded(tok, attention_mask=mask).logits, model(tok, attention_mask=mask).logits)
@@ -92,7 +85,7 @@ def test_deployed_bert_round_trips_through_save_pretrained(tmp_path):
     layer = loaded.bert.encoder.layer[0]
     assert isinstance(layer.intermediate.dense, SparseLinear)
     assert layer.intermediate.dense.plan == deployed.bert.encoder.layer[0].intermediate.dense.plan
-    _same_state(loaded, deployed)
+    same_state(loaded, deployed)
     tok, mask = tokens()
     with torch.no_grad():
         expected = deployed(tok, attention_mask=mask).logits
@@ -117,7 +110,7 @@ def test_compact_save_pretrained_and_sparsevd_load_into_the_config_architecture(
         expected = deployed(tok, attention_mask=mask).logits
     for directory in ("compact", "dense"):  # sparsevd.hf.from_pretrained reads both layouts
         loaded = hf.from_pretrained(tmp_path / directory)
-        _same_state(loaded, deployed)
+        same_state(loaded, deployed)
         with torch.no_grad():
             assert torch.equal(loaded(tok, attention_mask=mask).logits, expected), directory
     with pytest.raises(OSError):  # transformers' own loader finds no weights it knows: refused
@@ -147,7 +140,7 @@ def test_gpt2_conv1d_and_tied_head_round_trip(tmp_path):
             torch.testing.assert_close(loaded(tok).logits, expected, rtol=1e-5, atol=1e-6)
     loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
     assert isinstance(loaded.transformer.h[1].mlp.c_proj, SparseLinear)
-    _same_state(loaded, deployed)
+    same_state(loaded, deployed)
 
 
 def test_whisper_conv1d_attributes_and_round_trip(tmp_path):
@@ -282,9 +275,9 @@ def test_converted_checkpoint_resumes_by_load_state_dict(arch, tmp_path):
     result = fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
     assert not result.unexpected_keys
     assert result.missing_keys == ([] if arch == "bert" else ["lm_head.weight"])  # GPT-2's tied head
-    _same_state(fresh, model)
+    same_state(fresh, model)
     cls = type(model)
-    _same_state(cls.from_pretrained(tmp_path), model)
+    same_state(cls.from_pretrained(tmp_path), model)
     assert sparsevd.kl_divergence(fresh).item() == sparsevd.kl_divergence(model).item()
 
 
@@ -409,6 +402,6 @@ def test_dense_equivalent_of_a_user_model_computes_the_same_and_rebuilds_exactly
         torch.testing.assert_close(dense.eval()(img), expected, rtol=1e-5, atol=1e-5)
     rebuild(dense, recs)
     assert isinstance(dense.attn.k_proj, SparseLinear) and isinstance(dense.bn, nn.Identity)
-    _same_state(dense, deployed)
+    same_state(dense, deployed)
     with torch.no_grad():
         assert torch.equal(dense(img), expected)

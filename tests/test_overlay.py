@@ -5,7 +5,7 @@ a changed byte are errors naming the file."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import prune
+from conftest import prune, same_state
 from torch import nn
 
 import sparsevd
@@ -44,13 +44,6 @@ def _trained(hidden=16):
     return model
 
 
-def _same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert list(sa) == list(sb)
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
-
-
 def test_a_deployed_user_model_loads_into_its_fresh_architecture(tmp_path):
     deployed = sparsevd.deploy(_trained(), cost_model="csr")
     assert isinstance(deployed.bn, nn.Identity) and isinstance(deployed.conv, SparseConv2d)
@@ -64,7 +57,7 @@ def test_a_deployed_user_model_loads_into_its_fresh_architecture(tmp_path):
         assert isinstance(loaded.attn, SplitMultiheadAttention) and isinstance(loaded.attn.q_proj, SparseLinear)
         assert isinstance(loaded.bn, nn.Identity) and loaded.fc1.out_features == deployed.fc1.out_features
         assert loaded.head.weight is loaded.emb.weight  # the user's tie, loaded once
-        _same_state(loaded, deployed)
+        same_state(loaded, deployed, ordered=True)
         img = torch.randn(2, 3, 6, 6)
         with torch.no_grad():
             assert torch.equal(loaded(img), deployed(img))
@@ -75,7 +68,7 @@ def test_a_converted_user_model_loads_with_its_training_state(tmp_path):
     path = sparsevd.save(model, tmp_path / "c.safetensors")
     loaded = sparsevd.load(path, model=UserNet())
     assert isinstance(loaded.fc1, LinearSVDO) and isinstance(loaded.attn.v_proj, LinearSVDO)
-    _same_state(loaded, model)
+    same_state(loaded, model, ordered=True)
     img = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(img), model(img))

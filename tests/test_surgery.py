@@ -6,7 +6,7 @@ model it came from on fresh inputs."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, prune
+from conftest import assert_close, prune, same_state
 from torch import nn
 
 import sparsevd
@@ -262,13 +262,6 @@ def test_multihead_attention_converts_and_deploys_in_a_transformer_encoder():
 
 
 # ------------------------------------------------------------------ gated MLPs, repeated modules
-def _same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sorted(sa) == sorted(sb)
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
-
-
 def _llama_config():
     return transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -314,7 +307,7 @@ def test_llama_gated_mlp_units_are_removed_from_gate_up_and_down(tmp_path):
     for loaded in (transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf"),
                    hf.from_pretrained(tmp_path / "compact"),
                    sparsevd.load(path, model=transformers.LlamaForCausalLM(_llama_config()))):
-        _same_state(loaded, deployed)
+        same_state(loaded, deployed)
         with torch.no_grad():
             assert torch.equal(loaded.eval()(tok, use_cache=False).logits, expected)
 
@@ -429,7 +422,7 @@ def test_roberta_head_calling_its_dropout_twice_is_compacted(tmp_path):
         assert_close(expected, model(tok).logits, rtol=1e-5, atol=1e-5)
     deployed.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
-    _same_state(loaded, deployed)
+    same_state(loaded, deployed)
     with torch.no_grad():
         assert torch.equal(loaded(tok).logits, expected)
 
