@@ -121,11 +121,11 @@ def _dense_reason(m: nn.Module) -> str:
         return (f"its {names} is reparametrized (torch.nn.utils.parametrize, e.g. weight norm); "
                 f"parametrize.remove_parametrizations(module, {next(iter(m.parametrizations))!r}) "
                 "makes it a plain layer that converts")
-    if "norm" in type(m).__name__.lower():
-        return "a normalization (by its name): per-feature scales, no weight matrix"
     if isinstance(m, CONVERTIBLE):
         base = next(t for t in CONVERTIBLE if isinstance(m, t))
         return f"a subclass of nn.{base.__name__} (its forward may differ): left as it is"
+    if "norm" in type(m).__name__.lower():
+        return "a normalization (by its name): per-feature scales, no weight matrix"
     own = ", ".join(n for n, _ in m.named_parameters(recurse=False))
     return f"no sparse-VD twin of this module type: its own parameters ({own}) stay dense"
 
