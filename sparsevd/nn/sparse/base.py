@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.utils._pytree import tree_map
 
 from ...ops.checks import check_device_of, check_dtype_of, check_float, check_tensor
 from ...ops.csr_linear.format import csr_to_dense, to_csr, used_columns, validate_csr
@@ -32,6 +33,29 @@ def _version_sum(tensors) -> int:
     if any(t.is_inference() for t in tensors):
         return -1
     return sum(t._version for t in tensors)
+
+
+class _DenseFromCSR(Tensor):
+    """The dense weight of a CSR-stored layer (:attr:`_SparseBase.weight`): its shape, dtype and
+    device are read for free (ViT and T5 read the dtype at every forward); any op on it runs on
+    the dense tensor built from the CSR at that moment (exact, not kept)."""
+
+    @staticmethod
+    def __new__(cls, layer: "_SparseBase", shape: Tuple[int, ...]):
+        stored = layer._stored()
+        return Tensor._make_wrapper_subclass(cls, shape, dtype=stored.dtype, device=stored.device)
+
+    def __init__(self, layer: "_SparseBase", shape: Tuple[int, ...]) -> None:
+        self._layer, self._shape = layer, shape
+
+    def dense(self) -> Tensor:
+        return self._layer.to_dense().view(self._shape)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def unwrap(t):
+            return t.dense() if isinstance(t, _DenseFromCSR) else t
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
 
 
 class _SparseBase(nn.Module):
@@ -114,7 +138,9 @@ class _SparseBase(nn.Module):
         if "weight" not in b:  # (during __init__, before the buffers are registered)
             raise AttributeError("weight")
         shape = self._nn_weight_shape()
-        w = b["weight"] if b["weight"] is not None else self.to_dense()
+        w = b["weight"]
+        if w is None:  # CSR storage: the dense values are built only when an op reads them
+            return _DenseFromCSR(self, shape)
         # (a buffer being replaced by load_state_dict may not have the layer's size yet)
         return w.view(shape) if tuple(w.shape) != shape and w.numel() == math.prod(shape) else w
 
