@@ -364,8 +364,17 @@ def test_storage_follows_the_plan_exactly(dtype):
     crow, col, val = (t.clone() for t in layer.csr())
     assert layer.storage == "csr" and layer._buffers["weight"] is None
     assert set(layer.state_dict()) == {"crow_indices", "col_indices", "values", "bias"}
-    # weight reads as nn.Linear's: a new dense tensor from the CSR each time
+    # weight reads as nn.Linear's: a new dense tensor from the CSR each time, built only when an op
+    # reads its values (its dtype, device and shape do not build it)
     assert torch.equal(layer.weight, w) and layer.weight is not layer.weight
+    builds = []
+    to_dense = layer.to_dense
+    layer.to_dense = lambda: builds.append(1) or to_dense()
+    meta = layer.weight
+    assert (meta.dtype, meta.device, meta.shape, isinstance(meta, torch.Tensor)) == (
+        dtype, w.device, w.shape, True) and not builds
+    assert torch.equal(meta.t(), w.t()) and builds == [1]
+    del layer.to_dense
     x = torch.randn(5, 30, dtype=dtype)
     y = layer(x)
     for mode in ("masked", "dense"):

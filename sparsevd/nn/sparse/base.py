@@ -129,11 +129,13 @@ class _SparseBase(nn.Module):
         """The dense weight, in the shape of the layer this one replaced (nn.Linear's
         (out_features, in_features), nn.Conv2d's (out, in/groups, kH, kW), nn.Conv1d's
         (out, in/groups, k); compacted sizes), zeros where pruned: with dense storage the
-        ``weight`` buffer itself, with CSR storage a new tensor built from the CSR at each read
-        (the dense weight's memory while it lives; editing it does not change the layer: edit
-        ``values``). For code written against nn.Linear / nn.Conv that reads
-        ``layer.weight.dtype`` or ``.device`` (ViT and CLIP cast their pixels to the patch
-        convolution's dtype). The state_dict holds only the stored format."""
+        ``weight`` buffer itself, with CSR storage a new tensor (:class:`_DenseFromCSR`) whose
+        shape, dtype and device cost nothing and whose values are built from the CSR when an op
+        reads them (the dense weight's memory while that result lives; editing it does not
+        change the layer: edit ``values``). For code written against nn.Linear / nn.Conv that
+        reads ``layer.weight.dtype`` or ``.device`` (ViT and CLIP cast their pixels to the patch
+        convolution's dtype, T5 its hidden states to ``wo``'s at every forward). The state_dict
+        holds only the stored format."""
         b = self._buffers
         if "weight" not in b:  # (during __init__, before the buffers are registered)
             raise AttributeError("weight")
